@@ -2,6 +2,7 @@
 #![forbid(unsafe_op_in_unsafe_fn)]
 
 pub mod b64;
+pub mod config;
 pub mod json;
 pub mod rules;
 pub mod secret;

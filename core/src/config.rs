@@ -1,0 +1,619 @@
+//! Filter configuration: stage one is serde with `deny_unknown_fields` (plus a strict pass that
+//! rejects duplicate keys), stage two compiles and validates into `Config`. Every error names the
+//! offending path, e.g. `targets.stripe.secret.store: unknown store "bao2"`.
+
+use crate::b64;
+use crate::json;
+use crate::rules::{valid_target_name, RouteRule};
+use crate::secret::Secret;
+use crate::token::{HmacKey, Policy};
+use serde::Deserialize;
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() || self.path == "." {
+            write!(f, "configuration: {}", self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn err<T>(path: impl Into<String>, message: impl Into<String>) -> Result<T, ConfigError> {
+    Err(ConfigError { path: path.into(), message: message.into() })
+}
+
+// ---------------------------------------------------------------- stage one: the raw document
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    audience: String,
+    #[serde(default)]
+    issuer: Option<String>,
+    #[serde(default = "default_skew")]
+    clock_skew_s: u32,
+    #[serde(default = "default_lifetime")]
+    max_token_lifetime_s: u32,
+    signing_keys: BTreeMap<String, RawKey>,
+    #[serde(default)]
+    stores: BTreeMap<String, RawStore>,
+    #[serde(default)]
+    cache: RawCache,
+    #[serde(default)]
+    revocation: Option<RawRevocation>,
+    targets: BTreeMap<String, RawTarget>,
+}
+
+fn default_skew() -> u32 {
+    30
+}
+fn default_lifetime() -> u32 {
+    86_400
+}
+fn default_timeout() -> u32 {
+    2000
+}
+fn default_mount() -> String {
+    "secret".into()
+}
+fn default_ttl() -> u32 {
+    300
+}
+fn default_refresh() -> u32 {
+    5
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKey {
+    #[serde(default)]
+    env: Option<String>,
+    #[serde(default)]
+    secret: Option<RawSecretRef>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSecretRef {
+    store: String,
+    path: String,
+    #[serde(default)]
+    field: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "type", deny_unknown_fields)]
+enum RawStore {
+    #[serde(rename = "vault_kv2")]
+    VaultKv2 {
+        cluster: String,
+        authority: String,
+        #[serde(default = "default_mount")]
+        mount: String,
+        token_env: String,
+        #[serde(default = "default_timeout")]
+        timeout_ms: u32,
+    },
+    #[serde(rename = "aws_secrets_manager")]
+    AwsSecretsManager {
+        cluster: String,
+        authority: String,
+        #[serde(default = "default_timeout")]
+        timeout_ms: u32,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCache {
+    #[serde(default = "default_ttl")]
+    ttl_s: u32,
+    #[serde(default)]
+    stale_if_error_s: u32,
+}
+
+impl Default for RawCache {
+    fn default() -> Self {
+        RawCache { ttl_s: default_ttl(), stale_if_error_s: 0 }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRevocation {
+    store: String,
+    path: String,
+    #[serde(default = "default_refresh")]
+    refresh_s: u32,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTarget {
+    credential: String,
+    secret: RawSecretRef,
+    inject: RawInject,
+    #[serde(default)]
+    allow: Option<Vec<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "type", deny_unknown_fields)]
+enum RawInject {
+    #[serde(rename = "bearer")]
+    Bearer {},
+    #[serde(rename = "basic")]
+    Basic { username_field: String, password_field: String },
+    #[serde(rename = "header")]
+    Header {
+        name: String,
+        #[serde(default)]
+        prefix: Option<String>,
+    },
+    #[serde(rename = "query")]
+    Query { name: String },
+}
+
+// ---------------------------------------------------------------- stage two: the compiled form
+
+#[derive(Debug)]
+pub struct Config {
+    pub policy: Policy,
+    pub keys: Vec<SigningKey>,
+    key_index: HashMap<String, usize>,
+    pub stores: Vec<Store>,
+    pub slots: Vec<Slot>,
+    pub cache: CacheSettings,
+    pub revocation: Option<Revocation>,
+    pub targets: Vec<Target>,
+    target_index: HashMap<String, usize>,
+}
+
+#[derive(Debug)]
+pub struct SigningKey {
+    pub kid: String,
+    pub source: KeySource,
+}
+
+#[derive(Debug)]
+pub enum KeySource {
+    /// From the environment, prepared at configure time.
+    Ready(HmacKey),
+    /// Held in a store: `slot`'s `field` carries the base64 key.
+    Stored { slot: usize, field: String },
+}
+
+#[derive(Debug)]
+pub struct Store {
+    pub name: String,
+    pub cluster: String,
+    pub authority: String,
+    pub timeout_ms: u32,
+    pub kind: StoreKind,
+}
+
+#[derive(Debug)]
+pub enum StoreKind {
+    VaultKv2 { mount: String, token: Secret },
+    AwsSecretsManager,
+}
+
+/// One secret document in one store, and the fields Keyward needs from it. Targets and signing
+/// keys naming the same (store, path) share a slot, so it is fetched and cached once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Slot {
+    pub store: usize,
+    pub path: String,
+    pub fields: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct CacheSettings {
+    pub ttl_s: u32,
+    pub stale_if_error_s: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct Revocation {
+    pub store: usize,
+    pub path: String,
+    pub refresh_s: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CredentialSource {
+    Bearer,
+    BasicPassword,
+    Header(String),
+}
+
+impl CredentialSource {
+    /// The request header the credential is read from (lower case).
+    pub fn header(&self) -> &str {
+        match self {
+            CredentialSource::Bearer | CredentialSource::BasicPassword => "authorization",
+            CredentialSource::Header(h) => h,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Inject {
+    Bearer { field: String },
+    Basic { username_field: String, password_field: String },
+    Header { name: String, prefix: String, field: String },
+    Query { name: String, field: String },
+}
+
+#[derive(Debug)]
+pub struct Target {
+    pub name: String,
+    pub credential: CredentialSource,
+    pub slot: usize,
+    pub inject: Inject,
+    pub allow: Option<Vec<RouteRule>>,
+}
+
+impl Config {
+    pub fn target(&self, name: &str) -> Option<(usize, &Target)> {
+        let i = *self.target_index.get(name)?;
+        self.targets.get(i).map(|t| (i, t))
+    }
+    pub fn key(&self, kid: &str) -> Option<&SigningKey> {
+        self.keys.get(*self.key_index.get(kid)?)
+    }
+    pub fn store_of(&self, slot: usize) -> Option<&Store> {
+        self.stores.get(self.slots.get(slot)?.store)
+    }
+
+    /// A one-line summary for the startup log: names and counts only, never a secret.
+    pub fn summary(&self) -> String {
+        let keys: Vec<String> = self
+            .keys
+            .iter()
+            .map(|k| match k.source {
+                KeySource::Ready(_) => format!("{}(env)", k.kid),
+                KeySource::Stored { .. } => format!("{}(store)", k.kid),
+            })
+            .collect();
+        let stores: Vec<String> = self
+            .stores
+            .iter()
+            .map(|s| {
+                let kind = match s.kind {
+                    StoreKind::VaultKv2 { .. } => "vault_kv2",
+                    StoreKind::AwsSecretsManager => "aws_secrets_manager",
+                };
+                format!("{}({kind}@{})", s.name, s.cluster)
+            })
+            .collect();
+        let targets: Vec<&str> = self.targets.iter().map(|t| t.name.as_str()).collect();
+        format!(
+            "audience={} issuer={} keys=[{}] stores=[{}] targets=[{}] cache_ttl_s={} stale_if_error_s={} revocation={}",
+            self.policy.audience,
+            self.policy.issuer.as_deref().unwrap_or("-"),
+            keys.join(","),
+            stores.join(","),
+            targets.join(","),
+            self.cache.ttl_s,
+            self.cache.stale_if_error_s,
+            match &self.revocation {
+                Some(r) => format!("{}s", r.refresh_s),
+                None => "off".into(),
+            }
+        )
+    }
+}
+
+fn valid_env_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_')
+        && !s.as_bytes().first().is_some_and(u8::is_ascii_digit)
+}
+
+/// A store path such as `keyward/revoked`: `[A-Za-z0-9_.-]` segments separated by single `/`.
+fn valid_store_path(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 512
+        && s.split('/').all(|seg| {
+            !seg.is_empty()
+                && seg != "."
+                && seg != ".."
+                && seg.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'-' | b'.'))
+        })
+}
+
+fn valid_header_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'-' | b'_'))
+}
+
+/// Headers that must never be chosen as a credential source or an injection target.
+const RESERVED_HEADERS: &[&str] = &[
+    "host", "connection", "content-length", "content-type", "transfer-encoding", "te", "upgrade",
+    "keep-alive", "proxy-connection", "trailer", "cookie", "x-forwarded-for", "x-forwarded-proto",
+    "x-request-id", "x-envoy-original-path",
+];
+
+fn valid_authority(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 255
+        && s.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'-' | b':' | b'[' | b']' | b'_'))
+}
+
+fn valid_query_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'-' | b'.'))
+}
+
+fn parse_credential(path: &str, s: &str) -> Result<CredentialSource, ConfigError> {
+    match s {
+        "bearer" => Ok(CredentialSource::Bearer),
+        "basic_password" => Ok(CredentialSource::BasicPassword),
+        _ => {
+            let Some(h) = s.strip_prefix("header:") else {
+                return err(path, format!("unknown credential source {s:?} (bearer, basic_password or header:<name>)"));
+            };
+            let h = h.to_ascii_lowercase();
+            if !valid_header_name(&h) || RESERVED_HEADERS.contains(&h.as_str()) {
+                return err(path, format!("{h:?} cannot carry the credential"));
+            }
+            Ok(CredentialSource::Header(h))
+        }
+    }
+}
+
+struct Compiler<'e> {
+    env: &'e dyn Fn(&str) -> Option<String>,
+    slots: Vec<Slot>,
+    store_index: HashMap<String, usize>,
+}
+
+impl Compiler<'_> {
+    fn env(&self, path: &str, name: &str) -> Result<String, ConfigError> {
+        if !valid_env_name(name) {
+            return err(path, format!("{name:?} is not a valid environment variable name"));
+        }
+        match (self.env)(name) {
+            Some(v) if !v.is_empty() => Ok(v),
+            _ => err(path, format!("environment variable {name} is not set (list it in vm_config.environment_variables.host_env_keys)")),
+        }
+    }
+
+    /// Resolve a secret reference to a slot, registering the fields it needs.
+    fn slot(&mut self, path: &str, r: &RawSecretRef, fields: &[&str]) -> Result<usize, ConfigError> {
+        let Some(&store) = self.store_index.get(&r.store) else {
+            return err(format!("{path}.store"), format!("unknown store {:?}", r.store));
+        };
+        if !valid_store_path(&r.path) {
+            return err(format!("{path}.path"), format!("{:?} is not a valid store path ([A-Za-z0-9_.-] segments separated by '/')", r.path));
+        }
+        for f in fields {
+            if f.is_empty() || f.len() > 256 || f.chars().any(char::is_control) {
+                return err(format!("{path}.field"), format!("{f:?} is not a valid field name"));
+            }
+        }
+        let i = match self.slots.iter().position(|s| s.store == store && s.path == r.path) {
+            Some(i) => i,
+            None => {
+                self.slots.push(Slot { store, path: r.path.clone(), fields: Vec::new() });
+                self.slots.len() - 1
+            }
+        };
+        if let Some(slot) = self.slots.get_mut(i) {
+            for f in fields {
+                if !slot.fields.iter().any(|x| x == f) {
+                    slot.fields.push((*f).to_string());
+                }
+            }
+        }
+        Ok(i)
+    }
+}
+
+/// Parse and compile a configuration document. `env` looks up environment variables (the
+/// filter passes the process environment, tests pass a map).
+pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+    // A strict pass first: duplicate keys anywhere are an error (serde would keep the last one).
+    if let Err(e) = json::parse(bytes) {
+        return err("", format!("not valid JSON: {e}"));
+    }
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let raw: RawConfig = match serde_path_to_error::deserialize(&mut de) {
+        Ok(r) => r,
+        Err(e) => {
+            let path = e.path().to_string();
+            return err(path, e.into_inner().to_string());
+        }
+    };
+
+    if raw.audience.is_empty() || raw.audience.chars().any(char::is_control) {
+        return err("audience", "must be a non-empty string");
+    }
+    if let Some(i) = &raw.issuer {
+        if i.is_empty() {
+            return err("issuer", "must not be empty when present");
+        }
+    }
+    if raw.clock_skew_s > 600 {
+        return err("clock_skew_s", "must be at most 600");
+    }
+    if raw.max_token_lifetime_s == 0 {
+        return err("max_token_lifetime_s", "must be at least 1");
+    }
+
+    let mut c = Compiler { env, slots: Vec::new(), store_index: HashMap::new() };
+
+    let mut stores = Vec::new();
+    for (name, s) in &raw.stores {
+        let path = format!("stores.{name}");
+        if !valid_target_name(name) {
+            return err(path, "store names are 1-64 of [A-Za-z0-9_.-]");
+        }
+        let (cluster, authority, timeout_ms, kind) = match s {
+            RawStore::VaultKv2 { cluster, authority, mount, token_env, timeout_ms } => {
+                if !valid_store_path(mount) {
+                    return err(format!("{path}.mount"), format!("{mount:?} is not a valid mount path"));
+                }
+                let token = c.env(&format!("{path}.token_env"), token_env)?;
+                if token.chars().any(|ch| ch.is_control() || ch == ' ') {
+                    return err(format!("{path}.token_env"), "the token has whitespace or control characters");
+                }
+                (cluster, authority, *timeout_ms, StoreKind::VaultKv2 { mount: mount.clone(), token: Secret::from_str(&token) })
+            }
+            RawStore::AwsSecretsManager { cluster, authority, timeout_ms } => {
+                (cluster, authority, *timeout_ms, StoreKind::AwsSecretsManager)
+            }
+        };
+        if cluster.is_empty() || cluster.chars().any(|ch| ch.is_control() || ch == ' ') {
+            return err(format!("{path}.cluster"), "must name an Envoy cluster");
+        }
+        if !valid_authority(authority) {
+            return err(format!("{path}.authority"), format!("{authority:?} is not a valid host name"));
+        }
+        if timeout_ms == 0 || timeout_ms > 60_000 {
+            return err(format!("{path}.timeout_ms"), "must be between 1 and 60000");
+        }
+        c.store_index.insert(name.clone(), stores.len());
+        stores.push(Store { name: name.clone(), cluster: cluster.clone(), authority: authority.clone(), timeout_ms, kind });
+    }
+
+    if raw.signing_keys.is_empty() {
+        return err("signing_keys", "at least one signing key is required");
+    }
+    let mut keys = Vec::new();
+    let mut key_index = HashMap::new();
+    for (kid, k) in &raw.signing_keys {
+        let path = format!("signing_keys.{kid}");
+        if kid.is_empty() || kid.len() > 128 || kid.chars().any(char::is_control) {
+            return err(path, "a kid is 1-128 printable characters");
+        }
+        let source = match (&k.env, &k.secret) {
+            (Some(var), None) => {
+                let value = c.env(&format!("{path}.env"), var)?;
+                let Some(bytes) = b64::key_decode(&value) else {
+                    return err(format!("{path}.env"), format!("{var} is not base64"));
+                };
+                KeySource::Ready(HmacKey::new(&bytes).or_else(|e| err(format!("{path}.env"), e))?)
+            }
+            (None, Some(r)) => {
+                let Some(field) = r.field.clone() else {
+                    return err(format!("{path}.secret.field"), "a signing key held in a store needs a field");
+                };
+                let slot = c.slot(&format!("{path}.secret"), r, &[field.as_str()])?;
+                KeySource::Stored { slot, field }
+            }
+            _ => return err(path, "give exactly one of env or secret"),
+        };
+        key_index.insert(kid.clone(), keys.len());
+        keys.push(SigningKey { kid: kid.clone(), source });
+    }
+
+    if raw.cache.ttl_s == 0 {
+        return err("cache.ttl_s", "must be at least 1");
+    }
+    let cache = CacheSettings { ttl_s: raw.cache.ttl_s, stale_if_error_s: raw.cache.stale_if_error_s };
+
+    let revocation = match &raw.revocation {
+        None => None,
+        Some(r) => {
+            let Some(&store) = c.store_index.get(&r.store) else {
+                return err("revocation.store", format!("unknown store {:?}", r.store));
+            };
+            if !valid_store_path(&r.path) {
+                return err("revocation.path", format!("{:?} is not a valid store path", r.path));
+            }
+            if r.refresh_s == 0 || r.refresh_s > 3600 {
+                return err("revocation.refresh_s", "must be between 1 and 3600");
+            }
+            Some(Revocation { store, path: r.path.clone(), refresh_s: r.refresh_s })
+        }
+    };
+
+    if raw.targets.is_empty() {
+        return err("targets", "at least one target is required");
+    }
+    let mut targets = Vec::new();
+    let mut target_index = HashMap::new();
+    for (name, t) in &raw.targets {
+        let path = format!("targets.{name}");
+        if !valid_target_name(name) {
+            return err(path, "target names are 1-64 of [A-Za-z0-9_.-]");
+        }
+        let credential = parse_credential(&format!("{path}.credential"), &t.credential)?;
+        let need_field = |what: &str| -> Result<String, ConfigError> {
+            match &t.secret.field {
+                Some(f) => Ok(f.clone()),
+                None => err(format!("{path}.secret.field"), format!("inject type {what} needs the secret's field")),
+            }
+        };
+        let inject = match &t.inject {
+            RawInject::Bearer {} => Inject::Bearer { field: need_field("bearer")? },
+            RawInject::Basic { username_field, password_field } => {
+                if t.secret.field.is_some() {
+                    return err(format!("{path}.secret.field"), "inject type basic takes username_field and password_field instead");
+                }
+                Inject::Basic { username_field: username_field.clone(), password_field: password_field.clone() }
+            }
+            RawInject::Header { name: h, prefix } => {
+                let h = h.to_ascii_lowercase();
+                if !valid_header_name(&h) || RESERVED_HEADERS.contains(&h.as_str()) {
+                    return err(format!("{path}.inject.name"), format!("{h:?} cannot be used for injection"));
+                }
+                let prefix = prefix.clone().unwrap_or_default();
+                if prefix.len() > 64 || !prefix.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+                    return err(format!("{path}.inject.prefix"), "must be at most 64 printable ASCII characters");
+                }
+                Inject::Header { name: h, prefix, field: need_field("header")? }
+            }
+            RawInject::Query { name: q } => {
+                if !valid_query_name(q) {
+                    return err(format!("{path}.inject.name"), format!("{q:?} is not a valid query parameter name"));
+                }
+                Inject::Query { name: q.clone(), field: need_field("query")? }
+            }
+        };
+        let fields: Vec<&str> = match &inject {
+            Inject::Bearer { field } | Inject::Header { field, .. } | Inject::Query { field, .. } => vec![field.as_str()],
+            Inject::Basic { username_field, password_field } => vec![username_field.as_str(), password_field.as_str()],
+        };
+        let slot = c.slot(&format!("{path}.secret"), &t.secret, &fields)?;
+        let allow = match &t.allow {
+            None => None,
+            Some(rules) => {
+                let mut out = Vec::with_capacity(rules.len());
+                for (i, r) in rules.iter().enumerate() {
+                    out.push(RouteRule::parse(r).or_else(|e| err(format!("{path}.allow[{i}]"), e))?);
+                }
+                Some(out)
+            }
+        };
+        target_index.insert(name.clone(), targets.len());
+        targets.push(Target { name: name.clone(), credential, slot, inject, allow });
+    }
+
+    let policy = Policy {
+        audience: raw.audience,
+        issuer: raw.issuer,
+        clock_skew_s: i64::from(raw.clock_skew_s),
+        max_token_lifetime_s: i64::from(raw.max_token_lifetime_s),
+    };
+    Ok(Config { policy, keys, key_index, stores, slots: c.slots, cache, revocation, targets, target_index })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,136 @@
+use super::*;
+
+const EXAMPLE: &str = include_str!("../../../tests/fixtures/contract-config.json");
+// 32 bytes, base64: "keyward-test-signing-key-32bytes"
+const K1: &str = "a2V5d2FyZC10ZXN0LXNpZ25pbmcta2V5LTMyYnl0ZXM=";
+
+fn env(name: &str) -> Option<String> {
+    match name {
+        "KEYWARD_KEY_K1" => Some(K1.into()),
+        "VAULT_TOKEN" => Some("root".into()),
+        "SHORT" => Some("c2hvcnQ=".into()),
+        _ => None,
+    }
+}
+
+fn compile_str(s: &str) -> Result<Config, ConfigError> {
+    compile(s.as_bytes(), &env)
+}
+
+fn error_of(s: &str) -> String {
+    match compile_str(s) {
+        Ok(_) => panic!("accepted: {s}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn edit(f: impl FnOnce(&mut serde_json::Value)) -> String {
+    let mut v: serde_json::Value = match serde_json::from_str(EXAMPLE) {
+        Ok(v) => v,
+        Err(e) => panic!("{e}"),
+    };
+    f(&mut v);
+    v.to_string()
+}
+
+#[test]
+fn contract_example_compiles() {
+    let c = match compile_str(EXAMPLE) {
+        Ok(c) => c,
+        Err(e) => panic!("{e}"),
+    };
+    assert_eq!(c.policy.audience, "keyward");
+    assert_eq!(c.policy.issuer.as_deref(), Some("https://issuer.example"));
+    assert_eq!(c.targets.len(), 4);
+    let (_, stripe) = match c.target("stripe") {
+        Some(t) => t,
+        None => panic!("no stripe"),
+    };
+    assert_eq!(stripe.credential, CredentialSource::Bearer);
+    assert_eq!(stripe.allow.as_ref().map(Vec::len), Some(2));
+    let (_, twilio) = match c.target("twilio") {
+        Some(t) => t,
+        None => panic!("no twilio"),
+    };
+    assert_eq!(c.slots[twilio.slot].fields, vec!["account_sid".to_string(), "auth_token".to_string()]);
+    let (_, anthropic) = match c.target("anthropic") {
+        Some(t) => t,
+        None => panic!("no anthropic"),
+    };
+    assert_eq!(anthropic.credential, CredentialSource::Header("x-api-key".into()));
+    assert!(matches!(c.store_of(anthropic.slot).map(|s| &s.kind), Some(StoreKind::AwsSecretsManager)));
+    assert!(matches!(c.key("k1").map(|k| &k.source), Some(KeySource::Ready(_))));
+    assert!(matches!(c.key("k2").map(|k| &k.source), Some(KeySource::Stored { .. })));
+    assert!(c.key("k3").is_none());
+    assert_eq!(c.revocation.as_ref().map(|r| r.refresh_s), Some(5));
+}
+
+#[test]
+fn summary_has_no_secrets() {
+    let c = match compile_str(EXAMPLE) {
+        Ok(c) => c,
+        Err(e) => panic!("{e}"),
+    };
+    let s = c.summary();
+    assert!(s.contains("targets=[anthropic,maps,stripe,twilio]"), "{s}");
+    assert!(!s.contains(K1) && !s.contains("root"), "{s}");
+    assert!(!format!("{c:?}").contains("root"));
+}
+
+#[test]
+fn shared_slots() {
+    let s = edit(|v| {
+        v["targets"]["stripe2"] = serde_json::json!({
+            "credential": "bearer", "secret": {"store": "bao", "path": "stripe", "field": "restricted_key"},
+            "inject": {"type": "bearer"}});
+    });
+    let c = match compile_str(&s) {
+        Ok(c) => c,
+        Err(e) => panic!("{e}"),
+    };
+    let a = c.target("stripe").map(|(_, t)| t.slot);
+    let b = c.target("stripe2").map(|(_, t)| t.slot);
+    assert_eq!(a, b);
+    let slot = &c.slots[a.unwrap_or_default()];
+    assert_eq!(slot.fields, vec!["api_key".to_string(), "restricted_key".to_string()]);
+}
+
+#[test]
+fn errors_name_the_path() {
+    let cases: Vec<(String, &str)> = vec![
+        (edit(|v| v["targets"]["stripe"]["secret"]["store"] = "bao2".into()), r#"targets.stripe.secret.store: unknown store "bao2""#),
+        (edit(|v| v["targets"]["stripe"]["inject"]["foo"] = 1.into()), "targets.stripe.inject"),
+        (edit(|v| v["targets"]["stripe"]["colour"] = 1.into()), "targets.stripe.colour: unknown field `colour`"),
+        (edit(|v| v["auidence"] = "x".into()), "unknown field `auidence`"),
+        (edit(|v| v["signing_keys"]["k1"]["env"] = "SHORT".into()), "signing_keys.k1.env: key is 5 bytes; at least 32 are required"),
+        (edit(|v| v["signing_keys"]["k1"]["env"] = "MISSING_VAR".into()), "signing_keys.k1.env: environment variable MISSING_VAR is not set"),
+        (edit(|v| v["signing_keys"]["k1"] = serde_json::json!({})), "signing_keys.k1: give exactly one of env or secret"),
+        (edit(|v| v["signing_keys"] = serde_json::json!({})), "signing_keys: at least one signing key is required"),
+        (edit(|v| v["stores"]["bao"]["token_env"] = "NOPE".into()), "stores.bao.token_env: environment variable NOPE is not set"),
+        (edit(|v| v["stores"]["bao"]["type"] = "consul".into()), "stores.bao"),
+        (edit(|v| v["stores"]["bao"]["timeout_ms"] = 0.into()), "stores.bao.timeout_ms"),
+        (edit(|v| v["targets"]["stripe"]["allow"][1] = "GET /v1/**/x".into()), "targets.stripe.allow[1]: "),
+        (edit(|v| v["targets"]["stripe"]["allow"][0] = "post /v1".into()), "targets.stripe.allow[0]: "),
+        (edit(|v| v["targets"]["stripe"]["credential"] = "cookie".into()), "targets.stripe.credential: unknown credential source"),
+        (edit(|v| v["targets"]["stripe"]["credential"] = "header:host".into()), "targets.stripe.credential"),
+        (edit(|v| v["targets"]["stripe"]["secret"]["path"] = "../etc".into()), "targets.stripe.secret.path"),
+        (edit(|v| v["targets"]["stripe"]["secret"]["path"] = "a//b".into()), "targets.stripe.secret.path"),
+        (edit(|v| { v["targets"]["stripe"]["secret"].as_object_mut().map(|o| o.remove("field")); }), "targets.stripe.secret.field"),
+        (edit(|v| v["targets"]["twilio"]["secret"]["field"] = "x".into()), "targets.twilio.secret.field"),
+        (edit(|v| v["targets"]["anthropic"]["inject"]["name"] = "Host".into()), "targets.anthropic.inject.name"),
+        (edit(|v| v["targets"]["maps"]["inject"]["name"] = "a&b".into()), "targets.maps.inject.name"),
+        (edit(|v| v["targets"] = serde_json::json!({})), "targets: at least one target is required"),
+        (edit(|v| v["revocation"]["store"] = "nope".into()), "revocation.store: unknown store"),
+        (edit(|v| v["cache"]["ttl_s"] = 0.into()), "cache.ttl_s"),
+        (edit(|v| v["clock_skew_s"] = (-1).into()), "clock_skew_s"),
+        (edit(|v| v["audience"] = "".into()), "audience"),
+        (edit(|v| { v.as_object_mut().map(|o| o.remove("audience")); }), "missing field `audience`"),
+        ("{\"audience\":\"a\",\"audience\":\"b\"}".to_string(), "duplicate object key"),
+        ("not json".to_string(), "not valid JSON"),
+        ("".to_string(), "not valid JSON"),
+    ];
+    for (doc, want) in cases {
+        let got = error_of(&doc);
+        assert!(got.contains(want), "want {want:?} in {got:?}");
+    }
+}
