@@ -2,8 +2,14 @@
 #![forbid(unsafe_op_in_unsafe_fn)]
 
 pub mod b64;
+pub mod cache;
 pub mod config;
+pub mod credential;
+pub mod engine;
+pub mod inject;
 pub mod json;
 pub mod rules;
+pub mod response;
 pub mod secret;
+pub mod store;
 pub mod token;

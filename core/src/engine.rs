@@ -1,0 +1,188 @@
+//! The per-request decision, as a pure function of the configuration, the request, the secret
+//! cache and the clock. The wasm glue implements `Request` and `Secrets` with hostcalls; tests
+//! implement them in memory. A request that needs a secret not yet cached gets `Outcome::Need`,
+//! parks, and is decided again from scratch when the secret arrives.
+
+use crate::config::{Config, KeySource, Target};
+use crate::credential::{self, CredError};
+use crate::inject::{self, Op};
+use crate::response::{Code, Denial};
+use crate::rules::{sanitize, strip_prefix};
+use crate::store::Fetched;
+use crate::token::{self, HmacKey};
+use std::rc::Rc;
+
+/// What the engine may ask of the request.
+pub trait Request {
+    fn method(&mut self) -> Option<String>;
+    fn path(&mut self) -> Option<String>;
+    fn header(&mut self, name: &str) -> Option<Vec<u8>>;
+    /// `xds.route_metadata.filter_metadata.keyward.target`
+    fn route_target(&mut self) -> Option<String>;
+    /// `xds.route_metadata.filter_metadata.keyward.prefix`
+    fn route_prefix(&mut self) -> Option<String>;
+}
+
+/// The state of a cached value.
+pub enum Slot<T> {
+    Ready(T),
+    /// Not cached yet: the caller must fetch it and decide again.
+    Pending,
+    /// Fetching failed and nothing usable is cached.
+    Failed,
+}
+
+/// What the engine may ask of the cache and the controls.
+pub trait Secrets {
+    /// The secret document behind `slot`.
+    fn secret(&mut self, slot: usize) -> Slot<Rc<Fetched>>;
+    /// A signing key held in a store (`slot`'s `field`), prepared for HMAC.
+    fn signing_key(&mut self, slot: usize, field: &str) -> Slot<Option<Rc<HmacKey>>>;
+    /// Is this credential revoked (by `jti` or `sub`)?
+    fn is_revoked(&mut self, _jti: &str, _sub: &str) -> bool {
+        false
+    }
+}
+
+/// Who called what, for the access log. Never a token or a secret.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Audit {
+    pub subject: Option<String>,
+    pub target: Option<String>,
+    pub jti: Option<String>,
+    pub run: Option<String>,
+    pub decision: &'static str,
+    pub cache: Option<&'static str>,
+}
+
+#[derive(Debug)]
+pub enum Outcome {
+    Allow(Vec<Op>),
+    Deny(Denial),
+    /// Fetch this slot, then decide again.
+    Need(usize),
+}
+
+#[derive(Debug)]
+pub struct Decision {
+    pub outcome: Outcome,
+    pub audit: Audit,
+}
+
+/// Seconds a client is told to wait after a 503.
+pub const RETRY_AFTER_UNAVAILABLE_S: u32 = 5;
+
+fn deny(mut audit: Audit, d: Denial) -> Decision {
+    audit.decision = d.code.as_str();
+    Decision { outcome: Outcome::Deny(d), audit }
+}
+
+fn unavailable() -> Denial {
+    Denial::new(Code::SecretUnavailable, "the upstream credential is unavailable; try again later")
+        .retry_after(RETRY_AFTER_UNAVAILABLE_S)
+}
+
+/// Decide one request. `now_s` is seconds since the epoch.
+pub fn decide(cfg: &Config, req: &mut impl Request, secrets: &mut impl Secrets, now_s: i64) -> Decision {
+    let mut audit = Audit::default();
+
+    // 1. Which target is this route?
+    let Some(target_name) = req.route_target() else {
+        return deny(audit, Denial::new(Code::UnknownTarget, "this route is not a keyward target"));
+    };
+    let Some((_, target)) = cfg.target(&target_name) else {
+        return deny(audit, Denial::new(Code::UnknownTarget, "this route names an unknown target"));
+    };
+    audit.target = Some(target.name.clone());
+
+    // 2. Path sanity, before any matching.
+    let (Some(method), Some(raw_path)) = (req.method(), req.path()) else {
+        return deny(audit, Denial::new(Code::BadRequest, "missing :method or :path"));
+    };
+    let path = match sanitize(&raw_path) {
+        Ok(p) => p,
+        Err(e) => return deny(audit, Denial::new(Code::BadRequest, e.message())),
+    };
+    let prefix = req.route_prefix().unwrap_or_default();
+    let Some(vendor_path) = strip_prefix(path, &prefix) else {
+        return deny(audit, Denial::new(Code::Forbidden, "the path is outside this route's prefix"));
+    };
+
+    // 3. The workload credential.
+    let src = target.credential.header();
+    let token = match credential::extract(&target.credential, req.header(src).as_deref()) {
+        Ok(t) => t,
+        Err(CredError::Missing) => {
+            return deny(audit, Denial::new(Code::MissingCredential, "no credential was presented"))
+        }
+        Err(CredError::Duplicate) => {
+            return deny(audit, Denial::new(Code::BadRequest, "the credential header is duplicated"))
+        }
+        Err(CredError::Malformed) => {
+            return deny(audit, Denial::new(Code::InvalidCredential, "the credential is malformed"))
+        }
+    };
+    let unverified = match token::parse(&token) {
+        Ok(u) => u,
+        Err(e) => return deny(audit, Denial::new(Code::InvalidCredential, e.public_message())),
+    };
+    let Some(key) = cfg.key(&unverified.kid) else {
+        let e = token::TokenError::UnknownKid(String::new());
+        return deny(audit, Denial::new(Code::InvalidCredential, e.public_message()));
+    };
+    let payload = match &key.source {
+        KeySource::Ready(k) => unverified.verify(k),
+        KeySource::Stored { slot, field } => match secrets.signing_key(*slot, field) {
+            Slot::Ready(Some(k)) => unverified.verify(&k),
+            Slot::Ready(None) => Err(token::TokenError::UnknownKid(String::new())),
+            Slot::Pending => return Decision { outcome: Outcome::Need(*slot), audit },
+            Slot::Failed => return deny(audit, unavailable()),
+        },
+    };
+    let claims = match payload.and_then(|p| token::parse_claims(&p)) {
+        Ok(c) => c,
+        Err(e) => return deny(audit, Denial::new(Code::InvalidCredential, e.public_message())),
+    };
+    audit.subject = Some(claims.sub.clone());
+    audit.jti = Some(claims.jti.clone());
+    audit.run.clone_from(&claims.run);
+    if let Err(e) = cfg.policy.check(&claims, now_s) {
+        let code = if e.code() == "expired_credential" { Code::ExpiredCredential } else { Code::InvalidCredential };
+        return deny(audit, Denial::new(code, e.public_message()));
+    }
+    if secrets.is_revoked(&claims.jti, &claims.sub) {
+        return deny(audit, Denial::new(Code::RevokedCredential, "the credential has been revoked"));
+    }
+
+    // 4. Rules: a token rule for this target AND the target's own ceiling.
+    let by_token = claims
+        .allow
+        .iter()
+        .any(|r| r.target == target.name && r.rule.matches(&method, vendor_path));
+    let by_target = target.allow.as_ref().is_none_or(|rules| rules.iter().any(|r| r.matches(&method, vendor_path)));
+    if !by_token || !by_target {
+        return deny(audit, Denial::new(Code::Forbidden, "no rule allows this method and path for this target"));
+    }
+
+    // 5. The upstream secret.
+    let fetched = match secrets.secret(target.slot) {
+        Slot::Ready(f) => f,
+        Slot::Pending => return Decision { outcome: Outcome::Need(target.slot), audit },
+        Slot::Failed => return deny(audit, unavailable()),
+    };
+    audit.cache = Some("hit");
+    allow(audit, target, &fetched, &raw_path)
+}
+
+fn allow(mut audit: Audit, target: &Target, fetched: &Fetched, raw_path: &str) -> Decision {
+    match inject::plan(target, fetched, raw_path) {
+        Ok(ops) => {
+            audit.decision = "allow";
+            Decision { outcome: Outcome::Allow(ops), audit }
+        }
+        Err(_) => deny(audit, unavailable()),
+    }
+}
+
+#[cfg(test)]
+mod tests;

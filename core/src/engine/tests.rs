@@ -1,0 +1,311 @@
+use super::*;
+use crate::config::compile;
+use crate::secret::Secret;
+use std::collections::HashMap;
+
+const EXAMPLE: &str = include_str!("../../../tests/fixtures/contract-config.json");
+const K1: &[u8] = b"keyward-test-signing-key-32bytes";
+const K2: &[u8] = b"store-held-signing-key-k2-32byte";
+const NOW: i64 = 1_800_000_000;
+
+fn env(name: &str) -> Option<String> {
+    match name {
+        "KEYWARD_KEY_K1" => Some(crate::b64::std_encode(K1)),
+        "VAULT_TOKEN" => Some("root".into()),
+        _ => None,
+    }
+}
+
+fn cfg() -> Config {
+    match compile(EXAMPLE.as_bytes(), &env) {
+        Ok(c) => c,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+#[derive(Default)]
+struct Req {
+    method: String,
+    path: String,
+    headers: Vec<(String, Vec<u8>)>,
+    target: Option<String>,
+    prefix: Option<String>,
+}
+
+impl Request for Req {
+    fn method(&mut self) -> Option<String> {
+        Some(self.method.clone())
+    }
+    fn path(&mut self) -> Option<String> {
+        Some(self.path.clone())
+    }
+    fn header(&mut self, name: &str) -> Option<Vec<u8>> {
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+    }
+    fn route_target(&mut self) -> Option<String> {
+        self.target.clone()
+    }
+    fn route_prefix(&mut self) -> Option<String> {
+        self.prefix.clone()
+    }
+}
+
+#[derive(Default)]
+struct Mem {
+    slots: HashMap<usize, Rc<Fetched>>,
+    failed: Vec<usize>,
+    revoked: Vec<String>,
+}
+
+impl Secrets for Mem {
+    fn secret(&mut self, slot: usize) -> Slot<Rc<Fetched>> {
+        if self.failed.contains(&slot) {
+            return Slot::Failed;
+        }
+        match self.slots.get(&slot) {
+            Some(f) => Slot::Ready(f.clone()),
+            None => Slot::Pending,
+        }
+    }
+    fn signing_key(&mut self, slot: usize, field: &str) -> Slot<Option<Rc<HmacKey>>> {
+        match self.secret(slot) {
+            Slot::Ready(f) => Slot::Ready(
+                f.field(field)
+                    .and_then(|s| crate::b64::key_decode(s.expose_str()?))
+                    .and_then(|k| HmacKey::new(&k).ok())
+                    .map(Rc::new),
+            ),
+            Slot::Pending => Slot::Pending,
+            Slot::Failed => Slot::Failed,
+        }
+    }
+    fn is_revoked(&mut self, jti: &str, sub: &str) -> bool {
+        self.revoked.iter().any(|r| *r == format!("jti:{jti}") || *r == format!("sub:{sub}"))
+    }
+}
+
+fn fetched(fields: &[(&str, &str)]) -> Rc<Fetched> {
+    Rc::new(Fetched { fields: fields.iter().map(|(k, v)| (k.to_string(), Secret::from_str(v))).collect(), version: None })
+}
+
+fn warm(c: &Config) -> Mem {
+    let mut m = Mem::default();
+    let slot = |t: &str| c.target(t).map(|(_, t)| t.slot).unwrap_or(usize::MAX);
+    m.slots.insert(slot("stripe"), fetched(&[("api_key", "sk_test_stripe")]));
+    m.slots.insert(slot("twilio"), fetched(&[("account_sid", "AC1"), ("auth_token", "tw_tok")]));
+    m.slots.insert(slot("anthropic"), fetched(&[("api_key", "sk-ant-test")]));
+    m.slots.insert(slot("maps"), fetched(&[("key", "AIza-test")]));
+    m
+}
+
+fn tok(kid: &str, key: &[u8], allow: &[&str], extra: &str) -> String {
+    let k = match HmacKey::new(key) {
+        Ok(k) => k,
+        Err(e) => panic!("{e}"),
+    };
+    let rules: Vec<String> = allow.iter().map(|r| format!("\"{r}\"")).collect();
+    let claims = format!(
+        r#"{{"sub":"lambda/pay","aud":"keyward","iss":"https://issuer.example","exp":{},"jti":"j-1","run":"sqs/1","allow":[{}]{extra}}}"#,
+        NOW + 300,
+        rules.join(",")
+    );
+    token::mint(kid, &k, &claims)
+}
+
+fn wrong_aud() -> String {
+    let k = HmacKey::new(K1).unwrap_or_else(|e| panic!("{e}"));
+    let claims = format!(r#"{{"sub":"x","aud":"other","exp":{},"jti":"j","allow":["stripe * /**"]}}"#, NOW + 60);
+    token::mint("k1", &k, &claims)
+}
+
+fn stripe_req(method: &str, path: &str, auth: Option<String>) -> Req {
+    let mut headers = vec![];
+    if let Some(a) = auth {
+        headers.push(("authorization".to_string(), a.into_bytes()));
+    }
+    Req { method: method.into(), path: path.into(), headers, target: Some("stripe".into()), prefix: Some("/stripe".into()) }
+}
+
+fn code(d: &Decision) -> &'static str {
+    match &d.outcome {
+        Outcome::Allow(_) => "allow",
+        Outcome::Deny(d) => d.code.as_str(),
+        Outcome::Need(_) => "need",
+    }
+}
+
+fn set_value(d: &Decision, header: &str) -> Option<String> {
+    let Outcome::Allow(ops) = &d.outcome else { return None };
+    ops.iter().find_map(|o| match o {
+        Op::Set(h, v) if h == header => v.expose_str().map(str::to_string),
+        _ => None,
+    })
+}
+
+#[test]
+fn allows_and_injects() {
+    let c = cfg();
+    let mut s = warm(&c);
+    let t = tok("k1", K1, &["stripe POST /v1/payment_intents"], "");
+    let mut r = stripe_req("POST", "/stripe/v1/payment_intents?expand=x", Some(format!("Bearer {t}")));
+    let d = decide(&c, &mut r, &mut s, NOW);
+    assert_eq!(code(&d), "allow");
+    assert_eq!(set_value(&d, "authorization").as_deref(), Some("Bearer sk_test_stripe"));
+    assert_eq!(d.audit, Audit {
+        subject: Some("lambda/pay".into()), target: Some("stripe".into()), jti: Some("j-1".into()),
+        run: Some("sqs/1".into()), decision: "allow", cache: Some("hit"),
+    });
+}
+
+#[test]
+fn token_and_ceiling_both_required() {
+    let c = cfg();
+    let mut s = warm(&c);
+    // Token allows everything on stripe; the target's ceiling allows POST /v1/payment_intents and GET /v1/**.
+    let t = tok("k1", K1, &["stripe * /**"], "");
+    let a = Some(format!("Bearer {t}"));
+    let mut run = |m: &str, p: &str| code(&decide(&c, &mut stripe_req(m, p, a.clone()), &mut s, NOW));
+    assert_eq!(run("GET", "/stripe/v1/customers/cus_1"), "allow");
+    assert_eq!(run("GET", "/stripe/v1"), "allow");
+    assert_eq!(run("POST", "/stripe/v1/payment_intents"), "allow");
+    assert_eq!(run("DELETE", "/stripe/v1/customers/cus_1"), "forbidden");
+    assert_eq!(run("POST", "/stripe/v1/refunds"), "forbidden");
+    assert_eq!(run("GET", "/stripe/v2/x"), "forbidden");
+    // Token narrower than ceiling.
+    let t = tok("k1", K1, &["stripe GET /v1/customers/*"], "");
+    let a = Some(format!("Bearer {t}"));
+    let mut run = |m: &str, p: &str| code(&decide(&c, &mut stripe_req(m, p, a.clone()), &mut s, NOW));
+    assert_eq!(run("GET", "/stripe/v1/customers/cus_1"), "allow");
+    assert_eq!(run("GET", "/stripe/v1/customers/cus_1/"), "forbidden");
+    assert_eq!(run("GET", "/stripe/v1/customers"), "forbidden");
+    assert_eq!(run("HEAD", "/stripe/v1/customers/cus_1"), "forbidden");
+    // A rule for another target never matches.
+    let t = tok("k1", K1, &["twilio * /**"], "");
+    assert_eq!(code(&decide(&c, &mut stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {t}"))), &mut s, NOW)), "forbidden");
+}
+
+#[test]
+fn path_sanity_runs_first() {
+    let c = cfg();
+    let mut s = warm(&c);
+    let t = tok("k1", K1, &["stripe * /**"], "");
+    for p in ["/stripe/v1/../admin", "/stripe/v1//x", "/stripe/v1/%2e%2e/x", "/stripe/v1%2fx", "/stripe\\v1", "/stripe/v1/%00"] {
+        let d = decide(&c, &mut stripe_req("GET", p, Some(format!("Bearer {t}"))), &mut s, NOW);
+        assert_eq!(code(&d), "bad_request", "{p}");
+    }
+    let d = decide(&c, &mut stripe_req("GET", "/other/v1", Some(format!("Bearer {t}"))), &mut s, NOW);
+    assert_eq!(code(&d), "forbidden");
+}
+
+#[test]
+fn targets_from_route_metadata() {
+    let c = cfg();
+    let mut s = warm(&c);
+    let t = tok("k1", K1, &["stripe * /**"], "");
+    let mut r = stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {t}")));
+    r.target = None;
+    assert_eq!(code(&decide(&c, &mut r, &mut s, NOW)), "unknown_target");
+    r.target = Some("paypal".into());
+    assert_eq!(code(&decide(&c, &mut r, &mut s, NOW)), "unknown_target");
+}
+
+#[test]
+fn credential_errors() {
+    let c = cfg();
+    let mut s = warm(&c);
+    let t = tok("k1", K1, &["stripe * /**"], "");
+    // (credential, expected code, whether the MAC verified so the subject is known)
+    let cases = [
+        (None, "missing_credential", false),
+        (Some(format!("Bearer {t},Bearer {t}")), "bad_request", false),
+        (Some(format!("Basic {t}")), "invalid_credential", false),
+        (Some("Bearer not-a-jwt".to_string()), "invalid_credential", false),
+        (Some(format!("Bearer {}", tok("k9", K1, &["stripe * /**"], ""))), "invalid_credential", false),
+        (Some(format!("Bearer {}", tok("k1", K2, &["stripe * /**"], ""))), "invalid_credential", false),
+        (Some(format!("Bearer {}", wrong_aud())), "invalid_credential", true),
+    ];
+    for (auth, want, verified) in cases {
+        let d = decide(&c, &mut stripe_req("GET", "/stripe/v1/x", auth), &mut s, NOW);
+        assert_eq!(code(&d), want);
+        assert_eq!(d.audit.subject.is_some(), verified, "the subject is recorded only after the MAC verifies");
+        assert_eq!(d.audit.decision, want);
+    }
+    // Expired: the subject is known (signature verified) and recorded.
+    let d = decide(&c, &mut stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {t}"))), &mut s, NOW + 400);
+    assert_eq!(code(&d), "expired_credential");
+    assert_eq!(d.audit.subject.as_deref(), Some("lambda/pay"));
+    assert_eq!(d.audit.decision, "expired_credential");
+}
+
+#[test]
+fn other_sources() {
+    let c = cfg();
+    let mut s = warm(&c);
+    let t = tok("k1", K1, &["twilio POST /2010-04-01/Accounts/*/Messages.json", "anthropic POST /v1/messages", "maps GET /geo"], "");
+    let basic = format!("Basic {}", crate::b64::std_encode(format!("AC1:{t}").as_bytes()));
+    let mut r = Req { method: "POST".into(), path: "/twilio/2010-04-01/Accounts/AC1/Messages.json".into(),
+        headers: vec![("authorization".into(), basic.into_bytes())], target: Some("twilio".into()), prefix: Some("/twilio".into()) };
+    let d = decide(&c, &mut r, &mut s, NOW);
+    assert_eq!(set_value(&d, "authorization").as_deref(), Some("Basic QUMxOnR3X3Rvaw=="));
+
+    let mut r = Req { method: "POST".into(), path: "/anthropic/v1/messages".into(),
+        headers: vec![("x-api-key".into(), t.clone().into_bytes())], target: Some("anthropic".into()), prefix: Some("/anthropic".into()) };
+    let d = decide(&c, &mut r, &mut s, NOW);
+    assert_eq!(set_value(&d, "x-api-key").as_deref(), Some("sk-ant-test"));
+
+    let mut r = Req { method: "GET".into(), path: "/maps/geo?q=1&key=mine".into(),
+        headers: vec![("authorization".into(), format!("Bearer {t}").into_bytes())], target: Some("maps".into()), prefix: Some("/maps".into()) };
+    let d = decide(&c, &mut r, &mut s, NOW);
+    let Outcome::Allow(ops) = &d.outcome else { panic!("{:?}", d.outcome) };
+    let path = ops.iter().find_map(|o| match o { Op::SetPath(p) => p.expose_str().map(str::to_string), _ => None });
+    assert_eq!(path.as_deref(), Some("/maps/geo?q=1&key=AIza-test"));
+}
+
+#[test]
+fn cold_cache_and_failures() {
+    let c = cfg();
+    let stripe_slot = c.target("stripe").map(|(_, t)| t.slot).unwrap_or_default();
+    let t = tok("k1", K1, &["stripe * /**"], "");
+    let mut s = Mem::default();
+    let d = decide(&c, &mut stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {t}"))), &mut s, NOW);
+    assert!(matches!(d.outcome, Outcome::Need(x) if x == stripe_slot));
+    s.failed.push(stripe_slot);
+    let d = decide(&c, &mut stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {t}"))), &mut s, NOW);
+    let Outcome::Deny(den) = &d.outcome else { panic!() };
+    assert_eq!(den.code, Code::SecretUnavailable);
+    assert_eq!(den.retry_after_s, Some(RETRY_AFTER_UNAVAILABLE_S));
+    // A cached secret lacking the field never injects anything.
+    let mut s = Mem::default();
+    s.slots.insert(stripe_slot, fetched(&[("other", "x")]));
+    let d = decide(&c, &mut stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {t}"))), &mut s, NOW);
+    assert_eq!(code(&d), "secret_unavailable");
+}
+
+#[test]
+fn store_held_signing_key() {
+    let c = cfg();
+    let Some(KeySource::Stored { slot, .. }) = c.key("k2").map(|k| &k.source) else { panic!() };
+    let slot = *slot;
+    let t = tok("k2", K2, &["stripe * /**"], "");
+    let mut s = warm(&c);
+    let d = decide(&c, &mut stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {t}"))), &mut s, NOW);
+    assert!(matches!(d.outcome, Outcome::Need(x) if x == slot));
+    s.slots.insert(slot, fetched(&[("k2", &crate::b64::std_encode(K2))]));
+    let d = decide(&c, &mut stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {t}"))), &mut s, NOW);
+    assert_eq!(code(&d), "allow");
+    // A k2 token signed with k1's key fails.
+    let t = tok("k2", K1, &["stripe * /**"], "");
+    let d = decide(&c, &mut stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {t}"))), &mut s, NOW);
+    assert_eq!(code(&d), "invalid_credential");
+}
+
+#[test]
+fn revocation_hook() {
+    let c = cfg();
+    let mut s = warm(&c);
+    let t = tok("k1", K1, &["stripe * /**"], "");
+    s.revoked.push("sub:lambda/pay".into());
+    let d = decide(&c, &mut stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {t}"))), &mut s, NOW);
+    assert_eq!(code(&d), "revoked_credential");
+    assert_eq!(d.audit.jti.as_deref(), Some("j-1"));
+}

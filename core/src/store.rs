@@ -1,0 +1,234 @@
+//! Store protocols: the callout each store needs, and a strict reading of its answer.
+//! Vault/OpenBao KV v2: `GET /v1/<mount>/data/<path>` with `X-Vault-Token`; AWS Secrets Manager:
+//! `POST /` with `X-Amz-Target: secretsmanager.GetSecretValue` (Envoy signs it).
+
+use crate::config::{Store, StoreKind};
+use crate::json::{self, Value};
+use crate::secret::Secret;
+use std::fmt;
+
+/// Largest store answer read; anything bigger is refused as garbage.
+pub const MAX_BODY: usize = 64 * 1024;
+/// Largest secret value accepted.
+pub const MAX_SECRET: usize = 8 * 1024;
+
+/// An HTTP callout to make through an Envoy cluster. Header values may hold a store token, so
+/// Debug prints names only.
+pub struct Callout {
+    pub cluster: String,
+    pub headers: Vec<(String, Secret)>,
+    pub body: Option<Vec<u8>>,
+    pub timeout_ms: u32,
+}
+
+impl fmt::Debug for Callout {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<&str> = self.headers.iter().map(|(k, _)| k.as_str()).collect();
+        write!(f, "Callout {{ cluster: {:?}, headers: {names:?}, timeout_ms: {} }}", self.cluster, self.timeout_ms)
+    }
+}
+
+/// Why a fetch failed. Transient failures may be served stale; authoritative ones never.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FetchError {
+    /// Timeout, connection failure, 5xx, throttling.
+    Transient(String),
+    /// 404, or a deleted or destroyed latest version.
+    NotFound,
+    /// 401/403: the store refused Keyward's own credential.
+    Denied(u32),
+    /// An answer that is not what the protocol promises.
+    Garbage(String),
+}
+
+impl FetchError {
+    pub fn is_transient(&self) -> bool {
+        matches!(self, FetchError::Transient(_))
+    }
+}
+
+impl fmt::Display for FetchError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FetchError::Transient(why) => write!(f, "store unavailable: {why}"),
+            FetchError::NotFound => f.write_str("secret not found (absent, deleted or destroyed)"),
+            FetchError::Denied(s) => write!(f, "store refused access (HTTP {s})"),
+            FetchError::Garbage(why) => write!(f, "unusable store answer: {why}"),
+        }
+    }
+}
+
+/// The fields Keyward needs from one secret document.
+#[derive(Debug, Clone, Default)]
+pub struct Fetched {
+    pub fields: Vec<(String, Secret)>,
+    pub version: Option<String>,
+}
+
+impl Fetched {
+    pub fn field(&self, name: &str) -> Option<&Secret> {
+        self.fields.iter().find(|(k, _)| k == name).map(|(_, v)| v)
+    }
+}
+
+fn header(k: &str, v: &str) -> (String, Secret) {
+    (k.to_string(), Secret::from_str(v))
+}
+
+/// The callout that reads `path` from `store`.
+pub fn callout(store: &Store, path: &str) -> Callout {
+    match &store.kind {
+        StoreKind::VaultKv2 { mount, token } => {
+            let headers = vec![
+                header(":method", "GET"),
+                header(":path", &format!("/v1/{mount}/data/{path}")),
+                header(":authority", &store.authority),
+                header("accept", "application/json"),
+                (String::from("x-vault-token"), token.clone()),
+            ];
+            Callout { cluster: store.cluster.clone(), headers, body: None, timeout_ms: store.timeout_ms }
+        }
+        StoreKind::AwsSecretsManager => {
+            let mut body = String::from("{\"SecretId\":");
+            json::write_str(&mut body, path);
+            body.push('}');
+            let headers = vec![
+                header(":method", "POST"),
+                header(":path", "/"),
+                header(":authority", &store.authority),
+                header("content-type", "application/x-amz-json-1.1"),
+                header("x-amz-target", "secretsmanager.GetSecretValue"),
+                header("accept", "application/json"),
+            ];
+            Callout { cluster: store.cluster.clone(), headers, body: Some(body.into_bytes()), timeout_ms: store.timeout_ms }
+        }
+    }
+}
+
+/// A secret value must be usable in a header: non-empty printable ASCII or UTF-8 with no control
+/// characters (no CR/LF smuggling), and bounded.
+fn usable(field: &str, v: &Value) -> Result<Secret, FetchError> {
+    let Value::Str(s) = v else {
+        return Err(FetchError::Garbage(format!("field {field:?} is a {}, not a string", v.kind())));
+    };
+    if s.is_empty() {
+        return Err(FetchError::Garbage(format!("field {field:?} is empty")));
+    }
+    if s.len() > MAX_SECRET {
+        return Err(FetchError::Garbage(format!("field {field:?} is longer than {MAX_SECRET} bytes")));
+    }
+    if s.chars().any(char::is_control) {
+        return Err(FetchError::Garbage(format!("field {field:?} contains a control character")));
+    }
+    Ok(Secret::from_str(s))
+}
+
+fn pick(doc: &Value, wanted: &[String]) -> Result<Vec<(String, Secret)>, FetchError> {
+    let mut out = Vec::with_capacity(wanted.len());
+    for f in wanted {
+        let Some(v) = doc.get(f) else {
+            return Err(FetchError::Garbage(format!("field {f:?} is missing")));
+        };
+        out.push((f.clone(), usable(f, v)?));
+    }
+    Ok(out)
+}
+
+/// Read a store's answer. `status` is `None` when no response arrived (timeout or reset).
+pub fn parse_response(store: &Store, status: Option<u32>, body: &[u8], wanted: &[String]) -> Result<Fetched, FetchError> {
+    let doc = read_document(store, status, body)?;
+    let version = doc.1;
+    Ok(Fetched { fields: pick(&doc.0, wanted)?, version })
+}
+
+/// The whole secret document (an object) and its version, for readers that need every key
+/// (the revocation list).
+pub fn read_document(store: &Store, status: Option<u32>, body: &[u8]) -> Result<(Value, Option<String>), FetchError> {
+    let Some(status) = status else {
+        return Err(FetchError::Transient("no response (timeout or connection failure)".into()));
+    };
+    if body.len() > MAX_BODY {
+        return Err(FetchError::Garbage(format!("answer is larger than {MAX_BODY} bytes")));
+    }
+    match &store.kind {
+        StoreKind::VaultKv2 { .. } => vault_document(status, body),
+        StoreKind::AwsSecretsManager => aws_document(status, body),
+    }
+}
+
+fn vault_document(status: u32, body: &[u8]) -> Result<(Value, Option<String>), FetchError> {
+    match status {
+        200 => {}
+        404 => return Err(FetchError::NotFound),
+        401 | 403 => return Err(FetchError::Denied(status)),
+        429 | 500..=599 => return Err(FetchError::Transient(format!("HTTP {status}"))),
+        _ => return Err(FetchError::Garbage(format!("unexpected HTTP {status}"))),
+    }
+    let v = json::parse(body).map_err(|e| FetchError::Garbage(format!("not JSON: {e}")))?;
+    let Some(data) = v.get("data") else {
+        return Err(FetchError::Garbage("no data object".into()));
+    };
+    let meta = data.get("metadata");
+    if let Some(m) = meta {
+        if matches!(m.get("destroyed"), Some(Value::Bool(true))) {
+            return Err(FetchError::NotFound);
+        }
+        if let Some(Value::Str(t)) = m.get("deletion_time") {
+            if !t.is_empty() {
+                return Err(FetchError::NotFound);
+            }
+        }
+    }
+    let version = match meta.and_then(|m| m.get("version")) {
+        Some(Value::Int(n)) => Some(n.to_string()),
+        _ => None,
+    };
+    match data.get("data") {
+        None | Some(Value::Null) => Err(FetchError::NotFound),
+        Some(d @ Value::Object(_)) => Ok((d.clone(), version)),
+        Some(d) => Err(FetchError::Garbage(format!("data.data is a {}", d.kind()))),
+    }
+}
+
+fn aws_document(status: u32, body: &[u8]) -> Result<(Value, Option<String>), FetchError> {
+    if status != 200 {
+        if (500..=599).contains(&status) {
+            return Err(FetchError::Transient(format!("HTTP {status}")));
+        }
+        let kind = json::parse(body)
+            .ok()
+            .and_then(|v| v.get("__type").and_then(Value::as_str).map(str::to_string))
+            .unwrap_or_default();
+        let kind = kind.rsplit('#').next().unwrap_or_default();
+        return Err(match kind {
+            "ResourceNotFoundException" => FetchError::NotFound,
+            "ThrottlingException" | "InternalServiceError" | "RequestTimeout" => {
+                FetchError::Transient(format!("HTTP {status} {kind}"))
+            }
+            "AccessDeniedException" | "UnrecognizedClientException" | "InvalidSignatureException"
+            | "ExpiredTokenException" | "IncompleteSignature" | "MissingAuthenticationToken" => {
+                FetchError::Denied(status)
+            }
+            // A deleted secret answers InvalidRequestException ("marked for deletion").
+            "InvalidRequestException" => FetchError::NotFound,
+            _ if status == 401 || status == 403 => FetchError::Denied(status),
+            _ => FetchError::Garbage(format!("HTTP {status} {kind}")),
+        });
+    }
+    let v = json::parse(body).map_err(|e| FetchError::Garbage(format!("not JSON: {e}")))?;
+    let version = v.get("VersionId").and_then(Value::as_str).map(str::to_string);
+    let Some(s) = v.get("SecretString") else {
+        return Err(FetchError::Garbage("no SecretString (binary secrets are not supported)".into()));
+    };
+    let Value::Str(s) = s else {
+        return Err(FetchError::Garbage("SecretString is not a string".into()));
+    };
+    let doc = json::parse(s.as_bytes()).map_err(|e| FetchError::Garbage(format!("SecretString is not JSON: {e}")))?;
+    if doc.as_object().is_none() {
+        return Err(FetchError::Garbage("SecretString is not a JSON object".into()));
+    }
+    Ok((doc, version))
+}
+
+#[cfg(test)]
+mod tests;
