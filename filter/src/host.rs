@@ -1,0 +1,105 @@
+//! The one small host interface: proxy-wasm hostcalls that can fail are called through
+//! `proxy_wasm::hostcalls` and every failure is an `Err`, never a panic.
+
+use keyward_core::engine::Request;
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::{BufferType, MapType, Status};
+use std::time::{Duration, UNIX_EPOCH};
+
+pub fn now_ms() -> u64 {
+    hostcalls::get_current_time()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+pub fn property(path: &[&str]) -> Option<Vec<u8>> {
+    hostcalls::get_property(path.to_vec()).ok().flatten()
+}
+
+pub fn property_string(path: &[&str]) -> Option<String> {
+    property(path).and_then(|b| String::from_utf8(b).ok())
+}
+
+pub fn set_filter_state(key: &str, value: &str) {
+    let name = format!("keyward.{key}");
+    if hostcalls::set_property(vec![name.as_str()], Some(value.as_bytes())).is_err() {
+        log::debug!("keyward: could not set filter state {name}");
+    }
+}
+
+pub fn request_header(name: &str) -> Option<Vec<u8>> {
+    hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name).ok().flatten()
+}
+
+pub fn remove_request_header(name: &str) -> Result<(), Status> {
+    hostcalls::remove_map_value(MapType::HttpRequestHeaders, name)
+}
+
+pub fn set_request_header(name: &str, value: &[u8]) -> Result<(), Status> {
+    hostcalls::set_map_value_bytes(MapType::HttpRequestHeaders, name, Some(value))
+}
+
+pub fn send_response(status: u32, headers: &[(&str, String)], body: &str) -> Result<(), Status> {
+    let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    hostcalls::send_http_response(status, h, Some(body.as_bytes()))
+}
+
+pub fn resume_request() -> Result<(), Status> {
+    hostcalls::resume_http_request()
+}
+
+pub fn set_effective_context(id: u32) -> Result<(), Status> {
+    hostcalls::set_effective_context(id)
+}
+
+pub fn dispatch(cluster: &str, headers: &[(&str, &[u8])], body: Option<&[u8]>, timeout_ms: u32) -> Result<u32, Status> {
+    // Header values are raw bytes (a store token is not necessarily UTF-8-safe to log, and never is).
+    let mut hs: Vec<(&str, &str)> = Vec::with_capacity(headers.len());
+    for (k, v) in headers {
+        hs.push((k, std::str::from_utf8(v).map_err(|_| Status::BadArgument)?));
+    }
+    hostcalls::dispatch_http_call(cluster, hs, body, vec![], Duration::from_millis(u64::from(timeout_ms)))
+}
+
+/// The current callout response: `:status` (None when nothing arrived) and the body, or
+/// `None` for a body larger than `max` (not read at all).
+pub fn callout_response(num_headers: usize, body_size: usize, max: usize) -> (Option<u32>, Option<Vec<u8>>) {
+    if num_headers == 0 {
+        return (None, Some(Vec::new()));
+    }
+    let status = hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status")
+        .ok()
+        .flatten()
+        .and_then(|b| std::str::from_utf8(&b).ok().and_then(|s| s.parse::<u32>().ok()));
+    if body_size > max {
+        return (status, None);
+    }
+    let body = if body_size == 0 {
+        Vec::new()
+    } else {
+        hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size).ok().flatten().unwrap_or_default()
+    };
+    (status, Some(body))
+}
+
+/// The request as the engine sees it, read lazily through hostcalls.
+pub struct HostRequest;
+
+impl Request for HostRequest {
+    fn method(&mut self) -> Option<String> {
+        request_header(":method").and_then(|b| String::from_utf8(b).ok())
+    }
+    fn path(&mut self) -> Option<String> {
+        request_header(":path").and_then(|b| String::from_utf8(b).ok())
+    }
+    fn header(&mut self, name: &str) -> Option<Vec<u8>> {
+        request_header(name)
+    }
+    fn route_target(&mut self) -> Option<String> {
+        property_string(&["xds", "route_metadata", "filter_metadata", "keyward", "target"])
+    }
+    fn route_prefix(&mut self) -> Option<String> {
+        property_string(&["xds", "route_metadata", "filter_metadata", "keyward", "prefix"])
+    }
+}

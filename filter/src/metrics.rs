@@ -1,0 +1,63 @@
+//! The contract's counters, defined once at configure time.
+
+use keyward_core::response::Code;
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::MetricType;
+
+/// Every contract counter is defined at configure time so dashboards see them from the start;
+/// stale serving and revocation refresh increment theirs (see issues 3 and 4).
+#[derive(Debug, Default, Clone)]
+#[allow(dead_code)]
+pub struct Metrics {
+    pub allowed: Option<u32>,
+    pub denied: [Option<u32>; 10],
+    pub fetch_ok: Option<u32>,
+    pub fetch_error: Option<u32>,
+    pub cache_hit: Option<u32>,
+    pub cache_miss: Option<u32>,
+    pub cache_stale: Option<u32>,
+    pub revocation_ok: Option<u32>,
+    pub revocation_error: Option<u32>,
+}
+
+fn counter(name: &str) -> Option<u32> {
+    match hostcalls::define_metric(MetricType::Counter, name) {
+        Ok(id) => Some(id),
+        Err(_) => {
+            log::warn!("keyward: could not define metric {name}");
+            None
+        }
+    }
+}
+
+pub fn inc(id: Option<u32>) {
+    if let Some(id) = id {
+        let _ = hostcalls::increment_metric(id, 1);
+    }
+}
+
+impl Metrics {
+    pub fn define() -> Metrics {
+        let mut denied = [None; 10];
+        for c in Code::ALL {
+            if let Some(slot) = denied.get_mut(c.index()) {
+                *slot = counter(&format!("keyward_requests_denied_{}", c.as_str()));
+            }
+        }
+        Metrics {
+            allowed: counter("keyward_requests_allowed"),
+            denied,
+            fetch_ok: counter("keyward_secret_fetch_ok"),
+            fetch_error: counter("keyward_secret_fetch_error"),
+            cache_hit: counter("keyward_cache_hit"),
+            cache_miss: counter("keyward_cache_miss"),
+            cache_stale: counter("keyward_cache_stale"),
+            revocation_ok: counter("keyward_revocation_refresh_ok"),
+            revocation_error: counter("keyward_revocation_refresh_error"),
+        }
+    }
+
+    pub fn denied(&self, c: Code) {
+        inc(self.denied.get(c.index()).copied().flatten());
+    }
+}

@@ -1,0 +1,348 @@
+//! Per-VM (per Envoy worker) state and the callout state machine.
+//!
+//! A request that needs a secret that is not cached parks here, keyed by its context id. One
+//! callout per slot is in flight per worker (later requests join its waiters); the callout is
+//! keyed by its token. When the answer arrives, in whichever context receives it, the cache is
+//! updated and every waiter is decided again under its own effective context: each ends in
+//! `resume_http_request` or a local reply. The root's tick answers waiters past their deadline
+//! with 503 and re-dispatches fetches whose owning stream went away (Envoy cancels a stream's
+//! callouts when it ends).
+
+use crate::host::{self, HostRequest};
+use crate::metrics::{inc, Metrics};
+use keyward_core::cache::{self, Entry};
+use keyward_core::config::Config;
+use keyward_core::engine::{self, Audit, Decision, Outcome, Secrets, Slot};
+use keyward_core::inject::Op;
+use keyward_core::response::{Code, Denial};
+use keyward_core::store::{self, FetchError, Fetched};
+use keyward_core::token::HmacKey;
+use keyward_core::{b64, secret::Secret};
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::Action;
+use std::collections::HashMap;
+use std::rc::Rc;
+
+/// After a failed fetch, requests for that slot get 503 at once for this long (no vault storm).
+const NEGATIVE_TTL_MS: u64 = 1000;
+/// Extra time a parked request may wait beyond its store's timeout before the tick answers it.
+const PARK_GRACE_MS: u64 = 1000;
+
+struct Inflight {
+    token: Option<u32>,
+    /// The stream whose context owns the callout (0: the root).
+    owner: u32,
+    waiters: Vec<u32>,
+}
+
+struct Parked {
+    deadline_ms: u64,
+    audit: Audit,
+}
+
+#[derive(Default)]
+pub struct Worker {
+    pub cfg: Option<Rc<Config>>,
+    pub metrics: Metrics,
+    pub root_id: u32,
+    inflight: HashMap<usize, Inflight>,
+    tokens: HashMap<u32, usize>,
+    parked: HashMap<u32, Parked>,
+    /// Decoded shared-data entries, keyed by slot, tagged with the shared-data CAS.
+    local: HashMap<usize, (u32, Rc<Fetched>, u64)>,
+    /// Prepared store-held signing keys, tagged with the entry they came from.
+    keys: HashMap<(usize, String), (Rc<Fetched>, Option<Rc<HmacKey>>)>,
+    failed_until: HashMap<usize, u64>,
+}
+
+/// `Secrets` over shared data, with a per-worker decode cache.
+struct Cache<'a> {
+    w: &'a mut Worker,
+    cfg: &'a Config,
+    now_ms: u64,
+}
+
+impl Cache<'_> {
+    fn lookup(&mut self, slot: usize) -> Slot<Rc<Fetched>> {
+        let Some(spec) = self.cfg.slots.get(slot) else { return Slot::Failed };
+        let Some(st) = self.cfg.stores.get(spec.store) else { return Slot::Failed };
+        let key = cache::shared_key(&st.name, &spec.path);
+        let (bytes, cas) = match hostcalls::get_shared_data(&key) {
+            Ok(x) => x,
+            Err(_) => (None, None),
+        };
+        let entry = match (bytes, cas) {
+            (Some(b), Some(cas)) => match self.w.local.get(&slot) {
+                Some((c, f, at)) if *c == cas => Some((f.clone(), *at)),
+                _ => match Entry::decode(&b) {
+                    Some(e) if spec.fields.iter().all(|f| e.data.field(f).is_some()) => {
+                        let f = Rc::new(e.data);
+                        self.w.local.insert(slot, (cas, f.clone(), e.fetched_at_ms));
+                        Some((f, e.fetched_at_ms))
+                    }
+                    _ => None,
+                },
+            },
+            _ => None,
+        };
+        if let Some((f, at)) = entry {
+            if self.now_ms < at.saturating_add(u64::from(self.cfg.cache.ttl_s) * 1000) {
+                return Slot::Ready(f);
+            }
+        }
+        if self.w.failed_until.get(&slot).is_some_and(|t| self.now_ms < *t) {
+            return Slot::Failed;
+        }
+        Slot::Pending
+    }
+}
+
+impl Secrets for Cache<'_> {
+    fn secret(&mut self, slot: usize) -> Slot<Rc<Fetched>> {
+        self.lookup(slot)
+    }
+
+    fn signing_key(&mut self, slot: usize, field: &str) -> Slot<Option<Rc<HmacKey>>> {
+        let f = match self.lookup(slot) {
+            Slot::Ready(f) => f,
+            Slot::Pending => return Slot::Pending,
+            Slot::Failed => return Slot::Failed,
+        };
+        let k = (slot, field.to_string());
+        if let Some((src, key)) = self.w.keys.get(&k) {
+            if Rc::ptr_eq(src, &f) {
+                return Slot::Ready(key.clone());
+            }
+        }
+        let key = f
+            .field(field)
+            .and_then(Secret::expose_str)
+            .and_then(b64::key_decode)
+            .and_then(|bytes| HmacKey::new(&bytes).ok())
+            .map(Rc::new);
+        if key.is_none() {
+            log::warn!("keyward: store-held signing key {field:?} is not base64 of at least 32 bytes");
+        }
+        self.w.keys.insert(k, (f, key.clone()));
+        Slot::Ready(key)
+    }
+}
+
+fn record_audit(a: &Audit) {
+    if let Some(v) = &a.subject {
+        host::set_filter_state("subject", v);
+    }
+    if let Some(v) = &a.target {
+        host::set_filter_state("target", v);
+    }
+    if let Some(v) = &a.jti {
+        host::set_filter_state("jti", v);
+    }
+    if let Some(v) = &a.run {
+        host::set_filter_state("run", v);
+    }
+    if !a.decision.is_empty() {
+        host::set_filter_state("decision", a.decision);
+    }
+    if let Some(v) = a.cache {
+        host::set_filter_state("cache", v);
+    }
+}
+
+impl Worker {
+    pub fn new(root_id: u32) -> Worker {
+        Worker { root_id, ..Worker::default() }
+    }
+
+    /// Decide the request of context `ctx` (the effective context must already be `ctx`).
+    /// `resumed`: the request was parked, so the answer is given by resuming or replying now.
+    pub fn run(&mut self, ctx: u32, resumed: bool) -> Action {
+        let Some(cfg) = self.cfg.clone() else {
+            // No valid configuration: fail closed.
+            let d = Denial::new(Code::SecretUnavailable, "the gateway is not configured").retry_after(5);
+            return self.finish_deny(&Audit { decision: d.code.as_str(), ..Audit::default() }, &d, resumed);
+        };
+        let now_ms = host::now_ms();
+        let decision: Decision = {
+            let mut cache = Cache { w: self, cfg: &cfg, now_ms };
+            engine::decide(&cfg, &mut HostRequest, &mut cache, (now_ms / 1000) as i64)
+        };
+        let mut audit = decision.audit;
+        match decision.outcome {
+            Outcome::Need(slot) => {
+                self.park(&cfg, ctx, slot, now_ms, audit);
+                Action::Pause
+            }
+            Outcome::Deny(d) => self.finish_deny(&audit, &d, resumed),
+            Outcome::Allow(ops) => {
+                if resumed && audit.cache == Some("hit") {
+                    audit.cache = Some("miss");
+                }
+                if apply(&ops).is_err() {
+                    // The request could not be rewritten safely: never forward it.
+                    let d = Denial::new(Code::SecretUnavailable, "the upstream credential could not be applied").retry_after(5);
+                    audit.decision = d.code.as_str();
+                    return self.finish_deny(&audit, &d, resumed);
+                }
+                record_audit(&audit);
+                inc(self.metrics.allowed);
+                inc(if audit.cache == Some("miss") { self.metrics.cache_miss } else { self.metrics.cache_hit });
+                if resumed {
+                    if host::resume_request().is_err() {
+                        log::warn!("keyward: could not resume a request");
+                    }
+                    Action::Pause
+                } else {
+                    Action::Continue
+                }
+            }
+        }
+    }
+
+    fn finish_deny(&mut self, audit: &Audit, d: &Denial, _resumed: bool) -> Action {
+        record_audit(audit);
+        self.metrics.denied(d.code);
+        if host::send_response(d.status(), &d.headers(), &d.body()).is_err() {
+            log::warn!("keyward: could not send a local reply; resetting the stream");
+            let _ = hostcalls::reset_http_request();
+        }
+        Action::Pause
+    }
+
+    fn park(&mut self, cfg: &Config, ctx: u32, slot: usize, now_ms: u64, audit: Audit) {
+        let timeout = cfg.store_of(slot).map_or(2000, |s| u64::from(s.timeout_ms));
+        self.parked.insert(ctx, Parked { deadline_ms: now_ms + timeout + PARK_GRACE_MS, audit });
+        if let Some(f) = self.inflight.get_mut(&slot) {
+            if !f.waiters.contains(&ctx) {
+                f.waiters.push(ctx);
+            }
+            return;
+        }
+        self.inflight.insert(slot, Inflight { token: None, owner: ctx, waiters: vec![ctx] });
+        self.dispatch(cfg, slot, ctx);
+    }
+
+    /// Send the callout for `slot` from the current context `owner`.
+    fn dispatch(&mut self, cfg: &Config, slot: usize, owner: u32) {
+        let (Some(spec), Some(st)) = (cfg.slots.get(slot), cfg.store_of(slot)) else { return };
+        let c = store::callout(st, &spec.path);
+        let headers: Vec<(&str, &[u8])> = c.headers.iter().map(|(k, v)| (k.as_str(), v.expose())).collect();
+        match host::dispatch(&c.cluster, &headers, c.body.as_deref(), c.timeout_ms) {
+            Ok(token) => {
+                self.tokens.insert(token, slot);
+                if let Some(f) = self.inflight.get_mut(&slot) {
+                    f.token = Some(token);
+                    f.owner = owner;
+                }
+            }
+            Err(e) => {
+                log::warn!("keyward: store {} callout to cluster {:?} failed to start: {e:?}", st.name, c.cluster);
+                self.complete(cfg, slot, Err(FetchError::Transient("callout not started".into())));
+            }
+        }
+    }
+
+    /// A callout answered (in any context).
+    pub fn on_callout(&mut self, token: u32, num_headers: usize, body_size: usize) {
+        let Some(slot) = self.tokens.remove(&token) else { return };
+        let Some(cfg) = self.cfg.clone() else { return };
+        let (Some(spec), Some(st)) = (cfg.slots.get(slot), cfg.store_of(slot)) else { return };
+        let (status, body) = host::callout_response(num_headers, body_size, store::MAX_BODY);
+        let result = match body {
+            None => Err(FetchError::Garbage(format!("answer is larger than {} bytes", store::MAX_BODY))),
+            Some(b) => store::parse_response(st, status, &b, &spec.fields),
+        };
+        self.complete(&cfg, slot, result);
+    }
+
+    fn complete(&mut self, cfg: &Config, slot: usize, result: Result<Fetched, FetchError>) {
+        let now_ms = host::now_ms();
+        let (Some(spec), Some(st)) = (cfg.slots.get(slot), cfg.store_of(slot)) else { return };
+        match result {
+            Ok(fetched) => {
+                inc(self.metrics.fetch_ok);
+                self.failed_until.remove(&slot);
+                let entry = Entry { fetched_at_ms: now_ms, data: fetched };
+                let key = cache::shared_key(&st.name, &spec.path);
+                if hostcalls::set_shared_data(&key, Some(&entry.encode()), None).is_err() {
+                    // Without the shared cache the waiters would fetch again in a loop: fail them.
+                    log::warn!("keyward: could not write the shared cache for {}:{}", st.name, spec.path);
+                    self.failed_until.insert(slot, now_ms + NEGATIVE_TTL_MS);
+                }
+                self.local.remove(&slot);
+                log::info!("keyward: fetched {}:{} (version {})", st.name, spec.path, entry.data.version.as_deref().unwrap_or("-"));
+            }
+            Err(e) => {
+                inc(self.metrics.fetch_error);
+                self.failed_until.insert(slot, now_ms + NEGATIVE_TTL_MS);
+                log::warn!("keyward: fetching {}:{} failed: {e}", st.name, spec.path);
+            }
+        }
+        let waiters = self.inflight.remove(&slot).map(|f| f.waiters).unwrap_or_default();
+        for ctx in waiters {
+            self.resume(ctx);
+        }
+    }
+
+    /// Decide a parked request again, under its own context.
+    fn resume(&mut self, ctx: u32) {
+        if self.parked.remove(&ctx).is_none() {
+            return; // the stream has gone
+        }
+        if host::set_effective_context(ctx).is_err() {
+            return;
+        }
+        let _ = self.run(ctx, true);
+    }
+
+    /// The stream of `ctx` ended.
+    pub fn forget(&mut self, ctx: u32) {
+        self.parked.remove(&ctx);
+        for f in self.inflight.values_mut() {
+            f.waiters.retain(|w| *w != ctx);
+            if f.owner == ctx {
+                // Envoy cancels the callouts of a finished stream: the tick re-dispatches.
+                if let Some(t) = f.token.take() {
+                    self.tokens.remove(&t);
+                }
+            }
+        }
+        self.inflight.retain(|_, f| !f.waiters.is_empty() || f.token.is_some());
+    }
+
+    /// Periodic work on the root context.
+    pub fn tick(&mut self) {
+        let Some(cfg) = self.cfg.clone() else { return };
+        let now_ms = host::now_ms();
+        // Orphaned fetches: dispatch again, owned by the root this time.
+        let orphans: Vec<usize> = self.inflight.iter().filter(|(_, f)| f.token.is_none()).map(|(s, _)| *s).collect();
+        for slot in orphans {
+            self.dispatch(&cfg, slot, 0);
+        }
+        // Waiters past their deadline get 503.
+        let late: Vec<u32> = self.parked.iter().filter(|(_, p)| now_ms >= p.deadline_ms).map(|(c, _)| *c).collect();
+        for ctx in late {
+            let Some(p) = self.parked.remove(&ctx) else { continue };
+            for f in self.inflight.values_mut() {
+                f.waiters.retain(|w| *w != ctx);
+            }
+            if host::set_effective_context(ctx).is_ok() {
+                let d = Denial::new(Code::SecretUnavailable, "the secret store did not answer in time").retry_after(5);
+                let audit = Audit { decision: d.code.as_str(), ..p.audit };
+                self.finish_deny(&audit, &d, true);
+            }
+        }
+        let _ = host::set_effective_context(self.root_id);
+    }
+}
+
+fn apply(ops: &[Op]) -> Result<(), proxy_wasm::types::Status> {
+    for op in ops {
+        match op {
+            Op::Remove(h) => host::remove_request_header(h)?,
+            Op::Set(h, v) => host::set_request_header(h, v.expose())?,
+            Op::SetPath(p) => host::set_request_header(":path", p.expose())?,
+        }
+    }
+    Ok(())
+}
