@@ -24,7 +24,7 @@ pub fn property_string(path: &[&str]) -> Option<String> {
 pub fn set_filter_state(key: &str, value: &str) {
     let name = format!("keyward.{key}");
     if hostcalls::set_property(vec![name.as_str()], Some(value.as_bytes())).is_err() {
-        log::debug!("keyward: could not set filter state {name}");
+        log::debug!("could not set filter state {name}");
     }
 }
 

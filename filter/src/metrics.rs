@@ -24,7 +24,7 @@ fn counter(name: &str) -> Option<u32> {
     match hostcalls::define_metric(MetricType::Counter, name) {
         Ok(id) => Some(id),
         Err(_) => {
-            log::warn!("keyward: could not define metric {name}");
+            log::warn!("could not define metric {name}");
             None
         }
     }

@@ -121,7 +121,7 @@ impl Secrets for Cache<'_> {
             .and_then(|bytes| HmacKey::new(&bytes).ok())
             .map(Rc::new);
         if key.is_none() {
-            log::warn!("keyward: store-held signing key {field:?} is not base64 of at least 32 bytes");
+            log::warn!("store-held signing key {field:?} is not base64 of at least 32 bytes");
         }
         self.w.keys.insert(k, (f, key.clone()));
         Slot::Ready(key)
@@ -189,7 +189,7 @@ impl Worker {
                 inc(if audit.cache == Some("miss") { self.metrics.cache_miss } else { self.metrics.cache_hit });
                 if resumed {
                     if host::resume_request().is_err() {
-                        log::warn!("keyward: could not resume a request");
+                        log::warn!("could not resume a request");
                     }
                     Action::Pause
                 } else {
@@ -203,7 +203,7 @@ impl Worker {
         record_audit(audit);
         self.metrics.denied(d.code);
         if host::send_response(d.status(), &d.headers(), &d.body()).is_err() {
-            log::warn!("keyward: could not send a local reply; resetting the stream");
+            log::warn!("could not send a local reply; resetting the stream");
             let _ = hostcalls::reset_http_request();
         }
         Action::Pause
@@ -236,7 +236,7 @@ impl Worker {
                 }
             }
             Err(e) => {
-                log::warn!("keyward: store {} callout to cluster {:?} failed to start: {e:?}", st.name, c.cluster);
+                log::warn!("store {} callout to cluster {:?} failed to start: {e:?}", st.name, c.cluster);
                 self.complete(cfg, slot, Err(FetchError::Transient("callout not started".into())));
             }
         }
@@ -266,16 +266,16 @@ impl Worker {
                 let key = cache::shared_key(&st.name, &spec.path);
                 if hostcalls::set_shared_data(&key, Some(&entry.encode()), None).is_err() {
                     // Without the shared cache the waiters would fetch again in a loop: fail them.
-                    log::warn!("keyward: could not write the shared cache for {}:{}", st.name, spec.path);
+                    log::warn!("could not write the shared cache for {}:{}", st.name, spec.path);
                     self.failed_until.insert(slot, now_ms + NEGATIVE_TTL_MS);
                 }
                 self.local.remove(&slot);
-                log::info!("keyward: fetched {}:{} (version {})", st.name, spec.path, entry.data.version.as_deref().unwrap_or("-"));
+                log::info!("fetched {}:{} (version {})", st.name, spec.path, entry.data.version.as_deref().unwrap_or("-"));
             }
             Err(e) => {
                 inc(self.metrics.fetch_error);
                 self.failed_until.insert(slot, now_ms + NEGATIVE_TTL_MS);
-                log::warn!("keyward: fetching {}:{} failed: {e}", st.name, spec.path);
+                log::warn!("fetching {}:{} failed: {e}", st.name, spec.path);
             }
         }
         let waiters = self.inflight.remove(&slot).map(|f| f.waiters).unwrap_or_default();
