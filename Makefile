@@ -1,0 +1,65 @@
+# Keyward. The two commands a user needs: `make run` and `make test`.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV   := .venv
+STAMP  := $(VENV)/.installed
+WASM   := dist/keyward.wasm
+CLI    := target/release/keyward
+GIT_HASH := $(shell git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
+
+.PHONY: help build wasm cli deps run test unit lint integration bench clean
+
+help:
+	@echo "make run    start a local gateway (OpenBao + demo vendor + Envoy with keyward on 127.0.0.1:10000)"
+	@echo "make test   unit tests, lints and integration tests against real Envoy, OpenBao and moto"
+	@echo "make build  dist/keyward.wasm and the keyward CLI ($(CLI))"
+	@echo "make bench  the benchmark report"
+
+# --- toolchain and pinned components ---------------------------------------------------------
+.wasm-target:
+	@rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip1 || rustup target add wasm32-wasip1
+	@touch $@
+
+$(STAMP): integration/requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r integration/requirements.txt
+	@touch $@
+
+deps: .wasm-target $(STAMP)
+
+# --- build -----------------------------------------------------------------------------------
+wasm: .wasm-target
+	KEYWARD_GIT_HASH=$(GIT_HASH) cargo build --release --locked --target wasm32-wasip1 -p keyward-filter
+	@mkdir -p dist
+	cp target/wasm32-wasip1/release/keyward_filter.wasm $(WASM)
+	@echo "built $(WASM) ($$(stat -c %s $(WASM)) bytes, $(GIT_HASH))"
+
+cli:
+	cargo build --release --locked -p keyward-cli
+
+build: wasm cli
+
+# --- run -------------------------------------------------------------------------------------
+run: build $(STAMP)
+	@scripts/run-local.sh
+
+# --- test ------------------------------------------------------------------------------------
+unit:
+	cargo test --locked --workspace
+
+lint: .wasm-target
+	cargo clippy --locked --workspace --all-targets -- -D warnings
+	cargo clippy --locked --target wasm32-wasip1 -p keyward-filter -- -D warnings
+
+integration: build $(STAMP)
+	$(VENV)/bin/python -m pytest integration -q -p no:cacheprovider
+
+test: build $(STAMP) unit lint integration
+
+bench: build $(STAMP)
+	@echo "make bench: see issue 7 (not implemented yet)"; exit 1
+
+clean:
+	rm -rf dist target $(VENV) .wasm-target .run

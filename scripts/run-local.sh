@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# `make run`: a complete local Keyward gateway in the foreground.
+#   OpenBao dev server on 127.0.0.1:8200 (seeded with demo secrets)
+#   demo vendor        on 127.0.0.1:8081 (echoes what it received)
+#   Envoy + keyward    on 127.0.0.1:10000 (admin on 127.0.0.1:9901)
+# Ctrl-C stops everything this script started.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=.venv
+RUN=.run
+KEYWARD=target/release/keyward
+mkdir -p "$RUN"
+chmod 700 "$RUN"
+
+pids=()
+cleanup() {
+  trap - INT TERM EXIT
+  echo
+  echo "stopping..."
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -f "$RUN/k1.key"
+  echo "stopped."
+}
+trap cleanup INT TERM EXIT
+
+for port in 8200 8081 10000 9901; do
+  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+    echo "port 127.0.0.1:$port is already in use; stop what runs there (or an earlier make run) first" >&2
+    exit 1
+  fi
+done
+
+wait_http() { # url, name
+  for _ in $(seq 1 100); do
+    curl -fsS -o /dev/null "$1" 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "$2 did not start; see $RUN/" >&2
+  exit 1
+}
+
+# A fresh dev root token and signing key for every run; nothing is reused.
+VAULT_TOKEN="dev-root-$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+export VAULT_TOKEN
+KEYWARD_KEY_K1="$(head -c 32 /dev/urandom | base64)"
+export KEYWARD_KEY_K1
+printf '%s' "$KEYWARD_KEY_K1" > "$RUN/k1.key"; chmod 600 "$RUN/k1.key"
+
+echo "starting OpenBao (dev mode) on 127.0.0.1:8200 ..."
+"$VENV/bin/bao" server -dev -dev-root-token-id="$VAULT_TOKEN" -dev-listen-address=127.0.0.1:8200 > "$RUN/bao.log" 2>&1 &
+pids+=($!)
+wait_http http://127.0.0.1:8200/v1/sys/health OpenBao
+
+export BAO_ADDR=http://127.0.0.1:8200 BAO_TOKEN="$VAULT_TOKEN"
+bao() { "$VENV/bin/bao" "$@" > /dev/null; }
+bao kv put secret/demo/stripe    api_key=sk_test_keyward_demo_stripe_0001
+bao kv put secret/demo/openai    api_key=sk-keyward-demo-openai-0001
+bao kv put secret/demo/anthropic api_key=sk-ant-keyward-demo-0001
+bao kv put secret/demo/twilio    account_sid=AC00000000000000000000000000000001 auth_token=keyward_demo_twilio_0001
+bao kv put secret/demo/maps      key=keyward-demo-maps-0001
+bao kv put secret/keyward/signing k2="$(head -c 32 /dev/urandom | base64)"
+echo "seeded demo secrets under secret/demo/*"
+
+echo "starting the demo vendor on 127.0.0.1:8081 ..."
+"$VENV/bin/python" scripts/demo_vendor.py 8081 > "$RUN/vendor.log" 2>&1 &
+pids+=($!)
+
+echo "starting Envoy $("$VENV/bin/envoy" --version 2>/dev/null | grep -o '1\.[0-9]*\.[0-9]*' | head -1) with keyward on 127.0.0.1:10000 ..."
+"$VENV/bin/envoy" -c envoy/local.yaml --concurrency 2 --log-level warn --component-log-level wasm:info \
+  > "$RUN/envoy.log" 2>&1 &
+pids+=($!)
+wait_http http://127.0.0.1:9901/ready Envoy
+grep -m1 -o "keyward [0-9.]* ([^)]*) configured.*" "$RUN/envoy.log" || true
+
+TOKEN="$("$KEYWARD" mint --kid k1 --key-file "$RUN/k1.key" --sub lambda/demo --ttl 3600 --run make-run \
+  --allow "stripe * /v1/**" --allow "openai POST /v1/chat/completions" --allow "anthropic POST /v1/messages" \
+  --allow "twilio POST /2010-04-01/Accounts/*/Messages.json" --allow "maps GET /maps/api/geocode/json")"
+B64="$(printf 'AC00000000000000000000000000000001:%s' "$TOKEN" | base64 -w0)"
+
+cat <<MSG
+
+Keyward is up. A demo workload credential (valid 1 hour, sub=lambda/demo):
+
+  export KEYWARD_TOKEN='$TOKEN'
+
+Try it (the demo vendor echoes what it received; look at the authorization header):
+
+  curl -s http://127.0.0.1:10000/stripe/v1/customers -H "Authorization: Bearer \$KEYWARD_TOKEN"
+  curl -s -X POST http://127.0.0.1:10000/openai/v1/chat/completions -H "Authorization: Bearer \$KEYWARD_TOKEN" -d '{}'
+  curl -s -X POST http://127.0.0.1:10000/anthropic/v1/messages -H "x-api-key: \$KEYWARD_TOKEN" -d '{}'
+  curl -s -X POST http://127.0.0.1:10000/twilio/2010-04-01/Accounts/AC00000000000000000000000000000001/Messages.json -H "Authorization: Basic $B64"
+  curl -s "http://127.0.0.1:10000/maps/maps/api/geocode/json?address=x" -H "Authorization: Bearer \$KEYWARD_TOKEN"
+
+Denied (JSON errors):
+
+  curl -s -X DELETE http://127.0.0.1:10000/stripe/v1/customers/cus_1 -H "Authorization: Bearer \$KEYWARD_TOKEN"
+  curl -s http://127.0.0.1:10000/stripe/v1/customers
+
+Metrics: curl -s http://127.0.0.1:9901/stats/prometheus | grep keyward_
+Logs:    $RUN/envoy.log (access log lines are JSON)
+Mint:    $KEYWARD mint --kid k1 --key-file $RUN/k1.key --sub SUB --allow "stripe GET /v1/**"
+
+Press Ctrl-C to stop.
+MSG
+
+wait -n "${pids[@]}"
+echo "a component exited; see $RUN/*.log" >&2
