@@ -58,7 +58,7 @@ impl Entry {
             return None;
         }
         let version = if ver.is_empty() { None } else { Some(ver) };
-        Some(Entry { fetched_at_ms, data: Fetched { fields, version } })
+        Some(Entry { fetched_at_ms, data: Fetched { fields, version, problems: Vec::new() } })
     }
 }
 
@@ -93,8 +93,9 @@ mod tests {
         let e = Entry {
             fetched_at_ms: 1_800_000_000_123,
             data: Fetched {
-                fields: vec![("api_key".into(), Secret::from_str("sk_test_x")), ("b".into(), Secret::from_str("é"))],
+                fields: vec![("api_key".into(), Secret::from_str("sk_test_x")), ("b".into(), Secret::from_str("é")), ("gone".into(), Secret::default())],
                 version: Some("7".into()),
+                problems: vec![],
             },
         };
         let b = e.encode();
@@ -106,6 +107,7 @@ mod tests {
         assert_eq!(d.data.version.as_deref(), Some("7"));
         assert_eq!(d.data.field("api_key").and_then(Secret::expose_str), Some("sk_test_x"));
         assert_eq!(d.data.field("b").and_then(Secret::expose_str), Some("é"));
+        assert!(d.data.field("gone").is_none() && d.data.covers("gone"));
         // Every truncation and any trailing byte is refused.
         for n in 0..b.len() {
             assert!(Entry::decode(&b[..n]).is_none(), "truncated to {n}");

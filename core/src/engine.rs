@@ -3,7 +3,7 @@
 //! implement them in memory. A request that needs a secret not yet cached gets `Outcome::Need`,
 //! parks, and is decided again from scratch when the secret arrives.
 
-use crate::config::{Config, KeySource, Target};
+use crate::config::{Config, CredentialSource, KeySource, Target};
 use crate::credential::{self, CredError};
 use crate::inject::{self, Op};
 use crate::response::{Code, Denial};
@@ -17,6 +17,10 @@ pub trait Request {
     fn method(&mut self) -> Option<String>;
     fn path(&mut self) -> Option<String>;
     fn header(&mut self, name: &str) -> Option<Vec<u8>>;
+    /// Every value of a header. Envoy joins repeated inline headers such as `authorization`
+    /// with commas, but keeps repeats of other headers as separate fields; `header` returns
+    /// only the first of those.
+    fn header_values(&mut self, name: &str) -> Vec<Vec<u8>>;
     /// `xds.route_metadata.filter_metadata.keyward.target`
     fn route_target(&mut self) -> Option<String>;
     /// `xds.route_metadata.filter_metadata.keyward.prefix`
@@ -110,7 +114,18 @@ pub fn decide(cfg: &Config, req: &mut impl Request, secrets: &mut impl Secrets, 
 
     // 3. The workload credential.
     let src = target.credential.header();
-    let token = match credential::extract(&target.credential, req.header(src).as_deref()) {
+    let value = match &target.credential {
+        // `authorization` is an inline header: repeats arrive comma-joined in one value.
+        CredentialSource::Bearer | CredentialSource::BasicPassword => req.header(src),
+        CredentialSource::Header(_) => {
+            let mut all = req.header_values(src);
+            if all.len() > 1 {
+                return deny(audit, Denial::new(Code::BadRequest, "the credential header is duplicated"));
+            }
+            all.pop()
+        }
+    };
+    let token = match credential::extract(&target.credential, value.as_deref()) {
         Ok(t) => t,
         Err(CredError::Missing) => {
             return deny(audit, Denial::new(Code::MissingCredential, "no credential was presented"))

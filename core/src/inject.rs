@@ -135,7 +135,7 @@ mod tests {
     use crate::config::CredentialSource;
 
     fn fetched(fields: &[(&str, &str)]) -> Fetched {
-        Fetched { fields: fields.iter().map(|(k, v)| (k.to_string(), Secret::from_str(v))).collect(), version: None }
+        Fetched { fields: fields.iter().map(|(k, v)| (k.to_string(), Secret::from_str(v))).collect(), version: None, problems: vec![] }
     }
     fn target(cred: CredentialSource, inject: Inject) -> Target {
         Target { name: "t".into(), credential: cred, slot: 0, inject, allow: None }

@@ -58,16 +58,24 @@ impl fmt::Display for FetchError {
     }
 }
 
-/// The fields Keyward needs from one secret document.
+/// The fields Keyward needs from one secret document. A wanted field that is absent or unusable
+/// is kept with an empty value, so the cache still knows it was asked for; `field` returns
+/// `None` for it and only the targets that need it fail.
 #[derive(Debug, Clone, Default)]
 pub struct Fetched {
     pub fields: Vec<(String, Secret)>,
     pub version: Option<String>,
+    /// Why wanted fields are unusable (names and reasons only, never values).
+    pub problems: Vec<String>,
 }
 
 impl Fetched {
     pub fn field(&self, name: &str) -> Option<&Secret> {
-        self.fields.iter().find(|(k, _)| k == name).map(|(_, v)| v)
+        self.fields.iter().find(|(k, v)| k == name && !v.is_empty()).map(|(_, v)| v)
+    }
+    /// Was this field asked for when the entry was fetched (usable or not)?
+    pub fn covers(&self, name: &str) -> bool {
+        self.fields.iter().any(|(k, _)| k == name)
     }
 }
 
@@ -123,22 +131,37 @@ fn usable(field: &str, v: &Value) -> Result<Secret, FetchError> {
     Ok(Secret::from_str(s))
 }
 
-fn pick(doc: &Value, wanted: &[String]) -> Result<Vec<(String, Secret)>, FetchError> {
+/// Pick the wanted fields. Fails only when none of them is usable.
+fn pick(doc: &Value, wanted: &[String]) -> Result<(Vec<(String, Secret)>, Vec<String>), FetchError> {
     let mut out = Vec::with_capacity(wanted.len());
+    let mut problems = Vec::new();
     for f in wanted {
-        let Some(v) = doc.get(f) else {
-            return Err(FetchError::Garbage(format!("field {f:?} is missing")));
+        let r = match doc.get(f) {
+            None => Err(FetchError::Garbage(format!("field {f:?} is missing"))),
+            Some(v) => usable(f, v),
         };
-        out.push((f.clone(), usable(f, v)?));
+        match r {
+            Ok(s) => out.push((f.clone(), s)),
+            Err(e) => {
+                problems.push(match e {
+                    FetchError::Garbage(why) => why,
+                    other => other.to_string(),
+                });
+                out.push((f.clone(), Secret::default()));
+            }
+        }
     }
-    Ok(out)
+    if !wanted.is_empty() && out.iter().all(|(_, v)| v.is_empty()) {
+        return Err(FetchError::Garbage(problems.join("; ")));
+    }
+    Ok((out, problems))
 }
 
 /// Read a store's answer. `status` is `None` when no response arrived (timeout or reset).
 pub fn parse_response(store: &Store, status: Option<u32>, body: &[u8], wanted: &[String]) -> Result<Fetched, FetchError> {
-    let doc = read_document(store, status, body)?;
-    let version = doc.1;
-    Ok(Fetched { fields: pick(&doc.0, wanted)?, version })
+    let (doc, version) = read_document(store, status, body)?;
+    let (fields, problems) = pick(&doc, wanted)?;
+    Ok(Fetched { fields, version, problems })
 }
 
 /// The whole secret document (an object) and its version, for readers that need every key

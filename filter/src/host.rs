@@ -96,6 +96,13 @@ impl Request for HostRequest {
     fn header(&mut self, name: &str) -> Option<Vec<u8>> {
         request_header(name)
     }
+    fn header_values(&mut self, name: &str) -> Vec<Vec<u8>> {
+        match hostcalls::get_map_bytes(MapType::HttpRequestHeaders) {
+            Ok(all) => all.into_iter().filter(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v).collect(),
+            // Fail closed: an unreadable header map counts as a duplicate.
+            Err(_) => vec![Vec::new(), Vec::new()],
+        }
+    }
     fn route_target(&mut self) -> Option<String> {
         property_string(&["xds", "route_metadata", "filter_metadata", "keyward", "target"])
     }

@@ -75,7 +75,7 @@ impl Cache<'_> {
             (Some(b), Some(cas)) => match self.w.local.get(&slot) {
                 Some((c, f, at)) if *c == cas => Some((f.clone(), *at)),
                 _ => match Entry::decode(&b) {
-                    Some(e) if spec.fields.iter().all(|f| e.data.field(f).is_some()) => {
+                    Some(e) if spec.fields.iter().all(|f| e.data.covers(f)) => {
                         let f = Rc::new(e.data);
                         self.w.local.insert(slot, (cas, f.clone(), e.fetched_at_ms));
                         Some((f, e.fetched_at_ms))
@@ -271,6 +271,9 @@ impl Worker {
                 }
                 self.local.remove(&slot);
                 log::info!("fetched {}:{} (version {})", st.name, spec.path, entry.data.version.as_deref().unwrap_or("-"));
+                for p in &entry.data.problems {
+                    log::warn!("{}:{}: {p}; targets needing it answer 503", st.name, spec.path);
+                }
             }
             Err(e) => {
                 inc(self.metrics.fetch_error);

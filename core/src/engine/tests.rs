@@ -42,6 +42,9 @@ impl Request for Req {
     fn header(&mut self, name: &str) -> Option<Vec<u8>> {
         self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
     }
+    fn header_values(&mut self, name: &str) -> Vec<Vec<u8>> {
+        self.headers.iter().filter(|(k, _)| k == name).map(|(_, v)| v.clone()).collect()
+    }
     fn route_target(&mut self) -> Option<String> {
         self.target.clone()
     }
@@ -85,7 +88,7 @@ impl Secrets for Mem {
 }
 
 fn fetched(fields: &[(&str, &str)]) -> Rc<Fetched> {
-    Rc::new(Fetched { fields: fields.iter().map(|(k, v)| (k.to_string(), Secret::from_str(v))).collect(), version: None })
+    Rc::new(Fetched { fields: fields.iter().map(|(k, v)| (k.to_string(), Secret::from_str(v))).collect(), version: None, problems: vec![] })
 }
 
 fn warm(c: &Config) -> Mem {
@@ -252,6 +255,12 @@ fn other_sources() {
         headers: vec![("x-api-key".into(), t.clone().into_bytes())], target: Some("anthropic".into()), prefix: Some("/anthropic".into()) };
     let d = decide(&c, &mut r, &mut s, NOW);
     assert_eq!(set_value(&d, "x-api-key").as_deref(), Some("sk-ant-test"));
+
+    // Two x-api-key fields (Envoy keeps them separate): refused, never guessed.
+    let mut r = Req { method: "POST".into(), path: "/anthropic/v1/messages".into(),
+        headers: vec![("x-api-key".into(), t.clone().into_bytes()), ("x-api-key".into(), b"other".to_vec())],
+        target: Some("anthropic".into()), prefix: Some("/anthropic".into()) };
+    assert_eq!(code(&decide(&c, &mut r, &mut s, NOW)), "bad_request");
 
     let mut r = Req { method: "GET".into(), path: "/maps/geo?q=1&key=mine".into(),
         headers: vec![("authorization".into(), format!("Bearer {t}").into_bytes())], target: Some("maps".into()), prefix: Some("/maps".into()) };

@@ -74,6 +74,7 @@ fn garbage_is_refused() {
         (br#"{"data":{"data":{"api_key":"a\r\nX-Evil: 1"}}}"#.to_vec(), 200),
         (br#"{"data":{"data":{"api_key":"a\nb"}}}"#.to_vec(), 200),
         (br#"{"data":{"data":{"other":"x"}}}"#.to_vec(), 200),
+        (br#"{"data":{"data":{"api_key":null}}}"#.to_vec(), 200),
         (br#"{"data":{"data":{"api_key":"a","api_key":"b"}}}"#.to_vec(), 200),
         (format!(r#"{{"data":{{"data":{{"api_key":"{}"}}}}}}"#, "a".repeat(MAX_SECRET + 1)).into_bytes(), 200),
         (vec![b' '; MAX_BODY + 1], 200),
@@ -105,4 +106,20 @@ fn aws_answers() {
     assert!(matches!(parse_response(&a, Some(200), plain.as_bytes(), &want(&["api_key"])), Err(FetchError::Garbage(_))));
     let binary = r#"{"SecretBinary":"AAAA"}"#;
     assert!(matches!(parse_response(&a, Some(200), binary.as_bytes(), &want(&["api_key"])), Err(FetchError::Garbage(_))));
+}
+
+#[test]
+fn one_bad_field_fails_only_that_field() {
+    let v = vault();
+    let body = br#"{"data":{"data":{"api_key":"sk_test_1","bad":"a\r\nb"}}}"#;
+    let f = match parse_response(&v, Some(200), body, &want(&["api_key", "bad", "absent"])) {
+        Ok(f) => f,
+        Err(e) => panic!("{e}"),
+    };
+    assert_eq!(f.field("api_key").and_then(Secret::expose_str), Some("sk_test_1"));
+    assert!(f.field("bad").is_none() && f.covers("bad"));
+    assert!(f.field("absent").is_none() && f.covers("absent"));
+    assert!(!f.covers("other"));
+    assert_eq!(f.problems.len(), 2);
+    assert!(!f.problems.join(" ").contains("a\r\nb"), "problems name fields, never values");
 }

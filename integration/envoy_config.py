@@ -1,0 +1,121 @@
+"""The Envoy bootstrap the integration tests run, built from the contract (not from envoy/)."""
+import json
+
+HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+
+FILTER_STATE_KEYS = ["subject", "target", "jti", "run", "decision", "cache"]
+
+
+def filter_config(bao_cluster="vault", timeout_ms=1500) -> dict:
+    return {
+        "audience": "keyward",
+        "issuer": "https://issuer.test",
+        "clock_skew_s": 30,
+        "max_token_lifetime_s": 3600,
+        "signing_keys": {
+            "k1": {"env": "KEYWARD_KEY_K1"},
+            "k2": {"secret": {"store": "bao", "path": "it/signing", "field": "k2"}},
+        },
+        "stores": {
+            "bao": {"type": "vault_kv2", "cluster": bao_cluster, "authority": "vault.test",
+                    "mount": "secret", "token_env": "VAULT_TOKEN", "timeout_ms": timeout_ms},
+            "dead": {"type": "vault_kv2", "cluster": "deadvault", "authority": "dead.test",
+                     "token_env": "VAULT_TOKEN", "timeout_ms": 500},
+        },
+        "cache": {"ttl_s": 300},
+        "targets": {
+            "stripe": {"credential": "bearer", "secret": {"store": "bao", "path": "it/stripe", "field": "api_key"},
+                       "inject": {"type": "bearer"}, "allow": ["POST /v1/payment_intents", "GET /v1/**"]},
+            "twilio": {"credential": "basic_password", "secret": {"store": "bao", "path": "it/twilio"},
+                       "inject": {"type": "basic", "username_field": "account_sid", "password_field": "auth_token"}},
+            "anthropic": {"credential": "header:x-api-key",
+                          "secret": {"store": "bao", "path": "it/anthropic", "field": "api_key"},
+                          "inject": {"type": "header", "name": "x-api-key"}},
+            "vendorhdr": {"credential": "bearer", "secret": {"store": "bao", "path": "it/vendorhdr", "field": "key"},
+                          "inject": {"type": "header", "name": "x-vendor-key", "prefix": "Token "}},
+            "maps": {"credential": "bearer", "secret": {"store": "bao", "path": "it/maps", "field": "key"},
+                     "inject": {"type": "query", "name": "key"}},
+            "missing": {"credential": "bearer", "secret": {"store": "bao", "path": "it/does-not-exist", "field": "k"},
+                        "inject": {"type": "bearer"}},
+            "deleted": {"credential": "bearer", "secret": {"store": "bao", "path": "it/deleted", "field": "k"},
+                        "inject": {"type": "bearer"}},
+            "nofield": {"credential": "bearer", "secret": {"store": "bao", "path": "it/stripe", "field": "nope"},
+                        "inject": {"type": "bearer"}},
+            "deadstore": {"credential": "bearer", "secret": {"store": "dead", "path": "it/x", "field": "k"},
+                          "inject": {"type": "bearer"}},
+        },
+    }
+
+
+def route(name, target=None, prefix=None, cluster="vendor", host="vendor.test"):
+    r = {"name": name, "match": {"prefix": f"/{name}/"},
+         "route": {"cluster": cluster, "prefix_rewrite": "/", "host_rewrite_literal": host}}
+    if target is not None:
+        meta = {"target": target}
+        meta["prefix"] = prefix if prefix is not None else f"/{name}"
+        r["metadata"] = {"filter_metadata": {"keyward": meta}}
+    return r
+
+
+def static_cluster(name, port, timeout="1s"):
+    return {"name": name, "connect_timeout": timeout, "type": "STATIC",
+            "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
+                {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}]}}
+
+
+def hcm(stat_prefix, access_log_path, cfg: dict, hardened: bool) -> dict:
+    routes = [route(t, t) for t in ["stripe", "twilio", "anthropic", "vendorhdr", "maps", "missing", "deleted", "nofield", "deadstore"]]
+    routes += [route("nometa"), route("unknown", "paypal")]
+    h = {
+        "@type": HCM,
+        "stat_prefix": stat_prefix,
+        "access_log": [{"name": "envoy.access_loggers.file", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+            "path": str(access_log_path),
+            "log_format": {"json_format": {
+                "listener": stat_prefix, "method": "%REQ(:METHOD)%", "path": "%PATH(NQ:PATH)%",
+                "status": "%RESPONSE_CODE%",
+                **{k: f"%FILTER_STATE(wasm.keyward.{k}:PLAIN)%" for k in FILTER_STATE_KEYS}}}}}],
+        "route_config": {"name": "r", "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": routes}]},
+        "http_filters": [
+            {"name": "keyward", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+                "config": {"name": "keyward", "root_id": "keyward", "fail_open": False,
+                           "vm_config": {"vm_id": "keyward", "runtime": "envoy.wasm.runtime.v8",
+                                         "code": {"local": {"filename": "dist/keyward.wasm"}},
+                                         "environment_variables": {"host_env_keys": ["KEYWARD_KEY_K1", "VAULT_TOKEN"]}},
+                           "configuration": {"@type": "type.googleapis.com/google.protobuf.StringValue",
+                                             "value": json.dumps(cfg)}}}},
+            {"name": "envoy.filters.http.router", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router",
+                "suppress_envoy_headers": True}},
+        ],
+    }
+    if hardened:
+        h.update({"normalize_path": True, "merge_slashes": True, "path_with_escaped_slashes_action": "REJECT_REQUEST",
+                  "common_http_protocol_options": {"headers_with_underscores_action": "REJECT_REQUEST"}})
+    return h
+
+
+def listener(name, port, h):
+    return {"name": name, "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+            "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": h}]}]}
+
+
+def bootstrap(ports: dict, access_log_path, cfg: dict | None = None) -> dict:
+    cfg = cfg if cfg is not None else filter_config()
+    return {
+        "node": {"id": "keyward-it", "cluster": "keyward-it"},
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": ports["admin"]}}},
+        "static_resources": {
+            "listeners": [
+                listener("hardened", ports["hardened"], hcm("hardened", access_log_path, cfg, True)),
+                listener("raw", ports["raw"], hcm("raw", access_log_path, cfg, False)),
+            ],
+            "clusters": [
+                static_cluster("vendor", ports["vendor"]),
+                static_cluster("vault", ports["bao"]),
+                static_cluster("deadvault", ports["dead"], "0.25s"),
+            ],
+        },
+    }

@@ -1,0 +1,225 @@
+"""Real components for the integration tests: OpenBao (dev server), a recording vendor, Envoy
+running dist/keyward.wasm. Every server listens on 127.0.0.1 on a free port."""
+import base64
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import socket
+import subprocess
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = ROOT / ".venv" / "bin"
+WASM = ROOT / "dist" / "keyward.wasm"
+CLI = ROOT / "target" / "release" / "keyward"
+
+# Every secret value and every token the tests create, for the leak checks.
+SECRETS: set = set()
+TOKENS: set = set()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(fn, timeout=20.0, what="condition"):
+    deadline = time.time() + timeout
+    last = None
+    while time.time() < deadline:
+        try:
+            if fn():
+                return
+        except Exception as e:  # noqa: BLE001 - retried until the deadline
+            last = e
+        time.sleep(0.05)
+    raise TimeoutError(f"{what} not reached in {timeout}s ({last})")
+
+
+def fake_secret(prefix: str) -> str:
+    """Obviously fake, unique per run, so a leak check cannot be fooled by a coincidence."""
+    v = f"{prefix}_kwtest_{secrets.token_hex(12)}"
+    SECRETS.add(v)
+    return v
+
+
+# ------------------------------------------------------------------ tokens (independent minter)
+
+def b64u(b: bytes) -> str:
+    return base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+
+
+def mint(key: bytes, claims: dict | str, kid="k1", header: dict | str | None = None) -> str:
+    """An HS256 JWT minted in Python, independently of the Rust code under test."""
+    if header is None:
+        header = {"alg": "HS256", "typ": "JWT", "kid": kid}
+    h = header if isinstance(header, str) else json.dumps(header, separators=(",", ":"))
+    c = claims if isinstance(claims, str) else json.dumps(claims, separators=(",", ":"))
+    signing_input = f"{b64u(h.encode())}.{b64u(c.encode())}"
+    sig = hmac.new(key, signing_input.encode(), hashlib.sha256).digest()
+    tok = f"{signing_input}.{b64u(sig)}"
+    TOKENS.add(tok)
+    return tok
+
+
+def claims(allow, sub="lambda/it", ttl=300, **extra) -> dict:
+    now = int(time.time())
+    c = {"sub": sub, "aud": "keyward", "iss": "https://issuer.test", "iat": now, "exp": now + ttl,
+         "jti": "jti-" + secrets.token_hex(6), "allow": list(allow)}
+    c.update(extra)
+    return c
+
+
+# ------------------------------------------------------------------ the recording vendor
+
+class Vendor:
+    """A vendor that records every request it receives and answers 200 with a small JSON body."""
+
+    def __init__(self):
+        self.port = free_port()
+        self.requests = []
+        self.history = []  # every request ever received (the leak check reads it)
+        self.lock = threading.Lock()
+        vendor = self
+
+        class H(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def handle_any(self):
+                n = int(self.headers.get("content-length") or 0)
+                body = self.rfile.read(n) if n else b""
+                rec = {"method": self.command, "path": self.path,
+                       "headers": [(k.lower(), v) for k, v in self.headers.items()], "body": body}
+                with vendor.lock:
+                    vendor.requests.append(rec)
+                    vendor.history.append(rec)
+                out = b'{"vendor":"ok"}'
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = handle_any
+
+            def log_message(self, *a):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), H)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def take(self):
+        with self.lock:
+            r, self.requests = self.requests, []
+        return r
+
+    def stop(self):
+        self.server.shutdown()
+
+
+def header_values(req, name):
+    return [v for k, v in req["headers"] if k == name]
+
+
+# ------------------------------------------------------------------ OpenBao
+
+class Bao:
+    def __init__(self, workdir: Path):
+        self.port = free_port()
+        self.token = "it-root-" + secrets.token_hex(8)
+        SECRETS.add(self.token)
+        self.addr = f"http://127.0.0.1:{self.port}"
+        self.log = open(workdir / "bao.log", "wb")
+        self.proc = subprocess.Popen(
+            [str(BIN / "bao"), "server", "-dev", f"-dev-root-token-id={self.token}",
+             f"-dev-listen-address=127.0.0.1:{self.port}"],
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_until(lambda: requests.get(f"{self.addr}/v1/sys/health", timeout=1).status_code == 200,
+                   what="OpenBao ready")
+
+    def put(self, path: str, data: dict):
+        r = requests.post(f"{self.addr}/v1/secret/data/{path}", json={"data": data},
+                          headers={"X-Vault-Token": self.token}, timeout=5)
+        r.raise_for_status()
+
+    def delete(self, path: str):
+        requests.delete(f"{self.addr}/v1/secret/data/{path}", headers={"X-Vault-Token": self.token},
+                        timeout=5).raise_for_status()
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+# ------------------------------------------------------------------ Envoy
+
+class Envoy:
+    def __init__(self, workdir: Path, bootstrap: dict, env: dict, name="envoy", concurrency=2):
+        self.workdir = workdir
+        self.admin = bootstrap["admin"]["address"]["socket_address"]["port_value"]
+        self.config_path = workdir / f"{name}.json"
+        self.config_path.write_text(json.dumps(bootstrap, indent=1))
+        self.log_path = workdir / f"{name}.log"
+        self.log = open(self.log_path, "wb")
+        full_env = dict(os.environ)
+        full_env.update(env)
+        self.proc = subprocess.Popen(
+            [str(BIN / "envoy"), "-c", str(self.config_path), "--concurrency", str(concurrency),
+             "--log-level", "info", "--base-id", str(free_port())],
+            stdout=self.log, stderr=subprocess.STDOUT, env=full_env, cwd=ROOT, start_new_session=True)
+        wait_until(self.ready, timeout=60, what="Envoy ready")
+
+    def ready(self):
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"Envoy exited: {self.log_path.read_text()[-3000:]}")
+        return requests.get(f"http://127.0.0.1:{self.admin}/ready", timeout=1).status_code == 200
+
+    def stats(self) -> dict:
+        text = requests.get(f"http://127.0.0.1:{self.admin}/stats", timeout=5).text
+        out = {}
+        for line in text.splitlines():
+            k, _, v = line.partition(": ")
+            if v.strip().isdigit():
+                out[k] = int(v)
+        return out
+
+    def prometheus(self) -> str:
+        return requests.get(f"http://127.0.0.1:{self.admin}/stats/prometheus", timeout=5).text
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+def validate(workdir: Path, bootstrap: dict, env: dict, name="validate"):
+    """`envoy --mode validate`: (exit code, log text)."""
+    p = workdir / f"{name}.json"
+    p.write_text(json.dumps(bootstrap))
+    full_env = dict(os.environ)
+    full_env.update(env)
+    r = subprocess.run([str(BIN / "envoy"), "--mode", "validate", "-c", str(p), "--log-level", "info"],
+                       capture_output=True, env=full_env, cwd=ROOT, timeout=120)
+    return r.returncode, (r.stdout + r.stderr).decode(errors="replace")
+
+
+def cli(*args, env=None, stdin=None):
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    return subprocess.run([str(CLI), *args], capture_output=True, text=True, env=full_env, input=stdin, timeout=30)
