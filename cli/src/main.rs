@@ -31,12 +31,14 @@ USAGE:
 ";
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let r = match args.first().map(String::as_str) {
-        Some("mint") => mint(&args[1..]),
-        Some("inspect") => inspect(&args[1..]),
-        Some("check-config") => check_config(&args[1..]),
-        Some("check-envoy") => envoy_lint::run(&args[1..]),
+    let mut args = std::env::args().skip(1);
+    let cmd = args.next();
+    let rest: Vec<String> = args.collect();
+    let r = match cmd.as_deref() {
+        Some("mint") => mint(&rest),
+        Some("inspect") => inspect(&rest),
+        Some("check-config") => check_config(&rest),
+        Some("check-envoy") => envoy_lint::run(&rest),
         Some("version" | "--version") => {
             println!("keyward {}", env!("CARGO_PKG_VERSION"));
             Ok(())
@@ -110,7 +112,7 @@ fn now() -> i64 {
 fn load_key(a: &Args) -> Result<Option<HmacKey>, String> {
     let value = match (a.get("key-env"), a.get("key-file")) {
         (Some(_), Some(_)) => return Err("give one of --key-env and --key-file".into()),
-        (Some(var), None) => Secret::from_str(&std::env::var(var).map_err(|_| format!("environment variable {var} is not set"))?),
+        (Some(var), None) => Secret::text(&std::env::var(var).map_err(|_| format!("environment variable {var} is not set"))?),
         (None, Some(path)) => Secret::new(std::fs::read(path).map_err(|e| format!("cannot read {path}: {e}"))?),
         (None, None) => return Ok(None),
     };

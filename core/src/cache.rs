@@ -93,7 +93,7 @@ mod tests {
         let e = Entry {
             fetched_at_ms: 1_800_000_000_123,
             data: Fetched {
-                fields: vec![("api_key".into(), Secret::from_str("sk_test_x")), ("b".into(), Secret::from_str("é")), ("gone".into(), Secret::default())],
+                fields: vec![("api_key".into(), Secret::text("sk_test_x")), ("b".into(), Secret::text("é")), ("gone".into(), Secret::default())],
                 version: Some("7".into()),
                 problems: vec![],
             },

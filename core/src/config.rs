@@ -473,7 +473,7 @@ pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Con
                 if token.chars().any(|ch| ch.is_control() || ch == ' ') {
                     return err(format!("{path}.token_env"), "the token has whitespace or control characters");
                 }
-                (cluster, authority, *timeout_ms, StoreKind::VaultKv2 { mount: mount.clone(), token: Secret::from_str(&token) })
+                (cluster, authority, *timeout_ms, StoreKind::VaultKv2 { mount: mount.clone(), token: Secret::text(&token) })
             }
             RawStore::AwsSecretsManager { cluster, authority, timeout_ms } => {
                 (cluster, authority, *timeout_ms, StoreKind::AwsSecretsManager)

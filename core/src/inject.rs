@@ -50,7 +50,7 @@ pub fn plan(target: &Target, secret: &Fetched, raw_path: &str) -> Result<Vec<Op>
     match &target.inject {
         Inject::Bearer { field: f } => {
             let v = text(field(secret, f)?)?;
-            ops.push(Op::Set("authorization".into(), Secret::from_str(&format!("Bearer {v}"))));
+            ops.push(Op::Set("authorization".into(), Secret::text(&format!("Bearer {v}"))));
         }
         Inject::Basic { username_field, password_field } => {
             let u = text(field(secret, username_field)?)?;
@@ -59,18 +59,18 @@ pub fn plan(target: &Target, secret: &Fetched, raw_path: &str) -> Result<Vec<Op>
                 return Err("basic username contains ':'".into());
             }
             let enc = b64::std_encode(format!("{u}:{p}").as_bytes());
-            ops.push(Op::Set("authorization".into(), Secret::from_str(&format!("Basic {enc}"))));
+            ops.push(Op::Set("authorization".into(), Secret::text(&format!("Basic {enc}"))));
         }
         Inject::Header { name, prefix, field: f } => {
             let v = text(field(secret, f)?)?;
             if *name != src && !ALWAYS_REMOVED.contains(&name.as_str()) {
                 ops.push(Op::Remove(name.clone()));
             }
-            ops.push(Op::Set(name.clone(), Secret::from_str(&format!("{prefix}{v}"))));
+            ops.push(Op::Set(name.clone(), Secret::text(&format!("{prefix}{v}"))));
         }
         Inject::Query { name, field: f } => {
             let v = text(field(secret, f)?)?;
-            ops.push(Op::SetPath(Secret::from_str(&with_query_param(raw_path, name, v))));
+            ops.push(Op::SetPath(Secret::text(&with_query_param(raw_path, name, v))));
         }
     }
     Ok(ops)
@@ -135,7 +135,7 @@ mod tests {
     use crate::config::CredentialSource;
 
     fn fetched(fields: &[(&str, &str)]) -> Fetched {
-        Fetched { fields: fields.iter().map(|(k, v)| (k.to_string(), Secret::from_str(v))).collect(), version: None, problems: vec![] }
+        Fetched { fields: fields.iter().map(|(k, v)| (k.to_string(), Secret::text(v))).collect(), version: None, problems: vec![] }
     }
     fn target(cred: CredentialSource, inject: Inject) -> Target {
         Target { name: "t".into(), credential: cred, slot: 0, inject, allow: None }

@@ -10,7 +10,7 @@ impl Secret {
     pub fn new(bytes: Vec<u8>) -> Self {
         Secret(bytes)
     }
-    pub fn from_str(s: &str) -> Self {
+    pub fn text(s: &str) -> Self {
         Secret(s.as_bytes().to_vec())
     }
     /// The bytes, for the one place that must use them (MAC keys, injection).
@@ -75,7 +75,7 @@ mod tests {
 
     #[test]
     fn never_prints() {
-        let s = Secret::from_str("sk_test_abcdef");
+        let s = Secret::text("sk_test_abcdef");
         assert_eq!(format!("{s:?}"), "Secret(<redacted>)");
         assert_eq!(format!("{s}"), "<redacted>");
         assert_eq!(format!("{:?}", Some(&s)), "Some(Secret(<redacted>))");
@@ -86,6 +86,6 @@ mod tests {
         assert!(ct_eq(b"abc", b"abc"));
         assert!(!ct_eq(b"abc", b"abd"));
         assert!(!ct_eq(b"abc", b"ab"));
-        assert_eq!(Secret::from_str("x"), Secret::from_str("x"));
+        assert_eq!(Secret::text("x"), Secret::text("x"));
     }
 }

@@ -80,7 +80,7 @@ impl Fetched {
 }
 
 fn header(k: &str, v: &str) -> (String, Secret) {
-    (k.to_string(), Secret::from_str(v))
+    (k.to_string(), Secret::text(v))
 }
 
 /// The callout that reads `path` from `store`.
@@ -128,11 +128,13 @@ fn usable(field: &str, v: &Value) -> Result<Secret, FetchError> {
     if s.chars().any(char::is_control) {
         return Err(FetchError::Garbage(format!("field {field:?} contains a control character")));
     }
-    Ok(Secret::from_str(s))
+    Ok(Secret::text(s))
 }
 
-/// Pick the wanted fields. Fails only when none of them is usable.
-fn pick(doc: &Value, wanted: &[String]) -> Result<(Vec<(String, Secret)>, Vec<String>), FetchError> {
+type Fields = Vec<(String, Secret)>;
+
+/// Pick the wanted fields (and the reasons some are unusable). Fails only when none is usable.
+fn pick(doc: &Value, wanted: &[String]) -> Result<(Fields, Vec<String>), FetchError> {
     let mut out = Vec::with_capacity(wanted.len());
     let mut problems = Vec::new();
     for f in wanted {

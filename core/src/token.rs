@@ -372,7 +372,7 @@ impl Policy {
         if lifetime > self.max_token_lifetime_s.saturating_add(skew) {
             return Err(TokenError::LifetimeTooLong { lifetime, max: self.max_token_lifetime_s });
         }
-        if !c.aud.iter().any(|a| *a == self.audience) {
+        if !c.aud.contains(&self.audience) {
             return Err(TokenError::WrongAudience);
         }
         if let Some(want) = &self.issuer {

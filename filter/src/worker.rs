@@ -40,6 +40,9 @@ struct Parked {
     audit: Audit,
 }
 
+/// A store-held signing key, prepared once per fetched entry (`None`: the value is unusable).
+type PreparedKey = (Rc<Fetched>, Option<Rc<HmacKey>>);
+
 #[derive(Default)]
 pub struct Worker {
     pub cfg: Option<Rc<Config>>,
@@ -51,7 +54,7 @@ pub struct Worker {
     /// Decoded shared-data entries, keyed by slot, tagged with the shared-data CAS.
     local: HashMap<usize, (u32, Rc<Fetched>, u64)>,
     /// Prepared store-held signing keys, tagged with the entry they came from.
-    keys: HashMap<(usize, String), (Rc<Fetched>, Option<Rc<HmacKey>>)>,
+    keys: HashMap<(usize, String), PreparedKey>,
     failed_until: HashMap<usize, u64>,
 }
 
@@ -67,10 +70,7 @@ impl Cache<'_> {
         let Some(spec) = self.cfg.slots.get(slot) else { return Slot::Failed };
         let Some(st) = self.cfg.stores.get(spec.store) else { return Slot::Failed };
         let key = cache::shared_key(&st.name, &spec.path);
-        let (bytes, cas) = match hostcalls::get_shared_data(&key) {
-            Ok(x) => x,
-            Err(_) => (None, None),
-        };
+        let (bytes, cas) = hostcalls::get_shared_data(&key).unwrap_or_default();
         let entry = match (bytes, cas) {
             (Some(b), Some(cas)) => match self.w.local.get(&slot) {
                 Some((c, f, at)) if *c == cas => Some((f.clone(), *at)),

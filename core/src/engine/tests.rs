@@ -88,7 +88,7 @@ impl Secrets for Mem {
 }
 
 fn fetched(fields: &[(&str, &str)]) -> Rc<Fetched> {
-    Rc::new(Fetched { fields: fields.iter().map(|(k, v)| (k.to_string(), Secret::from_str(v))).collect(), version: None, problems: vec![] })
+    Rc::new(Fetched { fields: fields.iter().map(|(k, v)| (k.to_string(), Secret::text(v))).collect(), version: None, problems: vec![] })
 }
 
 fn warm(c: &Config) -> Mem {

@@ -6,7 +6,7 @@ fn vault() -> Store {
         cluster: "vault".into(),
         authority: "vault.internal".into(),
         timeout_ms: 2000,
-        kind: StoreKind::VaultKv2 { mount: "secret".into(), token: Secret::from_str("s.roottoken") },
+        kind: StoreKind::VaultKv2 { mount: "secret".into(), token: Secret::text("s.roottoken") },
     }
 }
 fn aws() -> Store {

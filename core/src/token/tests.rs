@@ -176,7 +176,7 @@ fn claim_types_and_presence() {
         (format!(r#"{{{base}"jti":"j","allow":["s GET /"]}}"#), TokenError::MissingClaim("sub")),
         (format!(r#"{{{base}"sub":"a","allow":["s GET /"]}}"#), TokenError::MissingClaim("jti")),
         (format!(r#"{{{base}"sub":"a","jti":"j"}}"#), TokenError::MissingClaim("allow")),
-        (format!(r#"{{"aud":"keyward","sub":"a","jti":"j","allow":["s GET /"]}}"#), TokenError::MissingClaim("exp")),
+        (r#"{"aud":"keyward","sub":"a","jti":"j","allow":["s GET /"]}"#.to_string(), TokenError::MissingClaim("exp")),
         (format!(r#"{{"exp":{},"sub":"a","jti":"j","allow":["s GET /"]}}"#, NOW + 60), TokenError::MissingClaim("aud")),
         (format!(r#"{{{base}"sub":5,"jti":"j","allow":["s GET /"]}}"#), TokenError::ClaimType("sub", "a string")),
         (format!(r#"{{{base}"sub":"a","jti":["j"],"allow":["s GET /"]}}"#), TokenError::ClaimType("jti", "a string")),

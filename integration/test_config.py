@@ -1,0 +1,88 @@
+"""Configuration errors refuse to start, naming the offending path; shipped configs validate."""
+import base64
+import copy
+import secrets
+
+import pytest
+
+import envoy_config
+import harness
+
+ROOT = harness.ROOT
+
+
+def env():
+    key = base64.b64encode(secrets.token_bytes(32)).decode()
+    tok = "cfg-token-" + secrets.token_hex(6)
+    harness.SECRETS.update({key, tok})
+    return {"KEYWARD_KEY_K1": key, "VAULT_TOKEN": tok}
+
+
+def bootstrap_with(cfg):
+    ports = {k: harness.free_port() for k in ["admin", "hardened", "raw", "vendor", "bao", "dead"]}
+    return envoy_config.bootstrap(ports, "/dev/null", cfg)
+
+
+def broken(edit):
+    cfg = copy.deepcopy(envoy_config.filter_config())
+    edit(cfg)
+    return cfg
+
+
+CASES = [
+    (lambda c: c["targets"]["stripe"]["secret"].update(store="bao2"), 'targets.stripe.secret.store: unknown store "bao2"'),
+    (lambda c: c["targets"]["stripe"].update(colour="blue"), "targets.stripe.colour: unknown field `colour`"),
+    (lambda c: c["targets"]["stripe"].update(allow=["GET /v1/**/x"]), "targets.stripe.allow[0]"),
+    (lambda c: c["signing_keys"]["k1"].update(env="KEYWARD_KEY_SHORT"), "signing_keys.k1.env: key is 16 bytes"),
+    (lambda c: c["signing_keys"]["k1"].update(env="NOT_SET_ANYWHERE"), "signing_keys.k1.env: environment variable NOT_SET_ANYWHERE is not set"),
+    (lambda c: c["stores"]["bao"].update(token_env="NO_TOKEN_HERE"), "stores.bao.token_env"),
+    (lambda c: c.update(audience=""), "audience"),
+    (lambda c: c.pop("targets"), "missing field `targets`"),
+]
+
+
+@pytest.mark.parametrize("edit,message", CASES)
+def test_broken_config_refuses_to_start(workdir, edit, message):
+    e = env()
+    e["KEYWARD_KEY_SHORT"] = base64.b64encode(b"only-16-bytes-xx").decode()
+    b = bootstrap_with(broken(edit))
+    # The short key's host_env_keys entry must be listed for the module to see it.
+    for l in b["static_resources"]["listeners"]:
+        f = l["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"][0]
+        f["typed_config"]["config"]["vm_config"]["environment_variables"]["host_env_keys"].append("KEYWARD_KEY_SHORT")
+    code, log = harness.validate(workdir, b, e)
+    assert code != 0, log[-2000:]
+    assert message in log, log[-2000:]
+    assert "configuration rejected" in log
+    for v in e.values():
+        assert v not in log, "a secret from the environment reached the log"
+
+
+def test_not_json_refuses_to_start(workdir):
+    b = bootstrap_with(envoy_config.filter_config())
+    for l in b["static_resources"]["listeners"]:
+        f = l["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"][0]
+        f["typed_config"]["config"]["configuration"]["value"] = '{"audience": "keyward",'
+    code, log = harness.validate(workdir, b, env())
+    assert code != 0 and "not valid JSON" in log
+
+
+def test_shipped_local_config_validates_and_lints(workdir):
+    import yaml
+    doc = yaml.safe_load((ROOT / "envoy" / "local.yaml").read_text())
+    code, log = harness.validate(workdir, doc, env(), name="local")
+    assert code == 0, log[-3000:]
+    assert "configured: audience=keyward" in log
+    r = harness.cli("check-envoy", str(ROOT / "envoy" / "local.yaml"), "--no-env")
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_check_config_cli(tmp_path):
+    good = tmp_path / "good.json"
+    good.write_text((ROOT / "tests" / "fixtures" / "contract-config.json").read_text())
+    r = harness.cli("check-config", str(good), "--no-env")
+    assert r.returncode == 0 and "targets=[anthropic,maps,stripe,twilio]" in r.stdout, r.stdout + r.stderr
+    bad = tmp_path / "bad.json"
+    bad.write_text(good.read_text().replace('"store": "aws"', '"store": "aws2"'))
+    r = harness.cli("check-config", str(bad), "--no-env")
+    assert r.returncode != 0 and 'targets.anthropic.secret.store: unknown store "aws2"' in r.stderr
