@@ -31,6 +31,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop_process(proc: subprocess.Popen, grace=10.0):
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def wait_until(fn, timeout=20.0, what="condition"):
     deadline = time.time() + timeout
     last = None
@@ -156,11 +165,7 @@ class Bao:
                         timeout=5).raise_for_status()
 
     def stop(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        stop_process(self.proc, 5)
         self.log.close()
 
 
@@ -200,11 +205,7 @@ class Envoy:
         return requests.get(f"http://127.0.0.1:{self.admin}/stats/prometheus", timeout=5).text
 
     def stop(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        stop_process(self.proc)
         self.log.close()
 
 
