@@ -37,9 +37,12 @@ class Gateway:
         self.bao.put("it/anthropic", {"api_key": self.s["anthropic"]})
         self.bao.put("it/vendorhdr", {"key": self.s["vendorhdr"]})
         self.bao.put("it/maps", {"key": self.s["maps"]})
+        self.s["burst"] = harness.fake_secret("burst")
+        self.bao.put("it/burst", {"k": self.s["burst"]})
         self.bao.put("it/deleted", {"k": harness.fake_secret("deleted")})
         self.bao.put("it/signing", {"k2": base64.b64encode(self.k2).decode()})
-        self.ports = {"admin": harness.free_port(), "hardened": harness.free_port(), "raw": harness.free_port(),
+        self.hang = harness.Hang()
+        self.ports = {"hang": self.hang.port, "admin": harness.free_port(), "hardened": harness.free_port(), "raw": harness.free_port(),
                       "vendor": self.vendor.port, "bao": self.bao.port, "dead": harness.free_port()}
         self.access_log = workdir / "access.log"
         self.env = {"KEYWARD_KEY_K1": self.k1_b64, "VAULT_TOKEN": self.bao.token}
@@ -64,6 +67,7 @@ class Gateway:
 
     def stop(self):
         self.envoy.stop()
+        self.hang.stop()
         self.bao.stop()
         self.vendor.stop()
 

@@ -21,6 +21,8 @@ def filter_config(bao_cluster="vault", timeout_ms=1500) -> dict:
                     "mount": "secret", "token_env": "VAULT_TOKEN", "timeout_ms": timeout_ms},
             "dead": {"type": "vault_kv2", "cluster": "deadvault", "authority": "dead.test",
                      "token_env": "VAULT_TOKEN", "timeout_ms": 500},
+            "hang": {"type": "vault_kv2", "cluster": "hangvault", "authority": "hang.test",
+                     "token_env": "VAULT_TOKEN", "timeout_ms": 400},
         },
         "cache": {"ttl_s": 300},
         "targets": {
@@ -41,6 +43,10 @@ def filter_config(bao_cluster="vault", timeout_ms=1500) -> dict:
                         "inject": {"type": "bearer"}},
             "nofield": {"credential": "bearer", "secret": {"store": "bao", "path": "it/stripe", "field": "nope"},
                         "inject": {"type": "bearer"}},
+            "burst": {"credential": "bearer", "secret": {"store": "bao", "path": "it/burst", "field": "k"},
+                      "inject": {"type": "bearer"}},
+            "hangstore": {"credential": "bearer", "secret": {"store": "hang", "path": "it/x", "field": "k"},
+                          "inject": {"type": "bearer"}},
             "deadstore": {"credential": "bearer", "secret": {"store": "dead", "path": "it/x", "field": "k"},
                           "inject": {"type": "bearer"}},
         },
@@ -64,7 +70,7 @@ def static_cluster(name, port, timeout="1s"):
 
 
 def hcm(stat_prefix, access_log_path, cfg: dict, hardened: bool) -> dict:
-    routes = [route(t, t) for t in ["stripe", "twilio", "anthropic", "vendorhdr", "maps", "missing", "deleted", "nofield", "deadstore"]]
+    routes = [route(t, t) for t in ["stripe", "twilio", "anthropic", "vendorhdr", "maps", "missing", "deleted", "nofield", "deadstore", "burst", "hangstore"]]
     routes += [route("nometa"), route("unknown", "paypal")]
     h = {
         "@type": HCM,
@@ -116,6 +122,7 @@ def bootstrap(ports: dict, access_log_path, cfg: dict | None = None) -> dict:
                 static_cluster("vendor", ports["vendor"]),
                 static_cluster("vault", ports["bao"]),
                 static_cluster("deadvault", ports["dead"], "0.25s"),
+                static_cluster("hangvault", ports["hang"]),
             ],
         },
     }
