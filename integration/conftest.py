@@ -39,6 +39,7 @@ class Gateway:
         self.bao.put("it/maps", {"key": self.s["maps"]})
         self.s["burst"] = harness.fake_secret("burst")
         self.bao.put("it/burst", {"k": self.s["burst"]})
+        self.bao.put("it/revoked", {"jti:seed-entry": "kept so the list is never empty"})
         self.bao.put("it/deleted", {"k": harness.fake_secret("deleted")})
         self.bao.put("it/signing", {"k2": base64.b64encode(self.k2).decode()})
         self.hang = harness.Hang()

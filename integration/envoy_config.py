@@ -21,10 +21,14 @@ def filter_config(bao_cluster="vault", timeout_ms=1500) -> dict:
                     "mount": "secret", "token_env": "VAULT_TOKEN", "timeout_ms": timeout_ms},
             "dead": {"type": "vault_kv2", "cluster": "deadvault", "authority": "dead.test",
                      "token_env": "VAULT_TOKEN", "timeout_ms": 500},
+            # Same OpenBao, own cluster: tests count secret fetches on "vault" alone.
+            "bao_rev": {"type": "vault_kv2", "cluster": "vault_rev", "authority": "vault.test",
+                        "token_env": "VAULT_TOKEN", "timeout_ms": 1000},
             "hang": {"type": "vault_kv2", "cluster": "hangvault", "authority": "hang.test",
                      "token_env": "VAULT_TOKEN", "timeout_ms": 400},
         },
         "cache": {"ttl_s": 300},
+        "revocation": {"store": "bao_rev", "path": "it/revoked", "refresh_s": 1},
         "targets": {
             "stripe": {"credential": "bearer", "secret": {"store": "bao", "path": "it/stripe", "field": "api_key"},
                        "inject": {"type": "bearer"}, "allow": ["POST /v1/payment_intents", "GET /v1/**"]},
@@ -121,6 +125,7 @@ def bootstrap(ports: dict, access_log_path, cfg: dict | None = None) -> dict:
             "clusters": [
                 static_cluster("vendor", ports["vendor"]),
                 static_cluster("vault", ports["bao"]),
+                static_cluster("vault_rev", ports["bao"]),
                 static_cluster("deadvault", ports["dead"], "0.25s"),
                 static_cluster("hangvault", ports["hang"]),
             ],

@@ -10,6 +10,7 @@ pub mod inject;
 pub mod json;
 pub mod rules;
 pub mod response;
+pub mod revocation;
 pub mod secret;
 pub mod store;
 pub mod token;

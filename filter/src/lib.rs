@@ -51,9 +51,6 @@ impl RootContext for Root {
         match config::compile(&bytes, &env) {
             Ok(cfg) => {
                 log::info!("keyward {VERSION} ({GIT_HASH}) configured: {}", cfg.summary());
-                if cfg.revocation.is_some() {
-                    log::warn!("revocation is configured but NOT enforced by this version (planned); revoked credentials stay valid until they expire");
-                }
                 if cfg.cache.stale_if_error_s > 0 {
                     log::warn!("cache.stale_if_error_s is configured but not used by this version (planned)");
                 }

@@ -15,6 +15,7 @@ use keyward_core::config::Config;
 use keyward_core::engine::{self, Audit, Decision, Outcome, Secrets, Slot};
 use keyward_core::inject::Op;
 use keyward_core::response::{Code, Denial};
+use keyward_core::revocation::{self, RevocationList};
 use keyward_core::store::{self, FetchError, Fetched};
 use keyward_core::token::HmacKey;
 use keyward_core::{b64, secret::Secret};
@@ -43,13 +44,25 @@ struct Parked {
 /// A store-held signing key, prepared once per fetched entry (`None`: the value is unusable).
 type PreparedKey = (Rc<Fetched>, Option<Rc<HmacKey>>);
 
+/// What a callout token is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Callout {
+    Slot(usize),
+    Revocation,
+}
+
 #[derive(Default)]
 pub struct Worker {
     pub cfg: Option<Rc<Config>>,
     pub metrics: Metrics,
     pub root_id: u32,
     inflight: HashMap<usize, Inflight>,
-    tokens: HashMap<u32, usize>,
+    tokens: HashMap<u32, Callout>,
+    /// The revocation list as last read from shared data, and that entry's CAS.
+    revoked: Option<Rc<RevocationList>>,
+    revoked_cas: Option<u32>,
+    /// When this worker's revocation refresh was dispatched (0: none in flight).
+    revocation_since_ms: u64,
     parked: HashMap<u32, Parked>,
     /// Decoded shared-data entries, keyed by slot, tagged with the shared-data CAS.
     local: HashMap<usize, (u32, Rc<Fetched>, u64)>,
@@ -100,6 +113,10 @@ impl Cache<'_> {
 impl Secrets for Cache<'_> {
     fn secret(&mut self, slot: usize) -> Slot<Rc<Fetched>> {
         self.lookup(slot)
+    }
+
+    fn is_revoked(&mut self, jti: &str, sub: &str) -> bool {
+        self.w.revoked.as_ref().is_some_and(|l| l.is_revoked(jti, sub))
     }
 
     fn signing_key(&mut self, slot: usize, field: &str) -> Slot<Option<Rc<HmacKey>>> {
@@ -229,7 +246,7 @@ impl Worker {
         let headers: Vec<(&str, &[u8])> = c.headers.iter().map(|(k, v)| (k.as_str(), v.expose())).collect();
         match host::dispatch(&c.cluster, &headers, c.body.as_deref(), c.timeout_ms) {
             Ok(token) => {
-                self.tokens.insert(token, slot);
+                self.tokens.insert(token, Callout::Slot(slot));
                 if let Some(f) = self.inflight.get_mut(&slot) {
                     f.token = Some(token);
                     f.owner = owner;
@@ -244,8 +261,12 @@ impl Worker {
 
     /// A callout answered (in any context).
     pub fn on_callout(&mut self, token: u32, num_headers: usize, body_size: usize) {
-        let Some(slot) = self.tokens.remove(&token) else { return };
+        let Some(kind) = self.tokens.remove(&token) else { return };
         let Some(cfg) = self.cfg.clone() else { return };
+        let slot = match kind {
+            Callout::Slot(slot) => slot,
+            Callout::Revocation => return self.on_revocation(&cfg, num_headers, body_size),
+        };
         let (Some(spec), Some(st)) = (cfg.slots.get(slot), cfg.store_of(slot)) else { return };
         let (status, body) = host::callout_response(num_headers, body_size, store::MAX_BODY);
         let result = match body {
@@ -313,10 +334,102 @@ impl Worker {
         self.inflight.retain(|_, f| !f.waiters.is_empty() || f.token.is_some());
     }
 
+    /// Take the shared revocation list if another worker refreshed it.
+    fn reload_revocation(&mut self) {
+        let (bytes, cas) = hostcalls::get_shared_data(revocation::SHARED_KEY).unwrap_or_default();
+        if cas.is_some() && cas == self.revoked_cas {
+            return;
+        }
+        if let Some(l) = bytes.as_deref().and_then(RevocationList::decode) {
+            self.revoked = Some(Rc::new(l));
+            self.revoked_cas = cas;
+        }
+    }
+
+    /// Refresh the revocation list when due. One worker at a time holds the lease (CAS in shared
+    /// data); the callout is dispatched from the root context, so no stream owns it.
+    fn refresh_revocation(&mut self, cfg: &Config, now_ms: u64) {
+        let Some(rev) = &cfg.revocation else { return };
+        let Some(st) = cfg.stores.get(rev.store) else { return };
+        self.reload_revocation();
+        if self.revocation_since_ms != 0 {
+            if now_ms < self.revocation_since_ms + u64::from(st.timeout_ms) + 5000 {
+                return;
+            }
+            self.revocation_since_ms = 0; // never answered: allow another try
+        }
+        if !revocation::refresh_due(self.revoked.as_deref(), now_ms, rev.refresh_s) {
+            return;
+        }
+        let (lease, cas) = hostcalls::get_shared_data(revocation::LEASE_KEY).unwrap_or_default();
+        if !revocation::lease_free(lease.as_deref(), now_ms) {
+            return;
+        }
+        let until = now_ms + u64::from(st.timeout_ms) + 1000;
+        if hostcalls::set_shared_data(revocation::LEASE_KEY, Some(&until.to_le_bytes()), cas).is_err() {
+            return; // another worker took it
+        }
+        let c = store::callout(st, &rev.path);
+        let headers: Vec<(&str, &[u8])> = c.headers.iter().map(|(k, v)| (k.as_str(), v.expose())).collect();
+        match host::dispatch(&c.cluster, &headers, c.body.as_deref(), c.timeout_ms) {
+            Ok(token) => {
+                self.tokens.insert(token, Callout::Revocation);
+                self.revocation_since_ms = now_ms;
+            }
+            Err(e) => {
+                inc(self.metrics.revocation_error);
+                log::warn!("revocation list refresh could not start: {e:?}");
+            }
+        }
+    }
+
+    fn on_revocation(&mut self, cfg: &Config, num_headers: usize, body_size: usize) {
+        self.revocation_since_ms = 0;
+        let Some(rev) = &cfg.revocation else { return };
+        let Some(st) = cfg.stores.get(rev.store) else { return };
+        let now_ms = host::now_ms();
+        let (status, body) = host::callout_response(num_headers, body_size, store::MAX_BODY);
+        let doc = match body {
+            None => Err(FetchError::Garbage(format!("answer is larger than {} bytes", store::MAX_BODY))),
+            Some(b) => store::read_document(st, status, &b),
+        };
+        let list = match doc {
+            Ok((doc, _)) => {
+                let (l, ignored) = RevocationList::from_document(&doc, now_ms);
+                if ignored > 0 {
+                    log::warn!("revocation list {}:{}: {ignored} key(s) are neither jti:<id> nor sub:<id>; ignored", st.name, rev.path);
+                }
+                l
+            }
+            Err(FetchError::NotFound) => {
+                log::warn!("revocation list {}:{} not found; treating it as empty", st.name, rev.path);
+                RevocationList::empty(now_ms)
+            }
+            Err(e) => {
+                // Keep the last good list; the lease expires and another refresh follows.
+                inc(self.metrics.revocation_error);
+                log::warn!("revocation list {}:{} refresh failed (keeping the last good list): {e}", st.name, rev.path);
+                return;
+            }
+        };
+        let n = list.len();
+        if hostcalls::set_shared_data(revocation::SHARED_KEY, Some(&list.encode()), None).is_err() {
+            log::warn!("could not share the revocation list");
+        }
+        let _ = hostcalls::set_shared_data(revocation::LEASE_KEY, Some(&0u64.to_le_bytes()), None);
+        if self.revoked.as_ref().map(|l| l.len()) != Some(n) {
+            log::info!("revocation list {}:{}: {n} entr{}", st.name, rev.path, if n == 1 { "y" } else { "ies" });
+        }
+        self.revoked = Some(Rc::new(list));
+        self.revoked_cas = None;
+        inc(self.metrics.revocation_ok);
+    }
+
     /// Periodic work on the root context.
     pub fn tick(&mut self) {
         let Some(cfg) = self.cfg.clone() else { return };
         let now_ms = host::now_ms();
+        self.refresh_revocation(&cfg, now_ms);
         // Orphaned fetches: dispatch again, owned by the root this time.
         let orphans: Vec<usize> = self.inflight.iter().filter(|(_, f)| f.token.is_none()).map(|(s, _)| *s).collect();
         for slot in orphans {
