@@ -196,7 +196,7 @@ fn mint(args: &[String]) -> Result<(), String> {
     // Check what we mint with the same parser the filter uses.
     let t = token::mint(kid, &key, &c);
     let u = token::parse(&t).map_err(|e| e.to_string())?;
-    token::parse_claims(&u.verify(&key).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+    token::parse_claims(u.verify(&key).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
     println!("{t}");
     Ok(())
 }
@@ -262,7 +262,7 @@ fn inspect(args: &[String]) -> Result<(), String> {
         return Err("structure is valid; pass --key-env, --key-file or --config to verify the signature".into());
     };
     let payload = u.verify(&key).map_err(|e| explain(&e))?;
-    let claims = token::parse_claims(&payload).map_err(|e| explain(&e))?;
+    let claims = token::parse_claims(payload).map_err(|e| explain(&e))?;
     policy.check(&claims, now()).map_err(|e| explain(&e))?;
     println!("valid: sub={} jti={} expires in {}s; {} rule(s)", claims.sub, claims.jti, claims.exp - now(), claims.allow.len());
     Ok(())

@@ -216,6 +216,8 @@ pub struct Slot {
     pub store: usize,
     pub path: String,
     pub fields: Vec<String>,
+    /// Its key in Envoy shared data (computed once, not per request).
+    pub cache_key: String,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -399,6 +401,7 @@ impl Compiler<'_> {
         let Some(&store) = self.store_index.get(&r.store) else {
             return err(format!("{path}.store"), format!("unknown store {:?}", r.store));
         };
+        let store_name = r.store.as_str();
         if !valid_store_path(&r.path) {
             return err(format!("{path}.path"), format!("{:?} is not a valid store path ([A-Za-z0-9_.-] segments separated by '/')", r.path));
         }
@@ -410,7 +413,8 @@ impl Compiler<'_> {
         let i = match self.slots.iter().position(|s| s.store == store && s.path == r.path) {
             Some(i) => i,
             None => {
-                self.slots.push(Slot { store, path: r.path.clone(), fields: Vec::new() });
+                let cache_key = crate::cache::shared_key(store_name, &r.path);
+                self.slots.push(Slot { store, path: r.path.clone(), fields: Vec::new(), cache_key });
                 self.slots.len() - 1
             }
         };

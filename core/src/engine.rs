@@ -154,7 +154,7 @@ pub fn decide(cfg: &Config, req: &mut impl Request, secrets: &mut impl Secrets, 
             Slot::Failed => return deny(audit, unavailable()),
         },
     };
-    let claims = match payload.and_then(|p| token::parse_claims(&p)) {
+    let claims = match payload.and_then(token::parse_claims) {
         Ok(c) => c,
         Err(e) => return deny(audit, Denial::new(Code::InvalidCredential, e.public_message())),
     };

@@ -10,7 +10,7 @@
 
 use crate::host::{self, HostRequest};
 use crate::metrics::{inc, Metrics};
-use keyward_core::cache::{self, Entry};
+use keyward_core::cache::Entry;
 use keyward_core::config::Config;
 use keyward_core::engine::{self, Audit, Decision, Outcome, Secrets, Slot};
 use keyward_core::inject::Op;
@@ -81,9 +81,7 @@ struct Cache<'a> {
 impl Cache<'_> {
     fn lookup(&mut self, slot: usize) -> Slot<Rc<Fetched>> {
         let Some(spec) = self.cfg.slots.get(slot) else { return Slot::Failed };
-        let Some(st) = self.cfg.stores.get(spec.store) else { return Slot::Failed };
-        let key = cache::shared_key(&st.name, &spec.path);
-        let (bytes, cas) = hostcalls::get_shared_data(&key).unwrap_or_default();
+        let (bytes, cas) = hostcalls::get_shared_data(&spec.cache_key).unwrap_or_default();
         let entry = match (bytes, cas) {
             (Some(b), Some(cas)) => match self.w.local.get(&slot) {
                 Some((c, f, at)) if *c == cas => Some((f.clone(), *at)),
@@ -177,7 +175,7 @@ impl Worker {
         let Some(cfg) = self.cfg.clone() else {
             // No valid configuration: fail closed.
             let d = Denial::new(Code::SecretUnavailable, "the gateway is not configured").retry_after(5);
-            return self.finish_deny(&Audit { decision: d.code.as_str(), ..Audit::default() }, &d, resumed);
+            return self.finish_deny(&Audit { decision: d.code.as_str(), ..Audit::default() }, &d);
         };
         let now_ms = host::now_ms();
         let decision: Decision = {
@@ -190,7 +188,7 @@ impl Worker {
                 self.park(&cfg, ctx, slot, now_ms, audit);
                 Action::Pause
             }
-            Outcome::Deny(d) => self.finish_deny(&audit, &d, resumed),
+            Outcome::Deny(d) => self.finish_deny(&audit, &d),
             Outcome::Allow(ops) => {
                 if resumed && audit.cache == Some("hit") {
                     audit.cache = Some("miss");
@@ -199,7 +197,7 @@ impl Worker {
                     // The request could not be rewritten safely: never forward it.
                     let d = Denial::new(Code::SecretUnavailable, "the upstream credential could not be applied").retry_after(5);
                     audit.decision = d.code.as_str();
-                    return self.finish_deny(&audit, &d, resumed);
+                    return self.finish_deny(&audit, &d);
                 }
                 record_audit(&audit);
                 inc(self.metrics.allowed);
@@ -216,7 +214,7 @@ impl Worker {
         }
     }
 
-    fn finish_deny(&mut self, audit: &Audit, d: &Denial, _resumed: bool) -> Action {
+    fn finish_deny(&mut self, audit: &Audit, d: &Denial) -> Action {
         record_audit(audit);
         self.metrics.denied(d.code);
         if host::send_response(d.status(), &d.headers(), &d.body()).is_err() {
@@ -242,9 +240,7 @@ impl Worker {
     /// Send the callout for `slot` from the current context `owner`.
     fn dispatch(&mut self, cfg: &Config, slot: usize, owner: u32) {
         let (Some(spec), Some(st)) = (cfg.slots.get(slot), cfg.store_of(slot)) else { return };
-        let c = store::callout(st, &spec.path);
-        let headers: Vec<(&str, &[u8])> = c.headers.iter().map(|(k, v)| (k.as_str(), v.expose())).collect();
-        match host::dispatch(&c.cluster, &headers, c.body.as_deref(), c.timeout_ms) {
+        match send(st, &spec.path) {
             Ok(token) => {
                 self.tokens.insert(token, Callout::Slot(slot));
                 if let Some(f) = self.inflight.get_mut(&slot) {
@@ -253,7 +249,7 @@ impl Worker {
                 }
             }
             Err(e) => {
-                log::warn!("store {} callout to cluster {:?} failed to start: {e:?}", st.name, c.cluster);
+                log::warn!("store {} callout to cluster {:?} failed to start: {e:?}", st.name, st.cluster);
                 self.complete(cfg, slot, Err(FetchError::Transient("callout not started".into())));
             }
         }
@@ -284,8 +280,7 @@ impl Worker {
                 inc(self.metrics.fetch_ok);
                 self.failed_until.remove(&slot);
                 let entry = Entry { fetched_at_ms: now_ms, data: fetched };
-                let key = cache::shared_key(&st.name, &spec.path);
-                if hostcalls::set_shared_data(&key, Some(&entry.encode()), None).is_err() {
+                if hostcalls::set_shared_data(&spec.cache_key, Some(&entry.encode()), None).is_err() {
                     // Without the shared cache the waiters would fetch again in a loop: fail them.
                     log::warn!("could not write the shared cache for {}:{}", st.name, spec.path);
                     self.failed_until.insert(slot, now_ms + NEGATIVE_TTL_MS);
@@ -369,9 +364,7 @@ impl Worker {
         if hostcalls::set_shared_data(revocation::LEASE_KEY, Some(&until.to_le_bytes()), cas).is_err() {
             return; // another worker took it
         }
-        let c = store::callout(st, &rev.path);
-        let headers: Vec<(&str, &[u8])> = c.headers.iter().map(|(k, v)| (k.as_str(), v.expose())).collect();
-        match host::dispatch(&c.cluster, &headers, c.body.as_deref(), c.timeout_ms) {
+        match send(st, &rev.path) {
             Ok(token) => {
                 self.tokens.insert(token, Callout::Revocation);
                 self.revocation_since_ms = now_ms;
@@ -445,11 +438,18 @@ impl Worker {
             if host::set_effective_context(ctx).is_ok() {
                 let d = Denial::new(Code::SecretUnavailable, "the secret store did not answer in time").retry_after(5);
                 let audit = Audit { decision: d.code.as_str(), ..p.audit };
-                self.finish_deny(&audit, &d, true);
+                self.finish_deny(&audit, &d);
             }
         }
         let _ = host::set_effective_context(self.root_id);
     }
+}
+
+/// Dispatch the callout that reads `path` from store `st`, from the current context.
+fn send(st: &keyward_core::config::Store, path: &str) -> Result<u32, proxy_wasm::types::Status> {
+    let c = store::callout(st, path);
+    let headers: Vec<(&str, &[u8])> = c.headers.iter().map(|(k, v)| (k.as_str(), v.expose())).collect();
+    host::dispatch(&c.cluster, &headers, c.body.as_deref(), c.timeout_ms)
 }
 
 fn apply(ops: &[Op]) -> Result<(), proxy_wasm::types::Status> {

@@ -40,7 +40,7 @@ fn full(token: &str) -> Result<Claims, TokenError> {
         return Err(TokenError::UnknownKid(u.kid));
     }
     let payload = u.verify(&key())?;
-    let c = parse_claims(&payload)?;
+    let c = parse_claims(payload)?;
     policy().check(&c, NOW)?;
     Ok(c)
 }
