@@ -39,11 +39,15 @@ class Gateway:
         self.bao.put("it/maps", {"key": self.s["maps"]})
         self.s["burst"] = harness.fake_secret("burst")
         self.bao.put("it/burst", {"k": self.s["burst"]})
+        self.s["coldlim"] = harness.fake_secret("coldlim")
+        self.bao.put("it/coldlim", {"k": self.s["coldlim"]})
         self.bao.put("it/revoked", {"jti:seed-entry": "kept so the list is never empty"})
         self.bao.put("it/deleted", {"k": harness.fake_secret("deleted")})
         self.bao.put("it/signing", {"k2": base64.b64encode(self.k2).decode()})
         self.hang = harness.Hang()
-        self.ports = {"hang": self.hang.port, "admin": harness.free_port(), "hardened": harness.free_port(), "raw": harness.free_port(),
+        # The revocation store is reached through a relay the tests can break.
+        self.rev_relay = harness.Relay(self.bao.addr)
+        self.ports = {"hang": self.hang.port, "rev": self.rev_relay.port, "admin": harness.free_port(), "hardened": harness.free_port(), "raw": harness.free_port(),
                       "vendor": self.vendor.port, "bao": self.bao.port, "dead": harness.free_port()}
         self.access_log = workdir / "access.log"
         self.env = {"KEYWARD_KEY_K1": self.k1_b64, "VAULT_TOKEN": self.bao.token}
@@ -69,6 +73,7 @@ class Gateway:
     def stop(self):
         self.envoy.stop()
         self.hang.stop()
+        self.rev_relay.stop()
         self.bao.stop()
         self.vendor.stop()
 

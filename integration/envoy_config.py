@@ -3,7 +3,7 @@ import json
 
 HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 
-FILTER_STATE_KEYS = ["subject", "target", "jti", "run", "decision", "cache"]
+FILTER_STATE_KEYS = ["subject", "target", "jti", "run", "decision", "cache", "idempotency_key"]
 
 
 def filter_config(bao_cluster="vault", timeout_ms=1500) -> dict:
@@ -49,6 +49,10 @@ def filter_config(bao_cluster="vault", timeout_ms=1500) -> dict:
                         "inject": {"type": "bearer"}},
             "burst": {"credential": "bearer", "secret": {"store": "bao", "path": "it/burst", "field": "k"},
                       "inject": {"type": "bearer"}},
+            "charges": {"credential": "bearer", "secret": {"store": "bao", "path": "it/stripe", "field": "api_key"},
+                        "inject": {"type": "bearer"}, "require_idempotency_key": ["POST"]},
+            "coldlim": {"credential": "bearer", "secret": {"store": "bao", "path": "it/coldlim", "field": "k"},
+                        "inject": {"type": "bearer"}},
             "hangstore": {"credential": "bearer", "secret": {"store": "hang", "path": "it/x", "field": "k"},
                           "inject": {"type": "bearer"}},
             "deadstore": {"credential": "bearer", "secret": {"store": "dead", "path": "it/x", "field": "k"},
@@ -74,7 +78,7 @@ def static_cluster(name, port, timeout="1s"):
 
 
 def hcm(stat_prefix, access_log_path, cfg: dict, hardened: bool) -> dict:
-    routes = [route(t, t) for t in ["stripe", "twilio", "anthropic", "vendorhdr", "maps", "missing", "deleted", "nofield", "deadstore", "burst", "hangstore"]]
+    routes = [route(t, t) for t in ["stripe", "twilio", "anthropic", "vendorhdr", "maps", "missing", "deleted", "nofield", "deadstore", "burst", "hangstore", "charges", "coldlim"]]
     routes += [route("nometa"), route("unknown", "paypal")]
     h = {
         "@type": HCM,
@@ -125,7 +129,7 @@ def bootstrap(ports: dict, access_log_path, cfg: dict | None = None) -> dict:
             "clusters": [
                 static_cluster("vendor", ports["vendor"]),
                 static_cluster("vault", ports["bao"]),
-                static_cluster("vault_rev", ports["bao"]),
+                static_cluster("vault_rev", ports["rev"]),
                 static_cluster("deadvault", ports["dead"], "0.25s"),
                 static_cluster("hangvault", ports["hang"]),
             ],

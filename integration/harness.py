@@ -164,6 +164,52 @@ class Hang:
             c.close()
 
 
+class Relay:
+    """A relay in front of a real server (OpenBao), so that a test can make the store fail on
+    demand: `mode` is "pass" (forward), "error" (answer 500) or "garbage" (200 with a body that is
+    not a store answer)."""
+
+    def __init__(self, upstream: str):
+        self.port = free_port()
+        self.mode = "pass"
+        self.served = {"pass": 0, "error": 0, "garbage": 0}
+        relay = self
+
+        class H(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def handle_any(self):
+                n = int(self.headers.get("content-length") or 0)
+                body = self.rfile.read(n) if n else None
+                mode = relay.mode
+                relay.served[mode] += 1
+                if mode == "pass":
+                    hop = {"host", "connection", "content-length", "transfer-encoding"}
+                    r = requests.request(self.command, upstream + self.path, data=body, timeout=5,
+                                         headers={k: v for k, v in self.headers.items() if k.lower() not in hop})
+                    status, out = r.status_code, r.content
+                elif mode == "error":
+                    status, out = 500, b'{"errors":["injected failure"]}'
+                else:
+                    status, out = 200, b"<html>captive portal</html>"
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = handle_any
+
+            def log_message(self, *a):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), H)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.server.shutdown()
+
+
 # ------------------------------------------------------------------ OpenBao
 
 class Bao:

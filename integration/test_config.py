@@ -19,7 +19,7 @@ def env():
 
 
 def bootstrap_with(cfg):
-    ports = {k: harness.free_port() for k in ["admin", "hardened", "raw", "vendor", "bao", "dead", "hang"]}
+    ports = {k: harness.free_port() for k in ["admin", "hardened", "raw", "vendor", "bao", "dead", "hang", "rev"]}
     return envoy_config.bootstrap(ports, "/dev/null", cfg)
 
 

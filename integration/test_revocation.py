@@ -80,3 +80,57 @@ def test_refresh_is_shared_not_per_worker(gw):
     time.sleep(3.0)
     n = gw.envoy.stats()["wasmcustom.keyward_revocation_refresh_ok"] - before
     assert 2 <= n <= 4, n
+
+
+def test_failed_refresh_keeps_the_last_good_list(gw):
+    """While the store fails (500, then garbage), the last good list stays in force and every
+    failure is counted; once it recovers, revocations made meanwhile take effect."""
+    leaked = harness.claims(["stripe GET /v1/**"], sub="lambda/rev-fail")
+    t_leaked = harness.mint(gw.k1, leaked)
+    later = harness.claims(["stripe GET /v1/**"], sub="lambda/rev-fail")
+    t_later = harness.mint(gw.k1, later)
+    revoke(gw, **{f"jti:{leaked['jti']}": "leaked before the outage"})
+    harness.wait_until(lambda: gw.get("/stripe/v1/f", t_leaked).status_code == 401, timeout=5, what="revoked")
+    try:
+        for mode in ("error", "garbage"):
+            gw.rev_relay.mode = mode
+            before = gw.envoy.stats()["wasmcustom.keyward_revocation_refresh_error"]
+            harness.wait_until(
+                lambda: gw.envoy.stats()["wasmcustom.keyward_revocation_refresh_error"] >= before + 2,
+                timeout=8, what=f"refresh failures counted ({mode})")
+            # The last good list is kept: still denied, on every worker.
+            for _ in range(20):
+                assert gw.get("/stripe/v1/f", t_leaked).status_code == 401
+            assert gw.get("/stripe/v1/f", t_later).status_code == 200
+        # A revocation made during the outage cannot be seen yet...
+        revoke(gw, **{f"jti:{later['jti']}": "revoked during the outage"})
+        time.sleep(1.5)
+        assert gw.get("/stripe/v1/f", t_later).status_code == 200
+    finally:
+        gw.rev_relay.mode = "pass"
+    # ...and takes effect once the store answers again.
+    at = time.time()
+    took = time_to_revoked(gw, t_later, "/stripe/v1/f", at, limit=8)
+    assert took <= 3.0, took
+    assert gw.get("/stripe/v1/f", t_leaked).status_code == 401
+    log = gw.envoy.log_path.read_text(errors="replace")
+    assert "refresh failed (keeping the last good list)" in log
+    gw.vendor.take()
+
+
+def test_missing_list_counts_as_empty_with_a_warning(gw):
+    """A list that does not exist (deleted) is an empty list, with a warning; the next one is
+    read again once it exists."""
+    c = harness.claims(["stripe GET /v1/**"], sub="lambda/rev-missing")
+    t = harness.mint(gw.k1, c)
+    revoke(gw, **{f"jti:{c['jti']}": "x"})
+    harness.wait_until(lambda: gw.get("/stripe/v1/m", t).status_code == 401, timeout=5, what="revoked")
+    gw.bao.delete("it/revoked")
+    try:
+        harness.wait_until(lambda: all(gw.get("/stripe/v1/m", t).status_code == 200 for _ in range(10)),
+                           timeout=5, what="the deleted list read as empty")
+        assert "not found; treating it as empty" in gw.envoy.log_path.read_text(errors="replace")
+    finally:
+        gw.bao.put("it/revoked", {"jti:seed-entry": "kept so the list is never empty", f"jti:{c['jti']}": "x"})
+    harness.wait_until(lambda: gw.get("/stripe/v1/m", t).status_code == 401, timeout=5, what="revoked again")
+    gw.vendor.take()

@@ -4,7 +4,7 @@
 
 use crate::b64;
 use crate::json;
-use crate::rules::{valid_target_name, RouteRule};
+use crate::rules::{valid_target_name, Method, RouteRule};
 use crate::secret::Secret;
 use crate::token::{HmacKey, Policy};
 use serde::Deserialize;
@@ -146,6 +146,8 @@ struct RawTarget {
     inject: RawInject,
     #[serde(default)]
     allow: Option<Vec<String>>,
+    #[serde(default)]
+    require_idempotency_key: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -265,6 +267,8 @@ pub struct Target {
     pub slot: usize,
     pub inject: Inject,
     pub allow: Option<Vec<RouteRule>>,
+    /// Methods that must carry an `Idempotency-Key` header.
+    pub require_idempotency_key: Vec<String>,
 }
 
 impl Config {
@@ -606,8 +610,15 @@ pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Con
                 Some(out)
             }
         };
+        let mut require_idempotency_key = Vec::new();
+        for (i, m) in t.require_idempotency_key.iter().enumerate() {
+            match Method::parse(m) {
+                Ok(Method::Exact(m)) => require_idempotency_key.push(m),
+                _ => return err(format!("{path}.require_idempotency_key[{i}]"), format!("{m:?} is not an upper-case method name")),
+            }
+        }
         target_index.insert(name.clone(), targets.len());
-        targets.push(Target { name: name.clone(), credential, slot, inject, allow });
+        targets.push(Target { name: name.clone(), credential, slot, inject, allow, require_idempotency_key });
     }
 
     let policy = Policy {

@@ -6,10 +6,11 @@
 use crate::config::{Config, CredentialSource, KeySource, Target};
 use crate::credential::{self, CredError};
 use crate::inject::{self, Op};
+use crate::limits::Verdict;
 use crate::response::{Code, Denial};
 use crate::rules::{sanitize, strip_prefix};
 use crate::store::Fetched;
-use crate::token::{self, HmacKey};
+use crate::token::{self, HmacKey, Limits};
 use std::rc::Rc;
 
 /// What the engine may ask of the request.
@@ -46,6 +47,12 @@ pub trait Secrets {
     fn is_revoked(&mut self, _jti: &str, _sub: &str) -> bool {
         false
     }
+    /// Count this request against the credential's `lim` (only called when it has one), unless
+    /// this same request was already admitted before it parked. `keep_until_s`: when the
+    /// credential stops being accepted, so its counters can go.
+    fn admit(&mut self, _jti: &str, _lim: &Limits, _keep_until_s: i64) -> Verdict {
+        Verdict::Admit
+    }
 }
 
 /// Who called what, for the access log. Never a token or a secret.
@@ -57,6 +64,8 @@ pub struct Audit {
     pub run: Option<String>,
     pub decision: &'static str,
     pub cache: Option<&'static str>,
+    /// The request's `Idempotency-Key`, when it is a valid one.
+    pub idempotency_key: Option<String>,
 }
 
 #[derive(Debug)]
@@ -98,6 +107,10 @@ pub fn decide(cfg: &Config, req: &mut impl Request, secrets: &mut impl Secrets, 
         return deny(audit, Denial::new(Code::UnknownTarget, "this route names an unknown target"));
     };
     audit.target = Some(target.name.clone());
+    let idempotency = idempotency_key(req);
+    if let Idempotency::Valid(k) = &idempotency {
+        audit.idempotency_key = Some(k.clone());
+    }
 
     // 2. Path sanity, before any matching.
     let (Some(method), Some(raw_path)) = (req.method(), req.path()) else {
@@ -179,7 +192,34 @@ pub fn decide(cfg: &Config, req: &mut impl Request, secrets: &mut impl Secrets, 
         return deny(audit, Denial::new(Code::Forbidden, "no rule allows this method and path for this target"));
     }
 
-    // 5. The upstream secret.
+    // 5. The idempotency guard, then the credential's limits: both before any vault call.
+    if target.require_idempotency_key.iter().any(|m| m == &method) && !matches!(idempotency, Idempotency::Valid(_)) {
+        let msg = match idempotency {
+            Idempotency::Duplicate => "the Idempotency-Key header is duplicated",
+            _ => "this method needs an Idempotency-Key header of 1 to 255 visible ASCII characters",
+        };
+        return deny(audit, Denial::new(Code::BadRequest, msg));
+    }
+    if claims.lim.rpm.is_some() || claims.lim.total.is_some() {
+        let keep_until = claims.exp.saturating_add(cfg.policy.clock_skew_s);
+        match secrets.admit(&claims.jti, &claims.lim, keep_until) {
+            Verdict::Admit => {}
+            Verdict::RateLimited { retry_after_s } => {
+                let d = Denial::new(Code::RateLimited, "this credential's requests-per-minute limit is reached");
+                return deny(audit, d.retry_after(retry_after_s));
+            }
+            Verdict::Exhausted { retry_after_s } => {
+                let d = Denial::new(Code::QuotaExhausted, "this credential's request quota is used up");
+                return deny(audit, d.retry_after(retry_after_s));
+            }
+            Verdict::Full => {
+                let d = Denial::new(Code::RateLimited, "too many limited credentials are active; try again later");
+                return deny(audit, d.retry_after(RETRY_AFTER_UNAVAILABLE_S));
+            }
+        }
+    }
+
+    // 6. The upstream secret.
     let fetched = match secrets.secret(target.slot) {
         Slot::Ready(f) => f,
         Slot::Pending => return Decision { outcome: Outcome::Need(target.slot), audit },
@@ -187,6 +227,33 @@ pub fn decide(cfg: &Config, req: &mut impl Request, secrets: &mut impl Secrets, 
     };
     audit.cache = Some("hit");
     allow(audit, target, &fetched, &raw_path)
+}
+
+/// The longest `Idempotency-Key` accepted (Stripe's limit).
+pub const MAX_IDEMPOTENCY_KEY: usize = 255;
+
+enum Idempotency {
+    Absent,
+    Duplicate,
+    Invalid,
+    Valid(String),
+}
+
+/// Read `Idempotency-Key`: 1 to 255 visible ASCII characters. A value shaped like a JWS is never
+/// kept for the access log (a workload could put its credential there by mistake).
+fn idempotency_key(req: &mut impl Request) -> Idempotency {
+    let mut all = req.header_values("idempotency-key");
+    if all.len() > 1 {
+        return Idempotency::Duplicate;
+    }
+    let Some(v) = all.pop() else { return Idempotency::Absent };
+    if v.is_empty() || v.len() > MAX_IDEMPOTENCY_KEY || !v.iter().all(|b| (0x21..0x7f).contains(b)) {
+        return Idempotency::Invalid;
+    }
+    if v.starts_with(b"eyJ") && v.iter().filter(|b| **b == b'.').count() == 2 {
+        return Idempotency::Invalid;
+    }
+    String::from_utf8(v).map_or(Idempotency::Invalid, Idempotency::Valid)
 }
 
 fn allow(mut audit: Audit, target: &Target, fetched: &Fetched, raw_path: &str) -> Decision {

@@ -58,6 +58,7 @@ impl RootContext for Root {
                 w.metrics = metrics::Metrics::define();
                 w.cfg = Some(Rc::new(cfg));
                 drop(w);
+                worker::create_limit_shards();
                 self.set_tick_period(TICK);
                 true
             }
@@ -106,7 +107,7 @@ impl Context for Stream {
 impl HttpContext for Stream {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         match self.w.try_borrow_mut() {
-            Ok(mut w) => w.run(self.id, false),
+            Ok(mut w) => w.run(self.id, false, false),
             // Never reached in a single-threaded VM; if it were, fail closed.
             Err(_) => {
                 let d = keyward_core::response::Denial::new(keyward_core::response::Code::SecretUnavailable, "internal error");

@@ -18,6 +18,8 @@ pub struct Metrics {
     pub cache_stale: Option<u32>,
     pub revocation_ok: Option<u32>,
     pub revocation_error: Option<u32>,
+    pub limit_cas_retry: Option<u32>,
+    pub limit_full: Option<u32>,
 }
 
 fn counter(name: &str) -> Option<u32> {
@@ -54,6 +56,8 @@ impl Metrics {
             cache_stale: counter("keyward_cache_stale"),
             revocation_ok: counter("keyward_revocation_refresh_ok"),
             revocation_error: counter("keyward_revocation_refresh_error"),
+            limit_cas_retry: counter("keyward_limit_cas_retry"),
+            limit_full: counter("keyward_limit_table_full"),
         }
     }
 

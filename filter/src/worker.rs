@@ -14,10 +14,11 @@ use keyward_core::cache::Entry;
 use keyward_core::config::Config;
 use keyward_core::engine::{self, Audit, Decision, Outcome, Secrets, Slot};
 use keyward_core::inject::Op;
+use keyward_core::limits::{self, Table, Verdict};
 use keyward_core::response::{Code, Denial};
 use keyward_core::revocation::{self, RevocationList};
 use keyward_core::store::{self, FetchError, Fetched};
-use keyward_core::token::HmacKey;
+use keyward_core::token::{HmacKey, Limits};
 use keyward_core::{b64, secret::Secret};
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::Action;
@@ -28,6 +29,8 @@ use std::rc::Rc;
 const NEGATIVE_TTL_MS: u64 = 1000;
 /// Extra time a parked request may wait beyond its store's timeout before the tick answers it.
 const PARK_GRACE_MS: u64 = 1000;
+/// Compare-and-swap attempts on a limit shard before the request is refused (fail closed).
+const LIMIT_CAS_TRIES: u32 = 64;
 
 struct Inflight {
     token: Option<u32>,
@@ -39,6 +42,8 @@ struct Inflight {
 struct Parked {
     deadline_ms: u64,
     audit: Audit,
+    /// Already counted against its credential's limits: deciding again must not count it twice.
+    admitted: bool,
 }
 
 /// A store-held signing key, prepared once per fetched entry (`None`: the value is unusable).
@@ -76,6 +81,8 @@ struct Cache<'a> {
     w: &'a mut Worker,
     cfg: &'a Config,
     now_ms: u64,
+    /// This request was counted against its credential's limits.
+    admitted: bool,
 }
 
 impl Cache<'_> {
@@ -115,6 +122,48 @@ impl Secrets for Cache<'_> {
 
     fn is_revoked(&mut self, jti: &str, sub: &str) -> bool {
         self.w.revoked.as_ref().is_some_and(|l| l.is_revoked(jti, sub))
+    }
+
+    /// Count the request in its shard with compare-and-swap: read, decide, write back only if
+    /// no other worker wrote in between; otherwise read again. Refusals write nothing.
+    fn admit(&mut self, jti: &str, lim: &Limits, keep_until_s: i64) -> Verdict {
+        if self.admitted {
+            return Verdict::Admit;
+        }
+        let key = limits::shard_key(jti);
+        for _ in 0..LIMIT_CAS_TRIES {
+            let (bytes, cas) = hostcalls::get_shared_data(&key).unwrap_or_default();
+            let mut table = match bytes.as_deref() {
+                None | Some([]) => Table::default(),
+                Some(b) => Table::decode(b).unwrap_or_else(|| {
+                    log::warn!("limit shard {key} is unreadable; starting it afresh");
+                    Table::default()
+                }),
+            };
+            let verdict = table.admit(jti, lim, keep_until_s, self.now_ms / 1000);
+            match verdict {
+                Verdict::Admit => {}
+                Verdict::Full => {
+                    inc(self.w.metrics.limit_full);
+                    log::warn!("limit shard {key} holds {} live credentials; refusing new ones", table.len());
+                    return verdict;
+                }
+                _ => return verdict,
+            }
+            match hostcalls::set_shared_data(&key, Some(&table.encode()), cas) {
+                Ok(()) => {
+                    self.admitted = true;
+                    return Verdict::Admit;
+                }
+                Err(proxy_wasm::types::Status::CasMismatch) => inc(self.w.metrics.limit_cas_retry),
+                Err(e) => {
+                    log::warn!("limit shard {key} could not be written ({e:?}); refusing");
+                    return Verdict::Full;
+                }
+            }
+        }
+        log::warn!("limit shard {key}: still contended after {LIMIT_CAS_TRIES} tries; refusing");
+        Verdict::RateLimited { retry_after_s: 1 }
     }
 
     fn signing_key(&mut self, slot: usize, field: &str) -> Slot<Option<Rc<HmacKey>>> {
@@ -162,6 +211,22 @@ fn record_audit(a: &Audit) {
     if let Some(v) = a.cache {
         host::set_filter_state("cache", v);
     }
+    if let Some(v) = &a.idempotency_key {
+        host::set_filter_state("idempotency_key", v);
+    }
+}
+
+/// Create every limit shard before any request can be served. Envoy's shared data accepts any
+/// CAS for a key that does not exist yet, so two workers creating the same shard could lose a
+/// count; created here (the configuration canary on the main thread runs first), a shard exists
+/// before any worker counts in it.
+pub fn create_limit_shards() {
+    let empty = Table::default().encode();
+    for key in limits::shard_keys() {
+        if let Ok((None, _)) = hostcalls::get_shared_data(&key) {
+            let _ = hostcalls::set_shared_data(&key, Some(&empty), None);
+        }
+    }
 }
 
 impl Worker {
@@ -171,21 +236,23 @@ impl Worker {
 
     /// Decide the request of context `ctx` (the effective context must already be `ctx`).
     /// `resumed`: the request was parked, so the answer is given by resuming or replying now.
-    pub fn run(&mut self, ctx: u32, resumed: bool) -> Action {
+    /// `admitted`: it was already counted against its credential's limits before it parked.
+    pub fn run(&mut self, ctx: u32, resumed: bool, admitted: bool) -> Action {
         let Some(cfg) = self.cfg.clone() else {
             // No valid configuration: fail closed.
             let d = Denial::new(Code::SecretUnavailable, "the gateway is not configured").retry_after(5);
             return self.finish_deny(&Audit { decision: d.code.as_str(), ..Audit::default() }, &d);
         };
         let now_ms = host::now_ms();
-        let decision: Decision = {
-            let mut cache = Cache { w: self, cfg: &cfg, now_ms };
-            engine::decide(&cfg, &mut HostRequest, &mut cache, (now_ms / 1000) as i64)
+        let (decision, admitted): (Decision, bool) = {
+            let mut cache = Cache { w: self, cfg: &cfg, now_ms, admitted };
+            let d = engine::decide(&cfg, &mut HostRequest, &mut cache, (now_ms / 1000) as i64);
+            (d, cache.admitted)
         };
         let mut audit = decision.audit;
         match decision.outcome {
             Outcome::Need(slot) => {
-                self.park(&cfg, ctx, slot, now_ms, audit);
+                self.park(&cfg, ctx, slot, now_ms, audit, admitted);
                 Action::Pause
             }
             Outcome::Deny(d) => self.finish_deny(&audit, &d),
@@ -224,9 +291,9 @@ impl Worker {
         Action::Pause
     }
 
-    fn park(&mut self, cfg: &Config, ctx: u32, slot: usize, now_ms: u64, audit: Audit) {
+    fn park(&mut self, cfg: &Config, ctx: u32, slot: usize, now_ms: u64, audit: Audit, admitted: bool) {
         let timeout = cfg.store_of(slot).map_or(2000, |s| u64::from(s.timeout_ms));
-        self.parked.insert(ctx, Parked { deadline_ms: now_ms + timeout + PARK_GRACE_MS, audit });
+        self.parked.insert(ctx, Parked { deadline_ms: now_ms + timeout + PARK_GRACE_MS, audit, admitted });
         if let Some(f) = self.inflight.get_mut(&slot) {
             if !f.waiters.contains(&ctx) {
                 f.waiters.push(ctx);
@@ -305,13 +372,13 @@ impl Worker {
 
     /// Decide a parked request again, under its own context.
     fn resume(&mut self, ctx: u32) {
-        if self.parked.remove(&ctx).is_none() {
+        let Some(p) = self.parked.remove(&ctx) else {
             return; // the stream has gone
-        }
+        };
         if host::set_effective_context(ctx).is_err() {
             return;
         }
-        let _ = self.run(ctx, true);
+        let _ = self.run(ctx, true, p.admitted);
     }
 
     /// The stream of `ctx` ended.

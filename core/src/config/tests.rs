@@ -122,6 +122,9 @@ fn errors_name_the_path() {
         (edit(|v| v["targets"]["maps"]["inject"]["name"] = "a&b".into()), "targets.maps.inject.name"),
         (edit(|v| v["targets"] = serde_json::json!({})), "targets: at least one target is required"),
         (edit(|v| v["revocation"]["store"] = "nope".into()), "revocation.store: unknown store"),
+        (edit(|v| v["targets"]["stripe"]["require_idempotency_key"] = serde_json::json!(["post"])), "targets.stripe.require_idempotency_key[0]"),
+        (edit(|v| v["targets"]["stripe"]["require_idempotency_key"] = serde_json::json!(["POST", "*"])), "targets.stripe.require_idempotency_key[1]"),
+        (edit(|v| v["targets"]["stripe"]["require_idempotency_key"] = "POST".into()), "targets.stripe.require_idempotency_key"),
         (edit(|v| v["cache"]["ttl_s"] = 0.into()), "cache.ttl_s"),
         (edit(|v| v["clock_skew_s"] = (-1).into()), "clock_skew_s"),
         (edit(|v| v["audience"] = "".into()), "audience"),
@@ -134,4 +137,14 @@ fn errors_name_the_path() {
         let got = error_of(&doc);
         assert!(got.contains(want), "want {want:?} in {got:?}");
     }
+}
+
+#[test]
+fn idempotency_methods() {
+    let c = match compile_str(&edit(|v| v["targets"]["stripe"]["require_idempotency_key"] = serde_json::json!(["POST", "PATCH"]))) {
+        Ok(c) => c,
+        Err(e) => panic!("{e}"),
+    };
+    assert_eq!(c.target("stripe").map(|(_, t)| t.require_idempotency_key.clone()), Some(vec!["POST".to_string(), "PATCH".to_string()]));
+    assert_eq!(c.target("twilio").map(|(_, t)| t.require_idempotency_key.len()), Some(0));
 }

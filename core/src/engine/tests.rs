@@ -58,6 +58,8 @@ struct Mem {
     slots: HashMap<usize, Rc<Fetched>>,
     failed: Vec<usize>,
     revoked: Vec<String>,
+    limits: crate::limits::Table,
+    admitted: usize,
 }
 
 impl Secrets for Mem {
@@ -84,6 +86,10 @@ impl Secrets for Mem {
     }
     fn is_revoked(&mut self, jti: &str, sub: &str) -> bool {
         self.revoked.iter().any(|r| *r == format!("jti:{jti}") || *r == format!("sub:{sub}"))
+    }
+    fn admit(&mut self, jti: &str, lim: &Limits, keep_until_s: i64) -> Verdict {
+        self.admitted += 1;
+        self.limits.admit(jti, lim, keep_until_s, NOW as u64)
     }
 }
 
@@ -156,7 +162,7 @@ fn allows_and_injects() {
     assert_eq!(set_value(&d, "authorization").as_deref(), Some("Bearer sk_test_stripe"));
     assert_eq!(d.audit, Audit {
         subject: Some("lambda/pay".into()), target: Some("stripe".into()), jti: Some("j-1".into()),
-        run: Some("sqs/1".into()), decision: "allow", cache: Some("hit"),
+        run: Some("sqs/1".into()), decision: "allow", cache: Some("hit"), idempotency_key: None,
     });
 }
 
@@ -317,4 +323,121 @@ fn revocation_hook() {
     let d = decide(&c, &mut stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {t}"))), &mut s, NOW);
     assert_eq!(code(&d), "revoked_credential");
     assert_eq!(d.audit.jti.as_deref(), Some("j-1"));
+}
+
+fn retry_after(d: &Decision) -> Option<u32> {
+    match &d.outcome {
+        Outcome::Deny(den) => den.retry_after_s,
+        _ => None,
+    }
+}
+
+#[test]
+fn total_limit_then_quota_exhausted() {
+    let c = cfg();
+    let mut s = warm(&c);
+    let t = tok("k1", K1, &["stripe GET /v1/**"], r#","lim":{"total":2}"#);
+    let go = |s: &mut Mem, path: &str| decide(&c, &mut stripe_req("GET", path, Some(format!("Bearer {t}"))), s, NOW);
+    assert_eq!(code(&go(&mut s, "/stripe/v1/a")), "allow");
+    // A request no rule allows is refused before it is counted.
+    assert_eq!(code(&go(&mut s, "/stripe/v2/a")), "forbidden");
+    assert_eq!(code(&go(&mut s, "/stripe/v1/b")), "allow");
+    let d = go(&mut s, "/stripe/v1/c");
+    assert_eq!(code(&d), "quota_exhausted");
+    assert_eq!(d.audit.decision, "quota_exhausted");
+    assert_eq!(d.audit.jti.as_deref(), Some("j-1"));
+    // Until the credential is no longer accepted: exp (NOW+300) plus the 30 s skew.
+    assert_eq!(retry_after(&d), Some(330));
+    let Outcome::Deny(den) = &d.outcome else { panic!() };
+    assert_eq!(den.status(), 429);
+    assert_eq!(s.limits.used("j-1"), 2);
+}
+
+#[test]
+fn rpm_limit_then_rate_limited() {
+    let c = cfg();
+    let mut s = warm(&c);
+    let t = tok("k1", K1, &["stripe GET /v1/**"], r#","lim":{"rpm":1}"#);
+    let d = decide(&c, &mut stripe_req("GET", "/stripe/v1/a", Some(format!("Bearer {t}"))), &mut s, NOW);
+    assert_eq!(code(&d), "allow");
+    let d = decide(&c, &mut stripe_req("GET", "/stripe/v1/a", Some(format!("Bearer {t}"))), &mut s, NOW);
+    assert_eq!(code(&d), "rate_limited");
+    assert_eq!(retry_after(&d), Some(61));
+}
+
+#[test]
+fn limits_are_checked_before_the_vault_and_only_for_limited_credentials() {
+    let c = cfg();
+    let mut s = Mem::default();
+    let t = tok("k1", K1, &["stripe GET /v1/**"], r#","lim":{"total":1}"#);
+    let d = decide(&c, &mut stripe_req("GET", "/stripe/v1/a", Some(format!("Bearer {t}"))), &mut s, NOW);
+    assert!(matches!(d.outcome, Outcome::Need(_)));
+    assert_eq!(s.admitted, 1, "counted before the secret is fetched");
+    // Over the limit: refused without ever asking for the secret.
+    let d = decide(&c, &mut stripe_req("GET", "/stripe/v1/a", Some(format!("Bearer {t}"))), &mut s, NOW);
+    assert_eq!(code(&d), "quota_exhausted");
+    // No lim: never counted. Revoked or invalid: never counted.
+    let plain = tok("k1", K1, &["stripe GET /v1/**"], "");
+    let mut s = warm(&c);
+    assert_eq!(code(&decide(&c, &mut stripe_req("GET", "/stripe/v1/a", Some(format!("Bearer {plain}"))), &mut s, NOW)), "allow");
+    s.revoked.push("jti:j-1".into());
+    let d = decide(&c, &mut stripe_req("GET", "/stripe/v1/a", Some(format!("Bearer {t}"))), &mut s, NOW);
+    assert_eq!(code(&d), "revoked_credential");
+    assert_eq!(s.admitted, 0);
+}
+
+fn idem_cfg() -> Config {
+    let doc = EXAMPLE.replace(
+        r#""allow": ["POST /v1/payment_intents", "GET /v1/**"]"#,
+        r#""allow": ["POST /v1/payment_intents", "GET /v1/**"], "require_idempotency_key": ["POST"]"#,
+    );
+    assert_ne!(doc, EXAMPLE);
+    compile(doc.as_bytes(), &env).unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[test]
+fn idempotency_key_required_for_listed_methods() {
+    let c = idem_cfg();
+    let mut s = warm(&c);
+    let t = tok("k1", K1, &["stripe * /**"], r#","lim":{"total":100}"#);
+    let post = |key: &[&[u8]]| {
+        let mut r = stripe_req("POST", "/stripe/v1/payment_intents", Some(format!("Bearer {t}")));
+        for k in key {
+            r.headers.push(("idempotency-key".into(), k.to_vec()));
+        }
+        r
+    };
+    let d = decide(&c, &mut post(&[]), &mut s, NOW);
+    assert_eq!(code(&d), "bad_request");
+    assert_eq!(d.audit.idempotency_key, None);
+    assert_eq!(s.admitted, 0, "a refused request does not spend the quota");
+    let long = vec![b'a'; MAX_IDEMPOTENCY_KEY + 1];
+    let max = vec![b'a'; MAX_IDEMPOTENCY_KEY];
+    for bad in [&b""[..], b"has space", b"tab\t", "caf\u{e9}".as_bytes(), &long, b"eyJhbGciOi.eyJzdWIi.c2ln"] {
+        let d = decide(&c, &mut post(&[bad]), &mut s, NOW);
+        assert_eq!(code(&d), "bad_request", "{:?}", String::from_utf8_lossy(bad));
+        assert_eq!(d.audit.idempotency_key, None);
+    }
+    let d = decide(&c, &mut post(&[b"order-1", b"order-2"]), &mut s, NOW);
+    assert_eq!(code(&d), "bad_request");
+    let Outcome::Deny(den) = &d.outcome else { panic!() };
+    assert!(den.message.contains("duplicated"));
+    for good in [&b"order-7f3a"[..], b"!", &max] {
+        let d = decide(&c, &mut post(&[good]), &mut s, NOW);
+        assert_eq!(code(&d), "allow");
+        assert_eq!(d.audit.idempotency_key.as_deref().map(str::as_bytes), Some(good));
+    }
+    // GET is not listed; a key sent anyway is still recorded.
+    let d = decide(&c, &mut stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {t}"))), &mut s, NOW);
+    assert_eq!(code(&d), "allow");
+    let mut r = stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {t}")));
+    r.headers.push(("idempotency-key".into(), b"get-1".to_vec()));
+    let d = decide(&c, &mut r, &mut s, NOW);
+    assert_eq!(d.audit.idempotency_key.as_deref(), Some("get-1"));
+    // Recorded on denials too, so a refused retry can be traced.
+    let mut r = stripe_req("POST", "/stripe/v1/payment_intents", None);
+    r.headers.push(("idempotency-key".into(), b"order-9".to_vec()));
+    let d = decide(&c, &mut r, &mut s, NOW);
+    assert_eq!(code(&d), "missing_credential");
+    assert_eq!(d.audit.idempotency_key.as_deref(), Some("order-9"));
 }

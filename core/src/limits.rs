@@ -1,0 +1,233 @@
+//! Per-credential limits from the token's `lim` claim, counted per `jti`.
+//!
+//! `rpm = N`: at most N admitted requests in any 60-second window. Time is kept in one-second
+//! buckets, and a check counts the 61 buckets that can overlap the last 60 seconds. A request is
+//! therefore forgotten only once it is strictly more than 60 s old, so the guarantee holds for
+//! every window, at the price of a request counting for up to 61 s.
+//!
+//! `total = N`: at most N admitted requests over the credential's lifetime.
+//!
+//! Counters live in Envoy shared data so that every worker sees them, and are updated with
+//! compare-and-swap (the glue retries on a CAS mismatch). Records are spread over a fixed set of
+//! shard keys and each record is dropped once its credential can no longer be accepted, so the
+//! memory used is bounded by the credentials that are alive, never by the history.
+//!
+//! Shard layout: `"KWL1" | n u32 | n records`, a record being
+//! `jti_len u16 | jti | keep_until_s u64 | used u64 | head_s u64 | nb u8 | nb * (age u8, count u32)`
+//! where bucket `head_s - age` holds `count` requests. All integers are little-endian.
+
+use crate::token::Limits;
+
+const MAGIC: &[u8; 4] = b"KWL1";
+/// Shared-data keys holding the counters. A fixed number, created once at configure time.
+pub const SHARDS: u32 = 32;
+/// Buckets that may overlap a 60 s window that ends now.
+const WINDOW_BUCKETS: u64 = 61;
+/// Live limited credentials per shard before new ones are refused (fail closed).
+pub const MAX_RECORDS_PER_SHARD: usize = 4096;
+/// A `jti` longer than this is not a valid claim (see `token`), so it never reaches here.
+const MAX_JTI: usize = 1024;
+
+/// The shared-data key of every shard, for creating them at configure time.
+pub fn shard_keys() -> impl Iterator<Item = String> {
+    (0..SHARDS).map(|i| format!("keyward/v1/lim/{i:02}"))
+}
+
+/// The shared-data key of the shard holding `jti` (FNV-1a: cheap and stable across workers).
+pub fn shard_key(jti: &str) -> String {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in jti.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    format!("keyward/v1/lim/{:02}", h % SHARDS)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Admit,
+    /// `rpm` reached: try again after this many seconds.
+    RateLimited { retry_after_s: u32 },
+    /// `total` reached: the credential will not be admitted again before it expires in this
+    /// many seconds (at least 1).
+    Exhausted { retry_after_s: u32 },
+    /// The shard has no room for another live credential: refused, never admitted uncounted.
+    Full,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Record {
+    jti: String,
+    keep_until_s: u64,
+    used: u64,
+    head_s: u64,
+    /// (age in seconds behind `head_s`, count), ages strictly increasing, all < WINDOW_BUCKETS.
+    buckets: Vec<(u8, u32)>,
+}
+
+impl Record {
+    /// Requests admitted in buckets `[now_s - 60 + shift, now_s]`.
+    fn in_window(&self, now_s: u64, shift: u64) -> u64 {
+        let oldest = (now_s + shift).saturating_sub(WINDOW_BUCKETS - 1);
+        self.buckets
+            .iter()
+            .filter(|(age, _)| self.head_s.saturating_sub(u64::from(*age)) >= oldest)
+            .map(|(_, c)| u64::from(*c))
+            .sum()
+    }
+
+    /// Count one request at second `now_s`, dropping buckets that left the window.
+    fn count(&mut self, now_s: u64) {
+        let advance = now_s.saturating_sub(self.head_s);
+        self.head_s = self.head_s.max(now_s);
+        let mut kept: Vec<(u8, u32)> = Vec::with_capacity(self.buckets.len() + 1);
+        let mut added = false;
+        for (age, c) in &self.buckets {
+            let age = u64::from(*age) + advance;
+            if age >= WINDOW_BUCKETS {
+                continue;
+            }
+            // `age < 61` fits in a u8.
+            let age = age as u8;
+            if age == 0 {
+                kept.push((0, c.saturating_add(1)));
+                added = true;
+            } else {
+                kept.push((age, *c));
+            }
+        }
+        if !added {
+            kept.insert(0, (0, 1));
+        }
+        self.buckets = kept;
+        self.used = self.used.saturating_add(1);
+    }
+}
+
+/// One shard's records.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Table {
+    records: Vec<Record>,
+}
+
+impl Table {
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    /// Requests admitted so far for `jti` (for tests and diagnostics).
+    pub fn used(&self, jti: &str) -> u64 {
+        self.records.iter().find(|r| r.jti == jti).map_or(0, |r| r.used)
+    }
+
+    /// Decide one request of credential `jti` at `now_s`, and count it if admitted.
+    /// `keep_until_s` is when the credential stops being accepted (exp plus clock skew); the
+    /// record is dropped after that. Records of other credentials that expired are dropped too.
+    pub fn admit(&mut self, jti: &str, lim: &Limits, keep_until_s: i64, now_s: u64) -> Verdict {
+        self.records.retain(|r| r.keep_until_s > now_s);
+        let keep_until_s = u64::try_from(keep_until_s).unwrap_or(0).max(now_s + 1);
+        let i = match self.records.iter().position(|r| r.jti == jti) {
+            Some(i) => i,
+            None => {
+                if self.records.len() >= MAX_RECORDS_PER_SHARD || jti.len() > MAX_JTI {
+                    return Verdict::Full;
+                }
+                self.records.push(Record { jti: jti.to_string(), keep_until_s, used: 0, head_s: now_s, buckets: Vec::new() });
+                self.records.len() - 1
+            }
+        };
+        let Some(r) = self.records.get_mut(i) else { return Verdict::Full };
+        r.keep_until_s = r.keep_until_s.max(keep_until_s);
+        if let Some(total) = lim.total {
+            if r.used >= total {
+                let left = r.keep_until_s.saturating_sub(now_s).clamp(1, u64::from(u32::MAX));
+                return Verdict::Exhausted { retry_after_s: left as u32 };
+            }
+        }
+        if let Some(rpm) = lim.rpm {
+            if r.in_window(now_s, 0) >= rpm {
+                // The first second from which the window holds fewer than `rpm` requests.
+                let wait = (1..=WINDOW_BUCKETS).find(|k| r.in_window(now_s, *k) < rpm).unwrap_or(WINDOW_BUCKETS);
+                return Verdict::RateLimited { retry_after_s: wait as u32 };
+            }
+        }
+        r.count(now_s);
+        Verdict::Admit
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(8 + self.records.len() * 64);
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&(self.records.len() as u32).to_le_bytes());
+        for r in &self.records {
+            out.extend_from_slice(&(r.jti.len() as u16).to_le_bytes());
+            out.extend_from_slice(r.jti.as_bytes());
+            out.extend_from_slice(&r.keep_until_s.to_le_bytes());
+            out.extend_from_slice(&r.used.to_le_bytes());
+            out.extend_from_slice(&r.head_s.to_le_bytes());
+            out.push(r.buckets.len() as u8);
+            for (age, c) in &r.buckets {
+                out.push(*age);
+                out.extend_from_slice(&c.to_le_bytes());
+            }
+        }
+        out
+    }
+
+    /// `None` when the bytes are not a table this version wrote.
+    pub fn decode(b: &[u8]) -> Option<Table> {
+        let mut rd = Reader(b);
+        if rd.take(4)? != MAGIC {
+            return None;
+        }
+        let n = u32::from_le_bytes(rd.take(4)?.try_into().ok()?) as usize;
+        if n > MAX_RECORDS_PER_SHARD {
+            return None;
+        }
+        let mut records = Vec::with_capacity(n);
+        for _ in 0..n {
+            let jl = usize::from(u16::from_le_bytes(rd.take(2)?.try_into().ok()?));
+            let jti = String::from_utf8(rd.take(jl)?.to_vec()).ok()?;
+            let keep_until_s = rd.u64()?;
+            let used = rd.u64()?;
+            let head_s = rd.u64()?;
+            let nb = usize::from(*rd.take(1)?.first()?);
+            let mut buckets = Vec::with_capacity(nb);
+            for _ in 0..nb {
+                let age = *rd.take(1)?.first()?;
+                if u64::from(age) >= WINDOW_BUCKETS {
+                    return None;
+                }
+                buckets.push((age, u32::from_le_bytes(rd.take(4)?.try_into().ok()?)));
+            }
+            records.push(Record { jti, keep_until_s, used, head_s, buckets });
+        }
+        if !rd.0.is_empty() {
+            return None;
+        }
+        Some(Table { records })
+    }
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Some(a)
+    }
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
+    }
+}
+
+#[cfg(test)]
+mod tests;
