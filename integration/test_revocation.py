@@ -134,3 +134,67 @@ def test_missing_list_counts_as_empty_with_a_warning(gw):
         gw.bao.put("it/revoked", {"jti:seed-entry": "kept so the list is never empty", f"jti:{c['jti']}": "x"})
     harness.wait_until(lambda: gw.get("/stripe/v1/m", t).status_code == 401, timeout=5, what="revoked again")
     gw.vendor.take()
+
+
+def vault_env(gw, token=None):
+    return {"VAULT_ADDR": gw.bao.addr, "VAULT_TOKEN": token or gw.bao.token, "VAULT_NAMESPACE": ""}
+
+
+def test_cli_revoke_list_unrevoke(gw):
+    c = harness.claims(["stripe GET /v1/**"], sub="lambda/cli-rev")
+    t = harness.mint(gw.k1, c)
+    assert gw.get("/stripe/v1/cli", t).status_code == 200
+    at = time.time()
+    r = harness.cli("revoke", "--jti", c["jti"], "--reason", "leaked in CloudWatch", "--path", "it/revoked", env=vault_env(gw))
+    assert r.returncode == 0, r.stderr
+    assert f"revoked jti:{c['jti']}" in r.stdout
+    assert time_to_revoked(gw, t, "/stripe/v1/cli", at) <= 2.0
+    r = harness.cli("revoked", "--path", "it/revoked", env=vault_env(gw))
+    assert r.returncode == 0, r.stderr
+    assert f"jti:{c['jti']}\tleaked in CloudWatch [" in r.stdout
+    assert "jti:seed-entry" in r.stdout, "other entries are kept"
+    r = harness.cli("revoked", "--path", "it/revoked", "--json", env=vault_env(gw))
+    import json
+    doc = json.loads(r.stdout)
+    assert doc["entries"][f"jti:{c['jti']}"].startswith("leaked in CloudWatch [")
+    # Undo: allowed again within the refresh.
+    r = harness.cli("unrevoke", "--jti", c["jti"], "--path", "it/revoked", env=vault_env(gw))
+    assert r.returncode == 0, r.stderr
+    harness.wait_until(lambda: all(gw.get("/stripe/v1/cli", t).status_code == 200 for _ in range(10)),
+                       timeout=5, what="allowed again after unrevoke")
+    r = harness.cli("unrevoke", "--jti", c["jti"], "--path", "it/revoked", env=vault_env(gw))
+    assert r.returncode == 1 and "is not in" in r.stderr
+    for out in (r.stdout, r.stderr):
+        assert gw.bao.token not in out
+    gw.vendor.take()
+
+
+def test_cli_revoke_creates_and_recreates_the_list(gw):
+    path = "it/cli-list-" + harness.secrets.token_hex(4)
+    r = harness.cli("revoke", "--sub", "lambda/a", "--path", path, env=vault_env(gw))
+    assert r.returncode == 0, r.stderr
+    r = harness.cli("revoke", "--sub", "lambda/b", "--path", path, env=vault_env(gw))
+    assert r.returncode == 0, r.stderr
+    out = harness.cli("revoked", "--path", path, env=vault_env(gw)).stdout
+    assert "2 entries" in out and "sub:lambda/a\t" in out and "sub:lambda/b\t" in out
+    # Latest version deleted: the filter reads an empty list; revoke writes a new version.
+    gw.bao.delete(path)
+    assert "0 entries" in harness.cli("revoked", "--path", path, env=vault_env(gw)).stdout
+    r = harness.cli("revoke", "--jti", "j-after-delete", "--path", path, env=vault_env(gw))
+    assert r.returncode == 0, r.stderr
+    out = harness.cli("revoked", "--path", path, env=vault_env(gw)).stdout
+    assert "1 entry" in out and "jti:j-after-delete" in out
+
+
+def test_cli_revoke_errors_are_clear_and_never_show_the_token(gw):
+    bad = "not-the-token-" + harness.secrets.token_hex(6)
+    r = harness.cli("revoke", "--jti", "x", "--path", "it/revoked", env=vault_env(gw, token=bad))
+    assert r.returncode == 1
+    assert "HTTP 403" in r.stderr and bad not in r.stderr + r.stdout
+    r = harness.cli("revoke", "--jti", "x", env={"VAULT_ADDR": "", "VAULT_TOKEN": "t"})
+    assert r.returncode == 1 and "VAULT_ADDR" in r.stderr
+    r = harness.cli("revoke", "--jti", "x", "--sub", "y", env=vault_env(gw))
+    assert r.returncode == 1 and "exactly one" in r.stderr
+    dead = f"http://127.0.0.1:{harness.free_port()}"
+    r = harness.cli("revoked", env={"VAULT_ADDR": dead, "VAULT_TOKEN": "t"})
+    assert r.returncode == 1 and "cannot reach" in r.stderr

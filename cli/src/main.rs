@@ -1,6 +1,7 @@
 //! `keyward`: mint and inspect workload credentials, validate configurations.
 
 mod envoy_lint;
+mod revoke;
 
 use keyward_core::config;
 use keyward_core::json;
@@ -27,6 +28,16 @@ USAGE:
   keyward check-envoy FILE.yaml [--no-env]
       Lint an Envoy bootstrap that runs Keyward: route metadata vs. prefixes, fail_open, path
       normalisation, and the embedded filter configuration.
+  keyward revoke (--jti ID | --sub SUBJECT) [--reason TEXT] [LIST]
+      Add the credential (or every credential of a workload) to the revocation list in Vault or
+      OpenBao. Gateways deny it within their revocation refresh_s plus one second.
+  keyward unrevoke (--jti ID | --sub SUBJECT) [LIST]
+      Remove an entry from the revocation list.
+  keyward revoked [LIST] [--json]
+      List the revocation list's entries and reasons.
+      LIST is --config FILE (the filter configuration's revocation store and path), or
+      [--mount MOUNT] [--path PATH] (default: secret, keyward/revoked).
+      Environment: VAULT_ADDR, VAULT_TOKEN (or ~/.vault-token), VAULT_NAMESPACE, VAULT_CACERT.
   keyward version
 ";
 
@@ -39,6 +50,9 @@ fn main() -> ExitCode {
         Some("inspect") => inspect(&rest),
         Some("check-config") => check_config(&rest),
         Some("check-envoy") => envoy_lint::run(&rest),
+        Some("revoke") => revoke::revoke(&rest),
+        Some("unrevoke") => revoke::unrevoke(&rest),
+        Some("revoked") => revoke::list(&rest),
         Some("version" | "--version") => {
             println!("keyward {}", env!("CARGO_PKG_VERSION"));
             Ok(())

@@ -330,7 +330,7 @@ fn valid_env_name(s: &str) -> bool {
 }
 
 /// A store path such as `keyward/revoked`: `[A-Za-z0-9_.-]` segments separated by single `/`.
-fn valid_store_path(s: &str) -> bool {
+pub fn valid_store_path(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 512
         && s.split('/').all(|seg| {
