@@ -84,6 +84,9 @@ pub fn rfc3339(secs: i64) -> String {
     format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
+/// The list's entries (key to reason) and its KV version.
+pub type Listing = (BTreeMap<String, String>, u64);
+
 /// A KV v2 client for one secret.
 pub struct Kv {
     agent: ureq::Agent,
@@ -173,7 +176,7 @@ impl Kv {
 
     /// The list's entries and version; `None` when the secret does not exist or its latest
     /// version is deleted (the filter reads that as an empty list).
-    pub fn read(&self) -> Result<Option<(BTreeMap<String, String>, u64)>, String> {
+    pub fn read(&self) -> Result<Option<Listing>, String> {
         let (status, body) = self.call("GET", &self.url("data"), None, "")?;
         match status {
             200 => {}
