@@ -20,7 +20,7 @@ cleanup() {
   echo "stopping..."
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
-  rm -f "$RUN/k1.key"
+  rm -f "$RUN/k1.key" "$RUN/vault.token"
   echo "stopped."
 }
 trap cleanup INT TERM EXIT
@@ -47,6 +47,7 @@ export VAULT_TOKEN
 KEYWARD_KEY_K1="$(head -c 32 /dev/urandom | base64)"
 export KEYWARD_KEY_K1
 printf '%s' "$KEYWARD_KEY_K1" > "$RUN/k1.key"; chmod 600 "$RUN/k1.key"
+printf '%s' "$VAULT_TOKEN" > "$RUN/vault.token"; chmod 600 "$RUN/vault.token"
 
 echo "starting OpenBao (dev mode) on 127.0.0.1:8200 ..."
 "$VENV/bin/bao" server -dev -dev-root-token-id="$VAULT_TOKEN" -dev-listen-address=127.0.0.1:8200 > "$RUN/bao.log" 2>&1 &
@@ -61,6 +62,7 @@ bao kv put secret/demo/anthropic api_key=sk-ant-keyward-demo-0001
 bao kv put secret/demo/twilio    account_sid=AC00000000000000000000000000000001 auth_token=keyward_demo_twilio_0001
 bao kv put secret/demo/maps      key=keyward-demo-maps-0001
 bao kv put secret/keyward/signing k2="$(head -c 32 /dev/urandom | base64)"
+bao kv put secret/keyward/revoked "sub:lambda/retired-demo=an example entry"
 echo "seeded demo secrets under secret/demo/*"
 
 echo "starting the demo vendor on 127.0.0.1:8081 ..."
@@ -77,6 +79,7 @@ grep -m1 -o "keyward [0-9.]* ([^)]*) configured.*" "$RUN/envoy.log" || true
 TOKEN="$("$KEYWARD" mint --kid k1 --key-file "$RUN/k1.key" --sub lambda/demo --ttl 3600 --run make-run \
   --allow "stripe * /v1/**" --allow "openai POST /v1/chat/completions" --allow "anthropic POST /v1/messages" \
   --allow "twilio POST /2010-04-01/Accounts/*/Messages.json" --allow "maps GET /maps/api/geocode/json")"
+JTI="$("$KEYWARD" inspect "$TOKEN" --key-file "$RUN/k1.key" | grep -o 'jti=[^ ]*' | cut -d= -f2)"
 B64="$(printf 'AC00000000000000000000000000000001:%s' "$TOKEN" | base64 -w0)"
 
 cat <<MSG
@@ -88,6 +91,7 @@ Keyward is up. A demo workload credential (valid 1 hour, sub=lambda/demo):
 Try it (the demo vendor echoes what it received; look at the authorization header):
 
   curl -s http://127.0.0.1:10000/stripe/v1/customers -H "Authorization: Bearer \$KEYWARD_TOKEN"
+  curl -s -X POST http://127.0.0.1:10000/stripe/v1/payment_intents -H "Authorization: Bearer \$KEYWARD_TOKEN" -H "Idempotency-Key: order-1001" -d amount=100
   curl -s -X POST http://127.0.0.1:10000/openai/v1/chat/completions -H "Authorization: Bearer \$KEYWARD_TOKEN" -d '{}'
   curl -s -X POST http://127.0.0.1:10000/anthropic/v1/messages -H "x-api-key: \$KEYWARD_TOKEN" -d '{}'
   curl -s -X POST http://127.0.0.1:10000/twilio/2010-04-01/Accounts/AC00000000000000000000000000000001/Messages.json -H "Authorization: Basic $B64"
@@ -97,10 +101,18 @@ Denied (JSON errors):
 
   curl -s -X DELETE http://127.0.0.1:10000/stripe/v1/customers/cus_1 -H "Authorization: Bearer \$KEYWARD_TOKEN"
   curl -s http://127.0.0.1:10000/stripe/v1/customers
+  curl -s -X POST http://127.0.0.1:10000/stripe/v1/payment_intents -H "Authorization: Bearer \$KEYWARD_TOKEN" -d amount=100
+
+Revoke the demo credential (denied within 2 s), list, undo:
+
+  export VAULT_ADDR=http://127.0.0.1:8200 VAULT_TOKEN="\$(cat $RUN/vault.token)"
+  $KEYWARD revoke --jti $JTI --reason "trying it out"
+  $KEYWARD revoked
+  $KEYWARD unrevoke --jti $JTI
 
 Metrics: curl -s http://127.0.0.1:9901/stats/prometheus | grep keyward_
 Logs:    $RUN/envoy.log (access log lines are JSON)
-Mint:    $KEYWARD mint --kid k1 --key-file $RUN/k1.key --sub SUB --allow "stripe GET /v1/**"
+Mint:    $KEYWARD mint --kid k1 --key-file $RUN/k1.key --sub SUB --allow "stripe GET /v1/**" [--rpm N] [--total N]
 
 Press Ctrl-C to stop.
 MSG
