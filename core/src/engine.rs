@@ -31,6 +31,8 @@ pub trait Request {
 /// The state of a cached value.
 pub enum Slot<T> {
     Ready(T),
+    /// Past its TTL, served because the store is failing transiently (`stale_if_error_s`).
+    Stale(T),
     /// Not cached yet: the caller must fetch it and decide again.
     Pending,
     /// Fetching failed and nothing usable is cached.
@@ -66,6 +68,8 @@ pub struct Audit {
     pub cache: Option<&'static str>,
     /// The request's `Idempotency-Key`, when it is a valid one.
     pub idempotency_key: Option<String>,
+    /// The store's version of the injected secret (KV v2 version, AWS `VersionId`).
+    pub secret_version: Option<String>,
 }
 
 #[derive(Debug)]
@@ -161,8 +165,8 @@ pub fn decide(cfg: &Config, req: &mut impl Request, secrets: &mut impl Secrets, 
     let payload = match &key.source {
         KeySource::Ready(k) => unverified.verify(k),
         KeySource::Stored { slot, field } => match secrets.signing_key(*slot, field) {
-            Slot::Ready(Some(k)) => unverified.verify(&k),
-            Slot::Ready(None) => Err(token::TokenError::UnknownKid(String::new())),
+            Slot::Ready(Some(k)) | Slot::Stale(Some(k)) => unverified.verify(&k),
+            Slot::Ready(None) | Slot::Stale(None) => Err(token::TokenError::UnknownKid(String::new())),
             Slot::Pending => return Decision { outcome: Outcome::Need(*slot), audit },
             Slot::Failed => return deny(audit, unavailable()),
         },
@@ -221,11 +225,18 @@ pub fn decide(cfg: &Config, req: &mut impl Request, secrets: &mut impl Secrets, 
 
     // 6. The upstream secret.
     let fetched = match secrets.secret(target.slot) {
-        Slot::Ready(f) => f,
+        Slot::Ready(f) => {
+            audit.cache = Some("hit");
+            f
+        }
+        Slot::Stale(f) => {
+            audit.cache = Some("stale");
+            f
+        }
         Slot::Pending => return Decision { outcome: Outcome::Need(target.slot), audit },
         Slot::Failed => return deny(audit, unavailable()),
     };
-    audit.cache = Some("hit");
+    audit.secret_version.clone_from(&fetched.version);
     allow(audit, target, &fetched, &raw_path)
 }
 

@@ -10,7 +10,6 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
 use std::cell::RefCell;
 use std::rc::Rc;
-use std::time::Duration;
 use worker::Worker;
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -19,8 +18,6 @@ pub const GIT_HASH: &str = match option_env!("KEYWARD_GIT_HASH") {
     None => "unknown",
 };
 
-/// How often the root context runs its periodic work (deadlines, orphaned fetches).
-const TICK: Duration = Duration::from_millis(200);
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
@@ -51,15 +48,12 @@ impl RootContext for Root {
         match config::compile(&bytes, &env) {
             Ok(cfg) => {
                 log::info!("keyward {VERSION} ({GIT_HASH}) configured: {}", cfg.summary());
-                if cfg.cache.stale_if_error_s > 0 {
-                    log::warn!("cache.stale_if_error_s is configured but not used by this version (planned)");
-                }
                 let Ok(mut w) = self.w.try_borrow_mut() else { return false };
                 w.metrics = metrics::Metrics::define();
-                w.cfg = Some(Rc::new(cfg));
+                worker::create_shared_records(&cfg);
+                w.configure(cfg);
                 drop(w);
-                worker::create_limit_shards();
-                self.set_tick_period(TICK);
+                self.set_tick_period(worker::TICK);
                 true
             }
             Err(e) => {
@@ -105,9 +99,16 @@ impl Context for Stream {
 }
 
 impl HttpContext for Stream {
+    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        if let Ok(mut w) = self.w.try_borrow_mut() {
+            w.on_response(self.id);
+        }
+        Action::Continue
+    }
+
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         match self.w.try_borrow_mut() {
-            Ok(mut w) => w.run(self.id, false, false),
+            Ok(mut w) => w.run(self.id, None),
             // Never reached in a single-threaded VM; if it were, fail closed.
             Err(_) => {
                 let d = keyward_core::response::Denial::new(keyward_core::response::Code::SecretUnavailable, "internal error");

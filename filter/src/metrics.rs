@@ -4,10 +4,8 @@ use keyward_core::response::Code;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::MetricType;
 
-/// Every contract counter is defined at configure time so dashboards see them from the start;
-/// stale serving increments its own once issue 3 lands.
+/// Every contract counter is defined at configure time so dashboards see them from the start.
 #[derive(Debug, Default, Clone)]
-#[allow(dead_code)]
 pub struct Metrics {
     pub allowed: Option<u32>,
     pub denied: [Option<u32>; 10],
@@ -20,6 +18,7 @@ pub struct Metrics {
     pub revocation_error: Option<u32>,
     pub limit_cas_retry: Option<u32>,
     pub limit_full: Option<u32>,
+    pub vendor_rejected: Option<u32>,
 }
 
 fn counter(name: &str) -> Option<u32> {
@@ -58,6 +57,7 @@ impl Metrics {
             revocation_error: counter("keyward_revocation_refresh_error"),
             limit_cas_retry: counter("keyward_limit_cas_retry"),
             limit_full: counter("keyward_limit_table_full"),
+            vendor_rejected: counter("keyward_vendor_rejected_key"),
         }
     }
 

@@ -1,16 +1,19 @@
-//! Per-VM (per Envoy worker) state and the callout state machine.
+//! Per-VM (per Envoy worker) state and the secret lifecycle's callout state machine.
 //!
-//! A request that needs a secret that is not cached parks here, keyed by its context id. One
-//! callout per slot is in flight per worker (later requests join its waiters); the callout is
-//! keyed by its token. When the answer arrives, in whichever context receives it, the cache is
-//! updated and every waiter is decided again under its own effective context: each ends in
-//! `resume_http_request` or a local reply. The root's tick answers waiters past their deadline
-//! with 503 and re-dispatches fetches whose owning stream went away (Envoy cancels a stream's
-//! callouts when it ends).
+//! The lifecycle rules live in `keyward_core::cache` (pure, unit-tested); this is the glue. Each
+//! slot's state (value, failure, fetch lease, vendor suspicion) is one record in Envoy shared data,
+//! shared by every worker and updated with compare-and-swap. A request that needs a value that
+//! must be fetched parks here, keyed by its context id. One worker of the process takes the
+//! slot's fetch lease and dispatches the callout; the others follow, watching the shared record
+//! on a fast tick. Callouts are always dispatched from the root context, so no stream owns them
+//! and a client that leaves cancels nothing. When the answer arrives the record is updated and
+//! every waiter is decided again under its own effective context: each ends in
+//! `resume_http_request` or a local reply. The root's tick refreshes values in use before their
+//! TTL ends (and retries while serving stale), and answers waiters past their deadline with 503.
 
 use crate::host::{self, HostRequest};
 use crate::metrics::{inc, Metrics};
-use keyward_core::cache::Entry;
+use keyward_core::cache::{Failure, State, Timing, Use};
 use keyward_core::config::Config;
 use keyward_core::engine::{self, Audit, Decision, Outcome, Secrets, Slot};
 use keyward_core::inject::Op;
@@ -21,32 +24,39 @@ use keyward_core::store::{self, FetchError, Fetched};
 use keyward_core::token::{HmacKey, Limits};
 use keyward_core::{b64, secret::Secret};
 use proxy_wasm::hostcalls;
-use proxy_wasm::types::Action;
+use proxy_wasm::types::{Action, Status};
 use std::collections::HashMap;
 use std::rc::Rc;
+use std::time::Duration;
 
-/// After a failed fetch, requests for that slot get 503 at once for this long (no vault storm).
-const NEGATIVE_TTL_MS: u64 = 1000;
 /// Extra time a parked request may wait beyond its store's timeout before the tick answers it.
 const PARK_GRACE_MS: u64 = 1000;
-/// Compare-and-swap attempts on a limit shard before the request is refused (fail closed).
+/// A fetch lease outlives the callout's own timeout by this much.
+const LEASE_GRACE_MS: u64 = 500;
+/// Compare-and-swap attempts on a shared record before giving up (fail closed).
 const LIMIT_CAS_TRIES: u32 = 64;
+const STATE_CAS_TRIES: u32 = 16;
+/// The tick: normally, and while requests wait for another worker's fetch.
+pub const TICK: Duration = Duration::from_millis(200);
+const FAST_TICK: Duration = Duration::from_millis(20);
 
-struct Inflight {
-    token: Option<u32>,
-    /// The stream whose context owns the callout (0: the root).
-    owner: u32,
-    waiters: Vec<u32>,
-}
-
-struct Parked {
+pub struct Parked {
+    slot: usize,
     deadline_ms: u64,
     audit: Audit,
     /// Already counted against its credential's limits: deciding again must not count it twice.
     admitted: bool,
 }
 
-/// A store-held signing key, prepared once per fetched entry (`None`: the value is unusable).
+/// A slot's shared record as last decoded by this worker, keyed by the shared-data CAS.
+struct Local {
+    cas: u32,
+    state: State,
+    data: Option<Rc<Fetched>>,
+    fetched_at_ms: u64,
+}
+
+/// A store-held signing key, prepared once per fetched value (`None`: the value is unusable).
 type PreparedKey = (Rc<Fetched>, Option<Rc<HmacKey>>);
 
 /// What a callout token is for.
@@ -61,19 +71,63 @@ pub struct Worker {
     pub cfg: Option<Rc<Config>>,
     pub metrics: Metrics,
     pub root_id: u32,
-    inflight: HashMap<usize, Inflight>,
+    timing: Option<Timing>,
     tokens: HashMap<u32, Callout>,
+    /// Slots this worker is fetching (it holds their lease), with the callout token.
+    fetching: HashMap<usize, u32>,
+    /// Parked contexts per slot, and each parked context's details.
+    waiters: HashMap<usize, Vec<u32>>,
+    parked: HashMap<u32, Parked>,
+    local: HashMap<usize, Local>,
+    /// Prepared store-held signing keys, tagged with the value they came from.
+    keys: HashMap<(usize, String), PreparedKey>,
+    /// When this worker last served each slot (values in use are refreshed ahead of their TTL).
+    used_at: HashMap<usize, u64>,
+    /// Allowed requests: the slot and the value they were given, for vendor 401/403.
+    served: HashMap<u32, (usize, u64)>,
+    fast_tick: bool,
     /// The revocation list as last read from shared data, and that entry's CAS.
     revoked: Option<Rc<RevocationList>>,
     revoked_cas: Option<u32>,
     /// When this worker's revocation refresh was dispatched (0: none in flight).
     revocation_since_ms: u64,
-    parked: HashMap<u32, Parked>,
-    /// Decoded shared-data entries, keyed by slot, tagged with the shared-data CAS.
-    local: HashMap<usize, (u32, Rc<Fetched>, u64)>,
-    /// Prepared store-held signing keys, tagged with the entry they came from.
-    keys: HashMap<(usize, String), PreparedKey>,
-    failed_until: HashMap<usize, u64>,
+}
+
+/// Read-modify-write a slot's shared record with compare-and-swap. `f` returns whether it
+/// changed anything (nothing is written otherwise). `None`: the record could not be written.
+fn update_state(key: &str, mut f: impl FnMut(&mut State) -> bool) -> Option<bool> {
+    for _ in 0..STATE_CAS_TRIES {
+        let (bytes, cas) = hostcalls::get_shared_data(key).unwrap_or_default();
+        let mut st = bytes.as_deref().and_then(State::decode).unwrap_or_default();
+        if !f(&mut st) {
+            return Some(false);
+        }
+        match hostcalls::set_shared_data(key, Some(&st.encode()), cas) {
+            Ok(()) => return Some(true),
+            Err(Status::CasMismatch) => continue,
+            Err(_) => return None,
+        }
+    }
+    None
+}
+
+/// Create every shared record (slots and limit shards) before any request can be served.
+/// Envoy's shared data accepts any CAS for a key that does not exist yet, so two workers
+/// creating the same record could both win; created here (the configuration canary on the main
+/// thread runs first), a record exists before any worker competes for it.
+pub fn create_shared_records(cfg: &Config) {
+    let empty = Table::default().encode();
+    for key in limits::shard_keys() {
+        if let Ok((None, _)) = hostcalls::get_shared_data(&key) {
+            let _ = hostcalls::set_shared_data(&key, Some(&empty), None);
+        }
+    }
+    let empty = State::default().encode();
+    for slot in &cfg.slots {
+        if let Ok((None, _)) = hostcalls::get_shared_data(&slot.cache_key) {
+            let _ = hostcalls::set_shared_data(&slot.cache_key, Some(&empty), None);
+        }
+    }
 }
 
 /// `Secrets` over shared data, with a per-worker decode cache.
@@ -85,33 +139,48 @@ struct Cache<'a> {
     admitted: bool,
 }
 
+impl Worker {
+    /// The slot's record, decoded once per shared-data CAS. A value that lacks a field the
+    /// configuration needs (after a reload) counts as absent.
+    fn local(&mut self, cfg: &Config, slot: usize) -> Option<&Local> {
+        let spec = cfg.slots.get(slot)?;
+        let (bytes, cas) = hostcalls::get_shared_data(&spec.cache_key).unwrap_or_default();
+        let cas = cas?;
+        if self.local.get(&slot).is_none_or(|l| l.cas != cas) {
+            let mut state = bytes.as_deref().and_then(State::decode).unwrap_or_default();
+            if state.entry.as_ref().is_some_and(|e| !spec.fields.iter().all(|f| e.data.covers(f))) {
+                state.entry = None;
+            }
+            let fetched_at_ms = state.entry.as_ref().map_or(0, |e| e.fetched_at_ms);
+            let data = state.entry.as_mut().map(|e| Rc::new(std::mem::take(&mut e.data)));
+            self.local.insert(slot, Local { cas, state, data, fetched_at_ms });
+        }
+        self.local.get(&slot)
+    }
+
+    fn timing(&self) -> Timing {
+        self.timing.unwrap_or_else(|| Timing::new(300, 0))
+    }
+}
+
 impl Cache<'_> {
     fn lookup(&mut self, slot: usize) -> Slot<Rc<Fetched>> {
-        let Some(spec) = self.cfg.slots.get(slot) else { return Slot::Failed };
-        let (bytes, cas) = hostcalls::get_shared_data(&spec.cache_key).unwrap_or_default();
-        let entry = match (bytes, cas) {
-            (Some(b), Some(cas)) => match self.w.local.get(&slot) {
-                Some((c, f, at)) if *c == cas => Some((f.clone(), *at)),
-                _ => match Entry::decode(&b) {
-                    Some(e) if spec.fields.iter().all(|f| e.data.covers(f)) => {
-                        let f = Rc::new(e.data);
-                        self.w.local.insert(slot, (cas, f.clone(), e.fetched_at_ms));
-                        Some((f, e.fetched_at_ms))
-                    }
-                    _ => None,
-                },
-            },
-            _ => None,
-        };
-        if let Some((f, at)) = entry {
-            if self.now_ms < at.saturating_add(u64::from(self.cfg.cache.ttl_s) * 1000) {
-                return Slot::Ready(f);
+        let t = self.w.timing();
+        let now = self.now_ms;
+        let Some(l) = self.w.local(self.cfg, slot) else { return Slot::Pending };
+        let (use_, data) = (l.state.classify(now, &t), l.data.clone());
+        match (use_, data) {
+            (Use::Fresh, Some(d)) => {
+                self.w.used_at.insert(slot, now);
+                Slot::Ready(d)
             }
+            (Use::Stale, Some(d)) => {
+                self.w.used_at.insert(slot, now);
+                Slot::Stale(d)
+            }
+            (Use::Failed, _) => Slot::Failed,
+            _ => Slot::Pending,
         }
-        if self.w.failed_until.get(&slot).is_some_and(|t| self.now_ms < *t) {
-            return Slot::Failed;
-        }
-        Slot::Pending
     }
 }
 
@@ -167,28 +236,34 @@ impl Secrets for Cache<'_> {
     }
 
     fn signing_key(&mut self, slot: usize, field: &str) -> Slot<Option<Rc<HmacKey>>> {
-        let f = match self.lookup(slot) {
-            Slot::Ready(f) => f,
+        let (f, stale) = match self.lookup(slot) {
+            Slot::Ready(f) => (f, false),
+            Slot::Stale(f) => (f, true),
             Slot::Pending => return Slot::Pending,
             Slot::Failed => return Slot::Failed,
         };
         let k = (slot, field.to_string());
-        if let Some((src, key)) = self.w.keys.get(&k) {
-            if Rc::ptr_eq(src, &f) {
-                return Slot::Ready(key.clone());
+        let key = match self.w.keys.get(&k) {
+            Some((src, key)) if Rc::ptr_eq(src, &f) => key.clone(),
+            _ => {
+                let key = f
+                    .field(field)
+                    .and_then(Secret::expose_str)
+                    .and_then(b64::key_decode)
+                    .and_then(|bytes| HmacKey::new(&bytes).ok())
+                    .map(Rc::new);
+                if key.is_none() && f.covers(field) {
+                    log::warn!("store-held signing key {field:?} is not base64 of at least 32 bytes");
+                }
+                self.w.keys.insert(k, (f, key.clone()));
+                key
             }
+        };
+        if stale {
+            Slot::Stale(key)
+        } else {
+            Slot::Ready(key)
         }
-        let key = f
-            .field(field)
-            .and_then(Secret::expose_str)
-            .and_then(b64::key_decode)
-            .and_then(|bytes| HmacKey::new(&bytes).ok())
-            .map(Rc::new);
-        if key.is_none() {
-            log::warn!("store-held signing key {field:?} is not base64 of at least 32 bytes");
-        }
-        self.w.keys.insert(k, (f, key.clone()));
-        Slot::Ready(key)
     }
 }
 
@@ -214,18 +289,8 @@ fn record_audit(a: &Audit) {
     if let Some(v) = &a.idempotency_key {
         host::set_filter_state("idempotency_key", v);
     }
-}
-
-/// Create every limit shard before any request can be served. Envoy's shared data accepts any
-/// CAS for a key that does not exist yet, so two workers creating the same shard could lose a
-/// count; created here (the configuration canary on the main thread runs first), a shard exists
-/// before any worker counts in it.
-pub fn create_limit_shards() {
-    let empty = Table::default().encode();
-    for key in limits::shard_keys() {
-        if let Ok((None, _)) = hostcalls::get_shared_data(&key) {
-            let _ = hostcalls::set_shared_data(&key, Some(&empty), None);
-        }
+    if let Some(v) = &a.secret_version {
+        host::set_filter_state("secret_version", v);
     }
 }
 
@@ -234,17 +299,24 @@ impl Worker {
         Worker { root_id, ..Worker::default() }
     }
 
+    pub fn configure(&mut self, cfg: Config) {
+        self.timing = Some(Timing::new(cfg.cache.ttl_s, cfg.cache.stale_if_error_s));
+        self.cfg = Some(Rc::new(cfg));
+    }
+
     /// Decide the request of context `ctx` (the effective context must already be `ctx`).
-    /// `resumed`: the request was parked, so the answer is given by resuming or replying now.
-    /// `admitted`: it was already counted against its credential's limits before it parked.
-    pub fn run(&mut self, ctx: u32, resumed: bool, admitted: bool) -> Action {
+    /// `parked`: it had parked, so the answer is given by resuming or replying now; it keeps its
+    /// deadline and whether it was already counted against its limits.
+    pub fn run(&mut self, ctx: u32, parked: Option<&Parked>) -> Action {
         let Some(cfg) = self.cfg.clone() else {
             // No valid configuration: fail closed.
             let d = Denial::new(Code::SecretUnavailable, "the gateway is not configured").retry_after(5);
             return self.finish_deny(&Audit { decision: d.code.as_str(), ..Audit::default() }, &d);
         };
+        let resumed = parked.is_some();
         let now_ms = host::now_ms();
         let (decision, admitted): (Decision, bool) = {
+            let admitted = parked.is_some_and(|p| p.admitted);
             let mut cache = Cache { w: self, cfg: &cfg, now_ms, admitted };
             let d = engine::decide(&cfg, &mut HostRequest, &mut cache, (now_ms / 1000) as i64);
             (d, cache.admitted)
@@ -252,7 +324,14 @@ impl Worker {
         let mut audit = decision.audit;
         match decision.outcome {
             Outcome::Need(slot) => {
-                self.park(&cfg, ctx, slot, now_ms, audit, admitted);
+                let timeout = cfg.store_of(slot).map_or(2000, |s| u64::from(s.timeout_ms));
+                let deadline_ms = parked.map_or(now_ms + timeout + PARK_GRACE_MS, |p| p.deadline_ms);
+                self.parked.insert(ctx, Parked { slot, deadline_ms, audit, admitted });
+                let w = self.waiters.entry(slot).or_default();
+                if !w.contains(&ctx) {
+                    w.push(ctx);
+                }
+                self.start_fetch(&cfg, slot, now_ms, Some(ctx));
                 Action::Pause
             }
             Outcome::Deny(d) => self.finish_deny(&audit, &d),
@@ -268,7 +347,16 @@ impl Worker {
                 }
                 record_audit(&audit);
                 inc(self.metrics.allowed);
-                inc(if audit.cache == Some("miss") { self.metrics.cache_miss } else { self.metrics.cache_hit });
+                inc(match audit.cache {
+                    Some("miss") => self.metrics.cache_miss,
+                    Some("stale") => self.metrics.cache_stale,
+                    _ => self.metrics.cache_hit,
+                });
+                if let Some(slot) = audit.target.as_deref().and_then(|t| cfg.target(t)).map(|(_, t)| t.slot) {
+                    if let Some(l) = self.local.get(&slot) {
+                        self.served.insert(ctx, (slot, l.fetched_at_ms));
+                    }
+                }
                 if resumed {
                     if host::resume_request().is_err() {
                         log::warn!("could not resume a request");
@@ -291,29 +379,39 @@ impl Worker {
         Action::Pause
     }
 
-    fn park(&mut self, cfg: &Config, ctx: u32, slot: usize, now_ms: u64, audit: Audit, admitted: bool) {
-        let timeout = cfg.store_of(slot).map_or(2000, |s| u64::from(s.timeout_ms));
-        self.parked.insert(ctx, Parked { deadline_ms: now_ms + timeout + PARK_GRACE_MS, audit, admitted });
-        if let Some(f) = self.inflight.get_mut(&slot) {
-            if !f.waiters.contains(&ctx) {
-                f.waiters.push(ctx);
-            }
+    /// Make sure `slot` is being fetched: by this worker if it can take the lease, else by the
+    /// worker that holds it (this one then follows on the fast tick). `from` is the current
+    /// stream context, if any: the callout is dispatched from the root context either way.
+    fn start_fetch(&mut self, cfg: &Config, slot: usize, now_ms: u64, from: Option<u32>) {
+        if self.fetching.contains_key(&slot) {
             return;
         }
-        self.inflight.insert(slot, Inflight { token: None, owner: ctx, waiters: vec![ctx] });
-        self.dispatch(cfg, slot, ctx);
-    }
-
-    /// Send the callout for `slot` from the current context `owner`.
-    fn dispatch(&mut self, cfg: &Config, slot: usize, owner: u32) {
         let (Some(spec), Some(st)) = (cfg.slots.get(slot), cfg.store_of(slot)) else { return };
-        match send(st, &spec.path) {
+        let lease_ms = u64::from(st.timeout_ms) + LEASE_GRACE_MS;
+        match update_state(&spec.cache_key, |s| s.take_lease(now_ms, lease_ms)) {
+            Some(true) => {}
+            Some(false) => {
+                // Another worker is fetching it: follow.
+                self.set_fast_tick(from, true);
+                return;
+            }
+            None => {
+                log::warn!("could not take the fetch lease for {}:{}", st.name, spec.path);
+                self.set_fast_tick(from, true);
+                return;
+            }
+        }
+        if from.is_some() && host::set_effective_context(self.root_id).is_err() {
+            log::warn!("could not switch to the root context to fetch {}:{}", st.name, spec.path);
+        }
+        let sent = send(st, &spec.path);
+        if let Some(ctx) = from {
+            let _ = host::set_effective_context(ctx);
+        }
+        match sent {
             Ok(token) => {
                 self.tokens.insert(token, Callout::Slot(slot));
-                if let Some(f) = self.inflight.get_mut(&slot) {
-                    f.token = Some(token);
-                    f.owner = owner;
-                }
+                self.fetching.insert(slot, token);
             }
             Err(e) => {
                 log::warn!("store {} callout to cluster {:?} failed to start: {e:?}", st.name, st.cluster);
@@ -322,7 +420,21 @@ impl Worker {
         }
     }
 
-    /// A callout answered (in any context).
+    fn set_fast_tick(&mut self, from: Option<u32>, fast: bool) {
+        if self.fast_tick == fast {
+            return;
+        }
+        self.fast_tick = fast;
+        if from.is_some() {
+            let _ = host::set_effective_context(self.root_id);
+        }
+        let _ = hostcalls::set_tick_period(if fast { FAST_TICK } else { TICK });
+        if let Some(ctx) = from {
+            let _ = host::set_effective_context(ctx);
+        }
+    }
+
+    /// A callout answered (always in the root context).
     pub fn on_callout(&mut self, token: u32, num_headers: usize, body_size: usize) {
         let Some(kind) = self.tokens.remove(&token) else { return };
         let Some(cfg) = self.cfg.clone() else { return };
@@ -337,35 +449,47 @@ impl Worker {
             Some(b) => store::parse_response(st, status, &b, &spec.fields),
         };
         self.complete(&cfg, slot, result);
+        let _ = host::set_effective_context(self.root_id);
     }
 
+    /// Record a fetch's outcome in the shared record, then decide this worker's waiters again.
     fn complete(&mut self, cfg: &Config, slot: usize, result: Result<Fetched, FetchError>) {
+        self.fetching.remove(&slot);
         let now_ms = host::now_ms();
         let (Some(spec), Some(st)) = (cfg.slots.get(slot), cfg.store_of(slot)) else { return };
-        match result {
+        let outcome = match result {
             Ok(fetched) => {
                 inc(self.metrics.fetch_ok);
-                self.failed_until.remove(&slot);
-                let entry = Entry { fetched_at_ms: now_ms, data: fetched };
-                if hostcalls::set_shared_data(&spec.cache_key, Some(&entry.encode()), None).is_err() {
-                    // Without the shared cache the waiters would fetch again in a loop: fail them.
-                    log::warn!("could not write the shared cache for {}:{}", st.name, spec.path);
-                    self.failed_until.insert(slot, now_ms + NEGATIVE_TTL_MS);
-                }
-                self.local.remove(&slot);
-                log::info!("fetched {}:{} (version {})", st.name, spec.path, entry.data.version.as_deref().unwrap_or("-"));
-                for p in &entry.data.problems {
+                log::info!("fetched {}:{} (version {})", st.name, spec.path, fetched.version.as_deref().unwrap_or("-"));
+                for p in &fetched.problems {
                     log::warn!("{}:{}: {p}; targets needing it answer 503", st.name, spec.path);
                 }
+                Ok(fetched)
             }
             Err(e) => {
                 inc(self.metrics.fetch_error);
-                self.failed_until.insert(slot, now_ms + NEGATIVE_TTL_MS);
-                log::warn!("fetching {}:{} failed: {e}", st.name, spec.path);
+                // Garbage is not an answer from the store itself (a proxy's error page, a
+                // truncated body): like a timeout, it may be served stale. 404 and 401/403 are
+                // the store's word and evict.
+                let transient = matches!(e, FetchError::Transient(_) | FetchError::Garbage(_));
+                let what = if transient { "serving stale within stale_if_error_s if cached" } else { "evicted" };
+                log::warn!("fetching {}:{} failed: {e}; {what}", st.name, spec.path);
+                Err(Failure { at_ms: now_ms, transient })
             }
+        };
+        if update_state(&spec.cache_key, |s| {
+            s.record(outcome.clone(), now_ms);
+            true
+        }) != Some(true)
+        {
+            log::warn!("could not write the shared cache for {}:{}", st.name, spec.path);
         }
-        let waiters = self.inflight.remove(&slot).map(|f| f.waiters).unwrap_or_default();
-        for ctx in waiters {
+        self.wake(slot);
+    }
+
+    /// Decide every request parked on `slot` again.
+    fn wake(&mut self, slot: usize) {
+        for ctx in self.waiters.remove(&slot).unwrap_or_default() {
             self.resume(ctx);
         }
     }
@@ -378,22 +502,39 @@ impl Worker {
         if host::set_effective_context(ctx).is_err() {
             return;
         }
-        let _ = self.run(ctx, true, p.admitted);
+        let _ = self.run(ctx, Some(&p));
+    }
+
+    /// The vendor answered a request this worker allowed. A 401 or 403 marks the value it was
+    /// given as suspect (at most once per few seconds per value): the next request fetches it
+    /// again, so a key rotated in the store is used at once. The request itself is not retried.
+    pub fn on_response(&mut self, ctx: u32) {
+        let Some((slot, fetched_at_ms)) = self.served.remove(&ctx) else { return };
+        let status = hostcalls::get_map_value_bytes(proxy_wasm::types::MapType::HttpResponseHeaders, ":status")
+            .ok()
+            .flatten();
+        if !matches!(status.as_deref(), Some(b"401") | Some(b"403")) {
+            return;
+        }
+        let Some(cfg) = self.cfg.clone() else { return };
+        let Some(spec) = cfg.slots.get(slot) else { return };
+        let t = self.timing();
+        let now_ms = host::now_ms();
+        if update_state(&spec.cache_key, |s| s.mark_suspect(fetched_at_ms, now_ms, &t)) == Some(true) {
+            inc(self.metrics.vendor_rejected);
+            let store = cfg.store_of(slot).map_or("?", |s| s.name.as_str());
+            log::warn!("the vendor rejected the key from {store}:{} (HTTP {}); fetching it again", spec.path, String::from_utf8_lossy(status.as_deref().unwrap_or_default()));
+        }
     }
 
     /// The stream of `ctx` ended.
     pub fn forget(&mut self, ctx: u32) {
-        self.parked.remove(&ctx);
-        for f in self.inflight.values_mut() {
-            f.waiters.retain(|w| *w != ctx);
-            if f.owner == ctx {
-                // Envoy cancels the callouts of a finished stream: the tick re-dispatches.
-                if let Some(t) = f.token.take() {
-                    self.tokens.remove(&t);
-                }
+        self.served.remove(&ctx);
+        if let Some(p) = self.parked.remove(&ctx) {
+            if let Some(w) = self.waiters.get_mut(&p.slot) {
+                w.retain(|c| *c != ctx);
             }
         }
-        self.inflight.retain(|_, f| !f.waiters.is_empty() || f.token.is_some());
     }
 
     /// Take the shared revocation list if another worker refreshed it.
@@ -490,17 +631,37 @@ impl Worker {
         let Some(cfg) = self.cfg.clone() else { return };
         let now_ms = host::now_ms();
         self.refresh_revocation(&cfg, now_ms);
-        // Orphaned fetches: dispatch again, owned by the root this time.
-        let orphans: Vec<usize> = self.inflight.iter().filter(|(_, f)| f.token.is_none()).map(|(s, _)| *s).collect();
-        for slot in orphans {
-            self.dispatch(&cfg, slot, 0);
+        // Followers: when another worker's fetch lands (or its lease lapses), decide again.
+        let following: Vec<usize> = self.waiters.keys().filter(|s| !self.fetching.contains_key(s)).copied().collect();
+        for slot in following {
+            let Some(spec) = cfg.slots.get(slot) else { continue };
+            let cas = hostcalls::get_shared_data(&spec.cache_key).ok().and_then(|(_, c)| c);
+            let changed = cas.is_none() || self.local.get(&slot).is_none_or(|l| Some(l.cas) != cas);
+            let lapsed = self.local(&cfg, slot).is_none_or(|l| !l.state.lease_held(now_ms));
+            if changed || lapsed {
+                self.wake(slot);
+            }
         }
+        // Values in use: refresh ahead of the TTL, after a vendor rejection, and while stale.
+        let t = self.timing();
+        let in_use: Vec<usize> = self
+            .used_at
+            .iter()
+            .filter(|(s, at)| now_ms < at.saturating_add(t.ttl_ms) && !self.fetching.contains_key(s))
+            .map(|(s, _)| *s)
+            .collect();
+        for slot in in_use {
+            if self.local(&cfg, slot).is_some_and(|l| l.state.refresh_due(now_ms, &t)) {
+                self.start_fetch(&cfg, slot, now_ms, None);
+            }
+        }
+        self.used_at.retain(|_, at| now_ms < at.saturating_add(t.ttl_ms));
         // Waiters past their deadline get 503.
         let late: Vec<u32> = self.parked.iter().filter(|(_, p)| now_ms >= p.deadline_ms).map(|(c, _)| *c).collect();
         for ctx in late {
             let Some(p) = self.parked.remove(&ctx) else { continue };
-            for f in self.inflight.values_mut() {
-                f.waiters.retain(|w| *w != ctx);
+            if let Some(w) = self.waiters.get_mut(&p.slot) {
+                w.retain(|c| *c != ctx);
             }
             if host::set_effective_context(ctx).is_ok() {
                 let d = Denial::new(Code::SecretUnavailable, "the secret store did not answer in time").retry_after(5);
@@ -508,7 +669,10 @@ impl Worker {
                 self.finish_deny(&audit, &d);
             }
         }
+        self.waiters.retain(|_, w| !w.is_empty());
         let _ = host::set_effective_context(self.root_id);
+        let following = self.waiters.keys().any(|s| !self.fetching.contains_key(s));
+        self.set_fast_tick(None, following);
     }
 }
 

@@ -57,6 +57,7 @@ impl Request for Req {
 struct Mem {
     slots: HashMap<usize, Rc<Fetched>>,
     failed: Vec<usize>,
+    stale: Vec<usize>,
     revoked: Vec<String>,
     limits: crate::limits::Table,
     admitted: usize,
@@ -68,6 +69,7 @@ impl Secrets for Mem {
             return Slot::Failed;
         }
         match self.slots.get(&slot) {
+            Some(f) if self.stale.contains(&slot) => Slot::Stale(f.clone()),
             Some(f) => Slot::Ready(f.clone()),
             None => Slot::Pending,
         }
@@ -80,7 +82,7 @@ impl Secrets for Mem {
                     .and_then(|k| HmacKey::new(&k).ok())
                     .map(Rc::new),
             ),
-            Slot::Pending => Slot::Pending,
+            Slot::Stale(_) | Slot::Pending => Slot::Pending,
             Slot::Failed => Slot::Failed,
         }
     }
@@ -163,6 +165,7 @@ fn allows_and_injects() {
     assert_eq!(d.audit, Audit {
         subject: Some("lambda/pay".into()), target: Some("stripe".into()), jti: Some("j-1".into()),
         run: Some("sqs/1".into()), decision: "allow", cache: Some("hit"), idempotency_key: None,
+        secret_version: None,
     });
 }
 
@@ -440,4 +443,21 @@ fn idempotency_key_required_for_listed_methods() {
     let d = decide(&c, &mut r, &mut s, NOW);
     assert_eq!(code(&d), "missing_credential");
     assert_eq!(d.audit.idempotency_key.as_deref(), Some("order-9"));
+}
+
+#[test]
+fn stale_secrets_are_served_and_audited_as_stale() {
+    let c = cfg();
+    let mut s = warm(&c);
+    let slot = c.target("stripe").map(|(_, t)| t.slot).unwrap_or_default();
+    let mut f = (*s.slots[&slot]).clone();
+    f.version = Some("7".into());
+    s.slots.insert(slot, Rc::new(f));
+    s.stale.push(slot);
+    let t = tok("k1", K1, &["stripe * /**"], "");
+    let d = decide(&c, &mut stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {t}"))), &mut s, NOW);
+    assert_eq!(code(&d), "allow");
+    assert_eq!(set_value(&d, "authorization").as_deref(), Some("Bearer sk_test_stripe"));
+    assert_eq!(d.audit.cache, Some("stale"));
+    assert_eq!(d.audit.secret_version.as_deref(), Some("7"));
 }
