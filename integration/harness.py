@@ -97,6 +97,8 @@ class Vendor:
         self.requests = []
         self.history = []  # every request ever received (the leak check reads it)
         self.lock = threading.Lock()
+        # When set, requests whose Authorization is not one of these get 401 (a rotated key).
+        self.valid_authorizations = None
         vendor = self
 
         class H(BaseHTTPRequestHandler):
@@ -110,6 +112,15 @@ class Vendor:
                 with vendor.lock:
                     vendor.requests.append(rec)
                     vendor.history.append(rec)
+                valid = vendor.valid_authorizations
+                if valid is not None and self.headers.get("authorization") not in valid:
+                    out = b'{"error":"invalid api key"}'
+                    self.send_response(401)
+                    self.send_header("content-type", "application/json")
+                    self.send_header("content-length", str(len(out)))
+                    self.end_headers()
+                    self.wfile.write(out)
+                    return
                 out = b'{"vendor":"ok"}'
                 self.send_response(200)
                 self.send_header("content-type", "application/json")
@@ -172,7 +183,9 @@ class Relay:
     def __init__(self, upstream: str):
         self.port = free_port()
         self.mode = "pass"
-        self.served = {"pass": 0, "error": 0, "garbage": 0}
+        self.served = {"pass": 0, "error": 0, "garbage": 0, "hang": 0}
+        self.paths = []  # every request path, in order
+        self.lock = threading.Lock()
         relay = self
 
         class H(BaseHTTPRequestHandler):
@@ -182,12 +195,21 @@ class Relay:
                 n = int(self.headers.get("content-length") or 0)
                 body = self.rfile.read(n) if n else None
                 mode = relay.mode
-                relay.served[mode] += 1
+                with relay.lock:
+                    relay.served[mode] += 1
+                    relay.paths.append(self.path)
+                if mode == "hang":
+                    time.sleep(5)
+                    return
                 if mode == "pass":
                     hop = {"host", "connection", "content-length", "transfer-encoding"}
-                    r = requests.request(self.command, upstream + self.path, data=body, timeout=5,
-                                         headers={k: v for k, v in self.headers.items() if k.lower() not in hop})
-                    status, out = r.status_code, r.content
+                    try:
+                        r = requests.request(self.command, upstream + self.path, data=body, timeout=5,
+                                             headers={k: v for k, v in self.headers.items() if k.lower() not in hop})
+                        status, out = r.status_code, r.content
+                    except requests.RequestException:
+                        status, out = 502, b'{"errors":["upstream unreachable"]}'
+
                 elif mode == "error":
                     status, out = 500, b'{"errors":["injected failure"]}'
                 else:
@@ -206,6 +228,10 @@ class Relay:
         self.server = ThreadingHTTPServer(("127.0.0.1", self.port), H)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
+    def count(self, suffix: str) -> int:
+        with self.lock:
+            return sum(1 for p in self.paths if p.endswith(suffix))
+
     def stop(self):
         self.server.shutdown()
 
@@ -213,12 +239,17 @@ class Relay:
 # ------------------------------------------------------------------ OpenBao
 
 class Bao:
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, name="bao"):
         self.port = free_port()
         self.token = "it-root-" + secrets.token_hex(8)
         SECRETS.add(self.token)
         self.addr = f"http://127.0.0.1:{self.port}"
-        self.log = open(workdir / "bao.log", "wb")
+        self.log = open(workdir / f"{name}.log", "ab")
+        self.start()
+
+    def start(self):
+        """Start (or restart, on the same port and root token) the dev server. Dev mode keeps
+        nothing across a restart: the caller seeds it again."""
         self.proc = subprocess.Popen(
             [str(BIN / "bao"), "server", "-dev", f"-dev-root-token-id={self.token}",
              f"-dev-listen-address=127.0.0.1:{self.port}"],
@@ -234,6 +265,10 @@ class Bao:
     def delete(self, path: str):
         requests.delete(f"{self.addr}/v1/secret/data/{path}", headers={"X-Vault-Token": self.token},
                         timeout=5).raise_for_status()
+
+    def kill(self):
+        self.proc.kill()
+        self.proc.wait()
 
     def stop(self):
         stop_process(self.proc, 5)
