@@ -3,7 +3,7 @@ import json
 
 HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 
-FILTER_STATE_KEYS = ["subject", "target", "jti", "run", "decision", "cache", "idempotency_key"]
+FILTER_STATE_KEYS = ["subject", "target", "jti", "run", "decision", "cache", "idempotency_key", "secret_version"]
 
 
 def filter_config(bao_cluster="vault", timeout_ms=1500) -> dict:

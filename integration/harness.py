@@ -185,6 +185,7 @@ class Relay:
         self.mode = "pass"
         self.served = {"pass": 0, "error": 0, "garbage": 0, "hang": 0}
         self.paths = []  # every request path, in order
+        self.headers = []  # every request's headers (lower-case names), in order
         self.lock = threading.Lock()
         relay = self
 
@@ -198,6 +199,7 @@ class Relay:
                 with relay.lock:
                     relay.served[mode] += 1
                     relay.paths.append(self.path)
+                    relay.headers.append({k.lower(): v for k, v in self.headers.items()})
                 if mode == "hang":
                     time.sleep(5)
                     return

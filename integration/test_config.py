@@ -67,13 +67,14 @@ def test_not_json_refuses_to_start(workdir):
     assert code != 0 and "not valid JSON" in log
 
 
-def test_shipped_local_config_validates_and_lints(workdir):
+@pytest.mark.parametrize("name", ["local.yaml", "aws-secrets-manager.yaml"])
+def test_shipped_configs_validate_and_lint(workdir, name):
     import yaml
-    doc = yaml.safe_load((ROOT / "envoy" / "local.yaml").read_text())
-    code, log = harness.validate(workdir, doc, env(), name="local")
+    doc = yaml.safe_load((ROOT / "envoy" / name).read_text())
+    code, log = harness.validate(workdir, doc, env(), name=name.split(".")[0])
     assert code == 0, log[-3000:]
     assert "configured: audience=keyward" in log
-    r = harness.cli("check-envoy", str(ROOT / "envoy" / "local.yaml"), "--no-env")
+    r = harness.cli("check-envoy", str(ROOT / "envoy" / name), "--no-env")
     assert r.returncode == 0, r.stdout + r.stderr
 
 
