@@ -3,6 +3,8 @@ import json
 
 HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 
+GARBAGE_CASES = ["crlf", "lf", "number", "object", "big", "missing", "empty"]
+
 FILTER_STATE_KEYS = ["subject", "target", "jti", "run", "decision", "cache", "idempotency_key", "secret_version"]
 
 
@@ -53,6 +55,8 @@ def filter_config(bao_cluster="vault", timeout_ms=1500) -> dict:
                         "inject": {"type": "bearer"}, "require_idempotency_key": ["POST"]},
             "coldlim": {"credential": "bearer", "secret": {"store": "bao", "path": "it/coldlim", "field": "k"},
                         "inject": {"type": "bearer"}},
+            **{f"g_{case}": {"credential": "bearer", "secret": {"store": "bao", "path": f"it/garbage-{case}", "field": "k"},
+                             "inject": {"type": "bearer"}} for case in GARBAGE_CASES},
             "hangstore": {"credential": "bearer", "secret": {"store": "hang", "path": "it/x", "field": "k"},
                           "inject": {"type": "bearer"}},
             "deadstore": {"credential": "bearer", "secret": {"store": "dead", "path": "it/x", "field": "k"},
@@ -78,7 +82,7 @@ def static_cluster(name, port, timeout="1s"):
 
 
 def hcm(stat_prefix, access_log_path, cfg: dict, hardened: bool) -> dict:
-    routes = [route(t, t) for t in ["stripe", "twilio", "anthropic", "vendorhdr", "maps", "missing", "deleted", "nofield", "deadstore", "burst", "hangstore", "charges", "coldlim"]]
+    routes = [route(t, t) for t in ["stripe", "twilio", "anthropic", "vendorhdr", "maps", "missing", "deleted", "nofield", "deadstore", "burst", "hangstore", "charges", "coldlim"] + [f"g_{c}" for c in GARBAGE_CASES]]
     routes += [route("nometa"), route("unknown", "paypal")]
     h = {
         "@type": HCM,

@@ -370,3 +370,33 @@ def test_client_leaving_while_parked_does_not_wedge_the_worker(gw):
     assert gw.get("/stripe/v1/after", t).status_code == 200
     assert_denied(gw.get("/hangstore/x", t), 503, "secret_unavailable")
     assert [g["path"] for g in gw.vendor.take()] == ["/v1/after"]
+
+
+# ------------------------------------------------------------------ garbage from the store
+
+GARBAGE = {
+    "crlf": {"k": "sk_live_x\r\nX-Injected: 1"},
+    "lf": {"k": "sk_live_x\nsecond-line"},
+    "number": {"k": 12345},
+    "object": {"k": {"nested": "sk"}},
+    "big": {"k": "A" * (70 * 1024)},  # the whole answer is over 64 KiB
+    "missing": {"other": "sk_other"},
+    "empty": {"k": ""},
+}
+
+
+@pytest.mark.parametrize("case", sorted(GARBAGE))
+def test_garbage_from_the_store_gives_503_and_injects_nothing(gw, case):
+    import envoy_config
+    assert case in envoy_config.GARBAGE_CASES
+    gw.bao.put(f"it/garbage-{case}", GARBAGE[case])
+    t = gw.token([f"g_{case} GET /**"])
+    for _ in range(3):
+        r = gw.get(f"/g_{case}/x", t)
+        assert r.status_code == 503, r.text
+        assert r.json()["error"] == "secret_unavailable" and "retry-after" in r.headers
+    assert [v for v in gw.vendor.take() if v["path"] == "/x"] == []
+    # The reason is logged, never the value.
+    log = gw.envoy.log_path.read_text(errors="replace")
+    assert f"it/garbage-{case}" in log
+    assert "X-Injected" not in log and "second-line" not in log and "sk_other" not in log

@@ -102,6 +102,8 @@ enum RawStore {
         #[serde(default = "default_mount")]
         mount: String,
         token_env: String,
+        #[serde(default)]
+        namespace: Option<String>,
         #[serde(default = "default_timeout")]
         timeout_ms: u32,
     },
@@ -207,7 +209,8 @@ pub struct Store {
 
 #[derive(Debug)]
 pub enum StoreKind {
-    VaultKv2 { mount: String, token: Secret },
+    /// `namespace`: sent as `X-Vault-Namespace` (Vault Enterprise/HCP, OpenBao namespaces).
+    VaultKv2 { mount: String, token: Secret, namespace: Option<String> },
     AwsSecretsManager,
 }
 
@@ -473,7 +476,12 @@ pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Con
             return err(path, "store names are 1-64 of [A-Za-z0-9_.-]");
         }
         let (cluster, authority, timeout_ms, kind) = match s {
-            RawStore::VaultKv2 { cluster, authority, mount, token_env, timeout_ms } => {
+            RawStore::VaultKv2 { cluster, authority, mount, token_env, namespace, timeout_ms } => {
+                let namespace = match namespace.as_deref().map(|n| n.trim_matches('/')) {
+                    None => None,
+                    Some(n) if valid_store_path(n) => Some(n.to_string()),
+                    Some(n) => return err(format!("{path}.namespace"), format!("{n:?} is not a valid namespace path")),
+                };
                 if !valid_store_path(mount) {
                     return err(format!("{path}.mount"), format!("{mount:?} is not a valid mount path"));
                 }
@@ -481,7 +489,7 @@ pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Con
                 if token.chars().any(|ch| ch.is_control() || ch == ' ') {
                     return err(format!("{path}.token_env"), "the token has whitespace or control characters");
                 }
-                (cluster, authority, *timeout_ms, StoreKind::VaultKv2 { mount: mount.clone(), token: Secret::text(&token) })
+                (cluster, authority, *timeout_ms, StoreKind::VaultKv2 { mount: mount.clone(), token: Secret::text(&token), namespace })
             }
             RawStore::AwsSecretsManager { cluster, authority, timeout_ms } => {
                 (cluster, authority, *timeout_ms, StoreKind::AwsSecretsManager)

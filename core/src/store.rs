@@ -86,14 +86,17 @@ fn header(k: &str, v: &str) -> (String, Secret) {
 /// The callout that reads `path` from `store`.
 pub fn callout(store: &Store, path: &str) -> Callout {
     match &store.kind {
-        StoreKind::VaultKv2 { mount, token } => {
-            let headers = vec![
+        StoreKind::VaultKv2 { mount, token, namespace } => {
+            let mut headers = vec![
                 header(":method", "GET"),
                 header(":path", &format!("/v1/{mount}/data/{path}")),
                 header(":authority", &store.authority),
                 header("accept", "application/json"),
                 (String::from("x-vault-token"), token.clone()),
             ];
+            if let Some(ns) = namespace {
+                headers.push(header("x-vault-namespace", ns));
+            }
             Callout { cluster: store.cluster.clone(), headers, body: None, timeout_ms: store.timeout_ms }
         }
         StoreKind::AwsSecretsManager => {

@@ -110,6 +110,8 @@ fn errors_name_the_path() {
         (edit(|v| v["stores"]["bao"]["token_env"] = "NOPE".into()), "stores.bao.token_env: environment variable NOPE is not set"),
         (edit(|v| v["stores"]["bao"]["type"] = "consul".into()), "stores.bao"),
         (edit(|v| v["stores"]["bao"]["timeout_ms"] = 0.into()), "stores.bao.timeout_ms"),
+        (edit(|v| v["stores"]["bao"]["namespace"] = "a//b".into()), "stores.bao.namespace"),
+        (edit(|v| v["stores"]["aws"]["namespace"] = "a".into()), "stores.aws"),
         (edit(|v| v["targets"]["stripe"]["allow"][1] = "GET /v1/**/x".into()), "targets.stripe.allow[1]: "),
         (edit(|v| v["targets"]["stripe"]["allow"][0] = "post /v1".into()), "targets.stripe.allow[0]: "),
         (edit(|v| v["targets"]["stripe"]["credential"] = "cookie".into()), "targets.stripe.credential: unknown credential source"),

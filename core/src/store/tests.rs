@@ -6,7 +6,7 @@ fn vault() -> Store {
         cluster: "vault".into(),
         authority: "vault.internal".into(),
         timeout_ms: 2000,
-        kind: StoreKind::VaultKv2 { mount: "secret".into(), token: Secret::text("s.roottoken") },
+        kind: StoreKind::VaultKv2 { mount: "secret".into(), token: Secret::text("s.roottoken"), namespace: None },
     }
 }
 fn aws() -> Store {
@@ -26,6 +26,13 @@ fn vault_callout() {
     assert_eq!(get("x-vault-token").as_deref(), Some("s.roottoken"));
     assert_eq!(c.cluster, "vault");
     assert!(!format!("{c:?}").contains("roottoken"));
+    assert_eq!(get("x-vault-namespace"), None);
+    let mut ns = vault();
+    ns.kind = StoreKind::VaultKv2 { mount: "kv".into(), token: Secret::text("t"), namespace: Some("admin/payments".into()) };
+    let c = callout(&ns, "stripe");
+    let get = |k: &str| c.headers.iter().find(|(n, _)| n == k).and_then(|(_, v)| v.expose_str().map(str::to_string));
+    assert_eq!(get("x-vault-namespace").as_deref(), Some("admin/payments"));
+    assert_eq!(get(":path").as_deref(), Some("/v1/kv/data/stripe"));
 }
 
 #[test]
