@@ -21,6 +21,7 @@ def life_config(ttl_s, stale_s) -> dict:
     cfg.pop("revocation")
     cfg["cache"] = {"ttl_s": ttl_s, "stale_if_error_s": stale_s}
     cfg["signing_keys"] = {"k1": {"env": "KEYWARD_KEY_K1"}}
+    cfg["signing_keyset"] = {"store": "bao", "path": "life/keyset"}
     cfg["stores"] = {
         # Through the counting relay.
         "bao": {"type": "vault_kv2", "cluster": "vault", "authority": "vault.test", "token_env": "VAULT_TOKEN",
@@ -72,6 +73,13 @@ class Life:
     def seed(self):
         for p in ("stripe", "burst", "maps", "deleted", "direct"):
             self.secret(p)
+        self.keyset = {"k5": harness.secrets.token_bytes(32)}
+        self.put_keyset()
+
+    def put_keyset(self):
+        enc = {kid: harness.base64.b64encode(k).decode() for kid, k in self.keyset.items()}
+        harness.SECRETS.update(enc.values())
+        self.bao.put("life/keyset", enc)
 
     def token(self, allow):
         return harness.mint(self.k1, harness.claims(allow))
@@ -299,3 +307,24 @@ def test_openbao_killed_mid_run(life):
         life.seed()
     harness.wait_until(lambda: life.get("short", "/twilio/back", t).status_code == 200, timeout=5, what="recovery")
     assert harness.header_values(life.vendor.take()[-1], "authorization") == [f"Bearer {life.values['direct']}"]
+
+
+def test_signing_keys_added_and_removed_in_the_store(life):
+    """A kid added to the key set works, and a removed one stops working, within the TTL (2 s
+    here), with no Envoy config change."""
+    k5 = harness.mint(life.keyset["k5"], harness.claims(["maps GET /**"]), kid="k5")
+    assert life.get("short", "/maps/ks", k5).status_code == 200
+    k6_key = harness.secrets.token_bytes(32)
+    k6 = harness.mint(k6_key, harness.claims(["maps GET /**"]), kid="k6")
+    assert life.get("short", "/maps/ks", k6).status_code == 401
+    life.keyset = {"k6": k6_key}
+    life.put_keyset()
+    changed = time.time()
+    harness.wait_until(lambda: life.get("short", "/maps/ks", k6).status_code == 200, timeout=TTL_S + 3, what="k6 accepted")
+    harness.wait_until(lambda: life.get("short", "/maps/ks", k5).status_code == 401, timeout=TTL_S + 3, what="k5 refused")
+    took = time.time() - changed
+    print(f"key set change in effect after {took:.2f}s (TTL {TTL_S} s)")
+    assert took <= TTL_S + 1.5
+    r = life.get("short", "/maps/ks", k5)
+    assert r.json()["error"] == "invalid_credential"
+    life.vendor.take()

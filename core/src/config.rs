@@ -45,7 +45,10 @@ struct RawConfig {
     clock_skew_s: u32,
     #[serde(default = "default_lifetime")]
     max_token_lifetime_s: u32,
+    #[serde(default)]
     signing_keys: BTreeMap<String, RawKey>,
+    #[serde(default)]
+    signing_keyset: Option<RawKeyset>,
     #[serde(default)]
     stores: BTreeMap<String, RawStore>,
     #[serde(default)]
@@ -81,6 +84,14 @@ struct RawKey {
     env: Option<String>,
     #[serde(default)]
     secret: Option<RawSecretRef>,
+}
+
+/// A secret whose every field is a signing key, named by its kid.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKeyset {
+    store: String,
+    path: String,
 }
 
 #[derive(Deserialize)]
@@ -176,6 +187,8 @@ pub struct Config {
     pub policy: Policy,
     pub keys: Vec<SigningKey>,
     key_index: HashMap<String, usize>,
+    /// The slot of `signing_keyset`: kids not in `signing_keys` are looked up there.
+    pub keyset: Option<usize>,
     pub stores: Vec<Store>,
     pub slots: Vec<Slot>,
     pub cache: CacheSettings,
@@ -223,6 +236,8 @@ pub struct Slot {
     pub fields: Vec<String>,
     /// Its key in Envoy shared data (computed once, not per request).
     pub cache_key: String,
+    /// Keep every field (a signing key set), not only `fields`.
+    pub whole: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -307,6 +322,11 @@ impl Config {
                 format!("{}({kind}@{})", s.name, s.cluster)
             })
             .collect();
+        let mut keys = keys;
+        if let Some(spec) = self.keyset.and_then(|k| self.slots.get(k)) {
+            let store = self.stores.get(spec.store).map_or("?", |s| s.name.as_str());
+            keys.push(format!("*(keyset {store}:{})", spec.path));
+        }
         let targets: Vec<&str> = self.targets.iter().map(|t| t.name.as_str()).collect();
         format!(
             "audience={} issuer={} keys=[{}] stores=[{}] targets=[{}] cache_ttl_s={} stale_if_error_s={} revocation={}",
@@ -421,7 +441,7 @@ impl Compiler<'_> {
             Some(i) => i,
             None => {
                 let cache_key = crate::cache::shared_key(store_name, &r.path);
-                self.slots.push(Slot { store, path: r.path.clone(), fields: Vec::new(), cache_key });
+                self.slots.push(Slot { store, path: r.path.clone(), fields: Vec::new(), cache_key, whole: false });
                 self.slots.len() - 1
             }
         };
@@ -434,6 +454,11 @@ impl Compiler<'_> {
         }
         Ok(i)
     }
+}
+
+/// Does any target read the secret at (store, path)? A key set's secret must not hold vendor keys.
+fn targets_share(raw: &RawConfig, store: &str, path: &str) -> bool {
+    raw.targets.values().any(|t| t.secret.store == store && t.secret.path == path)
 }
 
 /// Parse and compile a configuration document. `env` looks up environment variables (the
@@ -508,8 +533,8 @@ pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Con
         stores.push(Store { name: name.clone(), cluster: cluster.clone(), authority: authority.clone(), timeout_ms, kind });
     }
 
-    if raw.signing_keys.is_empty() {
-        return err("signing_keys", "at least one signing key is required");
+    if raw.signing_keys.is_empty() && raw.signing_keyset.is_none() {
+        return err("signing_keys", "at least one signing key (or a signing_keyset) is required");
     }
     let mut keys = Vec::new();
     let mut key_index = HashMap::new();
@@ -538,6 +563,21 @@ pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Con
         key_index.insert(kid.clone(), keys.len());
         keys.push(SigningKey { kid: kid.clone(), source });
     }
+
+    let keyset = match &raw.signing_keyset {
+        None => None,
+        Some(k) => {
+            let r = RawSecretRef { store: k.store.clone(), path: k.path.clone(), field: None };
+            let slot = c.slot("signing_keyset", &r, &[])?;
+            if c.slots.get(slot).is_some_and(|s| !s.fields.is_empty()) || targets_share(&raw, &k.store, &k.path) {
+                return err("signing_keyset.path", "a signing key set needs a secret of its own");
+            }
+            if let Some(s) = c.slots.get_mut(slot) {
+                s.whole = true;
+            }
+            Some(slot)
+        }
+    };
 
     if raw.cache.ttl_s == 0 {
         return err("cache.ttl_s", "must be at least 1");
@@ -635,7 +675,7 @@ pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Con
         clock_skew_s: i64::from(raw.clock_skew_s),
         max_token_lifetime_s: i64::from(raw.max_token_lifetime_s),
     };
-    Ok(Config { policy, keys, key_index, stores, slots: c.slots, cache, revocation, targets, target_index })
+    Ok(Config { policy, keys, key_index, keyset, stores, slots: c.slots, cache, revocation, targets, target_index })
 }
 
 #[cfg(test)]

@@ -158,11 +158,19 @@ pub fn decide(cfg: &Config, req: &mut impl Request, secrets: &mut impl Secrets, 
         Ok(u) => u,
         Err(e) => return deny(audit, Denial::new(Code::InvalidCredential, e.public_message())),
     };
-    let Some(key) = cfg.key(&unverified.kid) else {
-        let e = token::TokenError::UnknownKid(String::new());
-        return deny(audit, Denial::new(Code::InvalidCredential, e.public_message()));
+    let from_set;
+    let source = match (cfg.key(&unverified.kid), cfg.keyset) {
+        (Some(key), _) => &key.source,
+        (None, Some(slot)) => {
+            from_set = KeySource::Stored { slot, field: unverified.kid.clone() };
+            &from_set
+        }
+        (None, None) => {
+            let e = token::TokenError::UnknownKid(String::new());
+            return deny(audit, Denial::new(Code::InvalidCredential, e.public_message()));
+        }
     };
-    let payload = match &key.source {
+    let payload = match source {
         KeySource::Ready(k) => unverified.verify(k),
         KeySource::Stored { slot, field } => match secrets.signing_key(*slot, field) {
             Slot::Ready(Some(k)) | Slot::Stale(Some(k)) => unverified.verify(&k),

@@ -169,6 +169,23 @@ pub fn parse_response(store: &Store, status: Option<u32>, body: &[u8], wanted: &
     Ok(Fetched { fields, version, problems })
 }
 
+/// Most keys a signing key set may hold.
+pub const MAX_KEYSET: usize = 64;
+
+/// Read a signing key set: every field is a key, named by its kid. Unusable fields are skipped
+/// (and reported); a set with no usable key at all is garbage.
+pub fn parse_keyset(store: &Store, status: Option<u32>, body: &[u8]) -> Result<Fetched, FetchError> {
+    let (doc, version) = read_document(store, status, body)?;
+    let members = doc.as_object().unwrap_or_default();
+    if members.len() > MAX_KEYSET {
+        return Err(FetchError::Garbage(format!("a signing key set holds at most {MAX_KEYSET} keys")));
+    }
+    let names: Vec<String> = members.iter().map(|(k, _)| k.clone()).collect();
+    let (fields, problems) = pick(&doc, &names)?;
+    let fields = fields.into_iter().filter(|(_, v)| !v.is_empty()).collect();
+    Ok(Fetched { fields, version, problems })
+}
+
 /// The whole secret document (an object) and its version, for readers that need every key
 /// (the revocation list).
 pub fn read_document(store: &Store, status: Option<u32>, body: &[u8]) -> Result<(Value, Option<String>), FetchError> {

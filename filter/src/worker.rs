@@ -242,6 +242,10 @@ impl Secrets for Cache<'_> {
             Slot::Pending => return Slot::Pending,
             Slot::Failed => return Slot::Failed,
         };
+        if f.field(field).is_none() {
+            // Not in the value (an unknown kid): nothing is cached per attacker-chosen kid.
+            return if stale { Slot::Stale(None) } else { Slot::Ready(None) };
+        }
         let k = (slot, field.to_string());
         let key = match self.w.keys.get(&k) {
             Some((src, key)) if Rc::ptr_eq(src, &f) => key.clone(),
@@ -252,7 +256,7 @@ impl Secrets for Cache<'_> {
                     .and_then(b64::key_decode)
                     .and_then(|bytes| HmacKey::new(&bytes).ok())
                     .map(Rc::new);
-                if key.is_none() && f.covers(field) {
+                if key.is_none() && f.field(field).is_some() {
                     log::warn!("store-held signing key {field:?} is not base64 of at least 32 bytes");
                 }
                 self.w.keys.insert(k, (f, key.clone()));
@@ -446,6 +450,7 @@ impl Worker {
         let (status, body) = host::callout_response(num_headers, body_size, store::MAX_BODY);
         let result = match body {
             None => Err(FetchError::Garbage(format!("answer is larger than {} bytes", store::MAX_BODY))),
+            Some(b) if spec.whole => store::parse_keyset(st, status, &b),
             Some(b) => store::parse_response(st, status, &b, &spec.fields),
         };
         self.complete(&cfg, slot, result);

@@ -106,7 +106,7 @@ fn errors_name_the_path() {
         (edit(|v| v["signing_keys"]["k1"]["env"] = "SHORT".into()), "signing_keys.k1.env: key is 5 bytes; at least 32 are required"),
         (edit(|v| v["signing_keys"]["k1"]["env"] = "MISSING_VAR".into()), "signing_keys.k1.env: environment variable MISSING_VAR is not set"),
         (edit(|v| v["signing_keys"]["k1"] = serde_json::json!({})), "signing_keys.k1: give exactly one of env or secret"),
-        (edit(|v| v["signing_keys"] = serde_json::json!({})), "signing_keys: at least one signing key is required"),
+        (edit(|v| v["signing_keys"] = serde_json::json!({})), "signing_keys: at least one signing key (or a signing_keyset) is required"),
         (edit(|v| v["stores"]["bao"]["token_env"] = "NOPE".into()), "stores.bao.token_env: environment variable NOPE is not set"),
         (edit(|v| v["stores"]["bao"]["type"] = "consul".into()), "stores.bao"),
         (edit(|v| v["stores"]["bao"]["timeout_ms"] = 0.into()), "stores.bao.timeout_ms"),

@@ -461,3 +461,37 @@ fn stale_secrets_are_served_and_audited_as_stale() {
     assert_eq!(d.audit.cache, Some("stale"));
     assert_eq!(d.audit.secret_version.as_deref(), Some("7"));
 }
+
+#[test]
+fn signing_keyset_from_the_store() {
+    let doc = EXAMPLE.replace(
+        r#""cache": {"#,
+        r#""signing_keyset": {"store": "bao", "path": "keyward/keyset"}, "cache": {"#,
+    );
+    let c = compile(doc.as_bytes(), &env).unwrap_or_else(|e| panic!("{e}"));
+    let slot = c.keyset.unwrap_or_else(|| panic!("no keyset"));
+    assert!(c.slots[slot].whole);
+    assert!(c.summary().contains("*(keyset bao:keyward/keyset)"));
+    let k3 = b"a-third-signing-key-of-32-bytes!";
+    let t = tok("k3", k3, &["stripe * /**"], "");
+    let mut s = warm(&c);
+    // Cold set: fetch it.
+    let d = decide(&c, &mut stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {t}"))), &mut s, NOW);
+    assert!(matches!(d.outcome, Outcome::Need(x) if x == slot));
+    s.slots.insert(slot, fetched(&[("k3", &crate::b64::std_encode(k3))]));
+    let d = decide(&c, &mut stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {t}"))), &mut s, NOW);
+    assert_eq!(code(&d), "allow");
+    // A kid removed from the set stops working once the set is refreshed.
+    s.slots.insert(slot, fetched(&[("k4", &crate::b64::std_encode(k3))]));
+    let d = decide(&c, &mut stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {t}"))), &mut s, NOW);
+    assert_eq!(code(&d), "invalid_credential");
+    // Static keys still win; a wrong key under a set kid fails.
+    let t1 = tok("k1", K1, &["stripe * /**"], "");
+    assert_eq!(code(&decide(&c, &mut stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {t1}"))), &mut s, NOW)), "allow");
+    let forged = tok("k4", K1, &["stripe * /**"], "");
+    assert_eq!(code(&decide(&c, &mut stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {forged}"))), &mut s, NOW)), "invalid_credential");
+    // A key set may not share a vendor secret.
+    let bad = EXAMPLE.replace(r#""cache": {"#, r#""signing_keyset": {"store": "bao", "path": "stripe"}, "cache": {"#);
+    let e = compile(bad.as_bytes(), &env).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(e.contains("signing_keyset.path"), "{e}");
+}
