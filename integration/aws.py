@@ -42,10 +42,11 @@ def signing_listener(name: str, port: int, upstream_cluster: str) -> dict:
 
 
 def credentials_env() -> dict:
-    """Test-only credentials, obviously fake, for Envoy's environment provider and boto3."""
-    secret = "kwtest" + harness.secrets.token_hex(16)
+    """Test-only credentials for Envoy's environment provider and boto3: obviously fake, not in
+    AWS's key format (moto does not check them), and random per run."""
+    secret = "fake-aws-secret-" + harness.secrets.token_hex(16)
     harness.SECRETS.add(secret)
-    return {"AWS_ACCESS_KEY_ID": "AKIAKEYWARDTESTONLY0", "AWS_SECRET_ACCESS_KEY": secret, "AWS_DEFAULT_REGION": REGION}
+    return {"AWS_ACCESS_KEY_ID": "keyward-fake-access-key-id", "AWS_SECRET_ACCESS_KEY": secret, "AWS_DEFAULT_REGION": REGION}
 
 
 class Moto:

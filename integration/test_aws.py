@@ -95,7 +95,7 @@ def test_aws_store_end_to_end(sm, target, path, header):
     assert calls, "the store was called"
     for h in calls:
         assert h["x-amz-target"] == "secretsmanager.GetSecretValue"
-        assert h["authorization"].startswith("AWS4-HMAC-SHA256 Credential=AKIAKEYWARDTESTONLY0/")
+        assert h["authorization"].startswith("AWS4-HMAC-SHA256 Credential=keyward-fake-access-key-id/")
         assert "x-amz-date" in h and h.get("x-amz-content-sha256", "") != "UNSIGNED-PAYLOAD"
         assert t not in json.dumps(h)
     version = sm.client.describe_secret(SecretId=f"prod/{target}")

@@ -375,8 +375,8 @@ def test_client_leaving_while_parked_does_not_wedge_the_worker(gw):
 # ------------------------------------------------------------------ garbage from the store
 
 GARBAGE = {
-    "crlf": {"k": "sk_live_x\r\nX-Injected: 1"},
-    "lf": {"k": "sk_live_x\nsecond-line"},
+    "crlf": {"k": "fake_vendor_key\r\nX-Injected: 1"},
+    "lf": {"k": "fake_vendor_key\nsecond-line"},
     "number": {"k": 12345},
     "object": {"k": {"nested": "sk"}},
     "big": {"k": "A" * (70 * 1024)},  # the whole answer is over 64 KiB
