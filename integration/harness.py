@@ -1,6 +1,7 @@
 """Real components for the integration tests: OpenBao (dev server), a recording vendor, Envoy
 running dist/keyward.wasm. Every server listens on 127.0.0.1 on a free port."""
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
@@ -89,6 +90,14 @@ def claims(allow, sub="lambda/it", ttl=300, **extra) -> dict:
 
 # ------------------------------------------------------------------ the recording vendor
 
+def send_json(handler: BaseHTTPRequestHandler, status: int, body: bytes):
+    handler.send_response(status)
+    handler.send_header("content-type", "application/json")
+    handler.send_header("content-length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
 class Vendor:
     """A vendor that records every request it receives and answers 200 with a small JSON body."""
 
@@ -114,19 +123,9 @@ class Vendor:
                     vendor.history.append(rec)
                 valid = vendor.valid_authorizations
                 if valid is not None and self.headers.get("authorization") not in valid:
-                    out = b'{"error":"invalid api key"}'
-                    self.send_response(401)
-                    self.send_header("content-type", "application/json")
-                    self.send_header("content-length", str(len(out)))
-                    self.end_headers()
-                    self.wfile.write(out)
-                    return
-                out = b'{"vendor":"ok"}'
-                self.send_response(200)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(out)))
-                self.end_headers()
-                self.wfile.write(out)
+                    send_json(self, 401, b'{"error":"invalid api key"}')
+                else:
+                    send_json(self, 200, b'{"vendor":"ok"}')
 
             do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = handle_any
 
@@ -216,11 +215,7 @@ class Relay:
                     status, out = 500, b'{"errors":["injected failure"]}'
                 else:
                     status, out = 200, b"<html>captive portal</html>"
-                self.send_response(status)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(out)))
-                self.end_headers()
-                self.wfile.write(out)
+                send_json(self, status, out)
 
             do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = handle_any
 
@@ -229,6 +224,15 @@ class Relay:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", self.port), H)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @contextlib.contextmanager
+    def failing(self, mode: str):
+        """Fail in `mode` ("error", "garbage" or "hang") inside the block, then pass again."""
+        self.mode = mode
+        try:
+            yield
+        finally:
+            self.mode = "pass"
 
     def count(self, suffix: str) -> int:
         with self.lock:

@@ -177,8 +177,7 @@ def test_warm_cache_survives_a_failing_vault_then_503_after_the_stale_window(lif
     t = life.token(["stripe GET /**"])
     assert life.get("short", "/stripe/w", t).status_code == 200
     stale_before = stat(life, "short", "cache_stale")
-    life.relay.mode = "error"
-    try:
+    with life.relay.failing("error"):
         failed_at = time.time()
         # Past the TTL and well into the stale window: still served, with the last good key.
         while time.time() - failed_at < TTL_S + 2:
@@ -203,8 +202,6 @@ def test_warm_cache_survives_a_failing_vault_then_503_after_the_stale_window(lif
         r = life.get("short", "/stripe/late", t)
         assert r.status_code == 503 and r.json()["error"] == "secret_unavailable" and "retry-after" in r.headers
         assert not [s for s in life.vendor.take() if s["path"] == "/late"]
-    finally:
-        life.relay.mode = "pass"
     harness.wait_until(lambda: life.get("short", "/stripe/back", t).status_code == 200, timeout=5, what="recovery")
     life.vendor.take()
 
@@ -212,21 +209,17 @@ def test_warm_cache_survives_a_failing_vault_then_503_after_the_stale_window(lif
 def test_garbage_from_the_vault_is_transient_with_a_warm_cache(life):
     t = life.token(["stripe GET /**"])
     assert life.get("short", "/stripe/g", t).status_code == 200
-    life.relay.mode = "garbage"
-    try:
+    with life.relay.failing("garbage"):
         time.sleep(TTL_S + 0.5)
         r = life.get("short", "/stripe/g2", t)
         assert r.status_code == 200
         assert harness.header_values(life.vendor.take()[-1], "authorization") == [f"Bearer {life.values['stripe']}"]
-    finally:
-        life.relay.mode = "pass"
 
 
 def test_hanging_vault_with_a_warm_cache_answers_within_timeout(life):
     t = life.token(["stripe GET /**"])
     assert life.get("short", "/stripe/h", t).status_code == 200
-    life.relay.mode = "hang"
-    try:
+    with life.relay.failing("hang"):
         time.sleep(TTL_S + 0.2)
         worst = 0.0
         for _ in range(10):
@@ -237,8 +230,6 @@ def test_hanging_vault_with_a_warm_cache_answers_within_timeout(life):
             time.sleep(0.1)
         print(f"hanging vault, warm cache: slowest answer {worst:.3f}s (timeout_ms={TIMEOUT_MS})")
         assert worst < TIMEOUT_MS / 1000 + 1.0, worst
-    finally:
-        life.relay.mode = "pass"
     life.vendor.take()
 
 

@@ -239,10 +239,6 @@ impl Kv {
     }
 }
 
-fn now_s() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
-}
-
 pub fn revoke(args: &[String]) -> Result<(), String> {
     let a = Args::parse(args, &[])?;
     a.check(&["jti", "sub", "reason", "config", "mount", "path"])?;
@@ -252,7 +248,7 @@ pub fn revoke(args: &[String]) -> Result<(), String> {
         return Err("--reason must be at most 512 bytes without control characters".into());
     }
     let kv = Kv::from_env(location(&a)?)?;
-    kv.update(&[(key.clone(), Some(format!("{reason} [{}]", rfc3339(now_s()))))])?;
+    kv.update(&[(key.clone(), Some(format!("{reason} [{}]", rfc3339(crate::now()))))])?;
     println!("revoked {key} in {}; gateways deny it within their refresh_s plus one second", kv.describe());
     Ok(())
 }

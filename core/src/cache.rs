@@ -16,6 +16,7 @@
 
 use crate::secret::Secret;
 use crate::store::Fetched;
+use crate::wire::Reader;
 
 const MAGIC: &[u8; 3] = b"KW2";
 
@@ -207,7 +208,7 @@ impl State {
     }
 
     pub fn decode(b: &[u8]) -> Option<State> {
-        let mut r = Reader { b, i: 0 };
+        let mut r = Reader::new(b);
         if r.take(3)? != MAGIC {
             return None;
         }
@@ -231,7 +232,7 @@ impl State {
                 for _ in 0..n {
                     let klen = r.u16()? as usize;
                     let k = std::str::from_utf8(r.take(klen)?).ok()?.to_string();
-                    let vlen = u32::from_le_bytes(r.take(4)?.try_into().ok()?) as usize;
+                    let vlen = r.u32()? as usize;
                     fields.push((k, Secret::new(r.take(vlen)?.to_vec())));
                 }
                 let version = if ver.is_empty() { None } else { Some(ver) };
@@ -239,32 +240,10 @@ impl State {
             }
             _ => return None,
         };
-        if r.i != b.len() {
+        if !r.done() {
             return None;
         }
         Some(State { entry, failure, lease_until_ms, suspect_at_ms })
-    }
-}
-
-struct Reader<'a> {
-    b: &'a [u8],
-    i: usize,
-}
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        let s = self.b.get(self.i..self.i.checked_add(n)?)?;
-        self.i += n;
-        Some(s)
-    }
-    fn u8(&mut self) -> Option<u8> {
-        self.take(1)?.first().copied()
-    }
-    fn u16(&mut self) -> Option<u16> {
-        Some(u16::from_le_bytes(self.take(2)?.try_into().ok()?))
-    }
-    fn u64(&mut self) -> Option<u64> {
-        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
     }
 }
 

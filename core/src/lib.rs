@@ -15,3 +15,4 @@ pub mod revocation;
 pub mod secret;
 pub mod store;
 pub mod token;
+pub mod wire;

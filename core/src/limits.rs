@@ -17,6 +17,7 @@
 //! where bucket `head_s - age` holds `count` requests. All integers are little-endian.
 
 use crate::token::Limits;
+use crate::wire::Reader;
 
 const MAGIC: &[u8; 4] = b"KWL1";
 /// Shared-data keys holding the counters. A fixed number, created once at configure time.
@@ -180,52 +181,36 @@ impl Table {
 
     /// `None` when the bytes are not a table this version wrote.
     pub fn decode(b: &[u8]) -> Option<Table> {
-        let mut rd = Reader(b);
+        let mut rd = Reader::new(b);
         if rd.take(4)? != MAGIC {
             return None;
         }
-        let n = u32::from_le_bytes(rd.take(4)?.try_into().ok()?) as usize;
+        let n = rd.u32()? as usize;
         if n > MAX_RECORDS_PER_SHARD {
             return None;
         }
         let mut records = Vec::with_capacity(n);
         for _ in 0..n {
-            let jl = usize::from(u16::from_le_bytes(rd.take(2)?.try_into().ok()?));
+            let jl = usize::from(rd.u16()?);
             let jti = String::from_utf8(rd.take(jl)?.to_vec()).ok()?;
             let keep_until_s = rd.u64()?;
             let used = rd.u64()?;
             let head_s = rd.u64()?;
-            let nb = usize::from(*rd.take(1)?.first()?);
+            let nb = usize::from(rd.u8()?);
             let mut buckets = Vec::with_capacity(nb);
             for _ in 0..nb {
-                let age = *rd.take(1)?.first()?;
+                let age = rd.u8()?;
                 if u64::from(age) >= WINDOW_BUCKETS {
                     return None;
                 }
-                buckets.push((age, u32::from_le_bytes(rd.take(4)?.try_into().ok()?)));
+                buckets.push((age, rd.u32()?));
             }
             records.push(Record { jti, keep_until_s, used, head_s, buckets });
         }
-        if !rd.0.is_empty() {
+        if !rd.done() {
             return None;
         }
         Some(Table { records })
-    }
-}
-
-struct Reader<'a>(&'a [u8]);
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        if self.0.len() < n {
-            return None;
-        }
-        let (a, b) = self.0.split_at(n);
-        self.0 = b;
-        Some(a)
-    }
-    fn u64(&mut self) -> Option<u64> {
-        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
     }
 }
 

@@ -28,7 +28,8 @@ impl fmt::Debug for Callout {
     }
 }
 
-/// Why a fetch failed. Transient failures may be served stale; authoritative ones never.
+/// Why a fetch failed. Only authoritative answers (`NotFound`, `Denied`) evict a cached value;
+/// the others may be served stale (see `may_serve_stale`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FetchError {
     /// Timeout, connection failure, 5xx, throttling.
@@ -42,8 +43,11 @@ pub enum FetchError {
 }
 
 impl FetchError {
-    pub fn is_transient(&self) -> bool {
-        matches!(self, FetchError::Transient(_))
+    /// May the last good value still be served? Yes for a timeout, a connection failure or a 5xx,
+    /// and for garbage: an answer that is not the store's (a proxy's error page, a truncated or
+    /// oversized body) says nothing about the secret. 404 and 401/403 are the store's own word.
+    pub fn may_serve_stale(&self) -> bool {
+        matches!(self, FetchError::Transient(_) | FetchError::Garbage(_))
     }
 }
 

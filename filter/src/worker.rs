@@ -473,10 +473,7 @@ impl Worker {
             }
             Err(e) => {
                 inc(self.metrics.fetch_error);
-                // Garbage is not an answer from the store itself (a proxy's error page, a
-                // truncated body): like a timeout, it may be served stale. 404 and 401/403 are
-                // the store's word and evict.
-                let transient = matches!(e, FetchError::Transient(_) | FetchError::Garbage(_));
+                let transient = e.may_serve_stale();
                 let what = if transient { "serving stale within stale_if_error_s if cached" } else { "evicted" };
                 log::warn!("fetching {}:{} failed: {e}; {what}", st.name, spec.path);
                 Err(Failure { at_ms: now_ms, transient })

@@ -130,3 +130,18 @@ fn one_bad_field_fails_only_that_field() {
     assert_eq!(f.problems.len(), 2);
     assert!(!f.problems.join(" ").contains("a\r\nb"), "problems name fields, never values");
 }
+
+#[test]
+fn only_authoritative_answers_forbid_stale() {
+    assert!(FetchError::Transient("timeout".into()).may_serve_stale());
+    assert!(FetchError::Garbage("not JSON".into()).may_serve_stale());
+    assert!(!FetchError::NotFound.may_serve_stale());
+    assert!(!FetchError::Denied(403).may_serve_stale());
+    // As the protocols classify real answers.
+    let v = vault();
+    assert!(parse_response(&v, Some(503), b"", &want(&["k"])).is_err_and(|e| e.may_serve_stale()));
+    assert!(parse_response(&v, None, b"", &want(&["k"])).is_err_and(|e| e.may_serve_stale()));
+    assert!(parse_response(&v, Some(200), b"<html>", &want(&["k"])).is_err_and(|e| e.may_serve_stale()));
+    assert!(parse_response(&v, Some(404), b"{}", &want(&["k"])).is_err_and(|e| !e.may_serve_stale()));
+    assert!(parse_response(&v, Some(403), b"{}", &want(&["k"])).is_err_and(|e| !e.may_serve_stale()));
+}
