@@ -81,8 +81,15 @@ def static_cluster(name, port, timeout="1s"):
                 {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}]}}
 
 
-def hcm(stat_prefix, access_log_path, cfg: dict, hardened: bool) -> dict:
-    routes = [route(t, t) for t in ["stripe", "twilio", "anthropic", "vendorhdr", "maps", "missing", "deleted", "nofield", "deadstore", "burst", "hangstore", "charges", "coldlim"] + [f"g_{c}" for c in GARBAGE_CASES]]
+ENV_KEYS = ["KEYWARD_KEY_K1", "VAULT_TOKEN"]
+
+
+def hcm(stat_prefix, access_log_path, cfg: dict, hardened: bool, env_keys=None) -> dict:
+    fixed = ["stripe", "twilio", "anthropic", "vendorhdr", "maps", "missing", "deleted", "nofield", "deadstore", "burst",
+             "hangstore", "charges", "coldlim"] + [f"g_{c}" for c in GARBAGE_CASES]
+    # A route per target, named after it (the fixed ones first, as the core tests expect).
+    targets = cfg.get("targets")
+    routes = [route(t, t) for t in dict.fromkeys(fixed + list(targets if isinstance(targets, dict) else {}))]
     routes += [route("nometa"), route("unknown", "paypal")]
     h = {
         "@type": HCM,
@@ -101,7 +108,7 @@ def hcm(stat_prefix, access_log_path, cfg: dict, hardened: bool) -> dict:
                 "config": {"name": "keyward", "root_id": "keyward", "fail_open": False,
                            "vm_config": {"vm_id": "keyward", "runtime": "envoy.wasm.runtime.v8",
                                          "code": {"local": {"filename": "dist/keyward.wasm"}},
-                                         "environment_variables": {"host_env_keys": ["KEYWARD_KEY_K1", "VAULT_TOKEN"]}},
+                                         "environment_variables": {"host_env_keys": list(env_keys or ENV_KEYS)}},
                            "configuration": {"@type": "type.googleapis.com/google.protobuf.StringValue",
                                              "value": json.dumps(cfg)}}}},
             {"name": "envoy.filters.http.router", "typed_config": {
@@ -120,15 +127,15 @@ def listener(name, port, h):
             "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": h}]}]}
 
 
-def bootstrap(ports: dict, access_log_path, cfg: dict | None = None) -> dict:
+def bootstrap(ports: dict, access_log_path, cfg: dict | None = None, env_keys=None) -> dict:
     cfg = cfg if cfg is not None else filter_config()
     return {
         "node": {"id": "keyward-it", "cluster": "keyward-it"},
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": ports["admin"]}}},
         "static_resources": {
             "listeners": [
-                listener("hardened", ports["hardened"], hcm("hardened", access_log_path, cfg, True)),
-                listener("raw", ports["raw"], hcm("raw", access_log_path, cfg, False)),
+                listener("hardened", ports["hardened"], hcm("hardened", access_log_path, cfg, True, env_keys)),
+                listener("raw", ports["raw"], hcm("raw", access_log_path, cfg, False, env_keys)),
             ],
             "clusters": [
                 static_cluster("vendor", ports["vendor"]),

@@ -104,6 +104,19 @@ struct RawSecretRef {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAppRole {
+    #[serde(default = "default_approle_mount")]
+    mount: String,
+    role_id_env: String,
+    secret_id_env: String,
+}
+
+fn default_approle_mount() -> String {
+    "approle".into()
+}
+
+#[derive(Deserialize)]
 #[serde(tag = "type", deny_unknown_fields)]
 enum RawStore {
     #[serde(rename = "vault_kv2")]
@@ -112,7 +125,10 @@ enum RawStore {
         authority: String,
         #[serde(default = "default_mount")]
         mount: String,
-        token_env: String,
+        #[serde(default)]
+        token_env: Option<String>,
+        #[serde(default)]
+        approle: Option<RawAppRole>,
         #[serde(default)]
         namespace: Option<String>,
         #[serde(default = "default_timeout")]
@@ -220,10 +236,20 @@ pub struct Store {
     pub kind: StoreKind,
 }
 
+/// How Keyward authenticates to a Vault/OpenBao store.
+#[derive(Debug)]
+pub enum VaultAuth {
+    /// A token from the environment (`token_env`), used as is.
+    Token(Secret),
+    /// AppRole login at `auth/<mount>/login`; the token it returns is renewed and replaced
+    /// (see `vault_auth`).
+    AppRole { mount: String, role_id: Secret, secret_id: Secret },
+}
+
 #[derive(Debug)]
 pub enum StoreKind {
     /// `namespace`: sent as `X-Vault-Namespace` (Vault Enterprise/HCP, OpenBao namespaces).
-    VaultKv2 { mount: String, token: Secret, namespace: Option<String> },
+    VaultKv2 { mount: String, auth: VaultAuth, namespace: Option<String> },
     AwsSecretsManager,
 }
 
@@ -316,7 +342,8 @@ impl Config {
             .iter()
             .map(|s| {
                 let kind = match s.kind {
-                    StoreKind::VaultKv2 { .. } => "vault_kv2",
+                    StoreKind::VaultKv2 { auth: VaultAuth::Token(_), .. } => "vault_kv2",
+                    StoreKind::VaultKv2 { auth: VaultAuth::AppRole { .. }, .. } => "vault_kv2+approle",
                     StoreKind::AwsSecretsManager => "aws_secrets_manager",
                 };
                 format!("{}({kind}@{})", s.name, s.cluster)
@@ -423,6 +450,16 @@ impl Compiler<'_> {
         }
     }
 
+    /// A credential from the environment: printable, no whitespace (it goes into a header or a
+    /// JSON body).
+    fn token(&self, path: &str, name: &str) -> Result<Secret, ConfigError> {
+        let v = self.env(path, name)?;
+        if v.len() > 4096 || !v.bytes().all(|b| b.is_ascii_graphic()) {
+            return err(path, format!("{name} has whitespace, control or non-ASCII characters, or is too long"));
+        }
+        Ok(Secret::text(&v))
+    }
+
     /// Resolve a secret reference to a slot, registering the fields it needs.
     fn slot(&mut self, path: &str, r: &RawSecretRef, fields: &[&str]) -> Result<usize, ConfigError> {
         let Some(&store) = self.store_index.get(&r.store) else {
@@ -501,7 +538,7 @@ pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Con
             return err(path, "store names are 1-64 of [A-Za-z0-9_.-]");
         }
         let (cluster, authority, timeout_ms, kind) = match s {
-            RawStore::VaultKv2 { cluster, authority, mount, token_env, namespace, timeout_ms } => {
+            RawStore::VaultKv2 { cluster, authority, mount, token_env, approle, namespace, timeout_ms } => {
                 let namespace = match namespace.as_deref().map(|n| n.trim_matches('/')) {
                     None => None,
                     Some(n) if valid_store_path(n) => Some(n.to_string()),
@@ -510,11 +547,23 @@ pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Con
                 if !valid_store_path(mount) {
                     return err(format!("{path}.mount"), format!("{mount:?} is not a valid mount path"));
                 }
-                let token = c.env(&format!("{path}.token_env"), token_env)?;
-                if token.chars().any(|ch| ch.is_control() || ch == ' ') {
-                    return err(format!("{path}.token_env"), "the token has whitespace or control characters");
-                }
-                (cluster, authority, *timeout_ms, StoreKind::VaultKv2 { mount: mount.clone(), token: Secret::text(&token), namespace })
+                let auth = match (token_env, approle) {
+                    (Some(var), None) => VaultAuth::Token(c.token(&format!("{path}.token_env"), var)?),
+                    (None, Some(a)) => {
+                        let mount = a.mount.trim_matches('/');
+                        if !valid_store_path(mount) {
+                            return err(format!("{path}.approle.mount"), format!("{:?} is not a valid mount path", a.mount));
+                        }
+                        VaultAuth::AppRole {
+                            mount: mount.to_string(),
+                            role_id: c.token(&format!("{path}.approle.role_id_env"), &a.role_id_env)?,
+                            secret_id: c.token(&format!("{path}.approle.secret_id_env"), &a.secret_id_env)?,
+                        }
+                    }
+                    (Some(_), Some(_)) => return err(path, "set token_env or approle, not both"),
+                    (None, None) => return err(path, "a vault_kv2 store needs token_env or approle"),
+                };
+                (cluster, authority, *timeout_ms, StoreKind::VaultKv2 { mount: mount.clone(), auth, namespace })
             }
             RawStore::AwsSecretsManager { cluster, authority, timeout_ms } => {
                 (cluster, authority, *timeout_ms, StoreKind::AwsSecretsManager)

@@ -15,4 +15,5 @@ pub mod revocation;
 pub mod secret;
 pub mod store;
 pub mod token;
+pub mod vault_auth;
 pub mod wire;

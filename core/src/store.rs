@@ -2,7 +2,7 @@
 //! Vault/OpenBao KV v2: `GET /v1/<mount>/data/<path>` with `X-Vault-Token`; AWS Secrets Manager:
 //! `POST /` with `X-Amz-Target: secretsmanager.GetSecretValue` (Envoy signs it).
 
-use crate::config::{Store, StoreKind};
+use crate::config::{Store, StoreKind, VaultAuth};
 use crate::json::{self, Value};
 use crate::secret::Secret;
 use std::fmt;
@@ -87,16 +87,22 @@ fn header(k: &str, v: &str) -> (String, Secret) {
     (k.to_string(), Secret::text(v))
 }
 
-/// The callout that reads `path` from `store`.
-pub fn callout(store: &Store, path: &str) -> Callout {
+/// The callout that reads `path` from `store`. `session`: the token from an AppRole login
+/// (`vault_auth`); a store configured with `token_env` uses its own token.
+pub fn callout(store: &Store, path: &str, session: Option<&Secret>) -> Callout {
     match &store.kind {
-        StoreKind::VaultKv2 { mount, token, namespace } => {
+        StoreKind::VaultKv2 { mount, auth, namespace } => {
+            let token = match (auth, session) {
+                (_, Some(t)) => t.clone(),
+                (VaultAuth::Token(t), None) => t.clone(),
+                (VaultAuth::AppRole { .. }, None) => Secret::default(),
+            };
             let mut headers = vec![
                 header(":method", "GET"),
                 header(":path", &format!("/v1/{mount}/data/{path}")),
                 header(":authority", &store.authority),
                 header("accept", "application/json"),
-                (String::from("x-vault-token"), token.clone()),
+                (String::from("x-vault-token"), token),
             ];
             if let Some(ns) = namespace {
                 headers.push(header("x-vault-namespace", ns));

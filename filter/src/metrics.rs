@@ -19,6 +19,9 @@ pub struct Metrics {
     pub limit_cas_retry: Option<u32>,
     pub limit_full: Option<u32>,
     pub vendor_rejected: Option<u32>,
+    pub vault_login: Option<u32>,
+    pub vault_renew: Option<u32>,
+    pub vault_auth_error: Option<u32>,
 }
 
 fn counter(name: &str) -> Option<u32> {
@@ -58,6 +61,9 @@ impl Metrics {
             limit_cas_retry: counter("keyward_limit_cas_retry"),
             limit_full: counter("keyward_limit_table_full"),
             vendor_rejected: counter("keyward_vendor_rejected_key"),
+            vault_login: counter("keyward_vault_login"),
+            vault_renew: counter("keyward_vault_renew"),
+            vault_auth_error: counter("keyward_vault_auth_error"),
         }
     }
 

@@ -22,10 +22,11 @@ use keyward_core::response::{Code, Denial};
 use keyward_core::revocation::{self, RevocationList};
 use keyward_core::store::{self, FetchError, Fetched};
 use keyward_core::token::{HmacKey, Limits};
+use keyward_core::vault_auth::{self, AuthState, Next};
 use keyward_core::{b64, secret::Secret};
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{Action, Status};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -64,7 +65,22 @@ type PreparedKey = (Rc<Fetched>, Option<Rc<HmacKey>>);
 enum Callout {
     Slot(usize),
     Revocation,
+    /// An AppRole login (false) or a token renewal (true) for a store.
+    Auth { store: usize, renewal: bool },
 }
+
+/// The token a store callout should carry.
+enum Token {
+    /// The store's own (`token_env`, or none needed).
+    Configured,
+    /// An AppRole session's token, and its generation.
+    Session(Secret, u64),
+    /// An AppRole store with no valid token yet: log in first.
+    Missing,
+}
+
+/// A slot fetch waits with its fetch lease until a token is available.
+const AWAITING_AUTH: u32 = 0;
 
 #[derive(Default)]
 pub struct Worker {
@@ -91,24 +107,67 @@ pub struct Worker {
     revoked_cas: Option<u32>,
     /// When this worker's revocation refresh was dispatched (0: none in flight).
     revocation_since_ms: u64,
+    /// The AppRole session generation the revocation refresh used.
+    revocation_gen: Option<u64>,
+    /// Slots (fetch lease held) waiting for their store's login, per store.
+    awaiting_auth: HashMap<usize, Vec<usize>>,
+    /// Slot fetches in flight with an AppRole token: the session generation they used.
+    fetch_gen: HashMap<usize, u64>,
+    /// Slot fetches already retried once after a 403 and a fresh login.
+    relogged: HashSet<usize>,
+    /// Stores this worker is logging in to or renewing (it holds the lease).
+    authing: HashSet<usize>,
 }
 
-/// Read-modify-write a slot's shared record with compare-and-swap. `f` returns whether it
-/// changed anything (nothing is written otherwise). `None`: the record could not be written.
-fn update_state(key: &str, mut f: impl FnMut(&mut State) -> bool) -> Option<bool> {
+/// A record kept in shared data and updated with compare-and-swap.
+trait Record: Default {
+    fn decode_record(b: &[u8]) -> Option<Self>;
+    fn encode_record(&self) -> Vec<u8>;
+}
+
+impl Record for State {
+    fn decode_record(b: &[u8]) -> Option<Self> {
+        State::decode(b)
+    }
+    fn encode_record(&self) -> Vec<u8> {
+        self.encode()
+    }
+}
+
+impl Record for AuthState {
+    fn decode_record(b: &[u8]) -> Option<Self> {
+        AuthState::decode(b)
+    }
+    fn encode_record(&self) -> Vec<u8> {
+        self.encode()
+    }
+}
+
+/// Read-modify-write a shared record with compare-and-swap. `f` returns whether it changed
+/// anything (nothing is written otherwise). `None`: the record could not be written.
+fn update<R: Record>(key: &str, mut f: impl FnMut(&mut R) -> bool) -> Option<bool> {
     for _ in 0..STATE_CAS_TRIES {
         let (bytes, cas) = hostcalls::get_shared_data(key).unwrap_or_default();
-        let mut st = bytes.as_deref().and_then(State::decode).unwrap_or_default();
+        let mut st = bytes.as_deref().and_then(R::decode_record).unwrap_or_default();
         if !f(&mut st) {
             return Some(false);
         }
-        match hostcalls::set_shared_data(key, Some(&st.encode()), cas) {
+        match hostcalls::set_shared_data(key, Some(&st.encode_record()), cas) {
             Ok(()) => return Some(true),
             Err(Status::CasMismatch) => continue,
             Err(_) => return None,
         }
     }
     None
+}
+
+fn update_state(key: &str, f: impl FnMut(&mut State) -> bool) -> Option<bool> {
+    update::<State>(key, f)
+}
+
+fn read_auth(key: &str) -> AuthState {
+    let (bytes, _) = hostcalls::get_shared_data(key).unwrap_or_default();
+    bytes.as_deref().and_then(AuthState::decode).unwrap_or_default()
 }
 
 /// Create every shared record (slots and limit shards) before any request can be served.
@@ -118,6 +177,12 @@ fn update_state(key: &str, mut f: impl FnMut(&mut State) -> bool) -> Option<bool
 pub fn create_shared_records(cfg: &Config) {
     let empty = Table::default().encode();
     for key in limits::shard_keys() {
+        if let Ok((None, _)) = hostcalls::get_shared_data(&key) {
+            let _ = hostcalls::set_shared_data(&key, Some(&empty), None);
+        }
+    }
+    let empty = AuthState::default().encode();
+    for key in cfg.stores.iter().filter_map(vault_auth::shared_key) {
         if let Ok((None, _)) = hostcalls::get_shared_data(&key) {
             let _ = hostcalls::set_shared_data(&key, Some(&empty), None);
         }
@@ -405,13 +470,30 @@ impl Worker {
                 return;
             }
         }
-        if from.is_some() && host::set_effective_context(self.root_id).is_err() {
-            log::warn!("could not switch to the root context to fetch {}:{}", st.name, spec.path);
-        }
-        let sent = send(st, &spec.path);
-        if let Some(ctx) = from {
-            let _ = host::set_effective_context(ctx);
-        }
+        self.dispatch_slot(cfg, slot, now_ms, from);
+    }
+
+    /// Dispatch the fetch of `slot` (its lease is held), or queue it behind its store's login.
+    fn dispatch_slot(&mut self, cfg: &Config, slot: usize, now_ms: u64, from: Option<u32>) {
+        let (Some(spec), Some(st)) = (cfg.slots.get(slot), cfg.store_of(slot)) else { return };
+        let store = spec.store;
+        let session = match self.token_for(cfg, store, now_ms) {
+            Token::Configured => None,
+            Token::Session(t, generation) => {
+                self.fetch_gen.insert(slot, generation);
+                Some(t)
+            }
+            Token::Missing => {
+                self.fetching.insert(slot, AWAITING_AUTH);
+                let w = self.awaiting_auth.entry(store).or_default();
+                if !w.contains(&slot) {
+                    w.push(slot);
+                }
+                self.ensure_auth(cfg, store, now_ms, from);
+                return;
+            }
+        };
+        let sent = self.in_root(from, || send(st, &spec.path, session.as_ref()));
         match sent {
             Ok(token) => {
                 self.tokens.insert(token, Callout::Slot(slot));
@@ -420,6 +502,121 @@ impl Worker {
             Err(e) => {
                 log::warn!("store {} callout to cluster {:?} failed to start: {e:?}", st.name, st.cluster);
                 self.complete(cfg, slot, Err(FetchError::Transient("callout not started".into())));
+            }
+        }
+    }
+
+    /// Run `f` (a dispatch) in the root context, so no stream owns the callout; then return to
+    /// the stream context `from`, if any.
+    fn in_root<R>(&self, from: Option<u32>, f: impl FnOnce() -> R) -> R {
+        if from.is_some() && host::set_effective_context(self.root_id).is_err() {
+            log::warn!("could not switch to the root context for a callout");
+        }
+        let r = f();
+        if let Some(ctx) = from {
+            let _ = host::set_effective_context(ctx);
+        }
+        r
+    }
+
+    /// The token for a callout to `store` now.
+    fn token_for(&self, cfg: &Config, store: usize, now_ms: u64) -> Token {
+        let Some(key) = cfg.stores.get(store).and_then(vault_auth::shared_key) else { return Token::Configured };
+        let st = read_auth(&key);
+        match st.token(now_ms) {
+            Some((t, generation)) => Token::Session(t.clone(), generation),
+            None => Token::Missing,
+        }
+    }
+
+    /// Log in to, or renew the token of, an AppRole store when due, unless another worker is
+    /// already doing it (its lease is in the shared record).
+    fn ensure_auth(&mut self, cfg: &Config, store: usize, now_ms: u64, from: Option<u32>) {
+        if self.authing.contains(&store) {
+            return;
+        }
+        let Some(st) = cfg.stores.get(store) else { return };
+        let Some(key) = vault_auth::shared_key(st) else { return };
+        let lease_ms = u64::from(st.timeout_ms) + LEASE_GRACE_MS;
+        let mut next = Next::Nothing;
+        let mut token = None;
+        let took = update::<AuthState>(&key, |a| {
+            next = a.due(now_ms);
+            token = a.token(now_ms).map(|(t, _)| t.clone());
+            next != Next::Nothing && a.take_lease(now_ms, lease_ms)
+        });
+        if took != Some(true) {
+            if !self.awaiting_auth.is_empty() {
+                self.set_fast_tick(from, true);
+            }
+            return;
+        }
+        let renewal = next == Next::Renew;
+        let callout = match (&token, renewal) {
+            (Some(t), true) => Some(vault_auth::renew_callout(st, t)),
+            _ => vault_auth::login_callout(st),
+        };
+        let Some(c) = callout else { return };
+        let sent = self.in_root(from, || dispatch(&c));
+        match sent {
+            Ok(t) => {
+                self.tokens.insert(t, Callout::Auth { store, renewal: renewal && token.is_some() });
+                self.authing.insert(store);
+            }
+            Err(e) => {
+                log::warn!("store {}: {} could not start: {e:?}", st.name, if renewal { "token renewal" } else { "AppRole login" });
+                self.auth_done(cfg, store, renewal, Err(FetchError::Transient("callout not started".into())));
+            }
+        }
+    }
+
+    /// A login or renewal answered (or could not start): record it, then dispatch the fetches
+    /// that waited for a token, or fail them.
+    fn auth_done(&mut self, cfg: &Config, store: usize, renewal: bool, result: Result<vault_auth::Grant, FetchError>) {
+        self.authing.remove(&store);
+        let Some(st) = cfg.stores.get(store) else { return };
+        let Some(key) = vault_auth::shared_key(st) else { return };
+        let now_ms = host::now_ms();
+        let what = if renewal { "token renewal" } else { "AppRole login" };
+        match &result {
+            Ok(g) => {
+                inc(if renewal { self.metrics.vault_renew } else { self.metrics.vault_login });
+                log::info!("store {}: {what} ok (lease {} s{})", st.name, g.lease_s, if g.renewable { ", renewable" } else { "" });
+            }
+            Err(e) => {
+                inc(self.metrics.vault_auth_error);
+                log::warn!("store {}: {what} failed: {e}", st.name);
+            }
+        }
+        let failure = result.as_ref().err().map(ToString::to_string);
+        let mut result = Some(result);
+        if update::<AuthState>(&key, |a| {
+            if let Some(r) = result.take() {
+                a.record(r, renewal, now_ms);
+            }
+            true
+        }) != Some(true)
+        {
+            log::warn!("store {}: could not share the vault session", st.name);
+        }
+        self.drain_auth(cfg, store, now_ms, failure);
+    }
+
+    /// Fetches waiting for `store`'s token: dispatch them if there is one now; fail them if the
+    /// login just failed (`failure`); otherwise keep waiting.
+    fn drain_auth(&mut self, cfg: &Config, store: usize, now_ms: u64, failure: Option<String>) {
+        let has_token = matches!(self.token_for(cfg, store, now_ms), Token::Session(..));
+        if !has_token && failure.is_none() {
+            return;
+        }
+        for slot in self.awaiting_auth.remove(&store).unwrap_or_default() {
+            self.fetching.remove(&slot);
+            match &failure {
+                Some(why) if !has_token => {
+                    // Keyward's own login failed: that says nothing about the secret.
+                    self.complete(cfg, slot, Err(FetchError::Transient(format!("vault login failed: {why}"))));
+                }
+                _ => self.dispatch_slot(cfg, slot, now_ms, None),
             }
         }
     }
@@ -445,6 +642,16 @@ impl Worker {
         let slot = match kind {
             Callout::Slot(slot) => slot,
             Callout::Revocation => return self.on_revocation(&cfg, num_headers, body_size),
+            Callout::Auth { store, renewal } => {
+                let (status, body) = host::callout_response(num_headers, body_size, store::MAX_BODY);
+                let result = match body {
+                    None => Err(FetchError::Garbage(format!("answer is larger than {} bytes", store::MAX_BODY))),
+                    Some(b) => vault_auth::parse_grant(status, &b),
+                };
+                self.auth_done(&cfg, store, renewal, result);
+                let _ = host::set_effective_context(self.root_id);
+                return;
+            }
         };
         let (Some(spec), Some(st)) = (cfg.slots.get(slot), cfg.store_of(slot)) else { return };
         let (status, body) = host::callout_response(num_headers, body_size, store::MAX_BODY);
@@ -453,6 +660,20 @@ impl Worker {
             Some(b) if spec.whole => store::parse_keyset(st, status, &b),
             Some(b) => store::parse_response(st, status, &b, &spec.fields),
         };
+        let generation = self.fetch_gen.remove(&slot);
+        if let (Err(FetchError::Denied(_)), Some(g)) = (&result, generation) {
+            // The store refused the AppRole token (expired or revoked): log in again and fetch
+            // once more; a second refusal is the store's word on the secret.
+            if self.relogged.insert(slot) {
+                log::warn!("store {} refused its token reading {}; logging in again", st.name, spec.path);
+                self.invalidate_session(&cfg, spec.store, g);
+                let now_ms = host::now_ms();
+                self.fetching.remove(&slot);
+                self.dispatch_slot(&cfg, slot, now_ms, None);
+                let _ = host::set_effective_context(self.root_id);
+                return;
+            }
+        }
         self.complete(&cfg, slot, result);
         let _ = host::set_effective_context(self.root_id);
     }
@@ -460,6 +681,8 @@ impl Worker {
     /// Record a fetch's outcome in the shared record, then decide this worker's waiters again.
     fn complete(&mut self, cfg: &Config, slot: usize, result: Result<Fetched, FetchError>) {
         self.fetching.remove(&slot);
+        self.relogged.remove(&slot);
+        self.fetch_gen.remove(&slot);
         let now_ms = host::now_ms();
         let (Some(spec), Some(st)) = (cfg.slots.get(slot), cfg.store_of(slot)) else { return };
         let outcome = match result {
@@ -487,6 +710,12 @@ impl Worker {
             log::warn!("could not write the shared cache for {}:{}", st.name, spec.path);
         }
         self.wake(slot);
+    }
+
+    /// Drop the AppRole session of `generation` after the store refused it.
+    fn invalidate_session(&mut self, cfg: &Config, store: usize, generation: u64) {
+        let Some(key) = cfg.stores.get(store).and_then(vault_auth::shared_key) else { return };
+        let _ = update::<AuthState>(&key, |a| a.invalidate(generation));
     }
 
     /// Decide every request parked on `slot` again.
@@ -566,6 +795,11 @@ impl Worker {
         if !revocation::refresh_due(self.revoked.as_deref(), now_ms, rev.refresh_s) {
             return;
         }
+        let session = match self.token_for(cfg, rev.store, now_ms) {
+            Token::Configured => None,
+            Token::Session(t, generation) => Some((t, generation)),
+            Token::Missing => return self.ensure_auth(cfg, rev.store, now_ms, None),
+        };
         let (lease, cas) = hostcalls::get_shared_data(revocation::LEASE_KEY).unwrap_or_default();
         if !revocation::lease_free(lease.as_deref(), now_ms) {
             return;
@@ -574,7 +808,8 @@ impl Worker {
         if hostcalls::set_shared_data(revocation::LEASE_KEY, Some(&until.to_le_bytes()), cas).is_err() {
             return; // another worker took it
         }
-        match send(st, &rev.path) {
+        self.revocation_gen = session.as_ref().map(|(_, g)| *g);
+        match send(st, &rev.path, session.as_ref().map(|(t, _)| t)) {
             Ok(token) => {
                 self.tokens.insert(token, Callout::Revocation);
                 self.revocation_since_ms = now_ms;
@@ -609,6 +844,9 @@ impl Worker {
                 RevocationList::empty(now_ms)
             }
             Err(e) => {
+                if let (FetchError::Denied(_), Some(g)) = (&e, self.revocation_gen) {
+                    self.invalidate_session(cfg, rev.store, g);
+                }
                 // Keep the last good list; the lease expires and another refresh follows.
                 inc(self.metrics.revocation_error);
                 log::warn!("revocation list {}:{} refresh failed (keeping the last good list): {e}", st.name, rev.path);
@@ -632,6 +870,18 @@ impl Worker {
     pub fn tick(&mut self) {
         let Some(cfg) = self.cfg.clone() else { return };
         let now_ms = host::now_ms();
+        // AppRole sessions: renew (or log in again) ahead of expiry; fetches waiting for a
+        // token another worker is getting go out as soon as it is shared.
+        for (store, st) in cfg.stores.iter().enumerate() {
+            let Some(key) = vault_auth::shared_key(st) else { continue };
+            let waiting = self.awaiting_auth.contains_key(&store);
+            if waiting || read_auth(&key).session.is_some() {
+                self.ensure_auth(&cfg, store, now_ms, None);
+            }
+            if waiting {
+                self.drain_auth(&cfg, store, now_ms, None);
+            }
+        }
         self.refresh_revocation(&cfg, now_ms);
         // Followers: when another worker's fetch lands (or its lease lapses), decide again.
         let following: Vec<usize> = self.waiters.keys().filter(|s| !self.fetching.contains_key(s)).copied().collect();
@@ -673,14 +923,17 @@ impl Worker {
         }
         self.waiters.retain(|_, w| !w.is_empty());
         let _ = host::set_effective_context(self.root_id);
-        let following = self.waiters.keys().any(|s| !self.fetching.contains_key(s));
+        let following = self.waiters.keys().any(|s| !self.fetching.contains_key(s)) || !self.awaiting_auth.is_empty();
         self.set_fast_tick(None, following);
     }
 }
 
 /// Dispatch the callout that reads `path` from store `st`, from the current context.
-fn send(st: &keyward_core::config::Store, path: &str) -> Result<u32, proxy_wasm::types::Status> {
-    let c = store::callout(st, path);
+fn send(st: &keyward_core::config::Store, path: &str, session: Option<&Secret>) -> Result<u32, proxy_wasm::types::Status> {
+    dispatch(&store::callout(st, path, session))
+}
+
+fn dispatch(c: &store::Callout) -> Result<u32, proxy_wasm::types::Status> {
     let headers: Vec<(&str, &[u8])> = c.headers.iter().map(|(k, v)| (k.as_str(), v.expose())).collect();
     host::dispatch(&c.cluster, &headers, c.body.as_deref(), c.timeout_ms)
 }

@@ -9,8 +9,33 @@ fn env(name: &str) -> Option<String> {
         "KEYWARD_KEY_K1" => Some(K1.into()),
         "VAULT_TOKEN" => Some("root".into()),
         "SHORT" => Some("c2hvcnQ=".into()),
+        "ROLE_ID" => Some("0d1e-role".into()),
+        "SECRET_ID" => Some("5ec7-secret".into()),
+        "SPACEY" => Some("a b".into()),
         _ => None,
     }
+}
+
+/// The example with the bao store logging in with AppRole instead of a token.
+fn approle(a: serde_json::Value) -> String {
+    edit(|v| {
+        v["stores"]["bao"].as_object_mut().map(|o| o.remove("token_env"));
+        v["stores"]["bao"]["approle"] = a;
+    })
+}
+
+#[test]
+fn approle_reads_role_and_secret_id_from_the_environment() {
+    let c = compile_str(&approle(serde_json::json!({"role_id_env": "ROLE_ID", "secret_id_env": "SECRET_ID"}))).unwrap();
+    let bao = c.stores.iter().find(|s| s.name == "bao").unwrap();
+    let StoreKind::VaultKv2 { auth: VaultAuth::AppRole { mount, role_id, secret_id }, .. } = &bao.kind else { panic!("{:?}", bao.kind) };
+    assert_eq!(mount, "approle");
+    assert_eq!(role_id.expose_str(), Some("0d1e-role"));
+    assert_eq!(secret_id.expose_str(), Some("5ec7-secret"));
+    assert!(!format!("{c:?}").contains("5ec7"), "Debug of the configuration prints no secret_id");
+    let c = compile_str(&approle(serde_json::json!({"role_id_env": "ROLE_ID", "secret_id_env": "SECRET_ID", "mount": "/team/approle/"}))).unwrap();
+    let bao = c.stores.iter().find(|s| s.name == "bao").unwrap();
+    assert!(matches!(&bao.kind, StoreKind::VaultKv2 { auth: VaultAuth::AppRole { mount, .. }, .. } if mount == "team/approle"));
 }
 
 fn compile_str(s: &str) -> Result<Config, ConfigError> {
@@ -109,6 +134,13 @@ fn errors_name_the_path() {
         (edit(|v| v["signing_keys"] = serde_json::json!({})), "signing_keys: at least one signing key (or a signing_keyset) is required"),
         (edit(|v| v["stores"]["bao"]["token_env"] = "NOPE".into()), "stores.bao.token_env: environment variable NOPE is not set"),
         (edit(|v| v["stores"]["bao"]["type"] = "consul".into()), "stores.bao"),
+        (edit(|v| v["stores"]["bao"]["token_env"] = "SPACEY".into()), "stores.bao.token_env: SPACEY has whitespace"),
+        (edit(|v| { v["stores"]["bao"].as_object_mut().map(|o| o.remove("token_env")); }), "stores.bao: a vault_kv2 store needs token_env or approle"),
+        (edit(|v| v["stores"]["bao"]["approle"] = serde_json::json!({"role_id_env": "ROLE_ID", "secret_id_env": "SECRET_ID"})), "stores.bao: set token_env or approle, not both"),
+        (approle(serde_json::json!({"role_id_env": "ROLE_ID"})), "stores.bao: missing field `secret_id_env`"),
+        (approle(serde_json::json!({"role_id_env": "ROLE_ID", "secret_id_env": "NOPE"})), "stores.bao.approle.secret_id_env: environment variable NOPE is not set"),
+        (approle(serde_json::json!({"role_id_env": "ROLE_ID", "secret_id_env": "SECRET_ID", "mount": "../x"})), "stores.bao.approle.mount"),
+        (approle(serde_json::json!({"role_id_env": "ROLE_ID", "secret_id_env": "SECRET_ID", "secret_id": "inline"})), "unknown field `secret_id`"),
         (edit(|v| v["stores"]["bao"]["timeout_ms"] = 0.into()), "stores.bao.timeout_ms"),
         (edit(|v| v["stores"]["bao"]["namespace"] = "a//b".into()), "stores.bao.namespace"),
         (edit(|v| v["stores"]["aws"]["namespace"] = "a".into()), "stores.aws"),

@@ -6,7 +6,7 @@ fn vault() -> Store {
         cluster: "vault".into(),
         authority: "vault.internal".into(),
         timeout_ms: 2000,
-        kind: StoreKind::VaultKv2 { mount: "secret".into(), token: Secret::text("s.roottoken"), namespace: None },
+        kind: StoreKind::VaultKv2 { mount: "secret".into(), auth: VaultAuth::Token(Secret::text("s.roottoken")), namespace: None },
     }
 }
 fn aws() -> Store {
@@ -18,7 +18,7 @@ fn want(f: &[&str]) -> Vec<String> {
 
 #[test]
 fn vault_callout() {
-    let c = callout(&vault(), "keyward/stripe");
+    let c = callout(&vault(), "keyward/stripe", None);
     let get = |k: &str| c.headers.iter().find(|(n, _)| n == k).and_then(|(_, v)| v.expose_str().map(str::to_string));
     assert_eq!(get(":path").as_deref(), Some("/v1/secret/data/keyward/stripe"));
     assert_eq!(get(":method").as_deref(), Some("GET"));
@@ -28,8 +28,8 @@ fn vault_callout() {
     assert!(!format!("{c:?}").contains("roottoken"));
     assert_eq!(get("x-vault-namespace"), None);
     let mut ns = vault();
-    ns.kind = StoreKind::VaultKv2 { mount: "kv".into(), token: Secret::text("t"), namespace: Some("admin/payments".into()) };
-    let c = callout(&ns, "stripe");
+    ns.kind = StoreKind::VaultKv2 { mount: "kv".into(), auth: VaultAuth::Token(Secret::text("t")), namespace: Some("admin/payments".into()) };
+    let c = callout(&ns, "stripe", None);
     let get = |k: &str| c.headers.iter().find(|(n, _)| n == k).and_then(|(_, v)| v.expose_str().map(str::to_string));
     assert_eq!(get("x-vault-namespace").as_deref(), Some("admin/payments"));
     assert_eq!(get(":path").as_deref(), Some("/v1/kv/data/stripe"));
@@ -37,7 +37,7 @@ fn vault_callout() {
 
 #[test]
 fn aws_callout() {
-    let c = callout(&aws(), "prod/anthropic");
+    let c = callout(&aws(), "prod/anthropic", None);
     assert_eq!(c.body.as_deref(), Some(&br#"{"SecretId":"prod/anthropic"}"#[..]));
     assert!(c.headers.iter().any(|(k, v)| k == "x-amz-target" && v.expose() == b"secretsmanager.GetSecretValue"));
     assert_eq!(c.timeout_ms, 500);
@@ -144,4 +144,12 @@ fn only_authoritative_answers_forbid_stale() {
     assert!(parse_response(&v, Some(200), b"<html>", &want(&["k"])).is_err_and(|e| e.may_serve_stale()));
     assert!(parse_response(&v, Some(404), b"{}", &want(&["k"])).is_err_and(|e| !e.may_serve_stale()));
     assert!(parse_response(&v, Some(403), b"{}", &want(&["k"])).is_err_and(|e| !e.may_serve_stale()));
+}
+
+#[test]
+fn a_session_token_replaces_the_configured_one() {
+    let session = Secret::text("s.from-approle");
+    let c = callout(&vault(), "keyward/stripe", Some(&session));
+    let tokens: Vec<_> = c.headers.iter().filter(|(n, _)| n == "x-vault-token").map(|(_, v)| v.clone()).collect();
+    assert_eq!(tokens, vec![session], "exactly one token, the session's");
 }
