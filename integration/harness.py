@@ -46,8 +46,9 @@ def wait_until(fn, timeout=20.0, what="condition"):
     last = None
     while time.time() < deadline:
         try:
-            if fn():
-                return
+            v = fn()
+            if v:
+                return v
         except Exception as e:  # noqa: BLE001 - retried until the deadline
             last = e
         time.sleep(0.05)

@@ -93,3 +93,29 @@ def test_examples_parse():
                    check=True)
     if shutil.which("node"):
         subprocess.run(["node", "--check", str(ROOT / "examples" / "node" / "handler.mjs")], check=True)
+
+
+def test_report_says_who_called_what(local_gateway):
+    """`keyward report` on make run's log (Envoy's JSON access log interleaved with its own log)."""
+    log = ROOT / ".run" / "envoy.log"
+    run_example([str(harness.BIN / "python"), "-W", "ignore", "handler.py"], local_gateway, ROOT / "examples" / "python")
+    # One denial: a method the credential does not allow.
+    import requests
+    r = requests.delete("http://127.0.0.1:10000/stripe/v1/customers/cus_1",
+                        headers={"Authorization": f"Bearer {local_gateway}"}, timeout=10)
+    assert r.status_code == 403
+
+    def summary():
+        out = harness.cli("report", str(log), "--json")
+        assert out.returncode == 0, out.stderr
+        s = json.loads(out.stdout)
+        by = {(c["subject"], c["target"]): c for c in s["callers"]}
+        demo = by.get(("lambda/demo", "stripe"), {})
+        return s if demo.get("allowed", 0) >= 1 and demo.get("denied", 0) >= 1 and ("lambda/demo", "anthropic") in by else None
+    s = harness.wait_until(summary, timeout=15, what="the access log lines")
+    assert s["skipped"] > 0, "Envoy's own log lines are skipped"
+    assert {"decision": "forbidden", "count": 1} in s["top_denials"]
+    assert s["latency_ms"]["p50"] is not None
+    text = harness.cli("report", str(log)).stdout
+    assert "who called what" in text and "lambda/demo" in text
+    assert local_gateway not in text

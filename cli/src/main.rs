@@ -1,6 +1,7 @@
 //! `keyward`: mint and inspect workload credentials, validate configurations.
 
 mod envoy_lint;
+mod report;
 mod revoke;
 
 use keyward_core::config;
@@ -38,6 +39,9 @@ USAGE:
       LIST is --config FILE (the filter configuration's revocation store and path), or
       [--mount MOUNT] [--path PATH] (default: secret, keyward/revoked).
       Environment: VAULT_ADDR, VAULT_TOKEN (or ~/.vault-token), VAULT_NAMESPACE, VAULT_CACERT.
+  keyward report ACCESS_LOG|- [--json] [--top N]
+      Summarise a JSON access log: calls and denials per subject and target, the top denial
+      reasons, latency percentiles. Lines that are not JSON are skipped.
   keyward version
 ";
 
@@ -53,6 +57,7 @@ fn main() -> ExitCode {
         Some("revoke") => revoke::revoke(&rest),
         Some("unrevoke") => revoke::unrevoke(&rest),
         Some("revoked") => revoke::list(&rest),
+        Some("report") => report::run(&rest),
         Some("version" | "--version") => {
             println!("keyward {}", env!("CARGO_PKG_VERSION"));
             Ok(())
@@ -108,6 +113,9 @@ impl Args {
     }
     pub fn flag(&self, k: &str) -> bool {
         self.flags.iter().any(|f| f == k)
+    }
+    pub fn check_known(&self, allowed: &[&str]) -> Result<(), String> {
+        self.check(allowed)
     }
     fn check(&self, allowed: &[&str]) -> Result<(), String> {
         for (n, _) in &self.pairs {

@@ -1,0 +1,278 @@
+//! `keyward report ACCESS_LOG`: who called what, from Envoy's JSON access log, without a dashboard.
+//!
+//! Reads one JSON object per line (lines that are not JSON, such as Envoy's own log interleaved on
+//! stdout, are skipped and counted). Uses the contract's keys: `subject`, `target`, `decision`,
+//! `cache`, `status`, and `duration_ms` (or `duration`) for latency. A missing value, `null`, `""`
+//! or Envoy's `-` all mean "not set".
+
+use crate::Args;
+use serde_json::{json, Map, Value};
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read};
+
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Counts {
+    pub calls: u64,
+    pub allowed: u64,
+    pub denied: u64,
+    latencies: Vec<f64>,
+}
+
+impl Counts {
+    fn add(&mut self, allowed: bool, latency: Option<f64>) {
+        self.calls += 1;
+        if allowed {
+            self.allowed += 1;
+        } else {
+            self.denied += 1;
+        }
+        if let Some(l) = latency {
+            self.latencies.push(l);
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Report {
+    pub lines: u64,
+    pub skipped: u64,
+    /// Requests the filter did not decide (no `decision`: a route without a target, a 404).
+    pub undecided: u64,
+    pub total: Counts,
+    pub by_caller: BTreeMap<(String, String), Counts>,
+    pub by_target: BTreeMap<String, Counts>,
+    pub denials: BTreeMap<String, u64>,
+    pub cache: BTreeMap<String, u64>,
+}
+
+/// A field's text, treating absent, null, "" and "-" as unset.
+fn text(v: &Value, key: &str) -> Option<String> {
+    let s = match v.get(key)? {
+        Value::String(s) => s.clone(),
+        Value::Number(n) => n.to_string(),
+        Value::Bool(b) => b.to_string(),
+        _ => return None,
+    };
+    (!s.is_empty() && s != "-").then_some(s)
+}
+
+fn number(v: &Value, keys: &[&str]) -> Option<f64> {
+    keys.iter().find_map(|k| match v.get(*k)? {
+        Value::Number(n) => n.as_f64(),
+        Value::String(s) => s.parse().ok(),
+        _ => None,
+    })
+}
+
+/// Nearest-rank percentile of `xs` (sorted in place); `None` when empty.
+pub fn percentile(xs: &mut [f64], p: f64) -> Option<f64> {
+    if xs.is_empty() {
+        return None;
+    }
+    xs.sort_by(|a, b| a.total_cmp(b));
+    let rank = ((p / 100.0) * xs.len() as f64).ceil() as usize;
+    xs.get(rank.clamp(1, xs.len()) - 1).copied()
+}
+
+impl Report {
+    pub fn add_line(&mut self, line: &str) {
+        let line = line.trim();
+        if line.is_empty() {
+            return;
+        }
+        self.lines += 1;
+        let v: Value = match serde_json::from_str(line) {
+            Ok(v @ Value::Object(_)) => v,
+            _ => {
+                self.skipped += 1;
+                return;
+            }
+        };
+        let Some(decision) = text(&v, "decision") else {
+            self.undecided += 1;
+            return;
+        };
+        let allowed = decision == "allow";
+        let latency = number(&v, &["duration_ms", "duration"]);
+        let subject = text(&v, "subject").unwrap_or_else(|| "(unauthenticated)".into());
+        let target = text(&v, "target").unwrap_or_else(|| "(none)".into());
+        self.total.add(allowed, latency);
+        self.by_caller.entry((subject, target.clone())).or_default().add(allowed, latency);
+        self.by_target.entry(target).or_default().add(allowed, latency);
+        if !allowed {
+            *self.denials.entry(decision).or_default() += 1;
+        }
+        if let Some(c) = text(&v, "cache") {
+            *self.cache.entry(c).or_default() += 1;
+        }
+    }
+
+    pub fn read(r: impl Read) -> std::io::Result<Report> {
+        let mut rep = Report::default();
+        for line in BufReader::new(r).split(b'\n') {
+            rep.add_line(&String::from_utf8_lossy(&line?));
+        }
+        Ok(rep)
+    }
+
+    fn top_denials(&self, n: usize) -> Vec<(&str, u64)> {
+        let mut d: Vec<(&str, u64)> = self.denials.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+        d.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+        d.truncate(n);
+        d
+    }
+
+    pub fn to_json(&self, top: usize) -> Value {
+        fn lat(c: &Counts) -> Value {
+            let mut xs = c.latencies.clone();
+            json!({"p50": percentile(&mut xs, 50.0), "p90": percentile(&mut xs, 90.0),
+                   "p99": percentile(&mut xs, 99.0), "max": percentile(&mut xs, 100.0)})
+        }
+        let callers: Vec<Value> = self
+            .by_caller
+            .iter()
+            .map(|((s, t), c)| json!({"subject": s, "target": t, "calls": c.calls, "allowed": c.allowed, "denied": c.denied, "latency_ms": lat(c)}))
+            .collect();
+        let targets: Map<String, Value> = self
+            .by_target
+            .iter()
+            .map(|(t, c)| (t.clone(), json!({"calls": c.calls, "allowed": c.allowed, "denied": c.denied, "latency_ms": lat(c)})))
+            .collect();
+        json!({
+            "lines": self.lines, "skipped": self.skipped, "undecided": self.undecided,
+            "requests": self.total.calls, "allowed": self.total.allowed, "denied": self.total.denied,
+            "latency_ms": lat(&self.total),
+            "callers": callers, "targets": targets,
+            "top_denials": self.top_denials(top).iter().map(|(k, v)| json!({"decision": k, "count": v})).collect::<Vec<_>>(),
+            "cache": self.cache,
+        })
+    }
+
+    pub fn to_text(&self, top: usize) -> String {
+        fn ms(x: Option<f64>) -> String {
+            x.map_or_else(|| "-".into(), |v| format!("{v:.0}"))
+        }
+        fn lat(c: &Counts) -> [String; 3] {
+            let mut xs = c.latencies.clone();
+            [ms(percentile(&mut xs, 50.0)), ms(percentile(&mut xs, 90.0)), ms(percentile(&mut xs, 99.0))]
+        }
+        let mut o = String::new();
+        o.push_str(&format!(
+            "{} requests decided by keyward: {} allowed, {} denied ({} other lines, {} not JSON)\n",
+            self.total.calls, self.total.allowed, self.total.denied, self.undecided, self.skipped
+        ));
+        let [p50, p90, p99] = lat(&self.total);
+        o.push_str(&format!("latency ms (Envoy's %DURATION%): p50 {p50}  p90 {p90}  p99 {p99}\n"));
+        if !self.cache.is_empty() {
+            let c: Vec<String> = self.cache.iter().map(|(k, v)| format!("{k} {v}")).collect();
+            o.push_str(&format!("secret cache: {}\n", c.join(", ")));
+        }
+        o.push_str("\nwho called what\n");
+        let w = self.by_caller.keys().map(|(s, _)| s.len()).max().unwrap_or(7).max(7);
+        let wt = self.by_caller.keys().map(|(_, t)| t.len()).max().unwrap_or(6).max(6);
+        o.push_str(&format!("  {:<w$}  {:<wt$}  {:>7}  {:>7}  {:>6}  {:>6}  {:>6}\n", "subject", "target", "allowed", "denied", "p50", "p90", "p99"));
+        for ((s, t), c) in &self.by_caller {
+            let [p50, p90, p99] = lat(c);
+            o.push_str(&format!("  {s:<w$}  {t:<wt$}  {:>7}  {:>7}  {p50:>6}  {p90:>6}  {p99:>6}\n", c.allowed, c.denied));
+        }
+        o.push_str("\nper target\n");
+        for (t, c) in &self.by_target {
+            let [p50, p90, p99] = lat(c);
+            o.push_str(&format!("  {t:<wt$}  {:>7} allowed  {:>7} denied  p50 {p50} p90 {p90} p99 {p99} ms\n", c.allowed, c.denied));
+        }
+        let top = self.top_denials(top);
+        if !top.is_empty() {
+            o.push_str("\ntop denial reasons\n");
+            for (d, n) in top {
+                o.push_str(&format!("  {n:>7}  {d}\n"));
+            }
+        }
+        o
+    }
+}
+
+pub fn run(args: &[String]) -> Result<(), String> {
+    let a = Args::parse(args, &["json"])?;
+    a.check_known(&["top"])?;
+    let top: usize = a.get("top").map_or(Ok(10), str::parse).map_err(|_| "--top needs a number")?;
+    let path = a.positional.first().ok_or("usage: keyward report ACCESS_LOG|- [--json] [--top N]")?;
+    let rep = if path == "-" {
+        Report::read(std::io::stdin().lock())
+    } else {
+        Report::read(std::fs::File::open(path).map_err(|e| format!("cannot read {path}: {e}"))?)
+    }
+    .map_err(|e| format!("cannot read {path}: {e}"))?;
+    if a.flag("json") {
+        println!("{}", serde_json::to_string_pretty(&rep.to_json(top)).map_err(|e| e.to_string())?);
+    } else {
+        print!("{}", rep.to_text(top));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LOG: &str = r#"
+[2026-11-28 00:00:00.000][1][info][main] starting main dispatch loop
+{"subject":"lambda/a","target":"stripe","decision":"allow","status":200,"duration_ms":12,"cache":"hit"}
+{"subject":"lambda/a","target":"stripe","decision":"allow","status":200,"duration_ms":"30","cache":"miss"}
+{"subject":"lambda/a","target":"stripe","decision":"forbidden","status":403,"duration_ms":1}
+{"subject":"lambda/b","target":"openai","decision":"allow","status":200,"duration_ms":100,"cache":"stale"}
+{"subject":null,"target":"openai","decision":"missing_credential","status":401,"duration_ms":0}
+{"subject":"-","target":"-","decision":"invalid_credential","status":401,"duration_ms":0}
+{"subject":"lambda/b","target":"openai","decision":"forbidden","status":403,"duration_ms":2}
+{"path":"/nowhere","status":404,"decision":null}
+not json at all
+[1,2]
+"#;
+
+    fn report() -> Report {
+        let mut r = Report::default();
+        for l in LOG.lines() {
+            r.add_line(l);
+        }
+        r
+    }
+
+    #[test]
+    fn counts_calls_and_denials_per_subject_and_target() {
+        let r = report();
+        assert_eq!(r.lines, 11);
+        assert_eq!(r.skipped, 3, "Envoy's own log line, a non-JSON line and a JSON array");
+        assert_eq!(r.undecided, 1);
+        assert_eq!((r.total.calls, r.total.allowed, r.total.denied), (7, 3, 4));
+        let a = &r.by_caller[&("lambda/a".to_string(), "stripe".to_string())];
+        assert_eq!((a.calls, a.allowed, a.denied), (3, 2, 1));
+        let anon = &r.by_caller[&("(unauthenticated)".to_string(), "openai".to_string())];
+        assert_eq!(anon.denied, 1);
+        assert!(r.by_caller.contains_key(&("(unauthenticated)".to_string(), "(none)".to_string())));
+        assert_eq!(r.by_target["openai"].calls, 3);
+        assert_eq!(r.top_denials(2), vec![("forbidden", 2), ("invalid_credential", 1)]);
+        assert_eq!(r.cache.get("stale"), Some(&1));
+    }
+
+    #[test]
+    fn latency_percentiles_use_nearest_rank() {
+        let mut xs: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&mut xs, 50.0), Some(50.0));
+        assert_eq!(percentile(&mut xs, 99.0), Some(99.0));
+        assert_eq!(percentile(&mut xs, 100.0), Some(100.0));
+        assert_eq!(percentile(&mut [7.0], 1.0), Some(7.0));
+        assert_eq!(percentile(&mut [], 50.0), None);
+        let j = report().to_json(10);
+        assert_eq!(j["latency_ms"]["p50"], json!(2.0));
+        assert_eq!(j["latency_ms"]["max"], json!(100.0));
+        assert_eq!(j["targets"]["stripe"]["latency_ms"]["p99"], json!(30.0));
+    }
+
+    #[test]
+    fn text_report_names_callers_and_reasons() {
+        let t = report().to_text(10);
+        assert!(t.starts_with("7 requests decided by keyward: 3 allowed, 4 denied"), "{t}");
+        assert!(t.contains("lambda/a"));
+        assert!(t.contains("top denial reasons"));
+        assert!(t.contains("      2  forbidden"));
+    }
+}
