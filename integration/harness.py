@@ -91,8 +91,10 @@ def claims(allow, sub="lambda/it", ttl=300, **extra) -> dict:
 
 # ------------------------------------------------------------------ the recording vendor
 
-def send_json(handler: BaseHTTPRequestHandler, status: int, body: bytes):
+def send_json(handler: BaseHTTPRequestHandler, status: int, body: bytes, headers=()):
     handler.send_response(status)
+    for k, v in headers:
+        handler.send_header(k, v)
     handler.send_header("content-type", "application/json")
     handler.send_header("content-length", str(len(body)))
     handler.end_headers()
@@ -123,7 +125,16 @@ class Vendor:
                     vendor.requests.append(rec)
                     vendor.history.append(rec)
                 valid = vendor.valid_authorizations
-                if valid is not None and self.headers.get("authorization") not in valid:
+                if "/reflect" in self.path:
+                    # A careless vendor: echoes the credential it got in headers and a redirect.
+                    query = self.path.split("?", 1)[1] if "?" in self.path else ""
+                    echo = [("x-echo-authorization", self.headers.get("authorization") or ""),
+                            ("x-echo-api-key", self.headers.get("x-api-key") or ""),
+                            ("x-echo-query", query),
+                            ("location", f"https://vendor.test/callback?{query}"),
+                            ("x-harmless", "kept")]
+                    send_json(self, 302, b'{"vendor":"redirect"}', [(k, v) for k, v in echo if v])
+                elif valid is not None and self.headers.get("authorization") not in valid:
                     send_json(self, 401, b'{"error":"invalid api key"}')
                 else:
                     send_json(self, 200, b'{"vendor":"ok"}')

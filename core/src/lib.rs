@@ -10,6 +10,7 @@ pub mod inject;
 pub mod json;
 pub mod limits;
 pub mod rules;
+pub mod scrub;
 pub mod response;
 pub mod revocation;
 pub mod secret;

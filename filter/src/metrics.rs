@@ -22,6 +22,7 @@ pub struct Metrics {
     pub vault_login: Option<u32>,
     pub vault_renew: Option<u32>,
     pub vault_auth_error: Option<u32>,
+    pub response_scrubbed: Option<u32>,
 }
 
 fn counter(name: &str) -> Option<u32> {
@@ -64,6 +65,7 @@ impl Metrics {
             vault_login: counter("keyward_vault_login"),
             vault_renew: counter("keyward_vault_renew"),
             vault_auth_error: counter("keyward_vault_auth_error"),
+            response_scrubbed: counter("keyward_response_scrubbed"),
         }
     }
 

@@ -23,9 +23,9 @@ use keyward_core::revocation::{self, RevocationList};
 use keyward_core::store::{self, FetchError, Fetched};
 use keyward_core::token::{HmacKey, Limits};
 use keyward_core::vault_auth::{self, AuthState, Next};
-use keyward_core::{b64, secret::Secret};
+use keyward_core::{b64, scrub, secret::Secret};
 use proxy_wasm::hostcalls;
-use proxy_wasm::types::{Action, Status};
+use proxy_wasm::types::{Action, MapType, Status};
 use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 use std::time::Duration;
@@ -47,6 +47,14 @@ pub struct Parked {
     audit: Audit,
     /// Already counted against its credential's limits: deciding again must not count it twice.
     admitted: bool,
+}
+
+/// What an allowed request was given.
+struct Served {
+    slot: usize,
+    fetched_at_ms: u64,
+    target: usize,
+    data: Option<Rc<Fetched>>,
 }
 
 /// A slot's shared record as last decoded by this worker, keyed by the shared-data CAS.
@@ -99,8 +107,8 @@ pub struct Worker {
     keys: HashMap<(usize, String), PreparedKey>,
     /// When this worker last served each slot (values in use are refreshed ahead of their TTL).
     used_at: HashMap<usize, u64>,
-    /// Allowed requests: the slot and the value they were given, for vendor 401/403.
-    served: HashMap<u32, (usize, u64)>,
+    /// Allowed requests: what they were given, for vendor 401/403 and response scrubbing.
+    served: HashMap<u32, Served>,
     fast_tick: bool,
     /// The revocation list as last read from shared data, and that entry's CAS.
     revoked: Option<Rc<RevocationList>>,
@@ -421,9 +429,9 @@ impl Worker {
                     Some("stale") => self.metrics.cache_stale,
                     _ => self.metrics.cache_hit,
                 });
-                if let Some(slot) = audit.target.as_deref().and_then(|t| cfg.target(t)).map(|(_, t)| t.slot) {
-                    if let Some(l) = self.local.get(&slot) {
-                        self.served.insert(ctx, (slot, l.fetched_at_ms));
+                if let Some((target, t)) = audit.target.as_deref().and_then(|t| cfg.target(t)) {
+                    if let Some(l) = self.local.get(&t.slot) {
+                        self.served.insert(ctx, Served { slot: t.slot, fetched_at_ms: l.fetched_at_ms, target, data: l.data.clone() });
                     }
                 }
                 if resumed {
@@ -740,21 +748,42 @@ impl Worker {
     /// given as suspect (at most once per few seconds per value): the next request fetches it
     /// again, so a key rotated in the store is used at once. The request itself is not retried.
     pub fn on_response(&mut self, ctx: u32) {
-        let Some((slot, fetched_at_ms)) = self.served.remove(&ctx) else { return };
-        let status = hostcalls::get_map_value_bytes(proxy_wasm::types::MapType::HttpResponseHeaders, ":status")
-            .ok()
-            .flatten();
-        if !matches!(status.as_deref(), Some(b"401") | Some(b"403")) {
+        let Some(served) = self.served.remove(&ctx) else { return };
+        let Some(cfg) = self.cfg.clone() else { return };
+        let headers = hostcalls::get_map_bytes(MapType::HttpResponseHeaders).unwrap_or_default();
+        self.scrub(&cfg, &served, &headers);
+        let (slot, fetched_at_ms) = (served.slot, served.fetched_at_ms);
+        let status = headers.iter().find(|(k, _)| k == ":status").map(|(_, v)| v.as_slice());
+        if !matches!(status, Some(b"401") | Some(b"403")) {
             return;
         }
-        let Some(cfg) = self.cfg.clone() else { return };
         let Some(spec) = cfg.slots.get(slot) else { return };
         let t = self.timing();
         let now_ms = host::now_ms();
         if update_state(&spec.cache_key, |s| s.mark_suspect(fetched_at_ms, now_ms, &t)) == Some(true) {
             inc(self.metrics.vendor_rejected);
             let store = cfg.store_of(slot).map_or("?", |s| s.name.as_str());
-            log::warn!("the vendor rejected the key from {store}:{} (HTTP {}); fetching it again", spec.path, String::from_utf8_lossy(status.as_deref().unwrap_or_default()));
+            log::warn!("the vendor rejected the key from {store}:{} (HTTP {}); fetching it again", spec.path, String::from_utf8_lossy(status.unwrap_or_default()));
+        }
+    }
+
+    /// Remove every response header that reflects the secret this request was given. If one
+    /// cannot be removed, the stream is reset: the secret never reaches the workload.
+    fn scrub(&mut self, cfg: &Config, served: &Served, headers: &[(String, Vec<u8>)]) {
+        let (Some(t), Some(data)) = (cfg.targets.get(served.target), served.data.as_deref()) else { return };
+        let needles = scrub::needles(t, data);
+        let remove = scrub::headers_to_remove(&needles, headers);
+        if remove.is_empty() {
+            return;
+        }
+        inc(self.metrics.response_scrubbed);
+        log::warn!("target {}: the vendor reflected the upstream secret in response header(s) {}; removed", t.name, remove.join(", "));
+        for name in &remove {
+            if hostcalls::set_map_value_bytes(MapType::HttpResponseHeaders, name, None).is_err() {
+                log::warn!("could not remove response header {name}; resetting the stream");
+                let _ = hostcalls::reset_http_request();
+                return;
+            }
         }
     }
 

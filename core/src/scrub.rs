@@ -1,0 +1,131 @@
+//! Response scrubbing: a vendor that reflects the upstream secret in a response header (an echo,
+//! a debug header, a redirect `Location` carrying a query key) must not hand it to the workload.
+//! The filter removes every response header whose value contains a form of the secret it
+//! injected into that request.
+
+use crate::b64;
+use crate::config::{Inject, Target};
+use crate::inject::pct_encode;
+use crate::secret::Secret;
+use crate::store::Fetched;
+
+/// Shorter values are not searched for: they would match unrelated headers, and a secret that
+/// short is not a secret.
+pub const MIN_NEEDLE: usize = 8;
+
+/// The forms of `target`'s injected secret a response could reflect: the raw value, its
+/// percent-encoding (a `Location` query), and for basic auth the base64 `user:password`.
+pub fn needles(target: &Target, secret: &Fetched) -> Vec<Secret> {
+    let mut out: Vec<Secret> = Vec::with_capacity(3);
+    let mut add = |s: &str| {
+        if s.len() >= MIN_NEEDLE && !out.iter().any(|n| n.expose() == s.as_bytes()) {
+            out.push(Secret::text(s));
+        }
+    };
+    let value = |f: &str| secret.field(f).and_then(Secret::expose_str);
+    match &target.inject {
+        Inject::Bearer { field } | Inject::Header { field, .. } | Inject::Query { field, .. } => {
+            if let Some(v) = value(field) {
+                add(v);
+                add(&pct_encode(v));
+            }
+        }
+        Inject::Basic { username_field, password_field } => {
+            if let Some(p) = value(password_field) {
+                add(p);
+                add(&pct_encode(p));
+                if let Some(u) = value(username_field) {
+                    add(&b64::std_encode(format!("{u}:{p}").as_bytes()));
+                }
+            }
+        }
+    }
+    out
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && hay.len() >= needle.len() && hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Does `value` contain any of `needles`?
+pub fn leaks(needles: &[Secret], value: &[u8]) -> bool {
+    needles.iter().any(|n| contains(value, n.expose()))
+}
+
+/// The names (lower-case, once each) of the headers to remove from a response.
+pub fn headers_to_remove(needles: &[Secret], headers: &[(String, Vec<u8>)]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    if needles.is_empty() {
+        return out;
+    }
+    for (name, value) in headers {
+        if name.starts_with(':') {
+            continue; // pseudo-headers (:status) cannot be removed, and never carry a secret
+        }
+        let n = name.to_ascii_lowercase();
+        if leaks(needles, value) && !out.contains(&n) {
+            out.push(n);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::CredentialSource;
+
+    fn fetched(fields: &[(&str, &str)]) -> Fetched {
+        Fetched { fields: fields.iter().map(|(k, v)| (k.to_string(), Secret::text(v))).collect(), version: None, problems: vec![] }
+    }
+    fn target(inject: Inject) -> Target {
+        Target { name: "t".into(), credential: CredentialSource::Bearer, slot: 0, inject, allow: None, require_idempotency_key: vec![] }
+    }
+    fn h(pairs: &[(&str, &str)]) -> Vec<(String, Vec<u8>)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())).collect()
+    }
+
+    #[test]
+    fn bearer_value_reflected_anywhere_is_removed() {
+        let n = needles(&target(Inject::Bearer { field: "k".into() }), &fetched(&[("k", "sk_live_abcdef123")]));
+        let headers = h(&[
+            (":status", "200"),
+            ("content-type", "application/json"),
+            ("X-Echo-Authorization", "Bearer sk_live_abcdef123"),
+            ("x-debug", "key=sk_live_abcdef123;"),
+            ("x-other", "sk_live_abcdef12"),
+        ]);
+        assert_eq!(headers_to_remove(&n, &headers), vec!["x-echo-authorization", "x-debug"]);
+    }
+
+    #[test]
+    fn query_key_in_a_redirect_location_is_removed_in_encoded_form_too() {
+        let n = needles(&target(Inject::Query { name: "key".into(), field: "k".into() }), &fetched(&[("k", "AIza/x+y=z0123")]));
+        let plain = h(&[("location", "https://vendor/cb?key=AIza/x+y=z0123")]);
+        let encoded = h(&[("location", "https://vendor/cb?key=AIza%2Fx%2By%3Dz0123")]);
+        assert_eq!(headers_to_remove(&n, &plain), vec!["location"]);
+        assert_eq!(headers_to_remove(&n, &encoded), vec!["location"]);
+        assert!(headers_to_remove(&n, &h(&[("location", "https://vendor/cb?key=other")])).is_empty());
+    }
+
+    #[test]
+    fn basic_password_and_its_base64_pair_are_needles_but_not_the_username() {
+        let t = target(Inject::Basic { username_field: "u".into(), password_field: "p".into() });
+        let n = needles(&t, &fetched(&[("u", "AC0123456789"), ("p", "twilio-token-1")]));
+        let pair = b64::std_encode(b"AC0123456789:twilio-token-1");
+        assert_eq!(headers_to_remove(&n, &h(&[("www-authenticate", &format!("Basic {pair}"))])), vec!["www-authenticate"]);
+        assert_eq!(headers_to_remove(&n, &h(&[("x-pw", "twilio-token-1")])), vec!["x-pw"]);
+        assert!(headers_to_remove(&n, &h(&[("x-account", "AC0123456789")])).is_empty(), "the account id is not a secret");
+    }
+
+    #[test]
+    fn repeated_headers_are_named_once_and_short_secrets_are_not_searched() {
+        let n = needles(&target(Inject::Bearer { field: "k".into() }), &fetched(&[("k", "k3y-value-123")]));
+        let headers = h(&[("set-cookie", "a=k3y-value-123"), ("Set-Cookie", "b=k3y-value-123")]);
+        assert_eq!(headers_to_remove(&n, &headers), vec!["set-cookie"]);
+        let short = needles(&target(Inject::Bearer { field: "k".into() }), &fetched(&[("k", "abc")]));
+        assert!(short.is_empty());
+        assert!(headers_to_remove(&short, &h(&[("x", "abc")])).is_empty());
+        assert!(needles(&target(Inject::Bearer { field: "k".into() }), &fetched(&[])).is_empty());
+    }
+}
