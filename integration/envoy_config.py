@@ -117,8 +117,11 @@ def hcm(stat_prefix, access_log_path, cfg: dict, hardened: bool, env_keys=None) 
         ],
     }
     if hardened:
+        # The production settings (envoy/egress-gateway.yaml), as keyward check-envoy requires them.
         h.update({"normalize_path": True, "merge_slashes": True, "path_with_escaped_slashes_action": "REJECT_REQUEST",
-                  "common_http_protocol_options": {"headers_with_underscores_action": "REJECT_REQUEST"}})
+                  "max_request_headers_kb": 32, "request_headers_timeout": "10s", "request_timeout": "300s",
+                  "common_http_protocol_options": {"headers_with_underscores_action": "REJECT_REQUEST",
+                                                   "max_headers_count": 64, "idle_timeout": "300s"}})
     return h
 
 

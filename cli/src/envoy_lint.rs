@@ -55,9 +55,55 @@ fn b(v: &Value, path: &[&str]) -> Option<bool> {
     cur.as_bool()
 }
 
+fn is_loopback(addr: &str) -> bool {
+    addr == "localhost" || addr == "::1" || addr.starts_with("127.")
+}
+
+/// Every socket address of a cluster's endpoints.
+fn endpoint_addresses(cluster: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    for ep in cluster.get("load_assignment").map(|la| arr(la, "endpoints")).unwrap_or_default() {
+        for lb in arr(&ep, "lb_endpoints") {
+            if let Some(a) = s(&lb, &["endpoint", "address", "socket_address", "address"]) {
+                out.push(a.to_string());
+            }
+        }
+    }
+    out
+}
+
+/// A cluster that leaves the host must verify who it talks to: TLS with a fixed SNI, a trusted
+/// CA, and the peer certificate's SAN matched.
+fn lint_upstream_tls(r: &mut Report, cluster: &Value, why: &str) {
+    let name = s(cluster, &["name"]).unwrap_or("?");
+    let addrs = endpoint_addresses(cluster);
+    if !addrs.is_empty() && addrs.iter().all(|a| is_loopback(a)) {
+        return;
+    }
+    let ts = cluster.get("transport_socket");
+    let tls = ts.and_then(|t| t.get("typed_config")).filter(|tc| s(tc, &["@type"]).is_some_and(|t| t.ends_with("UpstreamTlsContext")));
+    let Some(tls) = tls else {
+        r.problems.push(format!("cluster {name} ({why}) leaves the host without TLS (transport_socket UpstreamTlsContext)"));
+        return;
+    };
+    if s(tls, &["sni"]).is_none_or(str::is_empty) {
+        r.problems.push(format!("cluster {name} ({why}): set a fixed sni"));
+    }
+    let vc = tls.get("common_tls_context").and_then(|c| c.get("validation_context"));
+    if vc.and_then(|v| v.get("trusted_ca")).is_none() {
+        r.problems.push(format!("cluster {name} ({why}): validation_context.trusted_ca is missing (the peer is not verified)"));
+    }
+    let san = vc.is_some_and(|v| !arr(v, "match_typed_subject_alt_names").is_empty() || !arr(v, "match_subject_alt_names").is_empty());
+    if !san {
+        r.problems.push(format!("cluster {name} ({why}): match_typed_subject_alt_names is missing (any certificate from the CA would do)"));
+    }
+}
+
 pub fn lint(doc: &Value, no_env: bool) -> Report {
     let mut r = Report::default();
     let listeners = doc.get("static_resources").map(|s| arr(s, "listeners")).unwrap_or_default();
+    let mut used: Vec<(String, String)> = Vec::new();
+    let mut vm_ids: Vec<(String, String)> = Vec::new();
     for l in &listeners {
         let lname = s(l, &["name"]).unwrap_or("?").to_string();
         for chain in arr(l, "filter_chains") {
@@ -66,31 +112,93 @@ pub fn lint(doc: &Value, no_env: bool) -> Report {
                 if s(tc, &["@type"]) != Some(HCM) {
                     continue;
                 }
-                lint_hcm(&mut r, &format!("listener {lname}"), tc, no_env);
+                let at = format!("listener {lname}");
+                if let Some(h) = lint_hcm(&mut r, &at, tc, no_env) {
+                    used.extend(h.store_clusters.into_iter().map(|c| (c, "a secret store".to_string())));
+                    used.extend(h.route_clusters.into_iter().map(|c| (c, "a keyward route".to_string())));
+                    vm_ids.extend(h.vm_id.map(|v| (v, h.code)));
+                }
+                // Every wasm filter's VM, keyward or not: a shared vm_id shares Keyward's secrets.
+                for hf in arr(tc, "http_filters") {
+                    let Some(c) = hf.get("typed_config").filter(|c| s(c, &["@type"]) == Some(WASM)).and_then(|c| c.get("config")) else { continue };
+                    let id = s(c, &["vm_config", "vm_id"]).unwrap_or("").to_string();
+                    let code = s(c, &["vm_config", "code", "local", "filename"]).or_else(|| s(c, &["vm_config", "code", "remote", "http_uri", "uri"])).unwrap_or("").to_string();
+                    if !vm_ids.iter().any(|(v, k)| *v == id && *k == code) {
+                        vm_ids.push((id, code));
+                    }
+                }
             }
         }
     }
     if r.listeners == 0 {
         r.problems.push("no HTTP connection manager runs the keyward wasm filter".into());
     }
+    for (i, (id, code)) in vm_ids.iter().enumerate() {
+        if vm_ids.iter().skip(i + 1).any(|(v, c)| v == id && c != code) {
+            r.problems.push(format!("vm_id {id:?} is shared by different wasm modules: they could read Keyward's shared data (secrets)"));
+        }
+    }
+    let admin = s(doc, &["admin", "address", "socket_address", "address"]);
+    match admin {
+        Some(a) if !is_loopback(a) => r.problems.push(format!("admin listens on {a}: bind it to 127.0.0.1 (it can dump config and change log levels)")),
+        _ => {}
+    }
+    let clusters = doc.get("static_resources").map(|s| arr(s, "clusters")).unwrap_or_default();
+    let mut seen: Vec<&str> = Vec::new();
+    for (name, why) in &used {
+        if seen.contains(&name.as_str()) {
+            continue;
+        }
+        seen.push(name);
+        if let Some(c) = clusters.iter().find(|c| s(c, &["name"]) == Some(name.as_str())) {
+            lint_upstream_tls(&mut r, c, why);
+        }
+    }
+    r.notes.push("run Envoy at log level info or below: debug and trace print request headers (credentials and injected keys)".into());
     r
 }
 
-fn lint_hcm(r: &mut Report, at: &str, hcm: &Value, no_env: bool) {
+/// What one keyward connection manager uses, for the bootstrap-wide checks.
+struct HcmUse {
+    store_clusters: Vec<String>,
+    route_clusters: Vec<String>,
+    vm_id: Option<String>,
+    code: String,
+}
+
+fn lint_hcm(r: &mut Report, at: &str, hcm: &Value, no_env: bool) -> Option<HcmUse> {
     let filters = arr(hcm, "http_filters");
-    let Some(kw) = filters.iter().find(|f| {
+    let kw = filters.iter().find(|f| {
         f.get("typed_config").is_some_and(|tc| {
             s(tc, &["@type"]) == Some(WASM)
                 && (s(tc, &["config", "root_id"]) == Some("keyward")
                     || s(tc, &["config", "name"]) == Some("keyward")
                     || s(tc, &["config", "vm_config", "code", "local", "filename"]).is_some_and(|p| p.ends_with("keyward.wasm")))
         })
-    }) else {
-        return;
-    };
+    })?;
     r.listeners += 1;
     let tc = kw.get("typed_config").cloned().unwrap_or_default();
     let cfgv = tc.get("config").cloned().unwrap_or_default();
+    let vm_id = s(&cfgv, &["vm_config", "vm_id"]).unwrap_or("").to_string();
+    if vm_id.is_empty() {
+        r.problems.push(format!("{at}: give the keyward filter its own vm_config.vm_id (an empty one is shared by every module without one)"));
+    }
+    let code = s(&cfgv, &["vm_config", "code", "local", "filename"]).unwrap_or("").to_string();
+    if s(hcm, &["common_http_protocol_options", "headers_with_underscores_action"]) != Some("REJECT_REQUEST") {
+        r.problems.push(format!("{at}: common_http_protocol_options.headers_with_underscores_action must be REJECT_REQUEST (x_api_key would slip past header rules)"));
+    }
+    if hcm.get("max_request_headers_kb").is_none() {
+        r.problems.push(format!("{at}: set max_request_headers_kb (a header size limit)"));
+    }
+    if hcm.get("common_http_protocol_options").and_then(|c| c.get("max_headers_count")).is_none() {
+        r.problems.push(format!("{at}: set common_http_protocol_options.max_headers_count (a header count limit)"));
+    }
+    if hcm.get("request_timeout").is_none() && hcm.get("request_headers_timeout").is_none() {
+        r.problems.push(format!("{at}: set request_timeout or request_headers_timeout (slow clients hold connections)"));
+    }
+    if hcm.get("common_http_protocol_options").and_then(|c| c.get("idle_timeout")).is_none() {
+        r.problems.push(format!("{at}: set common_http_protocol_options.idle_timeout"));
+    }
 
     if b(&cfgv, &["fail_open"]) == Some(true) {
         r.problems.push(format!("{at}: the keyward filter has fail_open: true (a broken filter would forward requests)"));
@@ -140,6 +248,7 @@ fn lint_hcm(r: &mut Report, at: &str, hcm: &Value, no_env: bool) {
     }
     let store_clusters: Vec<String> = cfg.as_ref().map(|c| c.stores.iter().map(|st| st.cluster.clone()).collect()).unwrap_or_default();
 
+    let mut route_clusters: Vec<String> = Vec::new();
     let vhosts = hcm.get("route_config").map(|rc| arr(rc, "virtual_hosts")).unwrap_or_default();
     if hcm.get("route_config").is_none() {
         r.notes.push(format!("{at}: routes are not inline (RDS?); route metadata was not checked"));
@@ -149,6 +258,9 @@ fn lint_hcm(r: &mut Report, at: &str, hcm: &Value, no_env: bool) {
             let rname = s(&route, &["name"]).unwrap_or("(unnamed)").to_string();
             let rat = format!("{at}: route {rname}");
             if let Some(cl) = s(&route, &["route", "cluster"]) {
+                if !route_clusters.iter().any(|c| c == cl) {
+                    route_clusters.push(cl.to_string());
+                }
                 if store_clusters.iter().any(|c| c == cl) {
                     r.problems.push(format!("{rat}: routes to the store cluster {cl:?}; workloads must never reach the vault"));
                 }
@@ -197,6 +309,7 @@ fn lint_hcm(r: &mut Report, at: &str, hcm: &Value, no_env: bool) {
             }
         }
     }
+    Some(HcmUse { store_clusters, route_clusters, vm_id: Some(vm_id), code })
 }
 
 #[cfg(test)]
@@ -214,6 +327,59 @@ mod tests {
         let r = lint(&doc(LOCAL), true);
         assert!(r.problems.is_empty(), "{:?}", r.problems);
         assert_eq!(r.routes, 5);
+    }
+
+    const EGRESS: &str = include_str!("../../envoy/egress-gateway.yaml");
+    const SIDECAR: &str = include_str!("../../envoy/sidecar.yaml");
+    const AWS: &str = include_str!("../../envoy/aws-secrets-manager.yaml");
+
+    #[test]
+    fn shipped_production_configs_pass() {
+        for (name, text) in [("egress", EGRESS), ("sidecar", SIDECAR), ("aws", AWS)] {
+            let r = lint(&doc(text), true);
+            assert!(r.problems.is_empty(), "{name}: {:?}", r.problems);
+            assert!(r.notes.iter().any(|n| n.contains("debug and trace print request headers")));
+        }
+    }
+
+    #[test]
+    fn flags_each_missing_hardening_setting() {
+        let cases = [
+            ("headers_with_underscores_action: REJECT_REQUEST\n            max_headers_count: 64", "max_headers_count: 64", "headers_with_underscores_action"),
+            ("          max_request_headers_kb: 32\n", "", "max_request_headers_kb"),
+            ("            max_headers_count: 64\n", "", "max_headers_count"),
+            ("          request_headers_timeout: 10s\n          request_timeout: 300s\n", "", "request_timeout or request_headers_timeout"),
+            ("            idle_timeout: 300s\n", "", "idle_timeout"),
+            ("vm_id: keyward", "vm_id: \"\"", "vm_id"),
+            ("address: {socket_address: {address: 127.0.0.1, port_value: 9901}}", "address: {socket_address: {address: 0.0.0.0, port_value: 9901}}", "admin listens on 0.0.0.0"),
+            ("fail_open: false", "fail_open: true", "fail_open: true"),
+            ("        sni: api.stripe.com\n", "", "cluster stripe (a keyward route): set a fixed sni"),
+            ("trusted_ca: {filename: /etc/ssl/certs/ca-certificates.crt}\n            match_typed_subject_alt_names:\n            - san_type: DNS\n              matcher: {exact: api.openai.com}",
+             "match_typed_subject_alt_names:\n            - san_type: DNS\n              matcher: {exact: api.openai.com}", "cluster openai (a keyward route): validation_context.trusted_ca"),
+            ("match_typed_subject_alt_names:\n            - san_type: DNS\n              matcher: {exact: vault.example.internal}", "match_typed_subject_alt_names: []", "cluster vault (a secret store): match_typed_subject_alt_names"),
+            ("route: {cluster: stripe,", "route: {cluster: vault,", "store cluster"),
+        ];
+        for (from, to, want) in cases {
+            assert!(EGRESS.contains(from), "fixture lacks {from:?}");
+            let r = lint(&doc(&EGRESS.replacen(from, to, 1)), true);
+            assert!(r.problems.iter().any(|p| p.contains(want)), "{to}: want {want:?} in {:?}", r.problems);
+        }
+        // A cluster with no TLS at all, and a wasm module sharing Keyward's vm_id.
+        let start = EGRESS.find("  - name: twilio\n    connect_timeout").unwrap_or_default();
+        let ts = start + EGRESS[start..].find("    transport_socket:\n").unwrap_or_default();
+        let end = ts + EGRESS[ts..].find("  - name: ").unwrap_or_default();
+        assert!(start > 0 && ts > start && end > ts);
+        let plain = format!("{}{}", &EGRESS[..ts], &EGRESS[end..]);
+        let r = lint(&doc(&plain), true);
+        assert!(r.problems.iter().any(|p| p.contains("cluster twilio") && p.contains("without TLS")), "{:?}", r.problems);
+        let shared = EGRESS.replacen(
+            "          - name: envoy.filters.http.router\n            typed_config:\n              \"@type\": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router\n              suppress_envoy_headers: true",
+            "          - name: other\n            typed_config:\n              \"@type\": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm\n              config: {vm_config: {vm_id: keyward, code: {local: {filename: /x/other.wasm}}}}\n          - name: envoy.filters.http.router\n            typed_config:\n              \"@type\": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router\n              suppress_envoy_headers: true",
+            1,
+        );
+        assert_ne!(shared, EGRESS);
+        let r = lint(&doc(&shared), true);
+        assert!(r.problems.iter().any(|p| p.contains("shared by different wasm modules")), "{:?}", r.problems);
     }
 
     #[test]
