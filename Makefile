@@ -39,6 +39,13 @@ wasm: .wasm-target
 cli:
 	cargo build --release --locked -p keyward-cli
 
+# Test only: the module with the panic-test feature (a request header makes it panic), built in its
+# own target directory so it can never be mistaken for dist/keyward.wasm.
+dist/test/keyward-panic.wasm: .wasm-target $(shell find filter/src core/src -name '*.rs') filter/Cargo.toml
+	cargo build --release --locked --target wasm32-wasip1 -p keyward-filter --features panic-test --target-dir target/panic-test
+	@mkdir -p dist/test
+	cp target/panic-test/wasm32-wasip1/release/keyward_filter.wasm $@
+
 build: wasm cli
 
 # --- run -------------------------------------------------------------------------------------
@@ -53,7 +60,7 @@ lint: .wasm-target
 	cargo clippy --locked --workspace --all-targets -- -D warnings
 	cargo clippy --locked --target wasm32-wasip1 -p keyward-filter -- -D warnings
 
-integration: build $(STAMP)
+integration: build dist/test/keyward-panic.wasm $(STAMP)
 	$(VENV)/bin/python -m pytest integration -q -p no:cacheprovider
 
 test: build $(STAMP) unit lint integration

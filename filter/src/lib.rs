@@ -107,6 +107,11 @@ impl HttpContext for Stream {
     }
 
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        #[cfg(feature = "panic-test")]
+        #[allow(clippy::panic)]
+        if host::request_header("x-keyward-test-panic").is_some() {
+            panic!("x-keyward-test-panic");
+        }
         match self.w.try_borrow_mut() {
             Ok(mut w) => w.run(self.id, None),
             // Never reached in a single-threaded VM; if it were, fail closed.
