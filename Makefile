@@ -9,7 +9,7 @@ WASM   := dist/keyward.wasm
 CLI    := target/release/keyward
 GIT_HASH := $(shell git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
 
-.PHONY: help build wasm cli deps run test unit lint integration bench clean
+.PHONY: help build wasm cli deps run test unit lint integration bench clean fuzz fuzz-smoke
 
 help:
 	@echo "make run    start a local gateway (OpenBao + demo vendor + Envoy with keyward on 127.0.0.1:10000)"
@@ -63,10 +63,35 @@ lint: .wasm-target
 integration: build dist/test/keyward-panic.wasm $(STAMP)
 	$(VENV)/bin/python -m pytest integration -q -p no:cacheprovider
 
-test: build $(STAMP) unit lint integration
+test: build $(STAMP) unit lint integration fuzz-smoke
 
 bench: build $(STAMP)
 	@echo "make bench: see issue 7 (not implemented yet)"; exit 1
 
 clean:
 	rm -rf dist target $(VENV) .wasm-target .run
+
+# --- fuzz ------------------------------------------------------------------------------------
+# cargo-fuzz (libFuzzer) on the token, rules and config parsers. It needs nightly compiler flags;
+# RUSTC_BOOTSTRAP=1 lets the pinned stable toolchain accept them. New inputs go to .fuzz/<target>;
+# the committed seed corpus in fuzz/corpus/<target> is only read. Crashes land in fuzz/artifacts/.
+CARGO_FUZZ  := .tools/bin/cargo-fuzz
+FUZZ_TARGETS := token rules config
+FUZZ_SECS   ?= 300
+
+$(CARGO_FUZZ):
+	cargo install cargo-fuzz --locked --version 0.13.2 --root .tools
+
+fuzz: $(CARGO_FUZZ)
+	@for t in $(FUZZ_TARGETS); do \
+	  mkdir -p .fuzz/$$t; \
+	  echo "== fuzz $$t for $(FUZZ_SECS) s"; \
+	  (cd fuzz && RUSTC_BOOTSTRAP=1 ../$(CARGO_FUZZ) run $$t ../.fuzz/$$t corpus/$$t -- \
+	      -max_total_time=$(FUZZ_SECS) -max_len=4096 -print_final_stats=1) 2>&1 | grep -E "^(Done|stat::number_of_executed_units|stat::peak_rss)|ERROR|panicked|SUMMARY" ; \
+	  test $${PIPESTATUS[0]} -eq 0 || exit 1; \
+	done
+
+# The short run `make test` (and CI) does: every target builds and runs 10 s.
+fuzz-smoke:
+	@$(MAKE) --no-print-directory fuzz FUZZ_SECS=10
+
