@@ -65,8 +65,16 @@ integration: build dist/test/keyward-panic.wasm $(STAMP)
 
 test: build $(STAMP) unit lint integration fuzz-smoke
 
-bench: build $(STAMP)
-	@echo "make bench: see issue 7 (not implemented yet)"; exit 1
+# Keyward against bare Envoy, a no-op wasm filter and Envoy's native filters, in one run (about
+# 6 minutes; BENCH_RATE, BENCH_SECONDS, BENCH_ROUNDS tune it). Writes bench/results/latest.json.
+bench: build $(STAMP) dist/bench/noop.wasm
+	cargo build --release --locked -p keyward-loadgen
+	$(VENV)/bin/python bench/run.py
+
+dist/bench/noop.wasm: .wasm-target bench/noop/src/lib.rs bench/noop/Cargo.toml
+	cargo build --release --locked --target wasm32-wasip1 -p keyward-bench-noop
+	@mkdir -p dist/bench
+	cp target/wasm32-wasip1/release/keyward_bench_noop.wasm $@
 
 clean:
 	rm -rf dist target $(VENV) .wasm-target .run

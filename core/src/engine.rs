@@ -11,6 +11,7 @@ use crate::response::{Code, Denial};
 use crate::rules::{sanitize, strip_prefix};
 use crate::store::Fetched;
 use crate::token::{self, HmacKey, Limits};
+use crate::token_cache::VerifiedCache;
 use std::rc::Rc;
 
 /// What the engine may ask of the request.
@@ -54,6 +55,57 @@ pub trait Secrets {
     /// credential stops being accepted, so its counters can go.
     fn admit(&mut self, _jti: &str, _lim: &Limits, _keep_until_s: i64) -> Verdict {
         Verdict::Admit
+    }
+    /// Where verified credentials are remembered (`token_cache`); `None`: verify every time.
+    fn verified(&mut self) -> Option<&mut VerifiedCache> {
+        None
+    }
+}
+
+/// The prepared key for a kid, and its identity (for the verified-token cache).
+enum KeyFor {
+    Key(Rc<HmacKey>, usize),
+    Static(usize),
+    Unknown,
+    Need(usize),
+    Failed,
+}
+
+fn key_for(cfg: &Config, secrets: &mut impl Secrets, kid: &str) -> KeyFor {
+    let source = match (cfg.key(kid), cfg.keyset) {
+        (Some(key), _) => &key.source,
+        (None, Some(slot)) => {
+            return match secrets.signing_key(slot, kid) {
+                Slot::Ready(Some(k)) | Slot::Stale(Some(k)) => {
+                    let id = Rc::as_ptr(&k) as usize;
+                    KeyFor::Key(k, id)
+                }
+                Slot::Ready(None) | Slot::Stale(None) => KeyFor::Unknown,
+                Slot::Pending => KeyFor::Need(slot),
+                Slot::Failed => KeyFor::Failed,
+            };
+        }
+        (None, None) => return KeyFor::Unknown,
+    };
+    match source {
+        KeySource::Ready(k) => KeyFor::Static(k as *const HmacKey as usize),
+        KeySource::Stored { slot, field } => match secrets.signing_key(*slot, field) {
+            Slot::Ready(Some(k)) | Slot::Stale(Some(k)) => {
+                let id = Rc::as_ptr(&k) as usize;
+                KeyFor::Key(k, id)
+            }
+            Slot::Ready(None) | Slot::Stale(None) => KeyFor::Unknown,
+            Slot::Pending => KeyFor::Need(*slot),
+            Slot::Failed => KeyFor::Failed,
+        },
+    }
+}
+
+/// The identity of a resolved key, if it resolved.
+fn key_id(k: &KeyFor) -> Option<usize> {
+    match k {
+        KeyFor::Key(_, id) | KeyFor::Static(id) => Some(*id),
+        _ => None,
     }
 }
 
@@ -154,34 +206,43 @@ pub fn decide(cfg: &Config, req: &mut impl Request, secrets: &mut impl Secrets, 
             return deny(audit, Denial::new(Code::InvalidCredential, "the credential is malformed"))
         }
     };
-    let unverified = match token::parse(&token) {
-        Ok(u) => u,
-        Err(e) => return deny(audit, Denial::new(Code::InvalidCredential, e.public_message())),
-    };
-    let from_set;
-    let source = match (cfg.key(&unverified.kid), cfg.keyset) {
-        (Some(key), _) => &key.source,
-        (None, Some(slot)) => {
-            from_set = KeySource::Stored { slot, field: unverified.kid.clone() };
-            &from_set
-        }
-        (None, None) => {
-            let e = token::TokenError::UnknownKid(String::new());
-            return deny(audit, Denial::new(Code::InvalidCredential, e.public_message()));
-        }
-    };
-    let payload = match source {
-        KeySource::Ready(k) => unverified.verify(k),
-        KeySource::Stored { slot, field } => match secrets.signing_key(*slot, field) {
-            Slot::Ready(Some(k)) | Slot::Stale(Some(k)) => unverified.verify(&k),
-            Slot::Ready(None) | Slot::Stale(None) => Err(token::TokenError::UnknownKid(String::new())),
-            Slot::Pending => return Decision { outcome: Outcome::Need(*slot), audit },
-            Slot::Failed => return deny(audit, unavailable()),
+    // A credential this worker verified before, with the same key: no HMAC, no parse.
+    let cached = secrets.verified().and_then(|c| c.get(&token)).map(|e| (e.kid.clone(), e.key, e.claims.clone()));
+    let hit = match cached {
+        Some((kid, id, claims)) => match key_for(cfg, secrets, &kid) {
+            k if key_id(&k) == Some(id) => Some(claims),
+            KeyFor::Need(slot) => return Decision { outcome: Outcome::Need(slot), audit },
+            _ => None,
         },
+        None => None,
     };
-    let claims = match payload.and_then(token::parse_claims) {
-        Ok(c) => c,
-        Err(e) => return deny(audit, Denial::new(Code::InvalidCredential, e.public_message())),
+    let claims = match hit {
+        Some(c) => c,
+        None => {
+            let unverified = match token::parse(&token) {
+                Ok(u) => u,
+                Err(e) => return deny(audit, Denial::new(Code::InvalidCredential, e.public_message())),
+            };
+            let key = key_for(cfg, secrets, &unverified.kid);
+            let payload = match &key {
+                KeyFor::Static(_) => match cfg.key(&unverified.kid).map(|k| &k.source) {
+                    Some(KeySource::Ready(k)) => unverified.verify(k),
+                    _ => Err(token::TokenError::UnknownKid(String::new())),
+                },
+                KeyFor::Key(k, _) => unverified.verify(k),
+                KeyFor::Unknown => Err(token::TokenError::UnknownKid(String::new())),
+                KeyFor::Need(slot) => return Decision { outcome: Outcome::Need(*slot), audit },
+                KeyFor::Failed => return deny(audit, unavailable()),
+            };
+            let claims = match payload.and_then(token::parse_claims) {
+                Ok(c) => Rc::new(c),
+                Err(e) => return deny(audit, Denial::new(Code::InvalidCredential, e.public_message())),
+            };
+            if let (Some(id), Some(cache)) = (key_id(&key), secrets.verified()) {
+                cache.insert(&token, &unverified.kid, id, claims.clone());
+            }
+            claims
+        }
     };
     audit.subject = Some(claims.sub.clone());
     audit.jti = Some(claims.jti.clone());

@@ -16,5 +16,6 @@ pub mod revocation;
 pub mod secret;
 pub mod store;
 pub mod token;
+pub mod token_cache;
 pub mod vault_auth;
 pub mod wire;

@@ -22,6 +22,7 @@ use keyward_core::response::{Code, Denial};
 use keyward_core::revocation::{self, RevocationList};
 use keyward_core::store::{self, FetchError, Fetched};
 use keyward_core::token::{HmacKey, Limits};
+use keyward_core::token_cache::VerifiedCache;
 use keyward_core::vault_auth::{self, AuthState, Next};
 use keyward_core::{b64, scrub, secret::Secret};
 use proxy_wasm::hostcalls;
@@ -105,6 +106,8 @@ pub struct Worker {
     local: HashMap<usize, Local>,
     /// Prepared store-held signing keys, tagged with the value they came from.
     keys: HashMap<(usize, String), PreparedKey>,
+    /// Credentials this worker verified, with the key that did (no HMAC or parse on a repeat).
+    verified: VerifiedCache,
     /// When this worker last served each slot (values in use are refreshed ahead of their TTL).
     used_at: HashMap<usize, u64>,
     /// Allowed requests: what they were given, for vendor 401/403 and response scrubbing.
@@ -308,6 +311,10 @@ impl Secrets for Cache<'_> {
         Verdict::RateLimited { retry_after_s: 1 }
     }
 
+    fn verified(&mut self) -> Option<&mut VerifiedCache> {
+        Some(&mut self.w.verified)
+    }
+
     fn signing_key(&mut self, slot: usize, field: &str) -> Slot<Option<Rc<HmacKey>>> {
         let (f, stale) = match self.lookup(slot) {
             Slot::Ready(f) => (f, false),
@@ -377,6 +384,8 @@ impl Worker {
     }
 
     pub fn configure(&mut self, cfg: Config) {
+        // Remembered verifications name keys of the old configuration.
+        self.verified.clear();
         self.timing = Some(Timing::new(cfg.cache.ttl_s, cfg.cache.stale_if_error_s));
         self.cfg = Some(Rc::new(cfg));
     }

@@ -61,7 +61,13 @@ struct Mem {
     revoked: Vec<String>,
     limits: crate::limits::Table,
     admitted: usize,
+    /// The verified-token cache, when a test turns it on.
+    cache: Option<crate::token_cache::VerifiedCache>,
+    /// Prepared store-held keys per value, as the filter keeps them (a stable identity).
+    keys: HashMap<(usize, String), Prepared>,
 }
+
+type Prepared = (Rc<Fetched>, Option<Rc<HmacKey>>);
 
 impl Secrets for Mem {
     fn secret(&mut self, slot: usize) -> Slot<Rc<Fetched>> {
@@ -76,12 +82,20 @@ impl Secrets for Mem {
     }
     fn signing_key(&mut self, slot: usize, field: &str) -> Slot<Option<Rc<HmacKey>>> {
         match self.secret(slot) {
-            Slot::Ready(f) => Slot::Ready(
-                f.field(field)
+            Slot::Ready(f) => {
+                if let Some((src, k)) = self.keys.get(&(slot, field.to_string())) {
+                    if Rc::ptr_eq(src, &f) {
+                        return Slot::Ready(k.clone());
+                    }
+                }
+                let k = f
+                    .field(field)
                     .and_then(|s| crate::b64::key_decode(s.expose_str()?))
                     .and_then(|k| HmacKey::new(&k).ok())
-                    .map(Rc::new),
-            ),
+                    .map(Rc::new);
+                self.keys.insert((slot, field.to_string()), (f, k.clone()));
+                Slot::Ready(k)
+            }
             Slot::Stale(_) | Slot::Pending => Slot::Pending,
             Slot::Failed => Slot::Failed,
         }
@@ -92,6 +106,9 @@ impl Secrets for Mem {
     fn admit(&mut self, jti: &str, lim: &Limits, keep_until_s: i64) -> Verdict {
         self.admitted += 1;
         self.limits.admit(jti, lim, keep_until_s, NOW as u64)
+    }
+    fn verified(&mut self) -> Option<&mut crate::token_cache::VerifiedCache> {
+        self.cache.as_mut()
     }
 }
 
@@ -494,4 +511,51 @@ fn signing_keyset_from_the_store() {
     let bad = EXAMPLE.replace(r#""cache": {"#, r#""signing_keyset": {"store": "bao", "path": "stripe"}, "cache": {"#);
     let e = compile(bad.as_bytes(), &env).err().map(|e| e.to_string()).unwrap_or_default();
     assert!(e.contains("signing_keyset.path"), "{e}");
+}
+
+#[test]
+fn cached_credentials_are_still_checked_on_every_request() {
+    let c = cfg();
+    let mut s = warm(&c);
+    s.cache = Some(Default::default());
+    let t = tok("k1", K1, &["stripe * /**"], "");
+    let auth = || Some(format!("Bearer {t}"));
+    for _ in 0..3 {
+        assert_eq!(code(&decide(&c, &mut stripe_req("GET", "/stripe/v1/x", auth()), &mut s, NOW)), "allow");
+    }
+    assert_eq!(s.cache.as_ref().map(|c| c.len()), Some(1), "verified once, remembered");
+    // Rules, time bounds and revocation apply to a remembered credential as to a new one.
+    assert_eq!(code(&decide(&c, &mut stripe_req("DELETE", "/stripe/v1/x", auth()), &mut s, NOW)), "forbidden");
+    assert_eq!(code(&decide(&c, &mut stripe_req("GET", "/stripe/v1/x", auth()), &mut s, NOW + 400)), "expired_credential");
+    s.revoked.push("jti:j-1".into());
+    assert_eq!(code(&decide(&c, &mut stripe_req("GET", "/stripe/v1/x", auth()), &mut s, NOW)), "revoked_credential");
+    // Only verified credentials are remembered: a forged one is refused every time and never cached.
+    let forged = tok("k1", b"another-key-of-thirty-two-bytes!", &["stripe * /**"], "");
+    for _ in 0..2 {
+        let d = decide(&c, &mut stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {forged}"))), &mut s, NOW);
+        assert_eq!(code(&d), "invalid_credential");
+    }
+    assert_eq!(s.cache.as_ref().map(|c| c.len()), Some(1));
+}
+
+#[test]
+fn a_remembered_credential_misses_when_its_store_held_key_changes() {
+    let doc = EXAMPLE.replace(r#""cache": {"#, r#""signing_keyset": {"store": "bao", "path": "keyward/keyset"}, "cache": {"#);
+    let c = compile(doc.as_bytes(), &env).unwrap_or_else(|e| panic!("{e}"));
+    let slot = c.keyset.unwrap_or_else(|| panic!("no keyset"));
+    let k3 = b"a-third-signing-key-of-32-bytes!";
+    let t = tok("k3", k3, &["stripe * /**"], "");
+    let mut s = warm(&c);
+    s.cache = Some(Default::default());
+    s.slots.insert(slot, fetched(&[("k3", &crate::b64::std_encode(k3))]));
+    let req = || stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {t}")));
+    assert_eq!(code(&decide(&c, &mut req(), &mut s, NOW)), "allow");
+    assert_eq!(code(&decide(&c, &mut req(), &mut s, NOW)), "allow");
+    assert_eq!(s.cache.as_ref().map(|c| c.len()), Some(1));
+    // k3 now names another key: the remembered verification no longer counts.
+    s.slots.insert(slot, fetched(&[("k3", &crate::b64::std_encode(b"k3-rotated-to-another-32-byte-k!"))]));
+    assert_eq!(code(&decide(&c, &mut req(), &mut s, NOW)), "invalid_credential");
+    // And k3 removed from the set.
+    s.slots.insert(slot, fetched(&[("k4", &crate::b64::std_encode(k3))]));
+    assert_eq!(code(&decide(&c, &mut req(), &mut s, NOW)), "invalid_credential");
 }

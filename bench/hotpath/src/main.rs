@@ -1,0 +1,106 @@
+//! Run the warm path (`engine::decide` for an allowed request whose key is cached) N times over
+//! 100 rotating credentials, with the request and cache in memory: what the filter computes per
+//! request, without Envoy's hostcalls. `make profile` runs it under callgrind, which counts
+//! instructions per function (repeatable, unlike timings on a shared machine).
+//! Usage: keyward-hotpath [ITERATIONS]   (KEYWARD_HOTPATH_NO_CACHE=1: no verified-token cache)
+
+use keyward_core::config::{self, Config};
+use keyward_core::engine::{self, Outcome, Request, Secrets, Slot};
+use keyward_core::secret::Secret;
+use keyward_core::store::Fetched;
+use keyward_core::token::{self, HmacKey};
+use keyward_core::token_cache::VerifiedCache;
+use keyward_core::{b64, json};
+use std::rc::Rc;
+
+const KEY: &[u8] = b"keyward-hotpath-signing-key-32by";
+const NOW: i64 = 1_800_000_000;
+
+struct Req {
+    auth: Vec<u8>,
+}
+
+impl Request for Req {
+    fn method(&mut self) -> Option<String> {
+        Some("GET".into())
+    }
+    fn path(&mut self) -> Option<String> {
+        Some("/v/v1/items".into())
+    }
+    fn header(&mut self, name: &str) -> Option<Vec<u8>> {
+        (name == "authorization").then(|| self.auth.clone())
+    }
+    fn header_values(&mut self, name: &str) -> Vec<Vec<u8>> {
+        self.header(name).into_iter().collect()
+    }
+    fn route_target(&mut self) -> Option<String> {
+        Some("vendor".into())
+    }
+    fn route_prefix(&mut self) -> Option<String> {
+        Some("/v".into())
+    }
+}
+
+struct Cache(Rc<Fetched>, Option<VerifiedCache>);
+
+impl Secrets for Cache {
+    fn verified(&mut self) -> Option<&mut VerifiedCache> {
+        self.1.as_mut()
+    }
+    fn secret(&mut self, _slot: usize) -> Slot<Rc<Fetched>> {
+        Slot::Ready(self.0.clone())
+    }
+    fn signing_key(&mut self, _slot: usize, _field: &str) -> Slot<Option<Rc<HmacKey>>> {
+        Slot::Ready(None)
+    }
+}
+
+fn config() -> Result<Config, String> {
+    let doc = r#"{"audience":"keyward","signing_keys":{"k1":{"env":"K1"}},
+      "stores":{"bao":{"type":"vault_kv2","cluster":"vault","authority":"vault.bench","token_env":"T"}},
+      "targets":{"vendor":{"credential":"bearer","secret":{"store":"bao","path":"bench/vendor","field":"api_key"},
+                           "inject":{"type":"bearer"},"allow":["GET /v1/**"]}}}"#;
+    let env = |n: &str| match n {
+        "K1" => Some(b64::std_encode(KEY)),
+        "T" => Some("hotpath-token".to_string()),
+        _ => None,
+    };
+    config::compile(doc.as_bytes(), &env).map_err(|e| e.to_string())
+}
+
+fn main() {
+    let n: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(200_000);
+    let cfg = match config() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(2);
+        }
+    };
+    let Ok(key) = HmacKey::new(KEY) else { return };
+    let tokens: Vec<Vec<u8>> = (0..100)
+        .map(|i| {
+            let mut claims = String::from("{\"sub\":");
+            json::write_str(&mut claims, &format!("lambda/bench-{i}"));
+            claims.push_str(&format!(",\"aud\":\"keyward\",\"iat\":{NOW},\"exp\":{},\"jti\":\"{i:016x}\",\"allow\":[\"vendor GET /v1/**\"]}}", NOW + 3600));
+            format!("Bearer {}", token::mint("k1", &key, &claims)).into_bytes()
+        })
+        .collect();
+    let fetched = Fetched { fields: vec![("api_key".into(), Secret::text("sk_hotpath_0123456789abcdef"))], version: Some("3".into()), problems: vec![] };
+    // KEYWARD_HOTPATH_NO_CACHE=1: verify every credential (the path before the cache existed).
+    let remember = std::env::var_os("KEYWARD_HOTPATH_NO_CACHE").is_none();
+    let mut cache = Cache(Rc::new(fetched), remember.then(VerifiedCache::default));
+    let mut allowed = 0usize;
+    for i in 0..n {
+        let mut req = Req { auth: tokens.get(i % tokens.len()).cloned().unwrap_or_default() };
+        let d = engine::decide(&cfg, &mut req, &mut cache, NOW);
+        if matches!(d.outcome, Outcome::Allow(_)) {
+            allowed += 1;
+        }
+    }
+    if allowed != n {
+        eprintln!("only {allowed} of {n} allowed");
+        std::process::exit(1);
+    }
+    println!("{n} warm decisions");
+}

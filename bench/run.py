@@ -1,0 +1,386 @@
+#!/usr/bin/env python3
+"""`make bench`: what Keyward adds to every request, against bare Envoy and Envoy's native filters,
+measured in one run on this machine.
+
+Arms (identical connection manager settings and access-log format; only the HTTP filters differ):
+  A  bare routing (router only)
+  B  a no-op proxy-wasm filter (bench/noop)
+  C  Keyward, cache warm, a credential rotated per request over 100 distinct valid tokens
+  D  Envoy's native stack doing comparable work: jwt_authn (HS256, local JWKS), rbac (method and
+     path), credential_injector (a generic secret)
+
+Each arm is its own Envoy (--concurrency 1) pinned to core 0. The load generator (open loop at a
+fixed rate, bench/loadgen) and a direct-response upstream Envoy share core 1. Arms are interleaved
+in rounds (the order rotates each round); warm-up rounds are discarded. CPU per request is the
+delta of the Envoy worker thread's CPU time (/proc/<pid>/task/<tid>/schedstat) over the delta of
+downstream_rq_completed; each figure is the median over rounds of the per-round ratio.
+
+Writes bench/results/latest.json and prints a markdown table.
+Environment: BENCH_RATE (1500 rps), BENCH_SECONDS (8 per arm per round), BENCH_ROUNDS (8),
+BENCH_WARMUP (2), BENCH_COLD_SAMPLES (15).
+"""
+import base64
+import http.client
+import json
+import os
+import platform
+import secrets
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "integration"))
+import harness  # noqa: E402  (Bao, free_port, mint, wait_until)
+
+ENVOY = ROOT / ".venv" / "bin" / "envoy"
+LOADGEN = ROOT / "target" / "release" / "keyward-loadgen"
+KEYWARD_WASM = ROOT / "dist" / "keyward.wasm"
+NOOP_WASM = ROOT / "dist" / "bench" / "noop.wasm"
+RESULTS = ROOT / "bench" / "results"
+
+RATE = float(os.environ.get("BENCH_RATE", 1500))
+SECONDS = float(os.environ.get("BENCH_SECONDS", 8))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", 8))
+WARMUP = int(os.environ.get("BENCH_WARMUP", 2))
+COLD_SAMPLES = int(os.environ.get("BENCH_COLD_SAMPLES", 15))
+TOKENS = 100
+ARMS = {"A": "bare", "B": "noop", "C": "keyward", "D": "native"}
+ACCESS_LOG_KEYS = ["subject", "target", "jti", "run", "decision", "cache", "secret_version"]
+
+HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+ROUTER = {"name": "envoy.filters.http.router", "typed_config": {
+    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router", "suppress_envoy_headers": True}}
+
+
+def cluster(name, port):
+    return {"name": name, "connect_timeout": "1s", "type": "STATIC",
+            "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
+                {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}]}}
+
+
+def wasm_filter(name, path, vm_id, config, env_keys=()):
+    return {"name": name, "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+        "config": {"name": name, "root_id": name, "fail_open": False,
+                   "vm_config": {"vm_id": vm_id, "runtime": "envoy.wasm.runtime.v8", "code": {"local": {"filename": str(path)}},
+                                 "environment_variables": {"host_env_keys": list(env_keys)}},
+                   "configuration": {"@type": "type.googleapis.com/google.protobuf.StringValue", "value": config}}}}
+
+
+def native_filters(key: bytes, upstream_secret_name):
+    jwks = {"keys": [{"kty": "oct", "alg": "HS256", "kid": "k1", "k": base64.urlsafe_b64encode(key).rstrip(b"=").decode()}]}
+    return [
+        {"name": "envoy.filters.http.jwt_authn", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
+            "providers": {"keyward": {"audiences": ["keyward"], "local_jwks": {"inline_string": json.dumps(jwks)},
+                                      "from_headers": [{"name": "Authorization", "value_prefix": "Bearer "}],
+                                      "forward": False}},
+            "rules": [{"match": {"prefix": "/"}, "requires": {"provider_name": "keyward"}}]}},
+        {"name": "envoy.filters.http.rbac", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC",
+            "rules": {"action": "ALLOW", "policies": {"vendor-get-v1": {
+                "permissions": [{"and_rules": {"rules": [
+                    {"header": {"name": ":method", "string_match": {"exact": "GET"}}},
+                    {"url_path": {"path": {"prefix": "/v/v1/"}}}]}}],
+                "principals": [{"any": True}]}}}}},
+        {"name": "envoy.filters.http.credential_injector", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.credential_injector.v3.CredentialInjector",
+            "overwrite": True,
+            "credential": {"name": "envoy.http.injected_credentials.generic", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.http.injected_credentials.generic.v3.Generic",
+                "credential": {"name": upstream_secret_name}, "header": "Authorization"}}}},
+    ]
+
+
+def keyward_config(ttl_s=300):
+    return json.dumps({
+        "audience": "keyward", "clock_skew_s": 30, "max_token_lifetime_s": 86400,
+        "signing_keys": {"k1": {"env": "KEYWARD_KEY_K1"}},
+        "stores": {"bao": {"type": "vault_kv2", "cluster": "vault", "authority": "vault.bench", "token_env": "VAULT_TOKEN",
+                           "timeout_ms": 2000}},
+        "cache": {"ttl_s": ttl_s, "stale_if_error_s": 0},
+        "targets": {"vendor": {"credential": "bearer", "secret": {"store": "bao", "path": "bench/vendor", "field": "api_key"},
+                               "inject": {"type": "bearer"}, "allow": ["GET /v1/**"]}},
+    })
+
+
+def bootstrap(arm, ports, workdir, ctx):
+    filters = {
+        "A": [],
+        "B": [wasm_filter("noop", NOOP_WASM, "noop", "")],
+        "C": [wasm_filter("keyward", KEYWARD_WASM, "keyward", ctx["keyward_config"], ["KEYWARD_KEY_K1", "VAULT_TOKEN"])],
+        "D": native_filters(ctx["key"], "upstream-key"),
+    }[arm]
+    hcm = {
+        "@type": HCM, "stat_prefix": "bench",
+        "normalize_path": True, "merge_slashes": True, "path_with_escaped_slashes_action": "REJECT_REQUEST",
+        "max_request_headers_kb": 32, "request_headers_timeout": "10s", "request_timeout": "60s",
+        "common_http_protocol_options": {"headers_with_underscores_action": "REJECT_REQUEST", "max_headers_count": 64,
+                                         "idle_timeout": "300s"},
+        "access_log": [{"name": "envoy.access_loggers.file", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+            "path": str(workdir / f"access-{arm}.log"),
+            "log_format": {"json_format": {
+                "method": "%REQ(:METHOD)%", "path": "%PATH(NQ:PATH)%", "status": "%RESPONSE_CODE%", "duration_ms": "%DURATION%",
+                **{k: f"%FILTER_STATE(wasm.keyward.{k}:PLAIN)%" for k in ACCESS_LOG_KEYS}}}}}],
+        "route_config": {"name": "r", "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [
+            {"name": "vendor", "match": {"prefix": "/v/"},
+             "route": {"cluster": "upstream", "prefix_rewrite": "/", "host_rewrite_literal": "vendor.bench"},
+             "metadata": {"filter_metadata": {"keyward": {"target": "vendor", "prefix": "/v"}}}}]}]},
+        "http_filters": filters + [ROUTER],
+    }
+    b = {
+        "node": {"id": f"bench-{arm}", "cluster": "bench"},
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": ports["admin"]}}},
+        "static_resources": {
+            "listeners": [{"name": "l", "address": {"socket_address": {"address": "127.0.0.1", "port_value": ports["listen"]}},
+                           "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}]}],
+            "clusters": [cluster("upstream", ctx["upstream_port"]), cluster("vault", ctx["bao_port"])],
+        },
+    }
+    if arm == "D":
+        b["static_resources"]["secrets"] = [{"name": "upstream-key", "generic_secret": {"secret": {"inline_string": f"Bearer {ctx['vendor_key']}"}}}]
+    return b
+
+
+def upstream_bootstrap(port, admin):
+    hcm = {"@type": HCM, "stat_prefix": "up",
+           "route_config": {"name": "r", "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [
+               {"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": "{\"ok\":true}"}}}]}]},
+           "http_filters": [ROUTER]}
+    return {"admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
+            "static_resources": {"listeners": [{"name": "up", "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+                                                "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
+                                                                                "typed_config": hcm}]}]}]}}
+
+
+class Proc:
+    def __init__(self, name, bootstrap, workdir, core, env=None):
+        self.name = name
+        self.admin = bootstrap["admin"]["address"]["socket_address"]["port_value"]
+        cfg = workdir / f"{name}.json"
+        cfg.write_text(json.dumps(bootstrap))
+        self.log = open(workdir / f"{name}.log", "wb")
+        full_env = dict(os.environ, **(env or {}))
+        self.proc = subprocess.Popen(["taskset", "-c", str(core), str(ENVOY), "-c", str(cfg), "--concurrency", "1",
+                                      "--log-level", "warn", "--base-id", str(harness.free_port()), "--disable-hot-restart"],
+                                     stdout=self.log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
+        harness.wait_until(self.ready, timeout=60, what=f"{name} ready")
+
+    def ready(self):
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"{self.name} exited: see {self.log.name}")
+        return urllib.request.urlopen(f"http://127.0.0.1:{self.admin}/ready", timeout=1).status == 200
+
+    def stat(self, name):
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin}/stats?filter=^{name}$", timeout=5) as r:
+            for line in r.read().decode().splitlines():
+                k, _, v = line.partition(": ")
+                if k == name:
+                    return int(v)
+        return 0
+
+    def worker_cpu_ns(self):
+        """CPU time of the Envoy worker thread (wrk:worker_0), from schedstat."""
+        for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
+            if (task / "comm").read_text().strip().startswith("wrk:worker"):
+                return int((task / "schedstat").read_text().split()[0])
+        raise RuntimeError(f"{self.name}: no worker thread")
+
+    def rss_kb(self):
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        return 0
+
+    def stop(self):
+        harness.stop_process(self.proc, 10)
+        self.log.close()
+
+
+def load(port, tokens_file, seconds, rate):
+    out = subprocess.run(["taskset", "-c", "1", str(LOADGEN), "--addr", f"127.0.0.1:{port}", "--path", "/v/v1/items",
+                          "--rate", str(rate), "--seconds", str(seconds), "--connections", "16", "--tokens", str(tokens_file)],
+                         capture_output=True, text=True, timeout=seconds * 3 + 30)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr)
+    return json.loads(out.stdout)
+
+
+def median(xs):
+    return statistics.median(xs) if xs else None
+
+
+def cold_miss(workdir, ctx, bao):
+    """Latency of a request that must fetch its key, minus the vault's own time for that read."""
+    ports = {"admin": harness.free_port(), "listen": harness.free_port()}
+    b = bootstrap("C", ports, workdir, {**ctx, "keyward_config": keyward_config(ttl_s=1)})
+    e = Proc("cold", b, workdir, 0, ctx["env"])
+    try:
+        gw = http.client.HTTPConnection("127.0.0.1", ports["listen"], timeout=10)
+        vault = http.client.HTTPConnection("127.0.0.1", ctx["bao_port"], timeout=10)
+        token = ctx["tokens"][0]
+        gw.request("GET", "/v/v1/items", headers={"Authorization": f"Bearer {token}"})
+        gw.getresponse().read()
+        totals, vaults, warm = [], [], []
+        for _ in range(COLD_SAMPLES):
+            time.sleep(2.3)  # past the 1 s TTL with no use: the next request is a cold miss
+            t0 = time.perf_counter()
+            gw.request("GET", "/v/v1/items", headers={"Authorization": f"Bearer {token}"})
+            r = gw.getresponse()
+            r.read()
+            totals.append((time.perf_counter() - t0) * 1e6)
+            assert r.status == 200, r.status
+            t0 = time.perf_counter()
+            gw.request("GET", "/v/v1/items", headers={"Authorization": f"Bearer {token}"})
+            gw.getresponse().read()
+            warm.append((time.perf_counter() - t0) * 1e6)
+            t0 = time.perf_counter()
+            vault.request("GET", "/v1/secret/data/bench/vendor", headers={"X-Vault-Token": bao.token})
+            vault.getresponse().read()
+            vaults.append((time.perf_counter() - t0) * 1e6)
+        misses = e.stat("wasmcustom.keyward_cache_miss")
+        return {"samples": COLD_SAMPLES, "cache_misses_counted": misses,
+                "cold_request_p50_us": median(totals), "warm_request_p50_us": median(warm),
+                "vault_read_p50_us": median(vaults),
+                "cold_minus_vault_p50_us": median([t - v for t, v in zip(totals, vaults)])}
+    finally:
+        e.stop()
+
+
+def main():
+    for p in (ENVOY, LOADGEN, KEYWARD_WASM, NOOP_WASM):
+        if not p.exists():
+            sys.exit(f"{p} is missing: run make bench (it builds everything first)")
+    if (os.cpu_count() or 1) < 2:
+        sys.exit("make bench needs two cores (Envoy on one, load on the other)")
+    workdir = Path(tempfile.mkdtemp(prefix="keyward-bench-"))
+    key = secrets.token_bytes(32)
+    vendor_key = "sk_bench_" + secrets.token_hex(12)
+    bao = harness.Bao(workdir, name="bao-bench")
+    procs = []
+    try:
+        bao.put("bench/vendor", {"api_key": vendor_key})
+        now = int(time.time())
+        tokens = [harness.mint(key, {"sub": f"lambda/bench-{i}", "aud": "keyward", "iat": now, "exp": now + 3600,
+                                     "jti": secrets.token_hex(8), "allow": ["vendor GET /v1/**"]}) for i in range(TOKENS)]
+        tokens_file = workdir / "tokens.txt"
+        tokens_file.write_text("\n".join(tokens) + "\n")
+        env = {"KEYWARD_KEY_K1": base64.b64encode(key).decode(), "VAULT_TOKEN": bao.token}
+        up_port = harness.free_port()
+        procs.append(Proc("upstream", upstream_bootstrap(up_port, harness.free_port()), workdir, 1))
+        ctx = {"key": key, "vendor_key": vendor_key, "upstream_port": up_port, "bao_port": bao.port,
+               "keyward_config": keyward_config(), "env": env, "tokens": tokens}
+        arms = {}
+        for arm in ARMS:
+            ports = {"admin": harness.free_port(), "listen": harness.free_port()}
+            p = Proc(f"arm-{arm}", bootstrap(arm, ports, workdir, ctx), workdir, 0, env)
+            p.port = ports["listen"]
+            procs.append(p)
+            arms[arm] = p
+        # Every arm must do its work: 200 with the vendor key injected (C, D), 401 without a token.
+        for arm, p in arms.items():
+            probe = load(p.port, tokens_file, 1, 200)
+            assert probe["ok"] == probe["requests"], (arm, probe)
+        no_tokens = workdir / "no-tokens.txt"
+        no_tokens.write_text("")
+        for arm in ("C", "D"):
+            r = load(arms[arm].port, no_tokens, 0.5, 20)
+            assert r["ok"] == 0, (arm, "a request without a credential was forwarded", r)
+
+        per_round = {a: [] for a in ARMS}
+        fetches_before = arms["C"].stat("wasmcustom.keyward_secret_fetch_ok") + arms["C"].stat("wasmcustom.keyward_secret_fetch_error")
+        c_requests = 0
+        order = list(ARMS)
+        for rnd in range(WARMUP + ROUNDS):
+            rotated = order[rnd % 4:] + order[:rnd % 4]
+            for arm in rotated:
+                p = arms[arm]
+                cpu0, rq0 = p.worker_cpu_ns(), p.stat("http.bench.downstream_rq_completed")
+                res = load(p.port, tokens_file, SECONDS, RATE)
+                time.sleep(0.3)
+                cpu1, rq1 = p.worker_cpu_ns(), p.stat("http.bench.downstream_rq_completed")
+                if rnd < WARMUP:
+                    continue
+                if arm == "C":
+                    c_requests += rq1 - rq0
+                per_round[arm].append({"cpu_us_per_rq": (cpu1 - cpu0) / 1000 / max(1, rq1 - rq0),
+                                       "completed": rq1 - rq0, **res})
+            print(f"round {rnd + 1}/{WARMUP + ROUNDS}{' (warm-up)' if rnd < WARMUP else ''}: " + ", ".join(
+                f"{a} {per_round[a][-1]['cpu_us_per_rq']:.1f}us" for a in ARMS if per_round[a] and rnd >= WARMUP), flush=True)
+        fetches = arms["C"].stat("wasmcustom.keyward_secret_fetch_ok") + arms["C"].stat("wasmcustom.keyward_secret_fetch_error") - fetches_before
+        rss = {a: p.rss_kb() for a, p in arms.items()}
+        cold = cold_miss(workdir, ctx, bao)
+
+        def summary(arm):
+            rs = per_round[arm]
+            return {"name": ARMS[arm], "cpu_us_per_request": median([r["cpu_us_per_rq"] for r in rs]),
+                    "cpu_us_per_request_rounds": [round(r["cpu_us_per_rq"], 2) for r in rs],
+                    "p50_us": median([r["p50_us"] for r in rs]), "p99_us": median([r["p99_us"] for r in rs]),
+                    "errors": sum(r["errors"] + r["other_status"] for r in rs),
+                    "achieved_rate": median([r["rate"] for r in rs]), "rss_kb": rss[arm]}
+        s = {a: summary(a) for a in ARMS}
+
+        def ratio(x, y):
+            return round(statistics.median([a["cpu_us_per_rq"] / b["cpu_us_per_rq"] for a, b in zip(per_round[x], per_round[y])]), 3)
+        out = {
+            "ratios": {"keyward_over_bare_cpu_per_request": ratio("C", "A"),
+                       "keyward_over_native_cpu_per_request": ratio("C", "D"),
+                       "noop_over_bare_cpu_per_request": ratio("B", "A"),
+                       "native_over_bare_cpu_per_request": ratio("D", "A")},
+            "arms": s,
+            "cold_miss": cold,
+            "vault_calls_per_10k_requests": round(fetches * 10000 / max(1, c_requests), 3),
+            "keyward_wasm_bytes": KEYWARD_WASM.stat().st_size,
+            "memory": {"rss_kb": rss, "keyward_minus_bare_rss_kb": rss["C"] - rss["A"],
+                       "noop_minus_bare_rss_kb": rss["B"] - rss["A"],
+                       "note": "RSS of each Envoy (--concurrency 1: one worker VM plus the main thread's VM) after the run"},
+            "method": {"rate_rps": RATE, "seconds_per_arm_per_round": SECONDS, "rounds": ROUNDS, "warmup_rounds": WARMUP,
+                       "tokens": TOKENS, "connections": 16, "envoy": subprocess.run([str(ENVOY), "--version"], capture_output=True,
+                                                                                  text=True).stdout.strip().split("version: ")[-1],
+                       "machine": {"cpus": os.cpu_count(), "model": cpu_model(), "kernel": platform.release()}},
+            "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / "latest.json").write_text(json.dumps(out, indent=2) + "\n")
+        print_table(out)
+    finally:
+        for p in reversed(procs):
+            p.stop()
+        bao.stop()
+
+
+def cpu_model():
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def print_table(out):
+    a = out["arms"]
+    bare = a["A"]["cpu_us_per_request"]
+    print("\n| arm | CPU µs/request | × bare | p50 µs | p99 µs | errors | RSS MiB |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for k in ARMS:
+        x = a[k]
+        print(f"| {k} {x['name']} | {x['cpu_us_per_request']:.1f} | {x['cpu_us_per_request'] / bare:.3f} | {x['p50_us']:.0f} | "
+              f"{x['p99_us']:.0f} | {x['errors']} | {x['rss_kb'] / 1024:.1f} |")
+    r = out["ratios"]
+    c = out["cold_miss"]
+    print(f"\nkeyward/bare {r['keyward_over_bare_cpu_per_request']}  keyward/native {r['keyward_over_native_cpu_per_request']}  "
+          f"noop/bare {r['noop_over_bare_cpu_per_request']}  (medians of per-round ratios)")
+    print(f"cold miss: {c['cold_request_p50_us']:.0f} µs, of which the vault's own read {c['vault_read_p50_us']:.0f} µs "
+          f"-> {c['cold_minus_vault_p50_us']:.0f} µs added; warm {c['warm_request_p50_us']:.0f} µs")
+    print(f"vault calls per 10,000 requests: {out['vault_calls_per_10k_requests']}; keyward.wasm {out['keyward_wasm_bytes']} bytes; "
+          f"RSS keyward - bare {out['memory']['keyward_minus_bare_rss_kb'] / 1024:.1f} MiB")
+    print(f"written: {RESULTS / 'latest.json'}")
+
+
+if __name__ == "__main__":
+    main()
