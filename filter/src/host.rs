@@ -28,10 +28,6 @@ pub fn set_filter_state(key: &str, value: &str) {
     }
 }
 
-pub fn request_header(name: &str) -> Option<Vec<u8>> {
-    hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name).ok().flatten()
-}
-
 pub fn remove_request_header(name: &str) -> Result<(), Status> {
     hostcalls::remove_map_value(MapType::HttpRequestHeaders, name)
 }
@@ -83,24 +79,39 @@ pub fn callout_response(num_headers: usize, body_size: usize, max: usize) -> (Op
     (status, Some(body))
 }
 
-/// The request as the engine sees it, read lazily through hostcalls.
-pub struct HostRequest;
+/// The request as the engine sees it: the header map is read once, with one hostcall, the first
+/// time the engine asks for a header, and every later question is answered from that copy.
+#[derive(Default)]
+pub struct HostRequest {
+    /// `None`: not read yet. `Some(Err(()))`: the map could not be read (fail closed).
+    headers: Option<Result<HeaderMap, ()>>,
+}
+
+type HeaderMap = Vec<(String, Vec<u8>)>;
+
+impl HostRequest {
+    fn headers(&mut self) -> Result<&[(String, Vec<u8>)], ()> {
+        let h = self.headers.get_or_insert_with(|| hostcalls::get_map_bytes(MapType::HttpRequestHeaders).map_err(|_| ()));
+        h.as_deref().map_err(|_| ())
+    }
+}
 
 impl Request for HostRequest {
     fn method(&mut self) -> Option<String> {
-        request_header(":method").and_then(|b| String::from_utf8(b).ok())
+        self.header(":method").and_then(|b| String::from_utf8(b).ok())
     }
     fn path(&mut self) -> Option<String> {
-        request_header(":path").and_then(|b| String::from_utf8(b).ok())
+        self.header(":path").and_then(|b| String::from_utf8(b).ok())
     }
     fn header(&mut self, name: &str) -> Option<Vec<u8>> {
-        request_header(name)
+        let all = self.headers().ok()?;
+        all.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.clone())
     }
     fn header_values(&mut self, name: &str) -> Vec<Vec<u8>> {
-        match hostcalls::get_map_bytes(MapType::HttpRequestHeaders) {
-            Ok(all) => all.into_iter().filter(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v).collect(),
+        match self.headers() {
+            Ok(all) => all.iter().filter(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.clone()).collect(),
             // Fail closed: an unreadable header map counts as a duplicate.
-            Err(_) => vec![Vec::new(), Vec::new()],
+            Err(()) => vec![Vec::new(), Vec::new()],
         }
     }
     fn route_target(&mut self) -> Option<String> {

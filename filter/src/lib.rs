@@ -109,7 +109,11 @@ impl HttpContext for Stream {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         #[cfg(feature = "panic-test")]
         #[allow(clippy::panic)]
-        if host::request_header("x-keyward-test-panic").is_some() {
+        if proxy_wasm::hostcalls::get_map_value_bytes(proxy_wasm::types::MapType::HttpRequestHeaders, "x-keyward-test-panic")
+            .ok()
+            .flatten()
+            .is_some()
+        {
             panic!("x-keyward-test-panic");
         }
         match self.w.try_borrow_mut() {

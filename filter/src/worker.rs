@@ -64,7 +64,14 @@ struct Local {
     state: State,
     data: Option<Rc<Fetched>>,
     fetched_at_ms: u64,
+    /// When this worker last compared it with shared data.
+    checked_ms: u64,
 }
+
+/// A fresh value is compared with shared data at most this often on the request path: a
+/// rotation or eviction by another worker is seen within this long (this worker's own writes at
+/// once). Saves a hostcall and a copy of the record per request.
+const RECHECK_MS: u64 = 100;
 
 /// A store-held signing key, prepared once per fetched value (`None`: the value is unusable).
 type PreparedKey = (Rc<Fetched>, Option<Rc<HmacKey>>);
@@ -229,9 +236,32 @@ impl Worker {
             }
             let fetched_at_ms = state.entry.as_ref().map_or(0, |e| e.fetched_at_ms);
             let data = state.entry.as_mut().map(|e| Rc::new(std::mem::take(&mut e.data)));
-            self.local.insert(slot, Local { cas, state, data, fetched_at_ms });
+            self.local.insert(slot, Local { cas, state, data, fetched_at_ms, checked_ms: 0 });
         }
         self.local.get(&slot)
+    }
+
+    /// The slot's record for a request: a fresh value checked less than `RECHECK_MS` ago is
+    /// used without reading shared data again.
+    fn local_for_request(&mut self, cfg: &Config, slot: usize, now_ms: u64) -> Option<&Local> {
+        let t = self.timing();
+        let recent = self.local.get(&slot).is_some_and(|l| {
+            l.data.is_some() && now_ms < l.checked_ms.saturating_add(RECHECK_MS) && l.state.classify(now_ms, &t) == Use::Fresh
+        });
+        if !recent {
+            self.local(cfg, slot)?;
+            if let Some(l) = self.local.get_mut(&slot) {
+                l.checked_ms = now_ms;
+            }
+        }
+        self.local.get(&slot)
+    }
+
+    /// This worker wrote the slot's shared record: the next request reads it again.
+    fn touch(&mut self, slot: usize) {
+        if let Some(l) = self.local.get_mut(&slot) {
+            l.checked_ms = 0;
+        }
     }
 
     fn timing(&self) -> Timing {
@@ -243,7 +273,7 @@ impl Cache<'_> {
     fn lookup(&mut self, slot: usize) -> Slot<Rc<Fetched>> {
         let t = self.w.timing();
         let now = self.now_ms;
-        let Some(l) = self.w.local(self.cfg, slot) else { return Slot::Pending };
+        let Some(l) = self.w.local_for_request(self.cfg, slot, now) else { return Slot::Pending };
         let (use_, data) = (l.state.classify(now, &t), l.data.clone());
         match (use_, data) {
             (Use::Fresh, Some(d)) => {
@@ -404,7 +434,7 @@ impl Worker {
         let (decision, admitted): (Decision, bool) = {
             let admitted = parked.is_some_and(|p| p.admitted);
             let mut cache = Cache { w: self, cfg: &cfg, now_ms, admitted };
-            let d = engine::decide(&cfg, &mut HostRequest, &mut cache, (now_ms / 1000) as i64);
+            let d = engine::decide(&cfg, &mut HostRequest::default(), &mut cache, (now_ms / 1000) as i64);
             (d, cache.admitted)
         };
         let mut audit = decision.audit;
@@ -474,6 +504,7 @@ impl Worker {
         }
         let (Some(spec), Some(st)) = (cfg.slots.get(slot), cfg.store_of(slot)) else { return };
         let lease_ms = u64::from(st.timeout_ms) + LEASE_GRACE_MS;
+        self.touch(slot);
         match update_state(&spec.cache_key, |s| s.take_lease(now_ms, lease_ms)) {
             Some(true) => {}
             Some(false) => {
@@ -719,6 +750,7 @@ impl Worker {
                 Err(Failure { at_ms: now_ms, transient })
             }
         };
+        self.touch(slot);
         if update_state(&spec.cache_key, |s| {
             s.record(outcome.clone(), now_ms);
             true
@@ -769,6 +801,7 @@ impl Worker {
         let Some(spec) = cfg.slots.get(slot) else { return };
         let t = self.timing();
         let now_ms = host::now_ms();
+        self.touch(slot);
         if update_state(&spec.cache_key, |s| s.mark_suspect(fetched_at_ms, now_ms, &t)) == Some(true) {
             inc(self.metrics.vendor_rejected);
             let store = cfg.store_of(slot).map_or("?", |s| s.name.as_str());
