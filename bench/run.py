@@ -50,6 +50,11 @@ WARMUP = int(os.environ.get("BENCH_WARMUP", 2))
 COLD_SAMPLES = int(os.environ.get("BENCH_COLD_SAMPLES", 15))
 TOKENS = 100
 ARMS = {"A": "bare", "B": "noop", "C": "keyward", "D": "native"}
+# BENCH_BASELINE_WASM=path: a fifth arm, E, runs that build of keyward.wasm (an earlier commit) in
+# the same rounds, for before/after figures measured in one run.
+BASELINE_WASM = os.environ.get("BENCH_BASELINE_WASM")
+if BASELINE_WASM:
+    ARMS["E"] = "keyward_baseline"
 ACCESS_LOG_KEYS = ["subject", "target", "jti", "run", "decision", "cache", "secret_version"]
 
 HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
@@ -115,6 +120,7 @@ def bootstrap(arm, ports, workdir, ctx):
         "B": [wasm_filter("noop", NOOP_WASM, "noop", "")],
         "C": [wasm_filter("keyward", KEYWARD_WASM, "keyward", ctx["keyward_config"], ["KEYWARD_KEY_K1", "VAULT_TOKEN"])],
         "D": native_filters(ctx["key"], "upstream-key"),
+        "E": [wasm_filter("keyward", Path(BASELINE_WASM or "-").resolve(), "keyward", ctx["keyward_config"], ["KEYWARD_KEY_K1", "VAULT_TOKEN"])],
     }[arm]
     hcm = {
         "@type": HCM, "stat_prefix": "bench",
@@ -289,7 +295,7 @@ def main():
             assert probe["ok"] == probe["requests"], (arm, probe)
         no_tokens = workdir / "no-tokens.txt"
         no_tokens.write_text("")
-        for arm in ("C", "D"):
+        for arm in [a for a in ("C", "D", "E") if a in arms]:
             r = load(arms[arm].port, no_tokens, 0.5, 20)
             assert r["ok"] == 0, (arm, "a request without a credential was forwarded", r)
 
@@ -298,7 +304,7 @@ def main():
         c_requests = 0
         order = list(ARMS)
         for rnd in range(WARMUP + ROUNDS):
-            rotated = order[rnd % 4:] + order[:rnd % 4]
+            rotated = order[rnd % len(order):] + order[:rnd % len(order)]
             for arm in rotated:
                 p = arms[arm]
                 cpu0, rq0 = p.worker_cpu_ns(), p.stat("http.bench.downstream_rq_completed")
@@ -334,6 +340,9 @@ def main():
                        "noop_over_bare_cpu_per_request": ratio("B", "A"),
                        "native_over_bare_cpu_per_request": ratio("D", "A")},
             "arms": s,
+            **({"baseline": {"wasm": BASELINE_WASM, "wasm_bytes": Path(BASELINE_WASM).stat().st_size,
+                             "keyward_over_baseline_cpu_per_request": ratio("C", "E"),
+                             "baseline_over_bare_cpu_per_request": ratio("E", "A")}} if BASELINE_WASM else {}),
             "cold_miss": cold,
             "vault_calls_per_10k_requests": round(fetches * 10000 / max(1, c_requests), 3),
             "keyward_wasm_bytes": KEYWARD_WASM.stat().st_size,
@@ -379,6 +388,10 @@ def print_table(out):
           f"-> {c['cold_minus_vault_p50_us']:.0f} µs added; warm {c['warm_request_p50_us']:.0f} µs")
     print(f"vault calls per 10,000 requests: {out['vault_calls_per_10k_requests']}; keyward.wasm {out['keyward_wasm_bytes']} bytes; "
           f"RSS keyward - bare {out['memory']['keyward_minus_bare_rss_kb'] / 1024:.1f} MiB")
+    if "baseline" in out:
+        b = out["baseline"]
+        print(f"baseline {b['wasm']} ({b['wasm_bytes']} bytes): baseline/bare {b['baseline_over_bare_cpu_per_request']}, "
+              f"keyward/baseline {b['keyward_over_baseline_cpu_per_request']}")
     print(f"written: {RESULTS / 'latest.json'}")
 
 

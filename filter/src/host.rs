@@ -90,6 +90,14 @@ pub struct HostRequest {
 type HeaderMap = Vec<(String, Vec<u8>)>;
 
 impl HostRequest {
+    /// Does the request carry this header? Unknown (the map could not be read): yes.
+    pub fn carries(&mut self, name: &str) -> bool {
+        match self.headers() {
+            Ok(all) => all.iter().any(|(k, _)| k.eq_ignore_ascii_case(name)),
+            Err(()) => true,
+        }
+    }
+
     fn headers(&mut self) -> Result<&[(String, Vec<u8>)], ()> {
         let h = self.headers.get_or_insert_with(|| hostcalls::get_map_bytes(MapType::HttpRequestHeaders).map_err(|_| ()));
         h.as_deref().map_err(|_| ())

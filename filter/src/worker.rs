@@ -431,10 +431,11 @@ impl Worker {
         };
         let resumed = parked.is_some();
         let now_ms = host::now_ms();
+        let mut req = HostRequest::default();
         let (decision, admitted): (Decision, bool) = {
             let admitted = parked.is_some_and(|p| p.admitted);
             let mut cache = Cache { w: self, cfg: &cfg, now_ms, admitted };
-            let d = engine::decide(&cfg, &mut HostRequest::default(), &mut cache, (now_ms / 1000) as i64);
+            let d = engine::decide(&cfg, &mut req, &mut cache, (now_ms / 1000) as i64);
             (d, cache.admitted)
         };
         let mut audit = decision.audit;
@@ -455,7 +456,7 @@ impl Worker {
                 if resumed && audit.cache == Some("hit") {
                     audit.cache = Some("miss");
                 }
-                if apply(&ops).is_err() {
+                if apply(&ops, &mut req).is_err() {
                     // The request could not be rewritten safely: never forward it.
                     let d = Denial::new(Code::SecretUnavailable, "the upstream credential could not be applied").retry_after(5);
                     audit.decision = d.code.as_str();
@@ -1009,10 +1010,16 @@ fn dispatch(c: &store::Callout) -> Result<u32, proxy_wasm::types::Status> {
     host::dispatch(&c.cluster, &headers, c.body.as_deref(), c.timeout_ms)
 }
 
-fn apply(ops: &[Op]) -> Result<(), proxy_wasm::types::Status> {
+/// Rewrite the request. A header the request does not carry (as read for the decision) needs
+/// no removal hostcall.
+fn apply(ops: &[Op], req: &mut HostRequest) -> Result<(), proxy_wasm::types::Status> {
     for op in ops {
         match op {
-            Op::Remove(h) => host::remove_request_header(h)?,
+            Op::Remove(h) => {
+                if req.carries(h) {
+                    host::remove_request_header(h)?;
+                }
+            }
             Op::Set(h, v) => host::set_request_header(h, v.expose())?,
             Op::SetPath(p) => host::set_request_header(":path", p.expose())?,
         }
