@@ -21,10 +21,11 @@ pub fn property_string(path: &[&str]) -> Option<String> {
     property(path).and_then(|b| String::from_utf8(b).ok())
 }
 
-pub fn set_filter_state(key: &str, value: &str) {
-    let name = format!("keyward.{key}");
-    if hostcalls::set_property(vec![name.as_str()], Some(value.as_bytes())).is_err() {
-        log::debug!("could not set filter state {name}");
+/// Set `key` (a full name, `keyward.<key>`) in filter state, read by the access log as
+/// `%FILTER_STATE(wasm.keyward.<key>:PLAIN)%`.
+pub fn set_filter_state(key: &'static str, value: &str) {
+    if hostcalls::set_property(vec![key], Some(value.as_bytes())).is_err() {
+        log::debug!("could not set filter state {key}");
     }
 }
 

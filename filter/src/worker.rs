@@ -383,28 +383,28 @@ impl Secrets for Cache<'_> {
 
 fn record_audit(a: &Audit) {
     if let Some(v) = &a.subject {
-        host::set_filter_state("subject", v);
+        host::set_filter_state("keyward.subject", v);
     }
     if let Some(v) = &a.target {
-        host::set_filter_state("target", v);
+        host::set_filter_state("keyward.target", v);
     }
     if let Some(v) = &a.jti {
-        host::set_filter_state("jti", v);
+        host::set_filter_state("keyward.jti", v);
     }
     if let Some(v) = &a.run {
-        host::set_filter_state("run", v);
+        host::set_filter_state("keyward.run", v);
     }
     if !a.decision.is_empty() {
-        host::set_filter_state("decision", a.decision);
+        host::set_filter_state("keyward.decision", a.decision);
     }
     if let Some(v) = a.cache {
-        host::set_filter_state("cache", v);
+        host::set_filter_state("keyward.cache", v);
     }
     if let Some(v) = &a.idempotency_key {
-        host::set_filter_state("idempotency_key", v);
+        host::set_filter_state("keyward.idempotency_key", v);
     }
     if let Some(v) = &a.secret_version {
-        host::set_filter_state("secret_version", v);
+        host::set_filter_state("keyward.secret_version", v);
     }
 }
 
