@@ -15,7 +15,8 @@ help:
 	@echo "make run    start a local gateway (OpenBao + demo vendor + Envoy with keyward on 127.0.0.1:10000)"
 	@echo "make test   unit tests, lints and integration tests against real Envoy, OpenBao and moto"
 	@echo "make build  dist/keyward.wasm and the keyward CLI ($(CLI))"
-	@echo "make bench  the benchmark report"
+	@echo "make bench  Keyward vs bare Envoy, a no-op wasm filter and Envoy's native filters (bench/results/latest.json)"
+	@echo "make fuzz   cargo-fuzz on the token, rules and config parsers (FUZZ_SECS per target, default 300)"
 
 # --- toolchain and pinned components ---------------------------------------------------------
 .wasm-target:
@@ -88,7 +89,7 @@ dist/bench/noop.wasm: .wasm-target bench/noop/src/lib.rs bench/noop/Cargo.toml
 	cp target/wasm32-wasip1/release/keyward_bench_noop.wasm $@
 
 clean:
-	rm -rf dist target $(VENV) .wasm-target .run
+	rm -rf dist target $(VENV) .wasm-target .run .tools .fuzz fuzz/target tools/binaryen/node_modules examples/node/node_modules
 
 # --- fuzz ------------------------------------------------------------------------------------
 # cargo-fuzz (libFuzzer) on the token, rules and config parsers. It needs nightly compiler flags;
