@@ -8,6 +8,7 @@ pub mod credential;
 pub mod engine;
 pub mod inject;
 pub mod json;
+pub mod pairs;
 pub mod limits;
 pub mod rules;
 pub mod scrub;

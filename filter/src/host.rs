@@ -2,6 +2,7 @@
 //! `proxy_wasm::hostcalls` and every failure is an `Err`, never a panic.
 
 use keyward_core::engine::Request;
+use keyward_core::pairs;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, MapType, Status};
 use std::time::{Duration, UNIX_EPOCH};
@@ -86,6 +87,8 @@ pub fn callout_response(num_headers: usize, body_size: usize, max: usize) -> (Op
 pub struct HostRequest {
     /// `None`: not read yet. `Some(Err(()))`: the map could not be read (fail closed).
     headers: Option<Result<HeaderMap, ()>>,
+    /// The route's keyward metadata (target, prefix), once read.
+    route: Option<(Option<String>, Option<String>)>,
 }
 
 type HeaderMap = Vec<(String, Vec<u8>)>;
@@ -124,9 +127,29 @@ impl Request for HostRequest {
         }
     }
     fn route_target(&mut self) -> Option<String> {
-        property_string(&["xds", "route_metadata", "filter_metadata", "keyward", "target"])
+        self.route_meta().0.clone()
     }
     fn route_prefix(&mut self) -> Option<String> {
-        property_string(&["xds", "route_metadata", "filter_metadata", "keyward", "prefix"])
+        self.route_meta().1.clone()
+    }
+}
+
+impl HostRequest {
+    /// The route's `filter_metadata.keyward` `target` and `prefix`, read with one hostcall (the
+    /// struct comes back in the proxy-wasm pairs encoding, decoded by `pairs`); if Envoy
+    /// answers in another form, field by field.
+    fn route_meta(&mut self) -> &(Option<String>, Option<String>) {
+        self.route.get_or_insert_with(|| {
+            let Some(bytes) = property(&["xds", "route_metadata", "filter_metadata", "keyward"]) else {
+                return (None, None);
+            };
+            match pairs::decode(&bytes) {
+                Some(p) if !p.is_empty() => (pairs::get(&p, "target").map(str::to_string), pairs::get(&p, "prefix").map(str::to_string)),
+                _ => (
+                    property_string(&["xds", "route_metadata", "filter_metadata", "keyward", "target"]),
+                    property_string(&["xds", "route_metadata", "filter_metadata", "keyward", "prefix"]),
+                ),
+            }
+        })
     }
 }

@@ -113,6 +113,8 @@ pub struct Worker {
     local: HashMap<usize, Local>,
     /// Prepared store-held signing keys, tagged with the value they came from.
     keys: HashMap<(usize, String), PreparedKey>,
+    /// Response-scrubbing needles per target, tagged with the value they came from.
+    needles: HashMap<usize, (Rc<Fetched>, Rc<Vec<Secret>>)>,
     /// Credentials this worker verified, with the key that did (no HMAC or parse on a repeat).
     verified: VerifiedCache,
     /// When this worker last served each slot (values in use are refreshed ahead of their TTL).
@@ -414,8 +416,9 @@ impl Worker {
     }
 
     pub fn configure(&mut self, cfg: Config) {
-        // Remembered verifications name keys of the old configuration.
+        // Remembered verifications name keys of the old configuration; target indices change.
         self.verified.clear();
+        self.needles.clear();
         self.timing = Some(Timing::new(cfg.cache.ttl_s, cfg.cache.stale_if_error_s));
         self.cfg = Some(Rc::new(cfg));
     }
@@ -813,8 +816,16 @@ impl Worker {
     /// Remove every response header that reflects the secret this request was given. If one
     /// cannot be removed, the stream is reset: the secret never reaches the workload.
     fn scrub(&mut self, cfg: &Config, served: &Served, headers: &[(String, Vec<u8>)]) {
-        let (Some(t), Some(data)) = (cfg.targets.get(served.target), served.data.as_deref()) else { return };
-        let needles = scrub::needles(t, data);
+        let (Some(t), Some(data)) = (cfg.targets.get(served.target), served.data.as_ref()) else { return };
+        // The forms of the secret to look for, computed once per target and value.
+        let needles = match self.needles.get(&served.target) {
+            Some((src, n)) if Rc::ptr_eq(src, data) => n.clone(),
+            _ => {
+                let n = Rc::new(scrub::needles(t, data));
+                self.needles.insert(served.target, (data.clone(), n.clone()));
+                n
+            }
+        };
         let remove = scrub::headers_to_remove(&needles, headers);
         if remove.is_empty() {
             return;
