@@ -348,7 +348,11 @@ def main():
             "keyward_wasm_bytes": KEYWARD_WASM.stat().st_size,
             "memory": {"rss_kb": rss, "keyward_minus_bare_rss_kb": rss["C"] - rss["A"],
                        "noop_minus_bare_rss_kb": rss["B"] - rss["A"],
-                       "note": "RSS of each Envoy (--concurrency 1: one worker VM plus the main thread's VM) after the run"},
+                       "vms_per_envoy": 2,
+                       "keyward_per_vm_kb": (rss["C"] - rss["A"]) // 2,
+                       "keyward_over_noop_per_vm_kb": (rss["C"] - rss["B"]) // 2,
+                       "note": "RSS of each Envoy after the run; --concurrency 1 runs two VMs of the module (the main "
+                               "thread's and the worker's), so per VM is the difference over bare Envoy halved"},
             "method": {"rate_rps": RATE, "seconds_per_arm_per_round": SECONDS, "rounds": ROUNDS, "warmup_rounds": WARMUP,
                        "tokens": TOKENS, "connections": 16, "envoy": subprocess.run([str(ENVOY), "--version"], capture_output=True,
                                                                                   text=True).stdout.strip().split("version: ")[-1],
@@ -387,7 +391,8 @@ def print_table(out):
     print(f"cold miss: {c['cold_request_p50_us']:.0f} µs, of which the vault's own read {c['vault_read_p50_us']:.0f} µs "
           f"-> {c['cold_minus_vault_p50_us']:.0f} µs added; warm {c['warm_request_p50_us']:.0f} µs")
     print(f"vault calls per 10,000 requests: {out['vault_calls_per_10k_requests']}; keyward.wasm {out['keyward_wasm_bytes']} bytes; "
-          f"RSS keyward - bare {out['memory']['keyward_minus_bare_rss_kb'] / 1024:.1f} MiB")
+          f"memory per VM {out['memory']['keyward_per_vm_kb'] / 1024:.1f} MiB "
+          f"({out['memory']['keyward_over_noop_per_vm_kb'] / 1024:.1f} MiB more than a no-op module)")
     if "baseline" in out:
         b = out["baseline"]
         print(f"baseline {b['wasm']} ({b['wasm_bytes']} bytes): baseline/bare {b['baseline_over_bare_cpu_per_request']}, "
