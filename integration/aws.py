@@ -56,6 +56,7 @@ class Moto:
         self.log = open(workdir / "moto.log", "wb")
         self.proc = subprocess.Popen([str(harness.BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)],
                                      stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        harness.SPAWNED.append(self.proc)
         harness.wait_until(lambda: harness.requests.get(f"{self.addr}/moto-api/", timeout=1).status_code < 500,
                            what="moto ready")
 

@@ -1,5 +1,6 @@
 import base64
 import os
+import signal
 import secrets
 import shutil
 import tempfile
@@ -120,3 +121,13 @@ def leak_check(request):
         for t in TOKENS:
             assert t not in blob, "the vendor received a workload token"
             assert t.rsplit(".", 1)[-1] not in blob, "the vendor received a token signature"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """No server outlives the session, even one whose fixture failed while starting."""
+    for proc in harness.SPAWNED:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except OSError:
+                pass

@@ -23,6 +23,9 @@ CLI = ROOT / "target" / "release" / "keyward"
 
 # Every secret value and every token the tests create, for the leak checks.
 SECRETS: set = set()
+# Every server a test starts, so that none outlives the session (conftest kills leftovers, e.g.
+# when a fixture failed halfway through starting its components).
+SPAWNED: list = []
 TOKENS: set = set()
 
 
@@ -272,6 +275,7 @@ class Bao:
             [str(BIN / "bao"), "server", "-dev", f"-dev-root-token-id={self.token}",
              f"-dev-listen-address=127.0.0.1:{self.port}"],
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        SPAWNED.append(self.proc)
         wait_until(lambda: requests.get(f"{self.addr}/v1/sys/health", timeout=1).status_code == 200,
                    what="OpenBao ready")
 
@@ -309,6 +313,7 @@ class Envoy:
             [str(BIN / "envoy"), "-c", str(self.config_path), "--concurrency", str(concurrency),
              "--log-level", "info", "--base-id", str(free_port())],
             stdout=self.log, stderr=subprocess.STDOUT, env=full_env, cwd=ROOT, start_new_session=True)
+        SPAWNED.append(self.proc)
         wait_until(self.ready, timeout=60, what="Envoy ready")
 
     def ready(self):
