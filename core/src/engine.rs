@@ -72,32 +72,25 @@ enum KeyFor {
 }
 
 fn key_for(cfg: &Config, secrets: &mut impl Secrets, kid: &str) -> KeyFor {
-    let source = match (cfg.key(kid), cfg.keyset) {
-        (Some(key), _) => &key.source,
-        (None, Some(slot)) => {
-            return match secrets.signing_key(slot, kid) {
-                Slot::Ready(Some(k)) | Slot::Stale(Some(k)) => {
-                    let id = Rc::as_ptr(&k) as usize;
-                    KeyFor::Key(k, id)
-                }
-                Slot::Ready(None) | Slot::Stale(None) => KeyFor::Unknown,
-                Slot::Pending => KeyFor::Need(slot),
-                Slot::Failed => KeyFor::Failed,
-            };
+    match (cfg.key(kid).map(|k| &k.source), cfg.keyset) {
+        (Some(KeySource::Ready(k)), _) => KeyFor::Static(k as *const HmacKey as usize),
+        (Some(KeySource::Stored { slot, field }), _) => stored_key(secrets, *slot, field),
+        // Kids not configured one by one are looked up in the key set.
+        (None, Some(slot)) => stored_key(secrets, slot, kid),
+        (None, None) => KeyFor::Unknown,
+    }
+}
+
+/// A key held in a store: `slot`'s `field`.
+fn stored_key(secrets: &mut impl Secrets, slot: usize, field: &str) -> KeyFor {
+    match secrets.signing_key(slot, field) {
+        Slot::Ready(Some(k)) | Slot::Stale(Some(k)) => {
+            let id = Rc::as_ptr(&k) as usize;
+            KeyFor::Key(k, id)
         }
-        (None, None) => return KeyFor::Unknown,
-    };
-    match source {
-        KeySource::Ready(k) => KeyFor::Static(k as *const HmacKey as usize),
-        KeySource::Stored { slot, field } => match secrets.signing_key(*slot, field) {
-            Slot::Ready(Some(k)) | Slot::Stale(Some(k)) => {
-                let id = Rc::as_ptr(&k) as usize;
-                KeyFor::Key(k, id)
-            }
-            Slot::Ready(None) | Slot::Stale(None) => KeyFor::Unknown,
-            Slot::Pending => KeyFor::Need(*slot),
-            Slot::Failed => KeyFor::Failed,
-        },
+        Slot::Ready(None) | Slot::Stale(None) => KeyFor::Unknown,
+        Slot::Pending => KeyFor::Need(slot),
+        Slot::Failed => KeyFor::Failed,
     }
 }
 
