@@ -9,7 +9,7 @@ WASM   := dist/keyward.wasm
 CLI    := target/release/keyward
 GIT_HASH := $(shell git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
 
-.PHONY: help build wasm cli deps run test unit lint integration bench clean fuzz fuzz-smoke
+.PHONY: help build wasm cli deps run test unit lint integration bench clean fuzz fuzz-smoke profile
 
 help:
 	@echo "make run    start a local gateway (OpenBao + demo vendor + Envoy with keyward on 127.0.0.1:10000)"
@@ -82,6 +82,13 @@ test: build $(STAMP) unit lint integration fuzz-smoke
 bench: build $(STAMP) dist/bench/noop.wasm
 	cargo build --release --locked -p keyward-loadgen
 	$(VENV)/bin/python bench/run.py
+
+# Instruction counts of the warm request path (engine::decide with an in-memory host), per
+# function, from callgrind: repeatable on a shared machine, unlike timings.
+profile:
+	CARGO_PROFILE_RELEASE_STRIP=false CARGO_PROFILE_RELEASE_DEBUG=1 cargo build --release --locked -p keyward-hotpath --target-dir target/profile
+	valgrind --tool=callgrind --callgrind-out-file=target/profile/callgrind.out target/profile/release/keyward-hotpath 20000
+	callgrind_annotate --inclusive=yes target/profile/callgrind.out | head -40
 
 dist/bench/noop.wasm: .wasm-target bench/noop/src/lib.rs bench/noop/Cargo.toml
 	cargo build --release --locked --target wasm32-wasip1 -p keyward-bench-noop
