@@ -63,17 +63,18 @@ pub trait Secrets {
 }
 
 /// The prepared key for a kid, and its identity (for the verified-token cache).
-enum KeyFor {
+enum KeyFor<'a> {
     Key(Rc<HmacKey>, usize),
-    Static(usize),
+    /// From the configuration (the environment); its identity is its address.
+    Static(&'a HmacKey),
     Unknown,
     Need(usize),
     Failed,
 }
 
-fn key_for(cfg: &Config, secrets: &mut impl Secrets, kid: &str) -> KeyFor {
+fn key_for<'a>(cfg: &'a Config, secrets: &mut impl Secrets, kid: &str) -> KeyFor<'a> {
     match (cfg.key(kid).map(|k| &k.source), cfg.keyset) {
-        (Some(KeySource::Ready(k)), _) => KeyFor::Static(k as *const HmacKey as usize),
+        (Some(KeySource::Ready(k)), _) => KeyFor::Static(k),
         (Some(KeySource::Stored { slot, field }), _) => stored_key(secrets, *slot, field),
         // Kids not configured one by one are looked up in the key set.
         (None, Some(slot)) => stored_key(secrets, slot, kid),
@@ -82,7 +83,7 @@ fn key_for(cfg: &Config, secrets: &mut impl Secrets, kid: &str) -> KeyFor {
 }
 
 /// A key held in a store: `slot`'s `field`.
-fn stored_key(secrets: &mut impl Secrets, slot: usize, field: &str) -> KeyFor {
+fn stored_key<'a>(secrets: &mut impl Secrets, slot: usize, field: &str) -> KeyFor<'a> {
     match secrets.signing_key(slot, field) {
         Slot::Ready(Some(k)) | Slot::Stale(Some(k)) => {
             let id = Rc::as_ptr(&k) as usize;
@@ -97,7 +98,8 @@ fn stored_key(secrets: &mut impl Secrets, slot: usize, field: &str) -> KeyFor {
 /// The identity of a resolved key, if it resolved.
 fn key_id(k: &KeyFor) -> Option<usize> {
     match k {
-        KeyFor::Key(_, id) | KeyFor::Static(id) => Some(*id),
+        KeyFor::Key(_, id) => Some(*id),
+        KeyFor::Static(k) => Some(*k as *const HmacKey as usize),
         _ => None,
     }
 }
@@ -218,10 +220,7 @@ pub fn decide(cfg: &Config, req: &mut impl Request, secrets: &mut impl Secrets, 
             };
             let key = key_for(cfg, secrets, &unverified.kid);
             let payload = match &key {
-                KeyFor::Static(_) => match cfg.key(&unverified.kid).map(|k| &k.source) {
-                    Some(KeySource::Ready(k)) => unverified.verify(k),
-                    _ => Err(token::TokenError::UnknownKid(String::new())),
-                },
+                KeyFor::Static(k) => unverified.verify(k),
                 KeyFor::Key(k, _) => unverified.verify(k),
                 KeyFor::Unknown => Err(token::TokenError::UnknownKid(String::new())),
                 KeyFor::Need(slot) => return Decision { outcome: Outcome::Need(*slot), audit },

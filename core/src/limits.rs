@@ -36,12 +36,7 @@ pub fn shard_keys() -> impl Iterator<Item = String> {
 
 /// The shared-data key of the shard holding `jti` (FNV-1a: cheap and stable across workers).
 pub fn shard_key(jti: &str) -> String {
-    let mut h: u32 = 0x811c_9dc5;
-    for b in jti.bytes() {
-        h ^= u32::from(b);
-        h = h.wrapping_mul(0x0100_0193);
-    }
-    format!("keyward/v1/lim/{:02}", h % SHARDS)
+    format!("keyward/v1/lim/{:02}", crate::wire::fnv1a(jti.bytes()) % u64::from(SHARDS))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

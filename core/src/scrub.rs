@@ -62,8 +62,11 @@ pub fn headers_to_remove(needles: &[Secret], headers: &[(String, Vec<u8>)]) -> V
         if name.starts_with(':') {
             continue; // pseudo-headers (:status) cannot be removed, and never carry a secret
         }
+        if !leaks(needles, value) {
+            continue;
+        }
         let n = name.to_ascii_lowercase();
-        if leaks(needles, value) && !out.contains(&n) {
+        if !out.contains(&n) {
             out.push(n);
         }
     }

@@ -83,7 +83,8 @@ impl Fetched {
     }
 }
 
-fn header(k: &str, v: &str) -> (String, Secret) {
+/// A callout header whose value is not secret (kept as `Secret` like every callout header).
+pub(crate) fn header(k: &str, v: &str) -> (String, Secret) {
     (k.to_string(), Secret::text(v))
 }
 

@@ -19,7 +19,7 @@
 use crate::config::{Store, StoreKind, VaultAuth};
 use crate::json::{self, Value};
 use crate::secret::Secret;
-use crate::store::{Callout, FetchError};
+use crate::store::{header, Callout, FetchError};
 use crate::wire::Reader;
 
 const MAGIC: &[u8; 4] = b"KWA1";
@@ -36,11 +36,7 @@ pub fn shared_key(store: &Store) -> Option<String> {
     let StoreKind::VaultKv2 { auth: VaultAuth::AppRole { mount, role_id, .. }, .. } = &store.kind else {
         return None;
     };
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in store.cluster.bytes().chain([0]).chain(mount.bytes()).chain([0]).chain(role_id.expose().iter().copied()) {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
+    let h = crate::wire::fnv1a(store.cluster.bytes().chain([0]).chain(mount.bytes()).chain([0]).chain(role_id.expose().iter().copied()));
     Some(format!("keyward/v1/auth/{}/{h:016x}", store.name))
 }
 
@@ -231,20 +227,16 @@ pub struct Grant {
     pub renewable: bool,
 }
 
-fn json_header(k: &str, v: &str) -> (String, Secret) {
-    (k.to_string(), Secret::text(v))
-}
-
 fn base_headers(store: &Store, path: &str) -> Vec<(String, Secret)> {
     let mut h = vec![
-        json_header(":method", "POST"),
-        json_header(":path", path),
-        json_header(":authority", &store.authority),
-        json_header("content-type", "application/json"),
-        json_header("accept", "application/json"),
+        header(":method", "POST"),
+        header(":path", path),
+        header(":authority", &store.authority),
+        header("content-type", "application/json"),
+        header("accept", "application/json"),
     ];
     if let StoreKind::VaultKv2 { namespace: Some(ns), .. } = &store.kind {
-        h.push(json_header("x-vault-namespace", ns));
+        h.push(header("x-vault-namespace", ns));
     }
     h
 }

@@ -1,6 +1,17 @@
 //! Reading the little-endian binary records Keyward keeps in Envoy shared data (the secret
 //! cache, the limit shards). Every read is bounds-checked and returns `None` past the end.
 
+/// FNV-1a (64-bit): a cheap hash that is the same in every worker and every process, for
+/// shared-data keys (never for anything an attacker must not be able to collide).
+pub fn fnv1a(bytes: impl IntoIterator<Item = u8>) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
 pub struct Reader<'a> {
     b: &'a [u8],
     i: usize,
@@ -51,5 +62,12 @@ mod tests {
         assert!(r.done());
         assert_eq!(r.u8(), None);
         assert_eq!(Reader::new(&[]).take(usize::MAX), None);
+    }
+
+    #[test]
+    fn fnv1a_matches_the_reference_values() {
+        assert_eq!(fnv1a(*b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a(*b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(fnv1a(*b"foobar"), 0x8594_4171_f739_67e8);
     }
 }

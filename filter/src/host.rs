@@ -18,10 +18,6 @@ pub fn property(path: &[&str]) -> Option<Vec<u8>> {
     hostcalls::get_property(path.to_vec()).ok().flatten()
 }
 
-pub fn property_string(path: &[&str]) -> Option<String> {
-    property(path).and_then(|b| String::from_utf8(b).ok())
-}
-
 /// Set `key` (a full name, `keyward.<key>`) in filter state, read by the access log as
 /// `%FILTER_STATE(wasm.keyward.<key>:PLAIN)%`.
 pub fn set_filter_state(key: &'static str, value: &str) {
@@ -135,20 +131,15 @@ impl Request for HostRequest {
 }
 
 impl HostRequest {
-    /// The route's `filter_metadata.keyward` `target` and `prefix`, read with one hostcall (the
-    /// struct comes back in the proxy-wasm pairs encoding, decoded by `pairs`); if Envoy
-    /// answers in another form, field by field.
+    /// The route's `filter_metadata.keyward` `target` and `prefix`, read with one hostcall: Envoy
+    /// returns the struct in the proxy-wasm pairs encoding (decoded by `core::pairs`). Metadata
+    /// that does not decode names no target (403 `unknown_target`).
     fn route_meta(&mut self) -> &(Option<String>, Option<String>) {
         self.route.get_or_insert_with(|| {
-            let Some(bytes) = property(&["xds", "route_metadata", "filter_metadata", "keyward"]) else {
-                return (None, None);
-            };
+            let bytes = property(&["xds", "route_metadata", "filter_metadata", "keyward"]).unwrap_or_default();
             match pairs::decode(&bytes) {
-                Some(p) if !p.is_empty() => (pairs::get(&p, "target").map(str::to_string), pairs::get(&p, "prefix").map(str::to_string)),
-                _ => (
-                    property_string(&["xds", "route_metadata", "filter_metadata", "keyward", "target"]),
-                    property_string(&["xds", "route_metadata", "filter_metadata", "keyward", "prefix"]),
-                ),
+                Some(p) => (pairs::get(&p, "target").map(str::to_string), pairs::get(&p, "prefix").map(str::to_string)),
+                None => (None, None),
             }
         })
     }

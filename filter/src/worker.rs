@@ -795,7 +795,12 @@ impl Worker {
     pub fn on_response(&mut self, ctx: u32) {
         let Some(served) = self.served.remove(&ctx) else { return };
         let Some(cfg) = self.cfg.clone() else { return };
-        let headers = hostcalls::get_map_bytes(MapType::HttpResponseHeaders).unwrap_or_default();
+        let Ok(headers) = hostcalls::get_map_bytes(MapType::HttpResponseHeaders) else {
+            // Unreadable, so unscrubbable: fail closed rather than risk handing over a secret.
+            log::warn!("could not read the vendor's response headers; resetting the stream");
+            let _ = hostcalls::reset_http_request();
+            return;
+        };
         self.scrub(&cfg, &served, &headers);
         let (slot, fetched_at_ms) = (served.slot, served.fetched_at_ms);
         let status = headers.iter().find(|(k, _)| k == ":status").map(|(_, v)| v.as_slice());
