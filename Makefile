@@ -69,6 +69,7 @@ unit:
 	cargo test --locked --workspace
 
 lint: .wasm-target
+	cargo fmt --all --check
 	cargo clippy --locked --workspace --all-targets -- -D warnings
 	cargo clippy --locked --target wasm32-wasip1 -p keyward-filter -- -D warnings
 

@@ -2,7 +2,7 @@
 
 use crate::{compile_for_check, Args};
 use keyward_core::config::{Config, Inject};
-use keyward_core::rules::strip_prefix;
+use keyward_core::policy::rules::strip_prefix;
 use serde_json::Value;
 
 const WASM: &str = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm";
@@ -122,7 +122,10 @@ pub fn lint(doc: &Value, no_env: bool) -> Report {
                 for hf in arr(tc, "http_filters") {
                     let Some(c) = hf.get("typed_config").filter(|c| s(c, &["@type"]) == Some(WASM)).and_then(|c| c.get("config")) else { continue };
                     let id = s(c, &["vm_config", "vm_id"]).unwrap_or("").to_string();
-                    let code = s(c, &["vm_config", "code", "local", "filename"]).or_else(|| s(c, &["vm_config", "code", "remote", "http_uri", "uri"])).unwrap_or("").to_string();
+                    let code = s(c, &["vm_config", "code", "local", "filename"])
+                        .or_else(|| s(c, &["vm_config", "code", "remote", "http_uri", "uri"]))
+                        .unwrap_or("")
+                        .to_string();
                     if !vm_ids.iter().any(|(v, k)| *v == id && *k == code) {
                         vm_ids.push((id, code));
                     }
@@ -185,7 +188,9 @@ fn lint_hcm(r: &mut Report, at: &str, hcm: &Value, no_env: bool) -> Option<HcmUs
     }
     let code = s(&cfgv, &["vm_config", "code", "local", "filename"]).unwrap_or("").to_string();
     if s(hcm, &["common_http_protocol_options", "headers_with_underscores_action"]) != Some("REJECT_REQUEST") {
-        r.problems.push(format!("{at}: common_http_protocol_options.headers_with_underscores_action must be REJECT_REQUEST (x_api_key would slip past header rules)"));
+        r.problems.push(format!(
+            "{at}: common_http_protocol_options.headers_with_underscores_action must be REJECT_REQUEST (x_api_key would slip past header rules)"
+        ));
     }
     if hcm.get("max_request_headers_kb").is_none() {
         r.problems.push(format!("{at}: set max_request_headers_kb (a header size limit)"));
@@ -393,8 +398,11 @@ mod tests {
             ("{target: stripe, prefix: \"/stripe\"}", "{target: stripe, prefix: \"/strip\"}", "disagrees"),
             ("{target: openai, prefix: \"/openai\"}", "{target: nope, prefix: \"/openai\"}", "not in the filter configuration"),
             ("suppress_envoy_headers: true", "suppress_envoy_headers: false", "suppress_envoy_headers"),
-            ("route: {cluster: vendor, prefix_rewrite: \"/\", host_rewrite_literal: maps.googleapis.com}",
-             "route: {cluster: vault, prefix_rewrite: \"/\", host_rewrite_literal: maps.googleapis.com}", "store cluster"),
+            (
+                "route: {cluster: vendor, prefix_rewrite: \"/\", host_rewrite_literal: maps.googleapis.com}",
+                "route: {cluster: vault, prefix_rewrite: \"/\", host_rewrite_literal: maps.googleapis.com}",
+                "store cluster",
+            ),
             ("\"audience\": \"keyward\",", "\"audience\": \"keyward\", \"colour\": 1,", "unknown field"),
         ];
         for (from, to, want) in cases {

@@ -5,10 +5,10 @@ mod report;
 mod revoke;
 
 use keyward_core::config;
-use keyward_core::json;
-use keyward_core::rules::TokenRule;
-use keyward_core::token::{self, HmacKey, Policy, TokenError};
-use keyward_core::{b64, secret::Secret};
+use keyward_core::credential::jwt::{self, HmacKey, Policy, TokenError};
+use keyward_core::policy::rules::TokenRule;
+use keyward_core::wire::json;
+use keyward_core::{secret::Secret, wire::b64};
 use std::io::Read;
 use std::process::ExitCode;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -216,9 +216,9 @@ fn mint(args: &[String]) -> Result<(), String> {
     }
     c.push('}');
     // Check what we mint with the same parser the filter uses.
-    let t = token::mint(kid, &key, &c);
-    let u = token::parse(&t).map_err(|e| e.to_string())?;
-    token::parse_claims(u.verify(&key).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+    let t = jwt::mint(kid, &key, &c);
+    let u = jwt::parse(&t).map_err(|e| e.to_string())?;
+    jwt::parse_claims(u.verify(&key).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
     println!("{t}");
     Ok(())
 }
@@ -258,12 +258,10 @@ fn inspect(args: &[String]) -> Result<(), String> {
             let bytes = std::fs::read(path).map_err(|e| format!("cannot read {path}: {e}"))?;
             let env = |n: &str| std::env::var(n).ok();
             let cfg = config::compile(&bytes, &env).map_err(|e| e.to_string())?;
-            let u = token::parse(&t).map_err(|e| explain(&e))?;
+            let u = jwt::parse(&t).map_err(|e| explain(&e))?;
             let key = match cfg.key(&u.kid).map(|k| &k.source) {
                 Some(config::KeySource::Ready(k)) => Some(k.clone()),
-                Some(config::KeySource::Stored { .. }) => {
-                    return Err(format!("kid {:?} is held in a store; pass it with --key-env or --key-file", u.kid))
-                }
+                Some(config::KeySource::Stored { .. }) => return Err(format!("kid {:?} is held in a store; pass it with --key-env or --key-file", u.kid)),
                 None => return Err(explain(&TokenError::UnknownKid(u.kid.clone()))),
             };
             (load_key(&a)?.or(key), cfg.policy.clone())
@@ -278,13 +276,13 @@ fn inspect(args: &[String]) -> Result<(), String> {
             },
         ),
     };
-    let u = token::parse(&t).map_err(|e| explain(&e))?;
+    let u = jwt::parse(&t).map_err(|e| explain(&e))?;
     println!("kid: {}", u.kid);
     let Some(key) = key else {
         return Err("structure is valid; pass --key-env, --key-file or --config to verify the signature".into());
     };
     let payload = u.verify(&key).map_err(|e| explain(&e))?;
-    let claims = token::parse_claims(payload).map_err(|e| explain(&e))?;
+    let claims = jwt::parse_claims(payload).map_err(|e| explain(&e))?;
     policy.check(&claims, now()).map_err(|e| explain(&e))?;
     println!("valid: sub={} jti={} expires in {}s; {} rule(s)", claims.sub, claims.jti, claims.exp - now(), claims.allow.len());
     Ok(())

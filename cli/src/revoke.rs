@@ -7,8 +7,8 @@
 
 use crate::Args;
 use keyward_core::config::{self, StoreKind};
+use keyward_core::credential::jwt::MAX_ID_LEN;
 use keyward_core::secret::Secret;
-use keyward_core::token::MAX_ID_LEN;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -37,10 +37,9 @@ pub fn location(a: &Args) -> Result<Location, String> {
         let store = cfg.stores.get(rev.store).ok_or_else(|| format!("{file}: the revocation store is missing"))?;
         return match &store.kind {
             StoreKind::VaultKv2 { mount, .. } => Ok(Location { mount: mount.clone(), path: rev.path.clone() }),
-            StoreKind::AwsSecretsManager => Err(format!(
-                "{file}: the revocation list is in AWS Secrets Manager ({}); edit it with `aws secretsmanager put-secret-value`",
-                rev.path
-            )),
+            StoreKind::AwsSecretsManager => {
+                Err(format!("{file}: the revocation list is in AWS Secrets Manager ({}); edit it with `aws secretsmanager put-secret-value`", rev.path))
+            }
         };
     }
     let loc = Location {
@@ -117,8 +116,7 @@ impl Kv {
             Ok(t) if !t.is_empty() => Secret::text(&t),
             _ => {
                 let home = std::env::var("HOME").unwrap_or_default();
-                let t = std::fs::read_to_string(format!("{home}/.vault-token"))
-                    .map_err(|_| "VAULT_TOKEN is not set and ~/.vault-token cannot be read")?;
+                let t = std::fs::read_to_string(format!("{home}/.vault-token")).map_err(|_| "VAULT_TOKEN is not set and ~/.vault-token cannot be read")?;
                 Secret::text(t.trim())
             }
         };
@@ -136,12 +134,8 @@ impl Kv {
             }
             tls = tls.root_certs(ureq::tls::RootCerts::new_with_certs(&certs));
         }
-        let agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(15)))
-            .tls_config(tls.build())
-            .build()
-            .new_agent();
+        let agent =
+            ureq::Agent::config_builder().http_status_as_error(false).timeout_global(Some(Duration::from_secs(15))).tls_config(tls.build()).build().new_agent();
         let namespace = std::env::var("VAULT_NAMESPACE").ok().filter(|n| !n.is_empty());
         Ok(Kv { agent, addr, token, namespace, loc })
     }
@@ -226,8 +220,7 @@ impl Kv {
             }
             // No readable latest version: write a fresh list, only if nobody wrote meanwhile.
             let cas = self.current_version()?;
-            let data: serde_json::Map<String, Value> =
-                changes.iter().filter_map(|(k, v)| v.as_ref().map(|s| (k.clone(), Value::String(s.clone())))).collect();
+            let data: serde_json::Map<String, Value> = changes.iter().filter_map(|(k, v)| v.as_ref().map(|s| (k.clone(), Value::String(s.clone())))).collect();
             let (status, body) = self.call("POST", &self.url("data"), Some(&json!({ "data": data, "options": { "cas": cas } })), "application/json")?;
             match status {
                 200 | 204 => return Ok(()),

@@ -2,11 +2,11 @@
 //! rejects duplicate keys), stage two compiles and validates into `Config`. Every error names the
 //! offending path, e.g. `targets.stripe.secret.store: unknown store "bao2"`.
 
-use crate::b64;
-use crate::json;
-use crate::rules::{valid_target_name, Method, RouteRule};
+use crate::credential::jwt::{HmacKey, Policy};
+use crate::policy::rules::{valid_target_name, Method, RouteRule};
 use crate::secret::Secret;
-use crate::token::{HmacKey, Policy};
+use crate::wire::b64;
+use crate::wire::json;
 use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -249,7 +249,11 @@ pub enum VaultAuth {
 #[derive(Debug)]
 pub enum StoreKind {
     /// `namespace`: sent as `X-Vault-Namespace` (Vault Enterprise/HCP, OpenBao namespaces).
-    VaultKv2 { mount: String, auth: VaultAuth, namespace: Option<String> },
+    VaultKv2 {
+        mount: String,
+        auth: VaultAuth,
+        namespace: Option<String>,
+    },
     AwsSecretsManager,
 }
 
@@ -373,47 +377,46 @@ impl Config {
 }
 
 fn valid_env_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 128
-        && s.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_')
-        && !s.as_bytes().first().is_some_and(u8::is_ascii_digit)
+    !s.is_empty() && s.len() <= 128 && s.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_') && !s.as_bytes().first().is_some_and(u8::is_ascii_digit)
 }
 
 /// A store path such as `keyward/revoked`: `[A-Za-z0-9_.-]` segments separated by single `/`.
 pub fn valid_store_path(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 512
-        && s.split('/').all(|seg| {
-            !seg.is_empty()
-                && seg != "."
-                && seg != ".."
-                && seg.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'-' | b'.'))
-        })
+        && s.split('/')
+            .all(|seg| !seg.is_empty() && seg != "." && seg != ".." && seg.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'-' | b'.')))
 }
 
 fn valid_header_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 128
-        && s.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'-' | b'_'))
+    !s.is_empty() && s.len() <= 128 && s.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'-' | b'_'))
 }
 
 /// Headers that must never be chosen as a credential source or an injection target.
 const RESERVED_HEADERS: &[&str] = &[
-    "host", "connection", "content-length", "content-type", "transfer-encoding", "te", "upgrade",
-    "keep-alive", "proxy-connection", "trailer", "cookie", "x-forwarded-for", "x-forwarded-proto",
-    "x-request-id", "x-envoy-original-path",
+    "host",
+    "connection",
+    "content-length",
+    "content-type",
+    "transfer-encoding",
+    "te",
+    "upgrade",
+    "keep-alive",
+    "proxy-connection",
+    "trailer",
+    "cookie",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-request-id",
+    "x-envoy-original-path",
 ];
 
 fn valid_authority(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 255
-        && s.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'-' | b':' | b'[' | b']' | b'_'))
+    !s.is_empty() && s.len() <= 255 && s.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'-' | b':' | b'[' | b']' | b'_'))
 }
 
 fn valid_query_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 64
-        && s.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'-' | b'.'))
+    !s.is_empty() && s.len() <= 64 && s.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'-' | b'.'))
 }
 
 fn parse_credential(path: &str, s: &str) -> Result<CredentialSource, ConfigError> {
@@ -477,7 +480,7 @@ impl Compiler<'_> {
         let i = match self.slots.iter().position(|s| s.store == store && s.path == r.path) {
             Some(i) => i,
             None => {
-                let cache_key = crate::cache::shared_key(store_name, &r.path);
+                let cache_key = crate::secrets::slot_state::shared_key(store_name, &r.path);
                 self.slots.push(Slot { store, path: r.path.clone(), fields: Vec::new(), cache_key, whole: false });
                 self.slots.len() - 1
             }
@@ -565,9 +568,7 @@ pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Con
                 };
                 (cluster, authority, *timeout_ms, StoreKind::VaultKv2 { mount: mount.clone(), auth, namespace })
             }
-            RawStore::AwsSecretsManager { cluster, authority, timeout_ms } => {
-                (cluster, authority, *timeout_ms, StoreKind::AwsSecretsManager)
-            }
+            RawStore::AwsSecretsManager { cluster, authority, timeout_ms } => (cluster, authority, *timeout_ms, StoreKind::AwsSecretsManager),
         };
         if cluster.is_empty() || cluster.chars().any(|ch| ch.is_control() || ch == ' ') {
             return err(format!("{path}.cluster"), "must name an Envoy cluster");

@@ -4,14 +4,14 @@
 //! parks, and is decided again from scratch when the secret arrives.
 
 use crate::config::{Config, CredentialSource, KeySource, Target};
-use crate::credential::{self, CredError};
+use crate::credential::extract::{self, CredError};
+use crate::credential::jwt::{self, HmacKey, Limits};
+use crate::credential::verified::VerifiedCache;
 use crate::inject::{self, Op};
-use crate::limits::Verdict;
+use crate::policy::limits::Verdict;
+use crate::policy::rules::{sanitize, strip_prefix};
 use crate::response::{Code, Denial};
-use crate::rules::{sanitize, strip_prefix};
-use crate::store::Fetched;
-use crate::token::{self, HmacKey, Limits};
-use crate::token_cache::VerifiedCache;
+use crate::secrets::store::Fetched;
 use std::rc::Rc;
 
 /// What the engine may ask of the request.
@@ -142,8 +142,7 @@ fn deny(mut audit: Audit, d: Denial) -> Decision {
 }
 
 fn unavailable() -> Denial {
-    Denial::new(Code::SecretUnavailable, "the upstream credential is unavailable; try again later")
-        .retry_after(RETRY_AFTER_UNAVAILABLE_S)
+    Denial::new(Code::SecretUnavailable, "the upstream credential is unavailable; try again later").retry_after(RETRY_AFTER_UNAVAILABLE_S)
 }
 
 /// Decide one request. `now_s` is seconds since the epoch.
@@ -189,17 +188,11 @@ pub fn decide(cfg: &Config, req: &mut impl Request, secrets: &mut impl Secrets, 
             all.pop()
         }
     };
-    let token = match credential::extract(&target.credential, value.as_deref()) {
+    let token = match extract::extract(&target.credential, value.as_deref()) {
         Ok(t) => t,
-        Err(CredError::Missing) => {
-            return deny(audit, Denial::new(Code::MissingCredential, "no credential was presented"))
-        }
-        Err(CredError::Duplicate) => {
-            return deny(audit, Denial::new(Code::BadRequest, "the credential header is duplicated"))
-        }
-        Err(CredError::Malformed) => {
-            return deny(audit, Denial::new(Code::InvalidCredential, "the credential is malformed"))
-        }
+        Err(CredError::Missing) => return deny(audit, Denial::new(Code::MissingCredential, "no credential was presented")),
+        Err(CredError::Duplicate) => return deny(audit, Denial::new(Code::BadRequest, "the credential header is duplicated")),
+        Err(CredError::Malformed) => return deny(audit, Denial::new(Code::InvalidCredential, "the credential is malformed")),
     };
     // A credential this worker verified before, with the same key: no HMAC, no parse.
     let cached = secrets.verified().and_then(|c| c.get(&token)).map(|e| (e.kid.clone(), e.key, e.claims.clone()));
@@ -214,7 +207,7 @@ pub fn decide(cfg: &Config, req: &mut impl Request, secrets: &mut impl Secrets, 
     let claims = match hit {
         Some(c) => c,
         None => {
-            let unverified = match token::parse(&token) {
+            let unverified = match jwt::parse(&token) {
                 Ok(u) => u,
                 Err(e) => return deny(audit, Denial::new(Code::InvalidCredential, e.public_message())),
             };
@@ -222,11 +215,11 @@ pub fn decide(cfg: &Config, req: &mut impl Request, secrets: &mut impl Secrets, 
             let payload = match &key {
                 KeyFor::Static(k) => unverified.verify(k),
                 KeyFor::Key(k, _) => unverified.verify(k),
-                KeyFor::Unknown => Err(token::TokenError::UnknownKid(String::new())),
+                KeyFor::Unknown => Err(jwt::TokenError::UnknownKid(String::new())),
                 KeyFor::Need(slot) => return Decision { outcome: Outcome::Need(*slot), audit },
                 KeyFor::Failed => return deny(audit, unavailable()),
             };
-            let claims = match payload.and_then(token::parse_claims) {
+            let claims = match payload.and_then(jwt::parse_claims) {
                 Ok(c) => Rc::new(c),
                 Err(e) => return deny(audit, Denial::new(Code::InvalidCredential, e.public_message())),
             };
@@ -248,10 +241,7 @@ pub fn decide(cfg: &Config, req: &mut impl Request, secrets: &mut impl Secrets, 
     }
 
     // 4. Rules: a token rule for this target AND the target's own ceiling.
-    let by_token = claims
-        .allow
-        .iter()
-        .any(|r| r.target == target.name && r.rule.matches(&method, vendor_path));
+    let by_token = claims.allow.iter().any(|r| r.target == target.name && r.rule.matches(&method, vendor_path));
     let by_target = target.allow.as_ref().is_none_or(|rules| rules.iter().any(|r| r.matches(&method, vendor_path)));
     if !by_token || !by_target {
         return deny(audit, Denial::new(Code::Forbidden, "no rule allows this method and path for this target"));

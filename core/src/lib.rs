@@ -1,22 +1,18 @@
 //! Keyward's logic, free of proxy-wasm so that it is tested natively.
+//!
+//! The tree follows a request through the gateway:
+//! `credential` (extract, verify, revocation) → `policy` (rules, limits) → `secrets` (stores,
+//! cache records, vault sessions) → `inject` (swap the credential, scrub the answer) → `record`
+//! (the audit fields). `engine` runs those steps for one request; `lifecycle` is the state machine
+//! for everything that crosses callouts and ticks; `host` is the one interface to Envoy.
 #![forbid(unsafe_op_in_unsafe_fn)]
 
-pub mod b64;
-pub mod cache;
 pub mod config;
 pub mod credential;
 pub mod engine;
 pub mod inject;
-pub mod json;
-pub mod pairs;
-pub mod limits;
-pub mod rules;
-pub mod scrub;
+pub mod policy;
 pub mod response;
-pub mod revocation;
 pub mod secret;
-pub mod store;
-pub mod token;
-pub mod token_cache;
-pub mod vault_auth;
+pub mod secrets;
 pub mod wire;

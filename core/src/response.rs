@@ -2,7 +2,7 @@
 //! `WWW-Authenticate` on 401 and `Retry-After` on 429/503. Messages are fixed text chosen by the
 //! filter; nothing from the request or a store is ever echoed.
 
-use crate::json;
+use crate::wire::json;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Code {
@@ -120,7 +120,7 @@ mod tests {
         assert!(!d.headers().iter().any(|(k, _)| *k == "www-authenticate"));
         for c in Code::ALL {
             assert_eq!(Code::ALL[c.index()], c);
-            let parsed = crate::json::parse(Denial::new(c, "m").body().as_bytes());
+            let parsed = crate::wire::json::parse(Denial::new(c, "m").body().as_bytes());
             assert!(parsed.is_ok());
         }
     }

@@ -2,16 +2,13 @@
 //! `proxy_wasm::hostcalls` and every failure is an `Err`, never a panic.
 
 use keyward_core::engine::Request;
-use keyward_core::pairs;
+use keyward_core::wire::pairs;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, MapType, Status};
 use std::time::{Duration, UNIX_EPOCH};
 
 pub fn now_ms() -> u64 {
-    hostcalls::get_current_time()
-        .ok()
-        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_millis() as u64)
+    hostcalls::get_current_time().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map_or(0, |d| d.as_millis() as u64)
 }
 
 pub fn property(path: &[&str]) -> Option<Vec<u8>> {
@@ -69,11 +66,8 @@ pub fn callout_response(num_headers: usize, body_size: usize, max: usize) -> (Op
     if body_size > max {
         return (status, None);
     }
-    let body = if body_size == 0 {
-        Vec::new()
-    } else {
-        hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size).ok().flatten().unwrap_or_default()
-    };
+    let body =
+        if body_size == 0 { Vec::new() } else { hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size).ok().flatten().unwrap_or_default() };
     (status, Some(body))
 }
 

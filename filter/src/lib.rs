@@ -18,7 +18,6 @@ pub const GIT_HASH: &str = match option_env!("KEYWARD_GIT_HASH") {
     None => "unknown",
 };
 
-
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
     proxy_wasm::set_root_context(|root_id| -> Box<dyn RootContext> {
@@ -109,11 +108,7 @@ impl HttpContext for Stream {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         #[cfg(feature = "panic-test")]
         #[allow(clippy::panic)]
-        if proxy_wasm::hostcalls::get_map_value_bytes(proxy_wasm::types::MapType::HttpRequestHeaders, "x-keyward-test-panic")
-            .ok()
-            .flatten()
-            .is_some()
-        {
+        if proxy_wasm::hostcalls::get_map_value_bytes(proxy_wasm::types::MapType::HttpRequestHeaders, "x-keyward-test-panic").ok().flatten().is_some() {
             panic!("x-keyward-test-panic");
         }
         match self.w.try_borrow_mut() {

@@ -1,6 +1,6 @@
 //! Per-VM (per Envoy worker) state and the secret lifecycle's callout state machine.
 //!
-//! The lifecycle rules live in `keyward_core::cache` (pure, unit-tested); this is the glue. Each
+//! The lifecycle rules live in `keyward_core::secrets::slot_state` (pure, unit-tested); this is the glue. Each
 //! slot's state (value, failure, fetch lease, vendor suspicion) is one record in Envoy shared data,
 //! shared by every worker and updated with compare-and-swap. A request that needs a value that
 //! must be fetched parks here, keyed by its context id. One worker of the process takes the
@@ -13,18 +13,18 @@
 
 use crate::host::{self, HostRequest};
 use crate::metrics::{inc, Metrics};
-use keyward_core::cache::{Failure, State, Timing, Use};
 use keyward_core::config::Config;
+use keyward_core::credential::jwt::{HmacKey, Limits};
+use keyward_core::credential::revocation::{self, RevocationList};
+use keyward_core::credential::verified::VerifiedCache;
 use keyward_core::engine::{self, Audit, Decision, Outcome, Secrets, Slot};
 use keyward_core::inject::Op;
-use keyward_core::limits::{self, Table, Verdict};
+use keyward_core::policy::limits::{self, Table, Verdict};
 use keyward_core::response::{Code, Denial};
-use keyward_core::revocation::{self, RevocationList};
-use keyward_core::store::{self, FetchError, Fetched};
-use keyward_core::token::{HmacKey, Limits};
-use keyward_core::token_cache::VerifiedCache;
-use keyward_core::vault_auth::{self, AuthState, Next};
-use keyward_core::{b64, scrub, secret::Secret};
+use keyward_core::secrets::approle::{self, AuthState, Next};
+use keyward_core::secrets::slot_state::{Failure, State, Timing, Use};
+use keyward_core::secrets::store::{self, FetchError, Fetched};
+use keyward_core::{inject::scrub, secret::Secret, wire::b64};
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{Action, MapType, Status};
 use std::collections::{HashMap, HashSet};
@@ -82,7 +82,10 @@ enum Callout {
     Slot(usize),
     Revocation,
     /// An AppRole login (false) or a token renewal (true) for a store.
-    Auth { store: usize, renewal: bool },
+    Auth {
+        store: usize,
+        renewal: bool,
+    },
 }
 
 /// The token a store callout should carry.
@@ -202,7 +205,7 @@ pub fn create_shared_records(cfg: &Config) {
         }
     }
     let empty = AuthState::default().encode();
-    for key in cfg.stores.iter().filter_map(vault_auth::shared_key) {
+    for key in cfg.stores.iter().filter_map(approle::shared_key) {
         if let Ok((None, _)) = hostcalls::get_shared_data(&key) {
             let _ = hostcalls::set_shared_data(&key, Some(&empty), None);
         }
@@ -247,9 +250,10 @@ impl Worker {
     /// used without reading shared data again.
     fn local_for_request(&mut self, cfg: &Config, slot: usize, now_ms: u64) -> Option<&Local> {
         let t = self.timing();
-        let recent = self.local.get(&slot).is_some_and(|l| {
-            l.data.is_some() && now_ms < l.checked_ms.saturating_add(RECHECK_MS) && l.state.classify(now_ms, &t) == Use::Fresh
-        });
+        let recent = self
+            .local
+            .get(&slot)
+            .is_some_and(|l| l.data.is_some() && now_ms < l.checked_ms.saturating_add(RECHECK_MS) && l.state.classify(now_ms, &t) == Use::Fresh);
         if !recent {
             self.local(cfg, slot)?;
             if let Some(l) = self.local.get_mut(&slot) {
@@ -362,12 +366,7 @@ impl Secrets for Cache<'_> {
         let key = match self.w.keys.get(&k) {
             Some((src, key)) if Rc::ptr_eq(src, &f) => key.clone(),
             _ => {
-                let key = f
-                    .field(field)
-                    .and_then(Secret::expose_str)
-                    .and_then(b64::key_decode)
-                    .and_then(|bytes| HmacKey::new(&bytes).ok())
-                    .map(Rc::new);
+                let key = f.field(field).and_then(Secret::expose_str).and_then(b64::key_decode).and_then(|bytes| HmacKey::new(&bytes).ok()).map(Rc::new);
                 if key.is_none() && f.field(field).is_some() {
                     log::warn!("store-held signing key {field:?} is not base64 of at least 32 bytes");
                 }
@@ -573,7 +572,7 @@ impl Worker {
 
     /// The token for a callout to `store` now.
     fn token_for(&self, cfg: &Config, store: usize, now_ms: u64) -> Token {
-        let Some(key) = cfg.stores.get(store).and_then(vault_auth::shared_key) else { return Token::Configured };
+        let Some(key) = cfg.stores.get(store).and_then(approle::shared_key) else { return Token::Configured };
         let st = read_auth(&key);
         match st.token(now_ms) {
             Some((t, generation)) => Token::Session(t.clone(), generation),
@@ -588,7 +587,7 @@ impl Worker {
             return;
         }
         let Some(st) = cfg.stores.get(store) else { return };
-        let Some(key) = vault_auth::shared_key(st) else { return };
+        let Some(key) = approle::shared_key(st) else { return };
         let lease_ms = u64::from(st.timeout_ms) + LEASE_GRACE_MS;
         let mut next = Next::Nothing;
         let mut token = None;
@@ -605,8 +604,8 @@ impl Worker {
         }
         let renewal = next == Next::Renew;
         let callout = match (&token, renewal) {
-            (Some(t), true) => Some(vault_auth::renew_callout(st, t)),
-            _ => vault_auth::login_callout(st),
+            (Some(t), true) => Some(approle::renew_callout(st, t)),
+            _ => approle::login_callout(st),
         };
         let Some(c) = callout else { return };
         let sent = self.in_root(from, || dispatch(&c));
@@ -624,10 +623,10 @@ impl Worker {
 
     /// A login or renewal answered (or could not start): record it, then dispatch the fetches
     /// that waited for a token, or fail them.
-    fn auth_done(&mut self, cfg: &Config, store: usize, renewal: bool, result: Result<vault_auth::Grant, FetchError>) {
+    fn auth_done(&mut self, cfg: &Config, store: usize, renewal: bool, result: Result<approle::Grant, FetchError>) {
         self.authing.remove(&store);
         let Some(st) = cfg.stores.get(store) else { return };
-        let Some(key) = vault_auth::shared_key(st) else { return };
+        let Some(key) = approle::shared_key(st) else { return };
         let now_ms = host::now_ms();
         let what = if renewal { "token renewal" } else { "AppRole login" };
         match &result {
@@ -698,7 +697,7 @@ impl Worker {
                 let (status, body) = host::callout_response(num_headers, body_size, store::MAX_BODY);
                 let result = match body {
                     None => Err(FetchError::Garbage(format!("answer is larger than {} bytes", store::MAX_BODY))),
-                    Some(b) => vault_auth::parse_grant(status, &b),
+                    Some(b) => approle::parse_grant(status, &b),
                 };
                 self.auth_done(&cfg, store, renewal, result);
                 let _ = host::set_effective_context(self.root_id);
@@ -767,7 +766,7 @@ impl Worker {
 
     /// Drop the AppRole session of `generation` after the store refused it.
     fn invalidate_session(&mut self, cfg: &Config, store: usize, generation: u64) {
-        let Some(key) = cfg.stores.get(store).and_then(vault_auth::shared_key) else { return };
+        let Some(key) = cfg.stores.get(store).and_then(approle::shared_key) else { return };
         let _ = update::<AuthState>(&key, |a| a.invalidate(generation));
     }
 
@@ -814,7 +813,11 @@ impl Worker {
         if update_state(&spec.cache_key, |s| s.mark_suspect(fetched_at_ms, now_ms, &t)) == Some(true) {
             inc(self.metrics.vendor_rejected);
             let store = cfg.store_of(slot).map_or("?", |s| s.name.as_str());
-            log::warn!("the vendor rejected the key from {store}:{} (HTTP {}); fetching it again", spec.path, String::from_utf8_lossy(status.unwrap_or_default()));
+            log::warn!(
+                "the vendor rejected the key from {store}:{} (HTTP {}); fetching it again",
+                spec.path,
+                String::from_utf8_lossy(status.unwrap_or_default())
+            );
         }
     }
 
@@ -961,7 +964,7 @@ impl Worker {
         // AppRole sessions: renew (or log in again) ahead of expiry; fetches waiting for a
         // token another worker is getting go out as soon as it is shared.
         for (store, st) in cfg.stores.iter().enumerate() {
-            let Some(key) = vault_auth::shared_key(st) else { continue };
+            let Some(key) = approle::shared_key(st) else { continue };
             let waiting = self.awaiting_auth.contains_key(&store);
             if waiting || read_auth(&key).session.is_some() {
                 self.ensure_auth(&cfg, store, now_ms, None);
@@ -984,12 +987,8 @@ impl Worker {
         }
         // Values in use: refresh ahead of the TTL, after a vendor rejection, and while stale.
         let t = self.timing();
-        let in_use: Vec<usize> = self
-            .used_at
-            .iter()
-            .filter(|(s, at)| now_ms < at.saturating_add(t.ttl_ms) && !self.fetching.contains_key(s))
-            .map(|(s, _)| *s)
-            .collect();
+        let in_use: Vec<usize> =
+            self.used_at.iter().filter(|(s, at)| now_ms < at.saturating_add(t.ttl_ms) && !self.fetching.contains_key(s)).map(|(s, _)| *s).collect();
         for slot in in_use {
             if self.local(&cfg, slot).is_some_and(|l| l.state.refresh_due(now_ms, &t)) {
                 self.start_fetch(&cfg, slot, now_ms, None);

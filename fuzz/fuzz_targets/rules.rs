@@ -4,7 +4,7 @@
 //! Also: path sanitising never panics, and a sanitised path never holds a dot segment, `//`,
 //! a backslash or a NUL.
 #![no_main]
-use keyward_core::rules::{sanitize, Pattern, RouteRule, TokenRule};
+use keyward_core::policy::rules::{sanitize, Pattern, RouteRule, TokenRule};
 use libfuzzer_sys::fuzz_target;
 
 fn reference(pattern: &str, path: &str) -> bool {

@@ -5,12 +5,12 @@
 //! Usage: keyward-hotpath [ITERATIONS]   (KEYWARD_HOTPATH_NO_CACHE=1: no verified-token cache)
 
 use keyward_core::config::{self, Config};
+use keyward_core::credential::jwt::{self, HmacKey};
+use keyward_core::credential::verified::VerifiedCache;
 use keyward_core::engine::{self, Outcome, Request, Secrets, Slot};
 use keyward_core::secret::Secret;
-use keyward_core::store::Fetched;
-use keyward_core::token::{self, HmacKey};
-use keyward_core::token_cache::VerifiedCache;
-use keyward_core::{b64, json};
+use keyward_core::secrets::store::Fetched;
+use keyward_core::{wire::b64, wire::json};
 use std::rc::Rc;
 
 const KEY: &[u8] = b"keyward-hotpath-signing-key-32by";
@@ -83,7 +83,7 @@ fn main() {
             let mut claims = String::from("{\"sub\":");
             json::write_str(&mut claims, &format!("lambda/bench-{i}"));
             claims.push_str(&format!(",\"aud\":\"keyward\",\"iat\":{NOW},\"exp\":{},\"jti\":\"{i:016x}\",\"allow\":[\"vendor GET /v1/**\"]}}", NOW + 3600));
-            format!("Bearer {}", token::mint("k1", &key, &claims)).into_bytes()
+            format!("Bearer {}", jwt::mint("k1", &key, &claims)).into_bytes()
         })
         .collect();
     let fetched = Fetched { fields: vec![("api_key".into(), Secret::text("sk_hotpath_0123456789abcdef"))], version: Some("3".into()), problems: vec![] };

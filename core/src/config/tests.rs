@@ -135,10 +135,21 @@ fn errors_name_the_path() {
         (edit(|v| v["stores"]["bao"]["token_env"] = "NOPE".into()), "stores.bao.token_env: environment variable NOPE is not set"),
         (edit(|v| v["stores"]["bao"]["type"] = "consul".into()), "stores.bao"),
         (edit(|v| v["stores"]["bao"]["token_env"] = "SPACEY".into()), "stores.bao.token_env: SPACEY has whitespace"),
-        (edit(|v| { v["stores"]["bao"].as_object_mut().map(|o| o.remove("token_env")); }), "stores.bao: a vault_kv2 store needs token_env or approle"),
-        (edit(|v| v["stores"]["bao"]["approle"] = serde_json::json!({"role_id_env": "ROLE_ID", "secret_id_env": "SECRET_ID"})), "stores.bao: set token_env or approle, not both"),
+        (
+            edit(|v| {
+                v["stores"]["bao"].as_object_mut().map(|o| o.remove("token_env"));
+            }),
+            "stores.bao: a vault_kv2 store needs token_env or approle",
+        ),
+        (
+            edit(|v| v["stores"]["bao"]["approle"] = serde_json::json!({"role_id_env": "ROLE_ID", "secret_id_env": "SECRET_ID"})),
+            "stores.bao: set token_env or approle, not both",
+        ),
         (approle(serde_json::json!({"role_id_env": "ROLE_ID"})), "stores.bao: missing field `secret_id_env`"),
-        (approle(serde_json::json!({"role_id_env": "ROLE_ID", "secret_id_env": "NOPE"})), "stores.bao.approle.secret_id_env: environment variable NOPE is not set"),
+        (
+            approle(serde_json::json!({"role_id_env": "ROLE_ID", "secret_id_env": "NOPE"})),
+            "stores.bao.approle.secret_id_env: environment variable NOPE is not set",
+        ),
         (approle(serde_json::json!({"role_id_env": "ROLE_ID", "secret_id_env": "SECRET_ID", "mount": "../x"})), "stores.bao.approle.mount"),
         (approle(serde_json::json!({"role_id_env": "ROLE_ID", "secret_id_env": "SECRET_ID", "secret_id": "inline"})), "unknown field `secret_id`"),
         (edit(|v| v["stores"]["bao"]["timeout_ms"] = 0.into()), "stores.bao.timeout_ms"),
@@ -150,7 +161,12 @@ fn errors_name_the_path() {
         (edit(|v| v["targets"]["stripe"]["credential"] = "header:host".into()), "targets.stripe.credential"),
         (edit(|v| v["targets"]["stripe"]["secret"]["path"] = "../etc".into()), "targets.stripe.secret.path"),
         (edit(|v| v["targets"]["stripe"]["secret"]["path"] = "a//b".into()), "targets.stripe.secret.path"),
-        (edit(|v| { v["targets"]["stripe"]["secret"].as_object_mut().map(|o| o.remove("field")); }), "targets.stripe.secret.field"),
+        (
+            edit(|v| {
+                v["targets"]["stripe"]["secret"].as_object_mut().map(|o| o.remove("field"));
+            }),
+            "targets.stripe.secret.field",
+        ),
         (edit(|v| v["targets"]["twilio"]["secret"]["field"] = "x".into()), "targets.twilio.secret.field"),
         (edit(|v| v["targets"]["anthropic"]["inject"]["name"] = "Host".into()), "targets.anthropic.inject.name"),
         (edit(|v| v["targets"]["maps"]["inject"]["name"] = "a&b".into()), "targets.maps.inject.name"),
@@ -162,7 +178,12 @@ fn errors_name_the_path() {
         (edit(|v| v["cache"]["ttl_s"] = 0.into()), "cache.ttl_s"),
         (edit(|v| v["clock_skew_s"] = (-1).into()), "clock_skew_s"),
         (edit(|v| v["audience"] = "".into()), "audience"),
-        (edit(|v| { v.as_object_mut().map(|o| o.remove("audience")); }), "missing field `audience`"),
+        (
+            edit(|v| {
+                v.as_object_mut().map(|o| o.remove("audience"));
+            }),
+            "missing field `audience`",
+        ),
         ("{\"audience\":\"a\",\"audience\":\"b\"}".to_string(), "duplicate object key"),
         ("not json".to_string(), "not valid JSON"),
         ("".to_string(), "not valid JSON"),

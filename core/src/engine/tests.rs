@@ -10,7 +10,7 @@ const NOW: i64 = 1_800_000_000;
 
 fn env(name: &str) -> Option<String> {
     match name {
-        "KEYWARD_KEY_K1" => Some(crate::b64::std_encode(K1)),
+        "KEYWARD_KEY_K1" => Some(crate::wire::b64::std_encode(K1)),
         "VAULT_TOKEN" => Some("root".into()),
         _ => None,
     }
@@ -59,10 +59,10 @@ struct Mem {
     failed: Vec<usize>,
     stale: Vec<usize>,
     revoked: Vec<String>,
-    limits: crate::limits::Table,
+    limits: crate::policy::limits::Table,
     admitted: usize,
     /// The verified-token cache, when a test turns it on.
-    cache: Option<crate::token_cache::VerifiedCache>,
+    cache: Option<crate::credential::verified::VerifiedCache>,
     /// Prepared store-held keys per value, as the filter keeps them (a stable identity).
     keys: HashMap<(usize, String), Prepared>,
 }
@@ -88,11 +88,7 @@ impl Secrets for Mem {
                         return Slot::Ready(k.clone());
                     }
                 }
-                let k = f
-                    .field(field)
-                    .and_then(|s| crate::b64::key_decode(s.expose_str()?))
-                    .and_then(|k| HmacKey::new(&k).ok())
-                    .map(Rc::new);
+                let k = f.field(field).and_then(|s| crate::wire::b64::key_decode(s.expose_str()?)).and_then(|k| HmacKey::new(&k).ok()).map(Rc::new);
                 self.keys.insert((slot, field.to_string()), (f, k.clone()));
                 Slot::Ready(k)
             }
@@ -107,7 +103,7 @@ impl Secrets for Mem {
         self.admitted += 1;
         self.limits.admit(jti, lim, keep_until_s, NOW as u64)
     }
-    fn verified(&mut self) -> Option<&mut crate::token_cache::VerifiedCache> {
+    fn verified(&mut self) -> Option<&mut crate::credential::verified::VerifiedCache> {
         self.cache.as_mut()
     }
 }
@@ -137,13 +133,13 @@ fn tok(kid: &str, key: &[u8], allow: &[&str], extra: &str) -> String {
         NOW + 300,
         rules.join(",")
     );
-    token::mint(kid, &k, &claims)
+    jwt::mint(kid, &k, &claims)
 }
 
 fn wrong_aud() -> String {
     let k = HmacKey::new(K1).unwrap_or_else(|e| panic!("{e}"));
     let claims = format!(r#"{{"sub":"x","aud":"other","exp":{},"jti":"j","allow":["stripe * /**"]}}"#, NOW + 60);
-    token::mint("k1", &k, &claims)
+    jwt::mint("k1", &k, &claims)
 }
 
 fn stripe_req(method: &str, path: &str, auth: Option<String>) -> Req {
@@ -179,11 +175,19 @@ fn allows_and_injects() {
     let d = decide(&c, &mut r, &mut s, NOW);
     assert_eq!(code(&d), "allow");
     assert_eq!(set_value(&d, "authorization").as_deref(), Some("Bearer sk_test_stripe"));
-    assert_eq!(d.audit, Audit {
-        subject: Some("lambda/pay".into()), target: Some("stripe".into()), jti: Some("j-1".into()),
-        run: Some("sqs/1".into()), decision: "allow", cache: Some("hit"), idempotency_key: None,
-        secret_version: None,
-    });
+    assert_eq!(
+        d.audit,
+        Audit {
+            subject: Some("lambda/pay".into()),
+            target: Some("stripe".into()),
+            jti: Some("j-1".into()),
+            run: Some("sqs/1".into()),
+            decision: "allow",
+            cache: Some("hit"),
+            idempotency_key: None,
+            secret_version: None,
+        }
+    );
 }
 
 #[test]
@@ -271,28 +275,50 @@ fn other_sources() {
     let c = cfg();
     let mut s = warm(&c);
     let t = tok("k1", K1, &["twilio POST /2010-04-01/Accounts/*/Messages.json", "anthropic POST /v1/messages", "maps GET /geo"], "");
-    let basic = format!("Basic {}", crate::b64::std_encode(format!("AC1:{t}").as_bytes()));
-    let mut r = Req { method: "POST".into(), path: "/twilio/2010-04-01/Accounts/AC1/Messages.json".into(),
-        headers: vec![("authorization".into(), basic.into_bytes())], target: Some("twilio".into()), prefix: Some("/twilio".into()) };
+    let basic = format!("Basic {}", crate::wire::b64::std_encode(format!("AC1:{t}").as_bytes()));
+    let mut r = Req {
+        method: "POST".into(),
+        path: "/twilio/2010-04-01/Accounts/AC1/Messages.json".into(),
+        headers: vec![("authorization".into(), basic.into_bytes())],
+        target: Some("twilio".into()),
+        prefix: Some("/twilio".into()),
+    };
     let d = decide(&c, &mut r, &mut s, NOW);
     assert_eq!(set_value(&d, "authorization").as_deref(), Some("Basic QUMxOnR3X3Rvaw=="));
 
-    let mut r = Req { method: "POST".into(), path: "/anthropic/v1/messages".into(),
-        headers: vec![("x-api-key".into(), t.clone().into_bytes())], target: Some("anthropic".into()), prefix: Some("/anthropic".into()) };
+    let mut r = Req {
+        method: "POST".into(),
+        path: "/anthropic/v1/messages".into(),
+        headers: vec![("x-api-key".into(), t.clone().into_bytes())],
+        target: Some("anthropic".into()),
+        prefix: Some("/anthropic".into()),
+    };
     let d = decide(&c, &mut r, &mut s, NOW);
     assert_eq!(set_value(&d, "x-api-key").as_deref(), Some("sk-ant-test"));
 
     // Two x-api-key fields (Envoy keeps them separate): refused, never guessed.
-    let mut r = Req { method: "POST".into(), path: "/anthropic/v1/messages".into(),
+    let mut r = Req {
+        method: "POST".into(),
+        path: "/anthropic/v1/messages".into(),
         headers: vec![("x-api-key".into(), t.clone().into_bytes()), ("x-api-key".into(), b"other".to_vec())],
-        target: Some("anthropic".into()), prefix: Some("/anthropic".into()) };
+        target: Some("anthropic".into()),
+        prefix: Some("/anthropic".into()),
+    };
     assert_eq!(code(&decide(&c, &mut r, &mut s, NOW)), "bad_request");
 
-    let mut r = Req { method: "GET".into(), path: "/maps/geo?q=1&key=mine".into(),
-        headers: vec![("authorization".into(), format!("Bearer {t}").into_bytes())], target: Some("maps".into()), prefix: Some("/maps".into()) };
+    let mut r = Req {
+        method: "GET".into(),
+        path: "/maps/geo?q=1&key=mine".into(),
+        headers: vec![("authorization".into(), format!("Bearer {t}").into_bytes())],
+        target: Some("maps".into()),
+        prefix: Some("/maps".into()),
+    };
     let d = decide(&c, &mut r, &mut s, NOW);
     let Outcome::Allow(ops) = &d.outcome else { panic!("{:?}", d.outcome) };
-    let path = ops.iter().find_map(|o| match o { Op::SetPath(p) => p.expose_str().map(str::to_string), _ => None });
+    let path = ops.iter().find_map(|o| match o {
+        Op::SetPath(p) => p.expose_str().map(str::to_string),
+        _ => None,
+    });
     assert_eq!(path.as_deref(), Some("/maps/geo?q=1&key=AIza-test"));
 }
 
@@ -325,7 +351,7 @@ fn store_held_signing_key() {
     let mut s = warm(&c);
     let d = decide(&c, &mut stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {t}"))), &mut s, NOW);
     assert!(matches!(d.outcome, Outcome::Need(x) if x == slot));
-    s.slots.insert(slot, fetched(&[("k2", &crate::b64::std_encode(K2))]));
+    s.slots.insert(slot, fetched(&[("k2", &crate::wire::b64::std_encode(K2))]));
     let d = decide(&c, &mut stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {t}"))), &mut s, NOW);
     assert_eq!(code(&d), "allow");
     // A k2 token signed with k1's key fails.
@@ -481,10 +507,7 @@ fn stale_secrets_are_served_and_audited_as_stale() {
 
 #[test]
 fn signing_keyset_from_the_store() {
-    let doc = EXAMPLE.replace(
-        r#""cache": {"#,
-        r#""signing_keyset": {"store": "bao", "path": "keyward/keyset"}, "cache": {"#,
-    );
+    let doc = EXAMPLE.replace(r#""cache": {"#, r#""signing_keyset": {"store": "bao", "path": "keyward/keyset"}, "cache": {"#);
     let c = compile(doc.as_bytes(), &env).unwrap_or_else(|e| panic!("{e}"));
     let slot = c.keyset.unwrap_or_else(|| panic!("no keyset"));
     assert!(c.slots[slot].whole);
@@ -495,11 +518,11 @@ fn signing_keyset_from_the_store() {
     // Cold set: fetch it.
     let d = decide(&c, &mut stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {t}"))), &mut s, NOW);
     assert!(matches!(d.outcome, Outcome::Need(x) if x == slot));
-    s.slots.insert(slot, fetched(&[("k3", &crate::b64::std_encode(k3))]));
+    s.slots.insert(slot, fetched(&[("k3", &crate::wire::b64::std_encode(k3))]));
     let d = decide(&c, &mut stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {t}"))), &mut s, NOW);
     assert_eq!(code(&d), "allow");
     // A kid removed from the set stops working once the set is refreshed.
-    s.slots.insert(slot, fetched(&[("k4", &crate::b64::std_encode(k3))]));
+    s.slots.insert(slot, fetched(&[("k4", &crate::wire::b64::std_encode(k3))]));
     let d = decide(&c, &mut stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {t}"))), &mut s, NOW);
     assert_eq!(code(&d), "invalid_credential");
     // Static keys still win; a wrong key under a set kid fails.
@@ -547,15 +570,15 @@ fn a_remembered_credential_misses_when_its_store_held_key_changes() {
     let t = tok("k3", k3, &["stripe * /**"], "");
     let mut s = warm(&c);
     s.cache = Some(Default::default());
-    s.slots.insert(slot, fetched(&[("k3", &crate::b64::std_encode(k3))]));
+    s.slots.insert(slot, fetched(&[("k3", &crate::wire::b64::std_encode(k3))]));
     let req = || stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {t}")));
     assert_eq!(code(&decide(&c, &mut req(), &mut s, NOW)), "allow");
     assert_eq!(code(&decide(&c, &mut req(), &mut s, NOW)), "allow");
     assert_eq!(s.cache.as_ref().map(|c| c.len()), Some(1));
     // k3 now names another key: the remembered verification no longer counts.
-    s.slots.insert(slot, fetched(&[("k3", &crate::b64::std_encode(b"k3-rotated-to-another-32-byte-k!"))]));
+    s.slots.insert(slot, fetched(&[("k3", &crate::wire::b64::std_encode(b"k3-rotated-to-another-32-byte-k!"))]));
     assert_eq!(code(&decide(&c, &mut req(), &mut s, NOW)), "invalid_credential");
     // And k3 removed from the set.
-    s.slots.insert(slot, fetched(&[("k4", &crate::b64::std_encode(k3))]));
+    s.slots.insert(slot, fetched(&[("k4", &crate::wire::b64::std_encode(k3))]));
     assert_eq!(code(&decide(&c, &mut req(), &mut s, NOW)), "invalid_credential");
 }

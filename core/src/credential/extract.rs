@@ -1,7 +1,7 @@
 //! Reading the workload's credential from the request, per the target's `credential` source.
 
-use crate::b64;
 use crate::config::CredentialSource;
+use crate::wire::b64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CredError {

@@ -17,9 +17,9 @@
 //! | granted_ms u64 | login_ms u64 | renewable u8 | token len u16 + bytes`.
 
 use crate::config::{Store, StoreKind, VaultAuth};
-use crate::json::{self, Value};
 use crate::secret::Secret;
-use crate::store::{header, Callout, FetchError};
+use crate::secrets::store::{header, Callout, FetchError};
+use crate::wire::json::{self, Value};
 use crate::wire::Reader;
 
 const MAGIC: &[u8; 4] = b"KWA1";
@@ -274,7 +274,7 @@ pub fn parse_grant(status: Option<u32>, body: &[u8]) -> Result<Grant, FetchError
         429 | 500..=599 => return Err(FetchError::Transient(format!("HTTP {status}"))),
         _ => return Err(FetchError::Garbage(format!("unexpected HTTP {status}"))),
     }
-    if body.len() > crate::store::MAX_BODY {
+    if body.len() > crate::secrets::store::MAX_BODY {
         return Err(FetchError::Garbage("answer is too large".into()));
     }
     let v = json::parse(body).map_err(|e| FetchError::Garbage(format!("not JSON: {e}")))?;

@@ -4,9 +4,9 @@
 //! (constant-time) -> claims JSON (strict, no duplicate keys) -> claim types -> time, audience,
 //! issuer. Claims are never interpreted before the MAC is verified.
 
-use crate::b64;
-use crate::json::{self, Value};
-use crate::rules::TokenRule;
+use crate::policy::rules::TokenRule;
+use crate::wire::b64;
+use crate::wire::json::{self, Value};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use std::fmt;
@@ -99,9 +99,7 @@ impl TokenError {
             TokenError::UnknownKid(_) => "the credential's signing key is unknown",
             TokenError::BadSignature => "the credential's signature is invalid",
             TokenError::BadAlg(_) => "the credential must be signed with HS256",
-            TokenError::MissingClaim(_) | TokenError::ClaimType(..) | TokenError::BadClaim(..) => {
-                "the credential's claims are invalid"
-            }
+            TokenError::MissingClaim(_) | TokenError::ClaimType(..) | TokenError::BadClaim(..) => "the credential's claims are invalid",
             _ => "the credential is malformed",
         }
     }
@@ -162,11 +160,7 @@ pub fn parse(token: &str) -> Result<Unverified<'_>, TokenError> {
     let (Some(d1), Some(d2), None) = (dots.next(), dots.next(), dots.next()) else {
         return Err(TokenError::NotThreeParts);
     };
-    let (h64, p64, s64) = (
-        b.get(..d1).unwrap_or_default(),
-        b.get(d1 + 1..d2).unwrap_or_default(),
-        b.get(d2 + 1..).unwrap_or_default(),
-    );
+    let (h64, p64, s64) = (b.get(..d1).unwrap_or_default(), b.get(d1 + 1..d2).unwrap_or_default(), b.get(d2 + 1..).unwrap_or_default());
     if h64.is_empty() || p64.is_empty() || s64.is_empty() {
         return Err(TokenError::NotThreeParts);
     }
@@ -237,12 +231,8 @@ fn req<'a>(o: &'a Value, name: &'static str) -> Result<&'a Value, TokenError> {
 fn id_str(v: &Value, name: &'static str) -> Result<String, TokenError> {
     match v {
         Value::Str(s) if s.is_empty() => Err(TokenError::BadClaim(name, "must not be empty".into())),
-        Value::Str(s) if s.len() > MAX_ID_LEN => {
-            Err(TokenError::BadClaim(name, format!("longer than {MAX_ID_LEN} bytes")))
-        }
-        Value::Str(s) if s.chars().any(char::is_control) => {
-            Err(TokenError::BadClaim(name, "contains a control character".into()))
-        }
+        Value::Str(s) if s.len() > MAX_ID_LEN => Err(TokenError::BadClaim(name, format!("longer than {MAX_ID_LEN} bytes"))),
+        Value::Str(s) if s.chars().any(char::is_control) => Err(TokenError::BadClaim(name, "contains a control character".into())),
         Value::Str(s) => Ok(s.clone()),
         _ => Err(TokenError::ClaimType(name, "a string")),
     }
@@ -293,12 +283,8 @@ pub fn parse_claims(payload: &[u8]) -> Result<Claims, TokenError> {
     let nbf = v.get("nbf").map(|x| numeric_date(x, "nbf")).transpose()?;
     let iat = v.get("iat").map(|x| numeric_date(x, "iat")).transpose()?;
     let allow = match req(&v, "allow")? {
-        Value::Array(items) if items.is_empty() => {
-            return Err(TokenError::BadClaim("allow", "must not be empty".into()))
-        }
-        Value::Array(items) if items.len() > MAX_RULES => {
-            return Err(TokenError::BadClaim("allow", format!("more than {MAX_RULES} rules")))
-        }
+        Value::Array(items) if items.is_empty() => return Err(TokenError::BadClaim("allow", "must not be empty".into())),
+        Value::Array(items) if items.len() > MAX_RULES => return Err(TokenError::BadClaim("allow", format!("more than {MAX_RULES} rules"))),
         Value::Array(items) => {
             let mut out = Vec::with_capacity(items.len());
             for i in items {
@@ -313,12 +299,8 @@ pub fn parse_claims(payload: &[u8]) -> Result<Claims, TokenError> {
     };
     let run = match v.get("run") {
         None => None,
-        Some(Value::Str(s)) if s.len() > MAX_RUN_LEN => {
-            return Err(TokenError::BadClaim("run", format!("longer than {MAX_RUN_LEN} bytes")))
-        }
-        Some(Value::Str(s)) if s.chars().any(char::is_control) => {
-            return Err(TokenError::BadClaim("run", "contains a control character".into()))
-        }
+        Some(Value::Str(s)) if s.len() > MAX_RUN_LEN => return Err(TokenError::BadClaim("run", format!("longer than {MAX_RUN_LEN} bytes"))),
+        Some(Value::Str(s)) if s.chars().any(char::is_control) => return Err(TokenError::BadClaim("run", "contains a control character".into())),
         Some(Value::Str(s)) => Some(s.clone()),
         Some(_) => return Err(TokenError::ClaimType("run", "a string")),
     };

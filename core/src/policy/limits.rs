@@ -16,7 +16,7 @@
 //! `jti_len u16 | jti | keep_until_s u64 | used u64 | head_s u64 | nb u8 | nb * (age u8, count u32)`
 //! where bucket `head_s - age` holds `count` requests. All integers are little-endian.
 
-use crate::token::Limits;
+use crate::credential::jwt::Limits;
 use crate::wire::Reader;
 
 const MAGIC: &[u8; 4] = b"KWL1";
@@ -43,10 +43,14 @@ pub fn shard_key(jti: &str) -> String {
 pub enum Verdict {
     Admit,
     /// `rpm` reached: try again after this many seconds.
-    RateLimited { retry_after_s: u32 },
+    RateLimited {
+        retry_after_s: u32,
+    },
     /// `total` reached: the credential will not be admitted again before it expires in this
     /// many seconds (at least 1).
-    Exhausted { retry_after_s: u32 },
+    Exhausted {
+        retry_after_s: u32,
+    },
     /// The shard has no room for another live credential: refused, never admitted uncounted.
     Full,
 }
@@ -65,11 +69,7 @@ impl Record {
     /// Requests admitted in buckets `[now_s - 60 + shift, now_s]`.
     fn in_window(&self, now_s: u64, shift: u64) -> u64 {
         let oldest = (now_s + shift).saturating_sub(WINDOW_BUCKETS - 1);
-        self.buckets
-            .iter()
-            .filter(|(age, _)| self.head_s.saturating_sub(u64::from(*age)) >= oldest)
-            .map(|(_, c)| u64::from(*c))
-            .sum()
+        self.buckets.iter().filter(|(age, _)| self.head_s.saturating_sub(u64::from(*age)) >= oldest).map(|(_, c)| u64::from(*c)).sum()
     }
 
     /// Count one request at second `now_s`, dropping buckets that left the window.

@@ -2,10 +2,12 @@
 //! Injection overwrites: every header that could carry a credential is removed first, then
 //! exactly one upstream credential is set.
 
-use crate::b64;
+pub mod scrub;
+
 use crate::config::{Inject, Target};
 use crate::secret::Secret;
-use crate::store::Fetched;
+use crate::secrets::store::Fetched;
+use crate::wire::b64;
 use std::fmt;
 
 pub enum Op {

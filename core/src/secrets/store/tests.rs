@@ -10,7 +10,13 @@ fn vault() -> Store {
     }
 }
 fn aws() -> Store {
-    Store { name: "aws".into(), cluster: "sm".into(), authority: "secretsmanager.us-east-1.amazonaws.com".into(), timeout_ms: 500, kind: StoreKind::AwsSecretsManager }
+    Store {
+        name: "aws".into(),
+        cluster: "sm".into(),
+        authority: "secretsmanager.us-east-1.amazonaws.com".into(),
+        timeout_ms: 500,
+        kind: StoreKind::AwsSecretsManager,
+    }
 }
 fn want(f: &[&str]) -> Vec<String> {
     f.iter().map(|s| s.to_string()).collect()

@@ -3,8 +3,8 @@
 //! `POST /` with `X-Amz-Target: secretsmanager.GetSecretValue` (Envoy signs it).
 
 use crate::config::{Store, StoreKind, VaultAuth};
-use crate::json::{self, Value};
 use crate::secret::Secret;
+use crate::wire::json::{self, Value};
 use std::fmt;
 
 /// Largest store answer read; anything bigger is refused as garbage.
@@ -251,20 +251,17 @@ fn aws_document(status: u32, body: &[u8]) -> Result<(Value, Option<String>), Fet
         if (500..=599).contains(&status) {
             return Err(FetchError::Transient(format!("HTTP {status}")));
         }
-        let kind = json::parse(body)
-            .ok()
-            .and_then(|v| v.get("__type").and_then(Value::as_str).map(str::to_string))
-            .unwrap_or_default();
+        let kind = json::parse(body).ok().and_then(|v| v.get("__type").and_then(Value::as_str).map(str::to_string)).unwrap_or_default();
         let kind = kind.rsplit('#').next().unwrap_or_default();
         return Err(match kind {
             "ResourceNotFoundException" => FetchError::NotFound,
-            "ThrottlingException" | "InternalServiceError" | "RequestTimeout" => {
-                FetchError::Transient(format!("HTTP {status} {kind}"))
-            }
-            "AccessDeniedException" | "UnrecognizedClientException" | "InvalidSignatureException"
-            | "ExpiredTokenException" | "IncompleteSignature" | "MissingAuthenticationToken" => {
-                FetchError::Denied(status)
-            }
+            "ThrottlingException" | "InternalServiceError" | "RequestTimeout" => FetchError::Transient(format!("HTTP {status} {kind}")),
+            "AccessDeniedException"
+            | "UnrecognizedClientException"
+            | "InvalidSignatureException"
+            | "ExpiredTokenException"
+            | "IncompleteSignature"
+            | "MissingAuthenticationToken" => FetchError::Denied(status),
             // A deleted secret answers InvalidRequestException ("marked for deletion").
             "InvalidRequestException" => FetchError::NotFound,
             _ if status == 401 || status == 403 => FetchError::Denied(status),

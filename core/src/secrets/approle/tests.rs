@@ -30,7 +30,7 @@ fn login_callout_posts_role_and_secret_id_as_json() {
     assert_eq!(header(&c, ":path").as_deref(), Some("/v1/auth/approle/login"));
     assert_eq!(header(&c, "x-vault-namespace").as_deref(), Some("team"));
     assert_eq!(header(&c, "x-vault-token"), None);
-    let body = crate::json::parse(c.body.as_deref().unwrap()).unwrap();
+    let body = crate::wire::json::parse(c.body.as_deref().unwrap()).unwrap();
     assert_eq!(body.get("role_id").and_then(Value::as_str), Some("r-1"));
     assert_eq!(body.get("secret_id").and_then(Value::as_str), Some("sid-\"quoted\""));
     assert!(!format!("{c:?}").contains("sid-"), "Debug never prints the body or header values");
@@ -93,7 +93,7 @@ fn parse_grant_classifies_failures() {
     for g in garbage {
         assert!(matches!(parse_grant(Some(200), g), Err(FetchError::Garbage(_))), "{}", String::from_utf8_lossy(g));
     }
-    let big = vec![b' '; crate::store::MAX_BODY + 1];
+    let big = vec![b' '; crate::secrets::store::MAX_BODY + 1];
     assert!(matches!(parse_grant(Some(200), &big), Err(FetchError::Garbage(_))));
 }
 

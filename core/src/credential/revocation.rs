@@ -2,7 +2,7 @@
 //! text, e.g. a reason, and are ignored). Shared by all workers through Envoy shared data.
 //! Shared-data layout: `"KWR1" | fetched_at_ms u64 | entries separated by '\n'`.
 
-use crate::json::Value;
+use crate::wire::json::Value;
 use std::collections::HashSet;
 
 const MAGIC: &[u8; 4] = b"KWR1";
@@ -108,7 +108,7 @@ pub fn lease_free(lease: Option<&[u8]>, now_ms: u64) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::json;
+    use crate::wire::json;
 
     #[test]
     fn reads_the_document() {

@@ -15,10 +15,7 @@ fn policy() -> Policy {
 }
 
 fn claims_json(extra: &str) -> String {
-    format!(
-        r#"{{"sub":"lambda/pay","aud":"keyward","exp":{},"jti":"j1","allow":["stripe POST /v1/payment_intents"]{extra}}}"#,
-        NOW + 600
-    )
+    format!(r#"{{"sub":"lambda/pay","aud":"keyward","exp":{},"jti":"j1","allow":["stripe POST /v1/payment_intents"]{extra}}}"#, NOW + 600)
 }
 
 /// Sign arbitrary header and payload bytes.
@@ -180,18 +177,24 @@ fn claim_types_and_presence() {
         (format!(r#"{{"exp":{},"sub":"a","jti":"j","allow":["s GET /"]}}"#, NOW + 60), TokenError::MissingClaim("aud")),
         (format!(r#"{{{base}"sub":5,"jti":"j","allow":["s GET /"]}}"#), TokenError::ClaimType("sub", "a string")),
         (format!(r#"{{{base}"sub":"a","jti":["j"],"allow":["s GET /"]}}"#), TokenError::ClaimType("jti", "a string")),
-        (format!(r#"{{"aud":"keyward","exp":"{}","sub":"a","jti":"j","allow":["s GET /"]}}"#, NOW + 60),
-         TokenError::ClaimType("exp", "a non-negative integer NumericDate")),
-        (format!(r#"{{"aud":"keyward","exp":{}.5,"sub":"a","jti":"j","allow":["s GET /"]}}"#, NOW + 60),
-         TokenError::ClaimType("exp", "a non-negative integer NumericDate")),
+        (
+            format!(r#"{{"aud":"keyward","exp":"{}","sub":"a","jti":"j","allow":["s GET /"]}}"#, NOW + 60),
+            TokenError::ClaimType("exp", "a non-negative integer NumericDate"),
+        ),
+        (
+            format!(r#"{{"aud":"keyward","exp":{}.5,"sub":"a","jti":"j","allow":["s GET /"]}}"#, NOW + 60),
+            TokenError::ClaimType("exp", "a non-negative integer NumericDate"),
+        ),
         (format!(r#"{{{base}"sub":"a","jti":"j","allow":"s GET /"}}"#), TokenError::ClaimType("allow", "an array of rule strings")),
         (format!(r#"{{{base}"sub":"a","jti":"j","allow":[1]}}"#), TokenError::ClaimType("allow", "an array of rule strings")),
         (format!(r#"{{{base}"sub":"a","jti":"j","allow":["s GET /"],"run":1}}"#), TokenError::ClaimType("run", "a string")),
         (format!(r#"{{{base}"sub":"a","jti":"j","allow":["s GET /"],"lim":[]}}"#), TokenError::ClaimType("lim", "an object")),
         (format!(r#"{{{base}"sub":"a","jti":"j","allow":["s GET /"],"lim":{{"rpm":0}}}}"#), TokenError::ClaimType("lim.rpm", "a positive integer")),
         (format!(r#"{{{base}"sub":"a","jti":"j","allow":["s GET /"],"iss":false}}"#), TokenError::ClaimType("iss", "a string")),
-        (format!(r#"{{"aud":[1],"exp":{},"sub":"a","jti":"j","allow":["s GET /"]}}"#, NOW + 60),
-         TokenError::ClaimType("aud", "a string or an array of strings")),
+        (
+            format!(r#"{{"aud":[1],"exp":{},"sub":"a","jti":"j","allow":["s GET /"]}}"#, NOW + 60),
+            TokenError::ClaimType("aud", "a string or an array of strings"),
+        ),
     ];
     for (c, want) in cases {
         assert_eq!(full(&raw(HDR, &c)), Err(want), "{c}");

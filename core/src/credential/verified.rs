@@ -9,7 +9,7 @@
 //! and limits are checked on every request as before. The cache is bounded: when full, it is
 //! emptied (an attacker with many valid credentials can only make it miss).
 
-use crate::token::Claims;
+use crate::credential::jwt::Claims;
 use std::collections::HashMap;
 use std::rc::Rc;
 
@@ -56,10 +56,21 @@ impl VerifiedCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::token::Limits;
+    use crate::credential::jwt::Limits;
 
     fn claims(sub: &str) -> Rc<Claims> {
-        Rc::new(Claims { sub: sub.into(), aud: vec![], iss: None, exp: 0, nbf: None, iat: None, jti: "j".into(), allow: vec![], run: None, lim: Limits::default() })
+        Rc::new(Claims {
+            sub: sub.into(),
+            aud: vec![],
+            iss: None,
+            exp: 0,
+            nbf: None,
+            iat: None,
+            jti: "j".into(),
+            allow: vec![],
+            run: None,
+            lim: Limits::default(),
+        })
     }
 
     #[test]

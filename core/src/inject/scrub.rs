@@ -3,11 +3,11 @@
 //! The filter removes every response header whose value contains a form of the secret it
 //! injected into that request.
 
-use crate::b64;
 use crate::config::{Inject, Target};
 use crate::inject::pct_encode;
 use crate::secret::Secret;
-use crate::store::Fetched;
+use crate::secrets::store::Fetched;
+use crate::wire::b64;
 
 /// Shorter values are not searched for: they would match unrelated headers, and a secret that
 /// short is not a secret.

@@ -15,7 +15,7 @@
 //! is `fetched_at_ms u64 | version len u16 + bytes | n u16 | n * (key len u16 + key, value len u32 + value)`.
 
 use crate::secret::Secret;
-use crate::store::Fetched;
+use crate::secrets::store::Fetched;
 use crate::wire::Reader;
 
 const MAGIC: &[u8; 3] = b"KW2";
@@ -50,13 +50,7 @@ impl Timing {
     /// `ahead` is a fifth of the TTL, at most 30 s.
     pub fn new(ttl_s: u32, stale_if_error_s: u32) -> Timing {
         let ttl_ms = u64::from(ttl_s) * 1000;
-        Timing {
-            ttl_ms,
-            stale_ms: u64::from(stale_if_error_s) * 1000,
-            ahead_ms: (ttl_ms / 5).min(30_000),
-            retry_ms: 1000,
-            suspect_every_ms: 5000,
-        }
+        Timing { ttl_ms, stale_ms: u64::from(stale_if_error_s) * 1000, ahead_ms: (ttl_ms / 5).min(30_000), retry_ms: 1000, suspect_every_ms: 5000 }
     }
 }
 

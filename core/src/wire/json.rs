@@ -320,18 +320,13 @@ impl Parser<'_> {
                 self.i += 1;
             }
         }
-        let text = std::str::from_utf8(self.s.get(start..self.i).unwrap_or_default())
-            .map_err(|_| self.err("invalid number"))?;
+        let text = std::str::from_utf8(self.s.get(start..self.i).unwrap_or_default()).map_err(|_| self.err("invalid number"))?;
         if integral {
             if let Ok(n) = text.parse::<i64>() {
                 return Ok(Value::Int(n));
             }
         }
-        text.parse::<f64>()
-            .ok()
-            .filter(|f| f.is_finite())
-            .map(Value::Float)
-            .ok_or_else(|| self.err("invalid number"))
+        text.parse::<f64>().ok().filter(|f| f.is_finite()).map(Value::Float).ok_or_else(|| self.err("invalid number"))
     }
 }
 
@@ -400,10 +395,35 @@ mod tests {
     #[test]
     fn rejects_malformed() {
         for s in [
-            &b""[..], b"{", b"}", b"[1,]", b"{\"a\":1,}", b"01", b"1.", b".5", b"-", b"+1", b"1e",
-            b"NaN", b"Infinity", b"tru", b"nul", b"\"abc", b"\"\\x\"", b"\"\\ud800\"",
-            b"\"\\udc00\"", b"\"\\ud800\\u0041\"", b"\"a\nb\"", b"\"\x01\"", b"{a:1}", b"{'a':1}",
-            b"1 2", b"{} x", b"\"\xff\"", b"\"\xc3\"", b"1e999",
+            &b""[..],
+            b"{",
+            b"}",
+            b"[1,]",
+            b"{\"a\":1,}",
+            b"01",
+            b"1.",
+            b".5",
+            b"-",
+            b"+1",
+            b"1e",
+            b"NaN",
+            b"Infinity",
+            b"tru",
+            b"nul",
+            b"\"abc",
+            b"\"\\x\"",
+            b"\"\\ud800\"",
+            b"\"\\udc00\"",
+            b"\"\\ud800\\u0041\"",
+            b"\"a\nb\"",
+            b"\"\x01\"",
+            b"{a:1}",
+            b"{'a':1}",
+            b"1 2",
+            b"{} x",
+            b"\"\xff\"",
+            b"\"\xc3\"",
+            b"1e999",
         ] {
             let _ = bad(s);
         }
