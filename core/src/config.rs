@@ -264,8 +264,6 @@ pub struct Slot {
     pub store: usize,
     pub path: String,
     pub fields: Vec<String>,
-    /// Its key in Envoy shared data (computed once, not per request).
-    pub cache_key: String,
     /// Keep every field (a signing key set), not only `fields`.
     pub whole: bool,
 }
@@ -468,7 +466,6 @@ impl Compiler<'_> {
         let Some(&store) = self.store_index.get(&r.store) else {
             return err(format!("{path}.store"), format!("unknown store {:?}", r.store));
         };
-        let store_name = r.store.as_str();
         if !valid_store_path(&r.path) {
             return err(format!("{path}.path"), format!("{:?} is not a valid store path ([A-Za-z0-9_.-] segments separated by '/')", r.path));
         }
@@ -480,8 +477,7 @@ impl Compiler<'_> {
         let i = match self.slots.iter().position(|s| s.store == store && s.path == r.path) {
             Some(i) => i,
             None => {
-                let cache_key = crate::secrets::slot_state::shared_key(store_name, &r.path);
-                self.slots.push(Slot { store, path: r.path.clone(), fields: Vec::new(), cache_key, whole: false });
+                self.slots.push(Slot { store, path: r.path.clone(), fields: Vec::new(), whole: false });
                 self.slots.len() - 1
             }
         };

@@ -3,6 +3,7 @@
 //! implement them in memory. A request that needs a secret not yet cached gets `Outcome::Need`,
 //! parks, and is decided again from scratch when the secret arrives.
 
+use crate::record::Audit;
 use crate::config::{Config, CredentialSource, KeySource, Target};
 use crate::credential::extract::{self, CredError};
 use crate::credential::jwt::{self, HmacKey, Limits};
@@ -30,7 +31,7 @@ pub trait Request {
 }
 
 /// The state of a cached value.
-pub enum Slot<T> {
+pub enum Lookup<T> {
     Ready(T),
     /// Past its TTL, served because the store is failing transiently (`stale_if_error_s`).
     Stale(T),
@@ -43,9 +44,9 @@ pub enum Slot<T> {
 /// What the engine may ask of the cache and the controls.
 pub trait Secrets {
     /// The secret document behind `slot`.
-    fn secret(&mut self, slot: usize) -> Slot<Rc<Fetched>>;
+    fn secret(&mut self, slot: usize) -> Lookup<Rc<Fetched>>;
     /// A signing key held in a store (`slot`'s `field`), prepared for HMAC.
-    fn signing_key(&mut self, slot: usize, field: &str) -> Slot<Option<Rc<HmacKey>>>;
+    fn signing_key(&mut self, slot: usize, field: &str) -> Lookup<Option<Rc<HmacKey>>>;
     /// Is this credential revoked (by `jti` or `sub`)?
     fn is_revoked(&mut self, _jti: &str, _sub: &str) -> bool {
         false
@@ -53,10 +54,10 @@ pub trait Secrets {
     /// Count this request against the credential's `lim` (only called when it has one), unless
     /// this same request was already admitted before it parked. `keep_until_s`: when the
     /// credential stops being accepted, so its counters can go.
-    fn admit(&mut self, _jti: &str, _lim: &Limits, _keep_until_s: i64) -> Verdict {
+    fn admit(&mut self, _key_id: u64, _jti: &str, _lim: &Limits, _keep_until_s: i64) -> Verdict {
         Verdict::Admit
     }
-    /// Where verified credentials are remembered (`token_cache`); `None`: verify every time.
+    /// Where verified credentials are remembered (`credential::verified`); `None`: verify every time.
     fn verified(&mut self) -> Option<&mut VerifiedCache> {
         None
     }
@@ -64,8 +65,9 @@ pub trait Secrets {
 
 /// The prepared key for a kid, and its identity (for the verified-token cache).
 enum KeyFor<'a> {
-    Key(Rc<HmacKey>, usize),
-    /// From the configuration (the environment); its identity is its address.
+    /// Held in a store.
+    Key(Rc<HmacKey>),
+    /// From the configuration (the environment).
     Static(&'a HmacKey),
     Unknown,
     Need(usize),
@@ -85,38 +87,20 @@ fn key_for<'a>(cfg: &'a Config, secrets: &mut impl Secrets, kid: &str) -> KeyFor
 /// A key held in a store: `slot`'s `field`.
 fn stored_key<'a>(secrets: &mut impl Secrets, slot: usize, field: &str) -> KeyFor<'a> {
     match secrets.signing_key(slot, field) {
-        Slot::Ready(Some(k)) | Slot::Stale(Some(k)) => {
-            let id = Rc::as_ptr(&k) as usize;
-            KeyFor::Key(k, id)
-        }
-        Slot::Ready(None) | Slot::Stale(None) => KeyFor::Unknown,
-        Slot::Pending => KeyFor::Need(slot),
-        Slot::Failed => KeyFor::Failed,
+        Lookup::Ready(Some(k)) | Lookup::Stale(Some(k)) => KeyFor::Key(k),
+        Lookup::Ready(None) | Lookup::Stale(None) => KeyFor::Unknown,
+        Lookup::Pending => KeyFor::Need(slot),
+        Lookup::Failed => KeyFor::Failed,
     }
 }
 
-/// The identity of a resolved key, if it resolved.
-fn key_id(k: &KeyFor) -> Option<usize> {
+/// The identity of a resolved key (`HmacKey::id`: derived from its bytes), if it resolved.
+fn key_id(k: &KeyFor) -> Option<u64> {
     match k {
-        KeyFor::Key(_, id) => Some(*id),
-        KeyFor::Static(k) => Some(*k as *const HmacKey as usize),
+        KeyFor::Key(k) => Some(k.id()),
+        KeyFor::Static(k) => Some(k.id()),
         _ => None,
     }
-}
-
-/// Who called what, for the access log. Never a token or a secret.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Audit {
-    pub subject: Option<String>,
-    pub target: Option<String>,
-    pub jti: Option<String>,
-    pub run: Option<String>,
-    pub decision: &'static str,
-    pub cache: Option<&'static str>,
-    /// The request's `Idempotency-Key`, when it is a valid one.
-    pub idempotency_key: Option<String>,
-    /// The store's version of the injected secret (KV v2 version, AWS `VersionId`).
-    pub secret_version: Option<String>,
 }
 
 #[derive(Debug)]
@@ -198,13 +182,13 @@ pub fn decide(cfg: &Config, req: &mut impl Request, secrets: &mut impl Secrets, 
     let cached = secrets.verified().and_then(|c| c.get(&token)).map(|e| (e.kid.clone(), e.key, e.claims.clone()));
     let hit = match cached {
         Some((kid, id, claims)) => match key_for(cfg, secrets, &kid) {
-            k if key_id(&k) == Some(id) => Some(claims),
+            k if key_id(&k) == Some(id) => Some((claims, id)),
             KeyFor::Need(slot) => return Decision { outcome: Outcome::Need(slot), audit },
             _ => None,
         },
         None => None,
     };
-    let claims = match hit {
+    let (claims, key_id) = match hit {
         Some(c) => c,
         None => {
             let unverified = match jwt::parse(&token) {
@@ -214,7 +198,7 @@ pub fn decide(cfg: &Config, req: &mut impl Request, secrets: &mut impl Secrets, 
             let key = key_for(cfg, secrets, &unverified.kid);
             let payload = match &key {
                 KeyFor::Static(k) => unverified.verify(k),
-                KeyFor::Key(k, _) => unverified.verify(k),
+                KeyFor::Key(k) => unverified.verify(k),
                 KeyFor::Unknown => Err(jwt::TokenError::UnknownKid(String::new())),
                 KeyFor::Need(slot) => return Decision { outcome: Outcome::Need(*slot), audit },
                 KeyFor::Failed => return deny(audit, unavailable()),
@@ -223,10 +207,11 @@ pub fn decide(cfg: &Config, req: &mut impl Request, secrets: &mut impl Secrets, 
                 Ok(c) => Rc::new(c),
                 Err(e) => return deny(audit, Denial::new(Code::InvalidCredential, e.public_message())),
             };
-            if let (Some(id), Some(cache)) = (key_id(&key), secrets.verified()) {
+            let id = key_id(&key).unwrap_or_default();
+            if let Some(cache) = secrets.verified() {
                 cache.insert(&token, &unverified.kid, id, claims.clone());
             }
-            claims
+            (claims, id)
         }
     };
     audit.subject = Some(claims.sub.clone());
@@ -257,7 +242,7 @@ pub fn decide(cfg: &Config, req: &mut impl Request, secrets: &mut impl Secrets, 
     }
     if claims.lim.rpm.is_some() || claims.lim.total.is_some() {
         let keep_until = claims.exp.saturating_add(cfg.policy.clock_skew_s);
-        match secrets.admit(&claims.jti, &claims.lim, keep_until) {
+        match secrets.admit(key_id, &claims.jti, &claims.lim, keep_until) {
             Verdict::Admit => {}
             Verdict::RateLimited { retry_after_s } => {
                 let d = Denial::new(Code::RateLimited, "this credential's requests-per-minute limit is reached");
@@ -276,16 +261,16 @@ pub fn decide(cfg: &Config, req: &mut impl Request, secrets: &mut impl Secrets, 
 
     // 6. The upstream secret.
     let fetched = match secrets.secret(target.slot) {
-        Slot::Ready(f) => {
+        Lookup::Ready(f) => {
             audit.cache = Some("hit");
             f
         }
-        Slot::Stale(f) => {
+        Lookup::Stale(f) => {
             audit.cache = Some("stale");
             f
         }
-        Slot::Pending => return Decision { outcome: Outcome::Need(target.slot), audit },
-        Slot::Failed => return deny(audit, unavailable()),
+        Lookup::Pending => return Decision { outcome: Outcome::Need(target.slot), audit },
+        Lookup::Failed => return deny(audit, unavailable()),
     };
     audit.secret_version.clone_from(&fetched.version);
     allow(audit, target, &fetched, &raw_path)

@@ -10,8 +10,12 @@
 pub mod config;
 pub mod credential;
 pub mod engine;
+pub mod host;
 pub mod inject;
+pub mod lifecycle;
+pub mod mem_host;
 pub mod policy;
+pub mod record;
 pub mod response;
 pub mod secret;
 pub mod secrets;

@@ -4,7 +4,7 @@
 
 use crate::wire::json;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Code {
     BadRequest,
     MissingCredential,

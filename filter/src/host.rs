@@ -1,140 +1,143 @@
-//! The one small host interface: proxy-wasm hostcalls that can fail are called through
-//! `proxy_wasm::hostcalls` and every failure is an `Err`, never a panic.
+//! `keyward_core::host::Host` over proxy-wasm hostcalls. Every hostcall that can fail is called
+//! through `proxy_wasm::hostcalls`, and every failure is an `Err`, never a panic.
 
-use keyward_core::engine::Request;
-use keyward_core::wire::pairs;
+use crate::metrics::Metrics;
+use keyward_core::host::{CallId, ContextId, Headers, Host, HostError};
+use keyward_core::record::Metric;
+use keyward_core::secrets::store::HttpCall;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, MapType, Status};
 use std::time::{Duration, UNIX_EPOCH};
 
-pub fn now_ms() -> u64 {
-    hostcalls::get_current_time().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map_or(0, |d| d.as_millis() as u64)
+/// One root context's host: its metrics and its wake-up queue.
+#[derive(Default)]
+pub struct WasmHost {
+    pub metrics: Metrics,
+    /// This root's shared queue: an item posted to it makes Envoy call the root's
+    /// `on_queue_ready` on this worker.
+    pub queue: Option<u32>,
 }
 
-pub fn property(path: &[&str]) -> Option<Vec<u8>> {
-    hostcalls::get_property(path.to_vec()).ok().flatten()
-}
-
-/// Set `key` (a full name, `keyward.<key>`) in filter state, read by the access log as
-/// `%FILTER_STATE(wasm.keyward.<key>:PLAIN)%`.
-pub fn set_filter_state(key: &'static str, value: &str) {
-    if hostcalls::set_property(vec![key], Some(value.as_bytes())).is_err() {
-        log::debug!("could not set filter state {key}");
+fn failed(s: Status) -> HostError {
+    match s {
+        Status::CasMismatch => HostError::CasMismatch,
+        _ => HostError::Failed,
     }
 }
 
-pub fn remove_request_header(name: &str) -> Result<(), Status> {
-    hostcalls::remove_map_value(MapType::HttpRequestHeaders, name)
-}
-
-pub fn set_request_header(name: &str, value: &[u8]) -> Result<(), Status> {
-    hostcalls::set_map_value_bytes(MapType::HttpRequestHeaders, name, Some(value))
-}
-
-pub fn send_response(status: u32, headers: &[(&str, String)], body: &str) -> Result<(), Status> {
-    let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    hostcalls::send_http_response(status, h, Some(body.as_bytes()))
-}
-
-pub fn resume_request() -> Result<(), Status> {
-    hostcalls::resume_http_request()
-}
-
-pub fn set_effective_context(id: u32) -> Result<(), Status> {
-    hostcalls::set_effective_context(id)
-}
-
-pub fn dispatch(cluster: &str, headers: &[(&str, &[u8])], body: Option<&[u8]>, timeout_ms: u32) -> Result<u32, Status> {
-    // Header values are raw bytes (a store token is not necessarily UTF-8-safe to log, and never is).
-    let mut hs: Vec<(&str, &str)> = Vec::with_capacity(headers.len());
-    for (k, v) in headers {
-        hs.push((k, std::str::from_utf8(v).map_err(|_| Status::BadArgument)?));
+impl Host for WasmHost {
+    fn now_ms(&self) -> u64 {
+        hostcalls::get_current_time().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map_or(0, |d| d.as_millis() as u64)
     }
-    hostcalls::dispatch_http_call(cluster, hs, body, vec![], Duration::from_millis(u64::from(timeout_ms)))
+
+    fn shared_get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
+        hostcalls::get_shared_data(key).unwrap_or_default()
+    }
+
+    fn shared_set(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), HostError> {
+        hostcalls::set_shared_data(key, Some(value), cas).map_err(failed)
+    }
+
+    fn dispatch(&mut self, call: &HttpCall) -> Result<CallId, HostError> {
+        // Header values are raw bytes (a store token is never logged, and need not be UTF-8-safe).
+        let mut hs: Vec<(&str, &str)> = Vec::with_capacity(call.headers.len());
+        for (k, v) in &call.headers {
+            hs.push((k, std::str::from_utf8(v.expose()).map_err(|_| HostError::Failed)?));
+        }
+        let timeout = Duration::from_millis(u64::from(call.timeout_ms));
+        hostcalls::dispatch_http_call(&call.cluster, hs, call.body.as_deref(), vec![], timeout).map_err(failed)
+    }
+
+    fn wake_root(&mut self) -> bool {
+        self.queue.is_some_and(|q| hostcalls::enqueue_shared_queue(q, Some(b"w")).is_ok())
+    }
+
+    fn set_tick_period_ms(&mut self, ms: u64) {
+        let _ = hostcalls::set_tick_period(Duration::from_millis(ms));
+    }
+
+    fn set_effective_context(&mut self, ctx: ContextId) -> Result<(), HostError> {
+        hostcalls::set_effective_context(ctx).map_err(failed)
+    }
+
+    fn request_headers(&mut self) -> Result<Headers, HostError> {
+        hostcalls::get_map_bytes(MapType::HttpRequestHeaders).map_err(failed)
+    }
+
+    fn set_request_header(&mut self, name: &str, value: &[u8]) -> Result<(), HostError> {
+        hostcalls::set_map_value_bytes(MapType::HttpRequestHeaders, name, Some(value)).map_err(failed)
+    }
+
+    fn remove_request_header(&mut self, name: &str) -> Result<(), HostError> {
+        hostcalls::remove_map_value(MapType::HttpRequestHeaders, name).map_err(failed)
+    }
+
+    fn response_headers(&mut self) -> Result<Headers, HostError> {
+        hostcalls::get_map_bytes(MapType::HttpResponseHeaders).map_err(failed)
+    }
+
+    fn remove_response_header(&mut self, name: &str) -> Result<(), HostError> {
+        hostcalls::set_map_value_bytes(MapType::HttpResponseHeaders, name, None).map_err(failed)
+    }
+
+    fn route_metadata(&mut self) -> Option<Vec<u8>> {
+        hostcalls::get_property(vec!["xds", "route_metadata", "filter_metadata", "keyward"]).ok().flatten()
+    }
+
+    fn set_filter_state(&mut self, key: &'static str, value: &str) {
+        if hostcalls::set_property(vec![key], Some(value.as_bytes())).is_err() {
+            log::debug!("could not set filter state {key}");
+        }
+    }
+
+    fn reply(&mut self, status: u32, headers: &[(&str, String)], body: &str) -> Result<(), HostError> {
+        let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        hostcalls::send_http_response(status, h, Some(body.as_bytes())).map_err(failed)
+    }
+
+    fn resume(&mut self) -> Result<(), HostError> {
+        hostcalls::resume_http_request().map_err(failed)
+    }
+
+    fn reset(&mut self) {
+        let _ = hostcalls::reset_http_request();
+    }
+
+    fn metric(&mut self, m: Metric) {
+        self.metrics.inc(m);
+    }
 }
 
-/// The current callout response: `:status` (None when nothing arrived) and the body, or
-/// `None` for a body larger than `max` (not read at all).
-pub fn callout_response(num_headers: usize, body_size: usize, max: usize) -> (Option<u32>, Option<Vec<u8>>) {
+/// The current callout's answer: `:status` (`None` when nothing arrived) and the body (`None`:
+/// larger than `max`, not read at all).
+pub fn callout_answer(num_headers: usize, body_size: usize, max: usize) -> keyward_core::lifecycle::Answer {
+    use keyward_core::lifecycle::Answer;
     if num_headers == 0 {
-        return (None, Some(Vec::new()));
+        return Answer::failed();
     }
     let status = hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status")
         .ok()
         .flatten()
         .and_then(|b| std::str::from_utf8(&b).ok().and_then(|s| s.parse::<u32>().ok()));
     if body_size > max {
-        return (status, None);
+        return Answer { status, body: None };
     }
-    let body =
-        if body_size == 0 { Vec::new() } else { hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size).ok().flatten().unwrap_or_default() };
-    (status, Some(body))
+    let body = if body_size == 0 { Vec::new() } else { hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size).ok().flatten().unwrap_or_default() };
+    Answer { status, body: Some(body) }
 }
 
-/// The request as the engine sees it: the header map is read once, with one hostcall, the first
-/// time the engine asks for a header, and every later question is answered from that copy.
-#[derive(Default)]
-pub struct HostRequest {
-    /// `None`: not read yet. `Some(Err(()))`: the map could not be read (fail closed).
-    headers: Option<Result<HeaderMap, ()>>,
-    /// The route's keyward metadata (target, prefix), once read.
-    route: Option<(Option<String>, Option<String>)>,
-}
-
-type HeaderMap = Vec<(String, Vec<u8>)>;
-
-impl HostRequest {
-    /// Does the request carry this header? Unknown (the map could not be read): yes.
-    pub fn carries(&mut self, name: &str) -> bool {
-        match self.headers() {
-            Ok(all) => all.iter().any(|(k, _)| k.eq_ignore_ascii_case(name)),
-            Err(()) => true,
+/// A name for this root's wake-up queue, unique in the process: shared queues are per `vm_id`
+/// and name, and registering a name again takes the queue away from the worker that had it.
+/// The number comes from a counter in shared data, bumped with compare-and-swap; the root's
+/// context id and the clock make it unique even if two workers created the counter at once.
+pub fn queue_name(host: &mut WasmHost, root: u32) -> Option<String> {
+    let nanos = hostcalls::get_current_time().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map_or(0, |d| d.subsec_nanos());
+    for _ in 0..64 {
+        let (bytes, cas) = host.shared_get(keyward_core::secrets::keys::WORKER_SEQUENCE);
+        let n = bytes.as_deref().and_then(|b| <[u8; 8]>::try_from(b).ok()).map_or(0, u64::from_le_bytes) + 1;
+        if host.shared_set(keyward_core::secrets::keys::WORKER_SEQUENCE, &n.to_le_bytes(), cas).is_ok() {
+            return Some(format!("keyward.wake.{n}.{root}.{nanos}"));
         }
     }
-
-    fn headers(&mut self) -> Result<&[(String, Vec<u8>)], ()> {
-        let h = self.headers.get_or_insert_with(|| hostcalls::get_map_bytes(MapType::HttpRequestHeaders).map_err(|_| ()));
-        h.as_deref().map_err(|_| ())
-    }
-}
-
-impl Request for HostRequest {
-    fn method(&mut self) -> Option<String> {
-        self.header(":method").and_then(|b| String::from_utf8(b).ok())
-    }
-    fn path(&mut self) -> Option<String> {
-        self.header(":path").and_then(|b| String::from_utf8(b).ok())
-    }
-    fn header(&mut self, name: &str) -> Option<Vec<u8>> {
-        let all = self.headers().ok()?;
-        all.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.clone())
-    }
-    fn header_values(&mut self, name: &str) -> Vec<Vec<u8>> {
-        match self.headers() {
-            Ok(all) => all.iter().filter(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.clone()).collect(),
-            // Fail closed: an unreadable header map counts as a duplicate.
-            Err(()) => vec![Vec::new(), Vec::new()],
-        }
-    }
-    fn route_target(&mut self) -> Option<String> {
-        self.route_meta().0.clone()
-    }
-    fn route_prefix(&mut self) -> Option<String> {
-        self.route_meta().1.clone()
-    }
-}
-
-impl HostRequest {
-    /// The route's `filter_metadata.keyward` `target` and `prefix`, read with one hostcall: Envoy
-    /// returns the struct in the proxy-wasm pairs encoding (decoded by `core::pairs`). Metadata
-    /// that does not decode names no target (403 `unknown_target`).
-    fn route_meta(&mut self) -> &(Option<String>, Option<String>) {
-        self.route.get_or_insert_with(|| {
-            let bytes = property(&["xds", "route_metadata", "filter_metadata", "keyward"]).unwrap_or_default();
-            match pairs::decode(&bytes) {
-                Some(p) => (pairs::get(&p, "target").map(str::to_string), pairs::get(&p, "prefix").map(str::to_string)),
-                None => (None, None),
-            }
-        })
-    }
+    None
 }

@@ -1,16 +1,18 @@
-//! Keyward's proxy-wasm filter. Everything that decides lives in `keyward-core`; this crate is
-//! the glue: contexts, hostcalls, callouts.
+//! Keyward's proxy-wasm filter: an executor. Envoy's callbacks become `keyward_core::lifecycle`
+//! events, and the lifecycle's effects are carried out by `host::WasmHost`. Nothing here decides.
 
 mod host;
 mod metrics;
-mod worker;
 
+use host::WasmHost;
 use keyward_core::config;
+use keyward_core::host::Action as CoreAction;
+use keyward_core::lifecycle::{Event, Lifecycle};
+use keyward_core::secrets::store;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
 use std::cell::RefCell;
 use std::rc::Rc;
-use worker::Worker;
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 pub const GIT_HASH: &str = match option_env!("KEYWARD_GIT_HASH") {
@@ -21,19 +23,46 @@ pub const GIT_HASH: &str = match option_env!("KEYWARD_GIT_HASH") {
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
     proxy_wasm::set_root_context(|root_id| -> Box<dyn RootContext> {
-        Box::new(Root { w: Rc::new(RefCell::new(Worker::new(root_id))) })
+        Box::new(Root { id: root_id, shared: Rc::new(RefCell::new(Worker { lc: Lifecycle::new(root_id), host: WasmHost::default() })) })
     });
 }}
 
+/// One configuration on one worker: its lifecycle and the host that carries out its effects.
+struct Worker {
+    lc: Lifecycle,
+    host: WasmHost,
+}
+
+impl Worker {
+    fn handle(&mut self, ev: Event) -> CoreAction {
+        self.lc.handle(&mut self.host, ev)
+    }
+}
+
+fn action(a: CoreAction) -> Action {
+    match a {
+        CoreAction::Continue => Action::Continue,
+        CoreAction::Pause => Action::Pause,
+    }
+}
+
 struct Root {
-    w: Rc<RefCell<Worker>>,
+    id: u32,
+    shared: Rc<RefCell<Worker>>,
+}
+
+impl Root {
+    fn event(&self, ev: Event) {
+        if let Ok(mut w) = self.shared.try_borrow_mut() {
+            w.handle(ev);
+        }
+    }
 }
 
 impl Context for Root {
     fn on_http_call_response(&mut self, token: u32, num_headers: usize, body_size: usize, _trailers: usize) {
-        if let Ok(mut w) = self.w.try_borrow_mut() {
-            w.on_callout(token, num_headers, body_size);
-        }
+        let answer = host::callout_answer(num_headers, body_size, store::MAX_BODY);
+        self.event(Event::Answer { call: token, answer });
     }
 }
 
@@ -44,32 +73,39 @@ impl RootContext for Root {
             _ => Vec::new(),
         };
         let env = |name: &str| std::env::var(name).ok();
-        match config::compile(&bytes, &env) {
-            Ok(cfg) => {
-                log::info!("keyward {VERSION} ({GIT_HASH}) configured: {}", cfg.summary());
-                let Ok(mut w) = self.w.try_borrow_mut() else { return false };
-                w.metrics = metrics::Metrics::define();
-                worker::create_shared_records(&cfg);
-                w.configure(cfg);
-                drop(w);
-                self.set_tick_period(worker::TICK);
-                true
-            }
+        let cfg = match config::compile(&bytes, &env) {
+            Ok(cfg) => cfg,
             Err(e) => {
                 log::error!("keyward {VERSION} ({GIT_HASH}): configuration rejected: {e}");
-                false
+                return false;
+            }
+        };
+        log::info!("keyward {VERSION} ({GIT_HASH}) configured: {}", cfg.summary());
+        let Ok(mut w) = self.shared.try_borrow_mut() else { return false };
+        let w = &mut *w;
+        w.host.metrics = metrics::Metrics::define();
+        if w.host.queue.is_none() {
+            w.host.queue = host::queue_name(&mut w.host, self.id).and_then(|name| proxy_wasm::hostcalls::register_shared_queue(&name).ok());
+            if w.host.queue.is_none() {
+                log::warn!("could not register a wake-up queue; callouts wait for the tick");
             }
         }
+        w.lc.configure(&mut w.host, cfg);
+        true
     }
 
     fn on_tick(&mut self) {
-        if let Ok(mut w) = self.w.try_borrow_mut() {
-            w.tick();
-        }
+        self.event(Event::Tick);
+    }
+
+    fn on_queue_ready(&mut self, queue_id: u32) {
+        // Empty the queue (one item per wake-up asked for), then dispatch what is queued.
+        while let Ok(Some(_)) = proxy_wasm::hostcalls::dequeue_shared_queue(queue_id) {}
+        self.event(Event::Woken);
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Stream { id: context_id, w: self.w.clone() }))
+        Some(Box::new(Stream { id: context_id, shared: self.shared.clone() }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -79,46 +115,42 @@ impl RootContext for Root {
 
 struct Stream {
     id: u32,
-    w: Rc<RefCell<Worker>>,
+    shared: Rc<RefCell<Worker>>,
 }
 
 impl Context for Stream {
-    fn on_http_call_response(&mut self, token: u32, num_headers: usize, body_size: usize, _trailers: usize) {
-        if let Ok(mut w) = self.w.try_borrow_mut() {
-            w.on_callout(token, num_headers, body_size);
-        }
-    }
-
     fn on_done(&mut self) -> bool {
-        if let Ok(mut w) = self.w.try_borrow_mut() {
-            w.forget(self.id);
+        if let Ok(mut w) = self.shared.try_borrow_mut() {
+            w.handle(Event::StreamGone(self.id));
         }
         true
     }
 }
 
 impl HttpContext for Stream {
-    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        if let Ok(mut w) = self.w.try_borrow_mut() {
-            w.on_response(self.id);
-        }
-        Action::Continue
-    }
-
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         #[cfg(feature = "panic-test")]
         #[allow(clippy::panic)]
         if proxy_wasm::hostcalls::get_map_value_bytes(proxy_wasm::types::MapType::HttpRequestHeaders, "x-keyward-test-panic").ok().flatten().is_some() {
             panic!("x-keyward-test-panic");
         }
-        match self.w.try_borrow_mut() {
-            Ok(mut w) => w.run(self.id, None),
+        match self.shared.try_borrow_mut() {
+            Ok(mut w) => action(w.handle(Event::Request(self.id))),
             // Never reached in a single-threaded VM; if it were, fail closed.
             Err(_) => {
                 let d = keyward_core::response::Denial::new(keyward_core::response::Code::SecretUnavailable, "internal error");
-                let _ = host::send_response(d.status(), &d.headers(), &d.body());
+                let headers = d.headers();
+                let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                let _ = proxy_wasm::hostcalls::send_http_response(d.status(), h, Some(d.body().as_bytes()));
                 Action::Pause
             }
         }
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        if let Ok(mut w) = self.shared.try_borrow_mut() {
+            return action(w.handle(Event::Response(self.id)));
+        }
+        Action::Continue
     }
 }

@@ -7,7 +7,7 @@
 use keyward_core::config::{self, Config};
 use keyward_core::credential::jwt::{self, HmacKey};
 use keyward_core::credential::verified::VerifiedCache;
-use keyward_core::engine::{self, Outcome, Request, Secrets, Slot};
+use keyward_core::engine::{self, Outcome, Request, Secrets, Lookup};
 use keyward_core::secret::Secret;
 use keyward_core::secrets::store::Fetched;
 use keyward_core::{wire::b64, wire::json};
@@ -47,11 +47,11 @@ impl Secrets for Cache {
     fn verified(&mut self) -> Option<&mut VerifiedCache> {
         self.1.as_mut()
     }
-    fn secret(&mut self, _slot: usize) -> Slot<Rc<Fetched>> {
-        Slot::Ready(self.0.clone())
+    fn secret(&mut self, _slot: usize) -> Lookup<Rc<Fetched>> {
+        Lookup::Ready(self.0.clone())
     }
-    fn signing_key(&mut self, _slot: usize, _field: &str) -> Slot<Option<Rc<HmacKey>>> {
-        Slot::Ready(None)
+    fn signing_key(&mut self, _slot: usize, _field: &str) -> Lookup<Option<Rc<HmacKey>>> {
+        Lookup::Ready(None)
     }
 }
 

@@ -78,7 +78,6 @@ fn contract_example_compiles() {
         None => panic!("no twilio"),
     };
     assert_eq!(c.slots[twilio.slot].fields, vec!["account_sid".to_string(), "auth_token".to_string()]);
-    assert_eq!(c.slots[twilio.slot].cache_key, "keyward/v2/secret/bao/twilio");
     let (_, anthropic) = match c.target("anthropic") {
         Some(t) => t,
         None => panic!("no anthropic"),

@@ -19,7 +19,10 @@ pub const MIN_KEY_LEN: usize = 32;
 
 /// An HS256 key with its HMAC state prepared once (inner and outer pads hashed).
 #[derive(Clone)]
-pub struct HmacKey(Hmac<Sha256>);
+pub struct HmacKey {
+    mac: Hmac<Sha256>,
+    id: u64,
+}
 
 impl fmt::Debug for HmacKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -33,18 +36,30 @@ impl HmacKey {
         if key.len() < MIN_KEY_LEN {
             return Err(format!("key is {} bytes; at least {MIN_KEY_LEN} are required", key.len()));
         }
-        Hmac::<Sha256>::new_from_slice(key).map(HmacKey).map_err(|_| "invalid key".to_string())
+        let mac = Hmac::<Sha256>::new_from_slice(key).map_err(|_| "invalid key".to_string())?;
+        let mut m = mac.clone();
+        m.update(b"keyward/v1/key-identity");
+        let tag: [u8; 32] = m.finalize().into_bytes().into();
+        let id = tag.iter().take(8).fold(0u64, |acc, b| (acc << 8) | u64::from(*b));
+        Ok(HmacKey { mac, id })
+    }
+
+    /// The key's identity: derived from the key itself (a MAC of a fixed label), so the same
+    /// bytes have the same identity in every worker and a rotated key never shares one with its
+    /// predecessor. It names the key in caches and shared data without revealing it.
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     pub fn sign(&self, data: &[u8]) -> [u8; 32] {
-        let mut m = self.0.clone();
+        let mut m = self.mac.clone();
         m.update(data);
         m.finalize().into_bytes().into()
     }
 
     /// Constant-time MAC check.
     pub fn verify(&self, data: &[u8], tag: &[u8]) -> bool {
-        let mut m = self.0.clone();
+        let mut m = self.mac.clone();
         m.update(data);
         m.verify_slice(tag).is_ok()
     }

@@ -3,7 +3,7 @@
 //! the warm path, measured with callgrind: see the README's performance section).
 //!
 //! An entry is keyed by the credential's exact text and remembers which key verified it (the
-//! key's identity, not its bytes). A hit counts only if the same `kid` still resolves to that
+//! key's identity, derived from its bytes). A hit counts only if the same `kid` still resolves to that
 //! same prepared key: a key removed from the store or rotated misses, and is verified again.
 //! Only verified credentials enter; the policy (time bounds, audience, issuer), revocation, rules
 //! and limits are checked on every request as before. The cache is bounded: when full, it is
@@ -18,8 +18,8 @@ pub const MAX_ENTRIES: usize = 512;
 
 pub struct Entry {
     pub kid: Rc<str>,
-    /// The identity of the prepared key that verified it (its address).
-    pub key: usize,
+    /// The identity of the key that verified it (`HmacKey::id`, derived from the key's bytes).
+    pub key: u64,
     pub claims: Rc<Claims>,
 }
 
@@ -33,7 +33,7 @@ impl VerifiedCache {
         self.map.get(token)
     }
 
-    pub fn insert(&mut self, token: &str, kid: &str, key: usize, claims: Rc<Claims>) {
+    pub fn insert(&mut self, token: &str, kid: &str, key: u64, claims: Rc<Claims>) {
         if self.map.len() >= MAX_ENTRIES {
             self.map.clear();
         }

@@ -70,36 +70,36 @@ struct Mem {
 type Prepared = (Rc<Fetched>, Option<Rc<HmacKey>>);
 
 impl Secrets for Mem {
-    fn secret(&mut self, slot: usize) -> Slot<Rc<Fetched>> {
+    fn secret(&mut self, slot: usize) -> Lookup<Rc<Fetched>> {
         if self.failed.contains(&slot) {
-            return Slot::Failed;
+            return Lookup::Failed;
         }
         match self.slots.get(&slot) {
-            Some(f) if self.stale.contains(&slot) => Slot::Stale(f.clone()),
-            Some(f) => Slot::Ready(f.clone()),
-            None => Slot::Pending,
+            Some(f) if self.stale.contains(&slot) => Lookup::Stale(f.clone()),
+            Some(f) => Lookup::Ready(f.clone()),
+            None => Lookup::Pending,
         }
     }
-    fn signing_key(&mut self, slot: usize, field: &str) -> Slot<Option<Rc<HmacKey>>> {
+    fn signing_key(&mut self, slot: usize, field: &str) -> Lookup<Option<Rc<HmacKey>>> {
         match self.secret(slot) {
-            Slot::Ready(f) => {
+            Lookup::Ready(f) => {
                 if let Some((src, k)) = self.keys.get(&(slot, field.to_string())) {
                     if Rc::ptr_eq(src, &f) {
-                        return Slot::Ready(k.clone());
+                        return Lookup::Ready(k.clone());
                     }
                 }
                 let k = f.field(field).and_then(|s| crate::wire::b64::key_decode(s.expose_str()?)).and_then(|k| HmacKey::new(&k).ok()).map(Rc::new);
                 self.keys.insert((slot, field.to_string()), (f, k.clone()));
-                Slot::Ready(k)
+                Lookup::Ready(k)
             }
-            Slot::Stale(_) | Slot::Pending => Slot::Pending,
-            Slot::Failed => Slot::Failed,
+            Lookup::Stale(_) | Lookup::Pending => Lookup::Pending,
+            Lookup::Failed => Lookup::Failed,
         }
     }
     fn is_revoked(&mut self, jti: &str, sub: &str) -> bool {
         self.revoked.iter().any(|r| *r == format!("jti:{jti}") || *r == format!("sub:{sub}"))
     }
-    fn admit(&mut self, jti: &str, lim: &Limits, keep_until_s: i64) -> Verdict {
+    fn admit(&mut self, _key_id: u64, jti: &str, lim: &Limits, keep_until_s: i64) -> Verdict {
         self.admitted += 1;
         self.limits.admit(jti, lim, keep_until_s, NOW as u64)
     }

@@ -20,7 +20,8 @@ use crate::credential::jwt::Limits;
 use crate::wire::Reader;
 
 const MAGIC: &[u8; 4] = b"KWL1";
-/// Shared-data keys holding the counters. A fixed number, created once at configure time.
+/// Shared-data keys holding the counters (named by `secrets::keys`). A fixed number, created once
+/// at configure time.
 pub const SHARDS: u32 = 32;
 /// Buckets that may overlap a 60 s window that ends now.
 const WINDOW_BUCKETS: u64 = 61;
@@ -28,16 +29,6 @@ const WINDOW_BUCKETS: u64 = 61;
 pub const MAX_RECORDS_PER_SHARD: usize = 4096;
 /// A `jti` longer than this is not a valid claim (see `token`), so it never reaches here.
 const MAX_JTI: usize = 1024;
-
-/// The shared-data key of every shard, for creating them at configure time.
-pub fn shard_keys() -> impl Iterator<Item = String> {
-    (0..SHARDS).map(|i| format!("keyward/v1/lim/{i:02}"))
-}
-
-/// The shared-data key of the shard holding `jti` (FNV-1a: cheap and stable across workers).
-pub fn shard_key(jti: &str) -> String {
-    format!("keyward/v1/lim/{:02}", crate::wire::fnv1a(jti.bytes()) % u64::from(SHARDS))
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {

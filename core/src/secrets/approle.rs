@@ -18,7 +18,7 @@
 
 use crate::config::{Store, StoreKind, VaultAuth};
 use crate::secret::Secret;
-use crate::secrets::store::{header, Callout, FetchError};
+use crate::secrets::store::{header, HttpCall, FetchError};
 use crate::wire::json::{self, Value};
 use crate::wire::Reader;
 
@@ -29,16 +29,6 @@ pub const RETRY_MS: u64 = 1000;
 pub const EXPIRY_MARGIN_MS: u64 = 1000;
 /// Longest token accepted from a login answer.
 const MAX_TOKEN: usize = 4096;
-
-/// The shared-data key of a store's session. The role id's hash is part of it, so a
-/// configuration naming another role never picks up the previous role's token.
-pub fn shared_key(store: &Store) -> Option<String> {
-    let StoreKind::VaultKv2 { auth: VaultAuth::AppRole { mount, role_id, .. }, .. } = &store.kind else {
-        return None;
-    };
-    let h = crate::wire::fnv1a(store.cluster.bytes().chain([0]).chain(mount.bytes()).chain([0]).chain(role_id.expose().iter().copied()));
-    Some(format!("keyward/v1/auth/{}/{h:016x}", store.name))
-}
 
 /// A Vault token and its lease.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -69,7 +59,7 @@ pub enum Next {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct AuthState {
+pub struct SessionState {
     pub session: Option<Session>,
     pub lease_until_ms: u64,
     pub failed_at_ms: u64,
@@ -77,7 +67,7 @@ pub struct AuthState {
     pub generation: u64,
 }
 
-impl AuthState {
+impl SessionState {
     /// The token to use now, with its generation, if there is a valid one.
     pub fn token(&self, now_ms: u64) -> Option<(&Secret, u64)> {
         let s = self.session.as_ref()?;
@@ -201,12 +191,12 @@ impl AuthState {
         b
     }
 
-    pub fn decode(bytes: &[u8]) -> Option<AuthState> {
+    pub fn decode(bytes: &[u8]) -> Option<SessionState> {
         let mut r = Reader::new(bytes);
         if r.take(4)? != MAGIC {
             return None;
         }
-        let mut st = AuthState { lease_until_ms: r.u64()?, failed_at_ms: r.u64()?, generation: r.u64()?, session: None };
+        let mut st = SessionState { lease_until_ms: r.u64()?, failed_at_ms: r.u64()?, generation: r.u64()?, session: None };
         if r.u8()? == 1 {
             let (obtained_ms, renewed_ms, expires_ms, granted_ms, login_ms) = (r.u64()?, r.u64()?, r.u64()?, r.u64()?, r.u64()?);
             let renewable = r.u8()? == 1;
@@ -242,7 +232,7 @@ fn base_headers(store: &Store, path: &str) -> Vec<(String, Secret)> {
 }
 
 /// The AppRole login callout (`None` for a store that does not log in).
-pub fn login_callout(store: &Store) -> Option<Callout> {
+pub fn login_call(store: &Store) -> Option<HttpCall> {
     let StoreKind::VaultKv2 { auth: VaultAuth::AppRole { mount, role_id, secret_id }, .. } = &store.kind else {
         return None;
     };
@@ -252,14 +242,14 @@ pub fn login_callout(store: &Store) -> Option<Callout> {
     json::write_str(&mut body, secret_id.expose_str().unwrap_or_default());
     body.push('}');
     let headers = base_headers(store, &format!("/v1/auth/{mount}/login"));
-    Some(Callout { cluster: store.cluster.clone(), headers, body: Some(body.into_bytes()), timeout_ms: store.timeout_ms })
+    Some(HttpCall { cluster: store.cluster.clone(), headers, body: Some(body.into_bytes()), timeout_ms: store.timeout_ms })
 }
 
 /// The callout that renews `token` itself.
-pub fn renew_callout(store: &Store, token: &Secret) -> Callout {
+pub fn renew_call(store: &Store, token: &Secret) -> HttpCall {
     let mut headers = base_headers(store, "/v1/auth/token/renew-self");
     headers.push((String::from("x-vault-token"), token.clone()));
-    Callout { cluster: store.cluster.clone(), headers, body: Some(b"{}".to_vec()), timeout_ms: store.timeout_ms }
+    HttpCall { cluster: store.cluster.clone(), headers, body: Some(b"{}".to_vec()), timeout_ms: store.timeout_ms }
 }
 
 /// Read a login or renewal answer. 400/401/403 are authoritative refusals (a wrong or used-up

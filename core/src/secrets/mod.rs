@@ -4,5 +4,6 @@
 //! ticks is `crate::lifecycle`.
 
 pub mod approle;
+pub mod keys;
 pub mod slot_state;
 pub mod store;

@@ -67,14 +67,14 @@ pub enum Use {
 }
 
 #[derive(Debug, Clone, Default)]
-pub struct State {
+pub struct SlotState {
     pub entry: Option<Entry>,
     pub failure: Option<Failure>,
     pub lease_until_ms: u64,
     pub suspect_at_ms: u64,
 }
 
-impl State {
+impl SlotState {
     /// A failure newer than the value (or with no value).
     fn failure_since_entry(&self) -> Option<Failure> {
         let f = self.failure?;
@@ -95,7 +95,7 @@ impl State {
         let Some(e) = &self.entry else {
             return if recently_failed { Use::Failed } else { Use::Fetch };
         };
-        if !State::due(e, self.suspect_at_ms, now_ms, t) {
+        if !SlotState::due(e, self.suspect_at_ms, now_ms, t) {
             return Use::Fresh;
         }
         if let Some(f) = failure {
@@ -201,7 +201,7 @@ impl State {
         out
     }
 
-    pub fn decode(b: &[u8]) -> Option<State> {
+    pub fn decode(b: &[u8]) -> Option<SlotState> {
         let mut r = Reader::new(b);
         if r.take(3)? != MAGIC {
             return None;
@@ -237,15 +237,10 @@ impl State {
         if !r.done() {
             return None;
         }
-        Some(State { entry, failure, lease_until_ms, suspect_at_ms })
+        Some(SlotState { entry, failure, lease_until_ms, suspect_at_ms })
     }
 }
 
-/// The shared-data key of a slot. The config generation is not part of it, so a config reload
-/// keeps a warm cache; an entry lacking a field the new config needs is treated as a miss.
-pub fn shared_key(store: &str, path: &str) -> String {
-    format!("keyward/v2/secret/{store}/{path}")
-}
 
 #[cfg(test)]
 mod tests;

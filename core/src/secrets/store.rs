@@ -14,17 +14,17 @@ pub const MAX_SECRET: usize = 8 * 1024;
 
 /// An HTTP callout to make through an Envoy cluster. Header values may hold a store token, so
 /// Debug prints names only.
-pub struct Callout {
+pub struct HttpCall {
     pub cluster: String,
     pub headers: Vec<(String, Secret)>,
     pub body: Option<Vec<u8>>,
     pub timeout_ms: u32,
 }
 
-impl fmt::Debug for Callout {
+impl fmt::Debug for HttpCall {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let names: Vec<&str> = self.headers.iter().map(|(k, _)| k.as_str()).collect();
-        write!(f, "Callout {{ cluster: {:?}, headers: {names:?}, timeout_ms: {} }}", self.cluster, self.timeout_ms)
+        write!(f, "HttpCall {{ cluster: {:?}, headers: {names:?}, timeout_ms: {} }}", self.cluster, self.timeout_ms)
     }
 }
 
@@ -90,7 +90,7 @@ pub(crate) fn header(k: &str, v: &str) -> (String, Secret) {
 
 /// The callout that reads `path` from `store`. `session`: the token from an AppRole login
 /// (`vault_auth`); a store configured with `token_env` uses its own token.
-pub fn callout(store: &Store, path: &str, session: Option<&Secret>) -> Callout {
+pub fn read_call(store: &Store, path: &str, session: Option<&Secret>) -> HttpCall {
     match &store.kind {
         StoreKind::VaultKv2 { mount, auth, namespace } => {
             let token = match (auth, session) {
@@ -108,7 +108,7 @@ pub fn callout(store: &Store, path: &str, session: Option<&Secret>) -> Callout {
             if let Some(ns) = namespace {
                 headers.push(header("x-vault-namespace", ns));
             }
-            Callout { cluster: store.cluster.clone(), headers, body: None, timeout_ms: store.timeout_ms }
+            HttpCall { cluster: store.cluster.clone(), headers, body: None, timeout_ms: store.timeout_ms }
         }
         StoreKind::AwsSecretsManager => {
             let mut body = String::from("{\"SecretId\":");
@@ -122,7 +122,7 @@ pub fn callout(store: &Store, path: &str, session: Option<&Secret>) -> Callout {
                 header("x-amz-target", "secretsmanager.GetSecretValue"),
                 header("accept", "application/json"),
             ];
-            Callout { cluster: store.cluster.clone(), headers, body: Some(body.into_bytes()), timeout_ms: store.timeout_ms }
+            HttpCall { cluster: store.cluster.clone(), headers, body: Some(body.into_bytes()), timeout_ms: store.timeout_ms }
         }
     }
 }

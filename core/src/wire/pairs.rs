@@ -34,6 +34,22 @@ pub fn decode(b: &[u8]) -> Option<Vec<(String, Vec<u8>)>> {
     r.done().then_some(out)
 }
 
+/// Encode pairs as Envoy does (the in-memory host hands route metadata over in this form).
+pub fn encode(pairs: &[(&str, &str)]) -> Vec<u8> {
+    let mut b = (pairs.len() as u32).to_le_bytes().to_vec();
+    for (k, v) in pairs {
+        b.extend((k.len() as u32).to_le_bytes());
+        b.extend((v.len() as u32).to_le_bytes());
+    }
+    for (k, v) in pairs {
+        b.extend(k.as_bytes());
+        b.push(0);
+        b.extend(v.as_bytes());
+        b.push(0);
+    }
+    b
+}
+
 /// The value of `key` as text, if present and UTF-8.
 pub fn get<'a>(pairs: &'a [(String, Vec<u8>)], key: &str) -> Option<&'a str> {
     pairs.iter().find(|(k, _)| k == key).and_then(|(_, v)| std::str::from_utf8(v).ok())
@@ -42,21 +58,6 @@ pub fn get<'a>(pairs: &'a [(String, Vec<u8>)], key: &str) -> Option<&'a str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn encode(pairs: &[(&str, &str)]) -> Vec<u8> {
-        let mut b = (pairs.len() as u32).to_le_bytes().to_vec();
-        for (k, v) in pairs {
-            b.extend((k.len() as u32).to_le_bytes());
-            b.extend((v.len() as u32).to_le_bytes());
-        }
-        for (k, v) in pairs {
-            b.extend(k.as_bytes());
-            b.push(0);
-            b.extend(v.as_bytes());
-            b.push(0);
-        }
-        b
-    }
 
     #[test]
     fn decodes_what_envoy_sends() {

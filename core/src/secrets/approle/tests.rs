@@ -19,13 +19,13 @@ fn grant(token: &str, lease_s: u64, renewable: bool) -> Grant {
     Grant { token: Secret::text(token), lease_s, renewable }
 }
 
-fn header(c: &Callout, k: &str) -> Option<String> {
+fn header(c: &HttpCall, k: &str) -> Option<String> {
     c.headers.iter().find(|(n, _)| n == k).and_then(|(_, v)| v.expose_str().map(str::to_string))
 }
 
 #[test]
 fn login_callout_posts_role_and_secret_id_as_json() {
-    let c = login_callout(&approle("r-1")).unwrap();
+    let c = login_call(&approle("r-1")).unwrap();
     assert_eq!(header(&c, ":method").as_deref(), Some("POST"));
     assert_eq!(header(&c, ":path").as_deref(), Some("/v1/auth/approle/login"));
     assert_eq!(header(&c, "x-vault-namespace").as_deref(), Some("team"));
@@ -40,23 +40,24 @@ fn login_callout_posts_role_and_secret_id_as_json() {
 fn token_stores_do_not_log_in() {
     let mut s = approle("r");
     s.kind = StoreKind::VaultKv2 { mount: "secret".into(), auth: VaultAuth::Token(Secret::text("t")), namespace: None };
-    assert!(login_callout(&s).is_none());
-    assert!(shared_key(&s).is_none());
+    assert!(login_call(&s).is_none());
+    assert!(crate::secrets::keys::session(&s).is_none());
 }
 
 #[test]
 fn renew_callout_sends_the_token_to_renew_self() {
-    let c = renew_callout(&approle("r"), &Secret::text("s.abc"));
+    let c = renew_call(&approle("r"), &Secret::text("s.abc"));
     assert_eq!(header(&c, ":path").as_deref(), Some("/v1/auth/token/renew-self"));
     assert_eq!(header(&c, "x-vault-token").as_deref(), Some("s.abc"));
     assert_eq!(c.body.as_deref(), Some(&b"{}"[..]));
 }
 
 #[test]
-fn shared_key_depends_on_the_role() {
-    let a = shared_key(&approle("role-a")).unwrap();
-    assert!(a.starts_with("keyward/v1/auth/bao/"));
-    assert_ne!(a, shared_key(&approle("role-b")).unwrap());
+fn session_key_depends_on_the_role() {
+    use crate::secrets::keys::session;
+    let a = session(&approle("role-a")).unwrap();
+    assert!(a.starts_with("keyward/v3/session/"));
+    assert_ne!(a, session(&approle("role-b")).unwrap());
     assert!(!a.contains("role-a"));
 }
 
@@ -99,7 +100,7 @@ fn parse_grant_classifies_failures() {
 
 #[test]
 fn no_session_means_login() {
-    let st = AuthState::default();
+    let st = SessionState::default();
     assert_eq!(st.token(0), None);
     assert_eq!(st.next(0), Next::Login);
     assert_eq!(st.due(0), Next::Login);
@@ -107,7 +108,7 @@ fn no_session_means_login() {
 
 #[test]
 fn renewal_is_due_after_two_thirds_of_the_lease() {
-    let mut st = AuthState::default();
+    let mut st = SessionState::default();
     st.record(Ok(grant("s.1", 30, true)), false, 1_000);
     assert_eq!(st.generation, 1);
     assert_eq!(st.token(1_000).map(|(t, g)| (t.expose_str().unwrap().to_string(), g)), Some(("s.1".into(), 1)));
@@ -123,32 +124,32 @@ fn renewal_is_due_after_two_thirds_of_the_lease() {
 
 #[test]
 fn short_leases_renew_while_the_token_is_still_usable() {
-    let mut st = AuthState::default();
+    let mut st = SessionState::default();
     st.record(Ok(grant("s.1", 3, true)), false, 0);
     assert_eq!(st.next(999), Next::Nothing);
     assert_eq!(st.next(1_000), Next::Renew, "2 s before the end, not at two thirds (1 s before)");
     assert!(st.token(1_000).is_some());
-    let mut st = AuthState::default();
+    let mut st = SessionState::default();
     st.record(Ok(grant("s.1", 2, true)), false, 0);
     assert_eq!(st.next(666), Next::Renew);
 }
 
 #[test]
 fn a_token_near_its_max_ttl_or_not_renewable_is_replaced_by_a_login() {
-    let mut st = AuthState::default();
+    let mut st = SessionState::default();
     st.record(Ok(grant("s.1", 30, true)), false, 0);
     // The role's max TTL caps the renewal at 10 s: less than half the login's lease.
     st.record(Ok(grant("s.1", 10, true)), true, 20_000);
     assert_eq!(st.next(26_700), Next::Login);
     assert!(st.token(26_700).is_some(), "the old token stays usable until the new one arrives");
-    let mut st = AuthState::default();
+    let mut st = SessionState::default();
     st.record(Ok(grant("s.1", 30, false)), false, 0);
     assert_eq!(st.next(20_000), Next::Login);
 }
 
 #[test]
 fn tokens_are_not_used_in_their_last_second() {
-    let mut st = AuthState::default();
+    let mut st = SessionState::default();
     st.record(Ok(grant("s.1", 10, true)), false, 0);
     assert!(st.token(8_999).is_some());
     assert!(st.token(9_000).is_none());
@@ -157,7 +158,7 @@ fn tokens_are_not_used_in_their_last_second() {
 
 #[test]
 fn a_non_expiring_token_is_never_renewed() {
-    let mut st = AuthState::default();
+    let mut st = SessionState::default();
     st.record(Ok(grant("s.root", 0, false)), false, 0);
     assert!(st.token(u64::MAX - 10).is_some());
     assert_eq!(st.next(u64::MAX - 10), Next::Nothing);
@@ -165,7 +166,7 @@ fn a_non_expiring_token_is_never_renewed() {
 
 #[test]
 fn leases_and_retries_hold_back_attempts() {
-    let mut st = AuthState::default();
+    let mut st = SessionState::default();
     assert!(st.take_lease(0, 2_500));
     assert!(!st.take_lease(1_000, 2_500), "another worker holds it");
     assert_eq!(st.due(1_000), Next::Nothing);
@@ -178,7 +179,7 @@ fn leases_and_retries_hold_back_attempts() {
 
 #[test]
 fn a_failed_renewal_keeps_the_token_while_valid_and_a_refused_one_drops_it() {
-    let mut st = AuthState::default();
+    let mut st = SessionState::default();
     st.record(Ok(grant("s.1", 30, true)), false, 0);
     st.record(Err(FetchError::Transient("503".into())), true, 20_000);
     assert!(st.token(20_000).is_some());
@@ -191,7 +192,7 @@ fn a_failed_renewal_keeps_the_token_while_valid_and_a_refused_one_drops_it() {
 
 #[test]
 fn a_403_invalidates_only_the_session_it_answered() {
-    let mut st = AuthState::default();
+    let mut st = SessionState::default();
     st.record(Ok(grant("s.1", 30, true)), false, 0);
     let (_, old) = st.token(0).unwrap();
     st.record(Ok(grant("s.2", 30, true)), false, 1_000);
@@ -206,20 +207,20 @@ fn a_403_invalidates_only_the_session_it_answered() {
 
 #[test]
 fn the_record_round_trips_and_rejects_damage() {
-    let mut st = AuthState::default();
-    assert_eq!(AuthState::decode(&st.encode()), Some(st.clone()));
+    let mut st = SessionState::default();
+    assert_eq!(SessionState::decode(&st.encode()), Some(st.clone()));
     st.record(Ok(grant("s.token-value", 45, true)), false, 1234);
     st.lease_until_ms = 99;
     let b = st.encode();
-    assert_eq!(AuthState::decode(&b), Some(st.clone()));
+    assert_eq!(SessionState::decode(&b), Some(st.clone()));
     for n in 0..b.len() {
-        assert_eq!(AuthState::decode(&b[..n]), None, "truncated at {n}");
+        assert_eq!(SessionState::decode(&b[..n]), None, "truncated at {n}");
     }
     let mut longer = b.clone();
     longer.push(0);
-    assert_eq!(AuthState::decode(&longer), None);
+    assert_eq!(SessionState::decode(&longer), None);
     let mut bad = b;
     bad[0] = b'X';
-    assert_eq!(AuthState::decode(&bad), None);
+    assert_eq!(SessionState::decode(&bad), None);
     assert!(!format!("{st:?}").contains("token-value"));
 }

@@ -11,8 +11,8 @@ fn fetched(v: &str) -> Fetched {
     Fetched { fields: vec![("k".into(), Secret::text(v))], version: Some("3".into()), problems: vec![] }
 }
 
-fn warm() -> State {
-    let mut s = State::default();
+fn warm() -> SlotState {
+    let mut s = SlotState::default();
     s.record(Ok(fetched("v1")), T0);
     s
 }
@@ -33,7 +33,7 @@ fn timing_defaults() {
 
 #[test]
 fn cold_fetches_then_fresh_until_the_ttl() {
-    let s = State::default();
+    let s = SlotState::default();
     assert_eq!(s.classify(T0, &t()), Use::Fetch);
     let s = warm();
     assert_eq!(s.classify(T0, &t()), Use::Fresh);
@@ -105,7 +105,7 @@ fn authoritative_answers_evict_and_are_never_served_stale() {
 
 #[test]
 fn cold_failure_is_remembered_for_retry_ms() {
-    let mut s = State::default();
+    let mut s = SlotState::default();
     s.record(fail(true, T0), T0);
     assert_eq!(s.classify(T0 + 999, &t()), Use::Failed);
     assert_eq!(s.classify(T0 + 1_000, &t()), Use::Fetch);
@@ -142,7 +142,7 @@ fn encoding_round_trips_and_refuses_garbage() {
     s.record(fail(true, T0 + 9), T0 + 9);
     s.lease_until_ms = T0 + 11;
     let b = s.encode();
-    let d = State::decode(&b).unwrap_or_else(|| panic!("decode"));
+    let d = SlotState::decode(&b).unwrap_or_else(|| panic!("decode"));
     assert_eq!(d.lease_until_ms, T0 + 11);
     assert_eq!(d.suspect_at_ms, T0 + 5);
     assert_eq!(d.failure, Some(Failure { at_ms: T0 + 9, transient: true }));
@@ -151,18 +151,18 @@ fn encoding_round_trips_and_refuses_garbage() {
     assert_eq!(e.data.version.as_deref(), Some("3"));
     assert_eq!(e.data.field("k").and_then(Secret::expose_str), Some("v1"));
     for n in 0..b.len() {
-        assert!(State::decode(&b[..n]).is_none(), "truncated to {n}");
+        assert!(SlotState::decode(&b[..n]).is_none(), "truncated to {n}");
     }
     let mut longer = b.clone();
     longer.push(0);
-    assert!(State::decode(&longer).is_none());
-    let empty = State::default().encode();
-    assert!(State::decode(&empty).is_some_and(|s| s.entry.is_none() && s.failure.is_none()));
-    assert!(State::decode(b"KW1").is_none());
+    assert!(SlotState::decode(&longer).is_none());
+    let empty = SlotState::default().encode();
+    assert!(SlotState::decode(&empty).is_some_and(|s| s.entry.is_none() && s.failure.is_none()));
+    assert!(SlotState::decode(b"KW1").is_none());
     // A field that was asked for but unusable stays known and empty.
-    let mut s = State::default();
+    let mut s = SlotState::default();
     s.record(Ok(Fetched { fields: vec![("gone".into(), Secret::default())], version: None, problems: vec![] }), T0);
-    let d = State::decode(&s.encode()).unwrap_or_else(|| panic!("decode"));
+    let d = SlotState::decode(&s.encode()).unwrap_or_else(|| panic!("decode"));
     let e = d.entry.unwrap_or_else(|| panic!("entry"));
     assert!(e.data.field("gone").is_none() && e.data.covers("gone"));
 }

@@ -24,7 +24,7 @@ fn want(f: &[&str]) -> Vec<String> {
 
 #[test]
 fn vault_callout() {
-    let c = callout(&vault(), "keyward/stripe", None);
+    let c = read_call(&vault(), "keyward/stripe", None);
     let get = |k: &str| c.headers.iter().find(|(n, _)| n == k).and_then(|(_, v)| v.expose_str().map(str::to_string));
     assert_eq!(get(":path").as_deref(), Some("/v1/secret/data/keyward/stripe"));
     assert_eq!(get(":method").as_deref(), Some("GET"));
@@ -35,7 +35,7 @@ fn vault_callout() {
     assert_eq!(get("x-vault-namespace"), None);
     let mut ns = vault();
     ns.kind = StoreKind::VaultKv2 { mount: "kv".into(), auth: VaultAuth::Token(Secret::text("t")), namespace: Some("admin/payments".into()) };
-    let c = callout(&ns, "stripe", None);
+    let c = read_call(&ns, "stripe", None);
     let get = |k: &str| c.headers.iter().find(|(n, _)| n == k).and_then(|(_, v)| v.expose_str().map(str::to_string));
     assert_eq!(get("x-vault-namespace").as_deref(), Some("admin/payments"));
     assert_eq!(get(":path").as_deref(), Some("/v1/kv/data/stripe"));
@@ -43,7 +43,7 @@ fn vault_callout() {
 
 #[test]
 fn aws_callout() {
-    let c = callout(&aws(), "prod/anthropic", None);
+    let c = read_call(&aws(), "prod/anthropic", None);
     assert_eq!(c.body.as_deref(), Some(&br#"{"SecretId":"prod/anthropic"}"#[..]));
     assert!(c.headers.iter().any(|(k, v)| k == "x-amz-target" && v.expose() == b"secretsmanager.GetSecretValue"));
     assert_eq!(c.timeout_ms, 500);
@@ -155,7 +155,7 @@ fn only_authoritative_answers_forbid_stale() {
 #[test]
 fn a_session_token_replaces_the_configured_one() {
     let session = Secret::text("s.from-approle");
-    let c = callout(&vault(), "keyward/stripe", Some(&session));
+    let c = read_call(&vault(), "keyward/stripe", Some(&session));
     let tokens: Vec<_> = c.headers.iter().filter(|(n, _)| n == "x-vault-token").map(|(_, v)| v.clone()).collect();
     assert_eq!(tokens, vec![session], "exactly one token, the session's");
 }

@@ -1,0 +1,66 @@
+//! Everything Keyward asks of Envoy, as one trait. The filter crate implements it with proxy-wasm
+//! hostcalls; `mem_host::MemHost` implements it in memory for the lifecycle's unit tests.
+//!
+//! Calls that act on "the current stream" (headers, reply, resume, filter state) act on the
+//! effective context, which the lifecycle sets with `set_effective_context` before deciding a
+//! parked request again from the root.
+
+use crate::record::Metric;
+use crate::secrets::store::HttpCall;
+
+/// A proxy-wasm context: the root (one per configuration and worker) or a stream.
+pub type ContextId = u32;
+/// The id Envoy gives an HTTP callout; its answer arrives with the same id.
+pub type CallId = u32;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostError {
+    /// Shared data: another worker wrote the entry since it was read.
+    CasMismatch,
+    /// Anything else the host refused.
+    Failed,
+}
+
+/// What a stream callback tells Envoy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Continue,
+    Pause,
+}
+
+/// A header map as Envoy hands it over: names in lower case, values as bytes.
+pub type Headers = Vec<(String, Vec<u8>)>;
+
+pub trait Host {
+    /// Milliseconds since the epoch.
+    fn now_ms(&self) -> u64;
+
+    /// A shared-data entry and its CAS (`None`, `None`: the entry does not exist).
+    fn shared_get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>);
+    /// Write an entry if its CAS is still `cas` (`None`: unconditionally).
+    fn shared_set(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), HostError>;
+
+    /// Start an HTTP callout. The lifecycle only calls this from a root callback, so that the
+    /// answer belongs to the root in Envoy's and in the SDK's bookkeeping alike.
+    fn dispatch(&mut self, call: &HttpCall) -> Result<CallId, HostError>;
+    /// Ask for a root callback soon (the filter posts to its worker's shared queue). `false`:
+    /// it cannot; the next tick serves instead.
+    fn wake_root(&mut self) -> bool;
+    fn set_tick_period_ms(&mut self, ms: u64);
+    fn set_effective_context(&mut self, ctx: ContextId) -> Result<(), HostError>;
+
+    // The current stream.
+    fn request_headers(&mut self) -> Result<Headers, HostError>;
+    fn set_request_header(&mut self, name: &str, value: &[u8]) -> Result<(), HostError>;
+    fn remove_request_header(&mut self, name: &str) -> Result<(), HostError>;
+    fn response_headers(&mut self) -> Result<Headers, HostError>;
+    fn remove_response_header(&mut self, name: &str) -> Result<(), HostError>;
+    /// The route's `filter_metadata.keyward`, in the proxy-wasm pairs encoding.
+    fn route_metadata(&mut self) -> Option<Vec<u8>>;
+    fn set_filter_state(&mut self, key: &'static str, value: &str);
+    fn reply(&mut self, status: u32, headers: &[(&str, String)], body: &str) -> Result<(), HostError>;
+    fn resume(&mut self) -> Result<(), HostError>;
+    fn reset(&mut self);
+
+    fn metric(&mut self, m: Metric);
+}

@@ -1,0 +1,437 @@
+//! The request lifecycle across callouts and ticks, as a state machine that does no I/O of its
+//! own: events go in through `Lifecycle::handle`, and every effect (a callout, a shared-data
+//! write, a resume, a local reply, a metric) goes out through the `Host` trait.
+//!
+//! One `Lifecycle` lives in each root context (one per keyward configuration per Envoy worker).
+//! Its state is made of plain values a test can print and compare:
+//! - per secret slot, a `Fetch` (idle, following another worker's fetch, queued for the root,
+//!   waiting for the store's Vault session, or in flight with a deadline), beside the slot's
+//!   shared record (`secrets::slot_state::SlotState`: value, failure, lease, suspicion);
+//! - per AppRole store, a `SessionCall` (login or renewal queued or in flight);
+//! - the revocation list's `Refresh`;
+//! - the requests parked on a slot, and what each allowed request was given.
+//!
+//! Callouts are dispatched only while handling a root event (`Tick`, `Woken`, `Answer`): a
+//! stream that needs a fetch queues it and asks for a root callback (`Host::wake_root`), so the
+//! answer belongs to the root in Envoy's and in the proxy-wasm SDK's bookkeeping, and a client
+//! that leaves cancels nothing. Every callout has a deadline: past it, the call is given up and
+//! its slot, session or list is free for the next attempt.
+
+mod fetch;
+mod request;
+mod revocation;
+mod session;
+mod shared;
+#[cfg(test)]
+mod tests;
+
+pub use fetch::Fetch;
+pub use request::HostRequest;
+pub use revocation::Refresh;
+pub use session::SessionCall;
+
+use crate::config::Config;
+use crate::credential::revocation::RevocationList;
+use crate::credential::verified::VerifiedCache;
+use crate::host::{Action, CallId, ContextId, Host, HostError};
+use crate::secrets::store::HttpCall;
+use crate::record::Audit;
+use crate::secret::Secret;
+use crate::secrets::keys;
+use crate::secrets::slot_state::{SlotState, Timing};
+use crate::secrets::store::Fetched;
+use std::collections::{BTreeMap, HashMap};
+use std::rc::Rc;
+
+/// The tick, normally and while this worker waits for work another worker or the root does.
+pub const TICK_MS: u64 = 200;
+pub const FAST_TICK_MS: u64 = 20;
+/// A parked request may wait this much beyond its store's timeout before it gets 503.
+const PARK_GRACE_MS: u64 = 1000;
+/// A fetch lease outlives the callout's own timeout by this much.
+const LEASE_GRACE_MS: u64 = 500;
+/// A callout still unanswered this long after its own timeout is given up.
+const CALL_GRACE_MS: u64 = 500;
+
+/// What happens to a root context.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A stream's request headers arrived: decide the request.
+    Request(ContextId),
+    /// The vendor's response headers for a stream arrived.
+    Response(ContextId),
+    /// A stream ended (answered, reset, or the client left).
+    StreamGone(ContextId),
+    /// A callout answered or failed (Envoy answers a failure with no headers).
+    Answer { call: CallId, answer: Answer },
+    /// The periodic tick.
+    Tick,
+    /// The root callback asked for with `Host::wake_root`.
+    Woken,
+}
+
+/// A callout's answer: its `:status` (`None`: no answer at all: timeout, reset, no route) and its
+/// body (`None`: larger than `secrets::store::MAX_BODY`, not read).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    pub status: Option<u32>,
+    pub body: Option<Vec<u8>>,
+}
+
+impl Answer {
+    pub fn failed() -> Answer {
+        Answer { status: None, body: Some(Vec::new()) }
+    }
+}
+
+/// What a callout in flight is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    Secret(usize),
+    Session(usize),
+    Revocation,
+}
+
+/// A request waiting for a slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Parked {
+    pub slot: usize,
+    pub deadline_ms: u64,
+    pub audit: Audit,
+    /// Already counted against its credential's limits: deciding again must not count it twice.
+    pub admitted: bool,
+}
+
+/// What an allowed request was given (for vendor 401/403 and response scrubbing).
+struct Served {
+    slot: usize,
+    fetched_at_ms: u64,
+    target: usize,
+    data: Option<Rc<Fetched>>,
+}
+
+/// A slot's shared record as last decoded by this worker, keyed by the shared-data CAS.
+struct Local {
+    cas: u32,
+    state: SlotState,
+    data: Option<Rc<Fetched>>,
+    fetched_at_ms: u64,
+    /// When this worker last compared it with shared data.
+    checked_ms: u64,
+}
+
+/// A store-held signing key, prepared once per fetched value (`None`: the value is unusable).
+type PreparedKey = (Rc<Fetched>, Option<Rc<crate::credential::jwt::HmacKey>>);
+
+/// Per slot: this worker's fetch, its decoded copy of the shared record, and its prepared keys.
+#[derive(Default)]
+struct SlotCache {
+    fetch: Fetch,
+    local: Option<Local>,
+    /// When this worker last served it (values in use are refreshed ahead of their TTL).
+    used_at_ms: Option<u64>,
+    keys: HashMap<String, PreparedKey>,
+}
+
+/// The shared-data names of one configuration (`secrets::keys`), computed once.
+#[derive(Default)]
+struct Names {
+    secrets: Vec<String>,
+    sessions: Vec<Option<String>>,
+    /// The revocation list and its refresh lease.
+    revocation: Option<(String, String)>,
+}
+
+/// The revocation list as last read from shared data, and its refresh.
+#[derive(Default)]
+struct Revocations {
+    refresh: Refresh,
+    list: Option<Rc<RevocationList>>,
+    cas: Option<u32>,
+}
+
+pub struct Lifecycle {
+    root: ContextId,
+    cfg: Option<Rc<Config>>,
+    timing: Timing,
+    names: Names,
+    calls: BTreeMap<CallId, Purpose>,
+    slots: Vec<SlotCache>,
+    sessions: Vec<SessionCall>,
+    revocations: Revocations,
+    parked: BTreeMap<ContextId, Parked>,
+    served: HashMap<ContextId, Served>,
+    /// Response-scrubbing needles per target, tagged with the value they came from.
+    needles: HashMap<usize, (Rc<Fetched>, Rc<Vec<Secret>>)>,
+    /// Credentials this worker verified, with the key that did (no HMAC or parse on a repeat).
+    verified: VerifiedCache,
+    tick_ms: u64,
+    /// The event being handled is a root callback: callouts may be dispatched.
+    in_root: bool,
+    /// A root callback was asked for during this event.
+    woke: bool,
+    /// The effective context this lifecycle last set (the root, or a parked stream it decides).
+    current: ContextId,
+}
+
+impl Lifecycle {
+    pub fn new(root: ContextId) -> Lifecycle {
+        Lifecycle {
+            root,
+            cfg: None,
+            timing: Timing::new(300, 0),
+            names: Names::default(),
+            calls: BTreeMap::new(),
+            slots: Vec::new(),
+            sessions: Vec::new(),
+            revocations: Revocations::default(),
+            parked: BTreeMap::new(),
+            served: HashMap::new(),
+            needles: HashMap::new(),
+            verified: VerifiedCache::default(),
+            tick_ms: 0,
+            in_root: false,
+            woke: false,
+            current: root,
+        }
+    }
+
+    /// Take a (new) configuration: name its shared records, create those that do not exist yet,
+    /// and start the tick. Everything this worker knew of the previous configuration goes:
+    /// callouts still in flight for it are ignored when they answer, and requests parked under it
+    /// are answered by the next tick (they hold slots of the old configuration).
+    pub fn configure(&mut self, host: &mut impl Host, cfg: Config) {
+        let names = Names {
+            secrets: cfg.slots.iter().map(|s| cfg.stores.get(s.store).map_or_else(String::new, |st| keys::secret(st, &s.path))).collect(),
+            sessions: cfg.stores.iter().map(keys::session).collect(),
+            revocation: cfg
+                .revocation
+                .as_ref()
+                .and_then(|r| cfg.stores.get(r.store).map(|st| (keys::revocation(st, &r.path), keys::revocation_lease(st, &r.path)))),
+        };
+        shared::create_records(host, &names);
+        self.timing = Timing::new(cfg.cache.ttl_s, cfg.cache.stale_if_error_s);
+        self.slots = cfg.slots.iter().map(|_| SlotCache::default()).collect();
+        self.sessions = vec![SessionCall::Idle; cfg.stores.len()];
+        self.revocations = Revocations::default();
+        self.calls.clear();
+        self.verified.clear();
+        self.needles.clear();
+        self.served.clear();
+        for p in self.parked.values_mut() {
+            p.deadline_ms = 0;
+        }
+        self.names = names;
+        self.cfg = Some(Rc::new(cfg));
+        self.tick_ms = TICK_MS;
+        host.set_tick_period_ms(TICK_MS);
+    }
+
+    pub fn configured(&self) -> bool {
+        self.cfg.is_some()
+    }
+
+    /// Handle one event. The returned action matters for `Request` (continue or pause the
+    /// stream) and `Response`; root events return `Continue`.
+    pub fn handle(&mut self, host: &mut impl Host, ev: Event) -> Action {
+        self.woke = false;
+        match ev {
+            Event::Request(ctx) => {
+                self.in_root = false;
+                self.current = ctx;
+                self.decide(host, ctx, None)
+            }
+            Event::Response(ctx) => {
+                self.in_root = false;
+                self.current = ctx;
+                self.on_response(host, ctx);
+                Action::Continue
+            }
+            Event::StreamGone(ctx) => {
+                self.forget(ctx);
+                Action::Continue
+            }
+            Event::Answer { call, answer } => {
+                self.in_root = true;
+                let _ = self.enter(host, self.root);
+                self.on_answer(host, call, answer);
+                self.pump(host);
+                self.settle(host);
+                Action::Continue
+            }
+            Event::Tick => {
+                self.in_root = true;
+                let _ = self.enter(host, self.root);
+                self.tick(host);
+                self.pump(host);
+                self.settle(host);
+                Action::Continue
+            }
+            Event::Woken => {
+                self.in_root = true;
+                let _ = self.enter(host, self.root);
+                self.pump(host);
+                self.settle(host);
+                Action::Continue
+            }
+        }
+    }
+
+    /// A callout answered. An id this worker does not know (given up after its deadline, or
+    /// dispatched under a previous configuration) is ignored.
+    fn on_answer(&mut self, host: &mut impl Host, call: CallId, answer: Answer) {
+        let Some(purpose) = self.calls.remove(&call) else {
+            log::debug!("ignoring the answer to callout {call}: not in flight here");
+            return;
+        };
+        match purpose {
+            Purpose::Secret(slot) => self.on_secret_answer(host, slot, call, answer),
+            Purpose::Session(store) => self.on_session_answer(host, store, call, answer),
+            Purpose::Revocation => self.on_revocation_answer(host, call, answer),
+        }
+    }
+
+    /// Make `ctx` the effective context.
+    fn enter(&mut self, host: &mut impl Host, ctx: ContextId) -> Result<(), HostError> {
+        host.set_effective_context(ctx)?;
+        self.current = ctx;
+        Ok(())
+    }
+
+    /// Send a callout as the root: only in a root event (the SDK files the answer under the
+    /// context it is running), and with the root as Envoy's effective context (Envoy cancels a
+    /// context's callouts when it goes), then back to the context being decided, if any.
+    fn send(&mut self, host: &mut impl Host, call: &HttpCall) -> Result<CallId, HostError> {
+        if !self.in_root {
+            return Err(HostError::Failed);
+        }
+        let back = self.current;
+        if back != self.root {
+            self.enter(host, self.root)?;
+        }
+        let sent = host.dispatch(call);
+        if back != self.root && self.enter(host, back).is_err() {
+            log::debug!("context {back} went away during a dispatch");
+        }
+        sent
+    }
+
+    /// A stream asked for a callout: get a root callback to dispatch it (once per event).
+    fn want_root(&mut self, host: &mut impl Host) {
+        if self.in_root || self.woke {
+            return;
+        }
+        self.woke = true;
+        if !host.wake_root() {
+            log::warn!("could not wake the root context; the callout waits for the next tick");
+        }
+    }
+
+    /// Dispatch what is queued (root events only).
+    fn pump(&mut self, host: &mut impl Host) {
+        for store in 0..self.sessions.len() {
+            if let Some(SessionCall::Queued { renewal }) = self.sessions.get(store).cloned() {
+                self.dispatch_session(host, store, renewal);
+            }
+        }
+        for slot in 0..self.slots.len() {
+            if let Some(Fetch::Queued { retried }) = self.slots.get(slot).map(|s| s.fetch.clone()) {
+                self.dispatch_slot(host, slot, retried);
+            }
+        }
+    }
+
+    /// The end of a root event: back to the root context, and the tick this state needs.
+    fn settle(&mut self, host: &mut impl Host) {
+        let _ = self.enter(host, self.root);
+        let waiting = self.slots.iter().any(|s| matches!(s.fetch, Fetch::Following | Fetch::Queued { .. } | Fetch::AwaitingSession { .. }))
+            || self.sessions.iter().any(|s| matches!(s, SessionCall::Queued { .. }))
+            || self.revocations.refresh == Refresh::AwaitingSession;
+        let want = if waiting { FAST_TICK_MS } else { TICK_MS };
+        if want != self.tick_ms {
+            self.tick_ms = want;
+            host.set_tick_period_ms(want);
+        }
+    }
+
+    /// Periodic work (a root event).
+    fn tick(&mut self, host: &mut impl Host) {
+        if self.cfg.is_none() {
+            return;
+        }
+        let now_ms = host.now_ms();
+        self.expire_calls(host, now_ms);
+        self.tick_sessions(host, now_ms);
+        self.tick_revocation(host, now_ms);
+        self.follow(host, now_ms);
+        self.refresh_ahead(host, now_ms);
+        self.expire_parked(host, now_ms);
+    }
+
+    /// Callouts past their deadline: given up, as if they had failed. Their answer, should it
+    /// still come, is ignored.
+    fn expire_calls(&mut self, host: &mut impl Host, now_ms: u64) {
+        let late: Vec<(CallId, Purpose)> = self.calls.iter().filter(|(c, p)| self.deadline(**c, **p).is_some_and(|d| now_ms >= d)).map(|(c, p)| (*c, *p)).collect();
+        for (call, purpose) in late {
+            self.calls.remove(&call);
+            log::warn!("callout {call} ({purpose:?}) had no answer in time; giving it up");
+            match purpose {
+                Purpose::Secret(slot) => self.on_secret_answer(host, slot, call, Answer::failed()),
+                Purpose::Session(store) => self.on_session_answer(host, store, call, Answer::failed()),
+                Purpose::Revocation => self.on_revocation_answer(host, call, Answer::failed()),
+            }
+        }
+    }
+
+    fn deadline(&self, call: CallId, purpose: Purpose) -> Option<u64> {
+        match purpose {
+            Purpose::Secret(slot) => match self.slots.get(slot).map(|s| &s.fetch) {
+                Some(Fetch::InFlight { call: c, deadline_ms, .. }) if *c == call => Some(*deadline_ms),
+                _ => Some(0),
+            },
+            Purpose::Session(store) => match self.sessions.get(store) {
+                Some(SessionCall::InFlight { call: c, deadline_ms, .. }) if *c == call => Some(*deadline_ms),
+                _ => Some(0),
+            },
+            Purpose::Revocation => match &self.revocations.refresh {
+                Refresh::InFlight { call: c, deadline_ms, .. } if *c == call => Some(*deadline_ms),
+                _ => Some(0),
+            },
+        }
+    }
+
+    // ---- what a test (or an operator's debug log) can look at
+
+    /// This worker's fetch state of `slot`.
+    pub fn fetch_state(&self, slot: usize) -> Option<&Fetch> {
+        self.slots.get(slot).map(|s| &s.fetch)
+    }
+
+    /// This worker's login/renewal state of `store`.
+    pub fn session_state(&self, store: usize) -> Option<&SessionCall> {
+        self.sessions.get(store)
+    }
+
+    pub fn refresh_state(&self) -> &Refresh {
+        &self.revocations.refresh
+    }
+
+    /// The requests parked on this worker.
+    pub fn parked(&self) -> &BTreeMap<ContextId, Parked> {
+        &self.parked
+    }
+
+    /// The callouts this worker has in flight.
+    pub fn calls(&self) -> &BTreeMap<CallId, Purpose> {
+        &self.calls
+    }
+
+    /// The shared-data name of `slot`'s record.
+    pub fn secret_name(&self, slot: usize) -> Option<&str> {
+        self.names.secrets.get(slot).map(String::as_str)
+    }
+
+    pub fn tick_period_ms(&self) -> u64 {
+        self.tick_ms
+    }
+}

@@ -1,0 +1,373 @@
+//! One request through the pipeline, against the cache and the host: decide it (parking it when a
+//! secret must be fetched), rewrite it or answer it, and look at the vendor's response.
+
+use super::{Lifecycle, Parked, Served, PARK_GRACE_MS};
+use crate::config::Config;
+use crate::credential::jwt::{HmacKey, Limits};
+use crate::credential::verified::VerifiedCache;
+use crate::engine::{self, Decision, Lookup, Outcome, Request, Secrets};
+use crate::host::{Action, ContextId, Headers, Host, HostError};
+use crate::inject::{scrub, Op};
+use crate::policy::limits::{Table, Verdict};
+use crate::record::{Audit, Metric};
+use crate::response::{Code, Denial};
+use crate::secret::Secret;
+use crate::secrets::keys;
+use crate::secrets::slot_state::Use;
+use crate::secrets::store::Fetched;
+use crate::wire::{b64, pairs};
+use std::rc::Rc;
+
+/// Compare-and-swap attempts on a limit shard before refusing (fail closed).
+const LIMIT_CAS_TRIES: u32 = 64;
+
+/// The request as the engine sees it, read from the host once: the header map (`Err`: it could
+/// not be read, so every question about it fails closed) and the route's keyward metadata.
+pub struct HostRequest {
+    headers: Result<Headers, ()>,
+    target: Option<String>,
+    prefix: Option<String>,
+}
+
+impl HostRequest {
+    pub fn read(host: &mut impl Host) -> HostRequest {
+        let headers = host.request_headers().map_err(|_| ());
+        // Metadata that does not decode names no target (403 `unknown_target`).
+        let meta = host.route_metadata().unwrap_or_default();
+        let (target, prefix) = match pairs::decode(&meta) {
+            Some(p) => (pairs::get(&p, "target").map(str::to_string), pairs::get(&p, "prefix").map(str::to_string)),
+            None => (None, None),
+        };
+        HostRequest { headers, target, prefix }
+    }
+
+    /// Does the request carry this header? Unknown (the map could not be read): yes.
+    fn carries(&self, name: &str) -> bool {
+        match &self.headers {
+            Ok(all) => all.iter().any(|(k, _)| k.eq_ignore_ascii_case(name)),
+            Err(()) => true,
+        }
+    }
+}
+
+impl Request for HostRequest {
+    fn method(&mut self) -> Option<String> {
+        self.header(":method").and_then(|b| String::from_utf8(b).ok())
+    }
+    fn path(&mut self) -> Option<String> {
+        self.header(":path").and_then(|b| String::from_utf8(b).ok())
+    }
+    fn header(&mut self, name: &str) -> Option<Vec<u8>> {
+        let all = self.headers.as_ref().ok()?;
+        all.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.clone())
+    }
+    fn header_values(&mut self, name: &str) -> Vec<Vec<u8>> {
+        match &self.headers {
+            Ok(all) => all.iter().filter(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.clone()).collect(),
+            // Fail closed: an unreadable header map counts as a duplicate.
+            Err(()) => vec![Vec::new(), Vec::new()],
+        }
+    }
+    fn route_target(&mut self) -> Option<String> {
+        self.target.clone()
+    }
+    fn route_prefix(&mut self) -> Option<String> {
+        self.prefix.clone()
+    }
+}
+
+/// `engine::Secrets` over the shared cache, for one request.
+struct SharedSecrets<'a, H: Host> {
+    lc: &'a mut Lifecycle,
+    host: &'a mut H,
+    now_ms: u64,
+    /// This request was counted against its credential's limits.
+    admitted: bool,
+}
+
+impl<H: Host> SharedSecrets<'_, H> {
+    fn lookup(&mut self, slot: usize) -> Lookup<Rc<Fetched>> {
+        let t = self.lc.timing;
+        let now = self.now_ms;
+        let Some(l) = self.lc.local_for_request(self.host, slot, now) else { return Lookup::Pending };
+        let (use_, data) = (l.state.classify(now, &t), l.data.clone());
+        let found = match (use_, data) {
+            (Use::Fresh, Some(d)) => Lookup::Ready(d),
+            (Use::Stale, Some(d)) => Lookup::Stale(d),
+            (Use::Failed, _) => return Lookup::Failed,
+            _ => return Lookup::Pending,
+        };
+        if let Some(s) = self.lc.slots.get_mut(slot) {
+            s.used_at_ms = Some(now);
+        }
+        found
+    }
+}
+
+impl<H: Host> Secrets for SharedSecrets<'_, H> {
+    fn secret(&mut self, slot: usize) -> Lookup<Rc<Fetched>> {
+        self.lookup(slot)
+    }
+
+    fn is_revoked(&mut self, jti: &str, sub: &str) -> bool {
+        self.lc.is_revoked(jti, sub)
+    }
+
+    /// Count the request in its shard with compare-and-swap: read, decide, write back only if no
+    /// other worker wrote in between; otherwise read again. Refusals write nothing.
+    fn admit(&mut self, key_id: u64, jti: &str, lim: &Limits, keep_until_s: i64) -> Verdict {
+        if self.admitted {
+            return Verdict::Admit;
+        }
+        let entry = keys::limit_entry(key_id, jti);
+        let key = keys::limit_shard(&entry);
+        for _ in 0..LIMIT_CAS_TRIES {
+            let (bytes, cas) = self.host.shared_get(&key);
+            let mut table = match bytes.as_deref() {
+                None | Some([]) => Table::default(),
+                Some(b) => Table::decode(b).unwrap_or_else(|| {
+                    log::warn!("limit shard {key} is unreadable; starting it afresh");
+                    Table::default()
+                }),
+            };
+            let verdict = table.admit(&entry, lim, keep_until_s, self.now_ms / 1000);
+            match verdict {
+                Verdict::Admit => {}
+                Verdict::Full => {
+                    self.host.metric(Metric::LimitFull);
+                    log::warn!("limit shard {key} holds {} live credentials; refusing new ones", table.len());
+                    return verdict;
+                }
+                _ => return verdict,
+            }
+            match self.host.shared_set(&key, &table.encode(), cas) {
+                Ok(()) => {
+                    self.admitted = true;
+                    return Verdict::Admit;
+                }
+                Err(HostError::CasMismatch) => self.host.metric(Metric::LimitCasRetry),
+                Err(e) => {
+                    log::warn!("limit shard {key} could not be written ({e:?}); refusing");
+                    return Verdict::Full;
+                }
+            }
+        }
+        log::warn!("limit shard {key}: still contended after {LIMIT_CAS_TRIES} tries; refusing");
+        Verdict::RateLimited { retry_after_s: 1 }
+    }
+
+    fn verified(&mut self) -> Option<&mut VerifiedCache> {
+        Some(&mut self.lc.verified)
+    }
+
+    fn signing_key(&mut self, slot: usize, field: &str) -> Lookup<Option<Rc<HmacKey>>> {
+        let (f, stale) = match self.lookup(slot) {
+            Lookup::Ready(f) => (f, false),
+            Lookup::Stale(f) => (f, true),
+            Lookup::Pending => return Lookup::Pending,
+            Lookup::Failed => return Lookup::Failed,
+        };
+        if f.field(field).is_none() {
+            // Not in the value (an unknown kid): nothing is cached per attacker-chosen kid.
+            return if stale { Lookup::Stale(None) } else { Lookup::Ready(None) };
+        }
+        let Some(cache) = self.lc.slots.get_mut(slot) else { return Lookup::Failed };
+        let key = match cache.keys.get(field) {
+            Some((src, key)) if Rc::ptr_eq(src, &f) => key.clone(),
+            _ => {
+                let key = f.field(field).and_then(Secret::expose_str).and_then(b64::key_decode).and_then(|bytes| HmacKey::new(&bytes).ok()).map(Rc::new);
+                if key.is_none() {
+                    log::warn!("store-held signing key {field:?} is not base64 of at least 32 bytes");
+                }
+                cache.keys.insert(field.to_string(), (f, key.clone()));
+                key
+            }
+        };
+        if stale {
+            Lookup::Stale(key)
+        } else {
+            Lookup::Ready(key)
+        }
+    }
+}
+
+impl Lifecycle {
+    /// Decide the request of `ctx` (the effective context is `ctx`). `parked`: it had parked, so
+    /// it is answered by resuming or replying now; it keeps its deadline and whether it was
+    /// already counted against its limits.
+    pub(super) fn decide(&mut self, host: &mut impl Host, ctx: ContextId, parked: Option<Parked>) -> Action {
+        let Some(cfg) = self.cfg.clone() else {
+            // No valid configuration: fail closed.
+            let d = Denial::new(Code::SecretUnavailable, "the gateway is not configured").retry_after(5);
+            return finish_deny(host, &Audit { decision: d.code.as_str(), ..Audit::default() }, &d);
+        };
+        let resumed = parked.is_some();
+        let now_ms = host.now_ms();
+        let mut req = HostRequest::read(host);
+        let admitted = parked.as_ref().is_some_and(|p| p.admitted);
+        let (decision, admitted): (Decision, bool) = {
+            let mut secrets = SharedSecrets { lc: self, host, now_ms, admitted };
+            let d = engine::decide(&cfg, &mut req, &mut secrets, (now_ms / 1000) as i64);
+            (d, secrets.admitted)
+        };
+        let mut audit = decision.audit;
+        match decision.outcome {
+            Outcome::Need(slot) => {
+                let timeout = cfg.store_of(slot).map_or(2000, |s| u64::from(s.timeout_ms));
+                let deadline_ms = parked.map_or(now_ms + timeout + PARK_GRACE_MS, |p| p.deadline_ms);
+                self.parked.insert(ctx, Parked { slot, deadline_ms, audit, admitted });
+                self.start_fetch(host, slot);
+                Action::Pause
+            }
+            Outcome::Deny(d) => finish_deny(host, &audit, &d),
+            Outcome::Allow(ops) => {
+                if resumed && audit.cache == Some("hit") {
+                    audit.cache = Some("miss");
+                }
+                if apply(&ops, &req, host).is_err() {
+                    // The request could not be rewritten safely: never forward it.
+                    let d = Denial::new(Code::SecretUnavailable, "the upstream credential could not be applied").retry_after(5);
+                    audit.decision = d.code.as_str();
+                    return finish_deny(host, &audit, &d);
+                }
+                audit.write(host);
+                host.metric(Metric::Allowed);
+                host.metric(match audit.cache {
+                    Some("miss") => Metric::CacheMiss,
+                    Some("stale") => Metric::CacheStale,
+                    _ => Metric::CacheHit,
+                });
+                self.remember_served(&cfg, ctx, &audit);
+                if resumed {
+                    if host.resume().is_err() {
+                        log::warn!("could not resume a request");
+                    }
+                    Action::Pause
+                } else {
+                    Action::Continue
+                }
+            }
+        }
+    }
+
+    fn remember_served(&mut self, cfg: &Config, ctx: ContextId, audit: &Audit) {
+        let Some((target, t)) = audit.target.as_deref().and_then(|t| cfg.target(t)) else { return };
+        if let Some(l) = self.slots.get(t.slot).and_then(|s| s.local.as_ref()) {
+            self.served.insert(ctx, Served { slot: t.slot, fetched_at_ms: l.fetched_at_ms, target, data: l.data.clone() });
+        }
+    }
+
+    /// Decide a parked request again, under its own context (root events only).
+    pub(super) fn resume(&mut self, host: &mut impl Host, ctx: ContextId) {
+        let Some(p) = self.parked.remove(&ctx) else { return };
+        if self.enter(host, ctx).is_err() {
+            return; // the stream has gone
+        }
+        let _ = self.decide(host, ctx, Some(p));
+    }
+
+    /// Requests parked past their deadline get 503.
+    pub(super) fn expire_parked(&mut self, host: &mut impl Host, now_ms: u64) {
+        let late: Vec<ContextId> = self.parked.iter().filter(|(_, p)| now_ms >= p.deadline_ms).map(|(c, _)| *c).collect();
+        for ctx in late {
+            let Some(p) = self.parked.remove(&ctx) else { continue };
+            if self.enter(host, ctx).is_ok() {
+                let d = Denial::new(Code::SecretUnavailable, "the secret store did not answer in time").retry_after(5);
+                let audit = Audit { decision: d.code.as_str(), ..p.audit };
+                finish_deny(host, &audit, &d);
+            }
+        }
+    }
+
+    /// The stream of `ctx` ended. A fetch it started goes on: the root owns it.
+    pub(super) fn forget(&mut self, ctx: ContextId) {
+        self.served.remove(&ctx);
+        self.parked.remove(&ctx);
+    }
+
+    /// The vendor answered a request this worker allowed: scrub the secret from its headers. A
+    /// 401 or 403 marks the value it was given as suspect (at most once per few seconds per
+    /// value): the next request fetches it again, so a key rotated in the store is used at once.
+    /// The request itself is not retried.
+    pub(super) fn on_response(&mut self, host: &mut impl Host, ctx: ContextId) {
+        let Some(served) = self.served.remove(&ctx) else { return };
+        let Some(cfg) = self.cfg.clone() else { return };
+        let Ok(headers) = host.response_headers() else {
+            // Unreadable, so unscrubbable: fail closed rather than risk handing over a secret.
+            log::warn!("could not read the vendor's response headers; resetting the stream");
+            host.reset();
+            return;
+        };
+        self.scrub(host, &cfg, &served, &headers);
+        let status = headers.iter().find(|(k, _)| k == ":status").map(|(_, v)| v.as_slice());
+        if !matches!(status, Some(b"401") | Some(b"403")) {
+            return;
+        }
+        let (Some(spec), Some(key)) = (cfg.slots.get(served.slot), self.names.secrets.get(served.slot).cloned()) else { return };
+        let t = self.timing;
+        let now_ms = host.now_ms();
+        if let Some(l) = self.slots.get_mut(served.slot).and_then(|s| s.local.as_mut()) {
+            l.checked_ms = 0;
+        }
+        if super::shared::update::<crate::secrets::slot_state::SlotState>(host, &key, |s| s.mark_suspect(served.fetched_at_ms, now_ms, &t)) == Some(true) {
+            host.metric(Metric::VendorRejected);
+            let store = cfg.store_of(served.slot).map_or("?", |s| s.name.as_str());
+            log::warn!("the vendor rejected the key from {store}:{} (HTTP {}); fetching it again", spec.path, String::from_utf8_lossy(status.unwrap_or_default()));
+        }
+    }
+
+    /// Remove every response header that reflects the secret this request was given. If one
+    /// cannot be removed, the stream is reset: the secret never reaches the workload.
+    fn scrub(&mut self, host: &mut impl Host, cfg: &Config, served: &Served, headers: &Headers) {
+        let (Some(t), Some(data)) = (cfg.targets.get(served.target), served.data.as_ref()) else { return };
+        // The forms of the secret to look for, computed once per target and value.
+        let needles = match self.needles.get(&served.target) {
+            Some((src, n)) if Rc::ptr_eq(src, data) => n.clone(),
+            _ => {
+                let n = Rc::new(scrub::needles(t, data));
+                self.needles.insert(served.target, (data.clone(), n.clone()));
+                n
+            }
+        };
+        let remove = scrub::headers_to_remove(&needles, headers);
+        if remove.is_empty() {
+            return;
+        }
+        host.metric(Metric::ResponseScrubbed);
+        log::warn!("target {}: the vendor reflected the upstream secret in response header(s) {}; removed", t.name, remove.join(", "));
+        for name in &remove {
+            if host.remove_response_header(name).is_err() {
+                log::warn!("could not remove response header {name}; resetting the stream");
+                host.reset();
+                return;
+            }
+        }
+    }
+}
+
+/// Answer the current stream with a denial (reset it if even that fails).
+fn finish_deny(host: &mut impl Host, audit: &Audit, d: &Denial) -> Action {
+    audit.write(host);
+    host.metric(Metric::Denied(d.code));
+    if host.reply(d.status(), &d.headers(), &d.body()).is_err() {
+        log::warn!("could not send a local reply; resetting the stream");
+        host.reset();
+    }
+    Action::Pause
+}
+
+/// Rewrite the request. A header the request does not carry needs no removal.
+fn apply(ops: &[Op], req: &HostRequest, host: &mut impl Host) -> Result<(), HostError> {
+    for op in ops {
+        match op {
+            Op::Remove(h) => {
+                if req.carries(h) {
+                    host.remove_request_header(h)?;
+                }
+            }
+            Op::Set(h, v) => host.set_request_header(h, v.expose())?,
+            Op::SetPath(p) => host.set_request_header(":path", p.expose())?,
+        }
+    }
+    Ok(())
+}

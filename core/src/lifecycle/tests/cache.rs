@@ -1,0 +1,259 @@
+//! The secret cache: lease, coalescing, followers, deadlines, streams that go away.
+
+use super::*;
+
+#[test]
+fn a_cold_request_parks_the_root_fetches_and_the_answer_resumes_it() {
+    let mut host = MemHost::new(ROOT);
+    let mut lc = worker(&mut host, config());
+    let call = cold_fetch(&mut lc, &mut host, 10);
+    assert!(matches!(lc.fetch_state(0), Some(Fetch::InFlight { call: c, session: None, retried: false, .. }) if *c == call));
+    assert_eq!(lc.parked().keys().copied().collect::<Vec<_>>(), vec![10]);
+
+    lc.handle(&mut host, Event::Answer { call, answer: stripe_answer() });
+    let effects = host.take();
+    assert!(effects.contains(&Effect::Resume(10)), "{effects:?}");
+    assert_eq!(injected(&host, 10), Some(format!("Bearer {STRIPE_KEY}")));
+    assert_eq!(lc.fetch_state(0), Some(&Fetch::Idle));
+    assert!(lc.parked().is_empty() && lc.calls().is_empty());
+    assert_eq!(host.streams[&10].filter_state.get("keyward.cache").map(String::as_str), Some("miss"));
+
+    // Warm: the next request continues at once, with no callout.
+    assert_eq!(send_request(&mut lc, &mut host, 11), Action::Continue);
+    assert!(host.dispatches().is_empty());
+    assert_eq!(host.count(Metric::CacheHit), 1);
+}
+
+#[test]
+fn requests_for_one_cold_secret_share_one_callout() {
+    let mut host = MemHost::new(ROOT);
+    let mut lc = worker(&mut host, config());
+    let call = cold_fetch(&mut lc, &mut host, 10);
+    for ctx in 11..15 {
+        assert_eq!(send_request(&mut lc, &mut host, ctx), Action::Pause);
+    }
+    assert!(host.take().is_empty(), "no second callout, no second wake-up");
+    lc.handle(&mut host, Event::Answer { call, answer: stripe_answer() });
+    let resumed: Vec<Effect> = host.take().into_iter().filter(|e| matches!(e, Effect::Resume(_))).collect();
+    assert_eq!(resumed, (10..15).map(Effect::Resume).collect::<Vec<_>>());
+}
+
+#[test]
+fn a_stream_that_leaves_before_the_dispatch_does_not_stall_the_secret() {
+    let mut host = MemHost::new(ROOT);
+    let mut lc = worker(&mut host, config());
+    assert_eq!(send_request(&mut lc, &mut host, 10), Action::Pause);
+    assert_eq!(lc.fetch_state(0), Some(&Fetch::Queued { retried: false }));
+    // The client leaves before the root's callback.
+    host.close(10);
+    lc.handle(&mut host, Event::StreamGone(10));
+    assert!(lc.parked().is_empty());
+    host.take();
+    lc.handle(&mut host, Event::Woken);
+    let call = only_call(&host.take());
+    lc.handle(&mut host, Event::Answer { call, answer: stripe_answer() });
+    assert_eq!(lc.fetch_state(0), Some(&Fetch::Idle));
+    host.take();
+    // The next request is served from the cache.
+    assert_eq!(send_request(&mut lc, &mut host, 11), Action::Continue);
+    assert_eq!(injected(&host, 11), Some(format!("Bearer {STRIPE_KEY}")));
+}
+
+#[test]
+fn a_stream_that_leaves_after_the_dispatch_does_not_stall_the_secret() {
+    let mut host = MemHost::new(ROOT);
+    let mut lc = worker(&mut host, config());
+    let call = cold_fetch(&mut lc, &mut host, 10);
+    host.close(10);
+    lc.handle(&mut host, Event::StreamGone(10));
+    // The answer belongs to the root: it is recorded although nobody waits for it.
+    lc.handle(&mut host, Event::Answer { call, answer: stripe_answer() });
+    let effects = host.take();
+    assert!(!effects.iter().any(|e| matches!(e, Effect::Resume(_) | Effect::Reply { .. })), "{effects:?}");
+    assert_eq!(host.count(Metric::FetchOk), 1);
+    assert_eq!(send_request(&mut lc, &mut host, 11), Action::Continue);
+    assert!(host.dispatches().is_empty());
+}
+
+#[test]
+fn an_answer_that_never_comes_is_given_up_and_the_next_request_fetches_again() {
+    let mut host = MemHost::new(ROOT);
+    let mut lc = worker(&mut host, config());
+    let call = cold_fetch(&mut lc, &mut host, 10);
+    // Store timeout 1000 ms, + 500 ms grace: the tick gives the call up.
+    host.advance(1_400);
+    lc.handle(&mut host, Event::Tick);
+    assert!(matches!(lc.fetch_state(0), Some(Fetch::InFlight { .. })), "not yet");
+    host.advance(200);
+    lc.handle(&mut host, Event::Tick);
+    let effects = host.take();
+    assert_eq!(lc.fetch_state(0), Some(&Fetch::Idle));
+    assert!(lc.calls().is_empty());
+    assert_eq!(replies(&effects), vec![(10, 503, "secret_unavailable".into())], "the parked request is answered at once");
+    // A late answer to the given-up call changes nothing.
+    lc.handle(&mut host, Event::Answer { call, answer: stripe_answer() });
+    assert_eq!(host.count(Metric::FetchOk), 0);
+    // After the failure's retry window the next request fetches again (not stalled).
+    host.advance(5_000);
+    host.take();
+    assert_eq!(send_request(&mut lc, &mut host, 11), Action::Pause);
+    assert_eq!(host.take(), vec![Effect::WakeRoot]);
+    lc.handle(&mut host, Event::Woken);
+    let again = only_call(&host.take());
+    assert_ne!(again, call);
+}
+
+#[test]
+fn an_answer_for_an_unknown_call_is_ignored() {
+    let mut host = MemHost::new(ROOT);
+    let mut lc = worker(&mut host, config());
+    lc.handle(&mut host, Event::Answer { call: 999, answer: stripe_answer() });
+    assert!(host.take().iter().all(|e| matches!(e, Effect::TickPeriod(_))));
+    assert_eq!(lc.fetch_state(0), Some(&Fetch::Idle));
+    assert_eq!(host.count(Metric::FetchOk) + host.count(Metric::FetchError), 0);
+}
+
+#[test]
+fn a_refused_dispatch_fails_the_waiters_and_frees_the_slot() {
+    let mut host = MemHost::new(ROOT);
+    let mut lc = worker(&mut host, config());
+    assert_eq!(send_request(&mut lc, &mut host, 10), Action::Pause);
+    host.refuse_dispatch = true;
+    lc.handle(&mut host, Event::Woken);
+    assert_eq!(replies(&host.take()), vec![(10, 503, "secret_unavailable".into())]);
+    assert_eq!(lc.fetch_state(0), Some(&Fetch::Idle));
+}
+
+#[test]
+fn without_a_wake_up_queue_the_tick_sends_the_callout() {
+    let mut host = MemHost::new(ROOT);
+    host.refuse_wake = true;
+    let mut lc = worker(&mut host, config());
+    assert_eq!(send_request(&mut lc, &mut host, 10), Action::Pause);
+    assert!(host.take().is_empty());
+    lc.handle(&mut host, Event::Tick);
+    let call = only_call(&host.take());
+    lc.handle(&mut host, Event::Answer { call, answer: stripe_answer() });
+    assert!(host.take().contains(&Effect::Resume(10)));
+}
+
+#[test]
+fn two_workers_racing_for_one_lease_make_one_callout_and_both_serve() {
+    let mut h1 = MemHost::new(ROOT);
+    let mut h2 = h1.worker(ROOT);
+    let mut w1 = worker(&mut h1, config());
+    let mut w2 = worker(&mut h2, config());
+    assert_eq!(send_request(&mut w1, &mut h1, 10), Action::Pause);
+    assert_eq!(send_request(&mut w2, &mut h2, 20), Action::Pause);
+    assert_eq!(w1.fetch_state(0), Some(&Fetch::Queued { retried: false }));
+    assert_eq!(w2.fetch_state(0), Some(&Fetch::Following), "the lease is taken: follow");
+    assert!(h2.take().is_empty());
+    w1.handle(&mut h1, Event::Woken);
+    let call = only_call(&h1.take());
+    w2.handle(&mut h2, Event::Tick);
+    assert!(h2.dispatches().is_empty() && w2.parked().contains_key(&20), "still following");
+    assert!(h2.take().contains(&Effect::TickPeriod(FAST_TICK_MS)), "a follower watches on the fast tick");
+    w1.handle(&mut h1, Event::Answer { call, answer: stripe_answer() });
+    assert!(h1.take().contains(&Effect::Resume(10)));
+    w2.handle(&mut h2, Event::Tick);
+    let e2 = h2.take();
+    assert!(e2.contains(&Effect::Resume(20)), "{e2:?}");
+    assert!(e2.contains(&Effect::TickPeriod(TICK_MS)));
+    assert_eq!(injected(&h2, 20), Some(format!("Bearer {STRIPE_KEY}")));
+}
+
+#[test]
+fn a_follower_takes_over_when_the_lease_holder_never_answers() {
+    let mut h1 = MemHost::new(ROOT);
+    let mut h2 = h1.worker(ROOT);
+    let mut w1 = worker(&mut h1, config());
+    let mut w2 = worker(&mut h2, config());
+    send_request(&mut w1, &mut h1, 10);
+    // Worker 1 never gets its root callback (it is stuck); worker 2 follows.
+    send_request(&mut w2, &mut h2, 20);
+    assert_eq!(w2.fetch_state(0), Some(&Fetch::Following));
+    // The lease (timeout 1000 + 500 ms) lapses: worker 2 decides again and takes it.
+    h2.advance(1_600);
+    h2.take();
+    w2.handle(&mut h2, Event::Tick);
+    let call = only_call(&h2.take());
+    w2.handle(&mut h2, Event::Answer { call, answer: stripe_answer() });
+    assert!(h2.take().contains(&Effect::Resume(20)));
+}
+
+#[test]
+fn a_parked_request_past_its_deadline_gets_503_and_the_fetch_goes_on() {
+    let mut h1 = MemHost::new(ROOT);
+    let mut h2 = h1.worker(ROOT);
+    let mut w1 = worker(&mut h1, config());
+    let mut w2 = worker(&mut h2, config());
+    let call = cold_fetch(&mut w1, &mut h1, 10);
+    // Keep worker 1's call alive but make worker 2's waiter late: it only follows.
+    send_request(&mut w2, &mut h2, 20);
+    h2.advance(2_100);
+    h2.take();
+    w2.handle(&mut h2, Event::Tick);
+    let e2 = h2.take();
+    assert!(replies(&e2).contains(&(20, 503, "secret_unavailable".into())), "{e2:?}");
+    assert!(w2.parked().is_empty());
+    let _ = call;
+}
+
+#[test]
+fn a_vendor_rejection_marks_the_value_suspect_and_the_tick_fetches_it_again() {
+    let mut host = MemHost::new(ROOT);
+    let mut lc = worker(&mut host, config());
+    let call = cold_fetch(&mut lc, &mut host, 10);
+    lc.handle(&mut host, Event::Answer { call, answer: stripe_answer() });
+    host.take();
+    host.advance(10);
+    if let Some(s) = host.streams.get_mut(&10) {
+        s.response = vec![(":status".into(), b"401".to_vec())];
+    }
+    host.current = 10;
+    lc.handle(&mut host, Event::Response(10));
+    assert_eq!(host.count(Metric::VendorRejected), 1);
+    lc.handle(&mut host, Event::Tick);
+    let effects = host.take();
+    only_call(&effects);
+}
+
+#[test]
+fn a_reflected_secret_is_removed_from_the_response() {
+    let mut host = MemHost::new(ROOT);
+    let mut lc = worker(&mut host, config());
+    let call = cold_fetch(&mut lc, &mut host, 10);
+    lc.handle(&mut host, Event::Answer { call, answer: stripe_answer() });
+    if let Some(s) = host.streams.get_mut(&10) {
+        s.response = vec![(":status".into(), b"200".to_vec()), ("x-echo".into(), format!("Bearer {STRIPE_KEY}").into_bytes())];
+    }
+    host.current = 10;
+    lc.handle(&mut host, Event::Response(10));
+    assert_eq!(host.streams[&10].response, vec![(":status".to_string(), b"200".to_vec())]);
+    assert_eq!(host.count(Metric::ResponseScrubbed), 1);
+}
+
+#[test]
+fn a_store_error_page_serves_stale_and_a_404_evicts() {
+    let mut host = MemHost::new(ROOT);
+    let mut lc = worker(&mut host, config());
+    let call = cold_fetch(&mut lc, &mut host, 10);
+    lc.handle(&mut host, Event::Answer { call, answer: stripe_answer() });
+    // Past the TTL: the next request sees the value due and fetches; a 502 page keeps it stale.
+    host.advance(301_000);
+    host.take();
+    assert_eq!(send_request(&mut lc, &mut host, 11), Action::Pause);
+    lc.handle(&mut host, Event::Woken);
+    let call = only_call(&host.take());
+    lc.handle(&mut host, Event::Answer { call, answer: Answer { status: Some(502), body: Some(b"<html>bad gateway</html>".to_vec()) } });
+    assert!(host.take().contains(&Effect::Resume(11)));
+    assert_eq!(host.streams[&11].filter_state.get("keyward.cache").map(String::as_str), Some("stale"));
+    // The store's own 404: evicted, 503.
+    host.advance(6_000);
+    lc.handle(&mut host, Event::Tick);
+    let call = only_call(&host.take());
+    lc.handle(&mut host, Event::Answer { call, answer: Answer { status: Some(404), body: Some(b"{\"errors\":[]}".to_vec()) } });
+    host.take();
+    assert_eq!(send_request(&mut lc, &mut host, 12), Action::Pause);
+    assert_eq!(replies(&host.take()), vec![(12, 503, "secret_unavailable".into())], "the store's word: no stale value");
+}

@@ -1,0 +1,113 @@
+//! The last step of the pipeline: what the gateway records about a request. `Audit` is who
+//! called what (the access log's fields, set as Envoy filter state); `Metric` names the
+//! contract's counters. Neither ever holds a token or a secret.
+
+use crate::host::Host;
+use crate::response::Code;
+
+/// Who called what, for the access log. Never a token or a secret.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Audit {
+    pub subject: Option<String>,
+    pub target: Option<String>,
+    pub jti: Option<String>,
+    pub run: Option<String>,
+    pub decision: &'static str,
+    pub cache: Option<&'static str>,
+    /// The request's `Idempotency-Key`, when it is a valid one.
+    pub idempotency_key: Option<String>,
+    /// The store's version of the injected secret (KV v2 version, AWS `VersionId`).
+    pub secret_version: Option<String>,
+}
+
+impl Audit {
+    /// Set the audit fields as filter state, read by the access log as
+    /// `%FILTER_STATE(wasm.keyward.<field>:PLAIN)%`.
+    pub fn write(&self, host: &mut impl Host) {
+        let fields: [(&'static str, Option<&str>); 8] = [
+            ("keyward.subject", self.subject.as_deref()),
+            ("keyward.target", self.target.as_deref()),
+            ("keyward.jti", self.jti.as_deref()),
+            ("keyward.run", self.run.as_deref()),
+            ("keyward.decision", Some(self.decision).filter(|d| !d.is_empty())),
+            ("keyward.cache", self.cache),
+            ("keyward.idempotency_key", self.idempotency_key.as_deref()),
+            ("keyward.secret_version", self.secret_version.as_deref()),
+        ];
+        for (key, value) in fields {
+            if let Some(v) = value {
+                host.set_filter_state(key, v);
+            }
+        }
+    }
+}
+
+/// The contract's counters (`keyward_*` in Envoy's stats).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Metric {
+    Allowed,
+    Denied(Code),
+    FetchOk,
+    FetchError,
+    CacheHit,
+    CacheMiss,
+    CacheStale,
+    RevocationOk,
+    RevocationError,
+    LimitCasRetry,
+    LimitFull,
+    VendorRejected,
+    VaultLogin,
+    VaultRenew,
+    VaultAuthError,
+    ResponseScrubbed,
+}
+
+impl Metric {
+    /// Every counter but the denials (those are one per `Code`), for defining them up front.
+    pub const PLAIN: [Metric; 15] = [
+        Metric::Allowed,
+        Metric::FetchOk,
+        Metric::FetchError,
+        Metric::CacheHit,
+        Metric::CacheMiss,
+        Metric::CacheStale,
+        Metric::RevocationOk,
+        Metric::RevocationError,
+        Metric::LimitCasRetry,
+        Metric::LimitFull,
+        Metric::VendorRejected,
+        Metric::VaultLogin,
+        Metric::VaultRenew,
+        Metric::VaultAuthError,
+        Metric::ResponseScrubbed,
+    ];
+
+    /// The counter's name in Envoy's stats.
+    pub fn name(self) -> String {
+        let plain = match self {
+            Metric::Denied(c) => return format!("keyward_requests_denied_{}", c.as_str()),
+            Metric::Allowed => "keyward_requests_allowed",
+            Metric::FetchOk => "keyward_secret_fetch_ok",
+            Metric::FetchError => "keyward_secret_fetch_error",
+            Metric::CacheHit => "keyward_cache_hit",
+            Metric::CacheMiss => "keyward_cache_miss",
+            Metric::CacheStale => "keyward_cache_stale",
+            Metric::RevocationOk => "keyward_revocation_refresh_ok",
+            Metric::RevocationError => "keyward_revocation_refresh_error",
+            Metric::LimitCasRetry => "keyward_limit_cas_retry",
+            Metric::LimitFull => "keyward_limit_table_full",
+            Metric::VendorRejected => "keyward_vendor_rejected_key",
+            Metric::VaultLogin => "keyward_vault_login",
+            Metric::VaultRenew => "keyward_vault_renew",
+            Metric::VaultAuthError => "keyward_vault_auth_error",
+            Metric::ResponseScrubbed => "keyward_response_scrubbed",
+        };
+        plain.to_string()
+    }
+
+    /// Every counter, denials included.
+    pub fn all() -> impl Iterator<Item = Metric> {
+        Metric::PLAIN.into_iter().chain(Code::ALL.iter().map(|c| Metric::Denied(*c)))
+    }
+}

@@ -1,0 +1,165 @@
+//! Every name Keyward uses in Envoy shared data, built in one place.
+//!
+//! Shared data is per `vm_id`, and one Envoy can run several keyward configurations (listeners,
+//! routes, tenants) in one VM. A name therefore carries the full identity of what it holds, never
+//! a configuration's local name: for a secret, the store's kind, cluster, authority, mount,
+//! namespace and a fingerprint of the credential Keyward reads it with, then the path. Two
+//! configurations share an entry only if they would fetch the very same document with the very
+//! same rights. Each part is length-prefixed, so no choice of names makes two identities collide.
+//! A credential's limit counters carry the identity of the key that verified it
+//! (`crate::credential::jwt::HmacKey::id`).
+
+use crate::config::{Store, StoreKind, VaultAuth};
+use crate::policy::limits::SHARDS;
+use crate::secret::Secret;
+use sha2::{Digest, Sha256};
+use std::fmt::Write;
+
+/// The version of every layout below: bumped when a record's encoding or a name changes, so an
+/// Envoy hot restart never reads another version's records.
+const PREFIX: &str = "keyward/v3";
+
+fn part(out: &mut String, s: &str) {
+    let _ = write!(out, "{}:{s}/", s.len());
+}
+
+/// A short, non-reversible fingerprint of a credential (names must not carry secrets).
+fn fingerprint(label: &str, s: &Secret) -> String {
+    let mut h = Sha256::new();
+    h.update(b"keyward/v1/fingerprint\0");
+    h.update(label.as_bytes());
+    h.update([0]);
+    h.update(s.expose());
+    h.finalize().iter().take(8).fold(String::with_capacity(16), |mut acc, b| {
+        let _ = write!(acc, "{b:02x}");
+        acc
+    })
+}
+
+/// The identity of a store as Keyward reaches it.
+pub fn store_identity(st: &Store) -> String {
+    let mut out = String::new();
+    match &st.kind {
+        StoreKind::VaultKv2 { mount, auth, namespace } => {
+            part(&mut out, "vault-kv2");
+            part(&mut out, &st.cluster);
+            part(&mut out, &st.authority);
+            part(&mut out, mount);
+            part(&mut out, namespace.as_deref().unwrap_or(""));
+            match auth {
+                VaultAuth::Token(t) => part(&mut out, &format!("token:{}", fingerprint("token", t))),
+                VaultAuth::AppRole { mount, role_id, secret_id } => {
+                    part(&mut out, &format!("approle:{mount}:{}:{}", fingerprint("role", role_id), fingerprint("secret-id", secret_id)))
+                }
+            }
+        }
+        StoreKind::AwsSecretsManager => {
+            // Envoy signs the request for the cluster: the cluster and authority are the identity.
+            part(&mut out, "aws-sm");
+            part(&mut out, &st.cluster);
+            part(&mut out, &st.authority);
+        }
+    }
+    out
+}
+
+/// The shared record of the secret at `path` in `st` (`secrets::slot_state::SlotState`).
+pub fn secret(st: &Store, path: &str) -> String {
+    format!("{PREFIX}/secret/{}{path}", store_identity(st))
+}
+
+/// The shared revocation list read from `path` in `st`.
+pub fn revocation(st: &Store, path: &str) -> String {
+    format!("{PREFIX}/revocation/{}{path}", store_identity(st))
+}
+
+/// The lease of that list's refresh (one worker refreshes it at a time).
+pub fn revocation_lease(st: &Store, path: &str) -> String {
+    format!("{PREFIX}/revocation-lease/{}{path}", store_identity(st))
+}
+
+/// The shared Vault session of an AppRole store (`secrets::approle::SessionState`); `None` for
+/// stores that need none.
+pub fn session(st: &Store) -> Option<String> {
+    match &st.kind {
+        StoreKind::VaultKv2 { auth: VaultAuth::AppRole { .. }, .. } => Some(format!("{PREFIX}/session/{}", store_identity(st))),
+        _ => None,
+    }
+}
+
+/// Every limit shard's name (they are created at configure time).
+pub fn limit_shards() -> impl Iterator<Item = String> {
+    (0..SHARDS).map(|i| format!("{PREFIX}/limits/{i:02}"))
+}
+
+/// A credential's entry in the limit tables: the verifying key's identity and its `jti`. A
+/// credential with the same `jti` signed by another configuration's key is another credential.
+pub fn limit_entry(key_id: u64, jti: &str) -> String {
+    format!("{key_id:016x}.{jti}")
+}
+
+/// The shard that holds `entry` (FNV-1a: cheap and the same in every worker).
+pub fn limit_shard(entry: &str) -> String {
+    format!("{PREFIX}/limits/{:02}", crate::wire::fnv1a(entry.bytes()) % u64::from(SHARDS))
+}
+
+/// The registry that hands each worker's root context its own wake-up queue name.
+pub const WORKER_SEQUENCE: &str = "keyward/v3/worker-sequence";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vault(cluster: &str, mount: &str, ns: Option<&str>, token: &str) -> Store {
+        Store {
+            name: "bao".into(),
+            cluster: cluster.into(),
+            authority: "bao.internal".into(),
+            timeout_ms: 1000,
+            kind: StoreKind::VaultKv2 { mount: mount.into(), auth: VaultAuth::Token(Secret::text(token)), namespace: ns.map(str::to_string) },
+        }
+    }
+
+    #[test]
+    fn the_same_local_name_in_two_configurations_names_two_records() {
+        let a = secret(&vault("bao", "kv", None, "t1"), "stripe");
+        assert_ne!(a, secret(&vault("bao", "kv-b", None, "t1"), "stripe"), "mount");
+        assert_ne!(a, secret(&vault("bao2", "kv", None, "t1"), "stripe"), "cluster");
+        assert_ne!(a, secret(&vault("bao", "kv", Some("team-b"), "t1"), "stripe"), "namespace");
+        assert_ne!(a, secret(&vault("bao", "kv", None, "t2"), "stripe"), "the token that reads it");
+        let approle = |secret_id: &str| {
+            let mut s = vault("bao", "kv", None, "t1");
+            s.kind = StoreKind::VaultKv2 {
+                mount: "kv".into(),
+                auth: VaultAuth::AppRole { mount: "approle".into(), role_id: Secret::text("r"), secret_id: Secret::text(secret_id) },
+                namespace: None,
+            };
+            s
+        };
+        assert_ne!(session(&approle("s1")), session(&approle("s2")), "a wrong secret_id never borrows the right one's session");
+        assert_eq!(a, secret(&vault("bao", "kv", None, "t1"), "stripe"), "the very same document");
+        assert_ne!(revocation(&vault("bao", "kv", None, "t1"), "r"), revocation(&vault("bao", "kv-b", None, "t1"), "r"));
+    }
+
+    #[test]
+    fn names_never_carry_the_credential() {
+        let k = secret(&vault("bao", "kv", None, "s.super-secret-token"), "stripe");
+        assert!(!k.contains("super-secret"), "{k}");
+    }
+
+    #[test]
+    fn length_prefixes_keep_identities_apart() {
+        // "a/" + "b" and "a" + "/b" would concatenate alike without the lengths.
+        assert_ne!(secret(&vault("a/", "b", None, "t"), "p"), secret(&vault("a", "/b", None, "t"), "p"));
+    }
+
+    #[test]
+    fn limit_entries_are_scoped_by_key() {
+        assert_ne!(limit_entry(1, "j"), limit_entry(2, "j"));
+        let shards: Vec<String> = limit_shards().collect();
+        assert_eq!(shards.len(), SHARDS as usize);
+        let used: std::collections::HashSet<String> = (0..1000).map(|i| limit_shard(&limit_entry(7, &format!("jti-{i}")))).collect();
+        assert!(used.iter().all(|s| shards.contains(s)));
+        assert!(used.len() >= 30, "1000 credentials spread over most shards: {}", used.len());
+    }
+}
