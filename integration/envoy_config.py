@@ -1,5 +1,6 @@
 """The Envoy bootstrap the integration tests run, built from the contract (not from envoy/)."""
 import json
+import os
 
 HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 
@@ -82,6 +83,9 @@ def static_cluster(name, port, timeout="1s"):
 
 
 ENV_KEYS = ["KEYWARD_KEY_K1", "VAULT_TOKEN"]
+# The module under test; KEYWARD_TEST_WASM runs the suite against another build (an earlier
+# commit's, to show that a test fails without the change it covers).
+WASM = os.environ.get("KEYWARD_TEST_WASM", "dist/keyward.wasm")
 
 
 def hcm(stat_prefix, access_log_path, cfg: dict, hardened: bool, env_keys=None) -> dict:
@@ -107,7 +111,7 @@ def hcm(stat_prefix, access_log_path, cfg: dict, hardened: bool, env_keys=None) 
                 "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
                 "config": {"name": "keyward", "root_id": "keyward", "fail_open": False,
                            "vm_config": {"vm_id": "keyward", "runtime": "envoy.wasm.runtime.v8",
-                                         "code": {"local": {"filename": "dist/keyward.wasm"}},
+                                         "code": {"local": {"filename": WASM}},
                                          "environment_variables": {"host_env_keys": list(env_keys or ENV_KEYS)}},
                            "configuration": {"@type": "type.googleapis.com/google.protobuf.StringValue",
                                              "value": json.dumps(cfg)}}}},

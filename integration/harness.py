@@ -191,13 +191,14 @@ class Hang:
 
 class Relay:
     """A relay in front of a real server (OpenBao), so that a test can make the store fail on
-    demand: `mode` is "pass" (forward), "error" (answer 500) or "garbage" (200 with a body that is
-    not a store answer)."""
+    demand: `mode` is "pass" (forward), "slow" (forward after `delay` seconds), "error" (answer 500)
+    or "garbage" (200 with a body that is not a store answer)."""
 
     def __init__(self, upstream: str):
         self.port = free_port()
         self.mode = "pass"
-        self.served = {"pass": 0, "error": 0, "garbage": 0, "hang": 0}
+        self.served = {"pass": 0, "error": 0, "garbage": 0, "hang": 0, "slow": 0}
+        self.delay = 0.8  # seconds, in "slow" mode
         self.paths = []  # every request path, in order
         self.headers = []  # every request's headers (lower-case names), in order
         self.lock = threading.Lock()
@@ -217,7 +218,9 @@ class Relay:
                 if mode == "hang":
                     time.sleep(5)
                     return
-                if mode == "pass":
+                if mode == "slow":
+                    time.sleep(relay.delay)
+                if mode in ("pass", "slow"):
                     hop = {"host", "connection", "content-length", "transfer-encoding"}
                     try:
                         r = requests.request(self.command, upstream + self.path, data=body, timeout=5,

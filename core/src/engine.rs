@@ -3,7 +3,6 @@
 //! implement them in memory. A request that needs a secret not yet cached gets `Outcome::Need`,
 //! parks, and is decided again from scratch when the secret arrives.
 
-use crate::record::Audit;
 use crate::config::{Config, CredentialSource, KeySource, Target};
 use crate::credential::extract::{self, CredError};
 use crate::credential::jwt::{self, HmacKey, Limits};
@@ -11,6 +10,7 @@ use crate::credential::verified::VerifiedCache;
 use crate::inject::{self, Op};
 use crate::policy::limits::Verdict;
 use crate::policy::rules::{sanitize, strip_prefix};
+use crate::record::Audit;
 use crate::response::{Code, Denial};
 use crate::secrets::store::Fetched;
 use std::rc::Rc;

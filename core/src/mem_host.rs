@@ -15,12 +15,21 @@ use std::rc::Rc;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Effect {
     /// A callout: its id, cluster and `:path`, and the effective context it was sent from.
-    Dispatch { call: CallId, cluster: String, path: String, from: ContextId },
+    Dispatch {
+        call: CallId,
+        cluster: String,
+        path: String,
+        from: ContextId,
+    },
     WakeRoot,
     TickPeriod(u64),
     Resume(ContextId),
     /// A local reply: its status and the contract's error code (`error` in the body).
-    Reply { ctx: ContextId, status: u32, code: String },
+    Reply {
+        ctx: ContextId,
+        status: u32,
+        code: String,
+    },
     Reset(ContextId),
 }
 
@@ -231,10 +240,7 @@ impl Host for MemHost {
 
     fn reply(&mut self, status: u32, _headers: &[(&str, String)], body: &str) -> Result<(), HostError> {
         self.stream()?;
-        let code = crate::wire::json::parse(body.as_bytes())
-            .ok()
-            .and_then(|v| v.get("error").and_then(|e| e.as_str().map(str::to_string)))
-            .unwrap_or_default();
+        let code = crate::wire::json::parse(body.as_bytes()).ok().and_then(|v| v.get("error").and_then(|e| e.as_str().map(str::to_string))).unwrap_or_default();
         self.effects.push(Effect::Reply { ctx: self.current, status, code });
         Ok(())
     }

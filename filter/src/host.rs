@@ -122,7 +122,8 @@ pub fn callout_answer(num_headers: usize, body_size: usize, max: usize) -> keywa
     if body_size > max {
         return Answer { status, body: None };
     }
-    let body = if body_size == 0 { Vec::new() } else { hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size).ok().flatten().unwrap_or_default() };
+    let body =
+        if body_size == 0 { Vec::new() } else { hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size).ok().flatten().unwrap_or_default() };
     Answer { status, body: Some(body) }
 }
 

@@ -7,7 +7,7 @@
 use keyward_core::config::{self, Config};
 use keyward_core::credential::jwt::{self, HmacKey};
 use keyward_core::credential::verified::VerifiedCache;
-use keyward_core::engine::{self, Outcome, Request, Secrets, Lookup};
+use keyward_core::engine::{self, Lookup, Outcome, Request, Secrets};
 use keyward_core::secret::Secret;
 use keyward_core::secrets::store::Fetched;
 use keyward_core::{wire::b64, wire::json};

@@ -60,9 +60,11 @@ impl Lifecycle {
     /// without reading shared data again.
     pub(super) fn local_for_request(&mut self, host: &impl Host, slot: usize, now_ms: u64) -> Option<&Local> {
         let t = self.timing;
-        let recent = self.slots.get(slot).and_then(|s| s.local.as_ref()).is_some_and(|l| {
-            l.data.is_some() && now_ms < l.checked_ms.saturating_add(RECHECK_MS) && l.state.classify(now_ms, &t) == Use::Fresh
-        });
+        let recent = self
+            .slots
+            .get(slot)
+            .and_then(|s| s.local.as_ref())
+            .is_some_and(|l| l.data.is_some() && now_ms < l.checked_ms.saturating_add(RECHECK_MS) && l.state.classify(now_ms, &t) == Use::Fresh);
         if !recent {
             self.local(host, slot)?;
             if let Some(l) = self.slots.get_mut(slot).and_then(|s| s.local.as_mut()) {

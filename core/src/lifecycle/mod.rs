@@ -34,12 +34,12 @@ use crate::config::Config;
 use crate::credential::revocation::RevocationList;
 use crate::credential::verified::VerifiedCache;
 use crate::host::{Action, CallId, ContextId, Host, HostError};
-use crate::secrets::store::HttpCall;
 use crate::record::Audit;
 use crate::secret::Secret;
 use crate::secrets::keys;
 use crate::secrets::slot_state::{SlotState, Timing};
 use crate::secrets::store::Fetched;
+use crate::secrets::store::HttpCall;
 use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
 
@@ -371,7 +371,8 @@ impl Lifecycle {
     /// Callouts past their deadline: given up, as if they had failed. Their answer, should it
     /// still come, is ignored.
     fn expire_calls(&mut self, host: &mut impl Host, now_ms: u64) {
-        let late: Vec<(CallId, Purpose)> = self.calls.iter().filter(|(c, p)| self.deadline(**c, **p).is_some_and(|d| now_ms >= d)).map(|(c, p)| (*c, *p)).collect();
+        let late: Vec<(CallId, Purpose)> =
+            self.calls.iter().filter(|(c, p)| self.deadline(**c, **p).is_some_and(|d| now_ms >= d)).map(|(c, p)| (*c, *p)).collect();
         for (call, purpose) in late {
             self.calls.remove(&call);
             log::warn!("callout {call} ({purpose:?}) had no answer in time; giving it up");

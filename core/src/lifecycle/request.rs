@@ -312,7 +312,11 @@ impl Lifecycle {
         if super::shared::update::<crate::secrets::slot_state::SlotState>(host, &key, |s| s.mark_suspect(served.fetched_at_ms, now_ms, &t)) == Some(true) {
             host.metric(Metric::VendorRejected);
             let store = cfg.store_of(served.slot).map_or("?", |s| s.name.as_str());
-            log::warn!("the vendor rejected the key from {store}:{} (HTTP {}); fetching it again", spec.path, String::from_utf8_lossy(status.unwrap_or_default()));
+            log::warn!(
+                "the vendor rejected the key from {store}:{} (HTTP {}); fetching it again",
+                spec.path,
+                String::from_utf8_lossy(status.unwrap_or_default())
+            );
         }
     }
 

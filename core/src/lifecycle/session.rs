@@ -16,8 +16,14 @@ pub enum SessionCall {
     #[default]
     Idle,
     /// This worker holds the session's lease; the call goes out at the next root callback.
-    Queued { renewal: bool },
-    InFlight { call: CallId, deadline_ms: u64, renewal: bool },
+    Queued {
+        renewal: bool,
+    },
+    InFlight {
+        call: CallId,
+        deadline_ms: u64,
+        renewal: bool,
+    },
 }
 
 /// The token a store callout should carry.
@@ -191,7 +197,8 @@ impl Lifecycle {
 
     fn waits_for_session(&self, store: usize) -> bool {
         let Some(cfg) = &self.cfg else { return false };
-        let slots = self.slots.iter().enumerate().any(|(i, s)| matches!(s.fetch, Fetch::AwaitingSession { .. }) && cfg.slots.get(i).is_some_and(|c| c.store == store));
+        let slots =
+            self.slots.iter().enumerate().any(|(i, s)| matches!(s.fetch, Fetch::AwaitingSession { .. }) && cfg.slots.get(i).is_some_and(|c| c.store == store));
         slots || (self.revocations.refresh == Refresh::AwaitingSession && cfg.revocation.as_ref().is_some_and(|r| r.store == store))
     }
 }

@@ -18,7 +18,7 @@
 
 use crate::config::{Store, StoreKind, VaultAuth};
 use crate::secret::Secret;
-use crate::secrets::store::{header, HttpCall, FetchError};
+use crate::secrets::store::{header, FetchError, HttpCall};
 use crate::wire::json::{self, Value};
 use crate::wire::Reader;
 

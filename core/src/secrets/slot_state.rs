@@ -241,6 +241,5 @@ impl SlotState {
     }
 }
 
-
 #[cfg(test)]
 mod tests;

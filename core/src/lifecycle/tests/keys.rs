@@ -114,9 +114,10 @@ fn a_rotated_out_key_is_refused_at_once_even_with_the_verified_cache_warm() {
 
 #[test]
 fn key_identity_is_the_key_bytes_not_an_address() {
-    let a = HmacKey::new(OLD).unwrap_or_else(|e| panic!("{e}"));
-    let id = a.id();
-    drop(a);
+    let id = {
+        let a = std::rc::Rc::new(HmacKey::new(OLD).unwrap_or_else(|e| panic!("{e}")));
+        a.id()
+    };
     // A new key allocated where the old one was must not look like it.
     let b = HmacKey::new(NEW).unwrap_or_else(|e| panic!("{e}"));
     assert_ne!(b.id(), id);

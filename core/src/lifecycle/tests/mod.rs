@@ -43,7 +43,8 @@ pub(super) fn config_with(store: &str, extra: &str) -> Config {
     }
 }
 
-pub(super) const BAO: &str = r#"{"type":"vault_kv2","cluster":"vault","authority":"vault.internal","mount":"secret","token_env":"VAULT_TOKEN","timeout_ms":1000}"#;
+pub(super) const BAO: &str =
+    r#"{"type":"vault_kv2","cluster":"vault","authority":"vault.internal","mount":"secret","token_env":"VAULT_TOKEN","timeout_ms":1000}"#;
 
 pub(super) fn config() -> Config {
     config_with(BAO, "")

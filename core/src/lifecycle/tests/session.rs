@@ -43,7 +43,10 @@ fn a_failed_login_answers_the_waiters_503_and_the_next_request_logs_in_again() {
     let mut host = MemHost::new(ROOT);
     let mut lc = worker(&mut host, config_with(APPROLE, ""));
     let login = login_first(&mut lc, &mut host, 10);
-    lc.handle(&mut host, Event::Answer { call: login, answer: Answer { status: Some(400), body: Some(br#"{"errors":["invalid role or secret ID"]}"#.to_vec()) } });
+    lc.handle(
+        &mut host,
+        Event::Answer { call: login, answer: Answer { status: Some(400), body: Some(br#"{"errors":["invalid role or secret ID"]}"#.to_vec()) } },
+    );
     assert_eq!(replies(&host.take()), vec![(10, 503, "secret_unavailable".into())]);
     assert_eq!(lc.session_state(0), Some(&SessionCall::Idle));
     assert_eq!(lc.fetch_state(0), Some(&Fetch::Idle));
