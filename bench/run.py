@@ -222,11 +222,12 @@ def median(xs):
     return statistics.median(xs) if xs else None
 
 
-def cold_miss(workdir, ctx, bao):
-    """Latency of a request that must fetch its key, minus the vault's own time for that read."""
+def cold_miss(workdir, ctx, bao, arm="C"):
+    """Latency of a request that must fetch its key, minus the vault's own time for that read
+    (arm C: this build; arm E: the baseline build)."""
     ports = {"admin": harness.free_port(), "listen": harness.free_port()}
-    b = bootstrap("C", ports, workdir, {**ctx, "keyward_config": keyward_config(ttl_s=1)})
-    e = Proc("cold", b, workdir, 0, ctx["env"])
+    b = bootstrap(arm, ports, workdir, {**ctx, "keyward_config": keyward_config(ttl_s=1)})
+    e = Proc(f"cold-{arm}", b, workdir, 0, ctx["env"])
     try:
         gw = http.client.HTTPConnection("127.0.0.1", ports["listen"], timeout=10)
         vault = http.client.HTTPConnection("127.0.0.1", ctx["bao_port"], timeout=10)
@@ -322,6 +323,7 @@ def main():
         fetches = arms["C"].stat("wasmcustom.keyward_secret_fetch_ok") + arms["C"].stat("wasmcustom.keyward_secret_fetch_error") - fetches_before
         rss = {a: p.rss_kb() for a, p in arms.items()}
         cold = cold_miss(workdir, ctx, bao)
+        cold_baseline = cold_miss(workdir, ctx, bao, "E") if BASELINE_WASM else None
 
         def summary(arm):
             rs = per_round[arm]
@@ -344,6 +346,7 @@ def main():
                              "keyward_over_baseline_cpu_per_request": ratio("C", "E"),
                              "baseline_over_bare_cpu_per_request": ratio("E", "A")}} if BASELINE_WASM else {}),
             "cold_miss": cold,
+            **({"cold_miss_baseline": cold_baseline} if cold_baseline else {}),
             "vault_calls_per_10k_requests": round(fetches * 10000 / max(1, c_requests), 3),
             "keyward_wasm_bytes": KEYWARD_WASM.stat().st_size,
             "memory": {"rss_kb": rss, "keyward_minus_bare_rss_kb": rss["C"] - rss["A"],
@@ -390,6 +393,10 @@ def print_table(out):
           f"noop/bare {r['noop_over_bare_cpu_per_request']}  (medians of per-round ratios)")
     print(f"cold miss: {c['cold_request_p50_us']:.0f} µs, of which the vault's own read {c['vault_read_p50_us']:.0f} µs "
           f"-> {c['cold_minus_vault_p50_us']:.0f} µs added; warm {c['warm_request_p50_us']:.0f} µs")
+    if "cold_miss_baseline" in out:
+        c = out["cold_miss_baseline"]
+        print(f"baseline cold miss: {c['cold_request_p50_us']:.0f} µs, of which the vault's own read {c['vault_read_p50_us']:.0f} µs "
+              f"-> {c['cold_minus_vault_p50_us']:.0f} µs added; warm {c['warm_request_p50_us']:.0f} µs")
     print(f"vault calls per 10,000 requests: {out['vault_calls_per_10k_requests']}; keyward.wasm {out['keyward_wasm_bytes']} bytes; "
           f"memory per VM {out['memory']['keyward_per_vm_kb'] / 1024:.1f} MiB "
           f"({out['memory']['keyward_over_noop_per_vm_kb'] / 1024:.1f} MiB more than a no-op module)")

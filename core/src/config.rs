@@ -2,6 +2,7 @@
 //! rejects duplicate keys), stage two compiles and validates into `Config`. Every error names the
 //! offending path, e.g. `targets.stripe.secret.store: unknown store "bao2"`.
 
+use crate::credential::extract::CredentialSource;
 use crate::credential::jwt::{HmacKey, Policy};
 use crate::policy::rules::{valid_target_name, Method, RouteRule};
 use crate::secret::Secret;
@@ -242,7 +243,7 @@ pub enum VaultAuth {
     /// A token from the environment (`token_env`), used as is.
     Token(Secret),
     /// AppRole login at `auth/<mount>/login`; the token it returns is renewed and replaced
-    /// (see `vault_auth`).
+    /// (see `secrets::approle`).
     AppRole { mount: String, role_id: Secret, secret_id: Secret },
 }
 
@@ -279,23 +280,6 @@ pub struct Revocation {
     pub store: usize,
     pub path: String,
     pub refresh_s: u32,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CredentialSource {
-    Bearer,
-    BasicPassword,
-    Header(String),
-}
-
-impl CredentialSource {
-    /// The request header the credential is read from (lower case).
-    pub fn header(&self) -> &str {
-        match self {
-            CredentialSource::Bearer | CredentialSource::BasicPassword => "authorization",
-            CredentialSource::Header(h) => h,
-        }
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

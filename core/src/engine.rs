@@ -3,11 +3,13 @@
 //! implement them in memory. A request that needs a secret not yet cached gets `Outcome::Need`,
 //! parks, and is decided again from scratch when the secret arrives.
 
-use crate::config::{Config, CredentialSource, KeySource, Target};
+use crate::config::{Config, KeySource, Target};
+use crate::credential::extract::CredentialSource;
 use crate::credential::extract::{self, CredError};
-use crate::credential::jwt::{self, HmacKey, Limits};
+use crate::credential::jwt::{self, HmacKey};
 use crate::credential::verified::VerifiedCache;
 use crate::inject::{self, Op};
+use crate::policy::limits::Limits;
 use crate::policy::limits::Verdict;
 use crate::policy::rules::{sanitize, strip_prefix};
 use crate::record::Audit;

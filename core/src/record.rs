@@ -2,7 +2,6 @@
 //! called what (the access log's fields, set as Envoy filter state); `Metric` names the
 //! contract's counters. Neither ever holds a token or a secret.
 
-use crate::host::Host;
 use crate::response::Code;
 
 /// Who called what, for the access log. Never a token or a secret.
@@ -18,28 +17,6 @@ pub struct Audit {
     pub idempotency_key: Option<String>,
     /// The store's version of the injected secret (KV v2 version, AWS `VersionId`).
     pub secret_version: Option<String>,
-}
-
-impl Audit {
-    /// Set the audit fields as filter state, read by the access log as
-    /// `%FILTER_STATE(wasm.keyward.<field>:PLAIN)%`.
-    pub fn write(&self, host: &mut impl Host) {
-        let fields: [(&'static str, Option<&str>); 8] = [
-            ("keyward.subject", self.subject.as_deref()),
-            ("keyward.target", self.target.as_deref()),
-            ("keyward.jti", self.jti.as_deref()),
-            ("keyward.run", self.run.as_deref()),
-            ("keyward.decision", Some(self.decision).filter(|d| !d.is_empty())),
-            ("keyward.cache", self.cache),
-            ("keyward.idempotency_key", self.idempotency_key.as_deref()),
-            ("keyward.secret_version", self.secret_version.as_deref()),
-        ];
-        for (key, value) in fields {
-            if let Some(v) = value {
-                host.set_filter_state(key, v);
-            }
-        }
-    }
 }
 
 /// The contract's counters (`keyward_*` in Envoy's stats).

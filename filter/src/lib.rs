@@ -60,9 +60,9 @@ impl Root {
 }
 
 impl Context for Root {
-    fn on_http_call_response(&mut self, token: u32, num_headers: usize, body_size: usize, _trailers: usize) {
+    fn on_http_call_response(&mut self, call_id: u32, num_headers: usize, body_size: usize, _trailers: usize) {
         let answer = host::callout_answer(num_headers, body_size, store::MAX_BODY);
-        self.event(Event::Answer { call: token, answer });
+        self.event(Event::Answer { call: call_id, answer });
     }
 }
 

@@ -1,7 +1,24 @@
 //! Reading the workload's credential from the request, per the target's `credential` source.
 
-use crate::config::CredentialSource;
 use crate::wire::b64;
+
+/// Where a target's workload credential is read from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CredentialSource {
+    Bearer,
+    BasicPassword,
+    Header(String),
+}
+
+impl CredentialSource {
+    /// The request header the credential is read from (lower case).
+    pub fn header(&self) -> &str {
+        match self {
+            CredentialSource::Bearer | CredentialSource::BasicPassword => "authorization",
+            CredentialSource::Header(h) => h,
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CredError {

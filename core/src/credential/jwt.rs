@@ -4,6 +4,7 @@
 //! (constant-time) -> claims JSON (strict, no duplicate keys) -> claim types -> time, audience,
 //! issuer. Claims are never interpreted before the MAC is verified.
 
+use crate::policy::limits::Limits;
 use crate::policy::rules::TokenRule;
 use crate::wire::b64;
 use crate::wire::json::{self, Value};
@@ -217,12 +218,6 @@ impl Unverified<'_> {
         }
         Ok(&self.payload)
     }
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Limits {
-    pub rpm: Option<u64>,
-    pub total: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

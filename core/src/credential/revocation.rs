@@ -88,10 +88,6 @@ impl RevocationList {
     }
 }
 
-/// Shared-data key of the list, and of the lease that lets one worker refresh it at a time.
-pub const SHARED_KEY: &str = "keyward/v1/revocation";
-pub const LEASE_KEY: &str = "keyward/v1/revocation/lease";
-
 /// Is a refresh due? `refresh_s` after the last successful fetch.
 pub fn refresh_due(list: Option<&RevocationList>, now_ms: u64, refresh_s: u32) -> bool {
     list.is_none_or(|l| now_ms >= l.fetched_at_ms.saturating_add(u64::from(refresh_s) * 1000))

@@ -56,7 +56,7 @@ impl VerifiedCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::credential::jwt::Limits;
+    use crate::policy::limits::Limits;
 
     fn claims(sub: &str) -> Rc<Claims> {
         Rc::new(Claims {

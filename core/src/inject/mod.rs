@@ -134,7 +134,7 @@ pub fn with_query_param(raw_path: &str, name: &str, value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::CredentialSource;
+    use crate::credential::extract::CredentialSource;
 
     fn fetched(fields: &[(&str, &str)]) -> Fetched {
         Fetched { fields: fields.iter().map(|(k, v)| (k.to_string(), Secret::text(v))).collect(), version: None, problems: vec![] }

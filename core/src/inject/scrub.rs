@@ -76,7 +76,7 @@ pub fn headers_to_remove(needles: &[Secret], headers: &[(String, Vec<u8>)]) -> V
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::CredentialSource;
+    use crate::credential::extract::CredentialSource;
 
     fn fetched(fields: &[(&str, &str)]) -> Fetched {
         Fetched { fields: fields.iter().map(|(k, v)| (k.to_string(), Secret::text(v))).collect(), version: None, problems: vec![] }

@@ -5,7 +5,7 @@
 //! the slot's lease and fetches it, the others follow (their tick watches the record). When the
 //! answer is recorded, every request parked on the slot is decided again.
 
-use super::session::Token;
+use super::session::StoreAuth;
 use super::{shared, Answer, Lifecycle, Local, Purpose, CALL_GRACE_MS, LEASE_GRACE_MS};
 use crate::host::{CallId, Host};
 use crate::record::Metric;
@@ -120,10 +120,10 @@ impl Lifecycle {
     pub(super) fn dispatch_slot(&mut self, host: &mut impl Host, slot: usize, retried: bool) {
         let Some(cfg) = self.cfg.clone() else { return };
         let (Some(spec), Some(st)) = (cfg.slots.get(slot), cfg.store_of(slot)) else { return };
-        let (session, generation) = match self.token_for(host, spec.store) {
-            Token::Configured => (None, None),
-            Token::Session(t, g) => (Some(t), Some(g)),
-            Token::Missing => {
+        let (session, generation) = match self.auth_for(host, spec.store) {
+            StoreAuth::Configured => (None, None),
+            StoreAuth::Session(t, g) => (Some(t), Some(g)),
+            StoreAuth::Missing => {
                 self.set_fetch(slot, Fetch::AwaitingSession { retried });
                 self.ensure_session(host, spec.store);
                 return;

@@ -3,12 +3,12 @@
 
 use super::{Lifecycle, Parked, Served, PARK_GRACE_MS};
 use crate::config::Config;
-use crate::credential::jwt::{HmacKey, Limits};
+use crate::credential::jwt::HmacKey;
 use crate::credential::verified::VerifiedCache;
 use crate::engine::{self, Decision, Lookup, Outcome, Request, Secrets};
 use crate::host::{Action, ContextId, Headers, Host, HostError};
 use crate::inject::{scrub, Op};
-use crate::policy::limits::{Table, Verdict};
+use crate::policy::limits::{Limits, Table, Verdict};
 use crate::record::{Audit, Metric};
 use crate::response::{Code, Denial};
 use crate::secret::Secret;
@@ -230,7 +230,7 @@ impl Lifecycle {
                     audit.decision = d.code.as_str();
                     return finish_deny(host, &audit, &d);
                 }
-                audit.write(host);
+                write_audit(host, &audit);
                 host.metric(Metric::Allowed);
                 host.metric(match audit.cache {
                     Some("miss") => Metric::CacheMiss,
@@ -351,7 +351,7 @@ impl Lifecycle {
 
 /// Answer the current stream with a denial (reset it if even that fails).
 fn finish_deny(host: &mut impl Host, audit: &Audit, d: &Denial) -> Action {
-    audit.write(host);
+    write_audit(host, audit);
     host.metric(Metric::Denied(d.code));
     if host.reply(d.status(), &d.headers(), &d.body()).is_err() {
         log::warn!("could not send a local reply; resetting the stream");
@@ -374,4 +374,24 @@ fn apply(ops: &[Op], req: &HostRequest, host: &mut impl Host) -> Result<(), Host
         }
     }
     Ok(())
+}
+
+/// Set the audit fields as filter state, read by the access log as
+/// `%FILTER_STATE(wasm.keyward.<field>:PLAIN)%`.
+fn write_audit(host: &mut impl Host, a: &Audit) {
+    let fields: [(&'static str, Option<&str>); 8] = [
+        ("keyward.subject", a.subject.as_deref()),
+        ("keyward.target", a.target.as_deref()),
+        ("keyward.jti", a.jti.as_deref()),
+        ("keyward.run", a.run.as_deref()),
+        ("keyward.decision", Some(a.decision).filter(|d| !d.is_empty())),
+        ("keyward.cache", a.cache),
+        ("keyward.idempotency_key", a.idempotency_key.as_deref()),
+        ("keyward.secret_version", a.secret_version.as_deref()),
+    ];
+    for (key, value) in fields {
+        if let Some(v) = value {
+            host.set_filter_state(key, v);
+        }
+    }
 }

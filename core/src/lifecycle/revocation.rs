@@ -1,7 +1,7 @@
 //! The revocation list's refresh: one worker at a time (a lease in shared data) reads the list
 //! from its store every `refresh_s`; every worker picks up the shared copy.
 
-use super::session::Token;
+use super::session::StoreAuth;
 use super::{Answer, Lifecycle, Purpose, CALL_GRACE_MS};
 use crate::credential::revocation::{self, RevocationList};
 use crate::host::{CallId, Host};
@@ -51,10 +51,10 @@ impl Lifecycle {
             self.revocations.refresh = Refresh::Idle;
             return;
         }
-        let session = match self.token_for(host, rev.store) {
-            Token::Configured => None,
-            Token::Session(t, generation) => Some((t, generation)),
-            Token::Missing => {
+        let session = match self.auth_for(host, rev.store) {
+            StoreAuth::Configured => None,
+            StoreAuth::Session(t, generation) => Some((t, generation)),
+            StoreAuth::Missing => {
                 self.revocations.refresh = Refresh::AwaitingSession;
                 return self.ensure_session(host, rev.store);
             }

@@ -26,8 +26,8 @@ pub enum SessionCall {
     },
 }
 
-/// The token a store callout should carry.
-pub(super) enum Token {
+/// How a store callout authenticates.
+pub(super) enum StoreAuth {
     /// The store's own (`token_env`, or none needed).
     Configured,
     /// The AppRole session's token, and its generation.
@@ -37,12 +37,12 @@ pub(super) enum Token {
 }
 
 impl Lifecycle {
-    pub(super) fn token_for(&self, host: &impl Host, store: usize) -> Token {
-        let Some(Some(key)) = self.names.sessions.get(store) else { return Token::Configured };
+    pub(super) fn auth_for(&self, host: &impl Host, store: usize) -> StoreAuth {
+        let Some(Some(key)) = self.names.sessions.get(store) else { return StoreAuth::Configured };
         let st: SessionState = shared::read(host, key);
-        match st.token(host.now_ms()) {
-            Some((t, generation)) => Token::Session(t.clone(), generation),
-            None => Token::Missing,
+        match st.session_token(host.now_ms()) {
+            Some((t, generation)) => StoreAuth::Session(t.clone(), generation),
+            None => StoreAuth::Missing,
         }
     }
 
@@ -60,7 +60,7 @@ impl Lifecycle {
         let mut has_token = false;
         let took = shared::update::<SessionState>(host, &key, |a| {
             next = a.due(now_ms);
-            has_token = a.token(now_ms).is_some();
+            has_token = a.session_token(now_ms).is_some();
             next != Next::Nothing && a.take_lease(now_ms, lease_ms)
         });
         if took != Some(true) {
@@ -81,7 +81,7 @@ impl Lifecycle {
         let Some(cfg) = self.cfg.clone() else { return };
         let (Some(st), Some(Some(key))) = (cfg.stores.get(store), self.names.sessions.get(store)) else { return };
         let current: SessionState = shared::read(host, key);
-        let token = current.token(host.now_ms()).map(|(t, _)| t.clone());
+        let token = current.session_token(host.now_ms()).map(|(t, _)| t.clone());
         let (call, renewal) = match (&token, renewal) {
             (Some(t), true) => (Some(approle::renew_call(st, t)), true),
             _ => (approle::login_call(st), false),
@@ -151,7 +151,7 @@ impl Lifecycle {
     /// Work waiting for `store`'s token: send it if there is one now; fail it if the login just
     /// failed (`failure`); otherwise keep waiting. Root events only.
     pub(super) fn drain_session(&mut self, host: &mut impl Host, store: usize, failure: Option<String>) {
-        let has_token = matches!(self.token_for(host, store), Token::Session(..));
+        let has_token = matches!(self.auth_for(host, store), StoreAuth::Session(..));
         if !has_token && failure.is_none() {
             return;
         }

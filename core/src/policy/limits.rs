@@ -16,7 +16,6 @@
 //! `jti_len u16 | jti | keep_until_s u64 | used u64 | head_s u64 | nb u8 | nb * (age u8, count u32)`
 //! where bucket `head_s - age` holds `count` requests. All integers are little-endian.
 
-use crate::credential::jwt::Limits;
 use crate::wire::Reader;
 
 const MAGIC: &[u8; 4] = b"KWL1";
@@ -29,6 +28,13 @@ const WINDOW_BUCKETS: u64 = 61;
 pub const MAX_RECORDS_PER_SHARD: usize = 4096;
 /// A `jti` longer than this is not a valid claim (see `token`), so it never reaches here.
 const MAX_JTI: usize = 1024;
+
+/// A credential's own limits (its `lim` claim): requests per minute and in all.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Limits {
+    pub rpm: Option<u64>,
+    pub total: Option<u64>,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {

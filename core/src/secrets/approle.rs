@@ -69,7 +69,7 @@ pub struct SessionState {
 
 impl SessionState {
     /// The token to use now, with its generation, if there is a valid one.
-    pub fn token(&self, now_ms: u64) -> Option<(&Secret, u64)> {
+    pub fn session_token(&self, now_ms: u64) -> Option<(&Secret, u64)> {
         let s = self.session.as_ref()?;
         let valid = s.expires_ms == u64::MAX || now_ms.saturating_add(EXPIRY_MARGIN_MS) < s.expires_ms;
         valid.then_some((&s.token, self.generation))
@@ -78,7 +78,7 @@ impl SessionState {
     /// What is due now (ignoring leases).
     pub fn next(&self, now_ms: u64) -> Next {
         let Some(s) = &self.session else { return Next::Login };
-        if self.token(now_ms).is_none() {
+        if self.session_token(now_ms).is_none() {
             return Next::Login;
         }
         if s.expires_ms == u64::MAX {

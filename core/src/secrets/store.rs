@@ -89,7 +89,7 @@ pub(crate) fn header(k: &str, v: &str) -> (String, Secret) {
 }
 
 /// The callout that reads `path` from `store`. `session`: the token from an AppRole login
-/// (`vault_auth`); a store configured with `token_env` uses its own token.
+/// (`secrets::approle`); a store configured with `token_env` uses its own token.
 pub fn read_call(store: &Store, path: &str, session: Option<&Secret>) -> HttpCall {
     match &store.kind {
         StoreKind::VaultKv2 { mount, auth, namespace } => {

@@ -14,6 +14,8 @@ use crate::record::Metric;
 use crate::wire::b64;
 
 pub(super) const ROOT: ContextId = 1;
+/// Root contexts in these tests are below this; streams from it up.
+pub(super) const FIRST_STREAM: ContextId = 10;
 pub(super) const K1: &[u8] = b"keyward-test-signing-key-32bytes";
 pub(super) const STRIPE_KEY: &str = "sk_test_lifecycle_0001";
 
@@ -92,6 +94,10 @@ pub(super) fn stripe_answer() -> Answer {
 pub(super) fn only_call(effects: &[Effect]) -> CallId {
     let calls: Vec<CallId> = effects.iter().filter_map(|e| if let Effect::Dispatch { call, .. } = e { Some(*call) } else { None }).collect();
     assert_eq!(calls.len(), 1, "{effects:?}");
+    assert!(
+        effects.iter().all(|e| !matches!(e, Effect::Dispatch { from, .. } if *from >= FIRST_STREAM)),
+        "every callout goes out with the root as the effective context: {effects:?}"
+    );
     calls[0]
 }
 

@@ -123,3 +123,19 @@ fn a_second_worker_uses_the_session_the_first_shared() {
     assert_eq!(send_request(&mut w2, &mut h2, 20), Action::Continue);
     assert!(h2.dispatches().is_empty(), "no second login");
 }
+
+#[test]
+fn a_stream_that_leaves_during_the_login_does_not_stall_the_store() {
+    let mut host = MemHost::new(ROOT);
+    let mut lc = worker(&mut host, config_with(APPROLE, ""));
+    let login = login_first(&mut lc, &mut host, 10);
+    host.close(10);
+    lc.handle(&mut host, Event::StreamGone(10));
+    // The login's answer belongs to the root: the session is shared and the fetch goes out.
+    lc.handle(&mut host, Event::Answer { call: login, answer: grant("s.session-1", 60) });
+    let fetch = only_call(&host.take());
+    lc.handle(&mut host, Event::Answer { call: fetch, answer: stripe_answer() });
+    assert_eq!(lc.fetch_state(0), Some(&Fetch::Idle));
+    assert_eq!(send_request(&mut lc, &mut host, 11), Action::Continue, "served from the cache, no second login");
+    assert!(host.dispatches().is_empty());
+}

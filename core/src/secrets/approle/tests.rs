@@ -101,7 +101,7 @@ fn parse_grant_classifies_failures() {
 #[test]
 fn no_session_means_login() {
     let st = SessionState::default();
-    assert_eq!(st.token(0), None);
+    assert_eq!(st.session_token(0), None);
     assert_eq!(st.next(0), Next::Login);
     assert_eq!(st.due(0), Next::Login);
 }
@@ -111,7 +111,7 @@ fn renewal_is_due_after_two_thirds_of_the_lease() {
     let mut st = SessionState::default();
     st.record(Ok(grant("s.1", 30, true)), false, 1_000);
     assert_eq!(st.generation, 1);
-    assert_eq!(st.token(1_000).map(|(t, g)| (t.expose_str().unwrap().to_string(), g)), Some(("s.1".into(), 1)));
+    assert_eq!(st.session_token(1_000).map(|(t, g)| (t.expose_str().unwrap().to_string(), g)), Some(("s.1".into(), 1)));
     assert_eq!(st.next(20_999), Next::Nothing);
     assert_eq!(st.next(21_000), Next::Renew);
     // Renewal keeps the generation and the token, and moves the clock.
@@ -128,7 +128,7 @@ fn short_leases_renew_while_the_token_is_still_usable() {
     st.record(Ok(grant("s.1", 3, true)), false, 0);
     assert_eq!(st.next(999), Next::Nothing);
     assert_eq!(st.next(1_000), Next::Renew, "2 s before the end, not at two thirds (1 s before)");
-    assert!(st.token(1_000).is_some());
+    assert!(st.session_token(1_000).is_some());
     let mut st = SessionState::default();
     st.record(Ok(grant("s.1", 2, true)), false, 0);
     assert_eq!(st.next(666), Next::Renew);
@@ -141,7 +141,7 @@ fn a_token_near_its_max_ttl_or_not_renewable_is_replaced_by_a_login() {
     // The role's max TTL caps the renewal at 10 s: less than half the login's lease.
     st.record(Ok(grant("s.1", 10, true)), true, 20_000);
     assert_eq!(st.next(26_700), Next::Login);
-    assert!(st.token(26_700).is_some(), "the old token stays usable until the new one arrives");
+    assert!(st.session_token(26_700).is_some(), "the old token stays usable until the new one arrives");
     let mut st = SessionState::default();
     st.record(Ok(grant("s.1", 30, false)), false, 0);
     assert_eq!(st.next(20_000), Next::Login);
@@ -151,8 +151,8 @@ fn a_token_near_its_max_ttl_or_not_renewable_is_replaced_by_a_login() {
 fn tokens_are_not_used_in_their_last_second() {
     let mut st = SessionState::default();
     st.record(Ok(grant("s.1", 10, true)), false, 0);
-    assert!(st.token(8_999).is_some());
-    assert!(st.token(9_000).is_none());
+    assert!(st.session_token(8_999).is_some());
+    assert!(st.session_token(9_000).is_none());
     assert_eq!(st.next(9_000), Next::Login);
 }
 
@@ -160,7 +160,7 @@ fn tokens_are_not_used_in_their_last_second() {
 fn a_non_expiring_token_is_never_renewed() {
     let mut st = SessionState::default();
     st.record(Ok(grant("s.root", 0, false)), false, 0);
-    assert!(st.token(u64::MAX - 10).is_some());
+    assert!(st.session_token(u64::MAX - 10).is_some());
     assert_eq!(st.next(u64::MAX - 10), Next::Nothing);
 }
 
@@ -182,11 +182,11 @@ fn a_failed_renewal_keeps_the_token_while_valid_and_a_refused_one_drops_it() {
     let mut st = SessionState::default();
     st.record(Ok(grant("s.1", 30, true)), false, 0);
     st.record(Err(FetchError::Transient("503".into())), true, 20_000);
-    assert!(st.token(20_000).is_some());
+    assert!(st.session_token(20_000).is_some());
     assert_eq!(st.due(20_500), Next::Nothing);
     assert_eq!(st.due(21_000), Next::Renew);
     st.record(Err(FetchError::Denied(403)), true, 21_000);
-    assert!(st.token(21_000).is_none());
+    assert!(st.session_token(21_000).is_none());
     assert_eq!(st.due(21_000), Next::Login);
 }
 
@@ -194,13 +194,13 @@ fn a_failed_renewal_keeps_the_token_while_valid_and_a_refused_one_drops_it() {
 fn a_403_invalidates_only_the_session_it_answered() {
     let mut st = SessionState::default();
     st.record(Ok(grant("s.1", 30, true)), false, 0);
-    let (_, old) = st.token(0).unwrap();
+    let (_, old) = st.session_token(0).unwrap();
     st.record(Ok(grant("s.2", 30, true)), false, 1_000);
     assert!(!st.invalidate(old), "a newer session already replaced it");
-    assert!(st.token(1_000).is_some());
-    let (_, cur) = st.token(1_000).unwrap();
+    assert!(st.session_token(1_000).is_some());
+    let (_, cur) = st.session_token(1_000).unwrap();
     assert!(st.invalidate(cur));
-    assert!(st.token(1_000).is_none());
+    assert!(st.session_token(1_000).is_none());
     assert_eq!(st.due(1_000), Next::Login);
     assert!(!st.invalidate(cur), "nothing left to invalidate");
 }
