@@ -6,29 +6,13 @@
 //! answer is recorded, every request parked on the slot is decided again.
 
 use super::session::StoreAuth;
-use super::{shared, Answer, Lifecycle, Local, Purpose, CALL_GRACE_MS, LEASE_GRACE_MS};
+use super::state::{Fetch, Local, Purpose};
+use super::{shared, Answer, Lifecycle, CALL_GRACE_MS, LEASE_GRACE_MS};
 use crate::host::{CallId, Host};
 use crate::record::Metric;
 use crate::secrets::slot_state::{Failure, SlotState, Use};
 use crate::secrets::store::{self, FetchError, Fetched};
 use std::rc::Rc;
-
-/// This worker's part in fetching one slot.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub enum Fetch {
-    /// Nothing in progress here.
-    #[default]
-    Idle,
-    /// Another worker holds the lease: the tick watches the shared record.
-    Following,
-    /// This worker holds the lease; the callout goes out at the next root callback.
-    Queued { retried: bool },
-    /// This worker holds the lease and waits for its store's Vault session.
-    AwaitingSession { retried: bool },
-    /// The callout is out. `session`: the Vault session generation it carries; `retried`: this is
-    /// the one retry after the store refused a session token.
-    InFlight { call: CallId, deadline_ms: u64, session: Option<u64>, retried: bool },
-}
 
 /// A fresh value is compared with shared data at most this often on the request path: a rotation
 /// or eviction by another worker is seen within this long (this worker's own writes at once).

@@ -17,27 +17,26 @@
 //! that leaves cancels nothing. Every callout has a deadline: past it, the call is given up and
 //! its slot, session or list is free for the next attempt.
 
+mod event;
 mod fetch;
 mod request;
 mod revocation;
 mod session;
 mod shared;
+mod state;
 #[cfg(test)]
 mod tests;
 
-pub use fetch::Fetch;
-pub use request::HostRequest;
-pub use revocation::Refresh;
-pub use session::SessionCall;
+pub use event::{Answer, Event};
+pub use state::{Fetch, Parked, Purpose, Refresh, SessionCall};
+use state::{Names, Revocations, Served, SlotCache};
 
 use crate::config::Config;
-use crate::credential::revocation::RevocationList;
 use crate::credential::verified::VerifiedCache;
 use crate::host::{Action, CallId, ContextId, Host, HostError};
-use crate::record::Audit;
 use crate::secret::Secret;
 use crate::secrets::keys;
-use crate::secrets::slot_state::{SlotState, Timing};
+use crate::secrets::slot_state::Timing;
 use crate::secrets::store::Fetched;
 use crate::secrets::store::HttpCall;
 use std::collections::{BTreeMap, HashMap};
@@ -52,103 +51,6 @@ const PARK_GRACE_MS: u64 = 1000;
 const LEASE_GRACE_MS: u64 = 500;
 /// A callout still unanswered this long after its own timeout is given up.
 const CALL_GRACE_MS: u64 = 500;
-
-/// What happens to a root context.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Event {
-    /// A stream's request headers arrived: decide the request.
-    Request(ContextId),
-    /// The vendor's response headers for a stream arrived.
-    Response(ContextId),
-    /// A stream ended (answered, reset, or the client left).
-    StreamGone(ContextId),
-    /// A callout answered or failed (Envoy answers a failure with no headers).
-    Answer { call: CallId, answer: Answer },
-    /// The periodic tick.
-    Tick,
-    /// The root callback asked for with `Host::wake_root`.
-    Woken,
-}
-
-/// A callout's answer: its `:status` (`None`: no answer at all: timeout, reset, no route) and its
-/// body (`None`: larger than `secrets::store::MAX_BODY`, not read).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Answer {
-    pub status: Option<u32>,
-    pub body: Option<Vec<u8>>,
-}
-
-impl Answer {
-    pub fn failed() -> Answer {
-        Answer { status: None, body: Some(Vec::new()) }
-    }
-}
-
-/// What a callout in flight is for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Purpose {
-    Secret(usize),
-    Session(usize),
-    Revocation,
-}
-
-/// A request waiting for a slot.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Parked {
-    pub slot: usize,
-    pub deadline_ms: u64,
-    pub audit: Audit,
-    /// Already counted against its credential's limits: deciding again must not count it twice.
-    pub admitted: bool,
-}
-
-/// What an allowed request was given (for vendor 401/403 and response scrubbing).
-struct Served {
-    slot: usize,
-    fetched_at_ms: u64,
-    target: usize,
-    data: Option<Rc<Fetched>>,
-}
-
-/// A slot's shared record as last decoded by this worker, keyed by the shared-data CAS.
-struct Local {
-    cas: u32,
-    state: SlotState,
-    data: Option<Rc<Fetched>>,
-    fetched_at_ms: u64,
-    /// When this worker last compared it with shared data.
-    checked_ms: u64,
-}
-
-/// A store-held signing key, prepared once per fetched value (`None`: the value is unusable).
-type PreparedKey = (Rc<Fetched>, Option<Rc<crate::credential::jwt::HmacKey>>);
-
-/// Per slot: this worker's fetch, its decoded copy of the shared record, and its prepared keys.
-#[derive(Default)]
-struct SlotCache {
-    fetch: Fetch,
-    local: Option<Local>,
-    /// When this worker last served it (values in use are refreshed ahead of their TTL).
-    used_at_ms: Option<u64>,
-    keys: HashMap<String, PreparedKey>,
-}
-
-/// The shared-data names of one configuration (`secrets::keys`), computed once.
-#[derive(Default)]
-struct Names {
-    secrets: Vec<String>,
-    sessions: Vec<Option<String>>,
-    /// The revocation list and its refresh lease.
-    revocation: Option<(String, String)>,
-}
-
-/// The revocation list as last read from shared data, and its refresh.
-#[derive(Default)]
-struct Revocations {
-    refresh: Refresh,
-    list: Option<Rc<RevocationList>>,
-    cas: Option<u32>,
-}
 
 pub struct Lifecycle {
     root: ContextId,

@@ -1,7 +1,8 @@
 //! One request through the pipeline, against the cache and the host: decide it (parking it when a
 //! secret must be fetched), rewrite it or answer it, and look at the vendor's response.
 
-use super::{Lifecycle, Parked, Served, PARK_GRACE_MS};
+use super::state::{Parked, Served};
+use super::{Lifecycle, PARK_GRACE_MS};
 use crate::config::Config;
 use crate::credential::jwt::HmacKey;
 use crate::credential::verified::VerifiedCache;
@@ -23,14 +24,14 @@ const LIMIT_CAS_TRIES: u32 = 64;
 
 /// The request as the engine sees it, read from the host once: the header map (`Err`: it could
 /// not be read, so every question about it fails closed) and the route's keyward metadata.
-pub struct HostRequest {
+pub(super) struct HostRequest {
     headers: Result<Headers, ()>,
     target: Option<String>,
     prefix: Option<String>,
 }
 
 impl HostRequest {
-    pub fn read(host: &mut impl Host) -> HostRequest {
+    pub(super) fn read(host: &mut impl Host) -> HostRequest {
         let headers = host.request_headers().map_err(|_| ());
         // Metadata that does not decode names no target (403 `unknown_target`).
         let meta = host.route_metadata().unwrap_or_default();

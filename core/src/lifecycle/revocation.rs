@@ -2,23 +2,13 @@
 //! from its store every `refresh_s`; every worker picks up the shared copy.
 
 use super::session::StoreAuth;
-use super::{Answer, Lifecycle, Purpose, CALL_GRACE_MS};
+use super::state::{Purpose, Refresh};
+use super::{Answer, Lifecycle, CALL_GRACE_MS};
 use crate::credential::revocation::{self, RevocationList};
 use crate::host::{CallId, Host};
 use crate::record::Metric;
 use crate::secrets::store::{self, FetchError};
 use std::rc::Rc;
-
-/// This worker's refresh of the revocation list.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub enum Refresh {
-    #[default]
-    Idle,
-    /// Due, but the store's Vault session is not there yet.
-    AwaitingSession,
-    /// `session`: the Vault session generation the call carries.
-    InFlight { call: CallId, deadline_ms: u64, session: Option<u64> },
-}
 
 impl Lifecycle {
     /// Take the shared list if another worker refreshed it.

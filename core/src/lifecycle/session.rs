@@ -3,28 +3,13 @@
 //! worker at a time holds its lease and makes the call, and fetches waiting for a token go out as
 //! soon as any worker has shared one.
 
-use super::{shared, Answer, Fetch, Lifecycle, Purpose, Refresh, CALL_GRACE_MS, LEASE_GRACE_MS};
+use super::state::{Fetch, Purpose, Refresh, SessionCall};
+use super::{shared, Answer, Lifecycle, CALL_GRACE_MS, LEASE_GRACE_MS};
 use crate::host::{CallId, Host};
 use crate::record::Metric;
 use crate::secret::Secret;
 use crate::secrets::approle::{self, Grant, Next, SessionState};
 use crate::secrets::store::{self, FetchError};
-
-/// This worker's login or renewal for one store.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub enum SessionCall {
-    #[default]
-    Idle,
-    /// This worker holds the session's lease; the call goes out at the next root callback.
-    Queued {
-        renewal: bool,
-    },
-    InFlight {
-        call: CallId,
-        deadline_ms: u64,
-        renewal: bool,
-    },
-}
 
 /// How a store callout authenticates.
 pub(super) enum StoreAuth {

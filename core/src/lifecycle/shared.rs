@@ -1,6 +1,6 @@
 //! Records in Envoy shared data, read and updated with compare-and-swap through the `Host`.
 
-use super::Names;
+use super::state::Names;
 use crate::host::{Host, HostError};
 use crate::policy::limits::Table;
 use crate::secrets::approle::SessionState;

@@ -1,0 +1,34 @@
+//! What goes into the lifecycle: the events of a root context and a callout's answer.
+
+use crate::host::{CallId, ContextId};
+
+/// What happens to a root context.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A stream's request headers arrived: decide the request.
+    Request(ContextId),
+    /// The vendor's response headers for a stream arrived.
+    Response(ContextId),
+    /// A stream ended (answered, reset, or the client left).
+    StreamGone(ContextId),
+    /// A callout answered or failed (Envoy answers a failure with no headers).
+    Answer { call: CallId, answer: Answer },
+    /// The periodic tick.
+    Tick,
+    /// The root callback asked for with `Host::wake_root`.
+    Woken,
+}
+
+/// A callout's answer: its `:status` (`None`: no answer at all: timeout, reset, no route) and its
+/// body (`None`: larger than `secrets::store::MAX_BODY`, not read).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    pub status: Option<u32>,
+    pub body: Option<Vec<u8>>,
+}
+
+impl Answer {
+    pub fn failed() -> Answer {
+        Answer { status: None, body: Some(Vec::new()) }
+    }
+}

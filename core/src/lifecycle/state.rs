@@ -1,0 +1,122 @@
+//! The lifecycle's state, as values: what a test constructs, prints and compares. Every state
+//! this worker keeps across callouts and ticks is one of these; the transitions are in the sibling
+//! modules (`fetch`, `session`, `revocation`, `request`).
+
+use crate::credential::jwt::HmacKey;
+use crate::credential::revocation::RevocationList;
+use crate::host::CallId;
+use crate::record::Audit;
+use crate::secrets::slot_state::SlotState;
+use crate::secrets::store::Fetched;
+use std::collections::HashMap;
+use std::rc::Rc;
+
+/// This worker's part in fetching one slot.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Fetch {
+    /// Nothing in progress here.
+    #[default]
+    Idle,
+    /// Another worker holds the lease: the tick watches the shared record.
+    Following,
+    /// This worker holds the lease; the callout goes out at the next root callback.
+    Queued { retried: bool },
+    /// This worker holds the lease and waits for its store's Vault session.
+    AwaitingSession { retried: bool },
+    /// The callout is out. `session`: the Vault session generation it carries; `retried`: this is
+    /// the one retry after the store refused a session token.
+    InFlight { call: CallId, deadline_ms: u64, session: Option<u64>, retried: bool },
+}
+
+/// This worker's login or renewal for one store.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum SessionCall {
+    #[default]
+    Idle,
+    /// This worker holds the session's lease; the call goes out at the next root callback.
+    Queued {
+        renewal: bool,
+    },
+    InFlight {
+        call: CallId,
+        deadline_ms: u64,
+        renewal: bool,
+    },
+}
+
+/// This worker's refresh of the revocation list.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Refresh {
+    #[default]
+    Idle,
+    /// Due, but the store's Vault session is not there yet.
+    AwaitingSession,
+    /// `session`: the Vault session generation the call carries.
+    InFlight { call: CallId, deadline_ms: u64, session: Option<u64> },
+}
+
+/// What a callout in flight is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    Secret(usize),
+    Session(usize),
+    Revocation,
+}
+
+/// A request waiting for a slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Parked {
+    pub slot: usize,
+    pub deadline_ms: u64,
+    pub audit: Audit,
+    /// Already counted against its credential's limits: deciding again must not count it twice.
+    pub admitted: bool,
+}
+
+/// What an allowed request was given (for vendor 401/403 and response scrubbing).
+pub struct Served {
+    pub(super) slot: usize,
+    pub(super) fetched_at_ms: u64,
+    pub(super) target: usize,
+    pub(super) data: Option<Rc<Fetched>>,
+}
+
+/// A slot's shared record as last decoded by this worker, keyed by the shared-data CAS.
+pub struct Local {
+    pub(super) cas: u32,
+    pub(super) state: SlotState,
+    pub(super) data: Option<Rc<Fetched>>,
+    pub(super) fetched_at_ms: u64,
+    /// When this worker last compared it with shared data.
+    pub(super) checked_ms: u64,
+}
+
+/// A store-held signing key, prepared once per fetched value (`None`: the value is unusable).
+pub type PreparedKey = (Rc<Fetched>, Option<Rc<HmacKey>>);
+
+/// Per slot: this worker's fetch, its decoded copy of the shared record, and its prepared keys.
+#[derive(Default)]
+pub struct SlotCache {
+    pub(super) fetch: Fetch,
+    pub(super) local: Option<Local>,
+    /// When this worker last served it (values in use are refreshed ahead of their TTL).
+    pub(super) used_at_ms: Option<u64>,
+    pub(super) keys: HashMap<String, PreparedKey>,
+}
+
+/// The shared-data names of one configuration (`secrets::keys`), computed once.
+#[derive(Default)]
+pub struct Names {
+    pub(super) secrets: Vec<String>,
+    pub(super) sessions: Vec<Option<String>>,
+    /// The revocation list and its refresh lease.
+    pub(super) revocation: Option<(String, String)>,
+}
+
+/// The revocation list as last read from shared data, and its refresh.
+#[derive(Default)]
+pub struct Revocations {
+    pub(super) refresh: Refresh,
+    pub(super) list: Option<Rc<RevocationList>>,
+    pub(super) cas: Option<u32>,
+}
