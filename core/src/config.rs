@@ -166,6 +166,9 @@ struct RawRevocation {
     path: String,
     #[serde(default = "default_refresh")]
     refresh_s: u32,
+    /// How old the list in force may grow while refreshes fail before requests are refused.
+    #[serde(default)]
+    max_stale_s: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -280,7 +283,13 @@ pub struct Revocation {
     pub store: usize,
     pub path: String,
     pub refresh_s: u32,
+    /// A list older than this (refreshes failing) is not enforced silently: requests that need
+    /// the check get 503 until a refresh succeeds.
+    pub max_stale_s: u32,
 }
+
+/// `revocation.max_stale_s` when the configuration does not say.
+pub const DEFAULT_MAX_STALE_S: u32 = 300;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Inject {
@@ -626,7 +635,12 @@ pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Con
             if r.refresh_s == 0 || r.refresh_s > 3600 {
                 return err("revocation.refresh_s", "must be between 1 and 3600");
             }
-            Some(Revocation { store, path: r.path.clone(), refresh_s: r.refresh_s })
+            // Default: five minutes, and never less than three refresh periods.
+            let max_stale_s = r.max_stale_s.unwrap_or_else(|| DEFAULT_MAX_STALE_S.max(r.refresh_s.saturating_mul(3)));
+            if max_stale_s < r.refresh_s.saturating_mul(2) || max_stale_s > 86_400 {
+                return err("revocation.max_stale_s", "must be at least twice refresh_s and at most 86400");
+            }
+            Some(Revocation { store, path: r.path.clone(), refresh_s: r.refresh_s, max_stale_s })
         }
     };
 

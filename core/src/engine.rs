@@ -49,9 +49,10 @@ pub trait Secrets {
     fn secret(&mut self, slot: usize) -> Lookup<Rc<Fetched>>;
     /// A signing key held in a store (`slot`'s `field`), prepared for HMAC.
     fn signing_key(&mut self, slot: usize, field: &str) -> Lookup<Option<Rc<HmacKey>>>;
-    /// Is this credential revoked (by `jti` or `sub`)?
-    fn is_revoked(&mut self, _jti: &str, _sub: &str) -> bool {
-        false
+    /// Is this credential revoked (by `jti` or `sub`)? `Pending`: this process has no list it
+    /// trusts yet (the request waits for one); `Failed`: the list is unusable (too old): 503.
+    fn revoked(&mut self, _jti: &str, _sub: &str) -> Lookup<bool> {
+        Lookup::Ready(false)
     }
     /// Count this request against the credential's `lim` (only called when it has one), unless
     /// this same request was already admitted before it parked. `keep_until_s`: when the
@@ -111,6 +112,8 @@ pub enum Outcome {
     Deny(Denial),
     /// Fetch this slot, then decide again.
     Need(usize),
+    /// Wait for a revocation list this process trusts, then decide again.
+    NeedRevocation,
 }
 
 #[derive(Debug)]
@@ -223,8 +226,17 @@ pub fn decide(cfg: &Config, req: &mut impl Request, secrets: &mut impl Secrets, 
         let code = if e.code() == "expired_credential" { Code::ExpiredCredential } else { Code::InvalidCredential };
         return deny(audit, Denial::new(code, e.public_message()));
     }
-    if secrets.is_revoked(&claims.jti, &claims.sub) {
-        return deny(audit, Denial::new(Code::RevokedCredential, "the credential has been revoked"));
+    match secrets.revoked(&claims.jti, &claims.sub) {
+        Lookup::Ready(false) | Lookup::Stale(false) => {}
+        Lookup::Ready(true) | Lookup::Stale(true) => {
+            return deny(audit, Denial::new(Code::RevokedCredential, "the credential has been revoked"));
+        }
+        // Never an unchecked request: wait for the list, or refuse.
+        Lookup::Pending => return Decision { outcome: Outcome::NeedRevocation, audit },
+        Lookup::Failed => {
+            let d = Denial::new(Code::SecretUnavailable, "the revocation list is unavailable; try again later");
+            return deny(audit, d.retry_after(RETRY_AFTER_UNAVAILABLE_S));
+        }
     }
 
     // 4. Rules: a token rule for this target AND the target's own ceiling.

@@ -31,6 +31,8 @@ pub enum Metric {
     CacheStale,
     RevocationOk,
     RevocationError,
+    /// A request refused because the revocation list in force is older than `max_stale_s`.
+    RevocationStale,
     LimitCasRetry,
     LimitFull,
     VendorRejected,
@@ -42,7 +44,7 @@ pub enum Metric {
 
 impl Metric {
     /// Every counter but the denials (those are one per `Code`), for defining them up front.
-    pub const PLAIN: [Metric; 15] = [
+    pub const PLAIN: [Metric; 16] = [
         Metric::Allowed,
         Metric::FetchOk,
         Metric::FetchError,
@@ -51,6 +53,7 @@ impl Metric {
         Metric::CacheStale,
         Metric::RevocationOk,
         Metric::RevocationError,
+        Metric::RevocationStale,
         Metric::LimitCasRetry,
         Metric::LimitFull,
         Metric::VendorRejected,
@@ -72,6 +75,7 @@ impl Metric {
             Metric::CacheStale => "keyward_cache_stale",
             Metric::RevocationOk => "keyward_revocation_refresh_ok",
             Metric::RevocationError => "keyward_revocation_refresh_error",
+            Metric::RevocationStale => "keyward_revocation_list_stale",
             Metric::LimitCasRetry => "keyward_limit_cas_retry",
             Metric::LimitFull => "keyward_limit_table_full",
             Metric::VendorRejected => "keyward_vendor_rejected_key",

@@ -88,6 +88,7 @@ fn contract_example_compiles() {
     assert!(matches!(c.key("k2").map(|k| &k.source), Some(KeySource::Stored { .. })));
     assert!(c.key("k3").is_none());
     assert_eq!(c.revocation.as_ref().map(|r| r.refresh_s), Some(5));
+    assert_eq!(c.revocation.as_ref().map(|r| r.max_stale_s), Some(300), "the default");
 }
 
 #[test]

@@ -1,15 +1,19 @@
 //! The revocation list: a KV secret whose keys are `jti:<jti>` or `sub:<sub>` (values are free
 //! text, e.g. a reason, and are ignored). Shared by all workers through Envoy shared data.
-//! Shared-data layout: `"KWR1" | fetched_at_ms u64 | entries separated by '\n'`.
+//! Shared-data layout: `"KWR2" | fetched_at_ms u64 | version u64 | entries separated by '\n'`
+//! (`version`: the store's KV v2 version of the list, 0 when the store has none or the list was
+//! confirmed missing).
 
 use crate::wire::json::Value;
 use std::collections::HashSet;
 
-const MAGIC: &[u8; 4] = b"KWR1";
+const MAGIC: &[u8; 4] = b"KWR2";
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RevocationList {
     pub fetched_at_ms: u64,
+    /// The store's version of the list (0: none known).
+    pub version: u64,
     jtis: HashSet<String>,
     subs: HashSet<String>,
 }
@@ -51,9 +55,10 @@ impl RevocationList {
     }
 
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(12 + self.len() * 24);
+        let mut out = Vec::with_capacity(20 + self.len() * 24);
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&self.fetched_at_ms.to_le_bytes());
+        out.extend_from_slice(&self.version.to_le_bytes());
         let mut first = true;
         for (p, set) in [("jti:", &self.jtis), ("sub:", &self.subs)] {
             for v in set {
@@ -73,8 +78,9 @@ impl RevocationList {
             return None;
         }
         let fetched_at_ms = u64::from_le_bytes(b.get(4..12)?.try_into().ok()?);
-        let mut l = RevocationList::empty(fetched_at_ms);
-        let body = std::str::from_utf8(b.get(12..)?).ok()?;
+        let version = u64::from_le_bytes(b.get(12..20)?.try_into().ok()?);
+        let mut l = RevocationList { version, ..RevocationList::empty(fetched_at_ms) };
+        let body = std::str::from_utf8(b.get(20..)?).ok()?;
         for line in body.split('\n').filter(|x| !x.is_empty()) {
             if let Some(j) = line.strip_prefix("jti:") {
                 l.jtis.insert(j.to_string());
@@ -121,7 +127,8 @@ mod tests {
     #[test]
     fn round_trip() {
         let doc = json::parse(br#"{"jti:a":"","jti:b c":"","sub:x/y":""}"#).unwrap_or(json::Value::Null);
-        let (l, _) = RevocationList::from_document(&doc, 1_800_000_000_000);
+        let (mut l, _) = RevocationList::from_document(&doc, 1_800_000_000_000);
+        l.version = 42;
         let d = RevocationList::decode(&l.encode());
         assert_eq!(d.as_ref(), Some(&l));
         assert_eq!(RevocationList::decode(&RevocationList::empty(7).encode()), Some(RevocationList::empty(7)));

@@ -59,6 +59,8 @@ struct Mem {
     failed: Vec<usize>,
     stale: Vec<usize>,
     revoked: Vec<String>,
+    /// No revocation list is trusted yet.
+    no_list: bool,
     limits: crate::policy::limits::Table,
     admitted: usize,
     /// The verified-token cache, when a test turns it on.
@@ -96,8 +98,11 @@ impl Secrets for Mem {
             Lookup::Failed => Lookup::Failed,
         }
     }
-    fn is_revoked(&mut self, jti: &str, sub: &str) -> bool {
-        self.revoked.iter().any(|r| *r == format!("jti:{jti}") || *r == format!("sub:{sub}"))
+    fn revoked(&mut self, jti: &str, sub: &str) -> Lookup<bool> {
+        if self.no_list {
+            return Lookup::Pending;
+        }
+        Lookup::Ready(self.revoked.iter().any(|r| *r == format!("jti:{jti}") || *r == format!("sub:{sub}")))
     }
     fn admit(&mut self, _key_id: u64, jti: &str, lim: &Limits, keep_until_s: i64) -> Verdict {
         self.admitted += 1;
@@ -155,6 +160,7 @@ fn code(d: &Decision) -> &'static str {
         Outcome::Allow(_) => "allow",
         Outcome::Deny(d) => d.code.as_str(),
         Outcome::Need(_) => "need",
+        Outcome::NeedRevocation => "need-revocation",
     }
 }
 
@@ -581,4 +587,16 @@ fn a_remembered_credential_misses_when_its_store_held_key_changes() {
     // And k3 removed from the set.
     s.slots.insert(slot, fetched(&[("k4", &crate::wire::b64::std_encode(k3))]));
     assert_eq!(code(&decide(&c, &mut req(), &mut s, NOW)), "invalid_credential");
+}
+
+#[test]
+fn without_a_trusted_revocation_list_a_valid_credential_waits_and_an_invalid_one_does_not() {
+    let c = cfg();
+    let mut s = warm(&c);
+    s.no_list = true;
+    let t = tok("k1", K1, &["stripe * /**"], "");
+    let d = decide(&c, &mut stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {t}"))), &mut s, NOW);
+    assert!(matches!(d.outcome, Outcome::NeedRevocation), "{:?}", d.outcome);
+    let d = decide(&c, &mut stripe_req("GET", "/stripe/v1/x", Some("Bearer nope".into())), &mut s, NOW);
+    assert_eq!(code(&d), "invalid_credential", "a bad credential is refused without waiting");
 }

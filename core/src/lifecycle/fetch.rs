@@ -6,7 +6,7 @@
 //! answer is recorded, every request parked on the slot is decided again.
 
 use super::session::StoreAuth;
-use super::state::{Fetch, Local, Purpose};
+use super::state::{Fetch, Local, Purpose, Wait};
 use super::{shared, Answer, Lifecycle, CALL_GRACE_MS, LEASE_GRACE_MS};
 use crate::host::{CallId, Host};
 use crate::record::Metric;
@@ -187,7 +187,7 @@ impl Lifecycle {
 
     /// Decide every request parked on `slot` again.
     pub(super) fn wake(&mut self, host: &mut impl Host, slot: usize) {
-        let waiting: Vec<u32> = self.parked.iter().filter(|(_, p)| p.slot == slot).map(|(c, _)| *c).collect();
+        let waiting: Vec<u32> = self.parked.iter().filter(|(_, p)| p.wait == Wait::Secret(slot)).map(|(c, _)| *c).collect();
         for ctx in waiting {
             self.resume(host, ctx);
         }

@@ -28,7 +28,7 @@ mod state;
 mod tests;
 
 pub use event::{Answer, Event};
-pub use state::{Fetch, Parked, Purpose, Refresh, SessionCall};
+pub use state::{Fetch, Parked, Purpose, Refresh, SessionCall, Wait};
 use state::{Names, Revocations, Served, SlotCache};
 
 use crate::config::Config;
@@ -241,6 +241,14 @@ impl Lifecycle {
                 self.dispatch_slot(host, slot, retried);
             }
         }
+        if self.waits_for_revocation() && self.revocations.refresh == Refresh::Idle {
+            let now_ms = host.now_ms();
+            self.tick_revocation(host, now_ms);
+        }
+    }
+
+    fn waits_for_revocation(&self) -> bool {
+        self.parked.values().any(|p| p.wait == Wait::Revocation)
     }
 
     /// The end of a root event: back to the root context, and the tick this state needs.
@@ -248,7 +256,8 @@ impl Lifecycle {
         let _ = self.enter(host, self.root);
         let waiting = self.slots.iter().any(|s| matches!(s.fetch, Fetch::Following | Fetch::Queued { .. } | Fetch::AwaitingSession { .. }))
             || self.sessions.iter().any(|s| matches!(s, SessionCall::Queued { .. }))
-            || self.revocations.refresh == Refresh::AwaitingSession;
+            || self.revocations.refresh == Refresh::AwaitingSession
+            || self.waits_for_revocation();
         let want = if waiting { FAST_TICK_MS } else { TICK_MS };
         if want != self.tick_ms {
             self.tick_ms = want;

@@ -1,7 +1,7 @@
 //! One request through the pipeline, against the cache and the host: decide it (parking it when a
 //! secret must be fetched), rewrite it or answer it, and look at the vendor's response.
 
-use super::state::{Parked, Served};
+use super::state::{Parked, Served, Wait};
 use super::{Lifecycle, PARK_GRACE_MS};
 use crate::config::Config;
 use crate::credential::jwt::HmacKey;
@@ -110,8 +110,8 @@ impl<H: Host> Secrets for SharedSecrets<'_, H> {
         self.lookup(slot)
     }
 
-    fn is_revoked(&mut self, jti: &str, sub: &str) -> bool {
-        self.lc.is_revoked(jti, sub)
+    fn revoked(&mut self, jti: &str, sub: &str) -> Lookup<bool> {
+        self.lc.revocation_lookup(self.host, jti, sub, self.now_ms)
     }
 
     /// Count the request in its shard with compare-and-swap: read, decide, write back only if no
@@ -216,8 +216,19 @@ impl Lifecycle {
             Outcome::Need(slot) => {
                 let timeout = cfg.store_of(slot).map_or(2000, |s| u64::from(s.timeout_ms));
                 let deadline_ms = parked.map_or(now_ms + timeout + PARK_GRACE_MS, |p| p.deadline_ms);
-                self.parked.insert(ctx, Parked { slot, deadline_ms, audit, admitted });
+                self.parked.insert(ctx, Parked { wait: Wait::Secret(slot), deadline_ms, audit, admitted });
                 self.start_fetch(host, slot);
+                Action::Pause
+            }
+            Outcome::NeedRevocation => {
+                let timeout = cfg.revocation.as_ref().and_then(|r| cfg.stores.get(r.store)).map_or(2000, |s| u64::from(s.timeout_ms));
+                let deadline_ms = parked.map_or(now_ms + timeout + PARK_GRACE_MS, |p| p.deadline_ms);
+                self.parked.insert(ctx, Parked { wait: Wait::Revocation, deadline_ms, audit, admitted });
+                if self.in_root {
+                    self.tick_revocation(host, now_ms);
+                } else {
+                    self.want_root(host);
+                }
                 Action::Pause
             }
             Outcome::Deny(d) => finish_deny(host, &audit, &d),

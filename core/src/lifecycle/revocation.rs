@@ -2,9 +2,10 @@
 //! from its store every `refresh_s`; every worker picks up the shared copy.
 
 use super::session::StoreAuth;
-use super::state::{Purpose, Refresh};
+use super::state::{Purpose, Refresh, Wait};
 use super::{Answer, Lifecycle, CALL_GRACE_MS};
 use crate::credential::revocation::{self, RevocationList};
+use crate::engine::Lookup;
 use crate::host::{CallId, Host};
 use crate::record::Metric;
 use crate::secrets::store::{self, FetchError};
@@ -24,8 +25,43 @@ impl Lifecycle {
         }
     }
 
-    pub(super) fn is_revoked(&self, jti: &str, sub: &str) -> bool {
-        self.revocations.list.as_ref().is_some_and(|l| l.is_revoked(jti, sub))
+    /// Is this credential revoked? `Pending` until this process has a list it trusts (loaded, or
+    /// confirmed missing); `Failed` while the list in force is older than `max_stale_s`.
+    pub(super) fn revocation_lookup(&mut self, host: &mut impl Host, jti: &str, sub: &str, now_ms: u64) -> Lookup<bool> {
+        let Some(max_stale_s) = self.cfg.as_ref().and_then(|c| c.revocation.as_ref()).map(|r| r.max_stale_s) else {
+            return Lookup::Ready(false);
+        };
+        if self.revocations.list.is_none() {
+            self.reload_revocation(host);
+        }
+        let Some(list) = self.revocations.list.clone() else { return Lookup::Pending };
+        if now_ms > list.fetched_at_ms.saturating_add(u64::from(max_stale_s) * 1000) {
+            // Another worker may have refreshed it since this one last looked.
+            self.reload_revocation(host);
+            let fresh = self.revocations.list.as_ref().is_some_and(|l| now_ms <= l.fetched_at_ms.saturating_add(u64::from(max_stale_s) * 1000));
+            if !fresh {
+                host.metric(Metric::RevocationStale);
+                if !self.revocations.too_old {
+                    self.revocations.too_old = true;
+                    log::error!("the revocation list is older than max_stale_s ({max_stale_s} s): refusing requests until a refresh succeeds");
+                }
+                return Lookup::Failed;
+            }
+        }
+        self.revocations.too_old = false;
+        let list = self.revocations.list.clone();
+        Lookup::Ready(list.is_some_and(|l| l.is_revoked(jti, sub)))
+    }
+
+    /// Decide the requests that waited for a list again, now that there is one.
+    pub(super) fn wake_revocation_waiters(&mut self, host: &mut impl Host) {
+        if self.revocations.list.is_none() {
+            return;
+        }
+        let waiting: Vec<u32> = self.parked.iter().filter(|(_, p)| p.wait == Wait::Revocation).map(|(c, _)| *c).collect();
+        for ctx in waiting {
+            self.resume(host, ctx);
+        }
     }
 
     /// The tick's part: refresh the list when due (a root event).
@@ -34,6 +70,7 @@ impl Lifecycle {
         let Some(rev) = &cfg.revocation else { return };
         let (Some(st), Some((_, lease_key))) = (cfg.stores.get(rev.store), self.names.revocation.clone()) else { return };
         self.reload_revocation(host);
+        self.wake_revocation_waiters(host);
         if matches!(self.revocations.refresh, Refresh::InFlight { .. }) {
             return;
         }
@@ -87,13 +124,25 @@ impl Lifecycle {
             None => Err(FetchError::Garbage(format!("answer is larger than {} bytes", store::MAX_BODY))),
             Some(b) => store::read_document(st, answer.status, &b),
         };
+        let in_force = self.revocations.list.clone();
         let list = match doc {
-            Ok((doc, _)) => {
-                let (l, ignored) = RevocationList::from_document(&doc, now_ms);
+            Ok((doc, version)) => {
+                let version = version.and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+                let known = in_force.as_ref().map_or(0, |l| l.version);
+                if version < known {
+                    // A lagging replica or a restored backup: never go backwards silently.
+                    return self.refresh_failed(host, &format!("the store answered version {version}, older than version {known} in force"));
+                }
+                let (mut l, ignored) = RevocationList::from_document(&doc, now_ms);
+                l.version = version;
                 if ignored > 0 {
                     log::warn!("revocation list {}:{}: {ignored} key(s) are neither jti:<id> nor sub:<id>; ignored", st.name, rev.path);
                 }
                 l
+            }
+            Err(FetchError::NotFound) if in_force.as_ref().is_some_and(|l| l.version > 0 || !l.is_empty()) => {
+                // The list existed: its disappearance is not a way to lift every revocation.
+                return self.refresh_failed(host, "the store says the list does not exist, but one was in force");
             }
             Err(FetchError::NotFound) => {
                 log::warn!("revocation list {}:{} not found; treating it as empty", st.name, rev.path);
@@ -103,10 +152,7 @@ impl Lifecycle {
                 if let (FetchError::Denied(_), Some(g)) = (&e, session) {
                     self.invalidate_session(host, rev.store, g);
                 }
-                // Keep the last good list; the lease expires and another refresh follows.
-                host.metric(Metric::RevocationError);
-                log::warn!("revocation list {}:{} refresh failed (keeping the last good list): {e}", st.name, rev.path);
-                return;
+                return self.refresh_failed(host, &e.to_string());
             }
         };
         let n = list.len();
@@ -120,5 +166,19 @@ impl Lifecycle {
         self.revocations.list = Some(Rc::new(list));
         self.revocations.cas = None;
         host.metric(Metric::RevocationOk);
+        self.wake_revocation_waiters(host);
+    }
+
+    /// A refresh that did not give a list to trust: the list in force stays (up to `max_stale_s`),
+    /// the lease expires and another refresh follows. Requests that wait keep waiting, up to their
+    /// deadline.
+    fn refresh_failed(&mut self, host: &mut impl Host, why: &str) {
+        host.metric(Metric::RevocationError);
+        let (name, path) = self
+            .cfg
+            .as_ref()
+            .and_then(|c| c.revocation.as_ref().and_then(|r| c.stores.get(r.store).map(|s| (s.name.clone(), r.path.clone()))))
+            .unwrap_or_default();
+        log::warn!("revocation list {name}:{path} refresh failed (keeping the list in force): {why}");
     }
 }

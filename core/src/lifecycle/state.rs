@@ -63,10 +63,19 @@ pub enum Purpose {
     Revocation,
 }
 
-/// A request waiting for a slot.
+/// What a parked request waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    /// A secret slot's value.
+    Secret(usize),
+    /// A revocation list this process trusts.
+    Revocation,
+}
+
+/// A request waiting.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Parked {
-    pub slot: usize,
+    pub wait: Wait,
     pub deadline_ms: u64,
     pub audit: Audit,
     /// Already counted against its credential's limits: deciding again must not count it twice.
@@ -116,6 +125,8 @@ pub struct Names {
 /// The revocation list as last read from shared data, and its refresh.
 #[derive(Default)]
 pub struct Revocations {
+    /// The list in force is older than `max_stale_s` (logged once per episode).
+    pub(super) too_old: bool,
     pub(super) refresh: Refresh,
     pub(super) list: Option<Rc<RevocationList>>,
     pub(super) cas: Option<u32>,

@@ -214,15 +214,21 @@ pub fn read_document(store: &Store, status: Option<u32>, body: &[u8]) -> Result<
 
 fn vault_document(status: u32, body: &[u8]) -> Result<(Value, Option<String>), FetchError> {
     match status {
-        200 => {}
-        404 => return Err(FetchError::NotFound),
+        200 | 404 => {}
         401 | 403 => return Err(FetchError::Denied(status)),
         429 | 500..=599 => return Err(FetchError::Transient(format!("HTTP {status}"))),
         _ => return Err(FetchError::Garbage(format!("unexpected HTTP {status}"))),
     }
-    let v = json::parse(body).map_err(|e| FetchError::Garbage(format!("not JSON: {e}")))?;
-    let Some(data) = v.get("data") else {
-        return Err(FetchError::Garbage("no data object".into()));
+    // Only the store's own answers count: a 404 from an ingress or a proxy (an HTML page, an empty
+    // body) says nothing about the secret, so it is garbage (transient), never "not found".
+    let v = json::parse(body).map_err(|e| FetchError::Garbage(format!("HTTP {status}, not JSON: {e}")))?;
+    if status == 404 && is_vault_errors(&v) {
+        return Err(FetchError::NotFound); // never written, or its metadata deleted
+    }
+    let data = match v.get("data") {
+        Some(d @ Value::Object(_)) => d,
+        // A KV v1 body, a response-wrapped one (`wrap_info`, `data: null`): not this protocol.
+        _ => return Err(FetchError::Garbage(format!("HTTP {status} without a KV v2 data object"))),
     };
     let meta = data.get("metadata");
     if let Some(m) = meta {
@@ -235,15 +241,24 @@ fn vault_document(status: u32, body: &[u8]) -> Result<(Value, Option<String>), F
             }
         }
     }
+    if status == 404 {
+        return Err(FetchError::Garbage("HTTP 404 that is not the store's own not-found".into()));
+    }
     let version = match meta.and_then(|m| m.get("version")) {
         Some(Value::Int(n)) => Some(n.to_string()),
         _ => None,
     };
     match data.get("data") {
-        None | Some(Value::Null) => Err(FetchError::NotFound),
         Some(d @ Value::Object(_)) => Ok((d.clone(), version)),
+        None | Some(Value::Null) => Err(FetchError::Garbage("no data.data (a KV v1 or wrapped body?)".into())),
         Some(d) => Err(FetchError::Garbage(format!("data.data is a {}", d.kind()))),
     }
+}
+
+/// Vault's own error answer: `{"errors": [...]}` and nothing else.
+fn is_vault_errors(v: &Value) -> bool {
+    let Some(members) = v.as_object() else { return false };
+    matches!(v.get("errors"), Some(Value::Array(_))) && members.iter().all(|(k, _)| k == "errors" || k == "warnings")
 }
 
 fn aws_document(status: u32, body: &[u8]) -> Result<(Value, Option<String>), FetchError> {

@@ -79,3 +79,112 @@ fn a_garbage_answer_is_an_error_not_an_empty_list() {
     assert_eq!(send_request(&mut lc, &mut host, 10), Action::Pause);
     assert_eq!(replies(&host.take()), vec![(10, 401, "revoked_credential".into())]);
 }
+
+#[test]
+fn at_boot_a_valid_request_waits_for_the_list_and_is_never_served_unchecked() {
+    let mut host = MemHost::new(ROOT);
+    let mut lc = worker(&mut host, config_with(BAO, REV));
+    // No list yet: a valid credential waits for one (invalid ones are refused at once).
+    assert_eq!(send_request(&mut lc, &mut host, 9), Action::Pause);
+    assert_eq!(lc.parked().get(&9).map(|p| p.wait), Some(Wait::Revocation));
+    assert_eq!(host.take(), vec![Effect::WakeRoot]);
+    lc.handle(&mut host, Event::Woken);
+    let effects = host.take();
+    let refresh = only_call(&effects);
+    assert!(effects.iter().any(|e| matches!(e, Effect::Dispatch { path, .. } if path == "/v1/secret/data/keyward/revoked")), "{effects:?}");
+    // The list lands: the request goes on to its secret, then is served.
+    lc.handle(&mut host, Event::Answer { call: refresh, answer: revoked("j-other") });
+    let effects = host.take();
+    assert!(!effects.contains(&Effect::Resume(9)), "{effects:?}");
+    let fetch = only_call(&effects);
+    lc.handle(&mut host, Event::Answer { call: fetch, answer: stripe_answer() });
+    assert!(host.take().contains(&Effect::Resume(9)));
+    // A credential on the list is refused from then on.
+    let tok = token_with(K1, "k1", "j-other", host.now_ms());
+    assert_eq!(request(&mut lc, &mut host, 10, &tok), Action::Pause);
+    assert_eq!(replies(&host.take()), vec![(10, 401, "revoked_credential".into())]);
+}
+
+#[test]
+fn a_first_refresh_that_keeps_failing_answers_503_never_200() {
+    let mut host = MemHost::new(ROOT);
+    let mut lc = worker(&mut host, config_with(BAO, REV));
+    let call = first_refresh(&mut lc, &mut host);
+    lc.handle(&mut host, Event::Answer { call, answer: Answer { status: Some(429), body: Some(b"{\"errors\":[\"rate limited\"]}".to_vec()) } });
+    host.take();
+    assert_eq!(send_request(&mut lc, &mut host, 10), Action::Pause);
+    assert!(replies(&host.take()).is_empty(), "it waits");
+    host.advance(2_600);
+    lc.handle(&mut host, Event::Tick);
+    let effects = host.take();
+    assert!(replies(&effects).contains(&(10, 503, "secret_unavailable".into())), "{effects:?}");
+}
+
+#[test]
+fn a_list_confirmed_missing_is_trusted_as_empty() {
+    let mut host = MemHost::new(ROOT);
+    let mut lc = worker(&mut host, config_with(BAO, REV));
+    let call = first_refresh(&mut lc, &mut host);
+    lc.handle(&mut host, Event::Answer { call, answer: Answer { status: Some(404), body: Some(b"{\"errors\":[]}".to_vec()) } });
+    let call = cold_fetch(&mut lc, &mut host, 10);
+    lc.handle(&mut host, Event::Answer { call, answer: stripe_answer() });
+    assert!(host.take().contains(&Effect::Resume(10)));
+}
+
+#[test]
+fn odd_answers_never_lift_the_list_in_force() {
+    let mut host = MemHost::new(ROOT);
+    let mut lc = worker(&mut host, config_with(BAO, REV));
+    let call = first_refresh(&mut lc, &mut host);
+    lc.handle(&mut host, Event::Answer { call, answer: revoked("j-1") });
+    let odd: Vec<(&str, Answer)> = vec![
+        ("an older version (a lagging replica)", kv(r#"{}"#, 2)),
+        ("an HTML 404 from an ingress", Answer { status: Some(404), body: Some(b"<html>404</html>".to_vec()) }),
+        ("a bare 404", Answer { status: Some(404), body: Some(Vec::new()) }),
+        ("the store's own 404 for a list that existed", Answer { status: Some(404), body: Some(b"{\"errors\":[]}".to_vec()) }),
+        ("a response-wrapped body", Answer { status: Some(200), body: Some(br#"{"wrap_info":{"token":"x"},"data":null}"#.to_vec()) }),
+        ("a KV v1-shaped body", Answer { status: Some(200), body: Some(br#"{"data":{}}"#.to_vec()) }),
+    ];
+    for (what, answer) in odd {
+        host.advance(7_000);
+        let call = first_refresh(&mut lc, &mut host);
+        let errors = host.count(Metric::RevocationError);
+        lc.handle(&mut host, Event::Answer { call, answer });
+        assert_eq!(host.count(Metric::RevocationError), errors + 1, "{what}: counted as an error");
+        assert_eq!(send_request(&mut lc, &mut host, 10), Action::Pause, "{what}");
+        assert_eq!(replies(&host.take()), vec![(10, 401, "revoked_credential".into())], "{what}: still revoked");
+    }
+    // Clearing the list on purpose: a new, empty version.
+    host.advance(7_000);
+    let call = first_refresh(&mut lc, &mut host);
+    lc.handle(&mut host, Event::Answer { call, answer: kv("{}", 4) });
+    let call = cold_fetch(&mut lc, &mut host, 11);
+    lc.handle(&mut host, Event::Answer { call, answer: stripe_answer() });
+    assert!(host.take().contains(&Effect::Resume(11)));
+}
+
+#[test]
+fn a_list_older_than_max_stale_fails_closed_loudly_and_recovers() {
+    let mut host = MemHost::new(ROOT);
+    let mut lc = worker(&mut host, config_with(BAO, r#","revocation":{"store":"bao","path":"keyward/revoked","refresh_s":5,"max_stale_s":20}"#));
+    let call = first_refresh(&mut lc, &mut host);
+    lc.handle(&mut host, Event::Answer { call, answer: revoked("j-x") });
+    // Every refresh fails for longer than max_stale_s.
+    for _ in 0..4 {
+        host.advance(6_000);
+        let call = first_refresh(&mut lc, &mut host);
+        lc.handle(&mut host, Event::Answer { call, answer: Answer::failed() });
+    }
+    host.take();
+    let tok = token_with(K1, "k1", "j-ok", host.now_ms());
+    assert_eq!(request(&mut lc, &mut host, 10, &tok), Action::Pause);
+    assert_eq!(replies(&host.take()), vec![(10, 503, "secret_unavailable".into())]);
+    assert_eq!(host.count(Metric::RevocationStale), 1);
+    // A refresh lands: served again.
+    host.advance(2_000);
+    let call = first_refresh(&mut lc, &mut host);
+    lc.handle(&mut host, Event::Answer { call, answer: revoked("j-x") });
+    let call = cold_fetch(&mut lc, &mut host, 11);
+    lc.handle(&mut host, Event::Answer { call, answer: stripe_answer() });
+    assert!(host.take().contains(&Effect::Resume(11)));
+}

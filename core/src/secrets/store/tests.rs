@@ -148,7 +148,15 @@ fn only_authoritative_answers_forbid_stale() {
     assert!(parse_response(&v, Some(503), b"", &want(&["k"])).is_err_and(|e| e.may_serve_stale()));
     assert!(parse_response(&v, None, b"", &want(&["k"])).is_err_and(|e| e.may_serve_stale()));
     assert!(parse_response(&v, Some(200), b"<html>", &want(&["k"])).is_err_and(|e| e.may_serve_stale()));
-    assert!(parse_response(&v, Some(404), b"{}", &want(&["k"])).is_err_and(|e| !e.may_serve_stale()));
+    assert!(parse_response(&v, Some(404), b"{\"errors\":[]}", &want(&["k"])).is_err_and(|e| !e.may_serve_stale()));
+    // A 404 that is not the store's own (an ingress's page, an empty or odd body) is transient.
+    for body in [&b"{}"[..], b"", b"<html><body>404 Not Found</body></html>", br#"{"message":"no route"}"#] {
+        assert!(parse_response(&v, Some(404), body, &want(&["k"])).is_err_and(|e| e.may_serve_stale()), "{body:?}");
+    }
+    // Bodies that are not KV v2 answers: v1-shaped, response-wrapped, null data without a deletion.
+    for body in [&br#"{"data":{"k":"v1-shaped"}}"#[..], br#"{"wrap_info":{"token":"w"},"data":null}"#, br#"{"data":{"data":null,"metadata":{"version":3}}}"#] {
+        assert!(matches!(parse_response(&v, Some(200), body, &want(&["k"])), Err(FetchError::Garbage(_))), "{body:?}");
+    }
     assert!(parse_response(&v, Some(403), b"{}", &want(&["k"])).is_err_and(|e| !e.may_serve_stale()));
 }
 
