@@ -191,14 +191,16 @@ class Hang:
 
 class Relay:
     """A relay in front of a real server (OpenBao), so that a test can make the store fail on
-    demand: `mode` is "pass" (forward), "slow" (forward after `delay` seconds), "error" (answer 500)
-    or "garbage" (200 with a body that is not a store answer)."""
+    demand: `mode` is "pass" (forward), "slow" (forward after `delay` seconds), "error" (answer 500),
+    "garbage" (200 with a body that is not a store answer) or "canned" (answer `canned`: a status
+    and a body)."""
 
     def __init__(self, upstream: str):
         self.port = free_port()
         self.mode = "pass"
-        self.served = {"pass": 0, "error": 0, "garbage": 0, "hang": 0, "slow": 0}
+        self.served = {"pass": 0, "error": 0, "garbage": 0, "hang": 0, "slow": 0, "canned": 0}
         self.delay = 0.8  # seconds, in "slow" mode
+        self.canned = (404, b"")  # status and body, in "canned" mode
         self.paths = []  # every request path, in order
         self.headers = []  # every request's headers (lower-case names), in order
         self.lock = threading.Lock()
@@ -229,6 +231,8 @@ class Relay:
                     except requests.RequestException:
                         status, out = 502, b'{"errors":["upstream unreachable"]}'
 
+                elif mode == "canned":
+                    status, out = relay.canned
                 elif mode == "error":
                     status, out = 500, b'{"errors":["injected failure"]}'
                 else:

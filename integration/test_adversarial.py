@@ -275,6 +275,8 @@ def test_duplicate_x_api_key_over_http2_is_refused(gw):
     ("/stripe/v1/customers?x=/../../admin", (200,)),           # the query is not the path
     ("/stripe//v1///customers", (200,)),                       # merge_slashes: this is /v1/customers
     ("/stripe/v1/customers#frag", (400,)),
+    ("/stripe/v1/x/..;/customers", (400,)),                    # a dot segment with matrix parameters (issue 13)
+    ("/stripe/v1/customers/..;x/..;y/admin", (400,)),
 ])
 def test_path_tricks_on_the_hardened_listener(gw, path, statuses):
     gw.vendor.take()
@@ -289,6 +291,31 @@ def test_path_tricks_on_the_hardened_listener(gw, path, statuses):
         one_credential(gw, req, "authorization", f"Bearer {gw.s['stripe']}")
     else:
         assert got == []
+
+
+# ------------------------------------------------------------------ method overrides (issue 13)
+
+@pytest.mark.parametrize("how", ["X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override", "_method"])
+def test_a_method_override_cannot_run_a_method_no_rule_allows(gw, how):
+    """A credential allowed only POST /v1/payment_intents asks the vendor to run DELETE: refused
+    before the key is attached, on both listeners. Overriding to an allowed method passes."""
+    t = harness.mint(gw.k1, harness.claims(["stripe POST /v1/payment_intents"]))
+    def send(method_value, raw_listener=False):
+        path = "/stripe/v1/payment_intents"
+        headers = {}
+        if how == "_method":
+            path += f"?_method={method_value}"
+        else:
+            headers[how] = method_value
+        return gw.get(path, t, method="POST", headers=headers, raw=raw_listener)
+    for raw_listener in (False, True):
+        r = send("DELETE", raw_listener)
+        assert r.status_code == 403, r.text
+        assert r.json()["error"] == "forbidden"
+        assert gw.vendor.take() == []
+    r = send("post")
+    assert r.status_code == 200, r.text
+    assert len(gw.vendor.take()) == 1
 
 
 # ------------------------------------------------------------------ hosts and the vault

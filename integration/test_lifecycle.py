@@ -233,6 +233,22 @@ def test_hanging_vault_with_a_warm_cache_answers_within_timeout(life):
     life.vendor.take()
 
 
+def test_an_html_404_in_front_of_the_vault_keeps_the_warm_secret(life):
+    """A 404 that is not the store's own (an ingress's HTML page) says nothing about the secret:
+    the warm value is served stale, not evicted (issue 13)."""
+    t = life.token(["stripe GET /**"])
+    assert life.get("short", "/stripe/n", t).status_code == 200
+    life.relay.canned = (404, b"<html><body><h1>404 Not Found</h1><hr>nginx</body></html>")
+    with life.relay.failing("canned"):
+        time.sleep(TTL_S + 0.5)
+        for _ in range(10):
+            r = life.get("short", "/stripe/n2", t)
+            assert r.status_code == 200, r.text
+            time.sleep(0.1)
+        assert harness.header_values(life.vendor.take()[-1], "authorization") == [f"Bearer {life.values['stripe']}"]
+        assert any(e.get("cache") == "stale" for e in life.entries("short")[-10:])
+
+
 def test_deleted_secret_is_evicted_not_served_stale(life):
     t = life.token(["deleted GET /**"])
     assert life.get("short", "/deleted/a", t).status_code == 200

@@ -120,21 +120,24 @@ def test_failed_refresh_keeps_the_last_good_list(gw):
     gw.vendor.take()
 
 
-def test_missing_list_counts_as_empty_with_a_warning(gw):
-    """A list that does not exist (deleted) is an empty list, with a warning; the next one is
-    read again once it exists."""
+def test_a_deleted_list_never_lifts_the_revocations_in_force(gw):
+    """A list that existed and is then deleted is not read as "nothing is revoked": the list in
+    force stays, each refresh counts an error and says why; clearing a list is a new, empty
+    version (issue 13)."""
     c = harness.claims(["stripe GET /v1/**"], sub="lambda/rev-missing")
     t = harness.mint(gw.k1, c)
     revoke(gw, **{f"jti:{c['jti']}": "x"})
     harness.wait_until(lambda: gw.get("/stripe/v1/m", t).status_code == 401, timeout=5, what="revoked")
+    before = gw.envoy.stats()["wasmcustom.keyward_revocation_refresh_error"]
     gw.bao.delete("it/revoked")
     try:
-        harness.wait_until(lambda: all(gw.get("/stripe/v1/m", t).status_code == 200 for _ in range(10)),
-                           timeout=5, what="the deleted list read as empty")
-        assert "not found; treating it as empty" in gw.envoy.log_path.read_text(errors="replace")
+        harness.wait_until(lambda: gw.envoy.stats()["wasmcustom.keyward_revocation_refresh_error"] >= before + 2,
+                           timeout=8, what="refreshes of the deleted list counted as errors")
+        assert all(gw.get("/stripe/v1/m", t).status_code == 401 for _ in range(20)), "still revoked"
+        assert "the store says the list does not exist, but one was in force" in gw.envoy.log_path.read_text(errors="replace")
     finally:
         gw.bao.put("it/revoked", {"jti:seed-entry": "kept so the list is never empty", f"jti:{c['jti']}": "x"})
-    harness.wait_until(lambda: gw.get("/stripe/v1/m", t).status_code == 401, timeout=5, what="revoked again")
+    assert gw.get("/stripe/v1/m", t).status_code == 401
     gw.vendor.take()
 
 

@@ -134,6 +134,64 @@ fn unavailable() -> Denial {
     Denial::new(Code::SecretUnavailable, "the upstream credential is unavailable; try again later").retry_after(RETRY_AFTER_UNAVAILABLE_S)
 }
 
+/// Headers some vendors (Google APIs among them) honour to run another method than `:method`.
+pub const METHOD_OVERRIDE_HEADERS: [&str; 3] = ["x-http-method-override", "x-http-method", "x-method-override"];
+
+/// Every method the request asks the vendor to run instead of `:method`: the override headers'
+/// values and the query's `_method` parameters, upper-cased. `Err`: one is not a method token.
+fn method_overrides(req: &mut impl Request, raw_path: &str) -> Result<Vec<String>, ()> {
+    let mut out = Vec::new();
+    for h in METHOD_OVERRIDE_HEADERS {
+        for v in req.header_values(h) {
+            out.push(String::from_utf8(v).map_err(|_| ())?);
+        }
+    }
+    if let Some((_, query)) = raw_path.split_once('?') {
+        for pair in query.split('&') {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            if percent_decode(k).eq_ignore_ascii_case("_method") {
+                out.push(percent_decode(v));
+            }
+        }
+    }
+    out.into_iter()
+        .map(|m| {
+            let m = m.trim().to_ascii_uppercase();
+            let ok = !m.is_empty() && m.len() <= 32 && m.bytes().all(|b| b.is_ascii_uppercase() || b == b'-' || b == b'_');
+            if ok {
+                Ok(m)
+            } else {
+                Err(())
+            }
+        })
+        .collect()
+}
+
+/// Percent-decode a query component (`+` is a space), lossily: only for comparing names and methods.
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while let Some(&c) = b.get(i) {
+        let hex = |j: usize| b.get(j).and_then(|x| (*x as char).to_digit(16));
+        match (c, hex(i + 1), hex(i + 2)) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (b'+', _, _) => {
+                out.push(b' ');
+                i += 1;
+            }
+            _ => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// Decide one request. `now_s` is seconds since the epoch.
 pub fn decide(cfg: &Config, req: &mut impl Request, secrets: &mut impl Secrets, now_s: i64) -> Decision {
     let mut audit = Audit::default();
@@ -162,6 +220,11 @@ pub fn decide(cfg: &Config, req: &mut impl Request, secrets: &mut impl Secrets, 
     let prefix = req.route_prefix().unwrap_or_default();
     let Some(vendor_path) = strip_prefix(path, &prefix) else {
         return deny(audit, Denial::new(Code::Forbidden, "the path is outside this route's prefix"));
+    };
+    // Methods the vendor may run instead of `:method` (checked against the rules below).
+    let overrides = match method_overrides(req, &raw_path) {
+        Ok(m) => m,
+        Err(()) => return deny(audit, Denial::new(Code::BadRequest, "a method-override header or _method parameter is not a method")),
     };
 
     // 3. The workload credential.
@@ -244,6 +307,14 @@ pub fn decide(cfg: &Config, req: &mut impl Request, secrets: &mut impl Secrets, 
     let by_target = target.allow.as_ref().is_none_or(|rules| rules.iter().any(|r| r.matches(&method, vendor_path)));
     if !by_token || !by_target {
         return deny(audit, Denial::new(Code::Forbidden, "no rule allows this method and path for this target"));
+    }
+    // A vendor that honours a method override runs that method: it must be allowed too.
+    for m in &overrides {
+        let by_token = claims.allow.iter().any(|r| r.target == target.name && r.rule.matches(m, vendor_path));
+        let by_target = target.allow.as_ref().is_none_or(|rules| rules.iter().any(|r| r.matches(m, vendor_path)));
+        if !by_token || !by_target {
+            return deny(audit, Denial::new(Code::Forbidden, "a method override names a method no rule allows for this path"));
+        }
     }
 
     // 5. The idempotency guard, then the credential's limits: both before any vault call.

@@ -600,3 +600,37 @@ fn without_a_trusted_revocation_list_a_valid_credential_waits_and_an_invalid_one
     let d = decide(&c, &mut stripe_req("GET", "/stripe/v1/x", Some("Bearer nope".into())), &mut s, NOW);
     assert_eq!(code(&d), "invalid_credential", "a bad credential is refused without waiting");
 }
+
+#[test]
+fn method_overrides_must_name_an_allowed_method() {
+    let c = cfg();
+    let mut s = warm(&c);
+    let t = tok("k1", K1, &["stripe POST /v1/payment_intents"], "");
+    let with = |h: &str, v: &str, path: &str| {
+        let mut r = stripe_req("POST", path, Some(format!("Bearer {t}")));
+        r.headers.push((h.to_string(), v.as_bytes().to_vec()));
+        r
+    };
+    for h in METHOD_OVERRIDE_HEADERS {
+        let d = decide(&c, &mut with(h, "DELETE", "/stripe/v1/payment_intents"), &mut s, NOW);
+        assert_eq!(code(&d), "forbidden", "{h}: DELETE is not allowed");
+        let d = decide(&c, &mut with(h, "post", "/stripe/v1/payment_intents"), &mut s, NOW);
+        assert_eq!(code(&d), "allow", "{h}: overriding to an allowed method is harmless");
+        let d = decide(&c, &mut with(h, "DE LETE", "/stripe/v1/payment_intents"), &mut s, NOW);
+        assert_eq!(code(&d), "bad_request", "{h}: not a method");
+    }
+    for q in ["_method=DELETE", "a=1&_method=delete", "_METHOD=PUT", "%5Fmethod=PATCH", "_method=%44ELETE"] {
+        let d = decide(&c, &mut stripe_req("POST", &format!("/stripe/v1/payment_intents?{q}"), Some(format!("Bearer {t}"))), &mut s, NOW);
+        assert_eq!(code(&d), "forbidden", "{q}");
+    }
+    let d = decide(&c, &mut stripe_req("POST", "/stripe/v1/payment_intents?method=DELETE", Some(format!("Bearer {t}"))), &mut s, NOW);
+    assert_eq!(code(&d), "allow", "only _method overrides");
+}
+
+#[test]
+fn dot_segments_with_matrix_parameters_are_refused() {
+    for p in ["/stripe/v1/..;x/admin", "/stripe/v1/.;/x", "/stripe/..;/..;/admin"] {
+        assert_eq!(sanitize(p), Err(crate::policy::rules::PathError::DotSegment), "{p}");
+    }
+    assert!(sanitize("/stripe/v1/a;b/c").is_ok(), "a matrix parameter on an ordinary segment is just text");
+}

@@ -179,6 +179,6 @@ impl Lifecycle {
             .as_ref()
             .and_then(|c| c.revocation.as_ref().and_then(|r| c.stores.get(r.store).map(|s| (s.name.clone(), r.path.clone()))))
             .unwrap_or_default();
-        log::warn!("revocation list {name}:{path} refresh failed (keeping the list in force): {why}");
+        log::warn!("revocation list {name}:{path} refresh failed (keeping the last good list): {why}");
     }
 }

@@ -246,7 +246,9 @@ pub fn sanitize(raw: &str) -> Result<&str, PathError> {
         if s.is_empty() && k + 1 != n {
             return Err(PathError::EmptySegment);
         }
-        if *s == "." || *s == ".." {
+        // A dot segment with matrix parameters (`..;x`) is one to servers that strip them.
+        let bare = s.split(';').next().unwrap_or(s);
+        if bare == "." || bare == ".." {
             return Err(PathError::DotSegment);
         }
     }
