@@ -109,7 +109,8 @@ def hcm(stat_prefix, access_log_path, cfg: dict, hardened: bool, env_keys=None) 
         "http_filters": [
             {"name": "keyward", "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
-                "config": {"name": "keyward", "root_id": "keyward", "fail_open": False,
+                "config": {"name": "keyward", "root_id": "keyward", "failure_policy": "FAIL_RELOAD",
+                           "reload_config": {"backoff": {"base_interval": "0.1s", "max_interval": "1s"}},
                            "vm_config": {"vm_id": "keyward", "runtime": "envoy.wasm.runtime.v8",
                                          "code": {"local": {"filename": WASM}},
                                          "environment_variables": {"host_env_keys": list(env_keys or ENV_KEYS)}},

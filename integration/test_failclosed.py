@@ -1,8 +1,11 @@
-"""A panicking module fails closed (issue 5): with `fail_open: false`, a request that makes the
-module panic gets a 5xx, never reaches the vendor, and neither do the requests after it while the
-VM is down. The panic comes from a test-only build (`--features panic-test`, dist/test/); the
-shipped module has no trigger."""
+"""A panicking module fails closed (issues 5 and 13). With the shipped `failure_policy:
+FAIL_RELOAD`, the request that makes the module panic gets 503 and never reaches the vendor, and
+the worker's VM is reloaded: the next requests are served again, and `keyward_vm_configured`
+shows the reload. With `FAIL_CLOSED` the VM stays down (every later request gets 503) until Envoy
+restarts. The panic comes from a test-only build (`--features panic-test`, dist/test/); the shipped
+module has no trigger."""
 import json
+import time
 
 import pytest
 import requests
@@ -19,34 +22,54 @@ def test_the_shipped_module_has_no_panic_trigger():
     assert b"x-keyward-test-panic" in PANIC_WASM.read_bytes()
 
 
-@pytest.fixture(scope="module")
-def panicky(gw, workdir):
+def panicking_envoy(gw, workdir, policy):
     vendor = harness.Vendor()
     ports = dict(gw.ports, admin=harness.free_port(), hardened=harness.free_port(), raw=harness.free_port(), vendor=vendor.port)
-    log = workdir / "access-panic.log"
+    log = workdir / f"access-panic-{policy}.log"
     b = envoy_config.bootstrap(ports, log)
-    text = json.dumps(b).replace('"dist/keyward.wasm"', json.dumps(str(PANIC_WASM)))
-    e = harness.Envoy(workdir, json.loads(text), gw.env, name="envoy-panic", concurrency=1)
+    text = json.dumps(b).replace(json.dumps(envoy_config.WASM), json.dumps(str(PANIC_WASM)))
+    if policy != "FAIL_RELOAD":
+        text = text.replace('"failure_policy": "FAIL_RELOAD"', f'"failure_policy": "{policy}"')
+    e = harness.Envoy(workdir, json.loads(text), gw.env, name=f"envoy-panic-{policy}", concurrency=1)
     e.url = f"http://127.0.0.1:{ports['hardened']}"
     e.vendor = vendor
+    e.access = log
+    return e
+
+
+@pytest.fixture(params=["FAIL_RELOAD", "FAIL_CLOSED"])
+def panicky(gw, workdir, request):
+    e = panicking_envoy(gw, workdir, request.param)
+    e.policy = request.param
     yield e
-    assert_no_leaks(e.log_path.read_text(errors="replace") + (log.read_text() if log.exists() else ""), "the panicking Envoy's logs")
+    assert_no_leaks(e.log_path.read_text(errors="replace") + (e.access.read_text() if e.access.exists() else ""), "the panicking Envoy's logs")
     e.stop()
-    vendor.stop()
+    e.vendor.stop()
 
 
-def test_a_panicking_module_fails_closed(gw, panicky):
+def test_a_panicking_module_fails_closed_and_heals_with_fail_reload(gw, panicky):
     t = gw.token(["stripe * /**"])
     h = {"Authorization": f"Bearer {t}"}
     ok = requests.get(panicky.url + "/stripe/v1/customers", headers=h, timeout=10)
     assert ok.status_code == 200, ok.text
     assert len(panicky.vendor.take()) == 1
+    configured = panicky.stats().get("wasmcustom.keyward_vm_configured", 0)
     boom = requests.get(panicky.url + "/stripe/v1/customers", headers={**h, "x-keyward-test-panic": "1"}, timeout=10)
     assert boom.status_code == 503, boom.text
     assert gw.s["stripe"] not in boom.text
-    # The VM is down: every later request on this worker is refused too, none forwarded.
-    after = [requests.get(panicky.url + "/stripe/v1/customers", headers=h, timeout=10) for _ in range(5)]
-    assert [r.status_code for r in after] == [503] * 5
-    assert panicky.vendor.take() == []
+    assert panicky.vendor.take() == [], "the request that panicked was not forwarded"
     text = panicky.log_path.read_text(errors="replace")
-    assert "panicked at" in text and "proxy_on_request_headers failed" in text
+    assert "panicked at" in text
+    if panicky.policy == "FAIL_RELOAD":
+        # The VM is reloaded (backoff 0.1 s): the next requests are served, every one of them.
+        time.sleep(0.3)
+        after = [requests.get(panicky.url + "/stripe/v1/customers", headers=h, timeout=10) for _ in range(12)]
+        assert [r.status_code for r in after] == [200] * 12, [r.text for r in after if r.status_code != 200][:2]
+        assert len(panicky.vendor.take()) == 12
+        harness.wait_until(lambda: panicky.stats().get("wasmcustom.keyward_vm_configured", 0) > configured,
+                           timeout=5, what="the reload counted in keyward_vm_configured")
+    else:
+        # FAIL_CLOSED: the VM stays down; every later request on this worker is refused, none forwarded.
+        after = [requests.get(panicky.url + "/stripe/v1/customers", headers=h, timeout=10) for _ in range(5)]
+        assert [r.status_code for r in after] == [503] * 5
+        assert panicky.vendor.take() == []

@@ -205,8 +205,16 @@ fn lint_hcm(r: &mut Report, at: &str, hcm: &Value, no_env: bool) -> Option<HcmUs
         r.problems.push(format!("{at}: set common_http_protocol_options.idle_timeout"));
     }
 
-    if b(&cfgv, &["fail_open"]) == Some(true) {
-        r.problems.push(format!("{at}: the keyward filter has fail_open: true (a broken filter would forward requests)"));
+    let policy = s(&cfgv, &["failure_policy"]);
+    if b(&cfgv, &["fail_open"]) == Some(true) || policy == Some("FAIL_OPEN") {
+        r.problems.push(format!("{at}: the keyward filter fails open (fail_open: true or failure_policy: FAIL_OPEN): a broken filter would forward requests"));
+    } else if !matches!(policy, Some("FAIL_RELOAD" | "FAIL_CLOSED")) {
+        r.problems.push(format!(
+            "{at}: set failure_policy: FAIL_RELOAD with a reload_config backoff (a panicking module then fails closed for that request and its VM is reloaded), or FAIL_CLOSED"
+        ));
+    } else if policy == Some("FAIL_CLOSED") {
+        r.notes
+            .push(format!("{at}: failure_policy: FAIL_CLOSED leaves a worker whose module panicked answering 503 until Envoy restarts; FAIL_RELOAD heals it"));
     }
     if s(&cfgv, &["vm_config", "runtime"]) != Some("envoy.wasm.runtime.v8") {
         r.notes.push(format!("{at}: vm_config.runtime is not envoy.wasm.runtime.v8 (the tested runtime)"));
@@ -357,7 +365,9 @@ mod tests {
             ("            idle_timeout: 300s\n", "", "idle_timeout"),
             ("vm_id: keyward", "vm_id: \"\"", "vm_id"),
             ("address: {socket_address: {address: 127.0.0.1, port_value: 9901}}", "address: {socket_address: {address: 0.0.0.0, port_value: 9901}}", "admin listens on 0.0.0.0"),
-            ("fail_open: false", "fail_open: true", "fail_open: true"),
+            ("failure_policy: FAIL_RELOAD", "failure_policy: FAIL_OPEN", "fails open"),
+            ("failure_policy: FAIL_RELOAD", "fail_open: true", "fails open"),
+            ("failure_policy: FAIL_RELOAD", "failure_policy: UNSPECIFIED", "set failure_policy: FAIL_RELOAD"),
             ("        sni: api.stripe.com\n", "", "cluster stripe (a keyward route): set a fixed sni"),
             ("trusted_ca: {filename: /etc/ssl/certs/ca-certificates.crt}\n            match_typed_subject_alt_names:\n            - san_type: DNS\n              matcher: {exact: api.openai.com}",
              "match_typed_subject_alt_names:\n            - san_type: DNS\n              matcher: {exact: api.openai.com}", "cluster openai (a keyward route): validation_context.trusted_ca"),
@@ -393,7 +403,7 @@ mod tests {
             ("normalize_path: true", "normalize_path: false", "normalize_path must be true"),
             ("merge_slashes: true", "merge_slashes: false", "merge_slashes must be true"),
             ("path_with_escaped_slashes_action: REJECT_REQUEST", "path_with_escaped_slashes_action: KEEP_UNCHANGED", "REJECT_REQUEST"),
-            ("fail_open: false", "fail_open: true", "fail_open: true"),
+            ("failure_policy: FAIL_RELOAD", "failure_policy: FAIL_OPEN", "fails open"),
             ("prefix_rewrite: \"/\", host_rewrite_literal: api.stripe.com", "prefix_rewrite: \"/v1/\", host_rewrite_literal: api.stripe.com", "disagrees"),
             ("{target: stripe, prefix: \"/stripe\"}", "{target: stripe, prefix: \"/strip\"}", "disagrees"),
             ("{target: openai, prefix: \"/openai\"}", "{target: nope, prefix: \"/openai\"}", "not in the filter configuration"),

@@ -27,7 +27,7 @@ USAGE:
   keyward check-config FILE [--no-env]
       Validate a filter configuration (JSON). --no-env checks structure without the environment.
   keyward check-envoy FILE.yaml [--no-env]
-      Lint an Envoy bootstrap that runs Keyward: route metadata vs. prefixes, fail_open, path
+      Lint an Envoy bootstrap that runs Keyward: route metadata vs. prefixes, failure_policy, path
       normalisation, and the embedded filter configuration.
   keyward revoke (--jti ID | --sub SUBJECT) [--reason TEXT] [LIST]
       Add the credential (or every credential of a workload) to the revocation list in Vault or

@@ -40,11 +40,14 @@ pub enum Metric {
     VaultRenew,
     VaultAuthError,
     ResponseScrubbed,
+    /// A VM took a configuration: once per worker at start, again after each reload of a VM
+    /// whose module crashed (`failure_policy: FAIL_RELOAD`) and each reconfiguration.
+    VmConfigured,
 }
 
 impl Metric {
     /// Every counter but the denials (those are one per `Code`), for defining them up front.
-    pub const PLAIN: [Metric; 16] = [
+    pub const PLAIN: [Metric; 17] = [
         Metric::Allowed,
         Metric::FetchOk,
         Metric::FetchError,
@@ -61,6 +64,7 @@ impl Metric {
         Metric::VaultRenew,
         Metric::VaultAuthError,
         Metric::ResponseScrubbed,
+        Metric::VmConfigured,
     ];
 
     /// The counter's name in Envoy's stats.
@@ -83,6 +87,7 @@ impl Metric {
             Metric::VaultRenew => "keyward_vault_renew",
             Metric::VaultAuthError => "keyward_vault_auth_error",
             Metric::ResponseScrubbed => "keyward_response_scrubbed",
+            Metric::VmConfigured => "keyward_vm_configured",
         };
         plain.to_string()
     }

@@ -34,6 +34,7 @@ use state::{Names, Revocations, Served, SlotCache};
 use crate::config::Config;
 use crate::credential::verified::VerifiedCache;
 use crate::host::{Action, CallId, ContextId, Host, HostError};
+use crate::record::Metric;
 use crate::secret::Secret;
 use crate::secrets::keys;
 use crate::secrets::slot_state::Timing;
@@ -127,6 +128,7 @@ impl Lifecycle {
         self.cfg = Some(Rc::new(cfg));
         self.tick_ms = TICK_MS;
         host.set_tick_period_ms(TICK_MS);
+        host.metric(Metric::VmConfigured);
     }
 
     pub fn configured(&self) -> bool {
