@@ -246,7 +246,8 @@ def test_an_html_404_in_front_of_the_vault_keeps_the_warm_secret(life):
             assert r.status_code == 200, r.text
             time.sleep(0.1)
         assert harness.header_values(life.vendor.take()[-1], "authorization") == [f"Bearer {life.values['stripe']}"]
-        assert any(e.get("cache") == "stale" for e in life.entries("short")[-10:])
+        harness.wait_until(lambda: any(e.get("cache") == "stale" for e in life.entries("short")[-10:]),
+                           timeout=5, what="cache=stale in the access log")
 
 
 def test_deleted_secret_is_evicted_not_served_stale(life):

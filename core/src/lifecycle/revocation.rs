@@ -11,6 +11,9 @@ use crate::record::Metric;
 use crate::secrets::store::{self, FetchError};
 use std::rc::Rc;
 
+/// After a failed refresh, the next one waits this long.
+const RETRY_MS: u64 = 1000;
+
 impl Lifecycle {
     /// Take the shared list if another worker refreshed it.
     pub(super) fn reload_revocation(&mut self, host: &impl Host) {
@@ -170,10 +173,15 @@ impl Lifecycle {
     }
 
     /// A refresh that did not give a list to trust: the list in force stays (up to `max_stale_s`),
-    /// the lease expires and another refresh follows. Requests that wait keep waiting, up to their
+    /// and another refresh follows in a second. Requests that wait keep waiting, up to their
     /// deadline.
     fn refresh_failed(&mut self, host: &mut impl Host, why: &str) {
         host.metric(Metric::RevocationError);
+        // The next attempt (by any worker) in a second: soon, without hammering a failing store.
+        if let Some((_, lease_key)) = self.names.revocation.clone() {
+            let retry_at = host.now_ms().saturating_add(RETRY_MS);
+            let _ = host.shared_set(&lease_key, &retry_at.to_le_bytes(), None);
+        }
         let (name, path) = self
             .cfg
             .as_ref()
