@@ -67,8 +67,9 @@ class Gateway:
 
     def logs(self) -> str:
         text = self.envoy.log_path.read_text(errors="replace")
-        if self.access_log.exists():
-            text += self.access_log.read_text(errors="replace")
+        for log in (self.access_log, Path(str(self.access_log) + ".default")):
+            if log.exists():
+                text += log.read_text(errors="replace")
         return text
 
     def stop(self):

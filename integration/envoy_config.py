@@ -104,7 +104,12 @@ def hcm(stat_prefix, access_log_path, cfg: dict, hardened: bool, env_keys=None) 
             "log_format": {"json_format": {
                 "listener": stat_prefix, "method": "%REQ(:METHOD)%", "path": "%PATH(NQ:PATH)%",
                 "status": "%RESPONSE_CODE%",
-                **{k: f"%FILTER_STATE(wasm.keyward.{k}:PLAIN)%" for k in FILTER_STATE_KEYS}}}}}],
+                **{k: f"%FILTER_STATE(wasm.keyward.{k}:PLAIN)%" for k in FILTER_STATE_KEYS}}}}},
+            # Envoy's default format too (it prints %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%, query
+            # included): the leak check reads it, so a key injected into a query must not show.
+            {"name": "envoy.access_loggers.file", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+                "path": str(access_log_path) + ".default"}}],
         "route_config": {"name": "r", "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": routes}]},
         "http_filters": [
             {"name": "keyward", "typed_config": {

@@ -161,6 +161,38 @@ pub fn lint(doc: &Value, no_env: bool) -> Report {
     r
 }
 
+/// Does this access log print the request path with its query? `Some(why)`, naming the format.
+fn logs_query(log: &Value) -> Option<String> {
+    let tc = log.get("typed_config")?;
+    let ty = s(tc, &["@type"]).unwrap_or("");
+    let Some(format) = tc.get("log_format") else {
+        // File and stdio loggers without a format use Envoy's default one.
+        let text_logger = ["FileAccessLog", "StdoutAccessLog", "StderrAccessLog"].iter().any(|t| ty.ends_with(t));
+        return text_logger.then(|| "has no log_format, so it uses Envoy's default format, which prints %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%".to_string());
+    };
+    let mut texts = Vec::new();
+    collect_strings(format, &mut texts);
+    for t in texts {
+        for cmd in t.split('%').skip(1).step_by(2) {
+            let c = cmd.to_ascii_uppercase();
+            let risky = (c.starts_with("REQ(") && c.contains("PATH")) || (c.starts_with("PATH") && !c.contains("NQ"));
+            if risky {
+                return Some(format!("prints %{cmd}% (the path with its query)"));
+            }
+        }
+    }
+    None
+}
+
+fn collect_strings(v: &Value, out: &mut Vec<String>) {
+    match v {
+        Value::String(t) => out.push(t.clone()),
+        Value::Array(a) => a.iter().for_each(|x| collect_strings(x, out)),
+        Value::Object(m) => m.values().for_each(|x| collect_strings(x, out)),
+        _ => {}
+    }
+}
+
 /// What one keyward connection manager uses, for the bootstrap-wide checks.
 struct HcmUse {
     store_clusters: Vec<String>,
@@ -257,6 +289,16 @@ fn lint_hcm(r: &mut Report, at: &str, hcm: &Value, no_env: bool) -> Option<HcmUs
             r.problems.push(format!(
                 "{at}: a target injects a query credential: set the router's suppress_envoy_headers: true so x-envoy-original-path does not repeat it"
             ));
+        }
+        if uses_query {
+            for (i, log) in arr(hcm, "access_log").iter().enumerate() {
+                if let Some(why) = logs_query(log) {
+                    let name = s(log, &["name"]).unwrap_or("?");
+                    r.problems.push(format!(
+                        "{at}: access_log[{i}] ({name}) {why}, and a target injects its key into the query: a request that ends without a response (a reset) would log the key. Print %REQ_WITHOUT_QUERY(X-ENVOY-ORIGINAL-PATH?:PATH)% or %PATH(NQ:PATH)% instead"
+                    ));
+                }
+            }
         }
     }
     let store_clusters: Vec<String> = cfg.as_ref().map(|c| c.stores.iter().map(|st| st.cluster.clone()).collect()).unwrap_or_default();
@@ -414,6 +456,15 @@ mod tests {
                 "store cluster",
             ),
             ("\"audience\": \"keyward\",", "\"audience\": \"keyward\", \"colour\": 1,", "unknown field"),
+            // A query-injecting target (maps) with an access log that prints the query.
+            ("path: \"%PATH(NQ:PATH)%\"", "path: \"%REQ(:PATH)%\"", "prints %REQ(:PATH)%"),
+            ("path: \"%PATH(NQ:PATH)%\"", "path: \"%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%\"", "prints %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%"),
+            ("path: \"%PATH(NQ:PATH)%\"", "path: \"%PATH%\"", "prints %PATH%"),
+            (
+                "              \"@type\": type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog\n              log_format:\n                json_format:\n",
+                "              \"@type\": type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog\n              unused:\n                json_format:\n",
+                "uses Envoy's default format",
+            ),
         ];
         for (from, to, want) in cases {
             assert!(LOCAL.contains(from), "fixture lacks {from}");
