@@ -131,8 +131,12 @@ class Vendor:
                 if "/reflect" in self.path:
                     # A careless vendor: echoes the credential it got in headers and a redirect.
                     query = self.path.split("?", 1)[1] if "?" in self.path else ""
+                    cred = (self.headers.get("authorization") or self.headers.get("x-api-key") or "").encode()
                     echo = [("x-echo-authorization", self.headers.get("authorization") or ""),
                             ("x-echo-api-key", self.headers.get("x-api-key") or ""),
+                            # URL-encoded as some vendors do: every byte in lower-case hex, or every other one.
+                            ("x-echo-lower-hex", "".join(f"%{b:02x}" for b in cred)),
+                            ("x-echo-partial", "".join(f"%{b:02x}" if i % 2 else chr(b) for i, b in enumerate(cred))),
                             ("x-echo-query", query),
                             ("location", f"https://vendor.test/callback?{query}"),
                             ("x-harmless", "kept")]

@@ -393,7 +393,8 @@ def test_a_vendor_reflecting_the_secret_never_shows_it_to_the_workload(gw, targe
     if target == "twilio":
         pair = base64.b64encode(f"{gw.s['twilio_sid']}:{gw.s['twilio_token']}".encode()).decode()
         assert pair not in blob
-    assert not {k.lower() for k in r.headers} & {"x-echo-authorization", "x-echo-api-key", "x-echo-query"}
+    assert not {k.lower() for k in r.headers} & {"x-echo-authorization", "x-echo-api-key", "x-echo-query",
+                                                  "x-echo-lower-hex", "x-echo-partial"}
     # The redirect is removed where it carried the key (a query credential), kept where it did not.
     assert ("location" in {k.lower() for k in r.headers}) == (target != "maps")
     assert r.headers.get("x-harmless") == "kept", "other headers are untouched"

@@ -39,6 +39,7 @@ pub struct Stream {
     pub request: Headers,
     pub route: Vec<u8>,
     pub response: Headers,
+    pub trailers: Headers,
     pub filter_state: BTreeMap<&'static str, String>,
     /// The stream ended: its context is gone.
     pub gone: bool,
@@ -225,6 +226,15 @@ impl Host for MemHost {
 
     fn remove_response_header(&mut self, name: &str) -> Result<(), HostError> {
         self.stream()?.response.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
+        Ok(())
+    }
+
+    fn response_trailers(&mut self) -> Result<Headers, HostError> {
+        Ok(self.stream()?.trailers.clone())
+    }
+
+    fn remove_response_trailer(&mut self, name: &str) -> Result<(), HostError> {
+        self.stream()?.trailers.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
         Ok(())
     }
 

@@ -80,6 +80,14 @@ impl Host for WasmHost {
         hostcalls::set_map_value_bytes(MapType::HttpResponseHeaders, name, None).map_err(failed)
     }
 
+    fn response_trailers(&mut self) -> Result<Headers, HostError> {
+        hostcalls::get_map_bytes(MapType::HttpResponseTrailers).map_err(failed)
+    }
+
+    fn remove_response_trailer(&mut self, name: &str) -> Result<(), HostError> {
+        hostcalls::set_map_value_bytes(MapType::HttpResponseTrailers, name, None).map_err(failed)
+    }
+
     fn route_metadata(&mut self) -> Option<Vec<u8>> {
         hostcalls::get_property(vec!["xds", "route_metadata", "filter_metadata", "keyward"]).ok().flatten()
     }

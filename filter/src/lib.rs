@@ -153,4 +153,11 @@ impl HttpContext for Stream {
         }
         Action::Continue
     }
+
+    fn on_http_response_trailers(&mut self, _num_trailers: usize) -> Action {
+        if let Ok(mut w) = self.shared.try_borrow_mut() {
+            return action(w.handle(Event::ResponseTrailers(self.id)));
+        }
+        Action::Continue
+    }
 }

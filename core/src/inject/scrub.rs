@@ -47,9 +47,37 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && hay.len() >= needle.len() && hay.windows(needle.len()).any(|w| w == needle)
 }
 
-/// Does `value` contain any of `needles`?
+/// Does `value` contain any of `needles`, as is or once percent-decoded? Decoding first catches
+/// every way a vendor may encode the key in a URL: upper- or lower-case hex, or only some
+/// characters encoded.
 pub fn leaks(needles: &[Secret], value: &[u8]) -> bool {
-    needles.iter().any(|n| contains(value, n.expose()))
+    if needles.iter().any(|n| contains(value, n.expose())) {
+        return true;
+    }
+    value.contains(&b'%') && {
+        let decoded = pct_decode(value);
+        needles.iter().any(|n| contains(&decoded, n.expose()))
+    }
+}
+
+/// Percent-decode (any case of hex; a `%` not followed by two hex digits stays as is; `+` stays).
+fn pct_decode(b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while let Some(&c) = b.get(i) {
+        let hex = |j: usize| b.get(j).and_then(|x| (*x as char).to_digit(16));
+        match (c, hex(i + 1), hex(i + 2)) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            _ => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    out
 }
 
 /// The names (lower-case, once each) of the headers to remove from a response.
@@ -75,6 +103,23 @@ pub fn headers_to_remove(needles: &[Secret], headers: &[(String, Vec<u8>)]) -> V
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn every_url_encoding_of_the_key_is_caught() {
+        use super::leaks;
+        use crate::secret::Secret;
+        let n = vec![Secret::text("sk+live/AbC=123_xyz")];
+        for v in [
+            "https://cb/?key=sk%2Blive%2FAbC%3D123_xyz",   // upper-case hex
+            "https://cb/?key=sk%2blive%2fAbC%3d123_xyz",   // lower-case hex
+            "https://cb/?key=sk%2Blive/AbC=123_xyz",       // partly encoded
+            "https://cb/?key=%73%6B+live%2FAbC=123%5Fxyz", // unreserved characters encoded too
+        ] {
+            assert!(leaks(&n, v.as_bytes()), "{v}");
+        }
+        assert!(!leaks(&n, b"https://cb/?key=sk%2Blive%2FAbC%3D124_xyz"), "another key");
+        assert!(!leaks(&n, b"100%"), "a lone % is text");
+    }
+
     use super::*;
     use crate::credential::extract::CredentialSource;
 

@@ -9,6 +9,8 @@ pub enum Event {
     Request(ContextId),
     /// The vendor's response headers for a stream arrived.
     Response(ContextId),
+    /// The vendor's response trailers for a stream arrived.
+    ResponseTrailers(ContextId),
     /// A stream ended (answered, reset, or the client left).
     StreamGone(ContextId),
     /// A callout answered or failed (Envoy answers a failure with no headers).

@@ -151,6 +151,12 @@ impl Lifecycle {
                 self.on_response(host, ctx);
                 Action::Continue
             }
+            Event::ResponseTrailers(ctx) => {
+                self.in_root = false;
+                self.current = ctx;
+                self.on_trailers(host, ctx);
+                Action::Continue
+            }
             Event::StreamGone(ctx) => {
                 self.forget(ctx);
                 Action::Continue

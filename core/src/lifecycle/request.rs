@@ -303,7 +303,8 @@ impl Lifecycle {
     /// value): the next request fetches it again, so a key rotated in the store is used at once.
     /// The request itself is not retried.
     pub(super) fn on_response(&mut self, host: &mut impl Host, ctx: ContextId) {
-        let Some(served) = self.served.remove(&ctx) else { return };
+        // Kept until the stream ends: its trailers are scrubbed too.
+        let Some(served) = self.served.get(&ctx).cloned() else { return };
         let Some(cfg) = self.cfg.clone() else { return };
         let Ok(headers) = host.response_headers() else {
             // Unreadable, so unscrubbable: fail closed rather than risk handing over a secret.
@@ -311,7 +312,9 @@ impl Lifecycle {
             host.reset();
             return;
         };
-        self.scrub(host, &cfg, &served, &headers);
+        if !self.scrub(host, &cfg, &served, &headers, Part::Headers) {
+            return;
+        }
         self.unlog_query_key(host, &cfg, &served);
         let status = headers.iter().find(|(k, _)| k == ":status").map(|(_, v)| v.as_slice());
         if !matches!(status, Some(b"401") | Some(b"403")) {
@@ -357,10 +360,23 @@ impl Lifecycle {
         }
     }
 
-    /// Remove every response header that reflects the secret this request was given. If one
-    /// cannot be removed, the stream is reset: the secret never reaches the workload.
-    fn scrub(&mut self, host: &mut impl Host, cfg: &Config, served: &Served, headers: &Headers) {
-        let (Some(t), Some(data)) = (cfg.targets.get(served.target), served.data.as_ref()) else { return };
+    /// The vendor's response trailers: scrubbed like its headers.
+    pub(super) fn on_trailers(&mut self, host: &mut impl Host, ctx: ContextId) {
+        let Some(served) = self.served.get(&ctx).cloned() else { return };
+        let Some(cfg) = self.cfg.clone() else { return };
+        let Ok(trailers) = host.response_trailers() else {
+            log::warn!("could not read the vendor's response trailers; resetting the stream");
+            host.reset();
+            return;
+        };
+        self.scrub(host, &cfg, &served, &trailers, Part::Trailers);
+    }
+
+    /// Remove every response header (or trailer) that reflects the secret this request was given.
+    /// If one cannot be removed, the stream is reset: the secret never reaches the workload.
+    /// `false`: the stream was reset.
+    fn scrub(&mut self, host: &mut impl Host, cfg: &Config, served: &Served, headers: &Headers, part: Part) -> bool {
+        let (Some(t), Some(data)) = (cfg.targets.get(served.target), served.data.as_ref()) else { return true };
         // The forms of the secret to look for, computed once per target and value.
         let needles = match self.needles.get(&served.target) {
             Some((src, n)) if Rc::ptr_eq(src, data) => n.clone(),
@@ -372,18 +388,34 @@ impl Lifecycle {
         };
         let remove = scrub::headers_to_remove(&needles, headers);
         if remove.is_empty() {
-            return;
+            return true;
         }
         host.metric(Metric::ResponseScrubbed);
-        log::warn!("target {}: the vendor reflected the upstream secret in response header(s) {}; removed", t.name, remove.join(", "));
+        let what = match part {
+            Part::Headers => "header",
+            Part::Trailers => "trailer",
+        };
+        log::warn!("target {}: the vendor reflected the upstream secret in response {what}(s) {}; removed", t.name, remove.join(", "));
         for name in &remove {
-            if host.remove_response_header(name).is_err() {
-                log::warn!("could not remove response header {name}; resetting the stream");
+            let removed = match part {
+                Part::Headers => host.remove_response_header(name),
+                Part::Trailers => host.remove_response_trailer(name),
+            };
+            if removed.is_err() {
+                log::warn!("could not remove response {what} {name}; resetting the stream");
                 host.reset();
-                return;
+                return false;
             }
         }
+        true
     }
+}
+
+/// Which part of a response is scrubbed.
+#[derive(Clone, Copy)]
+enum Part {
+    Headers,
+    Trailers,
 }
 
 /// Answer the current stream with a denial (reset it if even that fails).

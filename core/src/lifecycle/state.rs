@@ -83,6 +83,7 @@ pub struct Parked {
 }
 
 /// What an allowed request was given (for vendor 401/403 and response scrubbing).
+#[derive(Clone)]
 pub struct Served {
     pub(super) slot: usize,
     pub(super) fetched_at_ms: u64,

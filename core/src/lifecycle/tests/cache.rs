@@ -288,3 +288,21 @@ fn a_key_injected_into_the_query_is_taken_out_of_the_logged_path_after_the_respo
     let orig = host.streams[&10].request.iter().find(|(k, _)| k == "x-envoy-original-path").map(|(_, v)| v.clone());
     assert_eq!(orig.as_deref(), Some(&b"/maps/v1/geo?q=x"[..]));
 }
+
+#[test]
+fn a_secret_reflected_in_response_trailers_is_removed_too() {
+    let mut host = MemHost::new(ROOT);
+    let mut lc = worker(&mut host, config());
+    let call = cold_fetch(&mut lc, &mut host, 10);
+    lc.handle(&mut host, Event::Answer { call, answer: stripe_answer() });
+    let lower: String = STRIPE_KEY.bytes().map(|b| format!("%{b:02x}")).collect();
+    if let Some(s) = host.streams.get_mut(&10) {
+        s.response = vec![(":status".into(), b"200".to_vec())];
+        s.trailers = vec![("grpc-message".into(), format!("bad key {lower}").into_bytes()), ("x-ok".into(), b"1".to_vec())];
+    }
+    host.current = 10;
+    lc.handle(&mut host, Event::Response(10));
+    lc.handle(&mut host, Event::ResponseTrailers(10));
+    assert_eq!(host.streams[&10].trailers, vec![("x-ok".to_string(), b"1".to_vec())]);
+    assert_eq!(host.count(Metric::ResponseScrubbed), 1);
+}
