@@ -67,9 +67,8 @@ class Gateway:
 
     def logs(self) -> str:
         text = self.envoy.log_path.read_text(errors="replace")
-        for log in (self.access_log, Path(str(self.access_log) + ".default")):
-            if log.exists():
-                text += log.read_text(errors="replace")
+        if self.access_log.exists():
+            text += self.access_log.read_text(errors="replace")
         return text
 
     def stop(self):
@@ -117,6 +116,14 @@ def leak_check(request):
         return
     g = request.getfixturevalue("gw")
     assert_no_leaks(g.logs(), "Envoy's log or access log")
+    # Envoy's default access-log format prints the path with its query: a vendor key injected
+    # there must never show. (A workload that puts its own token in a query has it logged by any
+    # format that prints queries; Keyward refuses such requests but cannot unlog them.)
+    default_log = Path(str(g.access_log) + ".default")
+    if default_log.exists():
+        text = default_log.read_text(errors="replace")
+        for s in SECRETS:
+            assert s not in text, "a secret leaked into the default-format access log"
     for req in g.vendor.history:
         blob = req["path"] + "\n" + "\n".join(f"{k}: {v}" for k, v in req["headers"])
         for t in TOKENS:

@@ -29,9 +29,12 @@ USAGE:
   keyward check-envoy FILE.yaml [--no-env]
       Lint an Envoy bootstrap that runs Keyward: route metadata vs. prefixes, failure_policy, path
       normalisation, and the embedded filter configuration.
-  keyward revoke (--jti ID | --sub SUBJECT) [--reason TEXT] [LIST]
+  keyward revoke (--jti ID | --sub SUBJECT) [--reason TEXT] [--expires-at EXP] [--prune] [LIST]
       Add the credential (or every credential of a workload) to the revocation list in Vault or
-      OpenBao. Gateways deny it within their revocation refresh_s plus one second.
+      OpenBao. Gateways deny it within their revocation refresh_s plus one second. EXP is the
+      credential's exp (Unix seconds, as `keyward inspect` shows it): once it has passed, the
+      entry no longer matters, gateways drop it, and --prune deletes it (alone, or with a
+      revocation).
   keyward unrevoke (--jti ID | --sub SUBJECT) [LIST]
       Remove an entry from the revocation list.
   keyward revoked [LIST] [--json]

@@ -1,5 +1,8 @@
 //! `keyward revoke`, `keyward unrevoke` and `keyward revoked`: the revocation list in a Vault or
-//! OpenBao KV v2 secret, whose keys are `jti:<id>` or `sub:<id>` and whose values are reasons.
+//! OpenBao KV v2 secret. The commands write its compact form (`format`, and every entry as a line
+//! of `entries`: see `keyward_core::credential::revocation`), so that ten thousand entries fit in
+//! one write; they read the first form too (one key per entry) and move it into the compact one
+//! on the next change. Every change is a check-and-set write of the whole list.
 //!
 //! Environment, as the `vault`/`bao` CLIs read it: `VAULT_ADDR` (required), `VAULT_TOKEN` (or the
 //! token helper file `~/.vault-token`), `VAULT_NAMESPACE`, `VAULT_CACERT`. The token is sent only
@@ -8,6 +11,7 @@
 use crate::Args;
 use keyward_core::config::{self, StoreKind};
 use keyward_core::credential::jwt::MAX_ID_LEN;
+use keyward_core::credential::revocation::{ENTRIES_KEY, FORMAT, FORMAT_KEY};
 use keyward_core::secret::Secret;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -83,8 +87,41 @@ pub fn rfc3339(secs: i64) -> String {
     format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
-/// The list's entries (key to reason) and its KV version.
-pub type Listing = (BTreeMap<String, String>, u64);
+/// The list's entries (key to the credential's expiry, 0 when unknown, and the reason) and its
+/// KV version.
+pub type Entries = BTreeMap<String, (i64, String)>;
+pub type Listing = (Entries, u64);
+
+/// The entries of a list document, in either form.
+pub fn parse_entries(data: &serde_json::Map<String, Value>) -> Entries {
+    let mut out = BTreeMap::new();
+    for (k, val) in data {
+        match (k.as_str(), val) {
+            (FORMAT_KEY, _) => {}
+            (ENTRIES_KEY, Value::String(text)) => {
+                for line in text.lines().filter(|l| !l.is_empty()) {
+                    let mut parts = line.splitn(3, '\t');
+                    let key = parts.next().unwrap_or_default().to_string();
+                    let exp = parts.next().and_then(|e| e.parse().ok()).unwrap_or(0);
+                    out.insert(key, (exp, parts.next().unwrap_or_default().to_string()));
+                }
+            }
+            (_, Value::String(reason)) => {
+                out.insert(k.clone(), (0, reason.clone()));
+            }
+            (_, other) => {
+                out.insert(k.clone(), (0, other.to_string()));
+            }
+        }
+    }
+    out
+}
+
+/// The compact form of `entries`.
+pub fn render(entries: &Entries) -> Value {
+    let text: String = entries.iter().map(|(k, (exp, reason))| format!("{k}\t{exp}\t{reason}\n")).collect();
+    json!({ FORMAT_KEY: FORMAT, ENTRIES_KEY: text })
+}
 
 /// A KV v2 client for one secret.
 pub struct Kv {
@@ -169,7 +206,7 @@ impl Kv {
     }
 
     /// The list's entries and version; `None` when the secret does not exist or its latest
-    /// version is deleted (the filter reads that as an empty list).
+    /// version is deleted.
     pub fn read(&self) -> Result<Option<Listing>, String> {
         let (status, body) = self.call("GET", &self.url("data"), None, "")?;
         match status {
@@ -179,17 +216,8 @@ impl Kv {
         }
         let v: Value = serde_json::from_str(&body).map_err(|_| format!("reading {}: the answer is not JSON", self.describe()))?;
         let version = v.pointer("/data/metadata/version").and_then(Value::as_u64).unwrap_or(0);
-        let mut out = BTreeMap::new();
-        if let Some(data) = v.pointer("/data/data").and_then(Value::as_object) {
-            for (k, val) in data {
-                let text = match val {
-                    Value::String(s) => s.clone(),
-                    other => other.to_string(),
-                };
-                out.insert(k.clone(), text);
-            }
-        }
-        Ok(Some((out, version)))
+        let entries = v.pointer("/data/data").and_then(Value::as_object).map(parse_entries).unwrap_or_default();
+        Ok(Some((entries, version)))
     }
 
     /// The current version number from the metadata (0: the secret has never been written).
@@ -205,23 +233,18 @@ impl Kv {
         }
     }
 
-    /// Apply `changes` (a value sets an entry, `None` removes it) without losing concurrent
-    /// writes: a JSON merge patch when the list exists (Vault applies it with check-and-set),
-    /// else a check-and-set write of a new version.
-    pub fn update(&self, changes: &[(String, Option<String>)]) -> Result<(), String> {
-        let patch: serde_json::Map<String, Value> =
-            changes.iter().map(|(k, v)| (k.clone(), v.as_ref().map_or(Value::Null, |s| Value::String(s.clone())))).collect();
+    /// Change the list with `change` without losing concurrent writes: read it, change it, and
+    /// write it back in the compact form with check-and-set on the version read; again if
+    /// another writer came in between.
+    pub fn update(&self, change: impl Fn(&mut Entries) -> Result<(), String>) -> Result<(), String> {
         for _ in 0..CAS_TRIES {
-            let (status, body) = self.call("PATCH", &self.url("data"), Some(&json!({ "data": patch })), "application/merge-patch+json")?;
-            match status {
-                200 | 204 => return Ok(()),
-                404 => {}
-                s => return Err(format!("updating {}: HTTP {s}: {}", self.describe(), vault_errors(&body))),
-            }
-            // No readable latest version: write a fresh list, only if nobody wrote meanwhile.
-            let cas = self.current_version()?;
-            let data: serde_json::Map<String, Value> = changes.iter().filter_map(|(k, v)| v.as_ref().map(|s| (k.clone(), Value::String(s.clone())))).collect();
-            let (status, body) = self.call("POST", &self.url("data"), Some(&json!({ "data": data, "options": { "cas": cas } })), "application/json")?;
+            let (mut entries, cas) = match self.read()? {
+                Some(l) => l,
+                // Never written, or its latest version deleted: the next version, from nothing.
+                None => (BTreeMap::new(), self.current_version()?),
+            };
+            change(&mut entries)?;
+            let (status, body) = self.call("POST", &self.url("data"), Some(&json!({ "data": render(&entries), "options": { "cas": cas } })), "application/json")?;
             match status {
                 200 | 204 => return Ok(()),
                 400 if body.contains("check-and-set") => continue,
@@ -233,16 +256,42 @@ impl Kv {
 }
 
 pub fn revoke(args: &[String]) -> Result<(), String> {
-    let a = Args::parse(args, &[])?;
-    a.check(&["jti", "sub", "reason", "config", "mount", "path"])?;
-    let key = entry_key(&a)?;
+    let a = Args::parse(args, &["prune"])?;
+    a.check(&["jti", "sub", "reason", "expires-at", "config", "mount", "path", "prune"])?;
+    let prune = a.flag("prune");
+    let key = match (a.get("jti"), a.get("sub"), prune) {
+        (None, None, true) => None,
+        _ => Some(entry_key(&a)?),
+    };
     let reason = a.get("reason").unwrap_or("revoked with the keyward CLI");
     if reason.len() > 512 || reason.chars().any(char::is_control) {
         return Err("--reason must be at most 512 bytes without control characters".into());
     }
+    let exp: i64 = match a.get("expires-at") {
+        None => 0,
+        Some(v) => v.parse().ok().filter(|e| *e > 0).ok_or("--expires-at takes the credential's exp: Unix seconds")?,
+    };
     let kv = Kv::from_env(location(&a)?)?;
-    kv.update(&[(key.clone(), Some(format!("{reason} [{}]", rfc3339(crate::now()))))])?;
-    println!("revoked {key} in {}; gateways deny it within their refresh_s plus one second", kv.describe());
+    let now = crate::now();
+    let stamped = format!("{reason} [{}]", rfc3339(now));
+    let pruned = std::cell::Cell::new(0usize);
+    kv.update(|entries| {
+        if prune {
+            let before = entries.len();
+            entries.retain(|_, (exp, _)| *exp == 0 || *exp >= now);
+            pruned.set(before - entries.len());
+        }
+        if let Some(k) = &key {
+            entries.insert(k.clone(), (exp, stamped.clone()));
+        }
+        Ok(())
+    })?;
+    if let Some(k) = &key {
+        println!("revoked {k} in {}; gateways deny it within their refresh_s plus one second", kv.describe());
+    }
+    if prune {
+        println!("pruned {} entr{} of expired credentials from {}", pruned.get(), if pruned.get() == 1 { "y" } else { "ies" }, kv.describe());
+    }
     Ok(())
 }
 
@@ -251,11 +300,10 @@ pub fn unrevoke(args: &[String]) -> Result<(), String> {
     a.check(&["jti", "sub", "config", "mount", "path"])?;
     let key = entry_key(&a)?;
     let kv = Kv::from_env(location(&a)?)?;
-    match kv.read()? {
-        Some((entries, _)) if entries.contains_key(&key) => {}
-        _ => return Err(format!("{key} is not in {}", kv.describe())),
-    }
-    kv.update(&[(key.clone(), None)])?;
+    kv.update(|entries| match entries.remove(&key) {
+        Some(_) => Ok(()),
+        None => Err(format!("{key} is not in {}", kv.describe())),
+    })?;
     println!("removed {key} from {}", kv.describe());
     Ok(())
 }
@@ -266,14 +314,17 @@ pub fn list(args: &[String]) -> Result<(), String> {
     let kv = Kv::from_env(location(&a)?)?;
     let (entries, version) = kv.read()?.unwrap_or_default();
     if a.flag("json") {
-        println!("{}", json!({ "version": version, "entries": entries }));
+        let reasons: BTreeMap<&String, &String> = entries.iter().map(|(k, (_, r))| (k, r)).collect();
+        let expires: BTreeMap<&String, i64> = entries.iter().filter(|(_, (e, _))| *e != 0).map(|(k, (e, _))| (k, *e)).collect();
+        println!("{}", json!({ "version": version, "entries": reasons, "expires": expires }));
         return Ok(());
     }
     let n = entries.len();
     println!("{n} entr{} in {} (version {version})", if n == 1 { "y" } else { "ies" }, kv.describe());
-    for (k, v) in &entries {
+    for (k, (exp, reason)) in &entries {
         let note = if k.starts_with("jti:") || k.starts_with("sub:") { "" } else { "   (ignored: not jti:/sub:)" };
-        println!("{k}\t{v}{note}");
+        let until = if *exp != 0 { format!("\t(credential expires {})", rfc3339(*exp)) } else { String::new() };
+        println!("{k}\t{reason}{until}{note}");
     }
     Ok(())
 }
@@ -285,6 +336,22 @@ mod tests {
     fn args(v: &[&str]) -> Args {
         let v: Vec<String> = v.iter().map(|s| s.to_string()).collect();
         Args::parse(&v, &["json"]).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn both_forms_read_and_the_compact_one_written() {
+        let doc = json!({
+            "format": FORMAT,
+            "entries": "jti:a\t2000000000\tleaked [2026-12-02T00:00:00Z]\nsub:lambda/x\t0\tcompromised\n",
+            "jti:legacy": "first form",
+        });
+        let e = parse_entries(doc.as_object().unwrap_or_else(|| panic!("object")));
+        assert_eq!(e.get("jti:a"), Some(&(2_000_000_000, "leaked [2026-12-02T00:00:00Z]".to_string())));
+        assert_eq!(e.get("jti:legacy"), Some(&(0, "first form".to_string())));
+        let written = render(&e);
+        let again = parse_entries(written.as_object().unwrap_or_else(|| panic!("object")));
+        assert_eq!(again, e, "round trip");
+        assert_eq!(written.as_object().map(|o| o.len()), Some(2), "two strings, whatever the number of entries");
     }
 
     #[test]

@@ -61,7 +61,9 @@ impl Root {
 
 impl Context for Root {
     fn on_http_call_response(&mut self, call_id: u32, num_headers: usize, body_size: usize, _trailers: usize) {
-        let answer = host::callout_answer(num_headers, body_size, store::MAX_BODY);
+        // The largest answer any callout may have (a revocation list); the lifecycle holds every
+        // other answer to `store::MAX_BODY`.
+        let answer = host::callout_answer(num_headers, body_size, store::MAX_LIST_BODY);
         self.event(Event::Answer { call: call_id, answer });
     }
 }

@@ -8,6 +8,10 @@ use crate::wire::json::Value;
 use std::collections::HashSet;
 
 const MAGIC: &[u8; 4] = b"KWR2";
+/// The compact form's fields.
+pub const FORMAT_KEY: &str = "format";
+pub const ENTRIES_KEY: &str = "entries";
+pub const FORMAT: &str = "keyward-revocations/2";
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RevocationList {
@@ -19,23 +23,54 @@ pub struct RevocationList {
 }
 
 impl RevocationList {
-    /// Read the KV document. Keys that are neither `jti:` nor `sub:`, or that hold control
-    /// characters, are ignored; the count of ignored keys is returned for a warning.
-    pub fn from_document(doc: &Value, fetched_at_ms: u64) -> (RevocationList, usize) {
+    /// Read the KV document (either form). Entries of credentials that expired before
+    /// `expired_before_s` are dropped. Keys and lines that are neither `jti:` nor `sub:`, or that
+    /// hold control characters, are ignored; their count is returned for a warning.
+    pub fn from_document(doc: &Value, fetched_at_ms: u64, expired_before_s: i64) -> (RevocationList, usize) {
         let mut l = RevocationList { fetched_at_ms, ..RevocationList::default() };
         let mut ignored = 0;
-        for (k, _) in doc.as_object().unwrap_or_default() {
-            if k.chars().any(char::is_control) {
-                ignored += 1;
-            } else if let Some(j) = k.strip_prefix("jti:").filter(|j| !j.is_empty()) {
-                l.jtis.insert(j.to_string());
-            } else if let Some(s) = k.strip_prefix("sub:").filter(|s| !s.is_empty()) {
-                l.subs.insert(s.to_string());
-            } else {
-                ignored += 1;
+        for (k, v) in doc.as_object().unwrap_or_default() {
+            match k.as_str() {
+                FORMAT_KEY => {}
+                ENTRIES_KEY => match v.as_str() {
+                    Some(text) => {
+                        for line in text.split('\n').filter(|x| !x.is_empty()) {
+                            let mut parts = line.split('\t');
+                            let key = parts.next().unwrap_or_default();
+                            let exp: i64 = parts.next().and_then(|e| e.parse().ok()).unwrap_or(0);
+                            if exp != 0 && exp < expired_before_s {
+                                continue; // the credential has expired: the entry no longer matters
+                            }
+                            if !l.add(key) {
+                                ignored += 1;
+                            }
+                        }
+                    }
+                    None => ignored += 1,
+                },
+                key => {
+                    if !l.add(key) {
+                        ignored += 1;
+                    }
+                }
             }
         }
         (l, ignored)
+    }
+
+    /// Add `jti:<id>` or `sub:<id>`; false for anything else.
+    fn add(&mut self, key: &str) -> bool {
+        if key.chars().any(char::is_control) {
+            return false;
+        }
+        if let Some(j) = key.strip_prefix("jti:").filter(|j| !j.is_empty()) {
+            self.jtis.insert(j.to_string());
+        } else if let Some(s) = key.strip_prefix("sub:").filter(|s| !s.is_empty()) {
+            self.subs.insert(s.to_string());
+        } else {
+            return false;
+        }
+        true
     }
 
     pub fn empty(fetched_at_ms: u64) -> RevocationList {
@@ -115,7 +150,7 @@ mod tests {
     #[test]
     fn reads_the_document() {
         let doc = json::parse(br#"{"jti:abc":"leaked in logs","sub:lambda/pay":"compromised","other":"x","jti:":"empty","sub:a\nb":"x"}"#);
-        let (l, ignored) = RevocationList::from_document(&doc.unwrap_or(json::Value::Null), 5);
+        let (l, ignored) = RevocationList::from_document(&doc.unwrap_or(json::Value::Null), 5, 0);
         assert!(l.is_revoked("abc", "nobody"));
         assert!(l.is_revoked("zzz", "lambda/pay"));
         assert!(!l.is_revoked("abd", "lambda/pa"));
@@ -125,9 +160,34 @@ mod tests {
     }
 
     #[test]
+    fn reads_the_compact_form_and_drops_expired_entries() {
+        let doc = json::parse(
+            b"{\"format\":\"keyward-revocations/2\",\"entries\":\"jti:live\\t2000\\tleaked\\njti:gone\\t999\\told\\nsub:lambda/x\\t0\\tcompromised\\nnot-an-entry\\t0\\tx\\n\",\"jti:legacy\":\"first form\"}",
+        )
+        .unwrap_or(json::Value::Null);
+        let (l, ignored) = RevocationList::from_document(&doc, 5, 1000);
+        assert!(l.is_revoked("live", "-") && l.is_revoked("legacy", "-") && l.is_revoked("-", "lambda/x"));
+        assert!(!l.is_revoked("gone", "-"), "expired before 1000: dropped");
+        assert_eq!((l.len(), ignored), (3, 1));
+    }
+
+    #[test]
+    fn ten_thousand_entries_in_one_field() {
+        let entries: String = (0..10_000).map(|i| format!("jti:credential-{i:05}\t4000000000\tleaked in a log\n")).collect();
+        let doc = json::Value::Object(vec![
+            (FORMAT_KEY.into(), json::Value::Str(FORMAT.into())),
+            (ENTRIES_KEY.into(), json::Value::Str(entries)),
+        ]);
+        let (l, ignored) = RevocationList::from_document(&doc, 5, 0);
+        assert_eq!((l.len(), ignored), (10_000, 0));
+        assert!(l.is_revoked("credential-09999", "-"));
+        assert_eq!(RevocationList::decode(&l.encode()), Some(l));
+    }
+
+    #[test]
     fn round_trip() {
         let doc = json::parse(br#"{"jti:a":"","jti:b c":"","sub:x/y":""}"#).unwrap_or(json::Value::Null);
-        let (mut l, _) = RevocationList::from_document(&doc, 1_800_000_000_000);
+        let (mut l, _) = RevocationList::from_document(&doc, 1_800_000_000_000, 0);
         l.version = 42;
         let d = RevocationList::decode(&l.encode());
         assert_eq!(d.as_ref(), Some(&l));

@@ -134,7 +134,7 @@ impl Lifecycle {
         }
         let Some(cfg) = self.cfg.clone() else { return };
         let (Some(spec), Some(st)) = (cfg.slots.get(slot), cfg.store_of(slot)) else { return };
-        let result = match answer.body {
+        let result = match answer.body.filter(|b| b.len() <= store::MAX_BODY) {
             None => Err(FetchError::Garbage(format!("answer is larger than {} bytes", store::MAX_BODY))),
             Some(b) if spec.whole => store::parse_keyset(st, answer.status, &b),
             Some(b) => store::parse_response(st, answer.status, &b, &spec.fields),

@@ -124,8 +124,8 @@ impl Lifecycle {
         let (Some(st), Some((list_key, lease_key))) = (cfg.stores.get(rev.store), self.names.revocation.clone()) else { return };
         let now_ms = host.now_ms();
         let doc = match answer.body {
-            None => Err(FetchError::Garbage(format!("answer is larger than {} bytes", store::MAX_BODY))),
-            Some(b) => store::read_document(st, answer.status, &b),
+            None => Err(FetchError::Garbage(format!("answer is larger than {} bytes", store::MAX_LIST_BODY))),
+            Some(b) => store::read_document_up_to(st, answer.status, &b, store::MAX_LIST_BODY),
         };
         let in_force = self.revocations.list.clone();
         let list = match doc {
@@ -136,7 +136,7 @@ impl Lifecycle {
                     // A lagging replica or a restored backup: never go backwards silently.
                     return self.refresh_failed(host, &format!("the store answered version {version}, older than version {known} in force"));
                 }
-                let (mut l, ignored) = RevocationList::from_document(&doc, now_ms);
+                let (mut l, ignored) = RevocationList::from_document(&doc, now_ms, (now_ms / 1000) as i64 - cfg.policy.clock_skew_s);
                 l.version = version;
                 if ignored > 0 {
                     log::warn!("revocation list {}:{}: {ignored} key(s) are neither jti:<id> nor sub:<id>; ignored", st.name, rev.path);

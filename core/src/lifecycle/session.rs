@@ -92,7 +92,7 @@ impl Lifecycle {
         if c != call {
             return;
         }
-        let result = match answer.body {
+        let result = match answer.body.filter(|b| b.len() <= store::MAX_BODY) {
             None => Err(FetchError::Garbage(format!("answer is larger than {} bytes", store::MAX_BODY))),
             Some(b) => approle::parse_grant(answer.status, &b),
         };

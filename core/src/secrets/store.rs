@@ -9,6 +9,8 @@ use std::fmt;
 
 /// Largest store answer read; anything bigger is refused as garbage.
 pub const MAX_BODY: usize = 64 * 1024;
+/// Largest revocation-list answer accepted (about 40,000 entries in the compact format).
+pub const MAX_LIST_BODY: usize = 4 * 1024 * 1024;
 /// Largest secret value accepted.
 pub const MAX_SECRET: usize = 8 * 1024;
 
@@ -200,11 +202,16 @@ pub fn parse_keyset(store: &Store, status: Option<u32>, body: &[u8]) -> Result<F
 /// The whole secret document (an object) and its version, for readers that need every key
 /// (the revocation list).
 pub fn read_document(store: &Store, status: Option<u32>, body: &[u8]) -> Result<(Value, Option<String>), FetchError> {
+    read_document_up_to(store, status, body, MAX_BODY)
+}
+
+/// `read_document` for answers of up to `max` bytes (the revocation list: `MAX_LIST_BODY`).
+pub fn read_document_up_to(store: &Store, status: Option<u32>, body: &[u8], max: usize) -> Result<(Value, Option<String>), FetchError> {
     let Some(status) = status else {
         return Err(FetchError::Transient("no response (timeout or connection failure)".into()));
     };
-    if body.len() > MAX_BODY {
-        return Err(FetchError::Garbage(format!("answer is larger than {MAX_BODY} bytes")));
+    if body.len() > max {
+        return Err(FetchError::Garbage(format!("answer is larger than {max} bytes")));
     }
     match &store.kind {
         StoreKind::VaultKv2 { .. } => vault_document(status, body),
