@@ -244,7 +244,8 @@ impl Kv {
                 None => (BTreeMap::new(), self.current_version()?),
             };
             change(&mut entries)?;
-            let (status, body) = self.call("POST", &self.url("data"), Some(&json!({ "data": render(&entries), "options": { "cas": cas } })), "application/json")?;
+            let (status, body) =
+                self.call("POST", &self.url("data"), Some(&json!({ "data": render(&entries), "options": { "cas": cas } })), "application/json")?;
             match status {
                 200 | 204 => return Ok(()),
                 400 if body.contains("check-and-set") => continue,

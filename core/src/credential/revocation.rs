@@ -174,10 +174,7 @@ mod tests {
     #[test]
     fn ten_thousand_entries_in_one_field() {
         let entries: String = (0..10_000).map(|i| format!("jti:credential-{i:05}\t4000000000\tleaked in a log\n")).collect();
-        let doc = json::Value::Object(vec![
-            (FORMAT_KEY.into(), json::Value::Str(FORMAT.into())),
-            (ENTRIES_KEY.into(), json::Value::Str(entries)),
-        ]);
+        let doc = json::Value::Object(vec![(FORMAT_KEY.into(), json::Value::Str(FORMAT.into())), (ENTRIES_KEY.into(), json::Value::Str(entries))]);
         let (l, ignored) = RevocationList::from_document(&doc, 5, 0);
         assert_eq!((l.len(), ignored), (10_000, 0));
         assert!(l.is_revoked("credential-09999", "-"));

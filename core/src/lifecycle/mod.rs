@@ -29,7 +29,7 @@ mod tests;
 
 pub use event::{Answer, Event};
 pub use state::{Fetch, Parked, Purpose, Refresh, SessionCall, Wait};
-use state::{Names, Revocations, Served, SlotCache};
+use state::{Names, RevocationNames, Revocations, Served, SlotCache};
 
 use crate::config::Config;
 use crate::credential::verified::VerifiedCache;
@@ -107,10 +107,13 @@ impl Lifecycle {
         let names = Names {
             secrets: cfg.slots.iter().map(|s| cfg.stores.get(s.store).map_or_else(String::new, |st| keys::secret(st, &s.path))).collect(),
             sessions: cfg.stores.iter().map(keys::session).collect(),
-            revocation: cfg
-                .revocation
-                .as_ref()
-                .and_then(|r| cfg.stores.get(r.store).map(|st| (keys::revocation(st, &r.path), keys::revocation_lease(st, &r.path)))),
+            revocation: cfg.revocation.as_ref().and_then(|r| {
+                cfg.stores.get(r.store).map(|st| RevocationNames {
+                    list: keys::revocation(st, &r.path),
+                    lease: keys::revocation_lease(st, &r.path),
+                    checked: keys::revocation_checked(st, &r.path),
+                })
+            }),
         };
         shared::create_records(host, &names);
         self.timing = Timing::new(cfg.cache.ttl_s, cfg.cache.stale_if_error_s);

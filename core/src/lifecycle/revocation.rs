@@ -17,15 +17,32 @@ const RETRY_MS: u64 = 1000;
 impl Lifecycle {
     /// Take the shared list if another worker refreshed it.
     pub(super) fn reload_revocation(&mut self, host: &impl Host) {
-        let Some((list_key, _)) = &self.names.revocation else { return };
-        let (bytes, cas) = host.shared_get(list_key);
-        if cas.is_some() && cas == self.revocations.cas {
-            return;
+        let Some(names) = &self.names.revocation else { return };
+        let (bytes, cas) = host.shared_get(&names.list);
+        if cas.is_none() || cas != self.revocations.cas {
+            if let Some(l) = bytes.as_deref().and_then(RevocationList::decode) {
+                if self.revocations.list.as_ref().is_none_or(|old| old.version != l.version) {
+                    self.revocations.checked_at_ms = 0;
+                }
+                self.revocations.list = Some(Rc::new(l));
+                self.revocations.cas = cas;
+            }
         }
-        if let Some(l) = bytes.as_deref().and_then(RevocationList::decode) {
-            self.revocations.list = Some(Rc::new(l));
-            self.revocations.cas = cas;
+        // A confirmation of the version in force, from any worker.
+        let checked = host.shared_get(&names.checked).0.and_then(|b| <[u8; 16]>::try_from(b.as_slice()).ok());
+        if let (Some(b), Some(l)) = (checked, &self.revocations.list) {
+            let (version, at) = b.split_at(8);
+            let version = u64::from_le_bytes(version.try_into().unwrap_or_default());
+            let at = u64::from_le_bytes(at.try_into().unwrap_or_default());
+            if version == l.version && version > 0 {
+                self.revocations.checked_at_ms = self.revocations.checked_at_ms.max(at);
+            }
         }
+    }
+
+    /// When the list in force was last known current: read, or its version confirmed.
+    fn current_as_of(&self) -> Option<u64> {
+        self.revocations.list.as_ref().map(|l| l.fetched_at_ms.max(self.revocations.checked_at_ms))
     }
 
     /// Is this credential revoked? `Pending` until this process has a list it trusts (loaded, or
@@ -37,11 +54,11 @@ impl Lifecycle {
         if self.revocations.list.is_none() {
             self.reload_revocation(host);
         }
-        let Some(list) = self.revocations.list.clone() else { return Lookup::Pending };
-        if now_ms > list.fetched_at_ms.saturating_add(u64::from(max_stale_s) * 1000) {
+        let Some(as_of) = self.current_as_of() else { return Lookup::Pending };
+        if now_ms > as_of.saturating_add(u64::from(max_stale_s) * 1000) {
             // Another worker may have refreshed it since this one last looked.
             self.reload_revocation(host);
-            let fresh = self.revocations.list.as_ref().is_some_and(|l| now_ms <= l.fetched_at_ms.saturating_add(u64::from(max_stale_s) * 1000));
+            let fresh = self.current_as_of().is_some_and(|t| now_ms <= t.saturating_add(u64::from(max_stale_s) * 1000));
             if !fresh {
                 host.metric(Metric::RevocationStale);
                 if !self.revocations.too_old {
@@ -71,13 +88,14 @@ impl Lifecycle {
     pub(super) fn tick_revocation(&mut self, host: &mut impl Host, now_ms: u64) {
         let Some(cfg) = self.cfg.clone() else { return };
         let Some(rev) = &cfg.revocation else { return };
-        let (Some(st), Some((_, lease_key))) = (cfg.stores.get(rev.store), self.names.revocation.clone()) else { return };
+        let (Some(st), Some(names)) = (cfg.stores.get(rev.store), self.names.revocation.clone()) else { return };
+        let lease_key = names.lease;
         self.reload_revocation(host);
         self.wake_revocation_waiters(host);
         if matches!(self.revocations.refresh, Refresh::InFlight { .. }) {
             return;
         }
-        if !revocation::refresh_due(self.revocations.list.as_deref(), now_ms, rev.refresh_s) {
+        if self.current_as_of().is_some_and(|t| now_ms < t.saturating_add(u64::from(rev.refresh_s) * 1000)) {
             self.revocations.refresh = Refresh::Idle;
             return;
         }
@@ -99,29 +117,84 @@ impl Lifecycle {
             self.revocations.refresh = Refresh::Idle;
             return; // another worker took it
         }
-        match self.send(host, &store::read_call(st, &rev.path, session.as_ref().map(|(t, _)| t))) {
+        // A list in force with a version: ask only whether it is still the current one.
+        let version = self.revocations.list.as_ref().map_or(0, |l| l.version);
+        let metadata = version > 0 && !self.revocations.metadata_denied;
+        self.send_refresh(host, metadata, session);
+    }
+
+    /// Send the refresh's callout: the metadata (the current version) or the whole list.
+    fn send_refresh(&mut self, host: &mut impl Host, metadata: bool, session: Option<(crate::secret::Secret, u64)>) {
+        let Some(cfg) = self.cfg.clone() else { return };
+        let Some(rev) = &cfg.revocation else { return };
+        let Some(st) = cfg.stores.get(rev.store) else { return };
+        let token = session.as_ref().map(|(t, _)| t);
+        let call = match metadata.then(|| store::metadata_call(st, &rev.path, token)).flatten() {
+            Some(c) => c,
+            None => store::read_call(st, &rev.path, token),
+        };
+        let metadata = metadata && matches!(st.kind, crate::config::StoreKind::VaultKv2 { .. });
+        match self.send(host, &call) {
             Ok(call) => {
-                let deadline_ms = now_ms + u64::from(st.timeout_ms) + CALL_GRACE_MS;
+                let deadline_ms = host.now_ms() + u64::from(st.timeout_ms) + CALL_GRACE_MS;
                 self.calls.insert(call, Purpose::Revocation);
-                self.revocations.refresh = Refresh::InFlight { call, deadline_ms, session: session.map(|(_, g)| g) };
+                self.revocations.refresh = Refresh::InFlight { call, deadline_ms, session: session.map(|(_, g)| g), metadata };
             }
             Err(e) => {
                 self.revocations.refresh = Refresh::Idle;
-                host.metric(Metric::RevocationError);
-                log::warn!("revocation list refresh could not start: {e:?}");
+                self.refresh_failed(host, &format!("the callout could not start: {e:?}"));
             }
         }
     }
 
+    /// The answer to a metadata read: the list is unchanged (confirmed), or a full read follows.
+    fn on_revocation_metadata(&mut self, host: &mut impl Host, answer: Answer, session: Option<u64>) {
+        let Some(names) = self.names.revocation.clone() else { return };
+        let in_force = self.revocations.list.as_ref().map_or(0, |l| l.version);
+        match store::current_version(answer.status, answer.body.as_deref().unwrap_or_default()) {
+            Ok(v) if v == in_force => {
+                let now_ms = host.now_ms();
+                let mut record = in_force.to_le_bytes().to_vec();
+                record.extend_from_slice(&now_ms.to_le_bytes());
+                if host.shared_set(&names.checked, &record, None).is_err() {
+                    log::warn!("could not share the revocation list's confirmation");
+                }
+                let _ = host.shared_set(&names.lease, &0u64.to_le_bytes(), None);
+                self.revocations.checked_at_ms = now_ms;
+                host.metric(Metric::RevocationOk);
+                self.wake_revocation_waiters(host);
+                return;
+            }
+            Ok(v) if v < in_force => {
+                return self.refresh_failed(host, &format!("the store's metadata names version {v}, older than version {in_force} in force"));
+            }
+            Err(FetchError::Denied(s)) => {
+                log::warn!("the store refused the revocation list's metadata (HTTP {s}); reading the whole list at every refresh from now on");
+                self.revocations.metadata_denied = true;
+            }
+            // Changed, gone, or unreadable: the full read decides.
+            _ => {}
+        }
+        let token = session.and_then(|g| match self.auth_for(host, self.cfg.as_ref().and_then(|c| c.revocation.as_ref()).map_or(0, |r| r.store)) {
+            StoreAuth::Session(t, generation) if generation == g => Some((t, g)),
+            _ => None,
+        });
+        self.send_refresh(host, false, token);
+    }
+
     pub(super) fn on_revocation_answer(&mut self, host: &mut impl Host, call: CallId, answer: Answer) {
-        let Refresh::InFlight { call: c, session, .. } = self.revocations.refresh.clone() else { return };
+        let Refresh::InFlight { call: c, session, metadata, .. } = self.revocations.refresh.clone() else { return };
         if c != call {
             return;
         }
         self.revocations.refresh = Refresh::Idle;
+        if metadata {
+            return self.on_revocation_metadata(host, answer, session);
+        }
         let Some(cfg) = self.cfg.clone() else { return };
         let Some(rev) = &cfg.revocation else { return };
-        let (Some(st), Some((list_key, lease_key))) = (cfg.stores.get(rev.store), self.names.revocation.clone()) else { return };
+        let (Some(st), Some(names)) = (cfg.stores.get(rev.store), self.names.revocation.clone()) else { return };
+        let (list_key, lease_key) = (names.list, names.lease);
         let now_ms = host.now_ms();
         let doc = match answer.body {
             None => Err(FetchError::Garbage(format!("answer is larger than {} bytes", store::MAX_LIST_BODY))),
@@ -168,6 +241,7 @@ impl Lifecycle {
         }
         self.revocations.list = Some(Rc::new(list));
         self.revocations.cas = None;
+        self.revocations.checked_at_ms = 0;
         host.metric(Metric::RevocationOk);
         self.wake_revocation_waiters(host);
     }
@@ -178,9 +252,9 @@ impl Lifecycle {
     fn refresh_failed(&mut self, host: &mut impl Host, why: &str) {
         host.metric(Metric::RevocationError);
         // The next attempt (by any worker) in a second: soon, without hammering a failing store.
-        if let Some((_, lease_key)) = self.names.revocation.clone() {
+        if let Some(names) = self.names.revocation.clone() {
             let retry_at = host.now_ms().saturating_add(RETRY_MS);
-            let _ = host.shared_set(&lease_key, &retry_at.to_le_bytes(), None);
+            let _ = host.shared_set(&names.lease, &retry_at.to_le_bytes(), None);
         }
         let (name, path) = self
             .cfg

@@ -51,8 +51,9 @@ pub enum Refresh {
     Idle,
     /// Due, but the store's Vault session is not there yet.
     AwaitingSession,
-    /// `session`: the Vault session generation the call carries.
-    InFlight { call: CallId, deadline_ms: u64, session: Option<u64> },
+    /// `session`: the Vault session generation the call carries; `metadata`: this call reads only
+    /// the list's current version (a full read follows if it changed).
+    InFlight { call: CallId, deadline_ms: u64, session: Option<u64>, metadata: bool },
 }
 
 /// What a callout in flight is for.
@@ -119,8 +120,17 @@ pub struct SlotCache {
 pub struct Names {
     pub(super) secrets: Vec<String>,
     pub(super) sessions: Vec<Option<String>>,
-    /// The revocation list and its refresh lease.
-    pub(super) revocation: Option<(String, String)>,
+    /// The revocation list, its refresh lease, and its last confirmation.
+    pub(super) revocation: Option<RevocationNames>,
+}
+
+/// The shared-data names of the revocation list.
+#[derive(Clone)]
+pub struct RevocationNames {
+    pub(super) list: String,
+    pub(super) lease: String,
+    /// `version u64 | at_ms u64`: the list's version was confirmed current at that time.
+    pub(super) checked: String,
 }
 
 /// The revocation list as last read from shared data, and its refresh.
@@ -131,4 +141,8 @@ pub struct Revocations {
     pub(super) refresh: Refresh,
     pub(super) list: Option<Rc<RevocationList>>,
     pub(super) cas: Option<u32>,
+    /// When the list's version was last confirmed current (by any worker), without a full read.
+    pub(super) checked_at_ms: u64,
+    /// The store refused the metadata read: full reads only.
+    pub(super) metadata_denied: bool,
 }

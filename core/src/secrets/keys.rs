@@ -73,6 +73,11 @@ pub fn revocation(st: &Store, path: &str) -> String {
     format!("{PREFIX}/revocation/{}{path}", store_identity(st))
 }
 
+/// When that list was last confirmed current (its version, and the time), without reading it.
+pub fn revocation_checked(st: &Store, path: &str) -> String {
+    format!("{PREFIX}/revocation-checked/{}{path}", store_identity(st))
+}
+
 /// The lease of that list's refresh (one worker refreshes it at a time).
 pub fn revocation_lease(st: &Store, path: &str) -> String {
     format!("{PREFIX}/revocation-lease/{}{path}", store_identity(st))

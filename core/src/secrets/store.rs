@@ -129,6 +129,45 @@ pub fn read_call(store: &Store, path: &str, session: Option<&Secret>) -> HttpCal
     }
 }
 
+/// The callout that reads the KV v2 metadata of `path` (its current version, a small answer
+/// whatever the secret's size). `None` for stores without such metadata.
+pub fn metadata_call(store: &Store, path: &str, session: Option<&Secret>) -> Option<HttpCall> {
+    let StoreKind::VaultKv2 { mount, .. } = &store.kind else { return None };
+    let mut call = read_call(store, path, session);
+    for (k, v) in call.headers.iter_mut() {
+        if k == ":path" {
+            *v = Secret::text(&format!("/v1/{mount}/metadata/{path}"));
+        }
+    }
+    Some(call)
+}
+
+/// The current version in a KV v2 metadata answer, if that version is live (not deleted or
+/// destroyed).
+pub fn current_version(status: Option<u32>, body: &[u8]) -> Result<u64, FetchError> {
+    let Some(status) = status else {
+        return Err(FetchError::Transient("no response (timeout or connection failure)".into()));
+    };
+    match status {
+        200 => {}
+        401 | 403 => return Err(FetchError::Denied(status)),
+        429 | 500..=599 => return Err(FetchError::Transient(format!("HTTP {status}"))),
+        _ => return Err(FetchError::Garbage(format!("HTTP {status} for the metadata"))),
+    }
+    let v = json::parse(body).map_err(|e| FetchError::Garbage(format!("metadata, not JSON: {e}")))?;
+    let Some(Value::Int(current)) = v.get("data").and_then(|d| d.get("current_version")) else {
+        return Err(FetchError::Garbage("metadata without data.current_version".into()));
+    };
+    let current = u64::try_from(*current).map_err(|_| FetchError::Garbage("a negative version".into()))?;
+    let this = v.get("data").and_then(|d| d.get("versions")).and_then(|vs| vs.get(&current.to_string()));
+    let deleted =
+        this.is_some_and(|m| matches!(m.get("destroyed"), Some(Value::Bool(true))) || matches!(m.get("deletion_time"), Some(Value::Str(t)) if !t.is_empty()));
+    if deleted {
+        return Err(FetchError::NotFound);
+    }
+    Ok(current)
+}
+
 /// A secret value must be usable in a header: non-empty printable ASCII or UTF-8 with no control
 /// characters (no CR/LF smuggling), and bounded.
 fn usable(field: &str, v: &Value) -> Result<Secret, FetchError> {

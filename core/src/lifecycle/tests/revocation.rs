@@ -4,13 +4,36 @@ use super::*;
 
 const REV: &str = r#","revocation":{"store":"bao","path":"keyward/revoked","refresh_s":5}"#;
 
-fn first_refresh(lc: &mut Lifecycle, host: &mut MemHost) -> CallId {
+const DATA: &str = "/v1/secret/data/keyward/revoked";
+const METADATA: &str = "/v1/secret/metadata/keyward/revoked";
+
+/// The tick's refresh: the one callout it sends, and its path.
+fn tick_refresh(lc: &mut Lifecycle, host: &mut MemHost) -> (CallId, String) {
     lc.handle(host, Event::Tick);
     let effects = host.take();
-    assert!(effects.iter().any(|e| matches!(e, Effect::Dispatch { path, from: ROOT, .. } if path == "/v1/secret/data/keyward/revoked")), "{effects:?}");
     let call = only_call(&effects);
+    let path = effects.iter().find_map(|e| if let Effect::Dispatch { path, .. } = e { Some(path.clone()) } else { None }).unwrap_or_default();
     assert!(matches!(lc.refresh_state(), Refresh::InFlight { call: c, .. } if *c == call));
-    call
+    (call, path)
+}
+
+fn metadata(version: u64) -> Answer {
+    let body = format!(r#"{{"data":{{"current_version":{version},"versions":{{"{version}":{{"deletion_time":"","destroyed":false}}}}}}}}"#);
+    Answer { status: Some(200), body: Some(body.into_bytes()) }
+}
+
+/// A refresh that reads the whole list: straight away when none is in force, else after the
+/// metadata says the list changed. Returns the full read's call.
+fn first_refresh(lc: &mut Lifecycle, host: &mut MemHost) -> CallId {
+    let (call, path) = tick_refresh(lc, host);
+    if path == DATA {
+        return call;
+    }
+    assert_eq!(path, METADATA);
+    lc.handle(host, Event::Answer { call, answer: metadata(1_000) });
+    let effects = host.take();
+    assert!(effects.iter().any(|e| matches!(e, Effect::Dispatch { path, from: ROOT, .. } if path == DATA)), "{effects:?}");
+    only_call(&effects)
 }
 
 fn revoked(jti: &str) -> Answer {
@@ -187,4 +210,30 @@ fn a_list_older_than_max_stale_fails_closed_loudly_and_recovers() {
     let call = cold_fetch(&mut lc, &mut host, 11);
     lc.handle(&mut host, Event::Answer { call, answer: stripe_answer() });
     assert!(host.take().contains(&Effect::Resume(11)));
+}
+
+#[test]
+fn an_unchanged_list_costs_one_small_metadata_read_and_stays_fresh() {
+    let mut host = MemHost::new(ROOT);
+    let mut h2 = host.worker(ROOT);
+    let mut lc = worker(&mut host, config_with(BAO, r#","revocation":{"store":"bao","path":"keyward/revoked","refresh_s":5,"max_stale_s":20}"#));
+    let mut w2 = worker(&mut h2, config_with(BAO, r#","revocation":{"store":"bao","path":"keyward/revoked","refresh_s":5,"max_stale_s":20}"#));
+    let call = first_refresh(&mut lc, &mut host);
+    lc.handle(&mut host, Event::Answer { call, answer: revoked("j-x") });
+    // For longer than max_stale_s, every refresh finds the version unchanged: no full read.
+    for _ in 0..6 {
+        host.advance(6_000);
+        let (call, path) = tick_refresh(&mut lc, &mut host);
+        assert_eq!(path, METADATA);
+        lc.handle(&mut host, Event::Answer { call, answer: metadata(3) });
+        assert!(host.take().iter().all(|e| !matches!(e, Effect::Dispatch { .. })), "no full read");
+    }
+    // Still fresh, here and on the other worker (the confirmation is shared).
+    let call = cold_fetch(&mut lc, &mut host, 10);
+    lc.handle(&mut host, Event::Answer { call, answer: stripe_answer() });
+    assert!(host.take().contains(&Effect::Resume(10)));
+    w2.handle(&mut h2, Event::Tick);
+    h2.take();
+    assert_eq!(send_request(&mut w2, &mut h2, 20), Action::Continue, "worker 2: fresh list, warm secret");
+    assert_eq!(host.count(Metric::RevocationStale), 0);
 }

@@ -167,3 +167,19 @@ fn a_session_token_replaces_the_configured_one() {
     let tokens: Vec<_> = c.headers.iter().filter(|(n, _)| n == "x-vault-token").map(|(_, v)| v.clone()).collect();
     assert_eq!(tokens, vec![session], "exactly one token, the session's");
 }
+
+#[test]
+fn metadata_reads_the_current_live_version() {
+    let v = vault();
+    let c = metadata_call(&v, "keyward/revoked", None).unwrap_or_else(|| panic!("vault has metadata"));
+    let path = c.headers.iter().find(|(n, _)| n == ":path").and_then(|(_, v)| v.expose_str().map(str::to_string));
+    assert_eq!(path.as_deref(), Some("/v1/secret/metadata/keyward/revoked"));
+    assert!(metadata_call(&aws(), "x", None).is_none());
+    let ok = br#"{"data":{"current_version":7,"versions":{"7":{"deletion_time":"","destroyed":false}}}}"#;
+    assert_eq!(current_version(Some(200), ok), Ok(7));
+    let deleted = br#"{"data":{"current_version":7,"versions":{"7":{"deletion_time":"2026-01-01T00:00:00Z","destroyed":false}}}}"#;
+    assert_eq!(current_version(Some(200), deleted), Err(FetchError::NotFound));
+    assert!(matches!(current_version(Some(200), b"<html>"), Err(FetchError::Garbage(_))));
+    assert_eq!(current_version(Some(403), b"{}"), Err(FetchError::Denied(403)));
+    assert!(matches!(current_version(None, b""), Err(FetchError::Transient(_))));
+}
