@@ -116,9 +116,9 @@ def leak_check(request):
         return
     g = request.getfixturevalue("gw")
     assert_no_leaks(g.logs(), "Envoy's log or access log")
-    # Envoy's default access-log format prints the path with its query: a vendor key injected
-    # there must never show. (A workload that puts its own token in a query has it logged by any
-    # format that prints queries; Keyward refuses such requests but cannot unlog them.)
+    # Envoy's default access-log format (every route but the one that injects a query key): no
+    # secret. (A workload that puts its own token in a query has it logged by any format that
+    # prints queries; Keyward refuses such requests but cannot unlog them.)
     default_log = Path(str(g.access_log) + ".default")
     if default_log.exists():
         text = default_log.read_text(errors="replace")

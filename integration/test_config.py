@@ -106,6 +106,26 @@ def test_shipped_configs_validate_and_lint(workdir, name):
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+def test_check_envoy_refuses_logging_the_query_where_a_key_is_injected_there(tmp_path):
+    """The filter cannot take a key injected into the query out of what an access log prints (the
+    request headers are out of its reach once the request is upstream), so check-envoy refuses
+    every format that prints the query on such a config, Envoy's default format included
+    (issue 13)."""
+    local = (ROOT / "envoy" / "local.yaml").read_text()
+    assert '"inject": {"type": "query", "name": "key"}' in local
+    cases = {
+        "%REQ(:PATH)%": local.replace('path: "%PATH(NQ:PATH)%"', 'path: "%REQ(:PATH)%"', 1),
+        "Envoy's default format": local.replace("              log_format:\n                json_format:\n", "              unused_format:\n                json_format:\n", 1),
+    }
+    for what, text in cases.items():
+        assert text != local, what
+        f = tmp_path / "local.yaml"
+        f.write_text(text)
+        r = harness.cli("check-envoy", str(f), "--no-env")
+        assert r.returncode != 0, what
+        assert "%REQ_WITHOUT_QUERY(X-ENVOY-ORIGINAL-PATH?:PATH)%" in r.stdout + r.stderr, what
+
+
 def test_check_config_cli(tmp_path):
     good = tmp_path / "good.json"
     good.write_text((ROOT / "tests" / "fixtures" / "contract-config.json").read_text())

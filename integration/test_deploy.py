@@ -137,7 +137,7 @@ def test_mesh_resources_have_their_required_fields(name):
                 assert k in node, f"{d['kind']} {d['metadata']['name']}: {'.'.join(path)} is required"
                 node = node[k]
         if d["kind"] == "WasmPlugin":
-            assert d["spec"]["failStrategy"] == "FAIL_CLOSE" and d["spec"]["url"].startswith("oci://")
+            assert d["spec"]["failStrategy"] == "FAIL_RELOAD" and d["spec"]["url"].startswith("oci://")
         if d["kind"] == "EnvoyExtensionPolicy":
             assert all(w["failOpen"] is False and w["code"]["type"] == "Image" for w in d["spec"]["wasm"])
 

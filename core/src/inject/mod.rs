@@ -111,20 +111,6 @@ pub(crate) fn pct_encode(s: &str) -> String {
     out
 }
 
-/// `raw_path` without any parameter whose (decoded, case-insensitive) name is `name`: the path
-/// as it was before a query credential was injected (the workload's own `name` was dropped then
-/// too). `None`: there was no such parameter.
-pub fn without_query_param(raw_path: &str, name: &str) -> Option<String> {
-    let (path, query) = raw_path.split_once('?')?;
-    let named = |p: &&str| pct_decode_lossy(p.split_once('=').map_or(*p, |(n, _)| n)).trim().eq_ignore_ascii_case(name);
-    let params: Vec<&str> = query.split('&').filter(|p| !p.is_empty()).collect();
-    if !params.iter().any(named) {
-        return None;
-    }
-    let kept: Vec<&str> = params.into_iter().filter(|p| !named(p)).collect();
-    Some(if kept.is_empty() { path.to_string() } else { format!("{path}?{}", kept.join("&")) })
-}
-
 /// `raw_path` with every parameter whose (decoded, case-insensitive) name is `name` removed and
 /// `name=<value>` appended. Case-insensitive because some vendors read names that way.
 pub fn with_query_param(raw_path: &str, name: &str, value: &str) -> String {
@@ -147,16 +133,6 @@ pub fn with_query_param(raw_path: &str, name: &str, value: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn without_query_param_undoes_the_injection() {
-        use super::{with_query_param, without_query_param};
-        assert_eq!(without_query_param(&with_query_param("/v1/geo?q=1", "key", "s3cr3t+/="), "key").as_deref(), Some("/v1/geo?q=1"));
-        assert_eq!(without_query_param(&with_query_param("/v1/geo", "key", "s"), "key").as_deref(), Some("/v1/geo"));
-        assert_eq!(without_query_param("/v1/geo?KEY=a&b=2&%6Bey=c", "key").as_deref(), Some("/v1/geo?b=2"));
-        assert_eq!(without_query_param("/v1/geo?b=2", "key"), None);
-        assert_eq!(without_query_param("/v1/geo", "key"), None);
-    }
-
     use super::*;
     use crate::credential::extract::CredentialSource;
 

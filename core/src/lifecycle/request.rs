@@ -4,12 +4,11 @@
 use super::state::{Parked, Served, Wait};
 use super::{Lifecycle, PARK_GRACE_MS};
 use crate::config::Config;
-use crate::config::Inject;
 use crate::credential::jwt::HmacKey;
 use crate::credential::verified::VerifiedCache;
 use crate::engine::{self, Decision, Lookup, Outcome, Request, Secrets};
 use crate::host::{Action, ContextId, Headers, Host, HostError};
-use crate::inject::{self, scrub, Op};
+use crate::inject::{scrub, Op};
 use crate::policy::limits::{Limits, Table, Verdict};
 use crate::record::{Audit, Metric};
 use crate::response::{Code, Denial};
@@ -315,7 +314,6 @@ impl Lifecycle {
         if !self.scrub(host, &cfg, &served, &headers, Part::Headers) {
             return;
         }
-        self.unlog_query_key(host, &cfg, &served);
         let status = headers.iter().find(|(k, _)| k == ":status").map(|(_, v)| v.as_slice());
         if !matches!(status, Some(b"401") | Some(b"403")) {
             return;
@@ -334,29 +332,6 @@ impl Lifecycle {
                 spec.path,
                 String::from_utf8_lossy(status.unwrap_or_default())
             );
-        }
-    }
-
-    /// A key injected into the query is in the request's `:path` (and in `x-envoy-original-path`
-    /// when the route rewrote the prefix), which access logs print after the response. The request
-    /// is upstream by now: put both back as they were without the key. If that fails, reset the
-    /// stream rather than log the key.
-    fn unlog_query_key(&mut self, host: &mut impl Host, cfg: &Config, served: &Served) {
-        let Some(Inject::Query { name, .. }) = cfg.targets.get(served.target).map(|t| &t.inject) else { return };
-        let Ok(headers) = host.request_headers() else {
-            log::warn!("could not read the request headers to take the injected key out of the logged path; resetting the stream");
-            host.reset();
-            return;
-        };
-        for h in [":path", "x-envoy-original-path"] {
-            let Some(v) = headers.iter().find(|(k, _)| k == h).and_then(|(_, v)| std::str::from_utf8(v).ok()) else { continue };
-            if let Some(clean) = inject::without_query_param(v, name) {
-                if host.set_request_header(h, clean.as_bytes()).is_err() {
-                    log::warn!("could not take the injected key out of {h}; resetting the stream");
-                    host.reset();
-                    return;
-                }
-            }
         }
     }
 

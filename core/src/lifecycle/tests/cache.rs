@@ -259,37 +259,6 @@ fn a_store_error_page_serves_stale_and_a_404_evicts() {
 }
 
 #[test]
-fn a_key_injected_into_the_query_is_taken_out_of_the_logged_path_after_the_response() {
-    let json = r#"{"audience":"keyward","signing_keys":{"k1":{"env":"KEYWARD_KEY_K1"}},
-        "stores":{"bao":{"type":"vault_kv2","cluster":"vault","authority":"vault.internal","mount":"secret","token_env":"VAULT_TOKEN","timeout_ms":1000}},
-        "targets":{"maps":{"credential":"bearer","secret":{"store":"bao","path":"maps","field":"key"},"inject":{"type":"query","name":"key"}}}}"#;
-    let cfg = compile(json.as_bytes(), &env).unwrap_or_else(|e| panic!("{e}"));
-    let mut host = MemHost::new(ROOT);
-    let mut lc = worker(&mut host, cfg);
-    let claims_tok = {
-        let k = HmacKey::new(K1).unwrap_or_else(|e| panic!("{e}"));
-        jwt::mint("k1", &k, &format!(r#"{{"sub":"s","aud":"keyward","exp":{},"jti":"j","allow":["maps * /**"]}}"#, host.now_ms() / 1000 + 300))
-    };
-    host.open(10, "maps", &[(":method", "GET"), (":path", "/v1/geo?q=x&key=workload"), ("authorization", &format!("Bearer {claims_tok}"))]);
-    assert_eq!(lc.handle(&mut host, Event::Request(10)), Action::Pause);
-    lc.handle(&mut host, Event::Woken);
-    let call = only_call(&host.take());
-    lc.handle(&mut host, Event::Answer { call, answer: kv(r#"{"key":"AIzaSy-lifecycle-0001"}"#, 1) });
-    let path = |host: &MemHost| host.streams[&10].request.iter().find(|(k, _)| k == ":path").map(|(_, v)| String::from_utf8_lossy(v).into_owned());
-    assert_eq!(path(&host).as_deref(), Some("/v1/geo?q=x&key=AIzaSy-lifecycle-0001"), "forwarded with the key");
-    // Envoy rewrote the prefix on the way: x-envoy-original-path repeats the key.
-    if let Some(s) = host.streams.get_mut(&10) {
-        s.request.push(("x-envoy-original-path".into(), b"/maps/v1/geo?q=x&key=AIzaSy-lifecycle-0001".to_vec()));
-        s.response = vec![(":status".into(), b"200".to_vec())];
-    }
-    host.current = 10;
-    lc.handle(&mut host, Event::Response(10));
-    assert_eq!(path(&host).as_deref(), Some("/v1/geo?q=x"));
-    let orig = host.streams[&10].request.iter().find(|(k, _)| k == "x-envoy-original-path").map(|(_, v)| v.clone());
-    assert_eq!(orig.as_deref(), Some(&b"/maps/v1/geo?q=x"[..]));
-}
-
-#[test]
 fn a_secret_reflected_in_response_trailers_is_removed_too() {
     let mut host = MemHost::new(ROOT);
     let mut lc = worker(&mut host, config());
