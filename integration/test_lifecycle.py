@@ -259,7 +259,7 @@ def test_deleted_secret_is_evicted_not_served_stale(life):
     assert life.get("short", "/deleted/a", t).status_code == 200
     life.bao.delete("life/deleted")
     try:
-        harness.wait_until(lambda: life.get("short", "/deleted/b", t).status_code == 503, timeout=TTL_S + 3,
+        harness.wait_until(lambda: life.get("short", "/deleted/b", t).status_code == 503, timeout=TTL_S + 8,
                            what="503 once the deletion is seen")
         # Never the old value, even though stale_if_error_s is 6 s.
         for _ in range(5):

@@ -312,6 +312,34 @@ fn lint_hcm(r: &mut Report, at: &str, hcm: &Value, no_env: bool) -> Option<HcmUs
         for route in arr(&vh, "routes") {
             let rname = s(&route, &["name"]).unwrap_or("(unnamed)").to_string();
             let rat = format!("{at}: route {rname}");
+            // The filter rewrites credential headers and may add a query parameter; Envoy then
+            // selects the route again. A route that matches on what the filter changes could send
+            // one target's key to another target's cluster.
+            if let Some(c) = &cfg {
+                let mut changed: Vec<String> = ["authorization", "proxy-authorization", "x-api-key", "cookie"].iter().map(|h| h.to_string()).collect();
+                let mut params: Vec<String> = Vec::new();
+                for t in &c.targets {
+                    changed.push(t.credential.header().to_ascii_lowercase());
+                    match &t.inject {
+                        Inject::Header { name, .. } => changed.push(name.to_ascii_lowercase()),
+                        Inject::Query { name, .. } => params.push(name.to_ascii_lowercase()),
+                        _ => {}
+                    }
+                }
+                for h in arr(route.get("match").unwrap_or(&Value::Null), "headers") {
+                    let name = s(&h, &["name"]).unwrap_or("").to_ascii_lowercase();
+                    if changed.contains(&name) {
+                        r.problems.push(format!("{rat}: matches on header {name:?}, which the keyward filter rewrites; Envoy re-selects the route after the rewrite, so match on the path prefix instead"));
+                    }
+                }
+                for q in arr(route.get("match").unwrap_or(&Value::Null), "query_parameters") {
+                    let name = s(&q, &["name"]).unwrap_or("").to_ascii_lowercase();
+                    if params.contains(&name) {
+                        r.problems
+                            .push(format!("{rat}: matches on query parameter {name:?}, which a keyward target injects; match on the path prefix instead"));
+                    }
+                }
+            }
             if let Some(cl) = s(&route, &["route", "cluster"]) {
                 if !route_clusters.iter().any(|c| c == cl) {
                     route_clusters.push(cl.to_string());
@@ -456,6 +484,12 @@ mod tests {
                 "store cluster",
             ),
             ("\"audience\": \"keyward\",", "\"audience\": \"keyward\", \"colour\": 1,", "unknown field"),
+            // Routes matching on what the filter rewrites.
+            (
+                "match: {prefix: \"/stripe/\"}",
+                "match: {prefix: \"/stripe/\", headers: [{name: Authorization, present_match: true}]}",
+                "matches on header \"authorization\"",
+            ),
             // A query-injecting target (maps) with an access log that prints the query.
             ("path: \"%PATH(NQ:PATH)%\"", "path: \"%REQ(:PATH)%\"", "prints %REQ(:PATH)%"),
             ("path: \"%PATH(NQ:PATH)%\"", "path: \"%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%\"", "prints %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%"),
