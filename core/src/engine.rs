@@ -15,6 +15,7 @@ use crate::policy::rules::{sanitize, strip_prefix};
 use crate::record::Audit;
 use crate::response::{Code, Denial};
 use crate::secrets::store::Fetched;
+use crate::wire::pct;
 use std::rc::Rc;
 
 /// What the engine may ask of the request.
@@ -149,8 +150,8 @@ fn method_overrides(req: &mut impl Request, raw_path: &str) -> Result<Vec<String
     if let Some((_, query)) = raw_path.split_once('?') {
         for pair in query.split('&') {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            if percent_decode(k).eq_ignore_ascii_case("_method") {
-                out.push(percent_decode(v));
+            if pct::decode_query_text(k).eq_ignore_ascii_case("_method") {
+                out.push(pct::decode_query_text(v));
             }
         }
     }
@@ -165,31 +166,6 @@ fn method_overrides(req: &mut impl Request, raw_path: &str) -> Result<Vec<String
             }
         })
         .collect()
-}
-
-/// Percent-decode a query component (`+` is a space), lossily: only for comparing names and methods.
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while let Some(&c) = b.get(i) {
-        let hex = |j: usize| b.get(j).and_then(|x| (*x as char).to_digit(16));
-        match (c, hex(i + 1), hex(i + 2)) {
-            (b'%', Some(h), Some(l)) => {
-                out.push((h * 16 + l) as u8);
-                i += 3;
-            }
-            (b'+', _, _) => {
-                out.push(b' ');
-                i += 1;
-            }
-            _ => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Decide one request. `now_s` is seconds since the epoch.

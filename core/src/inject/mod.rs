@@ -78,27 +78,6 @@ pub fn plan(target: &Target, secret: &Fetched, raw_path: &str) -> Result<Vec<Op>
     Ok(ops)
 }
 
-fn pct_decode_lossy(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let c = b.get(i).copied().unwrap_or(0);
-        if c == b'%' {
-            let h = b.get(i + 1).and_then(|x| (*x as char).to_digit(16));
-            let l = b.get(i + 2).and_then(|x| (*x as char).to_digit(16));
-            if let (Some(h), Some(l)) = (h, l) {
-                out.push((h * 16 + l) as u8);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(if c == b'+' { b' ' } else { c });
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 pub(crate) fn pct_encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
@@ -123,7 +102,7 @@ pub fn with_query_param(raw_path: &str, name: &str, value: &str) -> String {
         .filter(|p| !p.is_empty())
         .filter(|p| {
             let n = p.split_once('=').map_or(*p, |(n, _)| n);
-            !pct_decode_lossy(n).trim().eq_ignore_ascii_case(name)
+            !crate::wire::pct::decode_query_text(n).trim().eq_ignore_ascii_case(name)
         })
         .collect();
     let param = format!("{}={}", pct_encode(name), pct_encode(value));

@@ -7,7 +7,7 @@ use crate::config::{Inject, Target};
 use crate::inject::pct_encode;
 use crate::secret::Secret;
 use crate::secrets::store::Fetched;
-use crate::wire::b64;
+use crate::wire::{b64, pct};
 
 /// Shorter values are not searched for: they would match unrelated headers, and a secret that
 /// short is not a secret.
@@ -55,29 +55,9 @@ pub fn leaks(needles: &[Secret], value: &[u8]) -> bool {
         return true;
     }
     value.contains(&b'%') && {
-        let decoded = pct_decode(value);
+        let decoded = pct::decode(value, false);
         needles.iter().any(|n| contains(&decoded, n.expose()))
     }
-}
-
-/// Percent-decode (any case of hex; a `%` not followed by two hex digits stays as is; `+` stays).
-fn pct_decode(b: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while let Some(&c) = b.get(i) {
-        let hex = |j: usize| b.get(j).and_then(|x| (*x as char).to_digit(16));
-        match (c, hex(i + 1), hex(i + 2)) {
-            (b'%', Some(h), Some(l)) => {
-                out.push((h * 16 + l) as u8);
-                i += 3;
-            }
-            _ => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    out
 }
 
 /// The names (lower-case, once each) of the headers to remove from a response.

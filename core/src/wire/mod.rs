@@ -1,10 +1,11 @@
 //! Reading the little-endian binary records Keyward keeps in Envoy shared data (the secret
 //! cache, the limit shards). Every read is bounds-checked and returns `None` past the end.
-//! The formats Keyward reads and writes live beside it: `b64`, `json`, `pairs`.
+//! The formats Keyward reads and writes live beside it: `b64`, `json`, `pairs`, `pct`.
 
 pub mod b64;
 pub mod json;
 pub mod pairs;
+pub mod pct;
 
 /// FNV-1a (64-bit): a cheap hash that is the same in every worker and every process, for
 /// shared-data keys (never for anything an attacker must not be able to collide).
