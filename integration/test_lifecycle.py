@@ -246,15 +246,16 @@ def test_an_html_404_in_front_of_the_vault_keeps_the_warm_secret(life):
     with life.relay.failing("canned"):
         time.sleep(TTL_S + 0.5)
         # Past the TTL the refresh gets the HTML 404: every request is still served, from the stale
-        # value, until the access log shows it.
-        deadline = time.time() + 10
+        # value (keyward_cache_stale counts it; the access log is flushed too late to wait on).
+        stale_before = stat(life, "short", "cache_stale")
+        deadline = time.time() + 4
         while True:
             r = life.get("short", "/stripe/n2", t)
             assert r.status_code == 200, r.text
-            if any(e.get("cache") == "stale" for e in life.entries("short")[-20:]):
+            if stat(life, "short", "cache_stale") > stale_before:
                 break
-            assert time.time() < deadline, "no cache=stale in the access log"
-            time.sleep(0.2)
+            assert time.time() < deadline, "never served stale"
+            time.sleep(0.1)
         assert harness.header_values(life.vendor.take()[-1], "authorization") == [f"Bearer {new}"]
 
 
