@@ -164,30 +164,20 @@ impl Lifecycle {
                 self.forget(ctx);
                 Action::Continue
             }
-            Event::Answer { call, answer } => {
-                self.in_root = true;
-                let _ = self.enter(host, self.root);
-                self.on_answer(host, call, answer);
-                self.pump(host);
-                self.settle(host);
-                Action::Continue
-            }
-            Event::Tick => {
-                self.in_root = true;
-                let _ = self.enter(host, self.root);
-                self.tick(host);
-                self.pump(host);
-                self.settle(host);
-                Action::Continue
-            }
-            Event::Woken => {
-                self.in_root = true;
-                let _ = self.enter(host, self.root);
-                self.pump(host);
-                self.settle(host);
-                Action::Continue
-            }
+            Event::Answer { call, answer } => self.root_turn(host, |lc, host| lc.on_answer(host, call, answer)),
+            Event::Tick => self.root_turn(host, Self::tick),
+            Event::Woken => self.root_turn(host, |_, _| {}),
         }
+    }
+
+    /// A root event: as the root, do `work`, then send what is queued and set the tick.
+    fn root_turn<H: Host>(&mut self, host: &mut H, work: impl FnOnce(&mut Self, &mut H)) -> Action {
+        self.in_root = true;
+        let _ = self.enter(host, self.root);
+        work(self, host);
+        self.pump(host);
+        self.settle(host);
+        Action::Continue
     }
 
     /// A callout answered. An id this worker does not know (given up after its deadline, or
