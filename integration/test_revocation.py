@@ -1,5 +1,6 @@
 """Revocation (issue 4, first part): a jti or sub added to the list in OpenBao is denied on every
 worker within refresh_s (1 s here) plus one second."""
+import json
 import time
 
 import requests
@@ -194,12 +195,14 @@ def test_cli_revoke_creates_and_recreates_the_list(gw):
 def test_cli_revoke_errors_are_clear_and_never_show_the_token(gw):
     bad = "not-the-token-" + harness.secrets.token_hex(6)
     r = harness.cli("revoke", "--jti", "x", "--path", "it/revoked", env=vault_env(gw, token=bad))
-    assert r.returncode == 1
+    assert r.returncode == 3, "the store refused: could not run to the end"
     assert "HTTP 403" in r.stderr and bad not in r.stderr + r.stdout
     r = harness.cli("revoke", "--jti", "x", env={"VAULT_ADDR": "", "VAULT_TOKEN": "t"})
-    assert r.returncode == 1 and "VAULT_ADDR" in r.stderr
+    assert r.returncode == 2 and "VAULT_ADDR" in r.stderr
     r = harness.cli("revoke", "--jti", "x", "--sub", "y", env=vault_env(gw))
-    assert r.returncode == 1 and "exactly one" in r.stderr
+    assert r.returncode == 2 and "exactly one" in r.stderr
     dead = f"http://127.0.0.1:{harness.free_port()}"
     r = harness.cli("revoked", env={"VAULT_ADDR": dead, "VAULT_TOKEN": "t"})
-    assert r.returncode == 1 and "cannot reach" in r.stderr
+    assert r.returncode == 3 and "cannot reach" in r.stderr
+    r = harness.cli("revoked", "--json", env={"VAULT_ADDR": dead, "VAULT_TOKEN": "t"})
+    assert r.returncode == 3 and json.loads(r.stdout)["error"]["kind"] == "unavailable"

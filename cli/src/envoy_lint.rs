@@ -1,20 +1,32 @@
 //! `keyward check-envoy`: lint an Envoy bootstrap that runs Keyward.
 
-use crate::{compile_for_check, Args};
+use crate::args::{Args, Fail};
+use crate::compile_for_check;
 use keyward_core::config::{Config, Inject};
 use keyward_core::policy::rules::strip_prefix;
+use serde_json::json;
 use serde_json::Value;
 
 const WASM: &str = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm";
 const HCM: &str = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
 const ROUTER: &str = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router";
 
-pub fn run(args: &[String]) -> Result<(), String> {
+pub fn run(args: &[String]) -> Result<(), Fail> {
     let a = Args::parse(args, &["no-env"])?;
-    let path = a.positional.first().ok_or("usage: keyward check-envoy FILE.yaml [--no-env]")?;
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {path}: {e}"))?;
+    a.check(&[])?;
+    a.at_most(1)?;
+    let path = a.positional.first().ok_or_else(|| Fail::usage("a FILE.yaml is required"))?;
+    let text = std::fs::read_to_string(path).map_err(|e| Fail::unavailable(format!("cannot read {path}: {e}")))?;
     let doc: Value = serde_norway::from_str(&text).map_err(|e| format!("{path}: not YAML: {e}"))?;
     let report = lint(&doc, a.flag("no-env"));
+    if a.json() {
+        let ok = report.problems.is_empty();
+        println!(
+            "{}",
+            json!({ "ok": ok, "file": path, "listeners": report.listeners, "routes": report.routes, "problems": report.problems, "notes": report.notes })
+        );
+        return if ok { Ok(()) } else { Err(Fail::Failed(String::new())) };
+    }
     for w in &report.notes {
         println!("note: {w}");
     }
@@ -25,7 +37,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
         for p in &report.problems {
             println!("problem: {p}");
         }
-        Err(format!("{path}: {} problem(s)", report.problems.len()))
+        Err(Fail::Failed(format!("{path}: {} problem(s)", report.problems.len())))
     }
 }
 

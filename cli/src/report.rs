@@ -5,7 +5,7 @@
 //! `cache`, `status`, and `duration_ms` (or `duration`) for latency. A missing value, `null`, `""`
 //! or Envoy's `-` all mean "not set".
 
-use crate::Args;
+use crate::args::{Args, Fail};
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read};
@@ -191,17 +191,18 @@ impl Report {
     }
 }
 
-pub fn run(args: &[String]) -> Result<(), String> {
-    let a = Args::parse(args, &["json"])?;
-    a.check_known(&["top"])?;
-    let top: usize = a.get("top").map_or(Ok(10), str::parse).map_err(|_| "--top needs a number")?;
-    let path = a.positional.first().ok_or("usage: keyward report ACCESS_LOG|- [--json] [--top N]")?;
+pub fn run(args: &[String]) -> Result<(), Fail> {
+    let a = Args::parse(args, &[])?;
+    a.check(&["top"])?;
+    a.at_most(1)?;
+    let top: usize = a.get("top").map_or(Ok(10), str::parse).map_err(|_| Fail::usage("--top needs a number"))?;
+    let path = a.positional.first().ok_or_else(|| Fail::usage("an ACCESS_LOG (or - for standard input) is required"))?;
     let rep = if path == "-" {
         Report::read(std::io::stdin().lock())
     } else {
-        Report::read(std::fs::File::open(path).map_err(|e| format!("cannot read {path}: {e}"))?)
+        Report::read(std::fs::File::open(path).map_err(|e| Fail::unavailable(format!("cannot read {path}: {e}")))?)
     }
-    .map_err(|e| format!("cannot read {path}: {e}"))?;
+    .map_err(|e| Fail::unavailable(format!("cannot read {path}: {e}")))?;
     if a.flag("json") {
         println!("{}", serde_json::to_string_pretty(&rep.to_json(top)).map_err(|e| e.to_string())?);
     } else {

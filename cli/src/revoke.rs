@@ -8,7 +8,7 @@
 //! token helper file `~/.vault-token`), `VAULT_NAMESPACE`, `VAULT_CACERT`. The token is sent only
 //! in `X-Vault-Token` and never printed.
 
-use crate::Args;
+use crate::args::{Args, Fail};
 use keyward_core::config::{self, StoreKind};
 use keyward_core::credential::jwt::MAX_ID_LEN;
 use keyward_core::credential::revocation::{ENTRIES_KEY, FORMAT, FORMAT_KEY};
@@ -236,43 +236,50 @@ impl Kv {
     /// Change the list with `change` without losing concurrent writes: read it, change it, and
     /// write it back in the compact form with check-and-set on the version read; again if
     /// another writer came in between.
-    pub fn update(&self, change: impl Fn(&mut Entries) -> Result<(), String>) -> Result<(), String> {
+    /// Failures of the store are `Unavailable`; `change`'s own refusal is passed through.
+    pub fn update(&self, change: impl Fn(&mut Entries) -> Result<(), Fail>) -> Result<(), Fail> {
         for _ in 0..CAS_TRIES {
-            let (mut entries, cas) = match self.read()? {
+            let (mut entries, cas) = match self.read().map_err(Fail::Unavailable)? {
                 Some(l) => l,
                 // Never written, or its latest version deleted: the next version, from nothing.
-                None => (BTreeMap::new(), self.current_version()?),
+                None => (BTreeMap::new(), self.current_version().map_err(Fail::Unavailable)?),
             };
             change(&mut entries)?;
-            let (status, body) =
-                self.call("POST", &self.url("data"), Some(&json!({ "data": render(&entries), "options": { "cas": cas } })), "application/json")?;
+            let (status, body) = self
+                .call("POST", &self.url("data"), Some(&json!({ "data": render(&entries), "options": { "cas": cas } })), "application/json")
+                .map_err(Fail::Unavailable)?;
             match status {
                 200 | 204 => return Ok(()),
                 400 if body.contains("check-and-set") => continue,
-                s => return Err(format!("writing {}: HTTP {s}: {}", self.describe(), vault_errors(&body))),
+                s => return Err(Fail::Unavailable(format!("writing {}: HTTP {s}: {}", self.describe(), vault_errors(&body)))),
             }
         }
-        Err(format!("{} kept changing; try again", self.describe()))
+        Err(Fail::Unavailable(format!("{} kept changing; try again", self.describe())))
     }
 }
 
-pub fn revoke(args: &[String]) -> Result<(), String> {
+fn open(a: &Args) -> Result<Kv, Fail> {
+    Kv::from_env(location(a).map_err(Fail::Usage)?).map_err(Fail::Usage)
+}
+
+pub fn revoke(args: &[String]) -> Result<(), Fail> {
     let a = Args::parse(args, &["prune"])?;
-    a.check(&["jti", "sub", "reason", "expires-at", "config", "mount", "path", "prune"])?;
+    a.check(&["jti", "sub", "reason", "expires-at", "config", "mount", "path"])?;
+    a.at_most(0)?;
     let prune = a.flag("prune");
     let key = match (a.get("jti"), a.get("sub"), prune) {
         (None, None, true) => None,
-        _ => Some(entry_key(&a)?),
+        _ => Some(entry_key(&a).map_err(Fail::Usage)?),
     };
     let reason = a.get("reason").unwrap_or("revoked with the keyward CLI");
     if reason.len() > 512 || reason.chars().any(char::is_control) {
-        return Err("--reason must be at most 512 bytes without control characters".into());
+        return Err(Fail::usage("--reason must be at most 512 bytes without control characters"));
     }
     let exp: i64 = match a.get("expires-at") {
         None => 0,
-        Some(v) => v.parse().ok().filter(|e| *e > 0).ok_or("--expires-at takes the credential's exp: Unix seconds")?,
+        Some(v) => v.parse().ok().filter(|e| *e > 0).ok_or_else(|| Fail::usage("--expires-at takes the credential's exp: Unix seconds"))?,
     };
-    let kv = Kv::from_env(location(&a)?)?;
+    let kv = open(&a)?;
     let now = crate::now();
     let stamped = format!("{reason} [{}]", rfc3339(now));
     let pruned = std::cell::Cell::new(0usize);
@@ -287,6 +294,10 @@ pub fn revoke(args: &[String]) -> Result<(), String> {
         }
         Ok(())
     })?;
+    if a.json() {
+        println!("{}", json!({ "ok": true, "revoked": key, "expires_at": (exp != 0).then_some(exp), "pruned": pruned.get(), "list": kv.describe() }));
+        return Ok(());
+    }
     if let Some(k) = &key {
         println!("revoked {k} in {}; gateways deny it within their refresh_s plus one second", kv.describe());
     }
@@ -296,24 +307,30 @@ pub fn revoke(args: &[String]) -> Result<(), String> {
     Ok(())
 }
 
-pub fn unrevoke(args: &[String]) -> Result<(), String> {
+pub fn unrevoke(args: &[String]) -> Result<(), Fail> {
     let a = Args::parse(args, &[])?;
     a.check(&["jti", "sub", "config", "mount", "path"])?;
-    let key = entry_key(&a)?;
-    let kv = Kv::from_env(location(&a)?)?;
+    a.at_most(0)?;
+    let key = entry_key(&a).map_err(Fail::Usage)?;
+    let kv = open(&a)?;
     kv.update(|entries| match entries.remove(&key) {
         Some(_) => Ok(()),
-        None => Err(format!("{key} is not in {}", kv.describe())),
+        None => Err(Fail::Failed(format!("{key} is not in {}", kv.describe()))),
     })?;
-    println!("removed {key} from {}", kv.describe());
+    if a.json() {
+        println!("{}", json!({ "ok": true, "removed": key, "list": kv.describe() }));
+    } else {
+        println!("removed {key} from {}", kv.describe());
+    }
     Ok(())
 }
 
-pub fn list(args: &[String]) -> Result<(), String> {
-    let a = Args::parse(args, &["json"])?;
+pub fn list(args: &[String]) -> Result<(), Fail> {
+    let a = Args::parse(args, &[])?;
     a.check(&["config", "mount", "path"])?;
-    let kv = Kv::from_env(location(&a)?)?;
-    let (entries, version) = kv.read()?.unwrap_or_default();
+    a.at_most(0)?;
+    let kv = open(&a)?;
+    let (entries, version) = kv.read().map_err(Fail::Unavailable)?.unwrap_or_default();
     if a.flag("json") {
         let reasons: BTreeMap<&String, &String> = entries.iter().map(|(k, (_, r))| (k, r)).collect();
         let expires: BTreeMap<&String, i64> = entries.iter().filter(|(_, (e, _))| *e != 0).map(|(k, (e, _))| (k, *e)).collect();
@@ -336,7 +353,7 @@ mod tests {
 
     fn args(v: &[&str]) -> Args {
         let v: Vec<String> = v.iter().map(|s| s.to_string()).collect();
-        Args::parse(&v, &["json"]).unwrap_or_else(|e| panic!("{e}"))
+        Args::parse(&v, &[]).unwrap_or_else(|e| panic!("{e}"))
     }
 
     #[test]
