@@ -93,7 +93,7 @@ def hcm(stat_prefix, access_log_path, cfg: dict, hardened: bool, env_keys=None) 
              "hangstore", "charges", "coldlim"] + [f"g_{c}" for c in GARBAGE_CASES]
     # A route per target, named after it (the fixed ones first, as the core tests expect).
     targets = cfg.get("targets")
-    routes = [route(t, t) for t in dict.fromkeys(fixed + list(targets if isinstance(targets, dict) else {}))]
+    routes = [HEALTH_ROUTE] + [route(t, t) for t in dict.fromkeys(fixed + list(targets if isinstance(targets, dict) else {}))]
     routes += [route("nometa"), route("unknown", "paypal")]
     h = {
         "@type": HCM,
@@ -145,10 +145,25 @@ def listener(name, port, h):
             "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": h}]}]}
 
 
+# As in the shipped bootstraps: the filter answers it; the 503 is sent only when the filter did not run.
+HEALTH_ROUTE = {"name": "keyward_health", "match": {"path": "/keyward/health"},
+                "direct_response": {"status": 503, "body": {"inline_string": '{"status":"unavailable","message":"the keyward filter is not running"}'}},
+                "metadata": {"filter_metadata": {"keyward": {"endpoint": "health"}}}}
+
+
+def shipped_stats_config() -> dict:
+    """The tag extraction every shipped bootstrap carries (test_observability checks they agree)."""
+    import pathlib
+    import yaml
+    root = pathlib.Path(__file__).resolve().parent.parent
+    return yaml.safe_load((root / "envoy" / "egress-gateway.yaml").read_text())["stats_config"]
+
+
 def bootstrap(ports: dict, access_log_path, cfg: dict | None = None, env_keys=None) -> dict:
     cfg = cfg if cfg is not None else filter_config()
     return {
         "node": {"id": "keyward-it", "cluster": "keyward-it"},
+        "stats_config": shipped_stats_config(),
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": ports["admin"]}}},
         "static_resources": {
             "listeners": [

@@ -73,3 +73,33 @@ def test_a_panicking_module_fails_closed_and_heals_with_fail_reload(gw, panicky)
         after = [requests.get(panicky.url + "/stripe/v1/customers", headers=h, timeout=10) for _ in range(5)]
         assert [r.status_code for r in after] == [503] * 5
         assert panicky.vendor.take() == []
+
+
+@pytest.mark.parametrize("policy", ["FAIL_CLOSED", "FAIL_OPEN"])
+def test_the_health_endpoint_fails_when_the_vm_is_dead(gw, workdir, policy):
+    """`/keyward/health` is answered by the filter (200 while its VM runs); once the VM is dead it
+    is 503 whatever the failure policy: Envoy's own 503 with FAIL_CLOSED, the route's
+    direct_response with FAIL_OPEN (where the filter is skipped) (issue 15)."""
+    e = panicking_envoy(gw, workdir, policy)
+    try:
+        # Ready once the worker trusts a revocation list (503 "starting" until then).
+        harness.wait_until(lambda: requests.get(e.url + "/keyward/health", timeout=10).status_code == 200, timeout=10, what="ready")
+        t = gw.token(["stripe * /**"])
+        boom = requests.get(e.url + "/stripe/v1/x", headers={"Authorization": f"Bearer {t}", "x-keyward-test-panic": "1"}, timeout=10)
+        assert boom.status_code in (503, 500), boom.text
+        for _ in range(3):
+            r = requests.get(e.url + "/keyward/health", timeout=10)
+            assert r.status_code == 503, (policy, r.status_code, r.text)
+        e.vendor.take()
+    finally:
+        e.stop()
+        e.vendor.stop()
+
+
+def test_the_health_endpoint_answers_without_a_credential_or_a_store(gw):
+    before = gw.envoy.stats().get("wasmcustom.keyward_requests_allowed", 0)
+    for _ in range(3):
+        r = requests.get(gw.url + "/keyward/health", timeout=10)
+        assert r.status_code == 200 and r.json() == {"status": "ok"} and r.headers["cache-control"] == "no-store"
+    assert gw.envoy.stats().get("wasmcustom.keyward_requests_allowed", 0) == before, "probes are not counted as requests"
+    assert gw.vendor.take() == []

@@ -366,6 +366,16 @@ fn lint_hcm(r: &mut Report, at: &str, hcm: &Value, no_env: bool) -> Option<HcmUs
                 }
                 continue;
             };
+            if let Some(ep) = s(meta, &["endpoint"]) {
+                match ep {
+                    "health" if route.get("direct_response").and_then(|d| d.get("status")).and_then(Value::as_u64).is_some_and(|st| st >= 500) => {}
+                    "health" => r
+                        .problems
+                        .push(format!("{rat}: a health endpoint needs `direct_response: {{status: 503}}`, so that it fails when the filter does not run")),
+                    other => r.problems.push(format!("{rat}: unknown keyward endpoint {other:?}")),
+                }
+                continue;
+            }
             r.routes += 1;
             let Some(target) = s(meta, &["target"]) else {
                 r.problems.push(format!("{rat}: keyward metadata has no target"));

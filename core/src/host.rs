@@ -5,7 +5,7 @@
 //! effective context, which the lifecycle sets with `set_effective_context` before deciding a
 //! parked request again from the root.
 
-use crate::record::Metric;
+use crate::record::{Family, Metric};
 use crate::secrets::store::HttpCall;
 
 /// A proxy-wasm context: the root (one per configuration and worker) or a stream.
@@ -34,6 +34,8 @@ pub type Headers = Vec<(String, Vec<u8>)>;
 pub trait Host {
     /// Milliseconds since the epoch.
     fn now_ms(&self) -> u64;
+    /// Microseconds since the epoch (for the latency histograms only).
+    fn now_us(&self) -> u64;
 
     /// A shared-data entry and its CAS (`None`, `None`: the entry does not exist).
     fn shared_get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>);
@@ -65,4 +67,8 @@ pub trait Host {
     fn reset(&mut self);
 
     fn metric(&mut self, m: Metric);
+    /// Add one to a labelled counter (`values` in the order of `family.labels()`).
+    fn count(&mut self, family: Family, values: &[&str]);
+    /// Record a value in a labelled histogram.
+    fn observe(&mut self, family: Family, values: &[&str], value: u64);
 }

@@ -4,7 +4,7 @@
 //! test expects. It is not a model of Envoy's timing: the integration suite runs the real one.
 
 use crate::host::{CallId, ContextId, Headers, Host, HostError};
-use crate::record::Metric;
+use crate::record::{Family, Metric};
 use crate::secrets::store::HttpCall;
 use crate::wire::pairs;
 use std::cell::{Cell, RefCell};
@@ -63,6 +63,10 @@ pub struct MemHost {
     /// Every callout sent, by id (with its header values, for tests that read the token).
     pub sent: BTreeMap<CallId, HttpCall>,
     pub metrics: HashMap<Metric, u64>,
+    /// Labelled counters by stat name (`family;label=value...`).
+    pub counts: HashMap<String, u64>,
+    /// Labelled histograms' recorded values by stat name.
+    pub observed: HashMap<String, Vec<u64>>,
     /// Make `dispatch` fail (Envoy refuses a callout to an unknown cluster, say).
     pub refuse_dispatch: bool,
     /// Make `wake_root` fail (no queue).
@@ -83,6 +87,8 @@ impl MemHost {
             effects: Vec::new(),
             sent: BTreeMap::new(),
             metrics: HashMap::new(),
+            counts: HashMap::new(),
+            observed: HashMap::new(),
             refuse_dispatch: false,
             refuse_wake: false,
             refuse_shared_writes: false,
@@ -104,6 +110,14 @@ impl MemHost {
         let request = headers.iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())).collect();
         self.streams.insert(ctx, Stream { request, route: pairs::encode(&[("target", target)]), ..Stream::default() });
         self.current = ctx;
+    }
+
+    /// A new stream on a route with this keyward metadata (`pairs`); it becomes current.
+    pub fn open_route(&mut self, ctx: ContextId, route: &[(&str, &str)], headers: &[(&str, &str)]) {
+        self.open(ctx, "", headers);
+        if let Some(s) = self.streams.get_mut(&ctx) {
+            s.route = pairs::encode(route);
+        }
     }
 
     /// The stream ended (the client left): its context is gone.
@@ -146,6 +160,10 @@ impl MemHost {
 impl Host for MemHost {
     fn now_ms(&self) -> u64 {
         self.clock.get()
+    }
+
+    fn now_us(&self) -> u64 {
+        self.clock.get() * 1000
     }
 
     fn shared_get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
@@ -267,5 +285,17 @@ impl Host for MemHost {
 
     fn metric(&mut self, m: Metric) {
         *self.metrics.entry(m).or_default() += 1;
+    }
+
+    fn count(&mut self, family: Family, values: &[&str]) {
+        let mut name = String::new();
+        family.write_stat_name(values, &mut name);
+        *self.counts.entry(name).or_default() += 1;
+    }
+
+    fn observe(&mut self, family: Family, values: &[&str], value: u64) {
+        let mut name = String::new();
+        family.write_stat_name(values, &mut name);
+        self.observed.entry(name).or_default().push(value);
     }
 }

@@ -19,6 +19,63 @@ pub struct Audit {
     pub secret_version: Option<String>,
 }
 
+/// A labelled metric family. Proxy-wasm has no labels: the stat name carries them as
+/// `family;label=value;label=value`, and the shipped bootstraps' `stats_config.stats_tags` turn
+/// each `;label=value` into a Prometheus label (`keyward_target_requests{target="stripe",
+/// code="allow"}`). Label values are target and store names from the configuration (`[A-Za-z0-9_.-]`)
+/// and the contract's codes, never anything a client sends, so their number is bounded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Family {
+    /// Counter: requests decided per target (`target`, `code`: `allow` or the denial's error).
+    TargetRequests,
+    /// Counter: secret fetches per store (`store`, `result`: `ok` or `error`).
+    StoreFetches,
+    /// Histogram: a store's answer time for a secret fetch, in microseconds (`store`).
+    StoreFetchUs,
+    /// Histogram: what the filter added to a request, in microseconds, from its headers reaching
+    /// the filter to the request going on or being answered (`outcome`: `hit`, `miss`, `stale`,
+    /// `denied`). A miss includes the store's answer time.
+    AddedUs,
+}
+
+impl Family {
+    pub const ALL: [Family; 4] = [Family::TargetRequests, Family::StoreFetches, Family::StoreFetchUs, Family::AddedUs];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::TargetRequests => "keyward_target_requests",
+            Family::StoreFetches => "keyward_store_fetches",
+            Family::StoreFetchUs => "keyward_store_fetch_us",
+            Family::AddedUs => "keyward_added_us",
+        }
+    }
+
+    pub fn labels(self) -> &'static [&'static str] {
+        match self {
+            Family::TargetRequests => &["target", "code"],
+            Family::StoreFetches => &["store", "result"],
+            Family::StoreFetchUs => &["store"],
+            Family::AddedUs => &["outcome"],
+        }
+    }
+
+    pub fn is_histogram(self) -> bool {
+        matches!(self, Family::StoreFetchUs | Family::AddedUs)
+    }
+
+    /// The stat name for these label values (in the order of `labels`), written into `out`.
+    pub fn write_stat_name(self, values: &[&str], out: &mut String) {
+        out.clear();
+        out.push_str(self.name());
+        for (label, value) in self.labels().iter().zip(values) {
+            out.push(';');
+            out.push_str(label);
+            out.push('=');
+            out.push_str(value);
+        }
+    }
+}
+
 /// The contract's counters (`keyward_*` in Envoy's stats).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Metric {

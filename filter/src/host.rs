@@ -3,7 +3,7 @@
 
 use crate::metrics::Metrics;
 use keyward_core::host::{CallId, ContextId, Headers, Host, HostError};
-use keyward_core::record::Metric;
+use keyward_core::record::{Family, Metric};
 use keyward_core::secrets::store::HttpCall;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, MapType, Status};
@@ -28,6 +28,10 @@ fn failed(s: Status) -> HostError {
 impl Host for WasmHost {
     fn now_ms(&self) -> u64 {
         hostcalls::get_current_time().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map_or(0, |d| d.as_millis() as u64)
+    }
+
+    fn now_us(&self) -> u64 {
+        hostcalls::get_current_time().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map_or(0, |d| d.as_micros() as u64)
     }
 
     fn shared_get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
@@ -113,6 +117,14 @@ impl Host for WasmHost {
 
     fn metric(&mut self, m: Metric) {
         self.metrics.inc(m);
+    }
+
+    fn count(&mut self, family: Family, values: &[&str]) {
+        self.metrics.count(family, values);
+    }
+
+    fn observe(&mut self, family: Family, values: &[&str], value: u64) {
+        self.metrics.observe(family, values, value);
     }
 }
 

@@ -1,7 +1,8 @@
 //! The contract's counters, defined in Envoy at configure time so dashboards see them from the
-//! start. Their names and meaning are `keyward_core::record::Metric`'s.
+//! start, and the labelled families, defined on first use. Their names and meaning are
+//! `keyward_core::record::Metric`'s and `Family`'s.
 
-use keyward_core::record::Metric;
+use keyward_core::record::{Family, Metric};
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::MetricType;
 use std::collections::HashMap;
@@ -9,6 +10,10 @@ use std::collections::HashMap;
 #[derive(Debug, Default)]
 pub struct Metrics {
     ids: HashMap<Metric, u32>,
+    /// Labelled stats by name; names come from the configuration and the contract's codes, so
+    /// the map is bounded by targets × codes + stores × 3 + 4.
+    labelled: HashMap<String, u32>,
+    scratch: String,
 }
 
 impl Metrics {
@@ -23,12 +28,35 @@ impl Metrics {
                 Err(_) => log::warn!("could not define metric {name}"),
             }
         }
-        Metrics { ids }
+        Metrics { ids, ..Metrics::default() }
     }
 
     pub fn inc(&self, m: Metric) {
         if let Some(id) = self.ids.get(&m) {
             let _ = hostcalls::increment_metric(*id, 1);
+        }
+    }
+
+    fn id(&mut self, family: Family, values: &[&str]) -> Option<u32> {
+        family.write_stat_name(values, &mut self.scratch);
+        if let Some(id) = self.labelled.get(self.scratch.as_str()) {
+            return Some(*id);
+        }
+        let kind = if family.is_histogram() { MetricType::Histogram } else { MetricType::Counter };
+        let id = hostcalls::define_metric(kind, &self.scratch).ok()?;
+        self.labelled.insert(self.scratch.clone(), id);
+        Some(id)
+    }
+
+    pub fn count(&mut self, family: Family, values: &[&str]) {
+        if let Some(id) = self.id(family, values) {
+            let _ = hostcalls::increment_metric(id, 1);
+        }
+    }
+
+    pub fn observe(&mut self, family: Family, values: &[&str], value: u64) {
+        if let Some(id) = self.id(family, values) {
+            let _ = hostcalls::record_metric(id, value);
         }
     }
 }

@@ -9,7 +9,7 @@ use super::session::StoreAuth;
 use super::state::{Fetch, Local, Purpose, Wait};
 use super::{shared, Answer, Lifecycle, CALL_GRACE_MS, LEASE_GRACE_MS};
 use crate::host::{CallId, Host};
-use crate::record::Metric;
+use crate::record::{Family, Metric};
 use crate::secrets::slot_state::{Failure, SlotState, Use};
 use crate::secrets::store::{self, FetchError, Fetched};
 use std::rc::Rc;
@@ -117,7 +117,7 @@ impl Lifecycle {
             Ok(call) => {
                 let deadline_ms = host.now_ms() + u64::from(st.timeout_ms) + CALL_GRACE_MS;
                 self.calls.insert(call, Purpose::Secret(slot));
-                self.set_fetch(slot, Fetch::InFlight { call, deadline_ms, session: generation, retried });
+                self.set_fetch(slot, Fetch::InFlight { call, deadline_ms, session: generation, retried, sent_us: host.now_us() });
             }
             Err(e) => {
                 log::warn!("store {} callout to cluster {:?} failed to start: {e:?}", st.name, st.cluster);
@@ -128,12 +128,15 @@ impl Lifecycle {
 
     /// The store answered the fetch of `slot` (or it failed or was given up).
     pub(super) fn on_secret_answer(&mut self, host: &mut impl Host, slot: usize, call: CallId, answer: Answer) {
-        let Some(Fetch::InFlight { call: c, session, retried, .. }) = self.fetch_state(slot).cloned() else { return };
+        let Some(Fetch::InFlight { call: c, session, retried, sent_us, .. }) = self.fetch_state(slot).cloned() else { return };
         if c != call {
             return;
         }
         let Some(cfg) = self.cfg.clone() else { return };
         let (Some(spec), Some(st)) = (cfg.slots.get(slot), cfg.store_of(slot)) else { return };
+        if answer.status.is_some() {
+            host.observe(Family::StoreFetchUs, &[&st.name], host.now_us().saturating_sub(sent_us));
+        }
         let result = match answer.body.filter(|b| b.len() <= store::MAX_BODY) {
             None => Err(FetchError::Garbage(format!("answer is larger than {} bytes", store::MAX_BODY))),
             Some(b) if spec.whole => store::parse_keyset(st, answer.status, &b),
@@ -160,6 +163,7 @@ impl Lifecycle {
         let outcome = match result {
             Ok(fetched) => {
                 host.metric(Metric::FetchOk);
+                host.count(Family::StoreFetches, &[&st.name, "ok"]);
                 log::info!("fetched {}:{} (version {})", st.name, spec.path, fetched.version.as_deref().unwrap_or("-"));
                 for p in &fetched.problems {
                     log::warn!("{}:{}: {p}; targets needing it answer 503", st.name, spec.path);
@@ -168,6 +172,7 @@ impl Lifecycle {
             }
             Err(e) => {
                 host.metric(Metric::FetchError);
+                host.count(Family::StoreFetches, &[&st.name, "error"]);
                 let transient = e.may_serve_stale();
                 let what = if transient { "serving stale within stale_if_error_s if cached" } else { "evicted" };
                 log::warn!("fetching {}:{} failed: {e}; {what}", st.name, spec.path);

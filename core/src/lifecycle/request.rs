@@ -10,7 +10,7 @@ use crate::engine::{self, Decision, Lookup, Outcome, Request, Secrets};
 use crate::host::{Action, ContextId, Headers, Host, HostError};
 use crate::inject::{scrub, Op};
 use crate::policy::limits::{Limits, Table, Verdict};
-use crate::record::{Audit, Metric};
+use crate::record::{Audit, Family, Metric};
 use crate::response::{Code, Denial};
 use crate::secret::Secret;
 use crate::secrets::keys;
@@ -28,6 +28,8 @@ pub(super) struct HostRequest {
     headers: Result<Headers, ()>,
     target: Option<String>,
     prefix: Option<String>,
+    /// `{"endpoint": ...}`: a route the filter answers itself.
+    endpoint: Option<String>,
 }
 
 impl HostRequest {
@@ -35,11 +37,11 @@ impl HostRequest {
         let headers = host.request_headers().map_err(|_| ());
         // Metadata that does not decode names no target (403 `unknown_target`).
         let meta = host.route_metadata().unwrap_or_default();
-        let (target, prefix) = match pairs::decode(&meta) {
-            Some(p) => (pairs::get(&p, "target").map(str::to_string), pairs::get(&p, "prefix").map(str::to_string)),
-            None => (None, None),
+        let Some(p) = pairs::decode(&meta) else {
+            return HostRequest { headers, target: None, prefix: None, endpoint: None };
         };
-        HostRequest { headers, target, prefix }
+        let get = |k: &str| pairs::get(&p, k).map(str::to_string);
+        HostRequest { headers, target: get("target"), prefix: get("prefix"), endpoint: get("endpoint") }
     }
 
     /// Does the request carry this header? Unknown (the map could not be read): yes.
@@ -200,11 +202,16 @@ impl Lifecycle {
         let Some(cfg) = self.cfg.clone() else {
             // No valid configuration: fail closed.
             let d = Denial::new(Code::SecretUnavailable, "the gateway is not configured").retry_after(5);
-            return finish_deny(host, &Audit { decision: d.code.as_str(), ..Audit::default() }, &d);
+            let started_us = parked.map_or_else(|| host.now_us(), |p| p.started_us);
+            return finish_deny(host, &Audit { decision: d.code.as_str(), ..Audit::default() }, &d, started_us);
         };
         let resumed = parked.is_some();
+        let started_us = parked.as_ref().map_or_else(|| host.now_us(), |p| p.started_us);
         let now_ms = host.now_ms();
         let mut req = HostRequest::read(host);
+        if let Some(name) = req.endpoint.take() {
+            return self.answer_endpoint(host, &name, now_ms);
+        }
         let admitted = parked.as_ref().is_some_and(|p| p.admitted);
         let (decision, admitted): (Decision, bool) = {
             let mut secrets = SharedSecrets { lc: self, host, now_ms, admitted };
@@ -216,14 +223,14 @@ impl Lifecycle {
             Outcome::Need(slot) => {
                 let timeout = cfg.store_of(slot).map_or(2000, |s| u64::from(s.timeout_ms));
                 let deadline_ms = parked.map_or(now_ms + timeout + PARK_GRACE_MS, |p| p.deadline_ms);
-                self.parked.insert(ctx, Parked { wait: Wait::Secret(slot), deadline_ms, audit, admitted });
+                self.parked.insert(ctx, Parked { wait: Wait::Secret(slot), deadline_ms, audit, admitted, started_us });
                 self.start_fetch(host, slot);
                 Action::Pause
             }
             Outcome::NeedRevocation => {
                 let timeout = cfg.revocation.as_ref().and_then(|r| cfg.stores.get(r.store)).map_or(2000, |s| u64::from(s.timeout_ms));
                 let deadline_ms = parked.map_or(now_ms + timeout + PARK_GRACE_MS, |p| p.deadline_ms);
-                self.parked.insert(ctx, Parked { wait: Wait::Revocation, deadline_ms, audit, admitted });
+                self.parked.insert(ctx, Parked { wait: Wait::Revocation, deadline_ms, audit, admitted, started_us });
                 if self.in_root {
                     self.tick_revocation(host, now_ms);
                 } else {
@@ -231,7 +238,7 @@ impl Lifecycle {
                 }
                 Action::Pause
             }
-            Outcome::Deny(d) => finish_deny(host, &audit, &d),
+            Outcome::Deny(d) => finish_deny(host, &audit, &d, started_us),
             Outcome::Allow(ops) => {
                 if resumed && audit.cache == Some("hit") {
                     audit.cache = Some("miss");
@@ -240,9 +247,10 @@ impl Lifecycle {
                     // The request could not be rewritten safely: never forward it.
                     let d = Denial::new(Code::SecretUnavailable, "the upstream credential could not be applied").retry_after(5);
                     audit.decision = d.code.as_str();
-                    return finish_deny(host, &audit, &d);
+                    return finish_deny(host, &audit, &d, started_us);
                 }
                 write_audit(host, &audit);
+                record_decision(host, &audit, started_us);
                 host.metric(Metric::Allowed);
                 host.metric(match audit.cache {
                     Some("miss") => Metric::CacheMiss,
@@ -286,7 +294,7 @@ impl Lifecycle {
             if self.enter(host, ctx).is_ok() {
                 let d = Denial::new(Code::SecretUnavailable, "the secret store did not answer in time").retry_after(5);
                 let audit = Audit { decision: d.code.as_str(), ..p.audit };
-                finish_deny(host, &audit, &d);
+                finish_deny(host, &audit, &d, p.started_us);
             }
         }
     }
@@ -393,9 +401,19 @@ enum Part {
     Trailers,
 }
 
+/// The labelled metrics of a decided request: its target and code, and what the filter added to
+/// it (a denial's reply is sent right after).
+fn record_decision(host: &mut impl Host, audit: &Audit, started_us: u64) {
+    host.count(Family::TargetRequests, &[audit.target.as_deref().unwrap_or("none"), audit.decision]);
+    let outcome = if audit.decision == "allow" { audit.cache.unwrap_or("hit") } else { "denied" };
+    let added = host.now_us().saturating_sub(started_us);
+    host.observe(Family::AddedUs, &[outcome], added);
+}
+
 /// Answer the current stream with a denial (reset it if even that fails).
-fn finish_deny(host: &mut impl Host, audit: &Audit, d: &Denial) -> Action {
+fn finish_deny(host: &mut impl Host, audit: &Audit, d: &Denial, started_us: u64) -> Action {
     write_audit(host, audit);
+    record_decision(host, audit, started_us);
     host.metric(Metric::Denied(d.code));
     if host.reply(d.status(), &d.headers(), &d.body()).is_err() {
         log::warn!("could not send a local reply; resetting the stream");

@@ -25,7 +25,8 @@ pub enum Fetch {
     AwaitingSession { retried: bool },
     /// The callout is out. `session`: the Vault session generation it carries; `retried`: this is
     /// the one retry after the store refused a session token.
-    InFlight { call: CallId, deadline_ms: u64, session: Option<u64>, retried: bool },
+    /// `sent_us`: when it went out, for the store's answer-time histogram.
+    InFlight { call: CallId, deadline_ms: u64, session: Option<u64>, retried: bool, sent_us: u64 },
 }
 
 /// This worker's login or renewal for one store.
@@ -81,6 +82,8 @@ pub struct Parked {
     pub audit: Audit,
     /// Already counted against its credential's limits: deciding again must not count it twice.
     pub admitted: bool,
+    /// When its headers reached the filter (microseconds), for the added-latency histogram.
+    pub started_us: u64,
 }
 
 /// What an allowed request was given (for vendor 401/403 and response scrubbing).

@@ -237,3 +237,41 @@ fn an_unchanged_list_costs_one_small_metadata_read_and_stays_fresh() {
     assert_eq!(send_request(&mut w2, &mut h2, 20), Action::Continue, "worker 2: fresh list, warm secret");
     assert_eq!(host.count(Metric::RevocationStale), 0);
 }
+
+/// A health probe on a `{"endpoint": "health"}` route.
+fn probe(lc: &mut Lifecycle, host: &mut MemHost, ctx: ContextId, endpoint: &str) -> (u32, String) {
+    host.open_route(ctx, &[("endpoint", endpoint)], &[(":method", "GET"), (":path", "/keyward/health")]);
+    assert_eq!(lc.handle(host, Event::Request(ctx)), Action::Pause);
+    let effects = host.take();
+    assert!(effects.iter().all(|e| !matches!(e, Effect::Dispatch { .. })), "a probe never reaches a store: {effects:?}");
+    let (_, status, code) = replies(&effects).pop().unwrap_or_default();
+    (status, code)
+}
+
+#[test]
+fn health_is_ready_only_with_a_trusted_revocation_list() {
+    let mut host = MemHost::new(ROOT);
+    let mut lc = worker(&mut host, config_with(BAO, r#","revocation":{"store":"bao","path":"keyward/revoked","refresh_s":5,"max_stale_s":20}"#));
+    host.take();
+    assert_eq!(probe(&mut lc, &mut host, 10, "health").0, 503, "starting: no list yet");
+    let call = first_refresh(&mut lc, &mut host);
+    lc.handle(&mut host, Event::Answer { call, answer: revoked("x") });
+    host.take();
+    assert_eq!(probe(&mut lc, &mut host, 11, "health").0, 200);
+    // The list grows too old (every refresh fails): not ready any more.
+    host.advance(21_000);
+    assert_eq!(probe(&mut lc, &mut host, 12, "health").0, 503);
+    assert_eq!(probe(&mut lc, &mut host, 13, "nonesuch"), (403, "unknown_target".to_string()));
+    assert_eq!(host.metrics.get(&Metric::Allowed), None, "probes are not requests");
+    assert!(host.counts.is_empty() && host.observed.is_empty());
+}
+
+#[test]
+fn health_without_a_revocation_list_is_ready_once_configured() {
+    let mut host = MemHost::new(ROOT);
+    let mut lc = worker(&mut host, config());
+    assert_eq!(probe(&mut lc, &mut host, 10, "health").0, 200);
+    let mut h2 = host.worker(ROOT + 1);
+    let mut unconfigured = Lifecycle::new(ROOT + 1);
+    assert_eq!(probe(&mut unconfigured, &mut h2, 11, "health").0, 503);
+}

@@ -1,0 +1,39 @@
+//! Routes answered by the filter itself rather than forwarded: a route whose keyward metadata is
+//! `{"endpoint": "<name>"}`. Today one: `health`, for load-balancer and Kubernetes probes.
+//!
+//! `health` answers 200 only when this worker's VM runs, is configured, and (with a revocation
+//! list) holds a list it trusts: what a request needs to be served. A dead VM cannot answer at
+//! all: with `FAIL_CLOSED` Envoy answers 503 for it, and the shipped health routes carry a
+//! `direct_response` of 503 for the case where the filter is skipped (`FAIL_OPEN`, or a filter
+//! chain without Keyward). The probe never reaches a store and is not counted or logged as a
+//! request.
+
+use super::Lifecycle;
+use crate::engine::Lookup;
+use crate::host::{Action, Host};
+use crate::response::{Code, Denial};
+
+impl Lifecycle {
+    pub(super) fn answer_endpoint(&mut self, host: &mut impl Host, name: &str, now_ms: u64) -> Action {
+        let (status, body) = match name {
+            "health" => match self.revocation_lookup(host, "", "", now_ms) {
+                Lookup::Ready(_) | Lookup::Stale(_) => (200, r#"{"status":"ok"}"#),
+                Lookup::Pending => (503, r#"{"status":"starting","message":"no revocation list loaded yet"}"#),
+                Lookup::Failed => (503, r#"{"status":"unavailable","message":"the revocation list is older than max_stale_s"}"#),
+            },
+            _ => {
+                let d = Denial::new(Code::UnknownTarget, "this route names an unknown keyward endpoint");
+                return self.reply(host, d.status(), &d.headers(), &d.body());
+            }
+        };
+        let headers = [("content-type", "application/json".to_string()), ("cache-control", "no-store".to_string())];
+        self.reply(host, status, &headers, body)
+    }
+
+    fn reply(&mut self, host: &mut impl Host, status: u32, headers: &[(&str, String)], body: &str) -> Action {
+        if host.reply(status, headers, body).is_err() {
+            host.reset();
+        }
+        Action::Pause
+    }
+}
