@@ -28,7 +28,17 @@ $(STAMP): integration/requirements.txt
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r integration/requirements.txt
 	@touch $@
 
-deps: .wasm-target $(STAMP)
+# promtool checks the shipped alert rules and dashboard queries. Debian's `prometheus` package,
+# pinned, unpacked into .tools (no service installed, no root needed where apt's lists exist).
+PROMTOOL := .tools/bin/promtool
+PROMETHEUS_DEB := 2.42.0+ds-5+b6
+$(PROMTOOL):
+	@mkdir -p .tools/deb .tools/bin
+	cd .tools/deb && rm -f prometheus_*.deb && (apt-get download -q prometheus=$(PROMETHEUS_DEB) || (apt-get update -q && apt-get download -q prometheus=$(PROMETHEUS_DEB))) && dpkg-deb -x prometheus_*.deb x
+	ln -sf ../deb/x/usr/bin/promtool $@
+	$@ --version | head -1
+
+deps: .wasm-target $(STAMP) $(PROMTOOL)
 
 # --- build -----------------------------------------------------------------------------------
 # The module is built with the size-optimised `wasm` profile, then shrunk by binaryen's wasm-opt
@@ -73,7 +83,7 @@ lint: .wasm-target
 	cargo clippy --locked --workspace --all-targets -- -D warnings
 	cargo clippy --locked --target wasm32-wasip1 -p keyward-filter -- -D warnings
 
-integration: build dist/test/keyward-panic.wasm $(STAMP)
+integration: build dist/test/keyward-panic.wasm $(STAMP) $(PROMTOOL)
 	$(VENV)/bin/python -m pytest integration -q -p no:cacheprovider
 
 test: build $(STAMP) unit lint integration fuzz-smoke

@@ -87,12 +87,18 @@ def test_alerts_and_dashboard_only_use_metrics_the_gateway_exports(gw):
     assert used and used <= exported, used - exported
 
 
-def test_dashboard_matches_the_grafana_schema():
+def test_dashboard_matches_the_grafana_schema(tmp_path):
     import jsonschema
     obs = ROOT / "deploy" / "observability"
     schema = json.loads((obs / "grafana-dashboard.schema.json").read_text())
     doc = json.loads((obs / "grafana-dashboard.json").read_text())
     jsonschema.validate(doc, schema)
     exprs = [t["expr"] for p in doc["panels"] for t in p.get("targets", [])]
+    # Every query parses: promtool checks them as recording rules.
+    rules = {"groups": [{"name": "dashboard", "rules": [{"record": f"keyward:panel_{i}", "expr": e.replace("$instance", ".*")} for i, e in enumerate(exprs)]}]}
+    f = tmp_path / "dashboard-rules.yaml"
+    f.write_text(yaml.safe_dump(rules))
+    r = subprocess.run([str(promtool()), "check", "rules", str(f)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
     assert any("keyward_added_us_bucket" in e and "histogram_quantile" in e for e in exprs)
     assert any("keyward_target_requests" in e and "code" in e for e in exprs)
