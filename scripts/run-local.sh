@@ -1,11 +1,24 @@
 #!/usr/bin/env bash
-# `make run`: a complete local Keyward gateway in the foreground.
+# A complete local Keyward gateway in the foreground, for `make run` and for func-e.
 #   OpenBao dev server on 127.0.0.1:8200 (seeded with demo secrets)
 #   demo vendor        on 127.0.0.1:8081 (echoes what it received)
 #   Envoy + keyward    on 127.0.0.1:10000 (admin on 127.0.0.1:9901)
+#
+#   scripts/run-local.sh            everything, Envoy included (this is `make run`)
+#   scripts/run-local.sh --no-envoy OpenBao and the demo vendor only, plus .run/env with what
+#                                   Envoy needs; then, in another terminal, from the repository root:
+#                                     . .run/env && func-e run -c envoy/local.yaml
+# Bash 3.2 or later (macOS's /bin/bash works): only portable flags and builtins.
 # Ctrl-C stops everything this script started.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+WITH_ENVOY=1
+case "${1:-}" in
+  --no-envoy) WITH_ENVOY=0 ;;
+  "") ;;
+  *) echo "usage: $0 [--no-envoy]" >&2; exit 2 ;;
+esac
 
 VENV=.venv
 RUN=.run
@@ -20,12 +33,14 @@ cleanup() {
   echo "stopping..."
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
-  rm -f "$RUN/k1.key" "$RUN/vault.token"
+  rm -f "$RUN/k1.key" "$RUN/vault.token" "$RUN/env"
   echo "stopped."
 }
 trap cleanup INT TERM EXIT
 
-for port in 8200 8081 10000 9901; do
+PORTS="8200 8081"
+if [ "$WITH_ENVOY" = 1 ]; then PORTS="$PORTS 10000 9901"; fi
+for port in $PORTS; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
     echo "port 127.0.0.1:$port is already in use; stop what runs there (or an earlier make run) first" >&2
     exit 1
@@ -48,6 +63,8 @@ KEYWARD_KEY_K1="$(head -c 32 /dev/urandom | base64)"
 export KEYWARD_KEY_K1
 printf '%s' "$KEYWARD_KEY_K1" > "$RUN/k1.key"; chmod 600 "$RUN/k1.key"
 printf '%s' "$VAULT_TOKEN" > "$RUN/vault.token"; chmod 600 "$RUN/vault.token"
+# What Envoy needs from its environment (envoy/local.yaml's host_env_keys), for func-e.
+( umask 077; printf 'export KEYWARD_KEY_K1=%s\nexport VAULT_TOKEN=%s\n' "$KEYWARD_KEY_K1" "$VAULT_TOKEN" > "$RUN/env" )
 
 echo "starting OpenBao (dev mode) on 127.0.0.1:8200 ..."
 "$VENV/bin/bao" server -dev -dev-root-token-id="$VAULT_TOKEN" -dev-listen-address=127.0.0.1:8200 > "$RUN/bao.log" 2>&1 &
@@ -69,18 +86,31 @@ echo "starting the demo vendor on 127.0.0.1:8081 ..."
 "$VENV/bin/python" scripts/demo_vendor.py 8081 > "$RUN/vendor.log" 2>&1 &
 pids+=($!)
 
-echo "starting Envoy $("$VENV/bin/envoy" --version 2>/dev/null | grep -o '1\.[0-9]*\.[0-9]*' | head -1) with keyward on 127.0.0.1:10000 ..."
-"$VENV/bin/envoy" -c envoy/local.yaml --concurrency 2 --log-level warn --component-log-level wasm:info \
-  > "$RUN/envoy.log" 2>&1 &
-pids+=($!)
-wait_http http://127.0.0.1:9901/ready Envoy
-grep -m1 -o "keyward [0-9.]* ([^)]*) configured.*" "$RUN/envoy.log" || true
+wait_http http://127.0.0.1:8081/ demo-vendor
+
+if [ "$WITH_ENVOY" = 1 ]; then
+  echo "starting Envoy $("$VENV/bin/envoy" --version 2>/dev/null | grep -o '1\.[0-9]*\.[0-9]*' | head -1) with keyward on 127.0.0.1:10000 ..."
+  "$VENV/bin/envoy" -c envoy/local.yaml --concurrency 2 --log-level warn --component-log-level wasm:info \
+    > "$RUN/envoy.log" 2>&1 &
+  pids+=($!)
+  wait_http http://127.0.0.1:9901/ready Envoy
+  grep -m1 -o "keyward [0-9.]* ([^)]*) configured.*" "$RUN/envoy.log" || true
+else
+  cat <<MSG
+
+OpenBao and the demo vendor are up. Start Envoy with func-e in another terminal, from
+$(pwd):
+
+  . $RUN/env && func-e run -c envoy/local.yaml
+
+MSG
+fi
 
 TOKEN="$("$KEYWARD" mint --kid k1 --key-file "$RUN/k1.key" --sub lambda/demo --ttl 3600 --run make-run \
   --allow "stripe * /v1/**" --allow "openai POST /v1/chat/completions" --allow "anthropic POST /v1/messages" \
   --allow "twilio POST /2010-04-01/Accounts/*/Messages.json" --allow "maps GET /maps/api/geocode/json")"
 JTI="$("$KEYWARD" inspect "$TOKEN" --key-file "$RUN/k1.key" | grep -o 'jti=[^ ]*' | cut -d= -f2)"
-B64="$(printf 'AC00000000000000000000000000000001:%s' "$TOKEN" | base64 -w0)"
+B64="$(printf 'AC00000000000000000000000000000001:%s' "$TOKEN" | base64 | tr -d '\n')"
 
 cat <<MSG
 
@@ -110,12 +140,21 @@ Revoke the demo credential (denied within 2 s), list, undo:
   $KEYWARD revoked
   $KEYWARD unrevoke --jti $JTI
 
+Health:  curl -s http://127.0.0.1:10000/keyward/health
 Metrics: curl -s http://127.0.0.1:9901/stats/prometheus | grep keyward_
-Logs:    $RUN/envoy.log (access log lines are JSON)
+Logs:    $RUN/envoy.log (access log lines are JSON; with func-e, its stdout)
 Mint:    $KEYWARD mint --kid k1 --key-file $RUN/k1.key --sub SUB --allow "stripe GET /v1/**" [--rpm N] [--total N]
 
 Press Ctrl-C to stop.
 MSG
 
-wait -n "${pids[@]}"
-echo "a component exited; see $RUN/*.log" >&2
+# Until Ctrl-C, or until one of them exits (polled: bash 3.2 cannot wait for any one child).
+while :; do
+  for p in "${pids[@]}"; do
+    if ! kill -0 "$p" 2>/dev/null; then
+      echo "a component exited; see $RUN/*.log" >&2
+      exit 1
+    fi
+  done
+  sleep 1
+done
