@@ -114,6 +114,7 @@ class Vendor:
         self.lock = threading.Lock()
         # When set, requests whose Authorization is not one of these get 401 (a rotated key).
         self.valid_authorizations = None
+        self.slow_s = 3.0
         vendor = self
 
         class H(BaseHTTPRequestHandler):
@@ -128,6 +129,9 @@ class Vendor:
                     vendor.requests.append(rec)
                     vendor.history.append(rec)
                 valid = vendor.valid_authorizations
+                if "/slow" in self.path:
+                    # A slow vendor (an LLM writing a long answer): answers after `vendor.slow_s`.
+                    time.sleep(vendor.slow_s)
                 if "/reflect" in self.path:
                     # A careless vendor: echoes the credential it got in headers and a redirect.
                     query = self.path.split("?", 1)[1] if "?" in self.path else ""

@@ -1,0 +1,224 @@
+"""Keyward behind API Gateway (issue 15): the shipped envoy/api-gateway.yaml, run here behind a
+front proxy that behaves as an HTTP API (stage "prod" in the path, IAM authorization, a 30 s
+integration timeout, X-Forwarded-For and its own headers) followed by an internal ALB (appends the
+VPC link's address). Real Envoy, real OpenBao; the front proxy is the one stand-in: API Gateway
+cannot run here, and its SigV4 check is AWS's (this proxy only requires a SigV4-shaped header).
+
+The shipped config is localised only where it must be: vendor and vault clusters point at local
+servers without TLS, the vault store logs in with a token instead of AppRole, and the targets
+held in AWS Secrets Manager are left out. Routes, stage prefix, XFF trust, header removal,
+timeouts and credential sources are the shipped ones."""
+import http.client
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import requests
+import yaml
+
+import harness
+from conftest import assert_no_leaks
+from test_config import runnable_here
+
+ROOT = harness.ROOT
+STAGE = "prod"
+CLIENT_IP = "198.51.100.7"   # the caller's address as API Gateway sees it
+ENI_IP = "10.0.1.5"          # the VPC link's address, which the ALB appends
+SIGV4 = "AWS4-HMAC-SHA256 Credential=ASIAEXAMPLE/20261202/us-east-1/execute-api/aws4_request, SignedHeaders=host;x-amz-date, Signature=" + "ab" * 32
+
+
+class FrontProxy:
+    """API Gateway (HTTP API, stage `prod`, IAM authorization) and an internal ALB, in one hop."""
+
+    def __init__(self, upstream_port, timeout_s):
+        self.port = harness.free_port()
+        front = self
+
+        class H(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def handle_any(self):
+                n = int(self.headers.get("content-length") or 0)
+                body = self.rfile.read(n) if n else b""
+                if not self.path.startswith(f"/{STAGE}/"):
+                    return harness.send_json(self, 404, b'{"message":"Not Found"}')
+                if not (self.headers.get("authorization") or "").startswith("AWS4-HMAC-SHA256 "):
+                    return harness.send_json(self, 403, b'{"message":"Forbidden"}')
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection", "content-length", "x-forwarded-for")}
+                xff = [v.strip() for v in (self.headers.get("x-forwarded-for") or "").split(",") if v.strip()]
+                headers["X-Forwarded-For"] = ", ".join(xff + [CLIENT_IP, ENI_IP])
+                headers.update({"X-Forwarded-Proto": "https", "X-Forwarded-Port": "443", "X-Amzn-Trace-Id": "Root=1-6751e3c2-0123456789abcdef01234567"})
+                c = http.client.HTTPConnection("127.0.0.1", upstream_port, timeout=timeout_s)
+                try:
+                    c.request(self.command, self.path, body=body or None, headers=headers)
+                    r = c.getresponse()
+                    data = r.read()
+                except TimeoutError:
+                    return harness.send_json(self, 503, b'{"message":"Service Unavailable"}')
+                finally:
+                    c.close()
+                harness.send_json(self, r.status, data, [(k, v) for k, v in r.getheaders() if k.lower() not in ("content-length", "connection", "transfer-encoding", "content-type")])
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = handle_any
+
+            def log_message(self, *a):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), H)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.server.shutdown()
+
+
+def localise(doc, ports):
+    """The shipped config with local clusters and a token-authenticated vault (see the module doc)."""
+    doc = runnable_here(doc)
+    admin_port = ports["admin"]
+    doc["admin"]["address"]["socket_address"]["port_value"] = admin_port
+    (egress,) = [l for l in doc["static_resources"]["listeners"] if l["name"] == "egress"]
+    egress["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": ports["envoy"]}
+    doc["static_resources"]["listeners"] = [egress]
+    hcm = egress["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["access_log"] = [{"name": "envoy.access_loggers.file", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog", "path": str(ports["log"]),
+        "log_format": hcm["access_log"][0]["typed_config"]["log_format"]}}]
+    routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
+    hcm["route_config"]["virtual_hosts"][0]["routes"] = [r for r in routes if r.get("name") in ("keyward_health", "stripe", "twilio")]
+    (wasm,) = [f for f in hcm["http_filters"] if f["name"] == "keyward"]
+    c = wasm["typed_config"]["config"]
+    c["vm_config"]["environment_variables"]["host_env_keys"] = ["KEYWARD_KEY_K1", "VAULT_TOKEN"]
+    cfg = json.loads(c["configuration"]["value"])
+    vault = cfg["stores"]["vault"]
+    vault.pop("approle")
+    vault["token_env"] = "VAULT_TOKEN"
+    vault["authority"] = "vault.local"
+    del cfg["stores"]["aws"]
+    cfg["targets"] = {k: v for k, v in cfg["targets"].items() if v["secret"]["store"] == "vault"}
+    cfg["revocation"]["refresh_s"] = 1
+    c["configuration"]["value"] = json.dumps(cfg)
+    clusters = []
+    for cl in doc["static_resources"]["clusters"]:
+        port = {"vault": ports["bao"], "stripe": ports["vendor"], "twilio": ports["vendor"], "sendgrid": ports["vendor"]}.get(cl["name"])
+        if port is None:
+            continue
+        cl.pop("transport_socket", None)
+        cl["type"] = "STATIC"
+        cl.pop("dns_lookup_family", None)
+        cl["load_assignment"] = {"cluster_name": cl["name"], "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}]}
+        clusters.append(cl)
+    doc["static_resources"]["clusters"] = clusters
+    return doc
+
+
+@pytest.fixture(scope="module")
+def fronted(gw, workdir):
+    gw.bao.put("keyward/stripe", {"api_key": gw.s["stripe"]})
+    gw.bao.put("keyward/twilio", {"account_sid": gw.s["twilio_sid"], "auth_token": gw.s["twilio_token"]})
+    gw.bao.put("keyward/revoked", {"jti:seed": "x"})
+    vendor = harness.Vendor()
+    vendor.slow_s = 3.0
+    ports = {"admin": harness.free_port(), "envoy": harness.free_port(), "bao": gw.bao.port, "vendor": vendor.port,
+             "log": workdir / "access-apigw.log"}
+    doc = localise(yaml.safe_load((ROOT / "envoy" / "api-gateway.yaml").read_text()), ports)
+    envoy = harness.Envoy(workdir, doc, gw.env, name="envoy-apigw")
+    # API Gateway's integration timeout, scaled down: 30 s there, 2 s here against Envoy's 29 s
+    # route timeout scaled to... the shipped 29 s: so here the front gives up first, as API
+    # Gateway would for a vendor slower than 30 s.
+    front = FrontProxy(ports["envoy"], timeout_s=2.0)
+    envoy.front = f"http://127.0.0.1:{front.port}"
+    envoy.vendor = vendor
+    envoy.access = ports["log"]
+    harness.wait_until(lambda: requests.get(f"http://127.0.0.1:{ports['envoy']}/keyward/health", timeout=5).status_code == 200,
+                       timeout=15, what="the fronted gateway ready")
+    envoy.direct = f"http://127.0.0.1:{ports['envoy']}"
+    yield envoy
+    assert_no_leaks(envoy.log_path.read_text(errors="replace") + envoy.access.read_text(errors="replace"), "the fronted gateway's logs")
+    front.stop()
+    envoy.stop()
+    vendor.stop()
+
+
+def token(gw, allow, **kw):
+    """A credential for the shipped config, which names its issuer."""
+    return gw.token(allow, iss="https://keyward.example.internal", **kw)
+
+
+def call(fronted, path, token=None, method="GET", headers=None, sign=True, **kw):
+    h = {"X-Amz-Date": "20261202T150000Z", "X-Amz-Security-Token": "IQoJb3JpZ2luX2VjEXAMPLE" + "x" * 40}
+    if sign:
+        h["Authorization"] = SIGV4
+    if token:
+        h["X-Keyward-Token"] = token
+    h.update(headers or {})
+    return requests.request(method, fronted.front + path, headers=h, timeout=10, **kw)
+
+
+def test_routing_rules_and_injection_through_the_stage(gw, fronted):
+    t = token(gw, ["stripe GET /v1/**", "twilio POST /2010-04-01/Accounts/*/Messages.json"])
+    r = call(fronted, f"/{STAGE}/stripe/v1/customers?limit=3", t, headers={"X-Forwarded-For": "6.6.6.6"})
+    assert r.status_code == 200, r.text
+    (req,) = fronted.vendor.take()
+    assert req["path"] == "/v1/customers?limit=3", "the stage and the vendor prefix are gone"
+    assert harness.header_values(req, "authorization") == [f"Bearer {gw.s['stripe']}"], "SigV4 replaced by the vendor key"
+    sent = {k for k, _ in req["headers"]}
+    for h in ("x-keyward-token", "x-amz-date", "x-amz-security-token", "x-forwarded-for", "x-amzn-trace-id", "x-forwarded-proto"):
+        assert h not in sent, f"{h} reached the vendor"
+    # Twilio's basic auth out, the Keyward credential in X-Keyward-Token.
+    r = call(fronted, f"/{STAGE}/twilio/2010-04-01/Accounts/AC1/Messages.json", t, method="POST", data=b"To=1")
+    assert r.status_code == 200, r.text
+    (req,) = fronted.vendor.take()
+    assert harness.header_values(req, "authorization")[0].startswith("Basic ")
+    # Rules hold: a method no rule allows, a missing credential, a credential in the wrong place.
+    r = call(fronted, f"/{STAGE}/stripe/v1/customers/cus_1", t, method="DELETE")
+    assert r.status_code == 403 and r.json()["error"] == "forbidden"
+    r = call(fronted, f"/{STAGE}/stripe/v1/customers")
+    assert r.status_code == 401 and r.json()["error"] == "missing_credential"
+    assert fronted.vendor.take() == []
+
+
+def test_without_the_stage_or_the_signature_nothing_reaches_keyward(gw, fronted):
+    t = token(gw, ["stripe GET /v1/**"])
+    assert call(fronted, "/stripe/v1/customers", t).status_code == 404
+    assert call(fronted, f"/{STAGE}/stripe/v1/customers", t, sign=False).status_code == 403
+    # Without the stage at Envoy itself (someone inside the VPC skipping API Gateway): no route,
+    # so no target.
+    r = requests.get(fronted.direct + "/stripe/v1/customers", headers={"X-Keyward-Token": t}, timeout=10)
+    assert r.status_code == 403 and r.json()["error"] == "unknown_target"
+    assert fronted.vendor.take() == []
+
+
+def test_the_access_log_names_the_client_api_gateway_saw(gw, fronted):
+    t = token(gw, ["stripe GET /v1/**"], sub="lambda/apigw-log")
+    marker = "apigw-" + harness.secrets.token_hex(4)
+    r = call(fronted, f"/{STAGE}/stripe/v1/{marker}", t, headers={"X-Forwarded-For": "6.6.6.6, 7.7.7.7"})
+    assert r.status_code == 200
+    fronted.vendor.take()
+
+    def line():
+        for l in fronted.access.read_text(errors="replace").splitlines():
+            if marker in l:
+                return json.loads(l)
+    harness.wait_until(line, timeout=15, what="the access log line (Envoy flushes file logs every ~10 s)")
+    entry = line()
+    assert entry["client"] == CLIENT_IP, entry
+    assert entry["subject"] == "lambda/apigw-log" and entry["target"] == "stripe" and entry["decision"] == "allow"
+    assert entry["path"] == f"/v1/{marker}", "the path the vendor got"
+
+
+def test_a_vendor_slower_than_the_integration_timeout(gw, fronted):
+    """API Gateway answers 503 at its integration timeout while the vendor is still working; the
+    call was allowed and the key injected (the vendor may act on it): the README says to keep
+    long LLM calls on the private path. The next requests are unaffected."""
+    t = token(gw, ["stripe * /v1/**"])
+    started = time.monotonic()
+    r = call(fronted, f"/{STAGE}/stripe/v1/slow", t)
+    assert r.status_code == 503 and 1.5 < time.monotonic() - started < 3.0
+    harness.wait_until(lambda: len(fronted.vendor.requests) >= 1, timeout=5, what="the vendor got the slow call")
+    fronted.vendor.take()
+    r = call(fronted, f"/{STAGE}/stripe/v1/customers", t)
+    assert r.status_code == 200
+    fronted.vendor.take()
