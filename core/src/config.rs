@@ -238,6 +238,11 @@ pub struct Store {
     pub authority: String,
     pub timeout_ms: u32,
     pub kind: StoreKind,
+    /// A fingerprint of the configuration's signing keys from the environment
+    /// (`secrets::keys::secret_scope`), for the shared-data names of stores whose identity holds
+    /// no secret (AWS Secrets Manager): another module in the same VM cannot predict them. Empty
+    /// when the configuration has no such key.
+    pub scope: String,
 }
 
 /// How Keyward authenticates to a Vault/OpenBao store.
@@ -569,7 +574,7 @@ pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Con
             return err(format!("{path}.timeout_ms"), "must be between 1 and 60000");
         }
         c.store_index.insert(name.clone(), stores.len());
-        stores.push(Store { name: name.clone(), cluster: cluster.clone(), authority: authority.clone(), timeout_ms, kind });
+        stores.push(Store { name: name.clone(), cluster: cluster.clone(), authority: authority.clone(), timeout_ms, kind, scope: String::new() });
     }
 
     if raw.signing_keys.is_empty() && raw.signing_keyset.is_none() {
@@ -719,6 +724,16 @@ pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Con
         clock_skew_s: i64::from(raw.clock_skew_s),
         max_token_lifetime_s: i64::from(raw.max_token_lifetime_s),
     };
+    let scope = crate::secrets::keys::secret_scope(keys.iter().filter_map(|k| match &k.source {
+        KeySource::Ready(h) => Some(h.id()),
+        KeySource::Stored { .. } => None,
+    }));
+    let mut stores = stores;
+    for st in &mut stores {
+        if matches!(st.kind, StoreKind::AwsSecretsManager) {
+            st.scope.clone_from(&scope);
+        }
+    }
     Ok(Config { policy, keys, key_index, keyset, stores, slots: c.slots, cache, revocation, targets, target_index })
 }
 

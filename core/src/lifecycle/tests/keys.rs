@@ -123,3 +123,26 @@ fn key_identity_is_the_key_bytes_not_an_address() {
     assert_ne!(b.id(), id);
     assert_eq!(HmacKey::new(OLD).map(|k| k.id()).ok(), Some(id), "the same bytes: the same identity in every worker");
 }
+
+#[test]
+fn aws_store_names_carry_a_scope_only_the_configuration_s_keys_give() {
+    let aws = r#"{"type":"aws_secrets_manager","cluster":"sm","authority":"secretsmanager.us-east-1.amazonaws.com"}"#;
+    let names = |key_env: &str| {
+        let env = |n: &str| match n {
+            "K_A" => Some(b64::std_encode(b"a-signing-key-of-32-bytes-length")),
+            "K_B" => Some(b64::std_encode(b"b-signing-key-of-32-bytes-length")),
+            _ => None,
+        };
+        let json = format!(
+            r#"{{"audience":"keyward","signing_keys":{{"k1":{{"env":"{key_env}"}}}},"stores":{{"aws":{aws}}},"targets":{{"openai":{{"credential":"bearer","secret":{{"store":"aws","path":"keyward/openai","field":"api_key"}},"inject":{{"type":"bearer"}}}}}}}}"#
+        );
+        let cfg = crate::config::compile(json.as_bytes(), &env).unwrap_or_else(|e| panic!("{e}"));
+        cfg.stores.first().map(|st| crate::secrets::keys::secret(st, "keyward/openai")).unwrap_or_default()
+    };
+    let (a, b) = (names("K_A"), names("K_B"));
+    assert_ne!(a, b, "two configurations with different keys never share (or can guess) an AWS record");
+    assert_eq!(a, names("K_A"), "the same configuration names it the same in every worker");
+    let predictable = "keyward/v3/secret/6:aws-sm/2:sm/38:secretsmanager.us-east-1.amazonaws.com/";
+    assert!(a.starts_with(predictable) && a.len() > predictable.len() + 32, "{a}");
+    assert!(!a.contains("signing-key"));
+}

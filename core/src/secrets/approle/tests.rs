@@ -12,6 +12,7 @@ fn approle(role: &str) -> Store {
             auth: VaultAuth::AppRole { mount: "approle".into(), role_id: Secret::text(role), secret_id: Secret::text("sid-\"quoted\"") },
             namespace: Some("team".into()),
         },
+        scope: String::new(),
     }
 }
 

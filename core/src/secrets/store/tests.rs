@@ -7,6 +7,7 @@ fn vault() -> Store {
         authority: "vault.internal".into(),
         timeout_ms: 2000,
         kind: StoreKind::VaultKv2 { mount: "secret".into(), auth: VaultAuth::Token(Secret::text("s.roottoken")), namespace: None },
+        scope: String::new(),
     }
 }
 fn aws() -> Store {
@@ -16,6 +17,7 @@ fn aws() -> Store {
         authority: "secretsmanager.us-east-1.amazonaws.com".into(),
         timeout_ms: 500,
         kind: StoreKind::AwsSecretsManager,
+        scope: String::new(),
     }
 }
 fn want(f: &[&str]) -> Vec<String> {
