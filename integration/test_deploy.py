@@ -4,6 +4,7 @@ and Envoy Gateway resources for required fields, every embedded filter configura
 `keyward check-config`, and the Dockerfiles against what they copy."""
 import fnmatch
 import json
+import re
 import subprocess
 import sys
 
@@ -92,7 +93,7 @@ def test_gateway_manifest_has_the_required_kinds_and_wiring():
     assert {"Deployment", "Service", "NetworkPolicy"} <= set(docs)
     pod = docs["Deployment"]["spec"]["template"]["spec"]
     (c,) = pod["containers"]
-    assert {e["name"] for e in c["env"]} == host_env_keys(ROOT / "envoy" / "egress-gateway.yaml")
+    assert {e["name"] for e in c["env"]} - {"DRAIN_S"} == host_env_keys(ROOT / "envoy" / "egress-gateway.yaml")
     assert c["securityContext"]["readOnlyRootFilesystem"] and pod["securityContext"]["runAsNonRoot"]
     assert c["args"][c["args"].index("--log-level") + 1] == "info"
     cm = k8s_docs("envoy-configmap.yaml")[0]
@@ -106,15 +107,6 @@ def test_configmap_is_the_shipped_gateway_config():
     assert cm["data"]["envoy.yaml"] == (ROOT / "envoy" / "egress-gateway.yaml").read_text()
 
 
-REQUIRED = {
-    "WasmPlugin": [("spec", "url"), ("spec", "pluginConfig"), ("spec", "failStrategy")],
-    "EnvoyFilter": [("spec", "configPatches")],
-    "EnvoyExtensionPolicy": [("spec", "targetRefs"), ("spec", "wasm")],
-    "EnvoyPatchPolicy": [("spec", "targetRef"), ("spec", "jsonPatches"), ("spec", "type")],
-    "HTTPRoute": [("spec", "parentRefs"), ("spec", "rules")],
-}
-
-
 def filter_configs():
     for name in ("istio-wasmplugin.yaml", "envoy-gateway-extension-policy.yaml"):
         for d in k8s_docs(name):
@@ -125,21 +117,135 @@ def filter_configs():
                     yield name, w["config"]
 
 
-@pytest.mark.parametrize("name", ["istio-wasmplugin.yaml", "envoy-gateway-extension-policy.yaml"])
-def test_mesh_resources_have_their_required_fields(name):
+MESH = ["istio-wasmplugin.yaml", "envoy-gateway-extension-policy.yaml"]
+
+
+@pytest.mark.parametrize("name", MESH)
+def test_mesh_resources_match_their_crd_schemas_strictly(name):
+    import jsonschema
+    import crds
     docs = k8s_docs(name)
     assert docs
     for d in docs:
-        assert d["apiVersion"] and d["metadata"]["name"], d
-        for path in REQUIRED[d["kind"]]:
-            node = d
-            for k in path:
-                assert k in node, f"{d['kind']} {d['metadata']['name']}: {'.'.join(path)} is required"
-                node = node[k]
-        if d["kind"] == "WasmPlugin":
-            assert d["spec"]["failStrategy"] == "FAIL_RELOAD" and d["spec"]["url"].startswith("oci://")
-        if d["kind"] == "EnvoyExtensionPolicy":
-            assert all(w["failOpen"] is False and w["code"]["type"] == "Image" for w in d["spec"]["wasm"])
+        assert crds.known(d["apiVersion"], d["kind"]), f"no CRD schema for {d['apiVersion']} {d['kind']}"
+        crds.validate(d)
+    # Strict: a misspelt field is an error, not silently pruned as the API server would.
+    typo = dict(docs[-1], spec=dict(docs[-1]["spec"], tragetRef={}))
+    with pytest.raises(jsonschema.ValidationError):
+        crds.validate(typo)
+
+
+def by_kind(name):
+    out = {}
+    for d in k8s_docs(name):
+        out.setdefault(d["kind"], []).append(d)
+    return out
+
+
+def test_envoy_gateway_wiring_is_complete():
+    """Every cluster and route the filter relies on exists once Envoy Gateway has translated the
+    resources: the vault cluster is added by the patch policy under the name the filter config
+    uses; every HTTPRoute rule gets keyward metadata on the route name Envoy Gateway generates;
+    the proxy pods carry the filter's environment; the module is pinned and pullable."""
+    k = by_kind("envoy-gateway-extension-policy.yaml")
+    (ext,) = k["EnvoyExtensionPolicy"]
+    (wasm,) = ext["spec"]["wasm"]
+    assert wasm["failOpen"] is False and wasm["code"]["type"] == "Image"
+    assert re.fullmatch(r"[0-9a-f]{64}", wasm["code"]["image"]["sha256"]) and wasm["code"]["image"]["pullSecretRef"]["name"]
+    assert ext["spec"]["targetRefs"] == [{"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "egress"}]
+    (patch,) = k["EnvoyPatchPolicy"]
+    added = {p["name"] for p in patch["spec"]["jsonPatches"] if p["type"].endswith("cluster.v3.Cluster") and p["operation"]["op"] == "add"}
+    assert {st["cluster"] for st in wasm["config"]["stores"].values()} <= added
+    (gateway,) = k["Gateway"]
+    listeners = {l["name"] for l in gateway["spec"]["listeners"]}
+    metadata_on = {}
+    for p in patch["spec"]["jsonPatches"]:
+        if p["type"].endswith("RouteConfiguration"):
+            ns, gw_name, listener = p["name"].split("/")
+            assert (ns, gw_name) == (gateway["metadata"]["namespace"], gateway["metadata"]["name"]) and listener in listeners
+            m = re.fullmatch(r"\.\.routes\[\?\(@\.name=='(.+)'\)\]", p["operation"]["jsonPath"])
+            assert m and p["operation"]["path"] == "/metadata", p
+            metadata_on[m.group(1)] = p["operation"]["value"]["filter_metadata"]["keyward"]
+    for route in k["HTTPRoute"]:
+        for i, rule in enumerate(route["spec"]["rules"]):
+            for j, match in enumerate(rule["matches"]):
+                generated = f"httproute/{route['metadata']['namespace']}/{route['metadata']['name']}/rule/{i}/match/{j}/*"
+                meta = metadata_on.get(generated)
+                assert meta, f"no keyward metadata for {generated}"
+                if "target" in meta:
+                    assert meta["target"] in wasm["config"]["targets"]
+                    assert match["path"]["value"] == meta["prefix"] + "/"
+                else:
+                    assert meta == {"endpoint": "health"} and match["path"] == {"type": "Exact", "value": "/keyward/health"}
+    for b in k["Backend"]:
+        (ep,) = b["spec"]["endpoints"]
+        assert b["spec"]["tls"]["sni"] == ep["fqdn"]["hostname"] and ep["fqdn"]["port"] == 443
+    (proxy,) = k["EnvoyProxy"]
+    env = {e["name"] for e in proxy["spec"]["provider"]["kubernetes"]["envoyDeployment"]["container"]["env"]}
+    assert set(wasm["env"]["hostKeys"]) <= env
+    assert proxy["spec"]["shutdown"]["drainTimeout"] and proxy["spec"]["provider"]["kubernetes"]["envoyPDB"]["minAvailable"] >= 1
+    assert yaml.safe_load(proxy["spec"]["bootstrap"]["value"])["stats_config"] == yaml.safe_load((ROOT / "envoy" / "egress-gateway.yaml").read_text())["stats_config"]
+
+
+def test_istio_wiring_is_complete():
+    k = by_kind("istio-wasmplugin.yaml")
+    (plugin,) = k["WasmPlugin"]
+    spec = plugin["spec"]
+    assert spec["failStrategy"] == "FAIL_RELOAD" and spec["url"].startswith("oci://")
+    assert re.fullmatch(r"[0-9a-f]{64}", spec["sha256"]) and spec["imagePullSecret"]
+    entries = {(h, p["number"]): se for se in k["ServiceEntry"] for h in se["spec"]["hosts"] for p in se["spec"]["ports"]}
+    rules = {dr["spec"]["host"]: dr for dr in k["DestinationRule"]}
+
+    def tls_for(host, port):
+        tp = rules[host]["spec"]["trafficPolicy"]
+        for pl in tp.get("portLevelSettings", []):
+            if pl["port"]["number"] == port:
+                return pl["tls"]
+        return tp["tls"]
+
+    # The vault: the cluster Istio generates for its ServiceEntry, with TLS origination.
+    for st in spec["pluginConfig"]["stores"].values():
+        m = re.fullmatch(r"outbound\|(\d+)\|\|(.+)", st["cluster"])
+        assert m, st["cluster"]
+        host, port = m.group(2), int(m.group(1))
+        assert (host, port) in entries and st["authority"] == host
+        assert tls_for(host, port)["mode"] == "SIMPLE" and tls_for(host, port)["sni"] == host
+    # Every vendor route: a ServiceEntry, TLS origination, and keyward metadata by route name.
+    (vs,) = k["VirtualService"]
+    (ef,) = k["EnvoyFilter"]
+    patched = {p["match"]["routeConfiguration"]["vhost"]["route"]["name"]: p["patch"]["value"]["metadata"]["filter_metadata"]["keyward"]
+               for p in ef["spec"]["configPatches"] if p["applyTo"] == "HTTP_ROUTE"}
+    for route in vs["spec"]["http"]:
+        meta = patched[route["name"]]
+        if "endpoint" in meta:
+            assert meta == {"endpoint": "health"} and route["directResponse"]["status"] == 503
+            continue
+        assert meta["target"] in spec["pluginConfig"]["targets"] and route["match"][0]["uri"]["prefix"] == meta["prefix"] + "/"
+        (dest,) = route["route"]
+        host, port = dest["destination"]["host"], dest["destination"]["port"]["number"]
+        assert (host, port) in entries and route["rewrite"]["authority"] == host
+        assert tls_for(host, port) == {"mode": "SIMPLE", "sni": host, "subjectAltNames": [host]}
+    boot = [p for p in ef["spec"]["configPatches"] if p["applyTo"] == "BOOTSTRAP"]
+    assert boot[0]["patch"]["value"]["stats_config"] == yaml.safe_load((ROOT / "envoy" / "egress-gateway.yaml").read_text())["stats_config"]
+
+
+def test_kubernetes_gateway_drains_probes_health_and_allows_pod_identity():
+    docs = by_kind("gateway.yaml")
+    (dep,) = docs["Deployment"]
+    pod = dep["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert "command" not in c, "the image's entrypoint (keyward-envoy) drains on SIGTERM"
+    drain = int(next(e["value"] for e in c["env"] if e["name"] == "DRAIN_S"))
+    assert pod["terminationGracePeriodSeconds"] > c["lifecycle"]["preStop"]["sleep"]["seconds"] + drain
+    assert c["readinessProbe"]["httpGet"] == {"path": "/keyward/health", "port": "egress"}
+    (pdb,) = docs["PodDisruptionBudget"]
+    assert pdb["spec"]["minAvailable"] >= 1 and pdb["spec"]["selector"] == dep["spec"]["selector"]
+    assert dep["spec"]["replicas"] > pdb["spec"]["minAvailable"]
+    (np,) = docs["NetworkPolicy"]
+    blocks = {p["ipBlock"]["cidr"]: r["ports"] for r in np["spec"]["egress"] for p in r.get("to", []) if "ipBlock" in p}
+    assert blocks["169.254.170.23/32"] == [{"protocol": "TCP", "port": 80}], "EKS Pod Identity agent"
+    assert "fd00:ec2::23/128" in blocks
+    assert any({"protocol": "TCP", "port": 443} in r["ports"] and "to" not in r for r in np["spec"]["egress"]), "STS for IRSA, vendors"
 
 
 @pytest.mark.parametrize("source,cfg", list(filter_configs()), ids=lambda v: v if isinstance(v, str) else "config")
@@ -155,6 +261,14 @@ def test_dockerfiles_copy_what_the_build_makes(dockerfile):
     lines = [l.split() for l in dockerfile.read_text().splitlines() if l and not l.startswith("#")]
     froms = [l[1] for l in lines if l[0] == "FROM"]
     assert froms in (["envoyproxy/envoy:v1.40.0"], ["scratch"])
+    copied = {}
     for l in lines:
         if l[0] == "COPY":
-            assert (ROOT / l[1]).exists(), f"{dockerfile.name}: COPY {l[1]}: not produced by make build"
+            src, dst = [a for a in l[1:] if not a.startswith("--")]
+            assert (ROOT / src).exists(), f"{dockerfile.name}: COPY {src}: not produced by make build"
+            copied[dst] = src
+    if dockerfile.name == "Dockerfile":
+        assert copied["/usr/local/bin/keyward-envoy"] == "deploy/keyward-envoy.sh"
+        assert copied["/etc/envoy/api-gateway.yaml"] == "envoy/api-gateway.yaml"
+        entry = next(l for l in lines if l[0] == "ENTRYPOINT")
+        assert json.loads(" ".join(entry[1:])) == ["/usr/local/bin/keyward-envoy"]

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The gateway image's entrypoint (/usr/local/bin/keyward-envoy): Envoy with a graceful drain.
+# Envoy exits at once on SIGTERM, cutting requests in flight (an LLM call of a minute, a payment).
+# This wrapper runs Envoy, and on SIGTERM (ECS stopping the task, Kubernetes deleting the pod):
+#   1. asks Envoy to drain (POST /drain_listeners?graceful on the admin port): it keeps serving
+#      what is in flight, closes idle and finished connections (HTTP/1.1 `connection: close`,
+#      HTTP/2 GOAWAY) and, after --drain-time-s, stops accepting;
+#   2. waits up to DRAIN_S seconds (default 30) for in-flight requests, then stops Envoy.
+# The orchestrator's own limit must be longer: ECS stopTimeout, Kubernetes
+# terminationGracePeriodSeconds (both 45 in the shipped manifests).
+# Arguments are Envoy's. ADMIN (default 127.0.0.1:9901) is the admin address.
+set -u
+DRAIN_S="${DRAIN_S:-30}"
+ADMIN="${ADMIN:-127.0.0.1:9901}"
+ENVOY="${ENVOY:-envoy}"
+
+"$ENVOY" --drain-time-s "$DRAIN_S" --drain-strategy immediate "$@" &
+pid=$!
+
+admin_post() { # path: a POST to Envoy's admin with bash's /dev/tcp (no curl in the image)
+  local host="${ADMIN%:*}" port="${ADMIN##*:}"
+  exec 3<>"/dev/tcp/$host/$port" || return 1
+  printf 'POST %s HTTP/1.1\r\nHost: %s\r\nContent-Length: 0\r\nConnection: close\r\n\r\n' "$1" "$ADMIN" >&3
+  head -1 <&3
+  exec 3<&-
+}
+
+drain() {
+  trap - TERM INT
+  echo "keyward-envoy: draining for up to ${DRAIN_S}s" >&2
+  admin_post "/drain_listeners?graceful" >&2 || echo "keyward-envoy: the admin did not answer; stopping" >&2
+  # In flight: Envoy's downstream_rq_active gauge, summed over listeners, until it reaches 0.
+  deadline=$((SECONDS + DRAIN_S))
+  while [ "$SECONDS" -lt "$deadline" ] && kill -0 "$pid" 2>/dev/null; do
+    active="$(admin_get_active)"
+    [ "$active" = "0" ] && break
+    sleep 0.5
+  done
+  kill -TERM "$pid" 2>/dev/null
+  wait "$pid"
+  exit 0
+}
+
+admin_get_active() {
+  local host="${ADMIN%:*}" port="${ADMIN##*:}" n=0 line v seen=0
+  # Unreachable admin or an unexpected answer: report 1 (keep draining until DRAIN_S), never 0.
+  exec 4<>"/dev/tcp/$host/$port" || { echo 1; return; }
+  printf 'GET /stats?filter=downstream_rq_active$ HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n' "$ADMIN" >&4
+  while IFS= read -r line <&4; do
+    line="${line%$'\r'}"
+    case "$line" in
+      http.admin.downstream_rq_active:*) seen=1 ;;
+      *downstream_rq_active:*)
+        v="${line##*: }"
+        case "$v" in ''|*[!0-9]*) ;; *) n=$((n + v)); seen=1 ;; esac ;;
+    esac
+  done
+  [ "$seen" = 1 ] || n=1
+  exec 4<&-
+  echo "$n"
+}
+
+trap drain TERM INT
+wait "$pid"
+status=$?
+# Envoy exited by itself (bad config, crash): its status is ours.
+if ! kill -0 "$pid" 2>/dev/null; then exit "$status"; fi
+# `wait` was interrupted by the trap; drain() exits.
+wait "$pid"

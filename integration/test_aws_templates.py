@@ -1,0 +1,115 @@
+"""The AWS deployment (issue 15): every CloudFormation template in deploy/aws/ passes cfn-lint, and
+the template agrees with what it runs: the Envoy config's stage prefix, its route timeouts under
+API Gateway's integration timeout, the health route, the secrets the filter reads, the vendor
+keys it may read from Secrets Manager, and a drain that ends before ECS kills the task. The ECS
+health-check command itself is run against real Envoy."""
+import json
+import re
+import subprocess
+
+import pytest
+import requests
+import yaml
+
+import harness
+
+ROOT = harness.ROOT
+AWS = ROOT / "deploy" / "aws"
+TEMPLATES = sorted(AWS.glob("*.yaml"))
+
+
+def template(path):
+    from cfnlint.decode import decode
+    t, errors = decode(str(path))
+    assert not errors, errors
+    return t
+
+
+def envoy_doc(name):
+    return yaml.safe_load((ROOT / "envoy" / name).read_text())
+
+
+def filter_config(doc):
+    for l in doc["static_resources"]["listeners"]:
+        for f in l["filter_chains"][0]["filters"]:
+            for h in f["typed_config"].get("http_filters", []):
+                if h["name"] == "keyward":
+                    c = h["typed_config"]["config"]
+                    return json.loads(c["configuration"]["value"]), c["vm_config"]["environment_variables"]["host_env_keys"], f["typed_config"]
+
+
+def test_templates_exist_and_pass_cfn_lint():
+    assert TEMPLATES
+    r = subprocess.run([str(harness.BIN / "cfn-lint"), *map(str, TEMPLATES)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_cfn_lint_would_catch_a_broken_template(tmp_path):
+    broken = tmp_path / "broken.yaml"
+    text = (AWS / "keyward-gateway.yaml").read_text()
+    for good, bad, what in [("IntegrationUri: !Ref Listener", "IntegrationUri: !Ref Listner", "Listner"),
+                            ("Scheme: internal", "Scheme: private", "private"),
+                            ("LaunchType: FARGATE", "LaunchType: FARGATEX", "FARGATEX")]:
+        assert good in text
+        broken.write_text(text.replace(good, bad))
+        r = subprocess.run([str(harness.BIN / "cfn-lint"), str(broken)], capture_output=True, text=True)
+        assert r.returncode != 0 and what in r.stdout, (bad, r.stdout)
+
+
+def test_the_template_agrees_with_the_envoy_configs_it_runs():
+    t = template(AWS / "keyward-gateway.yaml")
+    res = t["Resources"]
+    (c,) = res["TaskDefinition"]["Properties"]["ContainerDefinitions"]
+    # The fronted topology runs envoy/api-gateway.yaml; the private one the egress gateway config.
+    fronted_cfg = c["Command"][1]["Fn::If"]
+    assert fronted_cfg[1] == "/etc/envoy/api-gateway.yaml" and fronted_cfg[2] == "/etc/envoy/envoy.yaml"
+    cfg, env_keys, hcm = filter_config(envoy_doc("api-gateway.yaml"))
+    assert {s["Name"] for s in c["Secrets"]} == set(env_keys) == set(filter_config(envoy_doc("egress-gateway.yaml"))[1])
+    # Stage prefix: every vendor route of api-gateway.yaml starts with the default stage.
+    stage = t["Parameters"]["StageName"]["Default"]
+    routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
+    vendor_routes = [r for r in routes if "target" in r.get("metadata", {}).get("filter_metadata", {}).get("keyward", {})]
+    assert vendor_routes and all(r["match"]["prefix"].startswith(f"/{stage}/") for r in vendor_routes)
+    # Envoy gives up before API Gateway does.
+    limit_s = res["Integration"]["Properties"]["TimeoutInMillis"] / 1000
+    assert all(float(r["route"]["timeout"].rstrip("s")) < limit_s for r in vendor_routes)
+    assert float(hcm["request_timeout"].rstrip("s")) <= limit_s
+    # Health: the ALB and the container check the route the filter answers.
+    health = next(r for r in routes if r.get("name") == "keyward_health")
+    assert res["TargetGroup"]["Properties"]["HealthCheckPath"] == health["match"]["path"]
+    assert health["match"]["path"] in c["HealthCheck"]["Command"][1]
+    # XFF: API Gateway and the ALB's hop are trusted, nothing more.
+    assert hcm["use_remote_address"] is True and hcm["xff_num_trusted_hops"] == 2
+    # Drain: the entrypoint drains for DRAIN_S, ECS waits longer, the ALB deregisters first.
+    drain = int(next(e["Value"] for e in c["Environment"] if e["Name"] == "DRAIN_S"))
+    assert c["EntryPoint"] == ["/usr/local/bin/keyward-envoy"] and c["StopTimeout"] > drain
+    # Least privilege: the task reads exactly the AWS-held vendor keys; execution reads the two injected secrets.
+    (stmt,) = res["TaskRole"]["Properties"]["Policies"][0]["PolicyDocument"]["Statement"]
+    paths = {re.search(r":secret:(.+)-\?{6}$", r["Fn::Sub"]).group(1) for r in stmt["Resource"]}
+    assert paths == {tg["secret"]["path"] for tg in cfg["targets"].values() if cfg["stores"][tg["secret"]["store"]]["type"] == "aws_secrets_manager"}
+    assert stmt["Action"] == "secretsmanager:GetSecretValue"
+    # IAM authorization on every route of the API.
+    assert res["ProxyRoute"]["Properties"]["AuthorizationType"] == "AWS_IAM"
+    assert res["Service"]["Properties"]["NetworkConfiguration"]["AwsvpcConfiguration"]["AssignPublicIp"] == "DISABLED"
+    assert res["LoadBalancer"]["Properties"]["Scheme"] == "internal"
+
+
+@pytest.mark.parametrize("source", ["template", "task-definition"])
+def test_the_ecs_health_check_command_works_against_real_envoy(gw, source):
+    """The container health check (bash /dev/tcp, no curl in Envoy's image) passes on a healthy
+    gateway and fails where nothing answers 200."""
+    if source == "template":
+        (c,) = template(AWS / "keyward-gateway.yaml")["Resources"]["TaskDefinition"]["Properties"]["ContainerDefinitions"]
+        cmd = c["HealthCheck"]["Command"]
+    else:
+        (c,) = json.loads((ROOT / "deploy" / "ecs" / "task-definition.json").read_text())["containerDefinitions"]
+        cmd = c["healthCheck"]["command"]
+    assert cmd[0] == "CMD-SHELL"
+    harness.wait_until(lambda: requests.get(gw.url + "/keyward/health", timeout=5).status_code == 200, timeout=10, what="ready")
+    port = gw.url.rsplit(":", 1)[1]
+    ok = subprocess.run(["sh", "-c", cmd[1].replace("/10000", f"/{port}")], timeout=10)
+    assert ok.returncode == 0
+    # The raw listener's routes have no health endpoint with direct_response... a port with no
+    # Envoy at all fails the check.
+    dead = subprocess.run(["sh", "-c", cmd[1].replace("/10000", f"/{harness.free_port()}")], timeout=10, capture_output=True)
+    assert dead.returncode != 0
