@@ -67,6 +67,10 @@ def fake_secret(prefix: str) -> str:
 
 # ------------------------------------------------------------------ tokens (independent minter)
 
+def b64d(s: str) -> bytes:
+    return base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
+
+
 def b64u(b: bytes) -> str:
     return base64.urlsafe_b64encode(b).rstrip(b"=").decode()
 

@@ -20,7 +20,7 @@ import yaml
 
 import harness
 from conftest import assert_no_leaks
-from test_config import runnable_here
+from shipped import localise
 
 ROOT = harness.ROOT
 STAGE = "prod"
@@ -73,47 +73,6 @@ class FrontProxy:
         self.server.shutdown()
 
 
-def localise(doc, ports):
-    """The shipped config with local clusters and a token-authenticated vault (see the module doc)."""
-    doc = runnable_here(doc)
-    admin_port = ports["admin"]
-    doc["admin"]["address"]["socket_address"]["port_value"] = admin_port
-    (egress,) = [l for l in doc["static_resources"]["listeners"] if l["name"] == "egress"]
-    egress["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": ports["envoy"]}
-    doc["static_resources"]["listeners"] = [egress]
-    hcm = egress["filter_chains"][0]["filters"][0]["typed_config"]
-    hcm["access_log"] = [{"name": "envoy.access_loggers.file", "typed_config": {
-        "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog", "path": str(ports["log"]),
-        "log_format": hcm["access_log"][0]["typed_config"]["log_format"]}}]
-    routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
-    hcm["route_config"]["virtual_hosts"][0]["routes"] = [r for r in routes if r.get("name") in ("keyward_health", "stripe", "twilio")]
-    (wasm,) = [f for f in hcm["http_filters"] if f["name"] == "keyward"]
-    c = wasm["typed_config"]["config"]
-    c["vm_config"]["environment_variables"]["host_env_keys"] = ["KEYWARD_KEY_K1", "VAULT_TOKEN"]
-    cfg = json.loads(c["configuration"]["value"])
-    vault = cfg["stores"]["vault"]
-    vault.pop("approle")
-    vault["token_env"] = "VAULT_TOKEN"
-    vault["authority"] = "vault.local"
-    del cfg["stores"]["aws"]
-    cfg["targets"] = {k: v for k, v in cfg["targets"].items() if v["secret"]["store"] == "vault"}
-    cfg["revocation"]["refresh_s"] = 1
-    c["configuration"]["value"] = json.dumps(cfg)
-    clusters = []
-    for cl in doc["static_resources"]["clusters"]:
-        port = {"vault": ports["bao"], "stripe": ports["vendor"], "twilio": ports["vendor"], "sendgrid": ports["vendor"]}.get(cl["name"])
-        if port is None:
-            continue
-        cl.pop("transport_socket", None)
-        cl["type"] = "STATIC"
-        cl.pop("dns_lookup_family", None)
-        cl["load_assignment"] = {"cluster_name": cl["name"], "endpoints": [{"lb_endpoints": [
-            {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}]}
-        clusters.append(cl)
-    doc["static_resources"]["clusters"] = clusters
-    return doc
-
-
 @pytest.fixture(scope="module")
 def fronted(gw, workdir):
     gw.bao.put("keyward/stripe", {"api_key": gw.s["stripe"]})
@@ -121,13 +80,13 @@ def fronted(gw, workdir):
     gw.bao.put("keyward/revoked", {"jti:seed": "x"})
     vendor = harness.Vendor()
     vendor.slow_s = 3.0
-    ports = {"admin": harness.free_port(), "envoy": harness.free_port(), "bao": gw.bao.port, "vendor": vendor.port,
-             "log": workdir / "access-apigw.log"}
-    doc = localise(yaml.safe_load((ROOT / "envoy" / "api-gateway.yaml").read_text()), ports)
+    ports = {"admin": harness.free_port(), "envoy": harness.free_port(), "log": workdir / "access-apigw.log"}
+    clusters = {"vault": gw.bao.port, "stripe": vendor.port, "twilio": vendor.port}
+    doc = localise(yaml.safe_load((ROOT / "envoy" / "api-gateway.yaml").read_text()), ports, clusters, ports["log"],
+                   keep_routes={"keyward_health", "stripe", "twilio"})
     envoy = harness.Envoy(workdir, doc, gw.env, name="envoy-apigw")
-    # API Gateway's integration timeout, scaled down: 30 s there, 2 s here against Envoy's 29 s
-    # route timeout scaled to... the shipped 29 s: so here the front gives up first, as API
-    # Gateway would for a vendor slower than 30 s.
+    # API Gateway's integration timeout, scaled down from 30 s to 2 s: the front gives up first,
+    # as API Gateway does for a vendor slower than 30 s.
     front = FrontProxy(ports["envoy"], timeout_s=2.0)
     envoy.front = f"http://127.0.0.1:{front.port}"
     envoy.vendor = vendor

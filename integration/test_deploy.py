@@ -272,3 +272,18 @@ def test_dockerfiles_copy_what_the_build_makes(dockerfile):
         assert copied["/etc/envoy/api-gateway.yaml"] == "envoy/api-gateway.yaml"
         entry = next(l for l in lines if l[0] == "ENTRYPOINT")
         assert json.loads(" ".join(entry[1:])) == ["/usr/local/bin/keyward-envoy"]
+
+
+def test_ratelimit_service_manifest_matches_the_schemas_and_the_shipped_limits():
+    import kubernetes_validate
+    docs = [d for d in yaml.safe_load_all((ROOT / "deploy" / "ratelimit" / "ratelimit.yaml").read_text()) if d]
+    for d in docs:
+        kubernetes_validate.validate(d, "1.33.0", strict=True)
+    cm = next(d for d in docs if d["kind"] == "ConfigMap")
+    assert yaml.safe_load(cm["data"]["keyward.yaml"]) == yaml.safe_load((ROOT / "deploy" / "ratelimit" / "config.yaml").read_text())
+    svc = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "ratelimit")
+    gw_doc = yaml.safe_load((ROOT / "envoy" / "global-ratelimit.yaml").read_text())
+    (cl,) = [c for c in gw_doc["static_resources"]["clusters"] if c["name"] == "ratelimit"]
+    addr = cl["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
+    assert addr["address"] == f"{svc['metadata']['name']}.{svc['metadata']['namespace']}.svc.cluster.local"
+    assert addr["port_value"] == svc["spec"]["ports"][0]["port"]

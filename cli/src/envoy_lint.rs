@@ -49,10 +49,10 @@ pub struct Report {
     pub routes: usize,
 }
 
-fn arr(v: &Value, k: &str) -> Vec<Value> {
+pub(crate) fn arr(v: &Value, k: &str) -> Vec<Value> {
     v.get(k).and_then(Value::as_array).cloned().unwrap_or_default()
 }
-fn s<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
+pub(crate) fn s<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
     let mut cur = v;
     for p in path {
         cur = cur.get(p)?;
@@ -313,6 +313,7 @@ fn lint_hcm(r: &mut Report, at: &str, hcm: &Value, no_env: bool) -> Option<HcmUs
             }
         }
     }
+    crate::lint_ratelimit::check(r, at, hcm, cfg.as_ref(), kw_pos);
     let store_clusters: Vec<String> = cfg.as_ref().map(|c| c.stores.iter().map(|st| st.cluster.clone()).collect()).unwrap_or_default();
 
     let mut route_clusters: Vec<String> = Vec::new();

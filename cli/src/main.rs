@@ -3,6 +3,7 @@
 
 mod args;
 mod envoy_lint;
+mod lint_ratelimit;
 mod report;
 mod revoke;
 mod token;

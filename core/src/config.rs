@@ -56,6 +56,8 @@ struct RawConfig {
     cache: RawCache,
     #[serde(default)]
     revocation: Option<RawRevocation>,
+    #[serde(default)]
+    decision_headers: bool,
     targets: BTreeMap<String, RawTarget>,
 }
 
@@ -213,6 +215,10 @@ pub struct Config {
     pub slots: Vec<Slot>,
     pub cache: CacheSettings,
     pub revocation: Option<Revocation>,
+    /// Hand the decision to the filters after Keyward as request headers
+    /// (`inject::DECISION_HEADERS`), for Envoy's global rate limit; what a client sent under
+    /// those names is removed first.
+    pub decision_headers: bool,
     pub targets: Vec<Target>,
     target_index: HashMap<String, usize>,
 }
@@ -734,7 +740,7 @@ pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Con
             st.scope.clone_from(&scope);
         }
     }
-    Ok(Config { policy, keys, key_index, keyset, stores, slots: c.slots, cache, revocation, targets, target_index })
+    Ok(Config { policy, keys, key_index, keyset, stores, slots: c.slots, cache, revocation, decision_headers: raw.decision_headers, targets, target_index })
 }
 
 #[cfg(test)]

@@ -334,7 +334,12 @@ pub fn decide(cfg: &Config, req: &mut impl Request, secrets: &mut impl Secrets, 
         Lookup::Failed => return deny(audit, unavailable()),
     };
     audit.secret_version.clone_from(&fetched.version);
-    allow(audit, target, &fetched, &raw_path)
+    let mut d = allow(audit, target, &fetched, &raw_path);
+    if let (true, Outcome::Allow(ops)) = (cfg.decision_headers, &mut d.outcome) {
+        let a = &d.audit;
+        ops.extend(inject::decision_ops(a.subject.as_deref().unwrap_or(""), a.jti.as_deref().unwrap_or(""), &target.name, a.run.as_deref()));
+    }
+    d
 }
 
 /// The longest `Idempotency-Key` accepted (Stripe's limit).

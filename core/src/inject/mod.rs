@@ -10,6 +10,23 @@ use crate::secrets::store::Fetched;
 use crate::wire::b64;
 use std::fmt;
 
+/// The decision as request headers for the filters after Keyward (`decision_headers`): subject,
+/// jti, target and run label, in that order. Vendors never see them: every route that runs
+/// Keyward removes them (`request_headers_to_remove`, checked by `keyward check-envoy`).
+pub const DECISION_HEADERS: [&str; 4] = ["x-keyward-subject", "x-keyward-jti", "x-keyward-target", "x-keyward-run"];
+
+/// The operations that hand an allowed request's decision to the next filters: each header
+/// removed (a client's copy never survives), then set from the verified credential.
+pub fn decision_ops(subject: &str, jti: &str, target: &str, run: Option<&str>) -> Vec<Op> {
+    let mut ops: Vec<Op> = DECISION_HEADERS.iter().map(|h| Op::Remove((*h).to_string())).collect();
+    for (h, v) in DECISION_HEADERS.iter().zip([Some(subject), Some(jti), Some(target), run]) {
+        if let Some(v) = v {
+            ops.push(Op::Set((*h).to_string(), Secret::text(v)));
+        }
+    }
+    ops
+}
+
 pub enum Op {
     Remove(String),
     /// Set (replace) a request header. The value holds the upstream secret.

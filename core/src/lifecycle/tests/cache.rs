@@ -300,3 +300,35 @@ fn labelled_metrics_name_the_target_the_code_the_store_and_the_time_added() {
     assert_eq!(host.counts.get("keyward_target_requests;target=none;code=unknown_target"), Some(&1));
     assert!(host.counts.keys().all(|k| !k.contains("not-configured")));
 }
+
+#[test]
+fn decision_headers_replace_what_the_client_sent() {
+    let mut host = MemHost::new(ROOT);
+    let mut lc = worker(&mut host, config_with(BAO, r#","decision_headers":true"#));
+    let call = cold_fetch(&mut lc, &mut host, 10);
+    lc.handle(&mut host, Event::Answer { call, answer: stripe_answer() });
+    let tok = token(host.now_ms());
+    host.open(
+        11,
+        "stripe",
+        &[
+            (":method", "GET"),
+            (":path", "/v1/charges"),
+            ("authorization", &format!("Bearer {tok}")),
+            ("x-keyward-subject", "admin"),
+            ("x-keyward-run", "forged"),
+        ],
+    );
+    assert_eq!(lc.handle(&mut host, Event::Request(11)), Action::Continue);
+    let h = |name: &str| host.streams[&11].request.iter().filter(|(k, _)| k == name).map(|(_, v)| String::from_utf8_lossy(v).to_string()).collect::<Vec<_>>();
+    assert_eq!(h("x-keyward-subject"), vec!["lambda/pay".to_string()]);
+    assert_eq!(h("x-keyward-target"), vec!["stripe".to_string()]);
+    assert_eq!(h("x-keyward-jti").len(), 1);
+    assert!(h("x-keyward-run").is_empty(), "the credential has no run label: the client's is gone");
+    // Off by default: nothing is added (and nothing is removed).
+    let mut h2 = host.worker(ROOT + 1);
+    let mut plain = worker(&mut h2, config());
+    h2.open(12, "stripe", &[(":method", "GET"), (":path", "/v1/charges"), ("authorization", &format!("Bearer {tok}"))]);
+    assert_eq!(plain.handle(&mut h2, Event::Request(12)), Action::Continue);
+    assert!(h2.streams[&12].request.iter().all(|(k, _)| !k.starts_with("x-keyward-")));
+}
