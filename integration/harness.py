@@ -368,6 +368,30 @@ def validate(workdir: Path, bootstrap: dict, env: dict, name="validate"):
     return r.returncode, (r.stdout + r.stderr).decode(errors="replace")
 
 
+def start_local(*args):
+    """scripts/run-local.sh with `args`, until it prints the demo credential: (process, token, output).
+    The process leads its own session: stop it with os.killpg(proc.pid, SIGTERM)."""
+    import re
+    import signal
+    proc = subprocess.Popen([str(ROOT / "scripts" / "run-local.sh"), *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    out, token = [], None
+    deadline = time.time() + 90
+    while time.time() < deadline and token is None:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        out.append(line)
+        m = re.search(r"export KEYWARD_TOKEN='([^']+)'", line)
+        if m:
+            token = m.group(1)
+    if token is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        raise RuntimeError("run-local.sh did not come up:\n" + "".join(out))
+    TOKENS.add(token)
+    return proc, token, "".join(out)
+
+
 def cli(*args, env=None, stdin=None):
     full_env = dict(os.environ)
     full_env.update(env or {})

@@ -1,15 +1,19 @@
 """Keyward behind API Gateway (issue 15): the shipped envoy/api-gateway.yaml, run here behind a
 front proxy that behaves as an HTTP API (stage "prod" in the path, IAM authorization, a 30 s
 integration timeout, X-Forwarded-For and its own headers) followed by an internal ALB (appends the
-VPC link's address). Real Envoy, real OpenBao; the front proxy is the one stand-in: API Gateway
-cannot run here, and its SigV4 check is AWS's (this proxy only requires a SigV4-shaped header).
+VPC link's address). Real Envoy, real OpenBao; the front proxy is the one stand-in (API Gateway
+cannot run here): it checks SigV4 signatures (service execute-api) with botocore's signer against
+one known test identity, as IAM authorization would. Callers sign with the example helper
+(examples/python/keyward_sigv4.py), through requests and through the Stripe SDK.
 
 The shipped config is localised only where it must be: vendor and vault clusters point at local
 servers without TLS, the vault store logs in with a token instead of AppRole, and the targets
 held in AWS Secrets Manager are left out. Routes, stage prefix, XFF trust, header removal,
 timeouts and credential sources are the shipped ones."""
+import hmac
 import http.client
 import json
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -23,10 +27,33 @@ from conftest import assert_no_leaks
 from shipped import localise
 
 ROOT = harness.ROOT
+sys.path.insert(0, str(ROOT / "examples" / "python"))
 STAGE = "prod"
 CLIENT_IP = "198.51.100.7"   # the caller's address as API Gateway sees it
 ENI_IP = "10.0.1.5"          # the VPC link's address, which the ALB appends
-SIGV4 = "AWS4-HMAC-SHA256 Credential=ASIAEXAMPLE/20261202/us-east-1/execute-api/aws4_request, SignedHeaders=host;x-amz-date, Signature=" + "ab" * 32
+REGION = "us-east-1"
+# A caller's role credentials (temporary, as a Lambda's are). Test values, not AWS's.
+CALLER = ("ASIAKEYWARDTESTCALLER", "keyward-test-secret-access-key-0123456789", "keyward-test-session-token")
+
+
+def sigv4_valid(method, url, headers, body):
+    """API Gateway's IAM check, for the one identity it knows: the signature over the signed headers."""
+    from botocore.auth import SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+    import re
+    m = re.fullmatch(r"AWS4-HMAC-SHA256 Credential=([^/]+)/(\d{8})/([^/]+)/execute-api/aws4_request, SignedHeaders=([^,]+), Signature=([0-9a-f]{64})",
+                     headers.get("authorization") or "")
+    if not m or m.group(1) != CALLER[0] or m.group(3) != REGION:
+        return False
+    signed = m.group(4).split(";")
+    if "host" not in signed or "x-amz-date" not in signed:
+        return False
+    aws = AWSRequest(method=method, url=url, data=body, headers={h: headers.get(h, "") for h in signed if h != "host"})
+    aws.context["timestamp"] = headers.get("x-amz-date", "")
+    auth = SigV4Auth(Credentials(*CALLER), "execute-api", REGION)
+    expected = auth.signature(auth.string_to_sign(aws, auth.canonical_request(aws)), aws)
+    return hmac.compare_digest(expected, m.group(5))
 
 
 class FrontProxy:
@@ -44,7 +71,8 @@ class FrontProxy:
                 body = self.rfile.read(n) if n else b""
                 if not self.path.startswith(f"/{STAGE}/"):
                     return harness.send_json(self, 404, b'{"message":"Not Found"}')
-                if not (self.headers.get("authorization") or "").startswith("AWS4-HMAC-SHA256 "):
+                lower = {k.lower(): v for k, v in self.headers.items()}
+                if not sigv4_valid(self.command, f"http://127.0.0.1:{front.port}{self.path}", lower, body):
                     return harness.send_json(self, 403, b'{"message":"Forbidden"}')
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection", "content-length", "x-forwarded-for")}
                 xff = [v.strip() for v in (self.headers.get("x-forwarded-for") or "").split(",") if v.strip()]
@@ -106,14 +134,20 @@ def token(gw, allow, **kw):
     return gw.token(allow, iss="https://keyward.example.internal", **kw)
 
 
+def signer(token, secret=None):
+    from botocore.credentials import Credentials
+    from keyward_sigv4 import KeywardSigV4
+    key, real_secret, session = CALLER
+    return KeywardSigV4(REGION, token, credentials=Credentials(key, secret or real_secret, session))
+
+
 def call(fronted, path, token=None, method="GET", headers=None, sign=True, **kw):
-    h = {"X-Amz-Date": "20261202T150000Z", "X-Amz-Security-Token": "IQoJb3JpZ2luX2VjEXAMPLE" + "x" * 40}
-    if sign:
-        h["Authorization"] = SIGV4
-    if token:
-        h["X-Keyward-Token"] = token
-    h.update(headers or {})
-    return requests.request(method, fronted.front + path, headers=h, timeout=10, **kw)
+    auth = signer(token or "") if sign else None
+    r = requests.Request(method, fronted.front + path, headers=dict(headers or {}), auth=auth, **kw).prepare()
+    if not token:
+        r.headers.pop("X-Keyward-Token", None)
+    with requests.Session() as s:
+        return s.send(r, timeout=10)
 
 
 def test_routing_rules_and_injection_through_the_stage(gw, fronted):
@@ -126,6 +160,15 @@ def test_routing_rules_and_injection_through_the_stage(gw, fronted):
     sent = {k for k, _ in req["headers"]}
     for h in ("x-keyward-token", "x-amz-date", "x-amz-security-token", "x-forwarded-for", "x-amzn-trace-id", "x-forwarded-proto"):
         assert h not in sent, f"{h} reached the vendor"
+    # The Stripe SDK, unchanged, through the example's signing session.
+    import stripe
+    sess = requests.Session()
+    sess.auth = signer(t)
+    client = stripe.StripeClient("unused-by-keyward", base_addresses={"api": f"{fronted.front}/{STAGE}/stripe"},
+                                 http_client=stripe.RequestsClient(session=sess), max_network_retries=0)
+    client.v1.customers.list()
+    (req,) = fronted.vendor.take()
+    assert req["path"].startswith("/v1/customers") and harness.header_values(req, "authorization") == [f"Bearer {gw.s['stripe']}"]
     # Twilio's basic auth out, the Keyward credential in X-Keyward-Token.
     r = call(fronted, f"/{STAGE}/twilio/2010-04-01/Accounts/AC1/Messages.json", t, method="POST", data=b"To=1")
     assert r.status_code == 200, r.text
@@ -139,10 +182,18 @@ def test_routing_rules_and_injection_through_the_stage(gw, fronted):
     assert fronted.vendor.take() == []
 
 
-def test_without_the_stage_or_the_signature_nothing_reaches_keyward(gw, fronted):
+def test_without_the_stage_or_a_valid_signature_nothing_reaches_keyward(gw, fronted):
     t = token(gw, ["stripe GET /v1/**"])
     assert call(fronted, "/stripe/v1/customers", t).status_code == 404
     assert call(fronted, f"/{STAGE}/stripe/v1/customers", t, sign=False).status_code == 403
+    # Signed with the wrong secret key, or the Keyward credential swapped after signing.
+    r = requests.get(fronted.front + f"/{STAGE}/stripe/v1/customers", auth=signer(t, secret="not-the-secret"), timeout=10)
+    assert r.status_code == 403
+    other = token(gw, ["stripe * /**"], sub="lambda/someone-else")
+    p = requests.Request("GET", fronted.front + f"/{STAGE}/stripe/v1/customers", auth=signer(t)).prepare()
+    p.headers["X-Keyward-Token"] = other
+    with requests.Session() as s:
+        assert s.send(p, timeout=10).status_code == 403, "X-Keyward-Token is covered by the signature"
     # Without the stage at Envoy itself (someone inside the VPC skipping API Gateway): no route,
     # so no target.
     r = requests.get(fronted.direct + "/stripe/v1/customers", headers={"X-Keyward-Token": t}, timeout=10)

@@ -30,22 +30,10 @@ def busy(port):
 def local_gateway():
     if any(busy(p) for p in PORTS):
         pytest.skip("make run (or something else) already holds 127.0.0.1:8200/8081/10000/9901")
-    proc = subprocess.Popen([str(ROOT / "scripts" / "run-local.sh")], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    out, token = [], None
-    deadline = time.time() + 90
-    while time.time() < deadline and token is None:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        out.append(line)
-        m = re.search(r"export KEYWARD_TOKEN='([^']+)'", line)
-        if m:
-            token = m.group(1)
-    if token is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        pytest.fail("make run did not come up:\n" + "".join(out))
-    harness.TOKENS.add(token)
+    try:
+        proc, token, _ = harness.start_local()
+    except RuntimeError as e:
+        pytest.fail(f"make run did not come up: {e}")
     yield token
     os.killpg(proc.pid, signal.SIGTERM)
     proc.wait(timeout=30)

@@ -31,23 +31,10 @@ def test_the_script_is_portable_bash():
 def services():
     if any(busy(p) for p in PORTS):
         pytest.skip("make run (or something else) already holds 127.0.0.1:8200/8081/10000/9901")
-    proc = subprocess.Popen([str(SCRIPT), "--no-envoy"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    out, token = [], None
-    deadline = time.time() + 90
-    while time.time() < deadline and token is None:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        out.append(line)
-        m = re.search(r"export KEYWARD_TOKEN='([^']+)'", line)
-        if m:
-            token = m.group(1)
-    if token is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        pytest.fail("run-local.sh --no-envoy did not come up:\n" + "".join(out))
-    harness.TOKENS.add(token)
-    text = "".join(out)
+    try:
+        proc, token, text = harness.start_local("--no-envoy")
+    except RuntimeError as e:
+        pytest.fail(str(e))
     assert ". .run/env && func-e run -c envoy/local.yaml" in text
     assert not busy(10000) and not busy(9901), "--no-envoy starts no Envoy"
     yield token
