@@ -265,7 +265,16 @@ pub fn decide(cfg: &Config, req: &mut impl Request, secrets: &mut impl Secrets, 
         let code = if e.code() == "expired_credential" { Code::ExpiredCredential } else { Code::InvalidCredential };
         return deny(audit, Denial::new(code, e.public_message()));
     }
-    match secrets.revoked(&claims.jti, &claims.sub) {
+    // A derived credential is revoked with its parent.
+    let revoked = match (secrets.revoked(&claims.jti, &claims.sub), claims.par.as_deref()) {
+        (Lookup::Ready(false), Some(par)) => secrets.revoked(par, &claims.sub),
+        (Lookup::Stale(false), Some(par)) => match secrets.revoked(par, &claims.sub) {
+            Lookup::Ready(r) => Lookup::Stale(r),
+            other => other,
+        },
+        (l, _) => l,
+    };
+    match revoked {
         Lookup::Ready(false) | Lookup::Stale(false) => {}
         Lookup::Ready(true) | Lookup::Stale(true) => {
             return deny(audit, Denial::new(Code::RevokedCredential, "the credential has been revoked"));
@@ -303,7 +312,13 @@ pub fn decide(cfg: &Config, req: &mut impl Request, secrets: &mut impl Secrets, 
     }
     if claims.lim.rpm.is_some() || claims.lim.total.is_some() {
         let keep_until = claims.exp.saturating_add(cfg.policy.clock_skew_s);
-        match secrets.admit(key_id, &claims.jti, &claims.lim, keep_until) {
+        // A derived credential counts against its parent's entry too, under its own (no looser)
+        // limits: many children of one parent share the parent's budget.
+        let mut verdict = secrets.admit(key_id, &claims.jti, &claims.lim, keep_until);
+        if let (Verdict::Admit, Some(par)) = (verdict, claims.par.as_deref()) {
+            verdict = secrets.admit(key_id, par, &claims.lim, keep_until);
+        }
+        match verdict {
             Verdict::Admit => {}
             Verdict::RateLimited { retry_after_s } => {
                 let d = Denial::new(Code::RateLimited, "this credential's requests-per-minute limit is reached");

@@ -12,6 +12,7 @@ pub mod credential;
 pub mod engine;
 pub mod host;
 pub mod inject;
+pub mod issue;
 pub mod lifecycle;
 pub mod mem_host;
 pub mod policy;

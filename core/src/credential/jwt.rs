@@ -232,6 +232,9 @@ pub struct Claims {
     pub allow: Vec<TokenRule>,
     pub run: Option<String>,
     pub lim: Limits,
+    /// The parent's `jti`, for a credential derived by the `attenuate` grant: revoking the parent
+    /// revokes it, and its requests count against the parent's limits too.
+    pub par: Option<String>,
 }
 
 fn req<'a>(o: &'a Value, name: &'static str) -> Result<&'a Value, TokenError> {
@@ -329,7 +332,8 @@ pub fn parse_claims(payload: &[u8]) -> Result<Claims, TokenError> {
         }
         Some(_) => return Err(TokenError::ClaimType("lim", "an object")),
     };
-    Ok(Claims { sub, aud, iss, exp, nbf, iat, jti, allow, run, lim })
+    let par = v.get("par").map(|p| id_str(p, "par")).transpose()?;
+    Ok(Claims { sub, aud, iss, exp, nbf, iat, jti, allow, run, lim, par })
 }
 
 /// What the deployment requires of every credential.

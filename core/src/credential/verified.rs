@@ -70,6 +70,7 @@ mod tests {
             allow: vec![],
             run: None,
             lim: Limits::default(),
+            par: None,
         })
     }
 

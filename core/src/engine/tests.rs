@@ -634,3 +634,45 @@ fn dot_segments_with_matrix_parameters_are_refused() {
     }
     assert!(sanitize("/stripe/v1/a;b/c").is_ok(), "a matrix parameter on an ordinary segment is just text");
 }
+
+fn derived(jti: &str, par: &str, lim: &str) -> String {
+    let k = HmacKey::new(K1).unwrap_or_else(|e| panic!("{e}"));
+    let claims = format!(
+        r#"{{"sub":"lambda/pay","aud":"keyward","iss":"https://issuer.example","exp":{},"jti":"{jti}","par":"{par}","allow":["stripe GET /v1/**"]{lim}}}"#,
+        NOW + 300
+    );
+    jwt::mint("k1", &k, &claims)
+}
+
+#[test]
+fn revoking_a_parent_revokes_its_derived_credentials() {
+    let c = cfg();
+    let mut s = warm(&c);
+    let child = derived("child-1", "parent-1", "");
+    let go = |s: &mut Mem| decide(&c, &mut stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {child}"))), s, NOW);
+    assert_eq!(code(&go(&mut s)), "allow");
+    s.revoked.push("jti:parent-1".into());
+    assert_eq!(code(&go(&mut s)), "revoked_credential");
+    s.revoked = vec!["jti:child-1".into()];
+    assert_eq!(code(&go(&mut s)), "revoked_credential");
+    // A list not trusted yet: the request waits, whichever of the two is unknown.
+    s.revoked.clear();
+    s.no_list = true;
+    assert_eq!(code(&go(&mut s)), "need-revocation");
+}
+
+#[test]
+fn derived_credentials_share_their_parent_s_budget() {
+    let c = cfg();
+    let mut s = warm(&c);
+    // Three children of one parent, each allowed 2 in total: they also count against the parent's
+    // entry, so together they get 2, not 6.
+    let lim = r#","lim":{"total":2}"#;
+    let kids: Vec<String> = (0..3).map(|i| derived(&format!("child-{i}"), "parent-9", lim)).collect();
+    let mut codes = vec![];
+    for k in &kids {
+        codes.push(code(&decide(&c, &mut stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {k}"))), &mut s, NOW)));
+    }
+    assert_eq!(codes, vec!["allow", "allow", "quota_exhausted"]);
+    assert_eq!(s.limits.used("parent-9"), 2);
+}

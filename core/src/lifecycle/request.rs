@@ -84,8 +84,11 @@ struct SharedSecrets<'a, H: Host> {
     lc: &'a mut Lifecycle,
     host: &'a mut H,
     now_ms: u64,
-    /// This request was counted against its credential's limits.
-    admitted: bool,
+    /// How many limit entries this request was already counted in (its credential's, then its
+    /// parent's), in an earlier decision before it parked.
+    admitted: u8,
+    /// The `admit` calls of this decision so far.
+    calls: u8,
 }
 
 impl<H: Host> SharedSecrets<'_, H> {
@@ -119,7 +122,9 @@ impl<H: Host> Secrets for SharedSecrets<'_, H> {
     /// Count the request in its shard with compare-and-swap: read, decide, write back only if no
     /// other worker wrote in between; otherwise read again. Refusals write nothing.
     fn admit(&mut self, key_id: u64, jti: &str, lim: &Limits, keep_until_s: i64) -> Verdict {
-        if self.admitted {
+        let index = self.calls;
+        self.calls += 1;
+        if index < self.admitted {
             return Verdict::Admit;
         }
         let entry = keys::limit_entry(key_id, jti);
@@ -145,7 +150,7 @@ impl<H: Host> Secrets for SharedSecrets<'_, H> {
             }
             match self.host.shared_set(&key, &table.encode(), cas) {
                 Ok(()) => {
-                    self.admitted = true;
+                    self.admitted = index + 1;
                     return Verdict::Admit;
                 }
                 Err(HostError::CasMismatch) => self.host.metric(Metric::LimitCasRetry),
@@ -212,9 +217,9 @@ impl Lifecycle {
         if let Some(name) = req.endpoint.take() {
             return self.answer_endpoint(host, &name, now_ms);
         }
-        let admitted = parked.as_ref().is_some_and(|p| p.admitted);
-        let (decision, admitted): (Decision, bool) = {
-            let mut secrets = SharedSecrets { lc: self, host, now_ms, admitted };
+        let admitted = parked.as_ref().map_or(0, |p| p.admitted);
+        let (decision, admitted): (Decision, u8) = {
+            let mut secrets = SharedSecrets { lc: self, host, now_ms, admitted, calls: 0 };
             let d = engine::decide(&cfg, &mut req, &mut secrets, (now_ms / 1000) as i64);
             (d, secrets.admitted)
         };

@@ -80,8 +80,9 @@ pub struct Parked {
     pub wait: Wait,
     pub deadline_ms: u64,
     pub audit: Audit,
-    /// Already counted against its credential's limits: deciding again must not count it twice.
-    pub admitted: bool,
+    /// How many limit entries it was already counted in (its credential's, then its parent's):
+    /// deciding again must not count it twice.
+    pub admitted: u8,
     /// When its headers reached the filter (microseconds), for the added-latency histogram.
     pub started_us: u64,
 }

@@ -101,6 +101,30 @@ impl Pattern {
         &self.text
     }
 
+    /// Does every path this pattern matches also match `outer`? Decided segment by segment, so
+    /// it never says yes wrongly (a child credential never exceeds its parent); it may say no to
+    /// a pattern that is contained only through a coincidence of literals, which costs the caller
+    /// nothing but a narrower request.
+    pub fn within(&self, outer: &Pattern) -> bool {
+        let mut inner = self.segs.iter();
+        for o in &outer.segs {
+            let i = inner.next();
+            match (o, i) {
+                // The rest of any path is allowed by `**`, whatever the inner pattern still has.
+                (Seg::Rest, _) => return true,
+                // The inner pattern matches shorter paths, or any number of segments where the
+                // outer needs exactly one.
+                (_, None | Some(Seg::Rest)) => return false,
+                (Seg::One, Some(Seg::One)) => {}
+                (Seg::One, Some(Seg::Lit(l))) if !l.is_empty() => {}
+                (Seg::One, Some(Seg::Lit(_))) => return false,
+                (Seg::Lit(a), Some(Seg::Lit(b))) if a == b => {}
+                (Seg::Lit(_), Some(_)) => return false,
+            }
+        }
+        inner.next().is_none()
+    }
+
     /// Match a sanitised path (no query), e.g. `/v1/charges`.
     pub fn matches(&self, path: &str) -> bool {
         let Some(rest) = path.strip_prefix('/') else {
@@ -140,6 +164,15 @@ impl Method {
             Method::Exact(x) => x == m,
         }
     }
+
+    /// Every method this allows, `outer` allows.
+    pub fn within(&self, outer: &Method) -> bool {
+        match (self, outer) {
+            (_, Method::Any) => true,
+            (Method::Exact(a), Method::Exact(b)) => a == b,
+            (Method::Any, Method::Exact(_)) => false,
+        }
+    }
 }
 
 impl RouteRule {
@@ -154,6 +187,10 @@ impl RouteRule {
     pub fn matches(&self, method: &str, path: &str) -> bool {
         self.method.matches(method) && self.pattern.matches(path)
     }
+
+    pub fn within(&self, outer: &RouteRule) -> bool {
+        self.method.within(&outer.method) && self.pattern.within(&outer.pattern)
+    }
 }
 
 impl TokenRule {
@@ -167,6 +204,11 @@ impl TokenRule {
             return Err(format!("rule {s:?}: invalid target name"));
         }
         Ok(TokenRule { target: t.to_string(), rule: RouteRule::parse(rest)? })
+    }
+
+    /// Is this rule provably within one of `outer`'s (same target, method and path set inside)?
+    pub fn within_any(&self, outer: &[TokenRule]) -> bool {
+        outer.iter().any(|o| o.target == self.target && self.rule.within(&o.rule))
     }
 }
 
@@ -424,5 +466,81 @@ mod tests {
         assert_eq!(strip_prefix("/other/v1", "/stripe"), None);
         assert_eq!(strip_prefix("/v1", ""), Some("/v1"));
         assert_eq!(strip_prefix("/v1", "/"), Some("/v1"));
+    }
+
+    #[test]
+    fn containment_examples() {
+        let w = |a: &str, b: &str| pat(a).within(&pat(b));
+        assert!(w("/v1/charges", "/v1/charges") && w("/v1/charges", "/v1/*") && w("/v1/charges", "/v1/**"));
+        assert!(w("/v1/*", "/v1/**") && w("/v1/*/refunds", "/v1/**") && w("/v1/**", "/v1/**") && w("/v1/**", "/**"));
+        assert!(w("/v1/", "/v1/**"), "a trailing slash is an empty segment, which ** allows");
+        assert!(!w("/v1/", "/v1/*"), "* needs a non-empty segment");
+        assert!(!w("/v1/**", "/v1/*"), "** is more than one segment");
+        assert!(!w("/v1/*", "/v1/charges") && !w("/v1", "/v1/*") && !w("/v1/a/b", "/v1/*"));
+        assert!(!w("/v1/**", "/v1/*/**"), "/v1 itself matches the inner pattern only");
+        assert!(!w("/v2/x", "/v1/**") && !w("/**", "/v1/**"));
+        let r = |a: &str| match TokenRule::parse(a) {
+            Ok(r) => r,
+            Err(e) => panic!("{e}"),
+        };
+        let parent = [r("stripe POST /v1/payment_intents"), r("stripe GET /v1/**")];
+        assert!(r("stripe GET /v1/customers/*").within_any(&parent));
+        assert!(r("stripe POST /v1/payment_intents").within_any(&parent));
+        assert!(!r("stripe * /v1/payment_intents").within_any(&parent), "any method is more than POST");
+        assert!(!r("stripe DELETE /v1/customers/x").within_any(&parent));
+        assert!(!r("openai GET /v1/models").within_any(&parent), "another target");
+    }
+
+    /// A small deterministic generator (no new dependency): patterns and paths over a tiny
+    /// alphabet, so that collisions between literals, `*`, `**` and trailing slashes are common.
+    struct Gen(u64);
+    impl Gen {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn pick<'a>(&mut self, xs: &[&'a str]) -> &'a str {
+            xs[(self.next() % xs.len() as u64) as usize]
+        }
+        fn pattern(&mut self) -> String {
+            let n = 1 + self.next() % 4;
+            let mut out = String::new();
+            for i in 0..n {
+                out.push('/');
+                let last = i + 1 == n;
+                out.push_str(if last { self.pick(&["a", "b", "*", "**", ""]) } else { self.pick(&["a", "b", "*"]) });
+            }
+            out
+        }
+        fn path(&mut self) -> String {
+            let n = 1 + self.next() % 5;
+            let mut out = String::new();
+            for i in 0..n {
+                out.push('/');
+                out.push_str(if i + 1 == n { self.pick(&["a", "b", "c", ""]) } else { self.pick(&["a", "b", "c"]) });
+            }
+            out
+        }
+    }
+
+    /// The property attenuation relies on: when `within` says yes, no path matches the inner
+    /// pattern without matching the outer one.
+    #[test]
+    fn within_never_says_yes_wrongly() {
+        let mut g = Gen(0x9e37_79b9_7f4a_7c15);
+        let paths: Vec<String> = (0..400).map(|_| g.path()).collect();
+        let mut contained = 0;
+        for _ in 0..4000 {
+            let (a, b) = (pat(&g.pattern()), pat(&g.pattern()));
+            if a.within(&b) {
+                contained += 1;
+                for p in &paths {
+                    assert!(!a.matches(p) || b.matches(p), "{a:?} within {b:?}, but {p} matches only the first");
+                }
+            }
+        }
+        assert!(contained > 300, "the generator exercises containment ({contained})");
     }
 }
