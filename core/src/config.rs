@@ -40,8 +40,10 @@ fn err<T>(path: impl Into<String>, message: impl Into<String>) -> Result<T, Conf
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     audience: String,
+    /// v1: the `iss` every credential must carry (a string). v2: the issuing endpoint's settings
+    /// (an object, whose optional `iss` takes the string's place).
     #[serde(default)]
-    issuer: Option<String>,
+    issuer: Option<RawIssuerField>,
     #[serde(default = "default_skew")]
     clock_skew_s: u32,
     #[serde(default = "default_lifetime")]
@@ -59,6 +61,13 @@ struct RawConfig {
     #[serde(default)]
     decision_headers: bool,
     targets: BTreeMap<String, RawTarget>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawIssuerField {
+    Iss(String),
+    Issuing(crate::issue::settings::RawIssuer),
 }
 
 fn default_skew() -> u32 {
@@ -219,6 +228,8 @@ pub struct Config {
     /// (`inject::DECISION_HEADERS`), for Envoy's global rate limit; what a client sent under
     /// those names is removed first.
     pub decision_headers: bool,
+    /// The issuing endpoint's settings (`issuer`), when configured.
+    pub issuer: Option<crate::issue::settings::Issuer>,
     pub targets: Vec<Target>,
     target_index: HashMap<String, usize>,
 }
@@ -509,7 +520,7 @@ pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Con
         return err("", format!("not valid JSON: {e}"));
     }
     let mut de = serde_json::Deserializer::from_slice(bytes);
-    let raw: RawConfig = match serde_path_to_error::deserialize(&mut de) {
+    let mut raw: RawConfig = match serde_path_to_error::deserialize(&mut de) {
         Ok(r) => r,
         Err(e) => {
             let path = e.path().to_string();
@@ -520,8 +531,13 @@ pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Con
     if raw.audience.is_empty() || raw.audience.chars().any(char::is_control) {
         return err("audience", "must be a non-empty string");
     }
-    if let Some(i) = &raw.issuer {
-        if i.is_empty() {
+    let (iss, issuing) = match raw.issuer.take() {
+        None => (None, None),
+        Some(RawIssuerField::Iss(i)) => (Some(i), None),
+        Some(RawIssuerField::Issuing(i)) => (i.iss.clone(), Some(i)),
+    };
+    if let Some(i) = &iss {
+        if i.is_empty() || i.chars().any(char::is_control) {
             return err("issuer", "must not be empty when present");
         }
     }
@@ -724,12 +740,8 @@ pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Con
         targets.push(Target { name: name.clone(), credential, slot, inject, allow, require_idempotency_key });
     }
 
-    let policy = Policy {
-        audience: raw.audience,
-        issuer: raw.issuer,
-        clock_skew_s: i64::from(raw.clock_skew_s),
-        max_token_lifetime_s: i64::from(raw.max_token_lifetime_s),
-    };
+    let policy =
+        Policy { audience: raw.audience, issuer: iss, clock_skew_s: i64::from(raw.clock_skew_s), max_token_lifetime_s: i64::from(raw.max_token_lifetime_s) };
     let scope = crate::secrets::keys::secret_scope(keys.iter().filter_map(|k| match &k.source {
         KeySource::Ready(h) => Some(h.id()),
         KeySource::Stored { .. } => None,
@@ -740,7 +752,27 @@ pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Con
             st.scope.clone_from(&scope);
         }
     }
-    Ok(Config { policy, keys, key_index, keyset, stores, slots: c.slots, cache, revocation, decision_headers: raw.decision_headers, targets, target_index })
+    let issuer = match &issuing {
+        None => None,
+        Some(i) => {
+            let max_life = u32::try_from(policy.max_token_lifetime_s).unwrap_or(u32::MAX);
+            Some(crate::issue::settings::compile(i, &|kid| key_index.contains_key(kid), max_life)?)
+        }
+    };
+    Ok(Config {
+        policy,
+        keys,
+        key_index,
+        keyset,
+        stores,
+        slots: c.slots,
+        cache,
+        revocation,
+        decision_headers: raw.decision_headers,
+        issuer,
+        targets,
+        target_index,
+    })
 }
 
 #[cfg(test)]

@@ -3,4 +3,6 @@
 //! configured issuing key. `sts` checks an `aws_iam` grant's proof of identity and reads STS's
 //! answer.
 
+pub mod grant;
+pub mod settings;
 pub mod sts;

@@ -193,6 +193,22 @@ impl RouteRule {
     }
 }
 
+impl fmt::Display for Method {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Method::Any => f.write_str("*"),
+            Method::Exact(m) => f.write_str(m),
+        }
+    }
+}
+
+/// The rule as written: `"<target> <METHOD> <path-pattern>"`.
+impl fmt::Display for TokenRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {} {}", self.target, self.rule.method, self.rule.pattern.text)
+    }
+}
+
 impl TokenRule {
     /// `"<target> <METHOD> <path-pattern>"`
     pub fn parse(s: &str) -> Result<TokenRule, String> {
