@@ -216,76 +216,11 @@ pub fn decide(cfg: &Config, req: &mut impl Request, secrets: &mut impl Secrets, 
             all.pop()
         }
     };
-    let token = match extract::extract(&target.credential, value.as_deref()) {
-        Ok(t) => t,
-        Err(CredError::Missing) => return deny(audit, Denial::new(Code::MissingCredential, "no credential was presented")),
-        Err(CredError::Duplicate) => return deny(audit, Denial::new(Code::BadRequest, "the credential header is duplicated")),
-        Err(CredError::Malformed) => return deny(audit, Denial::new(Code::InvalidCredential, "the credential is malformed")),
+    let (claims, key_id) = match verify(cfg, secrets, &target.credential, value.as_deref(), &mut audit, now_s) {
+        Ok(v) => v,
+        Err(Outcome::Deny(d)) => return deny(audit, d),
+        Err(outcome) => return Decision { outcome, audit },
     };
-    // A credential this worker verified before, with the same key: no HMAC, no parse.
-    let cached = secrets.verified().and_then(|c| c.get(&token)).map(|e| (e.kid.clone(), e.key, e.claims.clone()));
-    let hit = match cached {
-        Some((kid, id, claims)) => match key_for(cfg, secrets, &kid) {
-            k if key_id(&k) == Some(id) => Some((claims, id)),
-            KeyFor::Need(slot) => return Decision { outcome: Outcome::Need(slot), audit },
-            _ => None,
-        },
-        None => None,
-    };
-    let (claims, key_id) = match hit {
-        Some(c) => c,
-        None => {
-            let unverified = match jwt::parse(&token) {
-                Ok(u) => u,
-                Err(e) => return deny(audit, Denial::new(Code::InvalidCredential, e.public_message())),
-            };
-            let key = key_for(cfg, secrets, &unverified.kid);
-            let payload = match &key {
-                KeyFor::Static(k) => unverified.verify(k),
-                KeyFor::Key(k) => unverified.verify(k),
-                KeyFor::Unknown => Err(jwt::TokenError::UnknownKid(String::new())),
-                KeyFor::Need(slot) => return Decision { outcome: Outcome::Need(*slot), audit },
-                KeyFor::Failed => return deny(audit, unavailable()),
-            };
-            let claims = match payload.and_then(jwt::parse_claims) {
-                Ok(c) => Rc::new(c),
-                Err(e) => return deny(audit, Denial::new(Code::InvalidCredential, e.public_message())),
-            };
-            let id = key_id(&key).unwrap_or_default();
-            if let Some(cache) = secrets.verified() {
-                cache.insert(&token, &unverified.kid, id, claims.clone());
-            }
-            (claims, id)
-        }
-    };
-    audit.subject = Some(claims.sub.clone());
-    audit.jti = Some(claims.jti.clone());
-    audit.run.clone_from(&claims.run);
-    if let Err(e) = cfg.policy.check(&claims, now_s) {
-        let code = if e.code() == "expired_credential" { Code::ExpiredCredential } else { Code::InvalidCredential };
-        return deny(audit, Denial::new(code, e.public_message()));
-    }
-    // A derived credential is revoked with its parent.
-    let revoked = match (secrets.revoked(&claims.jti, &claims.sub), claims.par.as_deref()) {
-        (Lookup::Ready(false), Some(par)) => secrets.revoked(par, &claims.sub),
-        (Lookup::Stale(false), Some(par)) => match secrets.revoked(par, &claims.sub) {
-            Lookup::Ready(r) => Lookup::Stale(r),
-            other => other,
-        },
-        (l, _) => l,
-    };
-    match revoked {
-        Lookup::Ready(false) | Lookup::Stale(false) => {}
-        Lookup::Ready(true) | Lookup::Stale(true) => {
-            return deny(audit, Denial::new(Code::RevokedCredential, "the credential has been revoked"));
-        }
-        // Never an unchecked request: wait for the list, or refuse.
-        Lookup::Pending => return Decision { outcome: Outcome::NeedRevocation, audit },
-        Lookup::Failed => {
-            let d = Denial::new(Code::SecretUnavailable, "the revocation list is unavailable; try again later");
-            return deny(audit, d.retry_after(RETRY_AFTER_UNAVAILABLE_S));
-        }
-    }
 
     // 4. Rules: a token rule for this target AND the target's own ceiling.
     let by_token = claims.allow.iter().any(|r| r.target == target.name && r.rule.matches(&method, vendor_path));
@@ -355,6 +290,98 @@ pub fn decide(cfg: &Config, req: &mut impl Request, secrets: &mut impl Secrets, 
         ops.extend(inject::decision_ops(a.subject.as_deref().unwrap_or(""), a.jti.as_deref().unwrap_or(""), &target.name, a.run.as_deref()));
     }
     d
+}
+
+/// Verify a presented credential: extract it from `value` (the header `source` names), check its
+/// signature with the configuration's keys, its claims against the policy, and the revocation
+/// list. The audit gets the subject, jti and run once the signature holds. `Err`: the outcome to
+/// answer with (a denial, or what to wait for).
+fn verify(
+    cfg: &Config,
+    secrets: &mut impl Secrets,
+    source: &CredentialSource,
+    value: Option<&[u8]>,
+    audit: &mut Audit,
+    now_s: i64,
+) -> Result<(Rc<jwt::Claims>, u64), Outcome> {
+    let token = match extract::extract(source, value) {
+        Ok(t) => t,
+        Err(CredError::Missing) => return Err(Outcome::Deny(Denial::new(Code::MissingCredential, "no credential was presented"))),
+        Err(CredError::Duplicate) => return Err(Outcome::Deny(Denial::new(Code::BadRequest, "the credential header is duplicated"))),
+        Err(CredError::Malformed) => return Err(Outcome::Deny(Denial::new(Code::InvalidCredential, "the credential is malformed"))),
+    };
+    // A credential this worker verified before, with the same key: no HMAC, no parse.
+    let cached = secrets.verified().and_then(|c| c.get(&token)).map(|e| (e.kid.clone(), e.key, e.claims.clone()));
+    let hit = match cached {
+        Some((kid, id, claims)) => match key_for(cfg, secrets, &kid) {
+            k if key_id(&k) == Some(id) => Some((claims, id)),
+            KeyFor::Need(slot) => return Err(Outcome::Need(slot)),
+            _ => None,
+        },
+        None => None,
+    };
+    let (claims, key_id) = match hit {
+        Some(c) => c,
+        None => {
+            let unverified = match jwt::parse(&token) {
+                Ok(u) => u,
+                Err(e) => return Err(Outcome::Deny(Denial::new(Code::InvalidCredential, e.public_message()))),
+            };
+            let key = key_for(cfg, secrets, &unverified.kid);
+            let payload = match &key {
+                KeyFor::Static(k) => unverified.verify(k),
+                KeyFor::Key(k) => unverified.verify(k),
+                KeyFor::Unknown => Err(jwt::TokenError::UnknownKid(String::new())),
+                KeyFor::Need(slot) => return Err(Outcome::Need(*slot)),
+                KeyFor::Failed => return Err(Outcome::Deny(unavailable())),
+            };
+            let claims = match payload.and_then(jwt::parse_claims) {
+                Ok(c) => Rc::new(c),
+                Err(e) => return Err(Outcome::Deny(Denial::new(Code::InvalidCredential, e.public_message()))),
+            };
+            let id = key_id(&key).unwrap_or_default();
+            if let Some(cache) = secrets.verified() {
+                cache.insert(&token, &unverified.kid, id, claims.clone());
+            }
+            (claims, id)
+        }
+    };
+    audit.subject = Some(claims.sub.clone());
+    audit.jti = Some(claims.jti.clone());
+    audit.run.clone_from(&claims.run);
+    if let Err(e) = cfg.policy.check(&claims, now_s) {
+        let code = if e.code() == "expired_credential" { Code::ExpiredCredential } else { Code::InvalidCredential };
+        return Err(Outcome::Deny(Denial::new(code, e.public_message())));
+    }
+    // A derived credential is revoked with its parent.
+    let revoked = match (secrets.revoked(&claims.jti, &claims.sub), claims.par.as_deref()) {
+        (Lookup::Ready(false), Some(par)) => secrets.revoked(par, &claims.sub),
+        (Lookup::Stale(false), Some(par)) => match secrets.revoked(par, &claims.sub) {
+            Lookup::Ready(r) => Lookup::Stale(r),
+            other => other,
+        },
+        (l, _) => l,
+    };
+    match revoked {
+        Lookup::Ready(false) | Lookup::Stale(false) => {}
+        Lookup::Ready(true) | Lookup::Stale(true) => {
+            return Err(Outcome::Deny(Denial::new(Code::RevokedCredential, "the credential has been revoked")));
+        }
+        // Never an unchecked request: wait for the list, or refuse.
+        Lookup::Pending => return Err(Outcome::NeedRevocation),
+        Lookup::Failed => {
+            let d = Denial::new(Code::SecretUnavailable, "the revocation list is unavailable; try again later");
+            return Err(Outcome::Deny(d.retry_after(RETRY_AFTER_UNAVAILABLE_S)));
+        }
+    }
+    Ok((claims, key_id))
+}
+
+/// The credential presented to the issuing endpoint (`Authorization: Bearer`), verified as for a
+/// request (signature, policy, revocation): the parent of an `attenuate` grant.
+pub fn verify_bearer(cfg: &Config, req: &mut impl Request, secrets: &mut impl Secrets, audit: &mut Audit, now_s: i64) -> Result<Rc<jwt::Claims>, Outcome> {
+    let value = req.header(CredentialSource::Bearer.header());
+    verify(cfg, secrets, &CredentialSource::Bearer, value.as_deref(), audit, now_s).map(|(c, _)| c)
 }
 
 /// The longest `Idempotency-Key` accepted (Stripe's limit).

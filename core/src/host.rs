@@ -55,6 +55,8 @@ pub trait Host {
     fn request_headers(&mut self) -> Result<Headers, HostError>;
     fn set_request_header(&mut self, name: &str, value: &[u8]) -> Result<(), HostError>;
     fn remove_request_header(&mut self, name: &str) -> Result<(), HostError>;
+    /// The first `size` bytes of the request body Envoy buffered for this stream.
+    fn request_body(&mut self, size: usize) -> Result<Vec<u8>, HostError>;
     fn response_headers(&mut self) -> Result<Headers, HostError>;
     fn remove_response_header(&mut self, name: &str) -> Result<(), HostError>;
     fn response_trailers(&mut self) -> Result<Headers, HostError>;

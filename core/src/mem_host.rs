@@ -40,6 +40,10 @@ pub struct Stream {
     pub route: Vec<u8>,
     pub response: Headers,
     pub trailers: Headers,
+    /// The request body as the client sent it (a test sets it before the body event).
+    pub body: Vec<u8>,
+    /// The body of the local reply, if one was sent.
+    pub reply_body: Option<String>,
     pub filter_state: BTreeMap<&'static str, String>,
     /// The stream ended: its context is gone.
     pub gone: bool,
@@ -162,6 +166,11 @@ impl Host for MemHost {
         self.clock.get()
     }
 
+    fn request_body(&mut self, size: usize) -> Result<Vec<u8>, HostError> {
+        let s = self.stream()?;
+        Ok(s.body.iter().take(size).copied().collect())
+    }
+
     fn now_us(&self) -> u64 {
         self.clock.get() * 1000
     }
@@ -267,7 +276,7 @@ impl Host for MemHost {
     }
 
     fn reply(&mut self, status: u32, _headers: &[(&str, String)], body: &str) -> Result<(), HostError> {
-        self.stream()?;
+        self.stream()?.reply_body = Some(body.to_string());
         let code = crate::wire::json::parse(body.as_bytes()).ok().and_then(|v| v.get("error").and_then(|e| e.as_str().map(str::to_string))).unwrap_or_default();
         self.effects.push(Effect::Reply { ctx: self.current, status, code });
         Ok(())

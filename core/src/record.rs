@@ -17,6 +17,8 @@ pub struct Audit {
     pub idempotency_key: Option<String>,
     /// The store's version of the injected secret (KV v2 version, AWS `VersionId`).
     pub secret_version: Option<String>,
+    /// The `jti` of a credential the issuing endpoint issued.
+    pub issued: Option<String>,
 }
 
 /// A labelled metric family. Proxy-wasm has no labels: the stat name carries them as
@@ -100,6 +102,10 @@ pub enum Metric {
     /// A VM took a configuration: once per worker at start, again after each reload of a VM
     /// whose module crashed (`failure_policy: FAIL_RELOAD`) and each reconfiguration.
     VmConfigured,
+    /// The issuing endpoint issued a credential.
+    Issued,
+    /// The issuing endpoint refused, per error code.
+    IssueDenied(Code),
 }
 
 impl Metric {
@@ -128,6 +134,8 @@ impl Metric {
     pub fn name(self) -> String {
         let plain = match self {
             Metric::Denied(c) => return format!("keyward_requests_denied_{}", c.as_str()),
+            Metric::IssueDenied(c) => return format!("keyward_issue_denied_{}", c.as_str()),
+            Metric::Issued => "keyward_issued",
             Metric::Allowed => "keyward_requests_allowed",
             Metric::FetchOk => "keyward_secret_fetch_ok",
             Metric::FetchError => "keyward_secret_fetch_error",
@@ -151,6 +159,10 @@ impl Metric {
 
     /// Every counter, denials included.
     pub fn all() -> impl Iterator<Item = Metric> {
-        Metric::PLAIN.into_iter().chain(Code::ALL.iter().map(|c| Metric::Denied(*c)))
+        Metric::PLAIN
+            .into_iter()
+            .chain([Metric::Issued])
+            .chain(Code::ALL.iter().map(|c| Metric::Denied(*c)))
+            .chain(Code::ALL.iter().map(|c| Metric::IssueDenied(*c)))
     }
 }

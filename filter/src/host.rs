@@ -64,6 +64,10 @@ impl Host for WasmHost {
         hostcalls::set_effective_context(ctx).map_err(failed)
     }
 
+    fn request_body(&mut self, size: usize) -> Result<Vec<u8>, HostError> {
+        Ok(hostcalls::get_buffer(BufferType::HttpRequestBody, 0, size).map_err(failed)?.unwrap_or_default())
+    }
+
     fn request_headers(&mut self) -> Result<Headers, HostError> {
         hostcalls::get_map_bytes(MapType::HttpRequestHeaders).map_err(failed)
     }

@@ -130,14 +130,21 @@ impl Context for Stream {
 }
 
 impl HttpContext for Stream {
-    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         #[cfg(feature = "panic-test")]
         #[allow(clippy::panic)]
         if proxy_wasm::hostcalls::get_map_value_bytes(proxy_wasm::types::MapType::HttpRequestHeaders, "x-keyward-test-panic").ok().flatten().is_some() {
             panic!("x-keyward-test-panic");
         }
         match self.shared.try_borrow_mut() {
-            Ok(mut w) => action(w.handle(Event::Request(self.id))),
+            Ok(mut w) => {
+                let a = w.handle(Event::Request(self.id));
+                // A request without a body: the issuing endpoint, waiting for one, learns now.
+                if end_of_stream && a == CoreAction::Pause {
+                    return action(w.handle(Event::RequestBody { ctx: self.id, size: 0, end: true }));
+                }
+                action(a)
+            }
             // Never reached in a single-threaded VM; if it were, fail closed.
             Err(_) => {
                 let d = keyward_core::response::Denial::new(keyward_core::response::Code::SecretUnavailable, "internal error");
@@ -147,6 +154,14 @@ impl HttpContext for Stream {
                 Action::Pause
             }
         }
+    }
+
+    /// `Pause` here buffers the body (proxy-wasm's StopIterationAndBuffer) until its end.
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if let Ok(mut w) = self.shared.try_borrow_mut() {
+            return action(w.handle(Event::RequestBody { ctx: self.id, size: body_size, end: end_of_stream }));
+        }
+        Action::Continue
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {

@@ -192,6 +192,7 @@ fn allows_and_injects() {
             cache: Some("hit"),
             idempotency_key: None,
             secret_version: None,
+            issued: None,
         }
     );
 }

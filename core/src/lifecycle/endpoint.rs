@@ -13,8 +13,15 @@ use crate::engine::Lookup;
 use crate::host::{Action, Host};
 use crate::response::{Code, Denial};
 
+fn host_ctx(lc: &Lifecycle) -> crate::host::ContextId {
+    lc.current
+}
+
 impl Lifecycle {
     pub(super) fn answer_endpoint(&mut self, host: &mut impl Host, name: &str, now_ms: u64) -> Action {
+        if name == "issue" {
+            return self.issue_start(host, host_ctx(self), now_ms);
+        }
         let (status, body) = match name {
             "health" => match self.revocation_lookup(host, "", "", now_ms) {
                 Lookup::Ready(_) | Lookup::Stale(_) => (200, r#"{"status":"ok"}"#),

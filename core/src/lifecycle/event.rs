@@ -7,6 +7,9 @@ use crate::host::{CallId, ContextId};
 pub enum Event {
     /// A stream's request headers arrived: decide the request.
     Request(ContextId),
+    /// Part of a stream's request body arrived (`size`: all of it buffered so far; `end`: the
+    /// last part). Only the issuing endpoint reads bodies; other streams continue.
+    RequestBody { ctx: ContextId, size: usize, end: bool },
     /// The vendor's response headers for a stream arrived.
     Response(ContextId),
     /// The vendor's response trailers for a stream arrived.

@@ -20,6 +20,7 @@
 mod endpoint;
 mod event;
 mod fetch;
+mod issue;
 mod request;
 mod revocation;
 mod session;
@@ -29,7 +30,8 @@ mod state;
 mod tests;
 
 pub use event::{Answer, Event};
-pub use state::{Fetch, Parked, Purpose, Refresh, SessionCall, Wait};
+use state::Issuing;
+pub use state::{Fetch, IssueStep, Parked, Purpose, Refresh, SessionCall, Wait};
 use state::{Names, RevocationNames, Revocations, Served, SlotCache};
 
 use crate::config::Config;
@@ -76,6 +78,10 @@ pub struct Lifecycle {
     woke: bool,
     /// The effective context this lifecycle last set (the root, or a parked stream it decides).
     current: ContextId,
+    /// Issuances in progress, by stream.
+    issuing: BTreeMap<ContextId, Issuing>,
+    /// This worker's issuance sequence (part of each new jti).
+    issue_seq: u64,
 }
 
 impl Lifecycle {
@@ -97,6 +103,8 @@ impl Lifecycle {
             in_root: false,
             woke: false,
             current: root,
+            issuing: BTreeMap::new(),
+            issue_seq: 0,
         }
     }
 
@@ -149,6 +157,11 @@ impl Lifecycle {
                 self.current = ctx;
                 self.decide(host, ctx, None)
             }
+            Event::RequestBody { ctx, size, end } => {
+                self.in_root = false;
+                self.current = ctx;
+                self.issue_body(host, ctx, size, end)
+            }
             Event::Response(ctx) => {
                 self.in_root = false;
                 self.current = ctx;
@@ -192,6 +205,7 @@ impl Lifecycle {
             Purpose::Secret(slot) => self.on_secret_answer(host, slot, call, answer),
             Purpose::Session(store) => self.on_session_answer(host, store, call, answer),
             Purpose::Revocation => self.on_revocation_answer(host, call, answer),
+            Purpose::Sts(ctx) => self.on_sts_answer(host, ctx, call, answer),
         }
     }
 
@@ -243,6 +257,11 @@ impl Lifecycle {
                 self.dispatch_slot(host, slot, retried);
             }
         }
+        self.pump_issuing(host);
+        if !self.issuing.is_empty() {
+            let now_ms = host.now_ms();
+            self.tick_issuing(host, now_ms);
+        }
         if self.waits_for_revocation() && self.revocations.refresh == Refresh::Idle {
             let now_ms = host.now_ms();
             self.tick_revocation(host, now_ms);
@@ -259,7 +278,8 @@ impl Lifecycle {
         let waiting = self.slots.iter().any(|s| matches!(s.fetch, Fetch::Following | Fetch::Queued { .. } | Fetch::AwaitingSession { .. }))
             || self.sessions.iter().any(|s| matches!(s, SessionCall::Queued { .. }))
             || self.revocations.refresh == Refresh::AwaitingSession
-            || self.waits_for_revocation();
+            || self.waits_for_revocation()
+            || !self.issuing.is_empty();
         let want = if waiting { FAST_TICK_MS } else { TICK_MS };
         if want != self.tick_ms {
             self.tick_ms = want;
@@ -279,6 +299,7 @@ impl Lifecycle {
         self.follow(host, now_ms);
         self.refresh_ahead(host, now_ms);
         self.expire_parked(host, now_ms);
+        self.tick_issuing(host, now_ms);
     }
 
     /// Callouts past their deadline: given up, as if they had failed. Their answer, should it
@@ -293,6 +314,7 @@ impl Lifecycle {
                 Purpose::Secret(slot) => self.on_secret_answer(host, slot, call, Answer::failed()),
                 Purpose::Session(store) => self.on_session_answer(host, store, call, Answer::failed()),
                 Purpose::Revocation => self.on_revocation_answer(host, call, Answer::failed()),
+                Purpose::Sts(ctx) => self.on_sts_answer(host, ctx, call, Answer::failed()),
             }
         }
     }
@@ -311,6 +333,7 @@ impl Lifecycle {
                 Refresh::InFlight { call: c, deadline_ms, .. } if *c == call => Some(*deadline_ms),
                 _ => Some(0),
             },
+            Purpose::Sts(ctx) => self.issue_deadline(ctx, call),
         }
     }
 

@@ -80,15 +80,15 @@ impl Request for HostRequest {
 }
 
 /// `engine::Secrets` over the shared cache, for one request.
-struct SharedSecrets<'a, H: Host> {
-    lc: &'a mut Lifecycle,
-    host: &'a mut H,
-    now_ms: u64,
+pub(super) struct SharedSecrets<'a, H: Host> {
+    pub(super) lc: &'a mut Lifecycle,
+    pub(super) host: &'a mut H,
+    pub(super) now_ms: u64,
     /// How many limit entries this request was already counted in (its credential's, then its
     /// parent's), in an earlier decision before it parked.
-    admitted: u8,
+    pub(super) admitted: u8,
     /// The `admit` calls of this decision so far.
-    calls: u8,
+    pub(super) calls: u8,
 }
 
 impl<H: Host> SharedSecrets<'_, H> {
@@ -308,6 +308,7 @@ impl Lifecycle {
     pub(super) fn forget(&mut self, ctx: ContextId) {
         self.served.remove(&ctx);
         self.parked.remove(&ctx);
+        self.issuing.remove(&ctx);
     }
 
     /// The vendor answered a request this worker allowed: scrub the secret from its headers. A
@@ -445,8 +446,8 @@ fn apply(ops: &[Op], req: &HostRequest, host: &mut impl Host) -> Result<(), Host
 
 /// Set the audit fields as filter state, read by the access log as
 /// `%FILTER_STATE(wasm.keyward.<field>:PLAIN)%`.
-fn write_audit(host: &mut impl Host, a: &Audit) {
-    let fields: [(&'static str, Option<&str>); 8] = [
+pub(super) fn write_audit(host: &mut impl Host, a: &Audit) {
+    let fields: [(&'static str, Option<&str>); 9] = [
         ("keyward.subject", a.subject.as_deref()),
         ("keyward.target", a.target.as_deref()),
         ("keyward.jti", a.jti.as_deref()),
@@ -455,6 +456,7 @@ fn write_audit(host: &mut impl Host, a: &Audit) {
         ("keyward.cache", a.cache),
         ("keyward.idempotency_key", a.idempotency_key.as_deref()),
         ("keyward.secret_version", a.secret_version.as_deref()),
+        ("keyward.issued", a.issued.as_deref()),
     ];
     for (key, value) in fields {
         if let Some(v) = value {

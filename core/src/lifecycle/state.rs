@@ -4,7 +4,7 @@
 
 use crate::credential::jwt::HmacKey;
 use crate::credential::revocation::RevocationList;
-use crate::host::CallId;
+use crate::host::{CallId, ContextId};
 use crate::record::Audit;
 use crate::secrets::slot_state::SlotState;
 use crate::secrets::store::Fetched;
@@ -63,6 +63,35 @@ pub enum Purpose {
     Secret(usize),
     Session(usize),
     Revocation,
+    /// An `aws_iam` proof forwarded to STS for the issuance of this stream.
+    Sts(ContextId),
+}
+
+/// Where an issuance is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IssueStep {
+    /// Waiting for the request body.
+    Body,
+    /// The proof is with STS.
+    StsInFlight { call: CallId, deadline_ms: u64 },
+    /// Waiting for STS's callout to go out, a store-held key or the revocation list: tried again
+    /// at each root event.
+    Waiting,
+}
+
+/// An issuance in progress (the issuing endpoint's stream).
+#[derive(Debug, Clone)]
+pub struct Issuing {
+    pub step: IssueStep,
+    pub deadline_ms: u64,
+    pub started_us: u64,
+    pub body: Vec<u8>,
+    pub grant: Option<crate::issue::grant::Grant>,
+    /// STS's callout, queued for the root.
+    pub call: Option<crate::secrets::store::HttpCall>,
+    /// The IAM principal STS named, once it answered.
+    pub principal: Option<String>,
+    pub audit: Audit,
 }
 
 /// What a parked request waits for.

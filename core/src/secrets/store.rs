@@ -16,6 +16,7 @@ pub const MAX_SECRET: usize = 8 * 1024;
 
 /// An HTTP callout to make through an Envoy cluster. Header values may hold a store token, so
 /// Debug prints names only.
+#[derive(Clone)]
 pub struct HttpCall {
     pub cluster: String,
     pub headers: Vec<(String, Secret)>,

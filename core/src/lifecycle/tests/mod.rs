@@ -2,6 +2,7 @@
 //! state it starts from, the event, and the effects and next state it expects.
 
 mod cache;
+mod issue;
 mod keys;
 mod revocation;
 mod session;
