@@ -330,7 +330,7 @@ class Envoy:
         full_env.update(env)
         self.proc = subprocess.Popen(
             [str(BIN / "envoy"), "-c", str(self.config_path), "--concurrency", str(concurrency),
-             "--log-level", "info", "--base-id", str(free_port())],
+             "--log-level", os.environ.get("KEYWARD_IT_ENVOY_LOG", "info"), "--base-id", str(free_port())],
             stdout=self.log, stderr=subprocess.STDOUT, env=full_env, cwd=ROOT, start_new_session=True)
         SPAWNED.append(self.proc)
         wait_until(self.ready, timeout=60, what="Envoy ready")

@@ -9,6 +9,7 @@ use serde_json::Value;
 
 const WASM: &str = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm";
 const HCM: &str = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
+const BUFFER: &str = "envoy.filters.http.buffer";
 const ROUTER: &str = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router";
 
 pub fn run(args: &[String]) -> Result<(), Fail> {
@@ -368,11 +369,26 @@ fn lint_hcm(r: &mut Report, at: &str, hcm: &Value, no_env: bool) -> Option<HcmUs
                 continue;
             };
             if let Some(ep) = s(meta, &["endpoint"]) {
+                let answers_503 = route.get("direct_response").and_then(|d| d.get("status")).and_then(Value::as_u64).is_some_and(|st| st >= 500);
                 match ep {
-                    "health" if route.get("direct_response").and_then(|d| d.get("status")).and_then(Value::as_u64).is_some_and(|st| st >= 500) => {}
-                    "health" => r
-                        .problems
-                        .push(format!("{rat}: a health endpoint needs `direct_response: {{status: 503}}`, so that it fails when the filter does not run")),
+                    "health" | "issue" if !answers_503 => r.problems.push(format!(
+                        "{rat}: a keyward {ep} endpoint needs `direct_response: {{status: 503}}`, so that it fails (and never goes upstream) when the filter does not run"
+                    )),
+                    "health" => {}
+                    "issue" => {
+                        // Envoy gives a wasm filter the body only after its headers went on: the
+                        // buffer filter must hold them back from the router until Keyward answered.
+                        let buffer_at = filters.iter().position(|f| s(f, &["name"]) == Some(BUFFER));
+                        let kw_at = filters.iter().position(|f| s(f, &["typed_config", "@type"]) == Some(WASM));
+                        let globally = buffer_at.and_then(|i| filters.get(i)).is_some_and(|f| f.get("disabled").and_then(Value::as_bool) != Some(true));
+                        let here = route.get("typed_per_filter_config").and_then(|t| t.get(BUFFER)).is_some();
+                        match (buffer_at, kw_at) {
+                            (Some(b), Some(k)) if b > k && (globally || here) => {}
+                            _ => r.problems.push(format!(
+                                "{rat}: the issuing endpoint needs envoy.filters.http.buffer after keyward, enabled on this route (the router must not see the request before keyward has read its body)"
+                            )),
+                        }
+                    }
                     other => r.problems.push(format!("{rat}: unknown keyward endpoint {other:?}")),
                 }
                 continue;

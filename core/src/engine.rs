@@ -245,13 +245,15 @@ pub fn decide(cfg: &Config, req: &mut impl Request, secrets: &mut impl Secrets, 
         };
         return deny(audit, Denial::new(Code::BadRequest, msg));
     }
-    if claims.lim.rpm.is_some() || claims.lim.total.is_some() {
+    let own = claims.lim.rpm.is_some() || claims.lim.total.is_some();
+    let parents = claims.par.is_some() && (claims.plim.rpm.is_some() || claims.plim.total.is_some());
+    if own || parents {
         let keep_until = claims.exp.saturating_add(cfg.policy.clock_skew_s);
-        // A derived credential counts against its parent's entry too, under its own (no looser)
-        // limits: many children of one parent share the parent's budget.
-        let mut verdict = secrets.admit(key_id, &claims.jti, &claims.lim, keep_until);
-        if let (Verdict::Admit, Some(par)) = (verdict, claims.par.as_deref()) {
-            verdict = secrets.admit(key_id, par, &claims.lim, keep_until);
+        // A derived credential counts against its own limits, and against its parent's entry
+        // under the parent's limits (`plim`): siblings share the parent's budget.
+        let mut verdict = if own { secrets.admit(key_id, &claims.jti, &claims.lim, keep_until) } else { Verdict::Admit };
+        if let (Verdict::Admit, Some(par), true) = (verdict, claims.par.as_deref(), parents) {
+            verdict = secrets.admit(key_id, par, &claims.plim, keep_until);
         }
         match verdict {
             Verdict::Admit => {}
@@ -377,11 +379,16 @@ fn verify(
     Ok((claims, key_id))
 }
 
-/// The credential presented to the issuing endpoint (`Authorization: Bearer`), verified as for a
-/// request (signature, policy, revocation): the parent of an `attenuate` grant.
-pub fn verify_bearer(cfg: &Config, req: &mut impl Request, secrets: &mut impl Secrets, audit: &mut Audit, now_s: i64) -> Result<Rc<jwt::Claims>, Outcome> {
-    let value = req.header(CredentialSource::Bearer.header());
-    verify(cfg, secrets, &CredentialSource::Bearer, value.as_deref(), audit, now_s).map(|(c, _)| c)
+/// The credential presented to the issuing endpoint (the `Authorization` value, `Bearer …`),
+/// verified as for a request (signature, policy, revocation): the parent of an `attenuate` grant.
+pub fn verify_bearer(
+    cfg: &Config,
+    authorization: Option<&[u8]>,
+    secrets: &mut impl Secrets,
+    audit: &mut Audit,
+    now_s: i64,
+) -> Result<Rc<jwt::Claims>, Outcome> {
+    verify(cfg, secrets, &CredentialSource::Bearer, authorization, audit, now_s).map(|(c, _)| c)
 }
 
 /// The longest `Idempotency-Key` accepted (Stripe's limit).

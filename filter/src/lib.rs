@@ -139,9 +139,10 @@ impl HttpContext for Stream {
         match self.shared.try_borrow_mut() {
             Ok(mut w) => {
                 let a = w.handle(Event::Request(self.id));
-                // A request without a body: the issuing endpoint, waiting for one, learns now.
-                if end_of_stream && a == CoreAction::Pause {
-                    return action(w.handle(Event::RequestBody { ctx: self.id, size: 0, end: true }));
+                // A request without a body: the issuing endpoint, waiting for one, learns now
+                // (and answers before the router sees the end of the request).
+                if end_of_stream && w.handle(Event::RequestBody { ctx: self.id, size: 0, end: true }) == CoreAction::Pause {
+                    return Action::Pause;
                 }
                 action(a)
             }

@@ -235,6 +235,9 @@ pub struct Claims {
     /// The parent's `jti`, for a credential derived by the `attenuate` grant: revoking the parent
     /// revokes it, and its requests count against the parent's limits too.
     pub par: Option<String>,
+    /// The parent's limits when this credential was derived: its requests count against the
+    /// parent's entry under these.
+    pub plim: Limits,
 }
 
 fn req<'a>(o: &'a Value, name: &'static str) -> Result<&'a Value, TokenError> {
@@ -317,23 +320,27 @@ pub fn parse_claims(payload: &[u8]) -> Result<Claims, TokenError> {
         Some(Value::Str(s)) => Some(s.clone()),
         Some(_) => return Err(TokenError::ClaimType("run", "a string")),
     };
-    let lim = match v.get("lim") {
-        None => Limits::default(),
-        Some(Value::Object(members)) => {
-            let mut l = Limits::default();
-            for (k, x) in members {
-                match k.as_str() {
-                    "rpm" => l.rpm = Some(positive(x, "lim.rpm")?),
-                    "total" => l.total = Some(positive(x, "lim.total")?),
-                    _ => return Err(TokenError::BadClaim("lim", format!("unknown limit {k:?}"))),
+    let limits = |name: &'static str| -> Result<Limits, TokenError> {
+        Ok(match v.get(name) {
+            None => Limits::default(),
+            Some(Value::Object(members)) => {
+                let mut l = Limits::default();
+                for (k, x) in members {
+                    match k.as_str() {
+                        "rpm" => l.rpm = Some(positive(x, if name == "lim" { "lim.rpm" } else { "plim.rpm" })?),
+                        "total" => l.total = Some(positive(x, if name == "lim" { "lim.total" } else { "plim.total" })?),
+                        _ => return Err(TokenError::BadClaim(name, format!("unknown limit {k:?}"))),
+                    }
                 }
+                l
             }
-            l
-        }
-        Some(_) => return Err(TokenError::ClaimType("lim", "an object")),
+            Some(_) => return Err(TokenError::ClaimType(name, "an object")),
+        })
     };
+    let lim = limits("lim")?;
+    let plim = limits("plim")?;
     let par = v.get("par").map(|p| id_str(p, "par")).transpose()?;
-    Ok(Claims { sub, aud, iss, exp, nbf, iat, jti, allow, run, lim, par })
+    Ok(Claims { sub, aud, iss, exp, nbf, iat, jti, allow, run, lim, par, plim })
 }
 
 /// What the deployment requires of every credential.

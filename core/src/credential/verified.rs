@@ -71,6 +71,7 @@ mod tests {
             run: None,
             lim: Limits::default(),
             par: None,
+            plim: Limits::default(),
         })
     }
 

@@ -666,9 +666,9 @@ fn revoking_a_parent_revokes_its_derived_credentials() {
 fn derived_credentials_share_their_parent_s_budget() {
     let c = cfg();
     let mut s = warm(&c);
-    // Three children of one parent, each allowed 2 in total: they also count against the parent's
-    // entry, so together they get 2, not 6.
-    let lim = r#","lim":{"total":2}"#;
+    // A parent allowed 2 in total; three children, each allowed 1: the children count against
+    // the parent's entry under the parent's limits (`plim`), so together they get 2, not 3.
+    let lim = r#","lim":{"total":1},"plim":{"total":2}"#;
     let kids: Vec<String> = (0..3).map(|i| derived(&format!("child-{i}"), "parent-9", lim)).collect();
     let mut codes = vec![];
     for k in &kids {
@@ -676,4 +676,10 @@ fn derived_credentials_share_their_parent_s_budget() {
     }
     assert_eq!(codes, vec!["allow", "allow", "quota_exhausted"]);
     assert_eq!(s.limits.used("parent-9"), 2);
+    // Each child's own cap holds too; and a parent without limits adds none.
+    let k0 = &kids[0];
+    assert_eq!(code(&decide(&c, &mut stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {k0}"))), &mut s, NOW)), "quota_exhausted");
+    let free = derived("child-free", "parent-free", r#","lim":{"total":1}"#);
+    assert_eq!(code(&decide(&c, &mut stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {free}"))), &mut s, NOW)), "allow");
+    assert_eq!(s.limits.used("parent-free"), 0);
 }

@@ -115,6 +115,9 @@ pub struct Scope {
     pub lim: Limits,
     pub run: Option<String>,
     pub par: Option<String>,
+    /// The parent's limits (for a derived credential): its requests count against the parent's
+    /// entry under them, so siblings share the parent's budget.
+    pub plim: Limits,
 }
 
 /// Refused: 403 `forbidden` with this message.
@@ -143,7 +146,7 @@ pub fn for_role(role: &RoleGrant, ask: &Ask, now_s: i64) -> Result<Scope, OverAs
         Some(t) => t,
         None => role.ttl_s,
     };
-    Ok(Scope { sub: role.sub.clone(), allow, exp: now_s + i64::from(ttl), lim: role.lim, run: ask.run.clone(), par: None })
+    Ok(Scope { sub: role.sub.clone(), allow, exp: now_s + i64::from(ttl), lim: role.lim, run: ask.run.clone(), par: None, plim: Limits::default() })
 }
 
 /// The scope of a credential derived from `parent`: within it in every dimension.
@@ -172,7 +175,7 @@ pub fn for_child(parent: &Claims, ask: &Ask, lim: Option<&Limits>, max_ttl_s: u3
         (Some(r), _) => Some(r.clone()),
         (None, p) => p.clone(),
     };
-    Ok(Scope { sub: parent.sub.clone(), allow, exp, lim, run, par: Some(parent.jti.clone()) })
+    Ok(Scope { sub: parent.sub.clone(), allow, exp, lim, run, par: Some(parent.jti.clone()), plim: parent.lim })
 }
 
 /// A new `jti`: a MAC, under the issuing key, of what makes this issuance unique (the time in
@@ -214,15 +217,17 @@ pub fn claims_json(scope: &Scope, jti: &str, now_s: i64, audience: &str, iss: Op
         c.push_str(",\"run\":");
         json::write_str(&mut c, r);
     }
-    let mut l = Vec::new();
-    if let Some(n) = scope.lim.rpm {
-        l.push(format!("\"rpm\":{n}"));
-    }
-    if let Some(n) = scope.lim.total {
-        l.push(format!("\"total\":{n}"));
-    }
-    if !l.is_empty() {
-        c.push_str(&format!(",\"lim\":{{{}}}", l.join(",")));
+    for (name, lim) in [("lim", &scope.lim), ("plim", &scope.plim)] {
+        let mut l = Vec::new();
+        if let Some(n) = lim.rpm {
+            l.push(format!("\"rpm\":{n}"));
+        }
+        if let Some(n) = lim.total {
+            l.push(format!("\"total\":{n}"));
+        }
+        if !l.is_empty() {
+            c.push_str(&format!(",\"{name}\":{{{}}}", l.join(",")));
+        }
     }
     if let Some(p) = &scope.par {
         c.push_str(",\"par\":");
@@ -272,6 +277,7 @@ mod tests {
             run: None,
             lim: Limits { rpm: Some(600), total: None },
             par: None,
+            plim: Limits::default(),
         }
     }
 
@@ -355,6 +361,9 @@ mod tests {
         let token = crate::credential::jwt::mint("i1", &key, &claims_json(&scope, &jti, 9_000, "keyward", Some("https://gw")));
         let u = crate::credential::jwt::parse(&token).unwrap_or_else(|e| panic!("{e}"));
         let c = crate::credential::jwt::parse_claims(u.verify(&key).unwrap_or_else(|e| panic!("{e}"))).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!((c.sub, c.exp, c.jti, c.allow, c.lim, c.run, c.par), (scope.sub, scope.exp, jti, scope.allow, scope.lim, scope.run, scope.par));
+        assert_eq!(
+            (c.sub, c.exp, c.jti, c.allow, c.lim, c.run, c.par, c.plim),
+            (scope.sub, scope.exp, jti, scope.allow, scope.lim, scope.run, scope.par, scope.plim)
+        );
     }
 }

@@ -37,7 +37,13 @@ fn detail(m: &str) -> String {
 }
 
 impl Lifecycle {
-    /// The endpoint's request headers: check them and wait for the body.
+    /// The endpoint's request headers: check them and wait for the body. The headers go on
+    /// (`Continue`): Envoy delivers a body to a wasm filter only after its headers continued
+    /// (a paused stream's body is held by Envoy, out of the filter's reach). The issuing route
+    /// therefore has Envoy's buffer filter after Keyward, which holds the headers back from the
+    /// router until the whole body has passed, and Keyward answers before it ever has; its
+    /// `direct_response` is the answer when the filter does not run (`keyward check-envoy`
+    /// requires both).
     pub(super) fn issue_start(&mut self, host: &mut impl Host, ctx: ContextId, now_ms: u64) -> Action {
         let started_us = host.now_us();
         let Some(cfg) = self.cfg.clone() else {
@@ -62,9 +68,19 @@ impl Lifecycle {
         let deadline_ms = now_ms + ISSUE_WAIT_MS + cfg.issuer.as_ref().and_then(|i| i.aws_iam.as_ref()).map_or(0, |a| u64::from(a.sts.timeout_ms));
         self.issuing.insert(
             ctx,
-            Issuing { step: IssueStep::Body, deadline_ms, started_us, body: Vec::new(), grant: None, call: None, principal: None, audit: Audit::default() },
+            Issuing {
+                step: IssueStep::Body,
+                deadline_ms,
+                started_us,
+                body: Vec::new(),
+                grant: None,
+                call: None,
+                principal: None,
+                authorization: req.header("authorization").map(crate::secret::Secret::new),
+                audit: Audit::default(),
+            },
         );
-        Action::Pause
+        Action::Continue
     }
 
     /// Part of a request body. Only an issuance reads it; other streams go on.
@@ -140,10 +156,10 @@ impl Lifecycle {
                     return self.issue_refuse(host, ctx, &Denial::new(Code::BadRequest, "this gateway does not issue for attenuate"));
                 }
                 let mut audit = Audit::default();
-                let mut req = HostRequest::read(host);
+                let authorization = i.authorization.clone();
                 let verified = {
                     let mut secrets = SharedSecrets { lc: self, host, now_ms, admitted: 0, calls: 0 };
-                    engine::verify_bearer(&cfg, &mut req, &mut secrets, &mut audit, now_s)
+                    engine::verify_bearer(&cfg, authorization.as_ref().map(|a| a.expose()), &mut secrets, &mut audit, now_s)
                 };
                 if let Some(i) = self.issuing.get_mut(&ctx) {
                     i.audit.subject = audit.subject.clone();

@@ -91,6 +91,9 @@ pub struct Issuing {
     pub call: Option<crate::secrets::store::HttpCall>,
     /// The IAM principal STS named, once it answered.
     pub principal: Option<String>,
+    /// The `Authorization` header, taken with the headers (Envoy gives a wasm filter the request
+    /// headers only until it lets them go on): an `attenuate` grant's parent credential.
+    pub authorization: Option<crate::secret::Secret>,
     pub audit: Audit,
 }
 

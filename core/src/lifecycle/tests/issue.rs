@@ -23,7 +23,7 @@ fn issue(lc: &mut Lifecycle, host: &mut MemHost, ctx: ContextId, auth: Option<&s
     if let Some(s) = host.streams.get_mut(&ctx) {
         s.body = body.as_bytes().to_vec();
     }
-    assert_eq!(lc.handle(host, Event::Request(ctx)), Action::Pause, "the endpoint waits for the body");
+    assert_eq!(lc.handle(host, Event::Request(ctx)), Action::Continue, "the headers go on to the buffer filter; the body comes to Keyward");
     lc.handle(host, Event::RequestBody { ctx, size: body.len(), end: true })
 }
 
@@ -168,4 +168,24 @@ fn aws_iam_refusals_and_a_hanging_sts() {
     lc.handle(&mut host, Event::StreamGone(31));
     lc.handle(&mut host, Event::Answer { call, answer: sts_ok("arn:aws:sts::123456789012:assumed-role/checkout/i-1") });
     assert!(replies(&host.take()).is_empty());
+}
+
+#[test]
+fn a_store_held_issuing_key_is_fetched_then_used() {
+    let mut host = MemHost::new(ROOT);
+    let cfg = r#","issuer":{"kid":"k2","max_ttl_s":600,"attenuate":true}"#;
+    let json = format!(
+        r#"{{"audience":"keyward","signing_keys":{{"k1":{{"env":"KEYWARD_KEY_K1"}},"k2":{{"secret":{{"store":"bao","path":"keys","field":"k2"}}}}}},
+        "stores":{{"bao":{BAO}}},"targets":{{"stripe":{{"credential":"bearer","secret":{{"store":"bao","path":"stripe","field":"api_key"}},"inject":{{"type":"bearer"}}}}}}{cfg}}}"#
+    );
+    let mut lc = worker(&mut host, compile(json.as_bytes(), &env).unwrap_or_else(|e| panic!("{e}")));
+    let parent = token(host.now_ms());
+    assert_eq!(issue(&mut lc, &mut host, 10, Some(&parent), r#"{"grant":"attenuate","ttl_s":60}"#), Action::Pause);
+    let effects = host.take();
+    assert!(replies(&effects).is_empty(), "{effects:?}");
+    lc.handle(&mut host, Event::Woken);
+    let call = only_call(&host.take());
+    let k2 = b64::std_encode(b"store-held-issuing-key-32-bytes!");
+    lc.handle(&mut host, Event::Answer { call, answer: kv(&format!(r#"{{"k2":"{k2}"}}"#), 1) });
+    assert_eq!(replies(&host.take()), vec![(10, 200, String::new())]);
 }
