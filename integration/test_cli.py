@@ -15,7 +15,7 @@ import harness
 ROOT = harness.ROOT
 KEY = bytes(range(32))
 ENV = {"KW_KEY": base64.b64encode(KEY).decode()}
-COMMANDS = ["mint", "inspect", "check-config", "check-envoy", "revoke", "unrevoke", "revoked", "report", "version"]
+COMMANDS = ["mint", "inspect", "check-config", "check-envoy", "revoke", "unrevoke", "revoked", "report", "token", "version"]
 
 
 def b64d(s):

@@ -322,3 +322,62 @@ def test_check_envoy_requires_the_issue_route_s_guards(gw, tmp_path):
     del r0["direct_response"]
     r0["route"] = {"cluster": "vendor"}
     assert any("direct_response" in x for x in problems(upstream))
+
+
+def test_the_cli_gets_and_derives_credentials(gw, issuing):
+    moto, live, _ = issuing
+    creds = moto.role_credentials("checkout")
+    env = {"AWS_ACCESS_KEY_ID": creds.access_key, "AWS_SECRET_ACCESS_KEY": creds.secret_key, "AWS_SESSION_TOKEN": creds.token}
+    r = harness.cli("token", "--aws", f"--url={live.url}", f"--server-id={SERVER_ID}", "--allow", "stripe GET /v1/**", "--ttl=120", "--json", env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = json.loads(r.stdout)
+    harness.TOKENS.add(out["token"])
+    assert out["sub"] == "lambda/checkout" and out["allow"] == ["stripe GET /v1/**"]
+    r = harness.cli("token", "--attenuate", f"--url={live.url}", "--token-env=PARENT", "--allow=stripe GET /v1/customers/*", "--total=2", "--run=cli",
+                    env={"PARENT": out["token"]})
+    assert r.returncode == 0, r.stderr
+    child = r.stdout.strip()
+    harness.TOKENS.add(child)
+    c = json.loads(harness.b64d(child.split(".")[1]))
+    assert c["par"] == out["jti"] and c["lim"] == {"rpm": 600, "total": 2} and c["run"] == "cli"
+    # Over-asking is a failed check (1); a proof for another server id too; no credentials is usage (2).
+    r = harness.cli("token", "--attenuate", f"--url={live.url}", "--token-env=PARENT", "--allow=stripe DELETE /v1/x", env={"PARENT": out["token"]})
+    assert r.returncode == 1 and "forbidden" in r.stderr
+    r = harness.cli("token", "--aws", f"--url={live.url}", "--server-id=someone-else", env=env)
+    assert r.returncode == 1 and "invalid_credential" in r.stderr
+    r = harness.cli("token", "--aws", f"--url={live.url}", f"--server-id={SERVER_ID}", env={"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": ""})
+    assert r.returncode == 2
+    for secret in (creds.secret_key, creds.token):
+        assert secret not in r.stdout + r.stderr
+
+
+def test_the_node_helper_gets_a_credential_and_a_child(gw, issuing):
+    """examples/node/keyward_credentials.mjs with the AWS SDK's signer and credential chain (the
+    role's credentials in the environment, as Lambda sets them)."""
+    import shutil
+    moto, live, _ = issuing
+    node_dir = ROOT / "examples" / "node"
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        pytest.skip("Node.js is not installed")
+    if not (node_dir / "node_modules" / "@smithy" / "signature-v4").exists():
+        r = subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--silent"], cwd=node_dir, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stdout + r.stderr
+    creds = moto.role_credentials("checkout")
+    script = f"""
+import {{ KeywardCredential }} from './keyward_credentials.mjs';
+const kw = new KeywardCredential({json.dumps(live.url)}, {json.dumps(SERVER_ID)}, {{ ttlS: 300 }});
+const token = await kw.token();
+const again = await kw.token();
+const child = await kw.child({{ allow: ['stripe POST /v1/payment_intents'], ttlS: 60, run: 'sqs/node-1', lim: {{ total: 1 }} }});
+console.log(JSON.stringify({{ token, same: token === again, child: child.token }}));
+"""
+    env = dict(os.environ, AWS_ACCESS_KEY_ID=creds.access_key, AWS_SECRET_ACCESS_KEY=creds.secret_key, AWS_SESSION_TOKEN=creds.token,
+               AWS_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true")
+    r = subprocess.run(["node", "--input-type=module", "-e", script], cwd=node_dir, capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    harness.TOKENS.update({out["token"], out["child"]})
+    parent = json.loads(harness.b64d(out["token"].split(".")[1]))
+    child = json.loads(harness.b64d(out["child"].split(".")[1]))
+    assert out["same"] and parent["sub"] == "lambda/checkout" and parent["exp"] - parent["iat"] <= 300
+    assert child["par"] == parent["jti"] and child["run"] == "sqs/node-1" and child["lim"]["total"] == 1

@@ -3,6 +3,7 @@
 
 mod args;
 mod envoy_lint;
+mod issue;
 mod lint_ratelimit;
 mod report;
 mod revoke;
@@ -71,6 +72,18 @@ const COMMANDS: &[(&str, &str)] = &[
     Summarise a JSON access log: calls and denials per subject and target, the top denial
     reasons, latency percentiles. Lines that are not JSON are skipped.",
     ),
+    (
+        "token",
+        "keyward token --aws --url GATEWAY --server-id ID [--allow RULE ...] [--ttl S] [--run LABEL]
+             [--region R] [--sts-host HOST] [--path PATH] [--json]
+      keyward token --attenuate --url GATEWAY (--token T | --token-env VAR) [--allow RULE ...] [--ttl S]
+             [--run LABEL] [--rpm N] [--total N] [--path PATH] [--json]
+    Get a credential from a gateway's issuing endpoint (default path /keyward/v1/credentials).
+    --aws: for the current AWS identity (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN):
+    a signed sts:GetCallerIdentity the gateway has STS check. --attenuate: a child of the given
+    credential, within it in every dimension. Prints the token (with --json: {token, jti, sub,
+    expires_at, allow}).",
+    ),
     ("version", "keyward version [--json]"),
 ];
 
@@ -120,6 +133,7 @@ fn main() -> ExitCode {
         Some("unrevoke") => revoke::unrevoke(&rest),
         Some("revoked") => revoke::list(&rest),
         Some("report") => report::run(&rest),
+        Some("token") => issue::run(&rest),
         Some("version" | "--version") => version(&rest),
         Some("help" | "--help" | "-h") | None => match rest.first() {
             Some(c) if !COMMANDS.iter().any(|(n, _)| n == c) => Err(Fail::usage(format!("unknown command {c:?}; see `keyward help`"))),
