@@ -12,6 +12,7 @@ import subprocess
 import time
 
 import pytest
+import requests
 
 import harness
 
@@ -107,3 +108,20 @@ def test_report_says_who_called_what(local_gateway):
     text = harness.cli("report", str(log)).stdout
     assert "who called what" in text and "lambda/demo" in text
     assert local_gateway not in text
+
+
+def test_make_run_derives_a_narrower_credential(local_gateway):
+    """The walk-through's `keyward token --attenuate` against make run's gateway (issue 14)."""
+    r = harness.cli("token", "--attenuate", "--url", "http://127.0.0.1:10000", "--token-env", "KEYWARD_TOKEN",
+                    "--allow", "stripe POST /v1/payment_intents", "--ttl", "300", "--total", "1", "--run", "order-1001", "--json",
+                    env={"KEYWARD_TOKEN": local_gateway})
+    assert r.returncode == 0, r.stdout + r.stderr
+    child = json.loads(r.stdout)["token"]
+    harness.TOKENS.add(child)
+    h = {"Authorization": f"Bearer {child}", "Idempotency-Key": "order-1001"}
+    first = requests.post("http://127.0.0.1:10000/stripe/v1/payment_intents", headers=h, data=b"amount=100", timeout=10)
+    assert first.status_code == 200, first.text
+    again = requests.post("http://127.0.0.1:10000/stripe/v1/payment_intents", headers=h, data=b"amount=100", timeout=10)
+    assert again.status_code == 429 and again.json()["error"] == "quota_exhausted"
+    other = requests.get("http://127.0.0.1:10000/stripe/v1/customers", headers={"Authorization": f"Bearer {child}"}, timeout=10)
+    assert other.status_code == 403, "the parent may; the child may not"

@@ -133,6 +133,11 @@ Denied (JSON errors):
   curl -s http://127.0.0.1:10000/stripe/v1/customers
   curl -s -X POST http://127.0.0.1:10000/stripe/v1/payment_intents -H "Authorization: Bearer \$KEYWARD_TOKEN" -d amount=100
 
+Derive a narrower credential for one unit of work (one payment, 5 minutes, labelled):
+
+  $KEYWARD token --attenuate --url http://127.0.0.1:10000 --token-env KEYWARD_TOKEN \\
+    --allow "stripe POST /v1/payment_intents" --ttl 300 --total 1 --run order-1001
+
 Revoke the demo credential (denied within 2 s), list, undo:
 
   export VAULT_ADDR=http://127.0.0.1:8200 VAULT_TOKEN="\$(cat $RUN/vault.token)"
