@@ -43,6 +43,8 @@ pub struct Report {
     pub by_target: BTreeMap<String, Counts>,
     pub denials: BTreeMap<String, u64>,
     pub cache: BTreeMap<String, u64>,
+    /// Credentials the issuing endpoint issued, per subject (not vendor calls).
+    pub issued: BTreeMap<String, u64>,
 }
 
 /// A field's text, treating absent, null, "" and "-" as unset.
@@ -92,6 +94,10 @@ impl Report {
             self.undecided += 1;
             return;
         };
+        if decision == "issued" {
+            *self.issued.entry(text(&v, "subject").unwrap_or_else(|| "(unknown)".into())).or_default() += 1;
+            return;
+        }
         let allowed = decision == "allow";
         let latency = number(&v, &["duration_ms", "duration"]);
         let subject = text(&v, "subject").unwrap_or_else(|| "(unauthenticated)".into());
@@ -145,6 +151,7 @@ impl Report {
             "callers": callers, "targets": targets,
             "top_denials": self.top_denials(top).iter().map(|(k, v)| json!({"decision": k, "count": v})).collect::<Vec<_>>(),
             "cache": self.cache,
+            "issued": self.issued,
         })
     }
 
@@ -161,6 +168,10 @@ impl Report {
             "{} requests decided by keyward: {} allowed, {} denied ({} other lines, {} not JSON)\n",
             self.total.calls, self.total.allowed, self.total.denied, self.undecided, self.skipped
         ));
+        if !self.issued.is_empty() {
+            let list: Vec<String> = self.issued.iter().map(|(s, n)| format!("{s} {n}")).collect();
+            o.push_str(&format!("credentials issued: {}\n", list.join(", ")));
+        }
         let [p50, p90, p99] = lat(&self.total);
         o.push_str(&format!("latency ms (Envoy's %DURATION%): p50 {p50}  p90 {p90}  p99 {p99}\n"));
         if !self.cache.is_empty() {
@@ -252,6 +263,16 @@ not json at all
         assert_eq!(r.by_target["openai"].calls, 3);
         assert_eq!(r.top_denials(2), vec![("forbidden", 2), ("invalid_credential", 1)]);
         assert_eq!(r.cache.get("stale"), Some(&1));
+    }
+
+    #[test]
+    fn issuances_are_counted_apart_from_calls() {
+        let mut r = Report::default();
+        r.add_line(r#"{"decision":"issued","subject":"lambda/checkout","issued":"j1","run":"sqs/1"}"#);
+        r.add_line(r#"{"decision":"allow","subject":"lambda/checkout","target":"stripe","run":"sqs/1"}"#);
+        assert_eq!((r.total.calls, r.total.denied), (1, 0), "an issuance is neither a call nor a denial");
+        assert_eq!(r.issued.get("lambda/checkout"), Some(&1));
+        assert!(r.to_text(5).contains("credentials issued: lambda/checkout 1"));
     }
 
     #[test]
