@@ -4,7 +4,26 @@ log, clusters pointing at local servers without TLS, the vault store logging in 
 instead of AppRole, and the targets held in AWS Secrets Manager left out."""
 import json
 
-from test_config import runnable_here
+ENV_ONLY = {"custom_credential_provider_chain": True, "environment_credential_provider": {}}
+
+
+def runnable_here(node):
+    """A shipped config as it can run on this machine: the wasm from dist/ instead of the image's
+    /etc/envoy, and AWS signing from the environment only (the default chain would probe the
+    instance metadata address, which is forbidden here). Nothing else changes."""
+    if isinstance(node, dict):
+        if node.get("@type", "").endswith("AwsRequestSigning") and "credential_provider" not in node:
+            node["credential_provider"] = dict(ENV_ONLY)
+        local = node.get("local")
+        if isinstance(local, dict) and str(local.get("filename", "")).endswith("keyward.wasm"):
+            local["filename"] = "dist/keyward.wasm"
+        for v in node.values():
+            runnable_here(v)
+    elif isinstance(node, list):
+        for v in node:
+            runnable_here(v)
+    return node
+
 
 
 def localise(doc, ports, clusters, log_path, keep_routes=None):

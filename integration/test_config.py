@@ -7,6 +7,7 @@ import pytest
 
 import envoy_config
 import harness
+from shipped import ENV_ONLY, runnable_here  # noqa: F401 (used below)
 
 ROOT = harness.ROOT
 
@@ -68,27 +69,6 @@ def test_not_json_refuses_to_start(workdir):
 
 
 SHIPPED = sorted(p.name for p in (ROOT / "envoy").glob("*.yaml"))
-ENV_ONLY = {"custom_credential_provider_chain": True, "environment_credential_provider": {}}
-
-
-def runnable_here(node):
-    """A shipped config as it can run on this machine: the wasm from dist/ instead of the image's
-    /etc/envoy, and AWS signing from the environment only (the default chain would probe the
-    instance metadata address, which is forbidden here). Nothing else changes."""
-    if isinstance(node, dict):
-        if node.get("@type", "").endswith("AwsRequestSigning") and "credential_provider" not in node:
-            node["credential_provider"] = dict(ENV_ONLY)
-        local = node.get("local")
-        if isinstance(local, dict) and str(local.get("filename", "")).endswith("keyward.wasm"):
-            local["filename"] = "dist/keyward.wasm"
-        for v in node.values():
-            runnable_here(v)
-    elif isinstance(node, list):
-        for v in node:
-            runnable_here(v)
-    return node
-
-
 def test_every_required_config_ships():
     assert {"local.yaml", "egress-gateway.yaml", "sidecar.yaml", "aws-secrets-manager.yaml"} <= set(SHIPPED)
 

@@ -2,6 +2,7 @@
 
 use crate::args::{Args, Fail};
 use crate::compile_for_check;
+use crate::lint_report::{arr, b, s, Report};
 use keyward_core::config::{Config, Inject};
 use keyward_core::policy::rules::strip_prefix;
 use serde_json::json;
@@ -40,32 +41,6 @@ pub fn run(args: &[String]) -> Result<(), Fail> {
         }
         Err(Fail::Failed(format!("{path}: {} problem(s)", report.problems.len())))
     }
-}
-
-#[derive(Default, Debug)]
-pub struct Report {
-    pub problems: Vec<String>,
-    pub notes: Vec<String>,
-    pub listeners: usize,
-    pub routes: usize,
-}
-
-pub(crate) fn arr(v: &Value, k: &str) -> Vec<Value> {
-    v.get(k).and_then(Value::as_array).cloned().unwrap_or_default()
-}
-pub(crate) fn s<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
-    let mut cur = v;
-    for p in path {
-        cur = cur.get(p)?;
-    }
-    cur.as_str()
-}
-fn b(v: &Value, path: &[&str]) -> Option<bool> {
-    let mut cur = v;
-    for p in path {
-        cur = cur.get(p)?;
-    }
-    cur.as_bool()
 }
 
 fn is_loopback(addr: &str) -> bool {

@@ -2,7 +2,7 @@
 //! global rate limit reading them: a vendor must never receive them, and a rate limit must never
 //! trust a copy the client wrote.
 
-use crate::envoy_lint::{arr, s, Report};
+use crate::lint_report::{arr, s, Report};
 use keyward_core::config::Config;
 use keyward_core::inject::DECISION_HEADERS;
 use serde_json::Value;

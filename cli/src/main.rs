@@ -5,6 +5,7 @@ mod args;
 mod envoy_lint;
 mod issue;
 mod lint_ratelimit;
+mod lint_report;
 mod report;
 mod revoke;
 mod token;

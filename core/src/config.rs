@@ -256,7 +256,7 @@ pub struct Store {
     pub timeout_ms: u32,
     pub kind: StoreKind,
     /// A fingerprint of the configuration's signing keys from the environment
-    /// (`secrets::keys::secret_scope`), for the shared-data names of stores whose identity holds
+    /// (`credential::jwt::keys_scope`), for the shared-data names of stores whose identity holds
     /// no secret (AWS Secrets Manager): another module in the same VM cannot predict them. Empty
     /// when the configuration has no such key.
     pub scope: String,
@@ -742,7 +742,7 @@ pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Con
 
     let policy =
         Policy { audience: raw.audience, issuer: iss, clock_skew_s: i64::from(raw.clock_skew_s), max_token_lifetime_s: i64::from(raw.max_token_lifetime_s) };
-    let scope = crate::secrets::keys::secret_scope(keys.iter().filter_map(|k| match &k.source {
+    let scope = crate::credential::jwt::keys_scope(keys.iter().filter_map(|k| match &k.source {
         KeySource::Ready(h) => Some(h.id()),
         KeySource::Stored { .. } => None,
     }));
@@ -756,7 +756,8 @@ pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Con
         None => None,
         Some(i) => {
             let max_life = u32::try_from(policy.max_token_lifetime_s).unwrap_or(u32::MAX);
-            Some(crate::issue::settings::compile(i, &|kid| key_index.contains_key(kid), max_life)?)
+            let issuer = crate::issue::settings::compile(i, &|kid| key_index.contains_key(kid), max_life);
+            Some(issuer.map_err(|e| ConfigError { path: e.path, message: e.message })?)
         }
     };
     Ok(Config {

@@ -4,5 +4,6 @@
 //! answer.
 
 pub mod grant;
+pub mod identity;
 pub mod settings;
 pub mod sts;

@@ -1,8 +1,7 @@
 //! The `issuer` section of the configuration (stage one: the raw document; stage two: checked
 //! settings). Errors name the offending path, as the rest of the configuration does.
 
-use super::sts::{principal, StsSettings};
-use crate::config::ConfigError;
+use super::identity::{principal, StsSettings};
 use crate::credential::jwt::MAX_ID_LEN;
 use crate::policy::limits::Limits;
 use crate::policy::rules::TokenRule;
@@ -89,15 +88,22 @@ pub struct Issuer {
     pub attenuate: bool,
 }
 
-fn err<T>(path: impl Into<String>, message: impl Into<String>) -> Result<T, ConfigError> {
-    Err(ConfigError { path: path.into(), message: message.into() })
+/// What is wrong, and where (`issuer.…`); the configuration reports it as its own error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SettingsError {
+    pub path: String,
+    pub message: String,
+}
+
+fn err<T>(path: impl Into<String>, message: impl Into<String>) -> Result<T, SettingsError> {
+    Err(SettingsError { path: path.into(), message: message.into() })
 }
 
 fn id_ok(s: &str) -> bool {
     !s.is_empty() && s.len() <= MAX_ID_LEN && !s.chars().any(char::is_control)
 }
 
-fn lim(path: &str, l: Option<&RawLim>) -> Result<Limits, ConfigError> {
+fn lim(path: &str, l: Option<&RawLim>) -> Result<Limits, SettingsError> {
     let Some(l) = l else { return Ok(Limits::default()) };
     for (name, v) in [("rpm", l.rpm), ("total", l.total)] {
         if v == Some(0) {
@@ -109,7 +115,7 @@ fn lim(path: &str, l: Option<&RawLim>) -> Result<Limits, ConfigError> {
 
 /// Stage two. `has_kid`: is this kid one of the configuration's signing keys;
 /// `max_token_lifetime_s`: the policy's ceiling, which issued credentials must pass.
-pub fn compile(raw: &RawIssuer, has_kid: &dyn Fn(&str) -> bool, max_token_lifetime_s: u32) -> Result<Issuer, ConfigError> {
+pub fn compile(raw: &RawIssuer, has_kid: &dyn Fn(&str) -> bool, max_token_lifetime_s: u32) -> Result<Issuer, SettingsError> {
     if !has_kid(&raw.kid) {
         return err("issuer.kid", format!("{:?} is not one of signing_keys", raw.kid));
     }

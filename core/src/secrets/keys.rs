@@ -36,29 +36,6 @@ fn fingerprint(label: &str, s: &Secret) -> String {
     })
 }
 
-/// A fingerprint of a configuration's own signing keys (their identities, in any order): mixed
-/// into the names of stores whose identity holds no secret, so that another module sharing the
-/// VM (Istio gives every WasmPlugin the same empty `vm_id`) can neither read those records nor
-/// plant one. 128 bits, from a MAC of each key: no key can be recovered from it. Empty without
-/// keys from the environment.
-pub fn secret_scope(ids: impl Iterator<Item = u64>) -> String {
-    let mut ids: Vec<u64> = ids.collect();
-    if ids.is_empty() {
-        return String::new();
-    }
-    ids.sort_unstable();
-    ids.dedup();
-    let mut h = Sha256::new();
-    h.update(b"keyward/v1/scope\0");
-    for id in ids {
-        h.update(id.to_be_bytes());
-    }
-    h.finalize().iter().take(16).fold(String::with_capacity(32), |mut acc, b| {
-        let _ = write!(acc, "{b:02x}");
-        acc
-    })
-}
-
 /// The identity of a store as Keyward reaches it.
 pub fn store_identity(st: &Store) -> String {
     let mut out = String::new();
