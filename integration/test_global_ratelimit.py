@@ -4,6 +4,7 @@ envoyproxy/ratelimit's semantics, the shipped deploy/ratelimit/config.yaml with 
 lowered for the test). Descriptors come from Keyward's verified decision, never from what the
 client sends; two gateways share the limits; the service failing fails closed."""
 import json
+import time
 
 import pytest
 import requests
@@ -51,6 +52,14 @@ def fleet(gw, workdir):
     rls.stop()
 
 
+def same_window():
+    """The limits count in fixed one-minute windows aligned on the clock, as envoyproxy/ratelimit's
+    do: start a sequence that must land in one window at least ten seconds before its end."""
+    left = 60 - time.time() % 60
+    if left < 10:
+        time.sleep(left + 0.1)
+
+
 def call(e, token, path="/stripe/v1/customers", headers=None):
     h = {"Authorization": f"Bearer {token}", **(headers or {})}
     return requests.get(e.url + path, headers=h, timeout=10)
@@ -62,6 +71,7 @@ def test_per_credential_limit_holds_across_gateways_with_verified_descriptors(gw
     t = gw.token(["stripe GET /v1/**"], sub=sub, iss=ISS)
     jti = json.loads(harness.b64d(t.split(".")[1]))["jti"]
     spoof = {"x-keyward-subject": "someone-else", "x-keyward-jti": "forged", "x-keyward-target": "openai"}
+    same_window()
     codes = [call(g, t, headers=spoof).status_code for g in (a, b, a, b)]
     assert codes == [200, 200, 200, 429], codes
     r = call(a, t)
@@ -79,6 +89,7 @@ def test_per_workload_limit_spans_its_credentials(gw, fleet):
     rls, vendor, (a, b) = fleet
     sub = "lambda/rl-" + harness.secrets.token_hex(3)
     statuses = []
+    same_window()
     for i in range(PER_SUBJECT + 1):  # a new credential each time: only (target, subject) counts
         statuses.append(call((a, b)[i % 2], gw.token(["stripe GET /v1/**"], sub=sub, iss=ISS)).status_code)
     assert statuses == [200] * PER_SUBJECT + [429], statuses

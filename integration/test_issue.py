@@ -202,15 +202,18 @@ def test_identities_and_proofs_that_are_refused(gw, issuing):
 
 def test_sts_down_gets_503_within_the_timeout(gw, issuing):
     moto, _, down = issuing
+    p = proof(moto.role_credentials("checkout"))
     started = time.monotonic()
-    r = ask(down, {"grant": "aws_iam", "iam_request": proof(moto.role_credentials("checkout"))})
+    r = ask(down, {"grant": "aws_iam", "iam_request": p})
     took = time.monotonic() - started
     assert r.status_code == 503 and r.json()["error"] == "secret_unavailable", r.text
-    assert took < 3.0, f"{took:.2f} s"
-    # The next one is refused the same way, and promptly.
+    # timeout_ms is 800 here: Envoy gives the callout up then (the filter's own deadline is 0.5 s later).
+    assert 0.7 < took < 1.8, f"{took:.2f} s"
+    # The next one is refused the same way, as promptly.
+    proof2 = proof(moto.role_credentials("checkout"))
     started = time.monotonic()
-    assert ask(down, {"grant": "aws_iam", "iam_request": proof(moto.role_credentials("checkout"))}).status_code == 503
-    assert time.monotonic() - started < 3.0
+    assert ask(down, {"grant": "aws_iam", "iam_request": proof2}).status_code == 503
+    assert time.monotonic() - started < 1.8
 
 
 def test_per_message_children_and_their_parent(gw, issuing):
@@ -247,9 +250,12 @@ def test_per_message_children_and_their_parent(gw, issuing):
     assert requests.get(live.url + "/stripe/v1/customers", headers=oh, timeout=10).status_code == 200
     gw.bao.put("it/revoked", {"jti:seed-entry": "kept", f"jti:{pjti}": "the parent leaked"})
     try:
-        harness.wait_until(lambda: requests.get(live.url + "/stripe/v1/customers", headers=oh, timeout=10).status_code == 401, timeout=10,
-                           what="the child revoked with its parent")
-        assert requests.get(live.url + "/stripe/v1/customers", headers={"Authorization": f"Bearer {parent}"}, timeout=10).status_code == 401
+        # Every worker refreshes its list on its own (refresh_s 1): wait until several requests in
+        # a row, on whichever worker, are refused, for the child and for the parent alike.
+        def refused(h):
+            return all(requests.get(live.url + "/stripe/v1/customers", headers=h, timeout=10).status_code == 401 for _ in range(6))
+        harness.wait_until(lambda: refused(oh), timeout=10, what="the child revoked with its parent")
+        harness.wait_until(lambda: refused({"Authorization": f"Bearer {parent}"}), timeout=10, what="the parent revoked")
     finally:
         gw.bao.put("it/revoked", {"jti:seed-entry": "kept so the list is never empty"})
     # The access log records the issuance.
