@@ -22,13 +22,21 @@ pub const MAX_HEADER_BYTES: usize = 8192;
 /// STS's answer is small; a larger one is not STS.
 pub const MAX_ANSWER: usize = 16 * 1024;
 
-/// The signed request as the caller sent it in the grant.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The signed request as the caller sent it in the grant. Its headers carry the caller's signature
+/// and session token: Debug prints header names only.
+#[derive(Clone, PartialEq, Eq)]
 pub struct IamRequest {
     pub method: String,
     pub url: String,
     pub headers: Vec<(String, String)>,
     pub body: String,
+}
+
+impl std::fmt::Debug for IamRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = self.headers.iter().map(|(k, _)| k.as_str()).collect();
+        write!(f, "IamRequest {{ method: {:?}, url: {:?}, headers: {names:?}, body: {} bytes }}", self.method, self.url, self.body.len())
+    }
 }
 
 /// Why a proof was refused, and how the endpoint answers.
@@ -258,6 +266,14 @@ mod tests {
         assert!(matches!(parse_answer(None, None), Err(ProofError::Unavailable(_))));
         assert!(matches!(parse_answer(Some(503), Some(b"busy")), Err(ProofError::Unavailable(_))));
         assert!(matches!(parse_answer(Some(200), Some(b"<html>proxy</html>")), Err(ProofError::Unavailable(_))));
+    }
+
+    #[test]
+    fn debug_never_shows_the_signature_or_the_session_token() {
+        let mut p = proof();
+        p.headers.push(("X-Amz-Security-Token".into(), "session-token-value".into()));
+        let shown = format!("{p:?}");
+        assert!(shown.contains("X-Amz-Security-Token") && !shown.contains("session-token-value") && !shown.contains("Signature=abc"));
     }
 
     #[test]

@@ -72,7 +72,7 @@ impl Lifecycle {
                 step: IssueStep::Body,
                 deadline_ms,
                 started_us,
-                body: Vec::new(),
+                body: crate::secret::Secret::new(Vec::new()),
                 grant: None,
                 call: None,
                 principal: None,
@@ -106,7 +106,7 @@ impl Lifecycle {
             }
         };
         if let Some(i) = self.issuing.get_mut(&ctx) {
-            i.body = body;
+            i.body = crate::secret::Secret::new(body);
             i.grant = Some(g);
             i.step = IssueStep::Waiting;
         }
@@ -212,7 +212,7 @@ impl Lifecycle {
         };
         let now_s = (now_ms / 1000) as i64;
         self.issue_seq = self.issue_seq.wrapping_add(1);
-        let body = self.issuing.get(&ctx).map(|i| i.body.clone()).unwrap_or_default();
+        let body = self.issuing.get(&ctx).map(|i| i.body.expose().to_vec()).unwrap_or_default();
         let jti = grant::new_jti(&key, host.now_us(), self.root, self.issue_seq, &body);
         let claims = grant::claims_json(scope, &jti, now_s, &cfg.policy.audience, cfg.policy.issuer.as_deref());
         let token = jwt::mint(&issuer.kid, &key, &claims);

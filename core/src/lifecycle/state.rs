@@ -85,7 +85,8 @@ pub struct Issuing {
     pub step: IssueStep,
     pub deadline_ms: u64,
     pub started_us: u64,
-    pub body: Vec<u8>,
+    /// The request body: it holds the caller's signed proof (redacted in Debug).
+    pub body: crate::secret::Secret,
     pub grant: Option<crate::issue::grant::Grant>,
     /// STS's callout, queued for the root.
     pub call: Option<crate::secrets::store::HttpCall>,
