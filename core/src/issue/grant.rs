@@ -3,7 +3,7 @@
 //! provably within the ceiling (a role's entry, or the parent credential), or it is refused:
 //! nothing is silently widened. Only `exp` is shortened to fit, never lengthened.
 
-use super::settings::RoleGrant;
+use super::settings::{RawLim, RoleGrant};
 use super::sts::IamRequest;
 use crate::credential::jwt::{Claims, HmacKey, MAX_RUN_LEN};
 use crate::policy::limits::Limits;
@@ -40,15 +40,6 @@ struct RawIam {
     url: String,
     headers: BTreeMap<String, String>,
     body: String,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawLim {
-    #[serde(default)]
-    rpm: Option<u64>,
-    #[serde(default)]
-    total: Option<u64>,
 }
 
 /// What the request asks for, whatever the grant.

@@ -52,13 +52,14 @@ struct RawRole {
     ttl_s: Option<u32>,
 }
 
+/// `{"rpm", "total"}` as a role entry or a grant writes it.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawLim {
+pub(super) struct RawLim {
     #[serde(default)]
-    rpm: Option<u64>,
+    pub(super) rpm: Option<u64>,
     #[serde(default)]
-    total: Option<u64>,
+    pub(super) total: Option<u64>,
 }
 
 /// What one IAM principal may be issued: a ceiling the request can only narrow.
