@@ -33,7 +33,7 @@ CLIENT_IP = "198.51.100.7"   # the caller's address as API Gateway sees it
 ENI_IP = "10.0.1.5"          # the VPC link's address, which the ALB appends
 REGION = "us-east-1"
 # A caller's role credentials (temporary, as a Lambda's are). Test values, not AWS's.
-CALLER = ("ASIAKEYWARDTESTCALLER", "keyward-test-secret-access-key-0123456789", "keyward-test-session-token")
+CALLER = ("keyward-fake-caller-key-id", "keyward-test-secret-access-key-0123456789", "keyward-test-session-token")
 
 
 def sigv4_valid(method, url, headers, body):

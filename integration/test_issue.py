@@ -174,7 +174,7 @@ def test_identities_and_proofs_that_are_refused(gw, issuing):
     wrong = Credentials(good.access_key, "not-the-secret-" + harness.secrets.token_hex(8), good.token)
     r = ask(live, {"grant": "aws_iam", "iam_request": proof(wrong)})
     assert r.status_code == 401 and r.json()["error"] == "invalid_credential", r.text
-    unknown = Credentials("AKIAUNKNOWNKEY000000", "whatever-secret", None)
+    unknown = Credentials("keyward-fake-unknown-key-id", "keyward-fake-secret", None)
     r = ask(live, {"grant": "aws_iam", "iam_request": proof(unknown)})
     assert r.status_code == 401, r.text
     # A proof made for another server id (a replay to this gateway), or without the header.

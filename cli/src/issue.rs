@@ -177,23 +177,24 @@ pub fn run(args: &[String]) -> Result<(), Fail> {
 mod tests {
     use super::*;
 
-    /// AWS's documented SigV4 example key derivation (General Reference, "Examples of how to
-    /// derive a signing key"): secret wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY, 20120215,
-    /// us-east-1, iam.
+    /// The SigV4 signing-key derivation (AWS General Reference, "Examples of how to derive a
+    /// signing key": 20120215, us-east-1, iam), with an obviously fake secret; the expected value
+    /// was computed independently with Python's hmac. moto's STS checks whole signatures in
+    /// `integration/test_issue.py`.
     #[test]
-    fn signing_key_matches_aws_s_example() {
+    fn signing_key_matches_an_independent_derivation() {
         let mut k = b"AWS4".to_vec();
-        k.extend_from_slice(b"wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY");
+        k.extend_from_slice(b"keyward-fake-secret-not-an-aws-key");
         let k = hmac(&hmac(&hmac(&hmac(&k, b"20120215"), b"us-east-1"), b"iam"), b"aws4_request");
-        assert_eq!(hex(&k), "f4780e2d9f65fa895f9c67b32ce1baf0b0d8a43505a000a1a9e090d414db404d");
+        assert_eq!(hex(&k), "f18367016a944eba66f6ea3595d742a61f20e7d0162be2919c9eacad3b76a8cf");
     }
 
     #[test]
     fn the_proof_signs_the_server_id_and_the_session_token() {
-        let creds = AwsCredentials { key_id: "AKIDEXAMPLE".into(), secret: Secret::text("secret"), session_token: Some(Secret::text("tok")) };
+        let creds = AwsCredentials { key_id: "keyward-fake-key-id".into(), secret: Secret::text("secret"), session_token: Some(Secret::text("tok")) };
         let p = iam_proof(&creds, "keyward-prod", "us-east-1", "sts.amazonaws.com", "20261202T150000Z");
         let auth = p.pointer("/headers/authorization").and_then(Value::as_str).unwrap_or_default();
-        assert!(auth.starts_with("AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20261202/us-east-1/sts/aws4_request, SignedHeaders=content-type;host;x-amz-date;x-amz-security-token;x-keyward-server-id, Signature="));
+        assert!(auth.starts_with("AWS4-HMAC-SHA256 Credential=keyward-fake-key-id/20261202/us-east-1/sts/aws4_request, SignedHeaders=content-type;host;x-amz-date;x-amz-security-token;x-keyward-server-id, Signature="));
         assert_eq!(p.pointer("/headers/x-keyward-server-id").and_then(Value::as_str), Some("keyward-prod"));
         assert_eq!(amz_date_now().len(), 16);
     }

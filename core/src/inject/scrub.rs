@@ -115,13 +115,13 @@ mod tests {
 
     #[test]
     fn bearer_value_reflected_anywhere_is_removed() {
-        let n = needles(&target(Inject::Bearer { field: "k".into() }), &fetched(&[("k", "sk_live_abcdef123")]));
+        let n = needles(&target(Inject::Bearer { field: "k".into() }), &fetched(&[("k", "fake-vendor-key-abcdef123")]));
         let headers = h(&[
             (":status", "200"),
             ("content-type", "application/json"),
-            ("X-Echo-Authorization", "Bearer sk_live_abcdef123"),
-            ("x-debug", "key=sk_live_abcdef123;"),
-            ("x-other", "sk_live_abcdef12"),
+            ("X-Echo-Authorization", "Bearer fake-vendor-key-abcdef123"),
+            ("x-debug", "key=fake-vendor-key-abcdef123;"),
+            ("x-other", "fake-vendor-key-abcdef12"),
         ]);
         assert_eq!(headers_to_remove(&n, &headers), vec!["x-echo-authorization", "x-debug"]);
     }
