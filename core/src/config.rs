@@ -4,6 +4,7 @@
 
 use crate::credential::extract::CredentialSource;
 use crate::credential::jwt::{HmacKey, Policy};
+use crate::policy::cost::Cost;
 use crate::policy::rules::{valid_target_name, Method, RouteRule};
 use crate::secret::Secret;
 use crate::wire::b64;
@@ -192,6 +193,10 @@ struct RawTarget {
     allow: Option<Vec<String>>,
     #[serde(default)]
     require_idempotency_key: Vec<String>,
+    #[serde(default)]
+    cost: Option<crate::policy::cost::RawCost>,
+    #[serde(default)]
+    refund_on: Vec<u16>,
 }
 
 #[derive(Deserialize)]
@@ -330,6 +335,10 @@ pub struct Target {
     pub allow: Option<Vec<RouteRule>>,
     /// Methods that must carry an `Idempotency-Key` header.
     pub require_idempotency_key: Vec<String>,
+    /// What its requests cost (counted against a credential's `lim.spend`).
+    pub cost: Option<Cost>,
+    /// Vendor statuses that mean a charge did not happen: the reservation is released.
+    pub refund_on: Vec<u16>,
 }
 
 impl Config {
@@ -736,8 +745,16 @@ pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Con
                 _ => return err(format!("{path}.require_idempotency_key[{i}]"), format!("{m:?} is not an upper-case method name")),
             }
         }
+        let cost = match &t.cost {
+            None => None,
+            Some(raw) => Some(crate::policy::cost::compile(&format!("{path}.cost"), raw).or_else(|(p, m)| err(p, m))?),
+        };
+        if cost.is_none() && !t.refund_on.is_empty() {
+            return err(format!("{path}.refund_on"), "a target without a cost has nothing to refund");
+        }
+        let refund_on = crate::policy::cost::compile_refunds(&path, &t.refund_on).or_else(|(p, m)| err(p, m))?;
         target_index.insert(name.clone(), targets.len());
-        targets.push(Target { name: name.clone(), credential, slot, inject, allow, require_idempotency_key });
+        targets.push(Target { name: name.clone(), credential, slot, inject, allow, require_idempotency_key, cost, refund_on });
     }
 
     let policy =

@@ -9,14 +9,17 @@ use crate::credential::extract::{self, CredError};
 use crate::credential::jwt::{self, HmacKey};
 use crate::credential::verified::VerifiedCache;
 use crate::inject::{self, Op};
-use crate::policy::limits::Limits;
-use crate::policy::limits::Verdict;
+use crate::policy::cost::{BodyHeaders, Priced, Unreadable};
+use crate::policy::limits::{Charge, Limits, Verdict};
 use crate::policy::rules::{sanitize, strip_prefix};
 use crate::record::Audit;
 use crate::response::{Code, Denial};
 use crate::secrets::store::Fetched;
 use crate::wire::pct;
 use std::rc::Rc;
+
+pub mod admission;
+pub use admission::{Reservation, Spend, Ticket};
 
 /// What the engine may ask of the request.
 pub trait Request {
@@ -58,9 +61,12 @@ pub trait Secrets {
     /// Count this request against the credential's `lim` (only called when it has one), unless
     /// this same request was already admitted before it parked. `keep_until_s`: when the
     /// credential stops being accepted, so its counters can go.
-    fn admit(&mut self, _key_id: u64, _jti: &str, _lim: &Limits, _keep_until_s: i64) -> Verdict {
+    /// `charge`: the request's cost, reserved against `lim.spend` in the same step.
+    fn admit(&mut self, _key_id: u64, _jti: &str, _lim: &Limits, _keep_until_s: i64, _charge: Option<&Charge>) -> Verdict {
         Verdict::Admit
     }
+    /// Release a reservation `admit` made (the request was refused after all).
+    fn refund(&mut self, _key_id: u64, _jti: &str, _charge: &Charge) {}
     /// Where verified credentials are remembered (`credential::verified`); `None`: verify every time.
     fn verified(&mut self) -> Option<&mut VerifiedCache> {
         None
@@ -121,6 +127,23 @@ pub enum Outcome {
 pub struct Decision {
     pub outcome: Outcome,
     pub audit: Audit,
+    /// A cost this request reserved (released if the vendor answers with a `refund_on` status).
+    pub reservation: Option<Reservation>,
+    /// Allowed so far, but its cost is in the body: `price_body` decides it at the body's end.
+    pub deferred: Option<Deferred>,
+}
+
+impl Decision {
+    fn new(outcome: Outcome, audit: Audit) -> Decision {
+        Decision { outcome, audit, reservation: None, deferred: None }
+    }
+}
+
+/// A request whose cost is read from its body: its target, and what it counts under.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Deferred {
+    pub target: usize,
+    pub ticket: Option<Ticket>,
 }
 
 /// Seconds a client is told to wait after a 503.
@@ -128,7 +151,14 @@ pub const RETRY_AFTER_UNAVAILABLE_S: u32 = 5;
 
 fn deny(mut audit: Audit, d: Denial) -> Decision {
     audit.decision = d.code.as_str();
-    Decision { outcome: Outcome::Deny(d), audit }
+    Decision::new(Outcome::Deny(d), audit)
+}
+
+fn unreadable(u: Unreadable) -> Denial {
+    match u {
+        Unreadable::Bad(m) => Denial::new(Code::BadRequest, m),
+        Unreadable::TooLarge => Denial::new(Code::BodyTooLarge, "the request body is larger than this target reads to price it"),
+    }
 }
 
 fn unavailable() -> Denial {
@@ -219,7 +249,7 @@ pub fn decide(cfg: &Config, req: &mut impl Request, secrets: &mut impl Secrets, 
     let (claims, key_id) = match verify(cfg, secrets, &target.credential, value.as_deref(), &mut audit, now_s) {
         Ok(v) => v,
         Err(Outcome::Deny(d)) => return deny(audit, d),
-        Err(outcome) => return Decision { outcome, audit },
+        Err(outcome) => return Decision::new(outcome, audit),
     };
 
     // 4. Rules: a token rule for this target AND the target's own ceiling.
@@ -245,30 +275,33 @@ pub fn decide(cfg: &Config, req: &mut impl Request, secrets: &mut impl Secrets, 
         };
         return deny(audit, Denial::new(Code::BadRequest, msg));
     }
-    let own = claims.lim.rpm.is_some() || claims.lim.total.is_some();
-    let parents = claims.par.is_some() && (claims.plim.rpm.is_some() || claims.plim.total.is_some());
-    if own || parents {
-        let keep_until = claims.exp.saturating_add(cfg.policy.clock_skew_s);
-        // A derived credential counts against its own limits, and against its parent's entry
-        // under the parent's limits (`plim`): siblings share the parent's budget.
-        let mut verdict = if own { secrets.admit(key_id, &claims.jti, &claims.lim, keep_until) } else { Verdict::Admit };
-        if let (Verdict::Admit, Some(par), true) = (verdict, claims.par.as_deref(), parents) {
-            verdict = secrets.admit(key_id, par, &claims.plim, keep_until);
+    let ticket = Ticket {
+        key_id,
+        jti: claims.jti.clone(),
+        lim: claims.lim,
+        par: claims.par.clone(),
+        plim: claims.plim,
+        keep_until_s: claims.exp.saturating_add(cfg.policy.clock_skew_s),
+        retry_seed: audit.idempotency_key.as_deref().map(|k| admission::retry_seed(k, &target.name, &method, vendor_path)),
+    };
+    let ticket = ticket.counts().then_some(ticket);
+    // A priced request is counted once its cost is known and nothing else can refuse it; an
+    // unpriced one now, before any vault call.
+    let cost = target.cost.as_ref().filter(|c| c.applies(&method, vendor_path));
+    if let Some(c) = cost.filter(|c| c.reads_body()) {
+        let h = BodyHeaders {
+            content_type: req.header("content-type"),
+            content_encoding: req.header("content-encoding"),
+            content_length: req.header("content-length"),
+            query: raw_path.split_once('?').map(|(_, q)| q.to_string()),
+        };
+        if let Err(u) = c.check_headers(&h) {
+            return deny(audit, unreadable(u));
         }
-        match verdict {
-            Verdict::Admit => {}
-            Verdict::RateLimited { retry_after_s } => {
-                let d = Denial::new(Code::RateLimited, "this credential's requests-per-minute limit is reached");
-                return deny(audit, d.retry_after(retry_after_s));
-            }
-            Verdict::Exhausted { retry_after_s } => {
-                let d = Denial::new(Code::QuotaExhausted, "this credential's request quota is used up");
-                return deny(audit, d.retry_after(retry_after_s));
-            }
-            Verdict::Full => {
-                let d = Denial::new(Code::RateLimited, "too many limited credentials are active; try again later");
-                return deny(audit, d.retry_after(RETRY_AFTER_UNAVAILABLE_S));
-            }
+    }
+    if let (None, Some(t)) = (cost, &ticket) {
+        if let Err(d) = admission::admit(secrets, t, None) {
+            return deny(audit, d);
         }
     }
 
@@ -282,11 +315,36 @@ pub fn decide(cfg: &Config, req: &mut impl Request, secrets: &mut impl Secrets, 
             audit.cache = Some("stale");
             f
         }
-        Lookup::Pending => return Decision { outcome: Outcome::Need(target.slot), audit },
+        Lookup::Pending => return Decision::new(Outcome::Need(target.slot), audit),
         Lookup::Failed => return deny(audit, unavailable()),
     };
     audit.secret_version.clone_from(&fetched.version);
     let mut d = allow(audit, target, &fetched, &raw_path);
+    if !matches!(d.outcome, Outcome::Allow(_)) {
+        return d;
+    }
+    // 7. The cost: fixed, reserved now; in the body, reserved at its end.
+    match cost.map(|c| c.fixed()) {
+        None => {}
+        Some(None) => {
+            let target = cfg.target(&target.name).map_or(0, |(i, _)| i);
+            d.deferred = Some(Deferred { target, ticket });
+        }
+        Some(Some(n)) => {
+            let priced = Priced { cost: n, currency: None };
+            d.audit.cost = Some(n);
+            match ticket.as_ref().map(|t| admission::admit(secrets, t, Some(&priced))).transpose() {
+                Ok(spend) => {
+                    let spend = spend.unwrap_or(Spend::Uncapped);
+                    d.audit.spend = Some(spend.label());
+                    if let Spend::Reserved(r) = spend {
+                        d.reservation = Some(r);
+                    }
+                }
+                Err(denial) => return deny(d.audit, denial),
+            }
+        }
+    }
     if let (true, Outcome::Allow(ops)) = (cfg.decision_headers, &mut d.outcome) {
         let a = &d.audit;
         ops.extend(inject::decision_ops(a.subject.as_deref().unwrap_or(""), a.jti.as_deref().unwrap_or(""), &target.name, a.run.as_deref()));
@@ -418,11 +476,30 @@ fn idempotency_key(req: &mut impl Request) -> Idempotency {
     String::from_utf8(v).map_or(Idempotency::Invalid, Idempotency::Valid)
 }
 
+/// The end of a deferred request's body: read its cost and admit it (`audit` gets the cost and
+/// how it stands against spend caps). `Ok`: the reservation it holds, if any.
+pub fn price_body(cfg: &Config, d: &Deferred, body: &[u8], secrets: &mut impl Secrets, audit: &mut Audit) -> Result<Option<Reservation>, Denial> {
+    let Some(cost) = cfg.targets.get(d.target).and_then(|t| t.cost.as_ref()) else {
+        return Err(Denial::new(Code::SecretUnavailable, "the gateway's configuration changed; try again").retry_after(RETRY_AFTER_UNAVAILABLE_S));
+    };
+    let priced = cost.read(body).map_err(unreadable)?;
+    audit.cost = Some(priced.cost);
+    let spend = match &d.ticket {
+        Some(t) => admission::admit(secrets, t, Some(&priced))?,
+        None => Spend::Uncapped,
+    };
+    audit.spend = Some(spend.label());
+    Ok(match spend {
+        Spend::Reserved(r) => Some(r),
+        _ => None,
+    })
+}
+
 fn allow(mut audit: Audit, target: &Target, fetched: &Fetched, raw_path: &str) -> Decision {
     match inject::plan(target, fetched, raw_path) {
         Ok(ops) => {
             audit.decision = "allow";
-            Decision { outcome: Outcome::Allow(ops), audit }
+            Decision::new(Outcome::Allow(ops), audit)
         }
         Err(_) => deny(audit, unavailable()),
     }

@@ -58,6 +58,9 @@ pub trait Host {
     /// The first `size` bytes of the request body Envoy buffered for this stream.
     fn request_body(&mut self, size: usize) -> Result<Vec<u8>, HostError>;
     fn response_headers(&mut self) -> Result<Headers, HostError>;
+    /// Did the response come from the upstream (Envoy's `response.code_details` is
+    /// `via_upstream`), rather than from Envoy itself (a timeout, a reset, no healthy host)?
+    fn response_from_upstream(&mut self) -> bool;
     fn remove_response_header(&mut self, name: &str) -> Result<(), HostError>;
     fn response_trailers(&mut self) -> Result<Headers, HostError>;
     fn remove_response_trailer(&mut self, name: &str) -> Result<(), HostError>;
@@ -69,8 +72,8 @@ pub trait Host {
     fn reset(&mut self);
 
     fn metric(&mut self, m: Metric);
-    /// Add one to a labelled counter (`values` in the order of `family.labels()`).
-    fn count(&mut self, family: Family, values: &[&str]);
+    /// Add `n` to a labelled counter (`values` in the order of `family.labels()`).
+    fn count(&mut self, family: Family, values: &[&str], n: u64);
     /// Record a value in a labelled histogram.
     fn observe(&mut self, family: Family, values: &[&str], value: u64);
 }

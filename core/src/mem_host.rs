@@ -47,6 +47,8 @@ pub struct Stream {
     pub filter_state: BTreeMap<&'static str, String>,
     /// The stream ended: its context is gone.
     pub gone: bool,
+    /// The response was made by Envoy, not the upstream (a timeout, a reset).
+    pub local_response: bool,
 }
 
 #[derive(Default)]
@@ -251,6 +253,10 @@ impl Host for MemHost {
         Ok(self.stream()?.response.clone())
     }
 
+    fn response_from_upstream(&mut self) -> bool {
+        self.stream().is_ok_and(|s| !s.local_response)
+    }
+
     fn remove_response_header(&mut self, name: &str) -> Result<(), HostError> {
         self.stream()?.response.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
         Ok(())
@@ -296,10 +302,10 @@ impl Host for MemHost {
         *self.metrics.entry(m).or_default() += 1;
     }
 
-    fn count(&mut self, family: Family, values: &[&str]) {
+    fn count(&mut self, family: Family, values: &[&str], n: u64) {
         let mut name = String::new();
         family.write_stat_name(values, &mut name);
-        *self.counts.entry(name).or_default() += 1;
+        *self.counts.entry(name).or_default() += n;
     }
 
     fn observe(&mut self, family: Family, values: &[&str], value: u64) {

@@ -19,6 +19,10 @@ pub struct Audit {
     pub secret_version: Option<String>,
     /// The `jti` of a credential the issuing endpoint issued.
     pub issued: Option<String>,
+    /// What the request costs in its target's unit (targets with a `cost`).
+    pub cost: Option<u64>,
+    /// How its cost stands against spend caps: `reserved`, `retry`, `uncapped`, later `refunded`.
+    pub spend: Option<&'static str>,
 }
 
 /// A labelled metric family. Proxy-wasm has no labels: the stat name carries them as
@@ -38,10 +42,17 @@ pub enum Family {
     /// the filter to the request going on or being answered (`outcome`: `hit`, `miss`, `stale`,
     /// `denied`). A miss includes the store's answer time.
     AddedUs,
+    /// Counter: costs reserved against credentials' spend caps, in the target's cost unit
+    /// (`target`).
+    SpendReserved,
+    /// Counter: reservations released because the vendor answered with a `refund_on` status
+    /// (`target`).
+    SpendRefunded,
 }
 
 impl Family {
-    pub const ALL: [Family; 4] = [Family::TargetRequests, Family::StoreFetches, Family::StoreFetchUs, Family::AddedUs];
+    pub const ALL: [Family; 6] =
+        [Family::TargetRequests, Family::StoreFetches, Family::StoreFetchUs, Family::AddedUs, Family::SpendReserved, Family::SpendRefunded];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -49,6 +60,8 @@ impl Family {
             Family::StoreFetches => "keyward_store_fetches",
             Family::StoreFetchUs => "keyward_store_fetch_us",
             Family::AddedUs => "keyward_added_us",
+            Family::SpendReserved => "keyward_spend_reserved",
+            Family::SpendRefunded => "keyward_spend_refunded",
         }
     }
 
@@ -58,6 +71,7 @@ impl Family {
             Family::StoreFetches => &["store", "result"],
             Family::StoreFetchUs => &["store"],
             Family::AddedUs => &["outcome"],
+            Family::SpendReserved | Family::SpendRefunded => &["target"],
         }
     }
 

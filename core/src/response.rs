@@ -15,11 +15,15 @@ pub enum Code {
     UnknownTarget,
     RateLimited,
     QuotaExhausted,
+    /// The request's cost does not fit in what is left of the credential's `lim.spend`.
+    SpendExhausted,
+    /// The request body is larger than the target buffers to read its cost (413).
+    BodyTooLarge,
     SecretUnavailable,
 }
 
 impl Code {
-    pub const ALL: [Code; 10] = [
+    pub const ALL: [Code; 12] = [
         Code::BadRequest,
         Code::MissingCredential,
         Code::InvalidCredential,
@@ -29,6 +33,8 @@ impl Code {
         Code::UnknownTarget,
         Code::RateLimited,
         Code::QuotaExhausted,
+        Code::SpendExhausted,
+        Code::BodyTooLarge,
         Code::SecretUnavailable,
     ];
 
@@ -43,6 +49,8 @@ impl Code {
             Code::UnknownTarget => "unknown_target",
             Code::RateLimited => "rate_limited",
             Code::QuotaExhausted => "quota_exhausted",
+            Code::SpendExhausted => "spend_exhausted",
+            Code::BodyTooLarge => "body_too_large",
             Code::SecretUnavailable => "secret_unavailable",
         }
     }
@@ -52,7 +60,8 @@ impl Code {
             Code::BadRequest => 400,
             Code::MissingCredential | Code::InvalidCredential | Code::ExpiredCredential | Code::RevokedCredential => 401,
             Code::Forbidden | Code::UnknownTarget => 403,
-            Code::RateLimited | Code::QuotaExhausted => 429,
+            Code::RateLimited | Code::QuotaExhausted | Code::SpendExhausted => 429,
+            Code::BodyTooLarge => 413,
             Code::SecretUnavailable => 503,
         }
     }

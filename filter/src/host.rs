@@ -84,6 +84,11 @@ impl Host for WasmHost {
         hostcalls::get_map_bytes(MapType::HttpResponseHeaders).map_err(failed)
     }
 
+    fn response_from_upstream(&mut self) -> bool {
+        let details = hostcalls::get_property(vec!["response", "code_details"]).ok().flatten();
+        details.as_deref() == Some(b"via_upstream".as_slice())
+    }
+
     fn remove_response_header(&mut self, name: &str) -> Result<(), HostError> {
         hostcalls::set_map_value_bytes(MapType::HttpResponseHeaders, name, None).map_err(failed)
     }
@@ -123,8 +128,8 @@ impl Host for WasmHost {
         self.metrics.inc(m);
     }
 
-    fn count(&mut self, family: Family, values: &[&str]) {
-        self.metrics.count(family, values);
+    fn count(&mut self, family: Family, values: &[&str], n: u64) {
+        self.metrics.count(family, values, n);
     }
 
     fn observe(&mut self, family: Family, values: &[&str], value: u64) {

@@ -48,9 +48,9 @@ impl Metrics {
         Some(id)
     }
 
-    pub fn count(&mut self, family: Family, values: &[&str]) {
+    pub fn count(&mut self, family: Family, values: &[&str], n: u64) {
         if let Some(id) = self.id(family, values) {
-            let _ = hostcalls::increment_metric(id, 1);
+            let _ = hostcalls::increment_metric(id, i64::try_from(n).unwrap_or(i64::MAX));
         }
     }
 

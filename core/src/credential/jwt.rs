@@ -268,6 +268,14 @@ fn positive(v: &Value, name: &'static str) -> Result<u64, TokenError> {
     }
 }
 
+/// A spend cap: an integer from 0 to `cost::MAX_COST`.
+fn amount(v: &Value, name: &'static str) -> Result<u64, TokenError> {
+    match v {
+        Value::Int(n) if *n >= 0 && (*n as u64) <= crate::policy::cost::MAX_COST => Ok(*n as u64),
+        _ => Err(TokenError::ClaimType(name, "an integer from 0 to 10^15")),
+    }
+}
+
 /// Parse and type-check the claims (after the MAC has been verified).
 pub fn parse_claims(payload: &[u8]) -> Result<Claims, TokenError> {
     let v = json::parse(payload).map_err(|e| TokenError::BadJson("claims", e.to_string()))?;
@@ -329,6 +337,7 @@ pub fn parse_claims(payload: &[u8]) -> Result<Claims, TokenError> {
                     match k.as_str() {
                         "rpm" => l.rpm = Some(positive(x, if name == "lim" { "lim.rpm" } else { "plim.rpm" })?),
                         "total" => l.total = Some(positive(x, if name == "lim" { "lim.total" } else { "plim.total" })?),
+                        "spend" => l.spend = Some(amount(x, if name == "lim" { "lim.spend" } else { "plim.spend" })?),
                         _ => return Err(TokenError::BadClaim(name, format!("unknown limit {k:?}"))),
                     }
                 }

@@ -104,9 +104,12 @@ impl Secrets for Mem {
         }
         Lookup::Ready(self.revoked.iter().any(|r| *r == format!("jti:{jti}") || *r == format!("sub:{sub}")))
     }
-    fn admit(&mut self, _key_id: u64, jti: &str, lim: &Limits, keep_until_s: i64) -> Verdict {
+    fn admit(&mut self, _key_id: u64, jti: &str, lim: &Limits, keep_until_s: i64, charge: Option<&Charge>) -> Verdict {
         self.admitted += 1;
-        self.limits.admit(jti, lim, keep_until_s, NOW as u64)
+        self.limits.admit_charged(jti, lim, keep_until_s, NOW as u64, charge)
+    }
+    fn refund(&mut self, _key_id: u64, jti: &str, charge: &Charge) {
+        self.limits.refund(jti, charge);
     }
     fn verified(&mut self) -> Option<&mut crate::credential::verified::VerifiedCache> {
         self.cache.as_mut()
@@ -193,6 +196,8 @@ fn allows_and_injects() {
             idempotency_key: None,
             secret_version: None,
             issued: None,
+            cost: None,
+            spend: None,
         }
     );
 }

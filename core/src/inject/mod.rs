@@ -136,7 +136,7 @@ mod tests {
         Fetched { fields: fields.iter().map(|(k, v)| (k.to_string(), Secret::text(v))).collect(), version: None, problems: vec![] }
     }
     fn target(cred: CredentialSource, inject: Inject) -> Target {
-        Target { name: "t".into(), credential: cred, slot: 0, inject, allow: None, require_idempotency_key: vec![] }
+        Target { name: "t".into(), credential: cred, slot: 0, inject, allow: None, require_idempotency_key: vec![], cost: None, refund_on: vec![] }
     }
     fn show(ops: &[Op]) -> Vec<String> {
         ops.iter()

@@ -86,10 +86,7 @@ pub fn parse(body: &[u8]) -> Result<Grant, String> {
         ("aws_iam", None, _) => Err("the aws_iam grant needs iam_request".into()),
         ("aws_iam", Some(_), Some(_)) => Err("the aws_iam grant takes its limits from the role's entry, not from the request".into()),
         ("attenuate", None, lim) => {
-            let lim = lim.map(|l| Limits { rpm: l.rpm, total: l.total });
-            if lim.is_some_and(|l| l.rpm == Some(0) || l.total == Some(0)) {
-                return Err("lim values must be positive".into());
-            }
+            let lim = lim.map(|l| l.limits()).transpose().map_err(|name| format!("lim.{name} is out of range"))?;
             Ok(Grant::Attenuate { ask, lim })
         }
         ("attenuate", Some(_), _) => Err("the attenuate grant takes no iam_request".into()),
@@ -161,7 +158,11 @@ pub fn for_child(parent: &Claims, ask: &Ask, lim: Option<&Limits>, max_ttl_s: u3
         (_, Some(c)) => Ok(Some(c)),
         (p, None) => Ok(p),
     };
-    let lim = Limits { rpm: narrow(parent.lim.rpm, asked.rpm, "rpm")?, total: narrow(parent.lim.total, asked.total, "total")? };
+    let lim = Limits {
+        rpm: narrow(parent.lim.rpm, asked.rpm, "rpm")?,
+        total: narrow(parent.lim.total, asked.total, "total")?,
+        spend: narrow(parent.lim.spend, asked.spend, "spend")?,
+    };
     let run = match (&ask.run, &parent.run) {
         (Some(r), _) => Some(r.clone()),
         (None, p) => p.clone(),
@@ -216,6 +217,9 @@ pub fn claims_json(scope: &Scope, jti: &str, now_s: i64, audience: &str, iss: Op
         if let Some(n) = lim.total {
             l.push(format!("\"total\":{n}"));
         }
+        if let Some(n) = lim.spend {
+            l.push(format!("\"spend\":{n}"));
+        }
         if !l.is_empty() {
             c.push_str(&format!(",\"{name}\":{{{}}}", l.join(",")));
         }
@@ -266,7 +270,7 @@ mod tests {
             jti: "parent-1".into(),
             allow: rules(&["stripe POST /v1/payment_intents", "stripe GET /v1/**"]),
             run: None,
-            lim: Limits { rpm: Some(600), total: None },
+            lim: Limits { rpm: Some(600), total: None, spend: None },
             par: None,
             plim: Limits::default(),
         }
@@ -279,7 +283,7 @@ mod tests {
     #[test]
     fn parses_the_two_grants_strictly() {
         let g = parse(br#"{"grant":"attenuate","allow":["stripe POST /v1/payment_intents"],"ttl_s":300,"lim":{"total":1},"run":"sqs/1"}"#);
-        assert!(matches!(g, Ok(Grant::Attenuate { lim: Some(Limits { rpm: None, total: Some(1) }), .. })), "{g:?}");
+        assert!(matches!(g, Ok(Grant::Attenuate { lim: Some(Limits { rpm: None, total: Some(1), spend: None }), .. })), "{g:?}");
         let g = parse(br#"{"grant":"aws_iam","iam_request":{"method":"POST","url":"https://sts.amazonaws.com/","headers":{"A":"b"},"body":"x"}}"#);
         assert!(matches!(g, Ok(Grant::AwsIam { .. })));
         for bad in [
@@ -303,11 +307,11 @@ mod tests {
     #[test]
     fn a_child_is_within_its_parent_in_every_dimension() {
         let p = parent();
-        let c = for_child(&p, &ask(Some(&["stripe POST /v1/payment_intents"]), Some(300)), Some(&Limits { rpm: None, total: Some(1) }), 900, 9_000);
+        let c = for_child(&p, &ask(Some(&["stripe POST /v1/payment_intents"]), Some(300)), Some(&Limits { rpm: None, total: Some(1), spend: None }), 900, 9_000);
         let c = c.unwrap_or_else(|e| panic!("{e:?}"));
         assert_eq!(c.sub, "lambda/batch");
         assert_eq!(c.exp, 9_300);
-        assert_eq!(c.lim, Limits { rpm: Some(600), total: Some(1) }, "the parent's rpm is kept, total added");
+        assert_eq!(c.lim, Limits { rpm: Some(600), total: Some(1), spend: None }, "the parent's rpm is kept, total added");
         assert_eq!(c.par.as_deref(), Some("parent-1"));
         assert_eq!(c.run.as_deref(), Some("sqs/m-1"));
         // exp never later than the parent's.
@@ -319,7 +323,7 @@ mod tests {
         assert!(for_child(&p, &ask(Some(&["stripe * /v1/payment_intents"]), None), None, 900, 9_000).is_err());
         assert!(for_child(&p, &ask(Some(&["openai POST /v1/responses"]), None), None, 900, 9_000).is_err());
         assert!(for_child(&p, &ask(None, Some(901)), None, 900, 9_000).is_err());
-        assert!(for_child(&p, &ask(None, None), Some(&Limits { rpm: Some(601), total: None }), 900, 9_000).is_err());
+        assert!(for_child(&p, &ask(None, None), Some(&Limits { rpm: Some(601), total: None, spend: None }), 900, 9_000).is_err());
         let mut child = p.clone();
         child.par = Some("grandparent".into());
         assert!(for_child(&child, &ask(None, None), None, 900, 9_000).is_err(), "one level only");
@@ -331,7 +335,7 @@ mod tests {
             sub: "lambda/checkout".into(),
             allow: rules(&["stripe POST /v1/payment_intents", "stripe GET /v1/customers/*"]),
             allow_text: vec![],
-            lim: Limits { rpm: Some(60), total: None },
+            lim: Limits { rpm: Some(60), total: None, spend: None },
             ttl_s: 600,
         };
         let s = for_role(&role, &ask(None, None), 1_000).unwrap_or_else(|e| panic!("{e:?}"));

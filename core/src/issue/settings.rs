@@ -52,7 +52,7 @@ struct RawRole {
     ttl_s: Option<u32>,
 }
 
-/// `{"rpm", "total"}` as a role entry or a grant writes it.
+/// `{"rpm", "total", "spend"}` as a role entry or a grant writes it.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawLim {
@@ -60,6 +60,24 @@ pub(super) struct RawLim {
     pub(super) rpm: Option<u64>,
     #[serde(default)]
     pub(super) total: Option<u64>,
+    #[serde(default)]
+    pub(super) spend: Option<u64>,
+}
+
+impl RawLim {
+    /// The limits, or the first that is out of range (`rpm` and `total` positive, `spend` at most
+    /// `cost::MAX_COST`).
+    pub(super) fn limits(&self) -> Result<Limits, &'static str> {
+        for (name, v) in [("rpm", self.rpm), ("total", self.total)] {
+            if v == Some(0) {
+                return Err(name);
+            }
+        }
+        if self.spend.is_some_and(|s| s > crate::policy::cost::MAX_COST) {
+            return Err("spend");
+        }
+        Ok(Limits { rpm: self.rpm, total: self.total, spend: self.spend })
+    }
 }
 
 /// What one IAM principal may be issued: a ceiling the request can only narrow.
@@ -106,12 +124,7 @@ fn id_ok(s: &str) -> bool {
 
 fn lim(path: &str, l: Option<&RawLim>) -> Result<Limits, SettingsError> {
     let Some(l) = l else { return Ok(Limits::default()) };
-    for (name, v) in [("rpm", l.rpm), ("total", l.total)] {
-        if v == Some(0) {
-            return err(format!("{path}.lim.{name}"), "must be positive");
-        }
-    }
-    Ok(Limits { rpm: l.rpm, total: l.total })
+    l.limits().or_else(|name| err(format!("{path}.lim.{name}"), if name == "spend" { "must be at most 10^15" } else { "must be positive" }))
 }
 
 /// Stage two. `has_kid`: is this kid one of the configuration's signing keys;

@@ -8,7 +8,8 @@ pub enum Event {
     /// A stream's request headers arrived: decide the request.
     Request(ContextId),
     /// Part of a stream's request body arrived (`size`: all of it buffered so far; `end`: the
-    /// last part). Only the issuing endpoint reads bodies; other streams continue.
+    /// last part). The issuing endpoint and requests priced from their body read bodies; other
+    /// streams continue.
     RequestBody { ctx: ContextId, size: usize, end: bool },
     /// The vendor's response headers for a stream arrived.
     Response(ContextId),

@@ -163,7 +163,7 @@ impl Lifecycle {
         let outcome = match result {
             Ok(fetched) => {
                 host.metric(Metric::FetchOk);
-                host.count(Family::StoreFetches, &[&st.name, "ok"]);
+                host.count(Family::StoreFetches, &[&st.name, "ok"], 1);
                 log::info!("fetched {}:{} (version {})", st.name, spec.path, fetched.version.as_deref().unwrap_or("-"));
                 for p in &fetched.problems {
                     log::warn!("{}:{}: {p}; targets needing it answer 503", st.name, spec.path);
@@ -172,7 +172,7 @@ impl Lifecycle {
             }
             Err(e) => {
                 host.metric(Metric::FetchError);
-                host.count(Family::StoreFetches, &[&st.name, "error"]);
+                host.count(Family::StoreFetches, &[&st.name, "error"], 1);
                 let transient = e.may_serve_stale();
                 let what = if transient { "serving stale within stale_if_error_s if cached" } else { "evicted" };
                 log::warn!("fetching {}:{} failed: {e}; {what}", st.name, spec.path);

@@ -21,6 +21,7 @@ mod endpoint;
 mod event;
 mod fetch;
 mod issue;
+mod pricing;
 mod request;
 mod revocation;
 mod session;
@@ -31,7 +32,7 @@ mod tests;
 
 pub use event::{Answer, Event};
 use state::Issuing;
-pub use state::{Fetch, IssueStep, Parked, Purpose, Refresh, SessionCall, Wait};
+pub use state::{Fetch, IssueStep, Parked, Pricing, Purpose, Refresh, SessionCall, Wait};
 use state::{Names, RevocationNames, Revocations, Served, SlotCache};
 
 use crate::config::Config;
@@ -82,6 +83,11 @@ pub struct Lifecycle {
     issuing: BTreeMap<ContextId, Issuing>,
     /// This worker's issuance sequence (part of each new jti).
     issue_seq: u64,
+    /// Requests whose cost is read from their body, waiting for its end, by stream.
+    pricing: BTreeMap<ContextId, Pricing>,
+    /// Counts configurations taken: a request decided under an earlier one is not finished
+    /// under this one.
+    generation: u64,
 }
 
 impl Lifecycle {
@@ -105,6 +111,8 @@ impl Lifecycle {
             current: root,
             issuing: BTreeMap::new(),
             issue_seq: 0,
+            pricing: BTreeMap::new(),
+            generation: 0,
         }
     }
 
@@ -137,6 +145,7 @@ impl Lifecycle {
             p.deadline_ms = 0;
         }
         self.names = names;
+        self.generation += 1;
         self.cfg = Some(Rc::new(cfg));
         self.tick_ms = TICK_MS;
         host.set_tick_period_ms(TICK_MS);
@@ -160,7 +169,18 @@ impl Lifecycle {
             Event::RequestBody { ctx, size, end } => {
                 self.in_root = false;
                 self.current = ctx;
-                self.issue_body(host, ctx, size, end)
+                if self.pricing.contains_key(&ctx) {
+                    self.price_body(host, ctx, size, end)
+                } else if let Some(p) = self.parked.get_mut(&ctx) {
+                    // Only a request whose headers ended the stream hears of its body while
+                    // parked (Envoy holds a paused stream's body): remember it for the resume.
+                    if end {
+                        p.body_end = Some(size);
+                    }
+                    Action::Pause
+                } else {
+                    self.issue_body(host, ctx, size, end)
+                }
             }
             Event::Response(ctx) => {
                 self.in_root = false;
@@ -356,6 +376,11 @@ impl Lifecycle {
     /// The requests parked on this worker.
     pub fn parked(&self) -> &BTreeMap<ContextId, Parked> {
         &self.parked
+    }
+
+    /// The requests waiting for the end of their body to be priced.
+    pub fn pricing(&self) -> &BTreeMap<ContextId, Pricing> {
+        &self.pricing
     }
 
     /// The callouts this worker has in flight.

@@ -1,15 +1,15 @@
 //! One request through the pipeline, against the cache and the host: decide it (parking it when a
 //! secret must be fetched), rewrite it or answer it, and look at the vendor's response.
 
-use super::state::{Parked, Served, Wait};
+use super::state::{Parked, Pricing, Served, Wait};
 use super::{Lifecycle, PARK_GRACE_MS};
 use crate::config::Config;
 use crate::credential::jwt::HmacKey;
 use crate::credential::verified::VerifiedCache;
-use crate::engine::{self, Decision, Lookup, Outcome, Request, Secrets};
+use crate::engine::{self, Decision, Lookup, Outcome, Request, Reservation, Secrets};
 use crate::host::{Action, ContextId, Headers, Host, HostError};
 use crate::inject::{scrub, Op};
-use crate::policy::limits::{Limits, Table, Verdict};
+use crate::policy::limits::{Charge, Limits, Table, Verdict};
 use crate::record::{Audit, Family, Metric};
 use crate::response::{Code, Denial};
 use crate::secret::Secret;
@@ -119,9 +119,10 @@ impl<H: Host> Secrets for SharedSecrets<'_, H> {
         self.lc.revocation_lookup(self.host, jti, sub, self.now_ms)
     }
 
-    /// Count the request in its shard with compare-and-swap: read, decide, write back only if no
-    /// other worker wrote in between; otherwise read again. Refusals write nothing.
-    fn admit(&mut self, key_id: u64, jti: &str, lim: &Limits, keep_until_s: i64) -> Verdict {
+    /// Count the request in its shard with compare-and-swap (reserving its charge's cost in the
+    /// same write): read, decide, write back only if no other worker wrote in between; otherwise
+    /// read again. Refusals write nothing.
+    fn admit(&mut self, key_id: u64, jti: &str, lim: &Limits, keep_until_s: i64, charge: Option<&Charge>) -> Verdict {
         let index = self.calls;
         self.calls += 1;
         if index < self.admitted {
@@ -131,16 +132,10 @@ impl<H: Host> Secrets for SharedSecrets<'_, H> {
         let key = keys::limit_shard(&entry);
         for _ in 0..LIMIT_CAS_TRIES {
             let (bytes, cas) = self.host.shared_get(&key);
-            let mut table = match bytes.as_deref() {
-                None | Some([]) => Table::default(),
-                Some(b) => Table::decode(b).unwrap_or_else(|| {
-                    log::warn!("limit shard {key} is unreadable; starting it afresh");
-                    Table::default()
-                }),
-            };
-            let verdict = table.admit(&entry, lim, keep_until_s, self.now_ms / 1000);
+            let mut table = decode_shard(&key, bytes.as_deref());
+            let verdict = table.admit_charged(&entry, lim, keep_until_s, self.now_ms / 1000, charge);
             match verdict {
-                Verdict::Admit => {}
+                Verdict::Admit | Verdict::Reserved | Verdict::Retry => {}
                 Verdict::Full => {
                     self.host.metric(Metric::LimitFull);
                     log::warn!("limit shard {key} holds {} live credentials; refusing new ones", table.len());
@@ -151,7 +146,7 @@ impl<H: Host> Secrets for SharedSecrets<'_, H> {
             match self.host.shared_set(&key, &table.encode(), cas) {
                 Ok(()) => {
                     self.admitted = index + 1;
-                    return Verdict::Admit;
+                    return verdict;
                 }
                 Err(HostError::CasMismatch) => self.host.metric(Metric::LimitCasRetry),
                 Err(e) => {
@@ -162,6 +157,10 @@ impl<H: Host> Secrets for SharedSecrets<'_, H> {
         }
         log::warn!("limit shard {key}: still contended after {LIMIT_CAS_TRIES} tries; refusing");
         Verdict::RateLimited { retry_after_s: 1 }
+    }
+
+    fn refund(&mut self, key_id: u64, jti: &str, charge: &Charge) {
+        refund_entry(self.host, key_id, jti, charge);
     }
 
     fn verified(&mut self) -> Option<&mut VerifiedCache> {
@@ -199,6 +198,47 @@ impl<H: Host> Secrets for SharedSecrets<'_, H> {
     }
 }
 
+/// A limit shard as stored (absent or empty: a new table; unreadable: started afresh, logged).
+fn decode_shard(key: &str, bytes: Option<&[u8]>) -> Table {
+    match bytes {
+        None | Some([]) => Table::default(),
+        Some(b) => Table::decode(b).unwrap_or_else(|| {
+            log::warn!("limit shard {key} is unreadable; starting it afresh");
+            Table::default()
+        }),
+    }
+}
+
+/// Release `charge` from the entry of credential `jti` (compare-and-swap, like `admit`).
+pub(super) fn refund_entry(host: &mut impl Host, key_id: u64, jti: &str, charge: &Charge) -> bool {
+    let entry = keys::limit_entry(key_id, jti);
+    let key = keys::limit_shard(&entry);
+    for _ in 0..LIMIT_CAS_TRIES {
+        let (bytes, cas) = host.shared_get(&key);
+        let mut table = decode_shard(&key, bytes.as_deref());
+        if !table.refund(&entry, charge) {
+            return false;
+        }
+        match host.shared_set(&key, &table.encode(), cas) {
+            Ok(()) => return true,
+            Err(HostError::CasMismatch) => host.metric(Metric::LimitCasRetry),
+            Err(e) => {
+                log::warn!("limit shard {key} could not be written ({e:?}); a reservation stays held");
+                return false;
+            }
+        }
+    }
+    log::warn!("limit shard {key}: still contended after {LIMIT_CAS_TRIES} tries; a reservation stays held");
+    false
+}
+
+/// Release a reservation from every entry that holds it.
+pub(super) fn release(host: &mut impl Host, r: &Reservation) {
+    for jti in &r.holders {
+        refund_entry(host, r.key_id, jti, &r.charge);
+    }
+}
+
 impl Lifecycle {
     /// Decide the request of `ctx` (the effective context is `ctx`). `parked`: it had parked, so
     /// it is answered by resuming or replying now; it keeps its deadline and whether it was
@@ -218,24 +258,26 @@ impl Lifecycle {
             return self.answer_endpoint(host, &name, now_ms);
         }
         let admitted = parked.as_ref().map_or(0, |p| p.admitted);
+        let body_end = parked.as_ref().and_then(|p| p.body_end);
         let (decision, admitted): (Decision, u8) = {
             let mut secrets = SharedSecrets { lc: self, host, now_ms, admitted, calls: 0 };
             let d = engine::decide(&cfg, &mut req, &mut secrets, (now_ms / 1000) as i64);
             (d, secrets.admitted)
         };
         let mut audit = decision.audit;
+        let reservation = decision.reservation;
         match decision.outcome {
             Outcome::Need(slot) => {
                 let timeout = cfg.store_of(slot).map_or(2000, |s| u64::from(s.timeout_ms));
                 let deadline_ms = parked.map_or(now_ms + timeout + PARK_GRACE_MS, |p| p.deadline_ms);
-                self.parked.insert(ctx, Parked { wait: Wait::Secret(slot), deadline_ms, audit, admitted, started_us });
+                self.parked.insert(ctx, Parked { wait: Wait::Secret(slot), deadline_ms, audit, admitted, started_us, body_end });
                 self.start_fetch(host, slot);
                 Action::Pause
             }
             Outcome::NeedRevocation => {
                 let timeout = cfg.revocation.as_ref().and_then(|r| cfg.stores.get(r.store)).map_or(2000, |s| u64::from(s.timeout_ms));
                 let deadline_ms = parked.map_or(now_ms + timeout + PARK_GRACE_MS, |p| p.deadline_ms);
-                self.parked.insert(ctx, Parked { wait: Wait::Revocation, deadline_ms, audit, admitted, started_us });
+                self.parked.insert(ctx, Parked { wait: Wait::Revocation, deadline_ms, audit, admitted, started_us, body_end });
                 if self.in_root {
                     self.tick_revocation(host, now_ms);
                 } else {
@@ -250,9 +292,28 @@ impl Lifecycle {
                 }
                 if apply(&ops, &req, host).is_err() {
                     // The request could not be rewritten safely: never forward it.
+                    if let Some(r) = &reservation {
+                        release(host, r);
+                    }
                     let d = Denial::new(Code::SecretUnavailable, "the upstream credential could not be applied").retry_after(5);
                     audit.decision = d.code.as_str();
                     return finish_deny(host, &audit, &d, started_us);
+                }
+                if let Some(deferred) = decision.deferred {
+                    // Its cost is in the body: decided (and recorded) at the body's end.
+                    self.remember_served(&cfg, ctx, &audit, None);
+                    let header_us = host.now_us().saturating_sub(started_us);
+                    self.pricing.insert(ctx, Pricing { deferred, audit, generation: self.generation, header_us });
+                    if let Some(size) = body_end {
+                        // Its (empty) body ended while it was parked: price it now.
+                        if self.price_body(host, ctx, size, true) == Action::Pause {
+                            return Action::Pause; // answered
+                        }
+                    }
+                    return self.go_on(host, resumed);
+                }
+                if let (Some(r), Some(t)) = (&reservation, audit.target.as_deref()) {
+                    host.count(Family::SpendReserved, &[t], r.charge.cost);
                 }
                 write_audit(host, &audit);
                 record_decision(host, &audit, started_us);
@@ -262,23 +323,28 @@ impl Lifecycle {
                     Some("stale") => Metric::CacheStale,
                     _ => Metric::CacheHit,
                 });
-                self.remember_served(&cfg, ctx, &audit);
-                if resumed {
-                    if host.resume().is_err() {
-                        log::warn!("could not resume a request");
-                    }
-                    Action::Pause
-                } else {
-                    Action::Continue
-                }
+                self.remember_served(&cfg, ctx, &audit, reservation);
+                self.go_on(host, resumed)
             }
         }
     }
 
-    fn remember_served(&mut self, cfg: &Config, ctx: ContextId, audit: &Audit) {
+    /// Let an allowed request go on: a parked one is resumed, one being decided continues.
+    fn go_on(&mut self, host: &mut impl Host, resumed: bool) -> Action {
+        if resumed {
+            if host.resume().is_err() {
+                log::warn!("could not resume a request");
+            }
+            Action::Pause
+        } else {
+            Action::Continue
+        }
+    }
+
+    fn remember_served(&mut self, cfg: &Config, ctx: ContextId, audit: &Audit, reservation: Option<Reservation>) {
         let Some((target, t)) = audit.target.as_deref().and_then(|t| cfg.target(t)) else { return };
         if let Some(l) = self.slots.get(t.slot).and_then(|s| s.local.as_ref()) {
-            self.served.insert(ctx, Served { slot: t.slot, fetched_at_ms: l.fetched_at_ms, target, data: l.data.clone() });
+            self.served.insert(ctx, Served { slot: t.slot, fetched_at_ms: l.fetched_at_ms, target, data: l.data.clone(), reservation });
         }
     }
 
@@ -309,6 +375,7 @@ impl Lifecycle {
         self.served.remove(&ctx);
         self.parked.remove(&ctx);
         self.issuing.remove(&ctx);
+        self.pricing.remove(&ctx);
     }
 
     /// The vendor answered a request this worker allowed: scrub the secret from its headers. A
@@ -329,6 +396,9 @@ impl Lifecycle {
             return;
         }
         let status = headers.iter().find(|(k, _)| k == ":status").map(|(_, v)| v.as_slice());
+        if served.reservation.is_some() {
+            self.refund_if_due(host, &cfg, ctx, status);
+        }
         if !matches!(status, Some(b"401") | Some(b"403")) {
             return;
         }
@@ -409,15 +479,15 @@ enum Part {
 
 /// The labelled metrics of a decided request: its target and code, and what the filter added to
 /// it (a denial's reply is sent right after).
-fn record_decision(host: &mut impl Host, audit: &Audit, started_us: u64) {
-    host.count(Family::TargetRequests, &[audit.target.as_deref().unwrap_or("none"), audit.decision]);
+pub(super) fn record_decision(host: &mut impl Host, audit: &Audit, started_us: u64) {
+    host.count(Family::TargetRequests, &[audit.target.as_deref().unwrap_or("none"), audit.decision], 1);
     let outcome = if audit.decision == "allow" { audit.cache.unwrap_or("hit") } else { "denied" };
     let added = host.now_us().saturating_sub(started_us);
     host.observe(Family::AddedUs, &[outcome], added);
 }
 
 /// Answer the current stream with a denial (reset it if even that fails).
-fn finish_deny(host: &mut impl Host, audit: &Audit, d: &Denial, started_us: u64) -> Action {
+pub(super) fn finish_deny(host: &mut impl Host, audit: &Audit, d: &Denial, started_us: u64) -> Action {
     write_audit(host, audit);
     record_decision(host, audit, started_us);
     host.metric(Metric::Denied(d.code));
@@ -447,7 +517,8 @@ fn apply(ops: &[Op], req: &HostRequest, host: &mut impl Host) -> Result<(), Host
 /// Set the audit fields as filter state, read by the access log as
 /// `%FILTER_STATE(wasm.keyward.<field>:PLAIN)%`.
 pub(super) fn write_audit(host: &mut impl Host, a: &Audit) {
-    let fields: [(&'static str, Option<&str>); 9] = [
+    let cost = a.cost.map(|c| c.to_string());
+    let fields: [(&'static str, Option<&str>); 11] = [
         ("keyward.subject", a.subject.as_deref()),
         ("keyward.target", a.target.as_deref()),
         ("keyward.jti", a.jti.as_deref()),
@@ -457,6 +528,8 @@ pub(super) fn write_audit(host: &mut impl Host, a: &Audit) {
         ("keyward.idempotency_key", a.idempotency_key.as_deref()),
         ("keyward.secret_version", a.secret_version.as_deref()),
         ("keyward.issued", a.issued.as_deref()),
+        ("keyward.cost", cost.as_deref()),
+        ("keyward.spend", a.spend),
     ];
     for (key, value) in fields {
         if let Some(v) = value {

@@ -4,6 +4,7 @@
 
 use crate::credential::jwt::HmacKey;
 use crate::credential::revocation::RevocationList;
+use crate::engine::{Deferred, Reservation};
 use crate::host::{CallId, ContextId};
 use crate::record::Audit;
 use crate::secrets::slot_state::SlotState;
@@ -118,15 +119,32 @@ pub struct Parked {
     pub admitted: u8,
     /// When its headers reached the filter (microseconds), for the added-latency histogram.
     pub started_us: u64,
+    /// Its headers ended the stream (a request without a body): the body's end was announced
+    /// while it was parked, and Envoy will not announce it again after the resume.
+    pub body_end: Option<usize>,
 }
 
-/// What an allowed request was given (for vendor 401/403 and response scrubbing).
+/// What an allowed request was given (for vendor 401/403 and response scrubbing), and the cost
+/// it holds against spend caps (released if the vendor answers with a `refund_on` status).
 #[derive(Clone)]
 pub struct Served {
     pub(super) slot: usize,
     pub(super) fetched_at_ms: u64,
     pub(super) target: usize,
     pub(super) data: Option<Rc<Fetched>>,
+    pub(super) reservation: Option<Reservation>,
+}
+
+/// A request whose cost is in its body: its headers went on (rewritten; Envoy's buffer filter
+/// holds them back from the router), and it is decided when the whole body has arrived.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pricing {
+    pub deferred: Deferred,
+    pub audit: Audit,
+    /// The configuration it was decided under (`Lifecycle::generation`): under another, refused.
+    pub generation: u64,
+    /// Microseconds the filter spent on its headers (for the added-latency histogram).
+    pub header_us: u64,
 }
 
 /// A slot's shared record as last decoded by this worker, keyed by the shared-data CAS.

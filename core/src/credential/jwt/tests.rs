@@ -52,7 +52,7 @@ fn accepts_valid_token() {
     assert_eq!(c.sub, "lambda/pay");
     assert_eq!(c.jti, "j1");
     assert_eq!(c.run.as_deref(), Some("sqs/123"));
-    assert_eq!(c.lim, Limits { rpm: Some(10), total: Some(5) });
+    assert_eq!(c.lim, Limits { rpm: Some(10), total: Some(5), spend: None });
     assert_eq!(c.allow.len(), 1);
     // typ is optional, and case-insensitive.
     assert!(full(&raw(r#"{"alg":"HS256","kid":"k1"}"#, &claims_json(""))).is_ok());

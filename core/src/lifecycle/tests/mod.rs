@@ -6,6 +6,7 @@ mod issue;
 mod keys;
 mod revocation;
 mod session;
+mod spend;
 
 use super::*;
 use crate::config::compile;

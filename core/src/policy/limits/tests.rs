@@ -1,7 +1,7 @@
 use super::*;
 
 fn lim(rpm: Option<u64>, total: Option<u64>) -> Limits {
-    Limits { rpm, total }
+    Limits { rpm, total, spend: None }
 }
 
 const T0: u64 = 1_800_000_000;
@@ -170,4 +170,112 @@ fn encoding_round_trips_and_rejects_garbage() {
     let mut trailing = b.clone();
     trailing.push(0);
     assert_eq!(Table::decode(&trailing), None);
+}
+
+fn spend(cap: u64) -> Limits {
+    Limits { spend: Some(cap), ..Limits::default() }
+}
+
+fn charge(cost: u64, retry: Option<u8>) -> Charge {
+    Charge { cost, retry: retry.map(|b| [b; 16]) }
+}
+
+#[test]
+fn spend_reserves_up_to_the_cap_and_never_past_it() {
+    let mut t = Table::default();
+    let l = spend(10_000);
+    assert_eq!(t.admit_charged("j", &l, FAR, T0, Some(&charge(6_000, None))), Verdict::Reserved);
+    assert_eq!(t.admit_charged("j", &l, FAR, T0, Some(&charge(4_001, None))), Verdict::SpendExhausted { retry_after_s: (FAR as u64 - T0) as u32 });
+    assert_eq!((t.spent("j"), t.used("j")), (6_000, 1), "a refused cost reserves nothing and is not counted");
+    assert_eq!(t.admit_charged("j", &l, FAR, T0, Some(&charge(4_000, None))), Verdict::Reserved);
+    assert_eq!(t.admit_charged("j", &l, FAR, T0, Some(&charge(1, None))), Verdict::SpendExhausted { retry_after_s: (FAR as u64 - T0) as u32 });
+    assert_eq!(t.admit_charged("j", &l, FAR, T0, Some(&charge(0, None))), Verdict::Reserved, "a free request still fits");
+    assert_eq!(t.spent("j"), 10_000);
+    // Overflow is a refusal, not a wrap.
+    let mut t = Table::default();
+    let l = spend(u64::MAX);
+    assert_eq!(t.admit_charged("j", &l, FAR, T0, Some(&charge(u64::MAX, None))), Verdict::Reserved);
+    assert!(matches!(t.admit_charged("j", &l, FAR, T0, Some(&charge(1, None))), Verdict::SpendExhausted { .. }));
+}
+
+#[test]
+fn counts_refuse_before_spend_reserves() {
+    let mut t = Table::default();
+    let l = Limits { total: Some(1), spend: Some(100), ..Limits::default() };
+    assert_eq!(t.admit_charged("j", &l, FAR, T0, Some(&charge(10, None))), Verdict::Reserved);
+    assert!(matches!(t.admit_charged("j", &l, FAR, T0, Some(&charge(10, None))), Verdict::Exhausted { .. }));
+    assert_eq!(t.spent("j"), 10, "a request refused for its count reserves nothing");
+}
+
+#[test]
+fn without_a_cap_or_a_charge_nothing_is_reserved() {
+    let mut t = Table::default();
+    assert_eq!(t.admit_charged("j", &lim(None, Some(5)), FAR, T0, Some(&charge(10, Some(1)))), Verdict::Admit);
+    assert_eq!(t.admit_charged("k", &spend(5), FAR, T0, None), Verdict::Admit);
+    assert_eq!((t.spent("j"), t.spent("k")), (0, 0));
+}
+
+#[test]
+fn a_retry_with_the_same_key_and_cost_is_not_charged_again() {
+    let mut t = Table::default();
+    let l = spend(1_000);
+    assert_eq!(t.admit_charged("j", &l, FAR, T0, Some(&charge(800, Some(1)))), Verdict::Reserved);
+    assert_eq!(t.admit_charged("j", &l, FAR, T0 + 5, Some(&charge(800, Some(1)))), Verdict::Retry);
+    assert_eq!(t.admit_charged("j", &l, FAR, T0 + 6, Some(&charge(800, Some(1)))), Verdict::Retry);
+    assert_eq!((t.spent("j"), t.used("j")), (800, 3), "retries count as requests, not as spend");
+    // Another key, or the same key with another cost, is a new charge.
+    assert!(matches!(t.admit_charged("j", &l, FAR, T0, Some(&charge(800, Some(2)))), Verdict::SpendExhausted { .. }));
+    assert!(matches!(t.admit_charged("j", &l, FAR, T0, Some(&charge(801, Some(1)))), Verdict::SpendExhausted { .. }));
+    assert_eq!(t.admit_charged("j", &l, FAR, T0, Some(&charge(200, Some(1)))), Verdict::Reserved);
+    assert_eq!(t.spent("j"), 1_000);
+}
+
+#[test]
+fn refunds_release_the_cost_and_the_retry() {
+    let mut t = Table::default();
+    let l = spend(1_000);
+    assert_eq!(t.admit_charged("j", &l, FAR, T0, Some(&charge(1_000, Some(7)))), Verdict::Reserved);
+    assert!(t.refund("j", &charge(1_000, Some(7))));
+    assert_eq!(t.spent("j"), 0);
+    // The refunded key is charged anew (the vendor did not charge it; a retry may).
+    assert_eq!(t.admit_charged("j", &l, FAR, T0, Some(&charge(1_000, Some(7)))), Verdict::Reserved);
+    assert!(!t.refund("gone", &charge(1, None)), "nothing to refund for an unknown credential");
+    assert!(t.refund("j", &charge(5_000, None)));
+    assert_eq!(t.spent("j"), 0, "a refund never goes below zero");
+}
+
+#[test]
+fn held_reservations_are_bounded_and_expire() {
+    let mut t = Table::default();
+    let l = spend(u64::MAX);
+    for k in 0..=MAX_HELD as u8 {
+        assert_eq!(t.admit_charged("j", &l, FAR, T0, Some(&charge(1, Some(k)))), Verdict::Reserved);
+    }
+    // The oldest was forgotten: its retry is charged again (more, never less).
+    assert_eq!(t.admit_charged("j", &l, FAR, T0, Some(&charge(1, Some(0)))), Verdict::Reserved);
+    assert_eq!(t.admit_charged("j", &l, FAR, T0, Some(&charge(1, Some(MAX_HELD as u8)))), Verdict::Retry);
+    // Past the retry window, a retry is a new charge.
+    assert_eq!(t.admit_charged("j", &l, FAR, T0 + RETRY_WINDOW_S, Some(&charge(1, Some(MAX_HELD as u8)))), Verdict::Reserved);
+    assert!(t.encode().len() < 8 + 64 + MAX_HELD * 32 + 400);
+}
+
+#[test]
+fn spend_survives_encoding_and_old_shards_read_as_unspent() {
+    let mut t = Table::default();
+    let l = Limits { rpm: Some(5), total: Some(9), spend: Some(100) };
+    assert_eq!(t.admit_charged("j", &l, FAR, T0, Some(&charge(40, Some(3)))), Verdict::Reserved);
+    let b = t.encode();
+    let back = Table::decode(&b);
+    assert_eq!(back.as_ref(), Some(&t));
+    for cut in 0..b.len() {
+        assert_eq!(Table::decode(&b[..cut]), None, "cut at {cut}");
+    }
+    // A version-1 shard: the same record without its spend.
+    let mut v1 = Table::default();
+    assert_eq!(v1.admit("j", &l, FAR, T0), Verdict::Admit);
+    let mut bytes = v1.encode();
+    bytes.truncate(bytes.len() - 9);
+    bytes[..4].copy_from_slice(b"KWL1");
+    let old = Table::decode(&bytes);
+    assert_eq!(old.as_ref().map(|t| (t.used("j"), t.spent("j"))), Some((1, 0)));
 }

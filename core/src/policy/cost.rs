@@ -1,0 +1,347 @@
+//! What a request costs: a target's `cost`, counted against a credential's `lim.spend`.
+//!
+//! A cost is fixed per request (`per_request`), or read from the request body: a form field
+//! (`form_field`, Stripe's `amount`) or a top-level JSON member (`json_field`), an integer in the
+//! target's cost unit (US cents for Stripe), optionally with a currency checked against a list.
+//! Reading the body is strict, because the vendor reads the same bytes and charges what *it*
+//! reads: a name is compared after percent-decoding (as the vendor decodes it), a field given twice
+//! or in bracket form (`amount[]`) is refused (vendors disagree on which one wins), the query string
+//! may not carry it, and only digits make an amount. Whatever cannot be read exactly is refused
+//! (400), never guessed.
+
+use crate::policy::rules::RouteRule;
+use crate::wire::{json, pct};
+use serde::Deserialize;
+
+/// The largest cost or cap accepted (10^15 units: ten trillion dollars in cents), so sums of
+/// costs never overflow and every value is exact in JSON.
+pub const MAX_COST: u64 = 1_000_000_000_000_000;
+/// The body buffered to read a cost, unless the target says otherwise.
+pub const DEFAULT_MAX_BODY: usize = 64 * 1024;
+/// The most a target may ask to buffer.
+pub const MAX_MAX_BODY: usize = 1024 * 1024;
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawCost {
+    #[serde(default)]
+    per_request: Option<u64>,
+    #[serde(default)]
+    form_field: Option<String>,
+    #[serde(default)]
+    json_field: Option<String>,
+    #[serde(default)]
+    currency_field: Option<String>,
+    #[serde(default)]
+    currencies: Option<Vec<String>>,
+    #[serde(default)]
+    max_body_bytes: Option<u64>,
+    #[serde(default)]
+    applies_to: Option<Vec<String>>,
+}
+
+/// Where a request's cost comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    PerRequest(u64),
+    Form(String),
+    Json(String),
+}
+
+/// A target's compiled `cost`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cost {
+    pub source: Source,
+    /// The currency field and the currencies allowed (lower case).
+    pub currency: Option<(String, Vec<String>)>,
+    pub max_body: usize,
+    /// The requests that cost anything (`None`: every request to the target).
+    pub applies_to: Option<Vec<RouteRule>>,
+}
+
+/// What a request costs, as read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Priced {
+    pub cost: u64,
+    /// The currency it is in, lower case (when the target checks one).
+    pub currency: Option<String>,
+}
+
+/// Why a request's cost could not be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unreadable {
+    /// 400 `bad_request`, with this message.
+    Bad(&'static str),
+    /// 413: the body is larger than the target buffers.
+    TooLarge,
+}
+
+/// The request headers a body cost depends on, read while they can be (Envoy hands a wasm filter
+/// the request headers only until they go on; the body comes after).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BodyHeaders {
+    pub content_type: Option<Vec<u8>>,
+    pub content_encoding: Option<Vec<u8>>,
+    pub content_length: Option<Vec<u8>>,
+    /// The query string (after `?`), if any.
+    pub query: Option<String>,
+}
+
+fn valid_field(f: &str) -> bool {
+    !f.is_empty() && f.len() <= 64 && f.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+}
+
+/// Compile a target's `cost` (`path` names it in errors: `(path, message)`).
+pub fn compile(path: &str, raw: &RawCost) -> Result<Cost, (String, String)> {
+    let e = |p: &str, m: &str| Err((format!("{path}{p}"), m.to_string()));
+    let source = match (raw.per_request, &raw.form_field, &raw.json_field) {
+        (Some(n), None, None) if n <= MAX_COST => Source::PerRequest(n),
+        (Some(_), None, None) => return e(".per_request", "must be at most 10^15"),
+        (None, Some(f), None) if valid_field(f) => Source::Form(f.clone()),
+        (None, None, Some(f)) if valid_field(f) => Source::Json(f.clone()),
+        (None, Some(_), None) => return e(".form_field", "must be 1 to 64 of [A-Za-z0-9_.-]"),
+        (None, None, Some(_)) => return e(".json_field", "must be 1 to 64 of [A-Za-z0-9_.-]"),
+        _ => return e("", "set exactly one of per_request, form_field and json_field"),
+    };
+    let body = !matches!(source, Source::PerRequest(_));
+    let currency = match (&raw.currency_field, &raw.currencies) {
+        (None, None) => None,
+        (Some(_), _) | (_, Some(_)) if !body => return e(".currency_field", "a per_request cost has no currency to check"),
+        (Some(f), Some(list)) => {
+            if !valid_field(f) || Some(f.as_str()) == field(&source) {
+                return e(".currency_field", "must be 1 to 64 of [A-Za-z0-9_.-], other than the amount's field");
+            }
+            if list.is_empty() {
+                return e(".currencies", "must list at least one currency");
+            }
+            let mut out = Vec::with_capacity(list.len());
+            for (i, c) in list.iter().enumerate() {
+                let c = c.to_ascii_lowercase();
+                if c.len() != 3 || !c.bytes().all(|b| b.is_ascii_lowercase()) {
+                    return e(&format!(".currencies[{i}]"), "must be a three-letter currency code");
+                }
+                out.push(c);
+            }
+            Some((f.clone(), out))
+        }
+        (Some(_), None) => return e(".currencies", "currency_field needs the currencies allowed"),
+        (None, Some(_)) => return e(".currency_field", "currencies needs the currency_field to read"),
+    };
+    let max_body = match raw.max_body_bytes {
+        None => DEFAULT_MAX_BODY,
+        Some(_) if !body => return e(".max_body_bytes", "a per_request cost reads no body"),
+        Some(n) if n >= 1 && n <= MAX_MAX_BODY as u64 => n as usize,
+        Some(_) => return e(".max_body_bytes", "must be between 1 and 1048576"),
+    };
+    let applies_to = match &raw.applies_to {
+        None => None,
+        Some(rules) if rules.is_empty() => return e(".applies_to", "must list at least one rule (leave it out for every request)"),
+        Some(rules) => {
+            let mut out = Vec::with_capacity(rules.len());
+            for (i, r) in rules.iter().enumerate() {
+                out.push(RouteRule::parse(r).map_err(|m| (format!("{path}.applies_to[{i}]"), m))?);
+            }
+            Some(out)
+        }
+    };
+    Ok(Cost { source, currency, max_body, applies_to })
+}
+
+fn field(s: &Source) -> Option<&str> {
+    match s {
+        Source::PerRequest(_) => None,
+        Source::Form(f) | Source::Json(f) => Some(f),
+    }
+}
+
+/// Compile a target's `refund_on`: statuses 400 to 599 (a vendor's success is never refunded).
+pub fn compile_refunds(path: &str, raw: &[u16]) -> Result<Vec<u16>, (String, String)> {
+    let mut out = Vec::with_capacity(raw.len());
+    for (i, s) in raw.iter().enumerate() {
+        if !(400..=599).contains(s) {
+            return Err((format!("{path}.refund_on[{i}]"), "must be an HTTP status from 400 to 599".into()));
+        }
+        if !out.contains(s) {
+            out.push(*s);
+        }
+    }
+    Ok(out)
+}
+
+impl Cost {
+    /// Does this request cost anything?
+    pub fn applies(&self, method: &str, path: &str) -> bool {
+        self.applies_to.as_ref().is_none_or(|rules| rules.iter().any(|r| r.matches(method, path)))
+    }
+
+    /// The cost is in the body: the request's body is buffered and read before it goes on.
+    pub fn reads_body(&self) -> bool {
+        !matches!(self.source, Source::PerRequest(_))
+    }
+
+    /// A fixed cost, known from the headers.
+    pub fn fixed(&self) -> Option<u64> {
+        match self.source {
+            Source::PerRequest(n) => Some(n),
+            _ => None,
+        }
+    }
+
+    /// What can be refused from the headers alone, before anything is fetched or buffered: the
+    /// body's type and encoding, a declared length over the bound, and the cost's fields in the
+    /// query string (a vendor may read parameters from either).
+    pub fn check_headers(&self, h: &BodyHeaders) -> Result<(), Unreadable> {
+        let Some(amount) = field(&self.source) else { return Ok(()) };
+        let media = h.content_type.as_deref().map(|v| {
+            let v = String::from_utf8_lossy(v).to_ascii_lowercase();
+            v.split(';').next().unwrap_or_default().trim().to_string()
+        });
+        let want = match self.source {
+            Source::Json(_) => "application/json",
+            _ => "application/x-www-form-urlencoded",
+        };
+        if media.as_deref() != Some(want) {
+            return Err(Unreadable::Bad(match self.source {
+                Source::Json(_) => "a request to this target needs content-type: application/json (its cost is read from the body)",
+                _ => "a request to this target needs content-type: application/x-www-form-urlencoded (its cost is read from the body)",
+            }));
+        }
+        if h.content_encoding.as_deref().is_some_and(|v| !v.eq_ignore_ascii_case(b"identity")) {
+            return Err(Unreadable::Bad("an encoded request body cannot be priced; send it without content-encoding"));
+        }
+        if let Some(len) = &h.content_length {
+            let n = std::str::from_utf8(len).ok().and_then(|s| s.trim().parse::<u64>().ok());
+            match n {
+                Some(n) if n > self.max_body as u64 => return Err(Unreadable::TooLarge),
+                Some(_) => {}
+                None => return Err(Unreadable::Bad("content-length is not a number")),
+            }
+        }
+        if let Some(q) = &h.query {
+            let names = [Some(amount), self.currency.as_ref().map(|(f, _)| f.as_str())];
+            for pair in q.split('&') {
+                let name = pct::decode(pair.split('=').next().unwrap_or_default().as_bytes(), true);
+                if names.iter().flatten().any(|f| names_field(&name, f) != Naming::Other) {
+                    return Err(Unreadable::Bad("the query string may not carry the amount or currency: they are read from the body"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Read the cost from the whole body (`None` for a fixed cost).
+    pub fn read(&self, body: &[u8]) -> Result<Priced, Unreadable> {
+        if body.len() > self.max_body {
+            return Err(Unreadable::TooLarge);
+        }
+        let (amount, currency) = match &self.source {
+            Source::PerRequest(n) => return Ok(Priced { cost: *n, currency: None }),
+            Source::Form(f) => {
+                let fields = [Some(f.as_str()), self.currency.as_ref().map(|(c, _)| c.as_str())];
+                let mut found = form_fields(body, &fields)?;
+                let currency = found.get_mut(1).and_then(Option::take);
+                let amount = found.get_mut(0).and_then(Option::take).ok_or(Unreadable::Bad("the body has no amount"))?;
+                (parse_amount(&amount)?, currency)
+            }
+            Source::Json(f) => {
+                let v = json::parse(body).map_err(|_| Unreadable::Bad("the body is not valid JSON"))?;
+                if v.as_object().is_none() {
+                    return Err(Unreadable::Bad("the body is not a JSON object"));
+                }
+                let amount = match v.get(f) {
+                    None => return Err(Unreadable::Bad("the body has no amount")),
+                    Some(json::Value::Int(n)) if *n < 0 => return Err(Unreadable::Bad("the amount is negative")),
+                    Some(json::Value::Int(n)) if (*n as u64) <= MAX_COST => *n as u64,
+                    Some(json::Value::Int(_)) => return Err(Unreadable::Bad("the amount is too large")),
+                    Some(_) => return Err(Unreadable::Bad("the amount is not an integer")),
+                };
+                let currency = match self.currency.as_ref().map(|(c, _)| v.get(c)) {
+                    Some(Some(json::Value::Str(s))) => Some(s.as_bytes().to_vec()),
+                    Some(Some(_)) => return Err(Unreadable::Bad("the currency is not a string")),
+                    _ => None,
+                };
+                (amount, currency)
+            }
+        };
+        let currency = match &self.currency {
+            None => None,
+            Some((_, allowed)) => {
+                let c = currency.ok_or(Unreadable::Bad("the body has no currency"))?;
+                let c = String::from_utf8(c).map(|c| c.to_ascii_lowercase()).map_err(|_| Unreadable::Bad("the currency is not allowed here"))?;
+                if !allowed.contains(&c) {
+                    return Err(Unreadable::Bad("the currency is not allowed here"));
+                }
+                Some(c)
+            }
+        };
+        Ok(Priced { cost: amount, currency })
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Naming {
+    /// `name` is the field.
+    Exact,
+    /// `name` is the field in bracket form (`amount[]`, `amount[x]`): a structure the vendor may
+    /// read as the field.
+    Bracketed,
+    Other,
+}
+
+fn names_field(name: &[u8], field: &str) -> Naming {
+    let f = field.as_bytes();
+    if name == f {
+        Naming::Exact
+    } else if name.starts_with(f) && name.get(f.len()) == Some(&b'[') {
+        Naming::Bracketed
+    } else {
+        Naming::Other
+    }
+}
+
+/// The decoded values of `fields` in a form body; each at most once, never in bracket form.
+fn form_fields(body: &[u8], fields: &[Option<&str>; 2]) -> Result<[Option<Vec<u8>>; 2], Unreadable> {
+    let mut found: [Option<Vec<u8>>; 2] = [None, None];
+    for pair in body.split(|b| *b == b'&') {
+        if pair.is_empty() {
+            continue;
+        }
+        let (k, v) = match pair.iter().position(|b| *b == b'=') {
+            Some(i) => (pair.get(..i).unwrap_or_default(), pair.get(i + 1..).unwrap_or_default()),
+            None => (pair, &[][..]),
+        };
+        let name = pct::decode(k, true);
+        for (slot, f) in found.iter_mut().zip(fields) {
+            let Some(f) = f else { continue };
+            match names_field(&name, f) {
+                Naming::Other => {}
+                Naming::Bracketed => return Err(Unreadable::Bad("the amount or currency is given in bracket form")),
+                Naming::Exact if slot.is_some() => return Err(Unreadable::Bad("the amount or currency is given more than once")),
+                Naming::Exact => *slot = Some(pct::decode(v, true)),
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// An amount: decimal digits only (no sign, space, fraction or exponent), at most `MAX_COST`.
+fn parse_amount(v: &[u8]) -> Result<u64, Unreadable> {
+    if v.first() == Some(&b'-') {
+        return Err(Unreadable::Bad("the amount is negative"));
+    }
+    if v.is_empty() || !v.iter().all(u8::is_ascii_digit) {
+        return Err(Unreadable::Bad("the amount is not an integer"));
+    }
+    let digits = v.iter().skip_while(|b| **b == b'0').count();
+    if digits > 16 {
+        return Err(Unreadable::Bad("the amount is too large"));
+    }
+    let n = v.iter().fold(0u64, |n, d| n.saturating_mul(10).saturating_add(u64::from(d - b'0')));
+    if n > MAX_COST {
+        return Err(Unreadable::Bad("the amount is too large"));
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests;
