@@ -351,17 +351,10 @@ fn lint_hcm(r: &mut Report, at: &str, hcm: &Value, no_env: bool) -> Option<HcmUs
                     )),
                     "health" => {}
                     "issue" => {
-                        // Envoy gives a wasm filter the body only after its headers went on: the
-                        // buffer filter must hold them back from the router until Keyward answered.
-                        let buffer_at = filters.iter().position(|f| s(f, &["name"]) == Some(BUFFER));
-                        let kw_at = filters.iter().position(|f| s(f, &["typed_config", "@type"]) == Some(WASM));
-                        let globally = buffer_at.and_then(|i| filters.get(i)).is_some_and(|f| f.get("disabled").and_then(Value::as_bool) != Some(true));
-                        let here = route.get("typed_per_filter_config").and_then(|t| t.get(BUFFER)).is_some();
-                        match (buffer_at, kw_at) {
-                            (Some(b), Some(k)) if b > k && (globally || here) => {}
-                            _ => r.problems.push(format!(
+                        if !buffered(&filters, &route) {
+                            r.problems.push(format!(
                                 "{rat}: the issuing endpoint needs envoy.filters.http.buffer after keyward, enabled on this route (the router must not see the request before keyward has read its body)"
-                            )),
+                            ));
                         }
                     }
                     other => r.problems.push(format!("{rat}: unknown keyward endpoint {other:?}")),
@@ -374,8 +367,12 @@ fn lint_hcm(r: &mut Report, at: &str, hcm: &Value, no_env: bool) -> Option<HcmUs
                 continue;
             };
             if let Some(c) = &cfg {
-                if c.target(target).is_none() {
-                    r.problems.push(format!("{rat}: target {target:?} is not in the filter configuration"));
+                match c.target(target) {
+                    None => r.problems.push(format!("{rat}: target {target:?} is not in the filter configuration")),
+                    Some((_, t)) if t.cost.as_ref().is_some_and(|c| c.reads_body()) && !buffered(&filters, &route) => r.problems.push(format!(
+                        "{rat}: target {target:?} prices requests from their body, so the route needs envoy.filters.http.buffer after keyward, enabled on it (else the vendor gets the request before its cost is reserved)"
+                    )),
+                    Some(_) => {}
                 }
             }
             let prefix = s(meta, &["prefix"]).unwrap_or("");
@@ -407,6 +404,17 @@ fn lint_hcm(r: &mut Report, at: &str, hcm: &Value, no_env: bool) -> Option<HcmUs
         }
     }
     Some(HcmUse { store_clusters, route_clusters, vm_id: Some(vm_id), code })
+}
+
+/// Is Envoy's buffer filter after keyward and enabled on `route`? Envoy gives a wasm filter a
+/// request's body only after its headers went on: the buffer filter holds them back from the
+/// router until the whole body has passed keyward, which may still refuse the request.
+fn buffered(filters: &[Value], route: &Value) -> bool {
+    let buffer_at = filters.iter().position(|f| s(f, &["name"]) == Some(BUFFER));
+    let kw_at = filters.iter().position(|f| s(f, &["typed_config", "@type"]) == Some(WASM));
+    let globally = buffer_at.and_then(|i| filters.get(i)).is_some_and(|f| f.get("disabled").and_then(Value::as_bool) != Some(true));
+    let here = route.get("typed_per_filter_config").and_then(|t| t.get(BUFFER)).is_some();
+    matches!((buffer_at, kw_at), (Some(b), Some(k)) if b > k && (globally || here))
 }
 
 #[cfg(test)]

@@ -109,7 +109,7 @@ fn post(url: &str, grant: &Value, bearer: Option<&Secret>) -> Result<Value, Fail
 
 pub fn run(args: &[String]) -> Result<(), Fail> {
     let a = Args::parse(args, &["aws", "attenuate"])?;
-    a.check(&["url", "path", "server-id", "region", "sts-host", "allow", "ttl", "run", "rpm", "total", "token", "token-env"])?;
+    a.check(&["url", "path", "server-id", "region", "sts-host", "allow", "ttl", "run", "rpm", "total", "spend", "token", "token-env"])?;
     a.at_most(0)?;
     let base = a.get("url").ok_or_else(|| Fail::usage("--url (the gateway, e.g. http://keyward.internal:10000) is required"))?;
     let url = format!("{}{}", base.trim_end_matches('/'), a.get("path").unwrap_or("/keyward/v1/credentials"));
@@ -143,9 +143,12 @@ pub fn run(args: &[String]) -> Result<(), Fail> {
                 (None, Some(var)) => Secret::text(&std::env::var(var).map_err(|_| Fail::usage(format!("environment variable {var} is not set")))?),
                 _ => return Err(Fail::usage("give the parent credential with --token or --token-env")),
             };
-            let (rpm, total) = (num("rpm")?, num("total")?);
-            if rpm.is_some() || total.is_some() {
+            let (rpm, total, spend) = (num("rpm")?, num("total")?, num("spend")?);
+            if rpm.is_some() || total.is_some() || spend.is_some() {
                 let mut l = serde_json::Map::new();
+                if let Some(n) = spend {
+                    l.insert("spend".into(), json!(n));
+                }
                 if let Some(n) = rpm {
                     l.insert("rpm".into(), json!(n));
                 }

@@ -22,8 +22,10 @@ const COMMANDS: &[(&str, &str)] = &[
     (
         "mint",
         "keyward mint --kid KID (--key-env VAR | --key-file PATH) --sub SUB --allow RULE [--allow RULE ...]
-             [--ttl SECONDS] [--aud AUD] [--iss ISS] [--run LABEL] [--rpm N] [--total N] [--jti ID] [--json]
-    Print a signed HS256 credential. RULE is \"<target> <METHOD> <path-pattern>\".
+             [--ttl SECONDS] [--aud AUD] [--iss ISS] [--run LABEL] [--rpm N] [--total N] [--spend N]
+             [--jti ID] [--json]
+    Print a signed HS256 credential. RULE is \"<target> <METHOD> <path-pattern>\". --spend N caps the
+    sum of its requests' costs (in each target's cost unit, e.g. US cents: 10000 is 100.00 USD).
     Defaults: --ttl 900, --aud keyward, a random --jti. With --json: {token, kid, sub, jti, iat, exp, run}.",
     ),
     (
@@ -78,7 +80,7 @@ const COMMANDS: &[(&str, &str)] = &[
         "keyward token --aws --url GATEWAY --server-id ID [--allow RULE ...] [--ttl S] [--run LABEL]
              [--region R] [--sts-host HOST] [--path PATH] [--json]
       keyward token --attenuate --url GATEWAY (--token T | --token-env VAR) [--allow RULE ...] [--ttl S]
-             [--run LABEL] [--rpm N] [--total N] [--path PATH] [--json]
+             [--run LABEL] [--rpm N] [--total N] [--spend N] [--path PATH] [--json]
     Get a credential from a gateway's issuing endpoint (default path /keyward/v1/credentials).
     --aws: for the current AWS identity (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN):
     a signed sts:GetCallerIdentity the gateway has STS check. --attenuate: a child of the given

@@ -2,7 +2,8 @@
 //!
 //! Reads one JSON object per line (lines that are not JSON, such as Envoy's own log interleaved on
 //! stdout, are skipped and counted). Uses the contract's keys: `subject`, `target`, `decision`,
-//! `cache`, `status`, and `duration_ms` (or `duration`) for latency. A missing value, `null`, `""`
+//! `cache`, `status`, and `duration_ms` (or `duration`) for latency; `run`, `cost` and `spend`
+//! for what priced requests spent. A missing value, `null`, `""`
 //! or Envoy's `-` all mean "not set".
 
 use crate::args::{Args, Fail};
@@ -45,6 +46,26 @@ pub struct Report {
     pub cache: BTreeMap<String, u64>,
     /// Credentials the issuing endpoint issued, per subject (not vendor calls).
     pub issued: BTreeMap<String, u64>,
+    /// What priced requests spent, per (subject, run, target), in the target's cost unit.
+    pub spend: BTreeMap<(String, String, String), Spent>,
+}
+
+/// The costs of admitted priced requests.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Spent {
+    /// Admitted requests that cost something (retries included).
+    pub requests: u64,
+    /// Their costs, retries left out (the vendor deduplicates a retry).
+    pub charged: u64,
+    /// Costs released because the vendor said the charge did not happen.
+    pub refunded: u64,
+    pub retries: u64,
+}
+
+impl Spent {
+    pub fn net(&self) -> u64 {
+        self.charged.saturating_sub(self.refunded)
+    }
 }
 
 /// A field's text, treating absent, null, "" and "-" as unset.
@@ -103,7 +124,21 @@ impl Report {
         let subject = text(&v, "subject").unwrap_or_else(|| "(unauthenticated)".into());
         let target = text(&v, "target").unwrap_or_else(|| "(none)".into());
         self.total.add(allowed, latency);
-        self.by_caller.entry((subject, target.clone())).or_default().add(allowed, latency);
+        self.by_caller.entry((subject.clone(), target.clone())).or_default().add(allowed, latency);
+        if let (true, Some(cost)) = (allowed, number(&v, &["cost"]).filter(|c| *c >= 0.0)) {
+            let cost = cost as u64;
+            let key = (subject.clone(), text(&v, "run").unwrap_or_else(|| "-".into()), target.clone());
+            let e = self.spend.entry(key).or_default();
+            e.requests += 1;
+            match text(&v, "spend").as_deref() {
+                Some("retry") => e.retries += 1,
+                Some("refunded") => {
+                    e.charged += cost;
+                    e.refunded += cost;
+                }
+                _ => e.charged += cost,
+            }
+        }
         self.by_target.entry(target).or_default().add(allowed, latency);
         if !allowed {
             *self.denials.entry(decision).or_default() += 1;
@@ -152,6 +187,8 @@ impl Report {
             "top_denials": self.top_denials(top).iter().map(|(k, v)| json!({"decision": k, "count": v})).collect::<Vec<_>>(),
             "cache": self.cache,
             "issued": self.issued,
+            "spend": self.spend.iter().map(|((s, r, t), e)| json!({"subject": s, "run": r, "target": t, "requests": e.requests,
+                "charged": e.charged, "refunded": e.refunded, "net": e.net(), "retries": e.retries})).collect::<Vec<_>>(),
         })
     }
 
@@ -190,6 +227,25 @@ impl Report {
         for (t, c) in &self.by_target {
             let [p50, p90, p99] = lat(c);
             o.push_str(&format!("  {t:<wt$}  {:>7} allowed  {:>7} denied  p50 {p50} p90 {p90} p99 {p99} ms\n", c.allowed, c.denied));
+        }
+        if !self.spend.is_empty() {
+            o.push_str("\nspend (in each target's cost unit; retries are not charged again)\n");
+            let ws = self.spend.keys().map(|(s, _, _)| s.len()).max().unwrap_or(7).max(7);
+            let wr = self.spend.keys().map(|(_, r, _)| r.len()).max().unwrap_or(3).max(3);
+            o.push_str(&format!(
+                "  {:<ws$}  {:<wr$}  {:<wt$}  {:>8}  {:>12}  {:>12}  {:>12}  {:>7}\n",
+                "subject", "run", "target", "requests", "charged", "refunded", "net", "retries"
+            ));
+            for ((s, r, t), e) in &self.spend {
+                o.push_str(&format!(
+                    "  {s:<ws$}  {r:<wr$}  {t:<wt$}  {:>8}  {:>12}  {:>12}  {:>12}  {:>7}\n",
+                    e.requests,
+                    e.charged,
+                    e.refunded,
+                    e.net(),
+                    e.retries
+                ));
+            }
         }
         let top = self.top_denials(top);
         if !top.is_empty() {
@@ -273,6 +329,29 @@ not json at all
         assert_eq!((r.total.calls, r.total.denied), (1, 0), "an issuance is neither a call nor a denial");
         assert_eq!(r.issued.get("lambda/checkout"), Some(&1));
         assert!(r.to_text(5).contains("credentials issued: lambda/checkout 1"));
+    }
+
+    #[test]
+    fn spend_per_subject_run_and_target_with_refunds_and_retries() {
+        let mut r = Report::default();
+        for l in [
+            r#"{"decision":"allow","subject":"lambda/pay","run":"sqs/1","target":"stripe","cost":"6000","spend":"reserved"}"#,
+            r#"{"decision":"allow","subject":"lambda/pay","run":"sqs/1","target":"stripe","cost":"6000","spend":"retry"}"#,
+            r#"{"decision":"allow","subject":"lambda/pay","run":"sqs/1","target":"stripe","cost":"2500","spend":"refunded"}"#,
+            r#"{"decision":"spend_exhausted","subject":"lambda/pay","run":"sqs/1","target":"stripe","cost":"9000"}"#,
+            r#"{"decision":"allow","subject":"lambda/pay","run":"sqs/2","target":"stripe","cost":"100","spend":"uncapped"}"#,
+            r#"{"decision":"allow","subject":"lambda/pay","run":"-","target":"stripe","cost":"-"}"#,
+        ] {
+            r.add_line(l);
+        }
+        let one = &r.spend[&("lambda/pay".to_string(), "sqs/1".to_string(), "stripe".to_string())];
+        assert_eq!(one, &Spent { requests: 3, charged: 8500, refunded: 2500, retries: 1 });
+        assert_eq!(one.net(), 6000);
+        assert_eq!(r.spend[&("lambda/pay".to_string(), "sqs/2".to_string(), "stripe".to_string())].net(), 100);
+        assert_eq!(r.spend.len(), 2, "a request without a cost spends nothing, a refused one neither");
+        let t = r.to_text(5);
+        assert!(t.contains("spend (in each target's cost unit"), "{t}");
+        assert_eq!(r.to_json(5)["spend"][0]["net"], json!(6000));
     }
 
     #[test]

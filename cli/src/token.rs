@@ -36,7 +36,7 @@ fn positive(a: &Args, name: &str) -> Result<Option<u64>, Fail> {
 
 pub fn mint(args: &[String]) -> Result<(), Fail> {
     let a = Args::parse(args, &[])?;
-    a.check(&["kid", "key-env", "key-file", "sub", "allow", "ttl", "aud", "iss", "run", "rpm", "total", "jti"])?;
+    a.check(&["kid", "key-env", "key-file", "sub", "allow", "ttl", "aud", "iss", "run", "rpm", "total", "spend", "jti"])?;
     a.at_most(0)?;
     let kid = a.get("kid").ok_or_else(|| Fail::usage("--kid is required"))?;
     let key = load_key(&a)?.ok_or_else(|| Fail::usage("--key-env or --key-file is required"))?;
@@ -86,8 +86,10 @@ pub fn mint(args: &[String]) -> Result<(), Fail> {
         field("run", run, false);
     }
     let (rpm, total) = (positive(&a, "rpm")?, positive(&a, "total")?);
-    if rpm.is_some() || total.is_some() {
-        let l: Vec<String> = [("rpm", rpm), ("total", total)].iter().filter_map(|(k, v)| v.map(|n| format!("\"{k}\":{n}"))).collect();
+    let spend = a.get("spend").map(|v| v.parse::<u64>().map_err(|_| Fail::usage("--spend must be a whole number of the target's cost unit (e.g. cents)"))).transpose()?;
+    if rpm.is_some() || total.is_some() || spend.is_some() {
+        let l: Vec<String> =
+            [("rpm", rpm), ("total", total), ("spend", spend)].iter().filter_map(|(k, v)| v.map(|n| format!("\"{k}\":{n}"))).collect();
         field("lim", &format!("{{{}}}", l.join(",")), true);
     }
     c.push('}');

@@ -287,7 +287,8 @@ pub fn decide(cfg: &Config, req: &mut impl Request, secrets: &mut impl Secrets, 
     let ticket = ticket.counts().then_some(ticket);
     // A priced request is counted once its cost is known and nothing else can refuse it; an
     // unpriced one now, before any vault call.
-    let cost = target.cost.as_ref().filter(|c| c.applies(&method, vendor_path));
+    // Priced when any method the vendor may run (an override included) is.
+    let cost = target.cost.as_ref().filter(|c| c.applies(&method, vendor_path) || overrides.iter().any(|m| c.applies(m, vendor_path)));
     if let Some(c) = cost.filter(|c| c.reads_body()) {
         let h = BodyHeaders {
             content_type: req.header("content-type"),

@@ -688,3 +688,88 @@ fn derived_credentials_share_their_parent_s_budget() {
     assert_eq!(code(&decide(&c, &mut stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {free}"))), &mut s, NOW)), "allow");
     assert_eq!(s.limits.used("parent-free"), 0);
 }
+
+fn cost_cfg() -> Config {
+    let doc = EXAMPLE.replace(
+        r#""allow": ["POST /v1/payment_intents", "GET /v1/**"]"#,
+        r#""allow": ["POST /v1/payment_intents", "GET /v1/**"],
+           "cost": {"form_field": "amount", "currency_field": "currency", "currencies": ["usd"], "free": ["GET /v1/**"]},
+           "refund_on": [402]"#,
+    );
+    assert_ne!(doc, EXAMPLE);
+    compile(doc.as_bytes(), &env).unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[test]
+fn a_priced_request_is_counted_at_its_body_not_at_its_headers() {
+    let c = cost_cfg();
+    let mut s = warm(&c);
+    let t = tok("k1", K1, &["stripe * /**"], r#","lim":{"spend":100,"total":5}"#);
+    let mut r = stripe_req("POST", "/stripe/v1/payment_intents", Some(format!("Bearer {t}")));
+    r.headers.push(("content-type".into(), b"application/x-www-form-urlencoded".to_vec()));
+    let d = decide(&c, &mut r, &mut s, NOW);
+    assert_eq!(code(&d), "allow");
+    assert_eq!(s.admitted, 0, "not counted before its cost is known");
+    let deferred = d.deferred.unwrap_or_else(|| panic!("deferred"));
+    assert!(deferred.ticket.as_ref().is_some_and(|t| t.lim.spend == Some(100)));
+    let mut audit = d.audit;
+    let held = price_body(&c, &deferred, b"amount=60&currency=usd", &mut s, &mut audit);
+    assert!(matches!(&held, Ok(Some(r)) if r.charge.cost == 60 && r.holders == vec!["j-1".to_string()]), "{held:?}");
+    assert_eq!((audit.cost, audit.spend), (Some(60), Some("reserved")));
+    assert_eq!(s.admitted, 1);
+    let again = price_body(&c, &deferred, b"amount=41&currency=usd", &mut s, &mut audit);
+    assert_eq!(again.map_err(|d| d.code), Err(Code::SpendExhausted));
+    // A free read is decided at once, counted then.
+    let d = decide(&c, &mut stripe_req("GET", "/stripe/v1/charges", Some(format!("Bearer {t}"))), &mut s, NOW);
+    assert!(d.deferred.is_none());
+    assert_eq!(s.admitted, 3);
+}
+
+#[test]
+fn a_method_override_to_a_priced_method_is_priced() {
+    let c = cost_cfg();
+    let mut s = warm(&c);
+    let t = tok("k1", K1, &["stripe * /**"], r#","lim":{"spend":100}"#);
+    let mut r = stripe_req("GET", "/stripe/v1/payment_intents", Some(format!("Bearer {t}")));
+    r.headers.push(("x-http-method-override".into(), b"POST".to_vec()));
+    let d = decide(&c, &mut r, &mut s, NOW);
+    assert_eq!(code(&d), "bad_request", "priced, so it needs a form body");
+    r.headers.push(("content-type".into(), b"application/x-www-form-urlencoded".to_vec()));
+    assert!(decide(&c, &mut r, &mut s, NOW).deferred.is_some());
+}
+
+#[test]
+fn a_priced_request_is_refused_from_its_headers_when_its_cost_cannot_be_read() {
+    let c = cost_cfg();
+    let mut s = warm(&c);
+    let t = tok("k1", K1, &["stripe * /**"], r#","lim":{"spend":100}"#);
+    for (path, ct, want) in [
+        ("/stripe/v1/payment_intents?amount=1", "application/x-www-form-urlencoded", "bad_request"),
+        ("/stripe/v1/payment_intents", "application/json", "bad_request"),
+        ("/stripe/v1/payment_intents/", "text/plain", "forbidden"),
+    ] {
+        let mut r = stripe_req("POST", path, Some(format!("Bearer {t}")));
+        r.headers.push(("content-type".into(), ct.as_bytes().to_vec()));
+        assert_eq!(code(&decide(&c, &mut r, &mut s, NOW)), want, "{path} {ct}");
+    }
+    let mut r = stripe_req("POST", "/stripe/v1/payment_intents", Some(format!("Bearer {t}")));
+    r.headers.push(("content-type".into(), b"application/x-www-form-urlencoded".to_vec()));
+    r.headers.push(("content-length".into(), b"70000".to_vec()));
+    assert_eq!(code(&decide(&c, &mut r, &mut s, NOW)), "body_too_large");
+    assert_eq!(s.admitted, 0);
+}
+
+#[test]
+fn retry_seeds_name_the_key_and_what_it_charges() {
+    let a = admission::retry_seed("k-1", "stripe", "POST", "/v1/payment_intents");
+    assert_eq!(a, admission::retry_seed("k-1", "stripe", "POST", "/v1/payment_intents"));
+    for b in [
+        admission::retry_seed("k-2", "stripe", "POST", "/v1/payment_intents"),
+        admission::retry_seed("k-1", "stripe2", "POST", "/v1/payment_intents"),
+        admission::retry_seed("k-1", "stripe", "PUT", "/v1/payment_intents"),
+        admission::retry_seed("k-1", "stripe", "POST", "/v1/charges"),
+        admission::retry_seed("k-1s", "tripe", "POST", "/v1/payment_intents"),
+    ] {
+        assert_ne!(a, b);
+    }
+}

@@ -37,7 +37,7 @@ pub struct RawCost {
     #[serde(default)]
     max_body_bytes: Option<u64>,
     #[serde(default)]
-    applies_to: Option<Vec<String>>,
+    free: Vec<String>,
 }
 
 /// Where a request's cost comes from.
@@ -55,8 +55,10 @@ pub struct Cost {
     /// The currency field and the currencies allowed (lower case).
     pub currency: Option<(String, Vec<String>)>,
     pub max_body: usize,
-    /// The requests that cost anything (`None`: every request to the target).
-    pub applies_to: Option<Vec<RouteRule>>,
+    /// Requests that cost nothing (reads, say). Every other request to the target is priced: a
+    /// path the list does not foresee (a trailing slash, a new endpoint) must carry a readable
+    /// amount, never passes free.
+    pub free: Vec<RouteRule>,
 }
 
 /// What a request costs, as read.
@@ -133,18 +135,11 @@ pub fn compile(path: &str, raw: &RawCost) -> Result<Cost, (String, String)> {
         Some(n) if n >= 1 && n <= MAX_MAX_BODY as u64 => n as usize,
         Some(_) => return e(".max_body_bytes", "must be between 1 and 1048576"),
     };
-    let applies_to = match &raw.applies_to {
-        None => None,
-        Some(rules) if rules.is_empty() => return e(".applies_to", "must list at least one rule (leave it out for every request)"),
-        Some(rules) => {
-            let mut out = Vec::with_capacity(rules.len());
-            for (i, r) in rules.iter().enumerate() {
-                out.push(RouteRule::parse(r).map_err(|m| (format!("{path}.applies_to[{i}]"), m))?);
-            }
-            Some(out)
-        }
-    };
-    Ok(Cost { source, currency, max_body, applies_to })
+    let mut free = Vec::with_capacity(raw.free.len());
+    for (i, r) in raw.free.iter().enumerate() {
+        free.push(RouteRule::parse(r).map_err(|m| (format!("{path}.free[{i}]"), m))?);
+    }
+    Ok(Cost { source, currency, max_body, free })
 }
 
 fn field(s: &Source) -> Option<&str> {
@@ -169,9 +164,9 @@ pub fn compile_refunds(path: &str, raw: &[u16]) -> Result<Vec<u16>, (String, Str
 }
 
 impl Cost {
-    /// Does this request cost anything?
+    /// Does a request running `method` on `path` cost anything?
     pub fn applies(&self, method: &str, path: &str) -> bool {
-        self.applies_to.as_ref().is_none_or(|rules| rules.iter().any(|r| r.matches(method, path)))
+        !self.free.iter().any(|r| r.matches(method, path))
     }
 
     /// The cost is in the body: the request's body is buffered and read before it goes on.

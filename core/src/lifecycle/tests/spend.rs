@@ -10,7 +10,7 @@ use crate::secrets::keys;
 const TARGETS: &str = r#"
     "stripe":{"credential":"bearer","secret":{"store":"bao","path":"stripe","field":"api_key"},"inject":{"type":"bearer"},
               "cost":{"form_field":"amount","currency_field":"currency","currencies":["usd"],"max_body_bytes":256,
-                      "applies_to":["POST /v1/payment_intents"]},
+                      "free":["GET /**"]},
               "refund_on":[400,402]},
     "fixed":{"credential":"bearer","secret":{"store":"bao","path":"stripe","field":"api_key"},"inject":{"type":"bearer"},
              "cost":{"per_request":7},"refund_on":[503]}"#;

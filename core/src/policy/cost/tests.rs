@@ -33,8 +33,7 @@ fn compiles_each_source_and_names_the_path_of_errors() {
         (serde_json::json!({"form_field": "amount", "max_body_bytes": 0}), "targets.stripe.cost.max_body_bytes"),
         (serde_json::json!({"form_field": "amount", "max_body_bytes": 2_000_000}), "targets.stripe.cost.max_body_bytes"),
         (serde_json::json!({"per_request": 1, "max_body_bytes": 10}), "targets.stripe.cost.max_body_bytes"),
-        (serde_json::json!({"per_request": 1, "applies_to": []}), "targets.stripe.cost.applies_to"),
-        (serde_json::json!({"per_request": 1, "applies_to": ["POST v1"]}), "targets.stripe.cost.applies_to[0]"),
+        (serde_json::json!({"per_request": 1, "free": ["GET /", "POST v1"]}), "targets.stripe.cost.free[1]"),
     ] {
         assert_eq!(cost(v.clone()).err().map(|e| e.0), Some(at.to_string()), "{v}");
     }
@@ -49,12 +48,14 @@ fn refunds_are_error_statuses() {
 }
 
 #[test]
-fn applies_to_limits_what_costs() {
-    let c = cost(serde_json::json!({"form_field": "amount", "applies_to": ["POST /v1/payment_intents"]})).unwrap_or_else(|e| unreachable!("{e:?}"));
+fn every_request_not_listed_free_costs() {
+    let c = cost(serde_json::json!({"form_field": "amount", "free": ["GET /v1/**", "POST /v1/customers"]})).unwrap_or_else(|e| unreachable!("{e:?}"));
     assert!(c.applies("POST", "/v1/payment_intents"));
+    assert!(c.applies("POST", "/v1/payment_intents/"), "a path the list does not foresee is priced");
+    assert!(c.applies("POST", "/v1/customers/cus_1"));
     assert!(!c.applies("GET", "/v1/payment_intents"));
     assert!(!c.applies("POST", "/v1/customers"));
-    assert!(form().applies("GET", "/anything"), "without applies_to every request costs");
+    assert!(form().applies("GET", "/anything"), "without free every request costs");
 }
 
 #[test]
