@@ -149,6 +149,9 @@ class Vendor:
                             ("location", f"https://vendor.test/callback?{query}"),
                             ("x-harmless", "kept")]
                     send_json(self, 302, b'{"vendor":"redirect"}', [(k, v) for k, v in echo if v])
+                elif self.headers.get("x-test-status", "").isdigit():
+                    # A vendor answering with the status a test asks for (a card declined: 402).
+                    send_json(self, int(self.headers["x-test-status"]), b'{"vendor":"as asked"}')
                 elif valid is not None and self.headers.get("authorization") not in valid:
                     send_json(self, 401, b'{"error":"invalid api key"}')
                 else:
