@@ -118,10 +118,46 @@ def test_make_run_derives_a_narrower_credential(local_gateway):
     assert r.returncode == 0, r.stdout + r.stderr
     child = json.loads(r.stdout)["token"]
     harness.TOKENS.add(child)
-    h = {"Authorization": f"Bearer {child}", "Idempotency-Key": "order-1001"}
-    first = requests.post("http://127.0.0.1:10000/stripe/v1/payment_intents", headers=h, data=b"amount=100", timeout=10)
+    h = {"Authorization": f"Bearer {child}", "Idempotency-Key": "order-1001", "content-type": "application/x-www-form-urlencoded"}
+    first = requests.post("http://127.0.0.1:10000/stripe/v1/payment_intents", headers=h, data=b"amount=100&currency=usd", timeout=10)
     assert first.status_code == 200, first.text
-    again = requests.post("http://127.0.0.1:10000/stripe/v1/payment_intents", headers=h, data=b"amount=100", timeout=10)
+    again = requests.post("http://127.0.0.1:10000/stripe/v1/payment_intents", headers=h, data=b"amount=100&currency=usd", timeout=10)
     assert again.status_code == 429 and again.json()["error"] == "quota_exhausted"
     other = requests.get("http://127.0.0.1:10000/stripe/v1/customers", headers={"Authorization": f"Bearer {child}"}, timeout=10)
     assert other.status_code == 403, "the parent may; the child may not"
+
+
+def test_make_run_walk_through_caps_spend(local_gateway):
+    """The walk-through's spend cap (issue 16), as run-local.sh prints it: 100.00 USD of
+    PaymentIntents, a payment that does not fit refused before the vendor, a retry not charged
+    twice, and `keyward report` showing what was spent."""
+    script = (ROOT / "scripts" / "run-local.sh").read_text()
+    mint_line = next(l for l in script.splitlines() if "--spend 10000" in l)
+    assert '--allow "stripe POST /v1/payment_intents"' in mint_line
+    key = (ROOT / ".run" / "k1.key")
+    r = harness.cli("mint", "--kid", "k1", "--key-file", str(key), "--sub", "lambda/demo", "--allow", "stripe POST /v1/payment_intents",
+                    "--spend", "10000", "--run", "walkthrough", "--json")
+    assert r.returncode == 0, r.stderr
+    capped = json.loads(r.stdout)["token"]
+    harness.TOKENS.add(capped)
+    url = "http://127.0.0.1:10000/stripe/v1/payment_intents"
+
+    def pay(order, amount):
+        return requests.post(url, headers={"Authorization": f"Bearer {capped}", "Idempotency-Key": order,
+                                           "content-type": "application/x-www-form-urlencoded"},
+                             data=f"amount={amount}&currency=usd", timeout=10)
+    first = pay("order-2001", 6000)
+    assert first.status_code == 200 and first.json()["headers"]["authorization"] == f"Bearer {STRIPE_KEY}", first.text
+    over = pay("order-2002", 4001)
+    assert over.status_code == 429 and over.json()["error"] == "spend_exhausted", over.text
+    assert pay("order-2001", 6000).status_code == 200, "a retry is not charged twice"
+    assert pay("order-2003", 4000).status_code == 200
+    assert pay("order-2004", 1).status_code == 429
+
+    def spent():
+        out = json.loads(harness.cli("report", str(ROOT / ".run" / "envoy.log"), "--json").stdout)
+        rows = [x for x in out["spend"] if x["run"] == "walkthrough"]
+        return rows if rows and rows[0]["requests"] == 3 else None
+    rows = harness.wait_until(spent, timeout=15, what="the access log lines")
+    assert rows == [{"subject": "lambda/demo", "run": "walkthrough", "target": "stripe", "requests": 3, "charged": 10000,
+                     "refunded": 0, "net": 10000, "retries": 1}], rows

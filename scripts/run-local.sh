@@ -121,7 +121,7 @@ Keyward is up. A demo workload credential (valid 1 hour, sub=lambda/demo):
 Try it (the demo vendor echoes what it received; look at the authorization header):
 
   curl -s http://127.0.0.1:10000/stripe/v1/customers -H "Authorization: Bearer \$KEYWARD_TOKEN"
-  curl -s -X POST http://127.0.0.1:10000/stripe/v1/payment_intents -H "Authorization: Bearer \$KEYWARD_TOKEN" -H "Idempotency-Key: order-1001" -d amount=100
+  curl -s -X POST http://127.0.0.1:10000/stripe/v1/payment_intents -H "Authorization: Bearer \$KEYWARD_TOKEN" -H "Idempotency-Key: order-1001" -d amount=100 -d currency=usd
   curl -s -X POST http://127.0.0.1:10000/openai/v1/chat/completions -H "Authorization: Bearer \$KEYWARD_TOKEN" -d '{}'
   curl -s -X POST http://127.0.0.1:10000/anthropic/v1/messages -H "Authorization: Bearer \$KEYWARD_TOKEN" -d '{}'
   curl -s -X POST http://127.0.0.1:10000/twilio/2010-04-01/Accounts/AC00000000000000000000000000000001/Messages.json -H "Authorization: Basic $B64"
@@ -131,7 +131,16 @@ Denied (JSON errors):
 
   curl -s -X DELETE http://127.0.0.1:10000/stripe/v1/customers/cus_1 -H "Authorization: Bearer \$KEYWARD_TOKEN"
   curl -s http://127.0.0.1:10000/stripe/v1/customers
-  curl -s -X POST http://127.0.0.1:10000/stripe/v1/payment_intents -H "Authorization: Bearer \$KEYWARD_TOKEN" -d amount=100
+  curl -s -X POST http://127.0.0.1:10000/stripe/v1/payment_intents -H "Authorization: Bearer \$KEYWARD_TOKEN" -d amount=100 -d currency=usd
+
+Cap what a credential can spend: 100.00 USD of PaymentIntents (Stripe amounts are in cents),
+however many requests try. The second payment does not fit (429 spend_exhausted) and never
+reaches the vendor; a retry with the same Idempotency-Key is not charged twice:
+
+  export CAPPED=\$($KEYWARD mint --kid k1 --key-file $RUN/k1.key --sub lambda/demo --allow "stripe POST /v1/payment_intents" --spend 10000)
+  curl -s -X POST http://127.0.0.1:10000/stripe/v1/payment_intents -H "Authorization: Bearer \$CAPPED" -H "Idempotency-Key: order-2001" -d amount=6000 -d currency=usd
+  curl -s -X POST http://127.0.0.1:10000/stripe/v1/payment_intents -H "Authorization: Bearer \$CAPPED" -H "Idempotency-Key: order-2002" -d amount=4001 -d currency=usd
+  curl -s -X POST http://127.0.0.1:10000/stripe/v1/payment_intents -H "Authorization: Bearer \$CAPPED" -H "Idempotency-Key: order-2001" -d amount=6000 -d currency=usd
 
 Derive a narrower credential for one unit of work (one payment, 5 minutes, labelled):
 
@@ -148,7 +157,8 @@ Revoke the demo credential (denied within 2 s), list, undo:
 Health:  curl -s http://127.0.0.1:10000/keyward/health
 Metrics: curl -s http://127.0.0.1:9901/stats/prometheus | grep keyward_
 Logs:    $RUN/envoy.log (access log lines are JSON; with func-e, its stdout)
-Mint:    $KEYWARD mint --kid k1 --key-file $RUN/k1.key --sub SUB --allow "stripe GET /v1/**" [--rpm N] [--total N]
+Mint:    $KEYWARD mint --kid k1 --key-file $RUN/k1.key --sub SUB --allow "stripe GET /v1/**" [--rpm N] [--total N] [--spend N]
+Report:  $KEYWARD report $RUN/envoy.log   (who called what, and what they spent)
 
 Press Ctrl-C to stop.
 MSG
