@@ -15,9 +15,15 @@ in rounds (the order rotates each round); warm-up rounds are discarded. CPU per 
 delta of the Envoy worker thread's CPU time (/proc/<pid>/task/<tid>/schedstat) over the delta of
 downstream_rq_completed; each figure is the median over rounds of the per-round ratio.
 
+Then the cost of a target priced from its body (spend caps): arm F is Keyward with a second target,
+`pay`, whose cost is a form field read from the body (its route has Envoy's buffer filter, as the
+shipped configurations do), and every credential carries `lim.spend`, so each payment is read,
+priced and reserved in shared data. For each body size, F answers POSTed payments and bare Envoy
+(A) the same POSTs, in alternating rounds; the table shows CPU per request and the difference.
+
 Writes bench/results/latest.json and prints a markdown table.
 Environment: BENCH_RATE (1500 rps), BENCH_SECONDS (8 per arm per round), BENCH_ROUNDS (8),
-BENCH_WARMUP (2), BENCH_COLD_SAMPLES (15).
+BENCH_WARMUP (2), BENCH_COLD_SAMPLES (15), BENCH_PRICED_ROUNDS (3), BENCH_BODY_SIZES (100,4096,32768).
 """
 import base64
 import http.client
@@ -48,6 +54,8 @@ SECONDS = float(os.environ.get("BENCH_SECONDS", 8))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", 8))
 WARMUP = int(os.environ.get("BENCH_WARMUP", 2))
 COLD_SAMPLES = int(os.environ.get("BENCH_COLD_SAMPLES", 15))
+PRICED_ROUNDS = int(os.environ.get("BENCH_PRICED_ROUNDS", 3))
+BODY_SIZES = [int(x) for x in os.environ.get("BENCH_BODY_SIZES", "100,4096,32768").split(",")]
 TOKENS = 100
 ARMS = {"A": "bare", "B": "noop", "C": "keyward", "D": "native"}
 # BENCH_BASELINE_WASM=path: a fifth arm, E, runs that build of keyward.wasm (an earlier commit) in
@@ -114,6 +122,20 @@ def keyward_config(ttl_s=300):
     })
 
 
+def keyward_priced_config():
+    cfg = json.loads(keyward_config())
+    cfg["targets"]["pay"] = {"credential": "bearer", "secret": {"store": "bao", "path": "bench/vendor", "field": "api_key"},
+                             "inject": {"type": "bearer"},
+                             "cost": {"form_field": "amount", "currency_field": "currency", "currencies": ["usd"], "max_body_bytes": 65536},
+                             "refund_on": [402]}
+    return json.dumps(cfg)
+
+
+BUFFER = "envoy.filters.http.buffer"
+BUFFER_FILTER = {"name": BUFFER, "disabled": True, "typed_config": {
+    "@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer", "max_request_bytes": 65536}}
+
+
 def bootstrap(arm, ports, workdir, ctx):
     filters = {
         "A": [],
@@ -121,7 +143,19 @@ def bootstrap(arm, ports, workdir, ctx):
         "C": [wasm_filter("keyward", KEYWARD_WASM, "keyward", ctx["keyward_config"], ["KEYWARD_KEY_K1", "VAULT_TOKEN"])],
         "D": native_filters(ctx["key"], "upstream-key"),
         "E": [wasm_filter("keyward", Path(BASELINE_WASM or "-").resolve(), "keyward", ctx["keyward_config"], ["KEYWARD_KEY_K1", "VAULT_TOKEN"])],
+        "F": [wasm_filter("keyward", KEYWARD_WASM, "keyward", ctx.get("priced_config", ""), ["KEYWARD_KEY_K1", "VAULT_TOKEN"]), BUFFER_FILTER],
     }[arm]
+    routes = [{"name": "vendor", "match": {"prefix": "/v/"},
+               "route": {"cluster": "upstream", "prefix_rewrite": "/", "host_rewrite_literal": "vendor.bench"},
+               "metadata": {"filter_metadata": {"keyward": {"target": "vendor", "prefix": "/v"}}}}]
+    if arm == "F":
+        routes.append({"name": "pay", "match": {"prefix": "/p/"},
+                       "route": {"cluster": "upstream", "prefix_rewrite": "/", "host_rewrite_literal": "vendor.bench"},
+                       "typed_per_filter_config": {BUFFER: {
+                           "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig",
+                           "config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.BufferPerRoute",
+                                      "buffer": {"max_request_bytes": 65536}}}},
+                       "metadata": {"filter_metadata": {"keyward": {"target": "pay", "prefix": "/p"}}}})
     hcm = {
         "@type": HCM, "stat_prefix": "bench",
         "normalize_path": True, "merge_slashes": True, "path_with_escaped_slashes_action": "REJECT_REQUEST",
@@ -134,10 +168,7 @@ def bootstrap(arm, ports, workdir, ctx):
             "log_format": {"json_format": {
                 "method": "%REQ(:METHOD)%", "path": "%PATH(NQ:PATH)%", "status": "%RESPONSE_CODE%", "duration_ms": "%DURATION%",
                 **{k: f"%FILTER_STATE(wasm.keyward.{k}:PLAIN)%" for k in ACCESS_LOG_KEYS}}}}}],
-        "route_config": {"name": "r", "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [
-            {"name": "vendor", "match": {"prefix": "/v/"},
-             "route": {"cluster": "upstream", "prefix_rewrite": "/", "host_rewrite_literal": "vendor.bench"},
-             "metadata": {"filter_metadata": {"keyward": {"target": "vendor", "prefix": "/v"}}}}]}]},
+        "route_config": {"name": "r", "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": routes}]},
         "http_filters": filters + [ROUTER],
     }
     b = {
@@ -209,9 +240,10 @@ class Proc:
         self.log.close()
 
 
-def load(port, tokens_file, seconds, rate):
-    out = subprocess.run(["taskset", "-c", "1", str(LOADGEN), "--addr", f"127.0.0.1:{port}", "--path", "/v/v1/items",
-                          "--rate", str(rate), "--seconds", str(seconds), "--connections", "16", "--tokens", str(tokens_file)],
+def load(port, tokens_file, seconds, rate, path="/v/v1/items", body_bytes=None):
+    extra = ["--body-bytes", str(body_bytes)] if body_bytes is not None else []
+    out = subprocess.run(["taskset", "-c", "1", str(LOADGEN), "--addr", f"127.0.0.1:{port}", "--path", path,
+                          "--rate", str(rate), "--seconds", str(seconds), "--connections", "16", "--tokens", str(tokens_file), *extra],
                          capture_output=True, text=True, timeout=seconds * 3 + 30)
     if out.returncode != 0:
         raise RuntimeError(out.stderr)
@@ -260,6 +292,47 @@ def cold_miss(workdir, ctx, bao, arm="C"):
         e.stop()
 
 
+def priced(workdir, ctx, bare):
+    """CPU per request of payments priced from their body (arm F), against bare Envoy (arm A, the
+    same POSTs), per body size; alternating rounds, medians of per-round figures."""
+    ports = {"admin": harness.free_port(), "listen": harness.free_port()}
+    f = Proc("arm-F", bootstrap("F", ports, workdir, ctx), workdir, 0, ctx["env"])
+    f.port = ports["listen"]
+    try:
+        # Every payment must be priced and reserved: 200, and the reservations counted.
+        probe = load(f.port, ctx["priced_tokens_file"], 1, 200, "/p/v1/payment_intents", 100)
+        assert probe["ok"] == probe["requests"], probe
+        assert load(f.port, ctx["no_spend_file"], 0.5, 20, "/p/v1/payment_intents", 100)["ok"] == 0, "a payment the cap refuses was forwarded"
+        rows = []
+        for size in BODY_SIZES:
+            fig = {"F": [], "A": [], "F_get": []}
+            for rnd in range(PRICED_ROUNDS + 1):
+                for arm, p, path, body in (("F", f, "/p/v1/payment_intents", size), ("A", bare, "/v/v1/items", size), ("F_get", f, "/v/v1/items", None)):
+                    cpu0, rq0 = p.worker_cpu_ns(), p.stat("http.bench.downstream_rq_completed")
+                    res = load(p.port, ctx["priced_tokens_file"], SECONDS, RATE, path, body)
+                    time.sleep(0.3)
+                    cpu1, rq1 = p.worker_cpu_ns(), p.stat("http.bench.downstream_rq_completed")
+                    if rnd == 0:
+                        continue  # warm-up
+                    assert res["ok"] == res["requests"], (arm, size, res)
+                    fig[arm].append((cpu1 - cpu0) / 1000 / max(1, rq1 - rq0))
+            reserved = f.stat("wasmcustom.keyward_spend_reserved;target=pay")
+            row = {"body_bytes": size, "priced_cpu_us_per_request": round(median(fig["F"]), 2),
+                   "bare_cpu_us_per_request": round(median(fig["A"]), 2),
+                   "priced_minus_bare_us": round(median([x - y for x, y in zip(fig["F"], fig["A"])]), 2),
+                   "unpriced_get_same_envoy_cpu_us_per_request": round(median(fig["F_get"]), 2),
+                   "reserved_so_far": reserved}
+            rows.append(row)
+            print(f"priced body {size} B: keyward {row['priced_cpu_us_per_request']} µs, bare {row['bare_cpu_us_per_request']} µs, "
+                  f"+{row['priced_minus_bare_us']} µs", flush=True)
+        return {"rounds": PRICED_ROUNDS, "rows": rows,
+                "note": "POSTed form payments to a target priced from the body (buffer filter on its route, lim.spend on every "
+                        "credential, so each one is read, priced and reserved with compare-and-swap in shared data) vs the same "
+                        "POSTs through bare Envoy"}
+    finally:
+        f.stop()
+
+
 def main():
     for p in (ENVOY, LOADGEN, KEYWARD_WASM, NOOP_WASM):
         if not p.exists():
@@ -278,11 +351,20 @@ def main():
                                      "jti": secrets.token_hex(8), "allow": ["vendor GET /v1/**"]}) for i in range(TOKENS)]
         tokens_file = workdir / "tokens.txt"
         tokens_file.write_text("\n".join(tokens) + "\n")
+        priced_tokens = [harness.mint(key, {"sub": f"lambda/pay-{i}", "aud": "keyward", "iat": now, "exp": now + 3600,
+                                            "jti": secrets.token_hex(8), "allow": ["vendor GET /v1/**", "pay POST /v1/payment_intents"],
+                                            "lim": {"spend": 10 ** 15}}) for i in range(TOKENS)]
+        priced_tokens_file = workdir / "priced-tokens.txt"
+        priced_tokens_file.write_text("\n".join(priced_tokens) + "\n")
+        no_spend_file = workdir / "no-spend.txt"
+        no_spend_file.write_text(harness.mint(key, {"sub": "lambda/broke", "aud": "keyward", "iat": now, "exp": now + 3600, "jti": "broke",
+                                                    "allow": ["pay POST /**"], "lim": {"spend": 0}}) + "\n")
         env = {"KEYWARD_KEY_K1": base64.b64encode(key).decode(), "VAULT_TOKEN": bao.token}
         up_port = harness.free_port()
         procs.append(Proc("upstream", upstream_bootstrap(up_port, harness.free_port()), workdir, 1))
         ctx = {"key": key, "vendor_key": vendor_key, "upstream_port": up_port, "bao_port": bao.port,
-               "keyward_config": keyward_config(), "env": env, "tokens": tokens}
+               "keyward_config": keyward_config(), "env": env, "tokens": tokens, "priced_config": keyward_priced_config(),
+               "priced_tokens_file": priced_tokens_file, "no_spend_file": no_spend_file}
         arms = {}
         for arm in ARMS:
             ports = {"admin": harness.free_port(), "listen": harness.free_port()}
@@ -322,6 +404,7 @@ def main():
                 f"{a} {per_round[a][-1]['cpu_us_per_rq']:.1f}us" for a in ARMS if per_round[a] and rnd >= WARMUP), flush=True)
         fetches = arms["C"].stat("wasmcustom.keyward_secret_fetch_ok") + arms["C"].stat("wasmcustom.keyward_secret_fetch_error") - fetches_before
         rss = {a: p.rss_kb() for a, p in arms.items()}
+        priced_rows = priced(workdir, ctx, arms["A"])
         cold = cold_miss(workdir, ctx, bao)
         cold_baseline = cold_miss(workdir, ctx, bao, "E") if BASELINE_WASM else None
 
@@ -345,6 +428,7 @@ def main():
             **({"baseline": {"wasm": BASELINE_WASM, "wasm_bytes": Path(BASELINE_WASM).stat().st_size,
                              "keyward_over_baseline_cpu_per_request": ratio("C", "E"),
                              "baseline_over_bare_cpu_per_request": ratio("E", "A")}} if BASELINE_WASM else {}),
+            "priced_by_body": priced_rows,
             "cold_miss": cold,
             **({"cold_miss_baseline": cold_baseline} if cold_baseline else {}),
             "vault_calls_per_10k_requests": round(fetches * 10000 / max(1, c_requests), 3),
@@ -400,6 +484,12 @@ def print_table(out):
     print(f"vault calls per 10,000 requests: {out['vault_calls_per_10k_requests']}; keyward.wasm {out['keyward_wasm_bytes']} bytes; "
           f"memory per VM {out['memory']['keyward_per_vm_kb'] / 1024:.1f} MiB "
           f"({out['memory']['keyward_over_noop_per_vm_kb'] / 1024:.1f} MiB more than a no-op module)")
+    if "priced_by_body" in out:
+        print("\n| priced payment body | keyward CPU µs/request | bare, same POST | added µs |")
+        print("|---:|---:|---:|---:|")
+        for row in out["priced_by_body"]["rows"]:
+            print(f"| {row['body_bytes']} B | {row['priced_cpu_us_per_request']:.1f} | {row['bare_cpu_us_per_request']:.1f} | "
+                  f"{row['priced_minus_bare_us']:.1f} |")
     if "baseline" in out:
         b = out["baseline"]
         print(f"baseline {b['wasm']} ({b['wasm_bytes']} bytes): baseline/bare {b['baseline_over_bare_cpu_per_request']}, "

@@ -3,7 +3,9 @@
 For each message the function derives a child credential from its own (which it got from the
 gateway with its IAM role: keyward_credentials.py): only the rule this message needs, run label
 `sqs/<messageId>` (in the gateway's access log beside every call it makes), a total cap
-(KEYWARD_CALLS_PER_MESSAGE, default 1), and five minutes to live. The Stripe call carries the
+(KEYWARD_CALLS_PER_MESSAGE, default 1), a spend cap of exactly what the message says to charge
+(`lim.spend`: on a gateway that prices Stripe payments, a bug that charges more is refused before
+Stripe sees it), and five minutes to live. The Stripe call carries the
 message id as its Idempotency-Key, so a redelivered message is not charged twice. A message whose
 cap is used up, or that the gateway refuses, is reported as a partial batch failure (the event
 source mapping needs ReportBatchItemFailures) and comes back later; the others are done.
@@ -31,10 +33,11 @@ def keyward():
 def process(record, gateway, calls_per_message):
     message_id = record["messageId"]
     order = json.loads(record["body"])
+    charges = int(order.get("charges", 1))
     child = keyward().child(allow=["stripe POST /v1/payment_intents"], ttl_s=300, run=f"sqs/{message_id}",
-                            lim={"total": calls_per_message})
+                            lim={"total": calls_per_message, "spend": int(order["amount"]) * charges})
     pay = stripe.StripeClient(child["token"], base_addresses={"api": f"{gateway}/stripe"}, max_network_retries=0)
-    for i in range(int(order.get("charges", 1))):
+    for i in range(charges):
         key = message_id if i == 0 else f"{message_id}/{i}"
         pay.v1.payment_intents.create(params={"amount": order["amount"], "currency": order.get("currency", "usd")},
                                       options={"idempotency_key": key})

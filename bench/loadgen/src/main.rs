@@ -7,7 +7,10 @@
 //! percentiles in microseconds.
 //!
 //! Usage: keyward-loadgen --addr 127.0.0.1:10000 --path /v/x --rate 1500 --seconds 10
-//!        [--connections 16] [--tokens FILE (one per line)] [--host HOST]
+//!        [--connections 16] [--tokens FILE (one per line)] [--host HOST] [--body-bytes N]
+//!
+//! `--body-bytes N`: POST a form body of N bytes (`amount=1&currency=usd&description=xxx…`), as a
+//! payment to a target priced from its body; otherwise GET.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -22,6 +25,8 @@ struct Opts {
     seconds: f64,
     connections: usize,
     tokens: Vec<String>,
+    /// A form body to POST (`None`: GET).
+    body: Option<String>,
 }
 
 fn opts() -> Result<Opts, String> {
@@ -40,6 +45,13 @@ fn opts() -> Result<Opts, String> {
         seconds: num("--seconds", 10.0)?,
         connections: num("--connections", 16.0)? as usize,
         tokens,
+        body: get("--body-bytes").map(|n| n.parse::<usize>().map_err(|_| "--body-bytes: not a number".to_string())).transpose()?.map(|n| {
+            let mut b = String::from("amount=1&currency=usd&description=");
+            while b.len() < n {
+                b.push('x');
+            }
+            b
+        }),
     })
 }
 
@@ -95,11 +107,16 @@ fn worker(o: Arc<Opts>, k: usize, start: Instant, total: u64) -> Tally {
             std::thread::sleep(due - now);
         }
         let token = o.tokens.get(i as usize % o.tokens.len().max(1)).map(String::as_str).unwrap_or("");
-        let mut req = format!("GET {} HTTP/1.1\r\nHost: {}\r\n", o.path, o.host);
+        let method = if o.body.is_some() { "POST" } else { "GET" };
+        let mut req = format!("{method} {} HTTP/1.1\r\nHost: {}\r\n", o.path, o.host);
         if !token.is_empty() {
             req.push_str(&format!("Authorization: Bearer {token}\r\n"));
         }
-        req.push_str("\r\n");
+        if let Some(b) = &o.body {
+            req.push_str(&format!("Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{b}", b.len()));
+        } else {
+            req.push_str("\r\n");
+        }
         let res = match conn.as_mut() {
             Some((s, r)) => s.write_all(req.as_bytes()).and_then(|_| read_response(r)),
             None => Err(std::io::Error::other("not connected")),
