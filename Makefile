@@ -16,7 +16,7 @@ help:
 	@echo "make test   unit tests, lints and integration tests against real Envoy, OpenBao and moto"
 	@echo "make build  dist/keyward.wasm and the keyward CLI ($(CLI))"
 	@echo "make bench  Keyward vs bare Envoy, a no-op wasm filter and Envoy's native filters (bench/results/latest.json)"
-	@echo "make fuzz   cargo-fuzz on the token, rules and config parsers (FUZZ_SECS per target, default 300)"
+	@echo "make fuzz   cargo-fuzz on the token, rules, config and cost parsers (FUZZ_SECS per target, default 300)"
 
 # --- toolchain and pinned components ---------------------------------------------------------
 .wasm-target:
@@ -114,7 +114,7 @@ clean:
 # RUSTC_BOOTSTRAP=1 lets the pinned stable toolchain accept them. New inputs go to .fuzz/<target>;
 # the committed seed corpus in fuzz/corpus/<target> is only read. Crashes land in fuzz/artifacts/.
 CARGO_FUZZ  := .tools/bin/cargo-fuzz
-FUZZ_TARGETS := token rules config
+FUZZ_TARGETS := token rules config cost
 FUZZ_SECS   ?= 300
 
 $(CARGO_FUZZ):

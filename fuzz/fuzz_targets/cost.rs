@@ -1,0 +1,65 @@
+//! Reading a request's cost from its body (spend caps): never panics, and a form amount that is
+//! accepted is exactly what a simple reference reader finds: one field named `amount` once
+//! percent-decoded (no other spelling of it, no bracket form), holding only digits, at most 10^15.
+#![no_main]
+use keyward_core::policy::cost::{compile, RawCost, MAX_COST};
+use libfuzzer_sys::fuzz_target;
+
+fn decode(b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |j: usize| b.get(j).and_then(|x| (*x as char).to_digit(16));
+        match (b[i], hex(i + 1), hex(i + 2)) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (b'+', _, _) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (c, _, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
+fn reference(body: &[u8]) -> Option<u64> {
+    let mut found = None;
+    for pair in body.split(|b| *b == b'&').filter(|p| !p.is_empty()) {
+        let mut kv = pair.splitn(2, |b| *b == b'=');
+        let name = decode(kv.next().unwrap_or_default());
+        let value = decode(kv.next().unwrap_or_default());
+        if name.starts_with(b"amount[") {
+            return None;
+        }
+        if name == b"amount" {
+            if found.is_some() {
+                return None;
+            }
+            found = Some(value);
+        }
+    }
+    let v = found?;
+    if v.is_empty() || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let s = std::str::from_utf8(&v).ok()?.trim_start_matches('0');
+    let n: u64 = if s.is_empty() { 0 } else { s.parse().ok()? };
+    (n <= MAX_COST).then_some(n)
+}
+
+fuzz_target!(|data: &[u8]| {
+    let form: RawCost = serde_json::from_str(r#"{"form_field": "amount", "max_body_bytes": 4096}"#).unwrap_or_default();
+    let json: RawCost = serde_json::from_str(r#"{"json_field": "amount", "currency_field": "c", "currencies": ["usd"]}"#).unwrap_or_default();
+    let (Ok(form), Ok(json)) = (compile("f", &form), compile("j", &json)) else { return };
+    let got = form.read(data).ok().map(|p| p.cost);
+    assert_eq!(got, reference(data), "{:?}", String::from_utf8_lossy(data));
+    if let Ok(p) = json.read(data) {
+        assert!(p.cost <= MAX_COST && p.currency.as_deref() == Some("usd"));
+    }
+});
