@@ -62,6 +62,9 @@ def filter_config(bao_cluster="vault", timeout_ms=1500) -> dict:
                           "inject": {"type": "bearer"}},
             "deadstore": {"credential": "bearer", "secret": {"store": "dead", "path": "it/x", "field": "k"},
                           "inject": {"type": "bearer"}},
+            # A fixed cost (no body read): spend metrics exist on this gateway from the start.
+            "priced": {"credential": "bearer", "secret": {"store": "bao", "path": "it/stripe", "field": "api_key"},
+                       "inject": {"type": "bearer"}, "cost": {"per_request": 1}, "refund_on": [402]},
         },
     }
 

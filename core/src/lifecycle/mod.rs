@@ -150,6 +150,15 @@ impl Lifecycle {
         self.tick_ms = TICK_MS;
         host.set_tick_period_ms(TICK_MS);
         host.metric(Metric::VmConfigured);
+        // Spend series exist from the start for every priced target (dashboards see a zero).
+        if let Some(cfg) = self.cfg.clone() {
+            for t in cfg.targets.iter().filter(|t| t.cost.is_some()) {
+                host.count(crate::record::Family::SpendReserved, &[&t.name], 0);
+                if !t.refund_on.is_empty() {
+                    host.count(crate::record::Family::SpendRefunded, &[&t.name], 0);
+                }
+            }
+        }
     }
 
     pub fn configured(&self) -> bool {

@@ -334,3 +334,11 @@ fn a_cold_request_without_a_body_is_refused_when_it_resumes() {
     assert!(!effects.contains(&Effect::Resume(10)), "never resumed: Envoy would send it on without a body event");
     assert!(lc.pricing().is_empty());
 }
+
+#[test]
+fn spend_series_exist_from_the_start_for_priced_targets() {
+    let mut host = MemHost::new(ROOT);
+    let _lc = worker(&mut host, spend_config());
+    assert_eq!(host.counts.get("keyward_spend_reserved;target=stripe"), Some(&0));
+    assert_eq!(host.counts.get("keyward_spend_refunded;target=fixed"), Some(&0));
+}
