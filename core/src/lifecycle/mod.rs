@@ -21,6 +21,7 @@ mod endpoint;
 mod event;
 mod fetch;
 mod issue;
+mod limits;
 mod pricing;
 mod request;
 mod revocation;

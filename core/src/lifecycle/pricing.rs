@@ -3,12 +3,13 @@
 //! and at its end the cost is read and reserved, or the request is answered with a refusal before
 //! the router ever sees it. Later, a vendor's `refund_on` answer releases the reservation.
 
-use super::request::{finish_deny, record_decision, release, write_audit, SharedSecrets};
+use super::limits::release;
+use super::request::{finish_deny, record_allowed, SharedSecrets};
 use super::Lifecycle;
 use crate::config::Config;
 use crate::engine;
 use crate::host::{Action, ContextId, Host};
-use crate::record::{Family, Metric};
+use crate::record::Family;
 use crate::response::{Code, Denial};
 
 impl Lifecycle {
@@ -48,17 +49,7 @@ impl Lifecycle {
             Ok(r) => r,
             Err(d) => return self.refuse_priced(host, ctx, Some(audit), Some(d), started_us),
         };
-        if let (Some(r), Some(t)) = (&reservation, audit.target.as_deref()) {
-            host.count(Family::SpendReserved, &[t], r.charge.cost);
-        }
-        write_audit(host, &audit);
-        record_decision(host, &audit, started_us);
-        host.metric(Metric::Allowed);
-        host.metric(match audit.cache {
-            Some("miss") => Metric::CacheMiss,
-            Some("stale") => Metric::CacheStale,
-            _ => Metric::CacheHit,
-        });
+        record_allowed(host, &audit, reservation.as_ref(), started_us);
         if let Some(s) = self.served.get_mut(&ctx) {
             s.reservation = reservation;
         } else if let Some(r) = &reservation {

@@ -2,25 +2,21 @@
 //! secret must be fetched), rewrite it or answer it, and look at the vendor's response.
 
 use super::state::{Parked, Pricing, Served, Wait};
-use super::{Lifecycle, PARK_GRACE_MS};
+use super::{limits, Lifecycle, PARK_GRACE_MS};
 use crate::config::Config;
 use crate::credential::jwt::HmacKey;
 use crate::credential::verified::VerifiedCache;
 use crate::engine::{self, Decision, Lookup, Outcome, Request, Reservation, Secrets};
 use crate::host::{Action, ContextId, Headers, Host, HostError};
 use crate::inject::{scrub, Op};
-use crate::policy::limits::{Charge, Limits, Table, Verdict};
+use crate::policy::limits::{Charge, Limits, Verdict};
 use crate::record::{Audit, Family, Metric};
 use crate::response::{Code, Denial};
 use crate::secret::Secret;
-use crate::secrets::keys;
 use crate::secrets::slot_state::Use;
 use crate::secrets::store::Fetched;
 use crate::wire::{b64, pairs};
 use std::rc::Rc;
-
-/// Compare-and-swap attempts on a limit shard before refusing (fail closed).
-const LIMIT_CAS_TRIES: u32 = 64;
 
 /// The request as the engine sees it, read from the host once: the header map (`Err`: it could
 /// not be read, so every question about it fails closed) and the route's keyward metadata.
@@ -119,48 +115,23 @@ impl<H: Host> Secrets for SharedSecrets<'_, H> {
         self.lc.revocation_lookup(self.host, jti, sub, self.now_ms)
     }
 
-    /// Count the request in its shard with compare-and-swap (reserving its charge's cost in the
-    /// same write): read, decide, write back only if no other worker wrote in between; otherwise
-    /// read again. Refusals write nothing.
+    /// Count the request (and reserve its charge) in its credential's shard entry, unless this
+    /// same request was counted there before it parked.
     fn admit(&mut self, key_id: u64, jti: &str, lim: &Limits, keep_until_s: i64, charge: Option<&Charge>) -> Verdict {
         let index = self.calls;
         self.calls += 1;
         if index < self.admitted {
             return Verdict::Admit;
         }
-        let entry = keys::limit_entry(key_id, jti);
-        let key = keys::limit_shard(&entry);
-        for _ in 0..LIMIT_CAS_TRIES {
-            let (bytes, cas) = self.host.shared_get(&key);
-            let mut table = decode_shard(&key, bytes.as_deref());
-            let verdict = table.admit_charged(&entry, lim, keep_until_s, self.now_ms / 1000, charge);
-            match verdict {
-                Verdict::Admit | Verdict::Reserved | Verdict::Retry => {}
-                Verdict::Full => {
-                    self.host.metric(Metric::LimitFull);
-                    log::warn!("limit shard {key} holds {} live credentials; refusing new ones", table.len());
-                    return verdict;
-                }
-                _ => return verdict,
-            }
-            match self.host.shared_set(&key, &table.encode(), cas) {
-                Ok(()) => {
-                    self.admitted = index + 1;
-                    return verdict;
-                }
-                Err(HostError::CasMismatch) => self.host.metric(Metric::LimitCasRetry),
-                Err(e) => {
-                    log::warn!("limit shard {key} could not be written ({e:?}); refusing");
-                    return Verdict::Full;
-                }
-            }
+        let verdict = limits::admit_entry(self.host, key_id, jti, lim, keep_until_s, self.now_ms / 1000, charge);
+        if matches!(verdict, Verdict::Admit | Verdict::Reserved | Verdict::Retry) {
+            self.admitted = index + 1;
         }
-        log::warn!("limit shard {key}: still contended after {LIMIT_CAS_TRIES} tries; refusing");
-        Verdict::RateLimited { retry_after_s: 1 }
+        verdict
     }
 
     fn refund(&mut self, key_id: u64, jti: &str, charge: &Charge) {
-        refund_entry(self.host, key_id, jti, charge);
+        limits::refund_entry(self.host, key_id, jti, charge);
     }
 
     fn verified(&mut self) -> Option<&mut VerifiedCache> {
@@ -195,47 +166,6 @@ impl<H: Host> Secrets for SharedSecrets<'_, H> {
         } else {
             Lookup::Ready(key)
         }
-    }
-}
-
-/// A limit shard as stored (absent or empty: a new table; unreadable: started afresh, logged).
-fn decode_shard(key: &str, bytes: Option<&[u8]>) -> Table {
-    match bytes {
-        None | Some([]) => Table::default(),
-        Some(b) => Table::decode(b).unwrap_or_else(|| {
-            log::warn!("limit shard {key} is unreadable; starting it afresh");
-            Table::default()
-        }),
-    }
-}
-
-/// Release `charge` from the entry of credential `jti` (compare-and-swap, like `admit`).
-pub(super) fn refund_entry(host: &mut impl Host, key_id: u64, jti: &str, charge: &Charge) -> bool {
-    let entry = keys::limit_entry(key_id, jti);
-    let key = keys::limit_shard(&entry);
-    for _ in 0..LIMIT_CAS_TRIES {
-        let (bytes, cas) = host.shared_get(&key);
-        let mut table = decode_shard(&key, bytes.as_deref());
-        if !table.refund(&entry, charge) {
-            return false;
-        }
-        match host.shared_set(&key, &table.encode(), cas) {
-            Ok(()) => return true,
-            Err(HostError::CasMismatch) => host.metric(Metric::LimitCasRetry),
-            Err(e) => {
-                log::warn!("limit shard {key} could not be written ({e:?}); a reservation stays held");
-                return false;
-            }
-        }
-    }
-    log::warn!("limit shard {key}: still contended after {LIMIT_CAS_TRIES} tries; a reservation stays held");
-    false
-}
-
-/// Release a reservation from every entry that holds it.
-pub(super) fn release(host: &mut impl Host, r: &Reservation) {
-    for jti in &r.holders {
-        refund_entry(host, r.key_id, jti, &r.charge);
     }
 }
 
@@ -293,7 +223,7 @@ impl Lifecycle {
                 if apply(&ops, &req, host).is_err() {
                     // The request could not be rewritten safely: never forward it.
                     if let Some(r) = &reservation {
-                        release(host, r);
+                        limits::release(host, r);
                     }
                     let d = Denial::new(Code::SecretUnavailable, "the upstream credential could not be applied").retry_after(5);
                     audit.decision = d.code.as_str();
@@ -312,17 +242,7 @@ impl Lifecycle {
                     }
                     return self.go_on(host, resumed);
                 }
-                if let (Some(r), Some(t)) = (&reservation, audit.target.as_deref()) {
-                    host.count(Family::SpendReserved, &[t], r.charge.cost);
-                }
-                write_audit(host, &audit);
-                record_decision(host, &audit, started_us);
-                host.metric(Metric::Allowed);
-                host.metric(match audit.cache {
-                    Some("miss") => Metric::CacheMiss,
-                    Some("stale") => Metric::CacheStale,
-                    _ => Metric::CacheHit,
-                });
+                record_allowed(host, &audit, reservation.as_ref(), started_us);
                 self.remember_served(&cfg, ctx, &audit, reservation);
                 self.go_on(host, resumed)
             }
@@ -484,6 +404,22 @@ pub(super) fn record_decision(host: &mut impl Host, audit: &Audit, started_us: u
     let outcome = if audit.decision == "allow" { audit.cache.unwrap_or("hit") } else { "denied" };
     let added = host.now_us().saturating_sub(started_us);
     host.observe(Family::AddedUs, &[outcome], added);
+}
+
+/// What is recorded of an allowed request: its access-log fields, its metrics, and the cost it
+/// reserved.
+pub(super) fn record_allowed(host: &mut impl Host, audit: &Audit, reservation: Option<&Reservation>, started_us: u64) {
+    if let (Some(r), Some(t)) = (reservation, audit.target.as_deref()) {
+        host.count(Family::SpendReserved, &[t], r.charge.cost);
+    }
+    write_audit(host, audit);
+    record_decision(host, audit, started_us);
+    host.metric(Metric::Allowed);
+    host.metric(match audit.cache {
+        Some("miss") => Metric::CacheMiss,
+        Some("stale") => Metric::CacheStale,
+        _ => Metric::CacheHit,
+    });
 }
 
 /// Answer the current stream with a denial (reset it if even that fails).
