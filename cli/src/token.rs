@@ -86,10 +86,12 @@ pub fn mint(args: &[String]) -> Result<(), Fail> {
         field("run", run, false);
     }
     let (rpm, total) = (positive(&a, "rpm")?, positive(&a, "total")?);
-    let spend = a.get("spend").map(|v| v.parse::<u64>().map_err(|_| Fail::usage("--spend must be a whole number of the target's cost unit (e.g. cents)"))).transpose()?;
+    let spend = a
+        .get("spend")
+        .map(|v| v.parse::<u64>().map_err(|_| Fail::usage("--spend must be a whole number of the target's cost unit (e.g. cents)")))
+        .transpose()?;
     if rpm.is_some() || total.is_some() || spend.is_some() {
-        let l: Vec<String> =
-            [("rpm", rpm), ("total", total), ("spend", spend)].iter().filter_map(|(k, v)| v.map(|n| format!("\"{k}\":{n}"))).collect();
+        let l: Vec<String> = [("rpm", rpm), ("total", total), ("spend", spend)].iter().filter_map(|(k, v)| v.map(|n| format!("\"{k}\":{n}"))).collect();
         field("lim", &format!("{{{}}}", l.join(",")), true);
     }
     c.push('}');

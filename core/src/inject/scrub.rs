@@ -107,7 +107,16 @@ mod tests {
         Fetched { fields: fields.iter().map(|(k, v)| (k.to_string(), Secret::text(v))).collect(), version: None, problems: vec![] }
     }
     fn target(inject: Inject) -> Target {
-        Target { name: "t".into(), credential: CredentialSource::Bearer, slot: 0, inject, allow: None, require_idempotency_key: vec![], cost: None, refund_on: vec![] }
+        Target {
+            name: "t".into(),
+            credential: CredentialSource::Bearer,
+            slot: 0,
+            inject,
+            allow: None,
+            require_idempotency_key: vec![],
+            cost: None,
+            refund_on: vec![],
+        }
     }
     fn h(pairs: &[(&str, &str)]) -> Vec<(String, Vec<u8>)> {
         pairs.iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())).collect()

@@ -307,7 +307,8 @@ mod tests {
     #[test]
     fn a_child_is_within_its_parent_in_every_dimension() {
         let p = parent();
-        let c = for_child(&p, &ask(Some(&["stripe POST /v1/payment_intents"]), Some(300)), Some(&Limits { rpm: None, total: Some(1), spend: None }), 900, 9_000);
+        let c =
+            for_child(&p, &ask(Some(&["stripe POST /v1/payment_intents"]), Some(300)), Some(&Limits { rpm: None, total: Some(1), spend: None }), 900, 9_000);
         let c = c.unwrap_or_else(|e| panic!("{e:?}"));
         assert_eq!(c.sub, "lambda/batch");
         assert_eq!(c.exp, 9_300);

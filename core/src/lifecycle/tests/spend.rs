@@ -57,7 +57,8 @@ fn warm_worker(host: &mut MemHost) -> Lifecycle {
 /// A payment's headers on stream `ctx` (the body is set for the body events).
 fn pay_headers(lc: &mut Lifecycle, host: &mut MemHost, ctx: ContextId, tok: &str, body: &str, extra: &[(&str, &str)]) -> Action {
     let auth = format!("Bearer {tok}");
-    let mut h = vec![(":method", "POST"), (":path", "/v1/payment_intents"), ("authorization", auth.as_str()), ("content-type", "application/x-www-form-urlencoded")];
+    let mut h =
+        vec![(":method", "POST"), (":path", "/v1/payment_intents"), ("authorization", auth.as_str()), ("content-type", "application/x-www-form-urlencoded")];
     h.extend_from_slice(extra);
     host.open(ctx, "stripe", &h);
     if let Some(s) = host.streams.get_mut(&ctx) {
@@ -142,9 +143,8 @@ fn unreadable_costs_are_refused_and_hold_nothing() {
     let mut host = MemHost::new(ROOT);
     let mut lc = warm_worker(&mut host);
     let t = capped(&host, "c-3", r#"{"spend":10000,"total":2}"#, "");
-    for (i, body) in ["currency=usd", "amount=-1&currency=usd", "amount=1.5&currency=usd", "amount=5&currency=eur", "amount=5&amount=6&currency=usd"]
-        .iter()
-        .enumerate()
+    for (i, body) in
+        ["currency=usd", "amount=-1&currency=usd", "amount=1.5&currency=usd", "amount=5&currency=eur", "amount=5&amount=6&currency=usd"].iter().enumerate()
     {
         let ctx = 10 + i as ContextId;
         assert_eq!(pay(&mut lc, &mut host, ctx, &t, body, &[]), Action::Pause, "{body}");
