@@ -21,9 +21,17 @@ shipped configurations do), and every credential carries `lim.spend`, so each pa
 priced and reserved in shared data. For each body size, F answers POSTed payments and bare Envoy
 (A) the same POSTs, in alternating rounds; the table shows CPU per request and the difference.
 
+Then how the cost grows with the work (the scaling table): one dimension at a time, the others as
+in arm C (100 credentials of one rule, one target, no revocation list): live credentials (1, 100,
+10,000: beyond the 512 verified credentials a worker remembers), rules per credential (1, 10, 50, the
+matching one last), targets in the configuration (5, 100, 1,000) and revocation entries (none, and a
+list of 10,000). Each row is its own Envoy, measured in rounds alternating with bare Envoy (A); the
+row's figure is the median per-round ratio to bare, times the main run's bare CPU per request.
+
 Writes bench/results/latest.json and prints a markdown table.
 Environment: BENCH_RATE (1500 rps), BENCH_SECONDS (8 per arm per round), BENCH_ROUNDS (8),
-BENCH_WARMUP (2), BENCH_COLD_SAMPLES (15), BENCH_PRICED_ROUNDS (3), BENCH_BODY_SIZES (100,4096,32768).
+BENCH_WARMUP (2), BENCH_COLD_SAMPLES (15), BENCH_PRICED_ROUNDS (3), BENCH_BODY_SIZES (100,4096,32768),
+BENCH_SCALING_ROUNDS (2), BENCH_SCALING_SECONDS (5); BENCH_ONLY=scaling runs the scaling table alone.
 """
 import base64
 import http.client
@@ -55,6 +63,9 @@ ROUNDS = int(os.environ.get("BENCH_ROUNDS", 8))
 WARMUP = int(os.environ.get("BENCH_WARMUP", 2))
 COLD_SAMPLES = int(os.environ.get("BENCH_COLD_SAMPLES", 15))
 PRICED_ROUNDS = int(os.environ.get("BENCH_PRICED_ROUNDS", 3))
+SCALING_ROUNDS = int(os.environ.get("BENCH_SCALING_ROUNDS", 2))
+SCALING_SECONDS = float(os.environ.get("BENCH_SCALING_SECONDS", 5))
+ONLY = os.environ.get("BENCH_ONLY", "")
 BODY_SIZES = [int(x) for x in os.environ.get("BENCH_BODY_SIZES", "100,4096,32768").split(",")]
 TOKENS = 100
 ARMS = {"A": "bare", "B": "noop", "C": "keyward", "D": "native"}
@@ -110,16 +121,21 @@ def native_filters(key: bytes, upstream_secret_name):
     ]
 
 
-def keyward_config(ttl_s=300):
-    return json.dumps({
+def keyward_config(ttl_s=300, extra_targets=0, revocation=False):
+    vendor = {"credential": "bearer", "secret": {"store": "bao", "path": "bench/vendor", "field": "api_key"},
+              "inject": {"type": "bearer"}, "allow": ["GET /v1/**"]}
+    cfg = {
         "audience": "keyward", "clock_skew_s": 30, "max_token_lifetime_s": 86400,
         "signing_keys": {"k1": {"env": "KEYWARD_KEY_K1"}},
         "stores": {"bao": {"type": "vault_kv2", "cluster": "vault", "authority": "vault.bench", "token_env": "VAULT_TOKEN",
                            "timeout_ms": 2000}},
         "cache": {"ttl_s": ttl_s, "stale_if_error_s": 0},
-        "targets": {"vendor": {"credential": "bearer", "secret": {"store": "bao", "path": "bench/vendor", "field": "api_key"},
-                               "inject": {"type": "bearer"}, "allow": ["GET /v1/**"]}},
-    })
+        "targets": {"vendor": vendor, **{f"t{i}": {**vendor, "secret": {**vendor["secret"], "path": f"bench/t{i}"}}
+                                         for i in range(extra_targets)}},
+    }
+    if revocation:
+        cfg["revocation"] = {"store": "bao", "path": "bench/revoked", "refresh_s": 5}
+    return json.dumps(cfg)
 
 
 def keyward_priced_config():
@@ -333,6 +349,61 @@ def priced(workdir, ctx, bare):
         f.stop()
 
 
+def scaling(workdir, ctx, bare, bare_cpu):
+    """CPU per request as one dimension grows, the others as in arm C."""
+    key, now = ctx["key"], int(time.time())
+
+    def tokens(n, rules=1):
+        allow = [f"vendor GET /v2/r{i}/**" for i in range(rules - 1)] + ["vendor GET /v1/**"]
+        path = workdir / f"tokens-{n}-{rules}.txt"
+        path.write_text("\n".join(harness.mint(key, {"sub": f"lambda/s-{i}", "aud": "keyward", "iat": now, "exp": now + 3600,
+                                                     "jti": f"{n}-{rules}-{i}", "allow": allow}) for i in range(n)) + "\n")
+        return path
+    rows = [
+        ("live credentials", 1, keyward_config(), tokens(1)),
+        ("live credentials", 100, keyward_config(), tokens(100)),
+        ("live credentials", 10000, keyward_config(), tokens(10000)),
+        ("rules per credential", 1, keyward_config(), tokens(100)),
+        ("rules per credential", 10, keyward_config(), tokens(100, 10)),
+        ("rules per credential", 50, keyward_config(), tokens(100, 50)),
+        ("targets", 5, keyward_config(extra_targets=4), tokens(100)),
+        ("targets", 100, keyward_config(extra_targets=99), tokens(100)),
+        ("targets", 1000, keyward_config(extra_targets=999), tokens(100)),
+        ("revocation entries", 0, keyward_config(), tokens(100)),
+        ("revocation entries", 10000, keyward_config(revocation=True), tokens(100)),
+    ]
+    out = []
+    for dim, n, cfg, tfile in rows:
+        ports = {"admin": harness.free_port(), "listen": harness.free_port()}
+        p = Proc(f"scale-{dim.split()[0]}-{n}", bootstrap("C", ports, workdir, {**ctx, "keyward_config": cfg}), workdir, 0, ctx["env"])
+        p.port = ports["listen"]
+        try:
+            probe = load(p.port, tfile, 1, 200)
+            assert probe["ok"] == probe["requests"], (dim, n, probe)
+            ratios, cpus = [], []
+            for rnd in range(SCALING_ROUNDS + 1):
+                fig = {}
+                for name, proc, tf in (("k", p, tfile), ("a", bare, tfile)):
+                    cpu0, rq0 = proc.worker_cpu_ns(), proc.stat("http.bench.downstream_rq_completed")
+                    res = load(proc.port, tf, SCALING_SECONDS, RATE)
+                    time.sleep(0.3)
+                    cpu1, rq1 = proc.worker_cpu_ns(), proc.stat("http.bench.downstream_rq_completed")
+                    assert res["ok"] == res["requests"], (dim, n, name, res)
+                    fig[name] = (cpu1 - cpu0) / 1000 / max(1, rq1 - rq0)
+                if rnd == 0:
+                    continue  # warm-up (a new Envoy; 10,000 credentials verified for the first time)
+                ratios.append(fig["k"] / fig["a"])
+                cpus.append(fig["k"])
+            row = {"dimension": dim, "value": n, "keyward_over_bare": round(median(ratios), 3),
+                   "cpu_us_per_request": round(median(cpus), 1),
+                   "cpu_us_per_request_at_main_bare": round(median(ratios) * bare_cpu, 1)}
+            out.append(row)
+            print(f"scaling {dim} = {n}: {row['keyward_over_bare']}x bare ({row['cpu_us_per_request']} µs)", flush=True)
+        finally:
+            p.stop()
+    return {"rounds": SCALING_ROUNDS, "seconds": SCALING_SECONDS, "rows": out}
+
+
 def main():
     for p in (ENVOY, LOADGEN, KEYWARD_WASM, NOOP_WASM):
         if not p.exists():
@@ -346,6 +417,9 @@ def main():
     procs = []
     try:
         bao.put("bench/vendor", {"api_key": vendor_key})
+        # 10,000 live entries in the compact form `keyward revoke` writes (OpenBao refuses 10,000 keys).
+        bao.put("bench/revoked", {"format": "keyward-revocations/2", "entries": "".join(
+            f"jti:revoked-{i:05d}\t{int(time.time()) + 7200}\tbench\n" for i in range(10000))})
         now = int(time.time())
         tokens = [harness.mint(key, {"sub": f"lambda/bench-{i}", "aud": "keyward", "iat": now, "exp": now + 3600,
                                      "jti": secrets.token_hex(8), "allow": ["vendor GET /v1/**"]}) for i in range(TOKENS)]
@@ -365,6 +439,14 @@ def main():
         ctx = {"key": key, "vendor_key": vendor_key, "upstream_port": up_port, "bao_port": bao.port,
                "keyward_config": keyward_config(), "env": env, "tokens": tokens, "priced_config": keyward_priced_config(),
                "priced_tokens_file": priced_tokens_file, "no_spend_file": no_spend_file}
+        if ONLY == "scaling":
+            ports = {"admin": harness.free_port(), "listen": harness.free_port()}
+            bare = Proc("arm-A", bootstrap("A", ports, workdir, ctx), workdir, 0, env)
+            bare.port = ports["listen"]
+            procs.append(bare)
+            res = scaling(workdir, ctx, bare, 1.0)
+            print(json.dumps(res, indent=1))
+            return
         arms = {}
         for arm in ARMS:
             ports = {"admin": harness.free_port(), "listen": harness.free_port()}
@@ -405,6 +487,7 @@ def main():
         fetches = arms["C"].stat("wasmcustom.keyward_secret_fetch_ok") + arms["C"].stat("wasmcustom.keyward_secret_fetch_error") - fetches_before
         rss = {a: p.rss_kb() for a, p in arms.items()}
         priced_rows = priced(workdir, ctx, arms["A"])
+        scaling_rows = scaling(workdir, ctx, arms["A"], median([r["cpu_us_per_rq"] for r in per_round["A"]]))
         cold = cold_miss(workdir, ctx, bao)
         cold_baseline = cold_miss(workdir, ctx, bao, "E") if BASELINE_WASM else None
 
@@ -429,6 +512,7 @@ def main():
                              "keyward_over_baseline_cpu_per_request": ratio("C", "E"),
                              "baseline_over_bare_cpu_per_request": ratio("E", "A")}} if BASELINE_WASM else {}),
             "priced_by_body": priced_rows,
+            "scaling": scaling_rows,
             "cold_miss": cold,
             **({"cold_miss_baseline": cold_baseline} if cold_baseline else {}),
             "vault_calls_per_10k_requests": round(fetches * 10000 / max(1, c_requests), 3),
@@ -490,6 +574,11 @@ def print_table(out):
         for row in out["priced_by_body"]["rows"]:
             print(f"| {row['body_bytes']} B | {row['priced_cpu_us_per_request']:.1f} | {row['bare_cpu_us_per_request']:.1f} | "
                   f"{row['priced_minus_bare_us']:.1f} |")
+    if "scaling" in out:
+        print("\n| dimension | value | × bare | CPU µs/request (at this run's bare) |")
+        print("|---|---:|---:|---:|")
+        for row in out["scaling"]["rows"]:
+            print(f"| {row['dimension']} | {row['value']:,} | {row['keyward_over_bare']:.3f} | {row['cpu_us_per_request_at_main_bare']:.1f} |")
     if "baseline" in out:
         b = out["baseline"]
         print(f"baseline {b['wasm']} ({b['wasm_bytes']} bytes): baseline/bare {b['baseline_over_bare_cpu_per_request']}, "
