@@ -43,6 +43,7 @@ deps: .wasm-target $(STAMP) $(PROMTOOL)
 # --- build -----------------------------------------------------------------------------------
 # The module is built with the size-optimised `wasm` profile, then shrunk by binaryen's wasm-opt
 # (pinned in tools/binaryen, installed from the npm registry). Without npm it ships unshrunk.
+comma := ,
 WASM_OPT := tools/binaryen/node_modules/.bin/wasm-opt
 WASM_FEATURES := --enable-bulk-memory --enable-sign-ext --enable-mutable-globals --enable-nontrapping-float-to-int
 
@@ -90,7 +91,7 @@ test: build $(STAMP) unit lint integration fuzz-smoke
 
 # Keyward against bare Envoy, a no-op wasm filter and Envoy's native filters, in one run (about
 # 6 minutes; BENCH_RATE, BENCH_SECONDS, BENCH_ROUNDS tune it). Writes bench/results/latest.json.
-bench: build $(STAMP) dist/bench/noop.wasm
+bench: build $(STAMP) dist/bench/noop.wasm $(foreach a,$(ABLATIONS),dist/bench/ablate-$(a).wasm)
 	cargo build --release --locked -p keyward-loadgen
 	$(VENV)/bin/python bench/run.py
 
@@ -100,6 +101,16 @@ profile:
 	CARGO_PROFILE_RELEASE_STRIP=false CARGO_PROFILE_RELEASE_DEBUG=1 cargo build --release --locked -p keyward-hotpath --target-dir target/profile
 	valgrind --tool=callgrind --callgrind-out-file=target/profile/callgrind.out target/profile/release/keyward-hotpath 20000
 	callgrind_annotate --inclusive=yes target/profile/callgrind.out | head -40
+
+# Bench only: ablation builds of the module (filter/Cargo.toml's ablate-* features), through the same
+# wasm profile and wasm-opt as dist/keyward.wasm, each in its own target directory.
+ABLATIONS := audit scrub metrics all
+dist/bench/ablate-%.wasm: .wasm-target $(shell find filter/src core/src -name '*.rs') filter/Cargo.toml
+	cargo build --profile wasm --locked --target wasm32-wasip1 -p keyward-filter --target-dir target/ablate-$* \
+	  --features $(if $(filter all,$*),ablate-audit$(comma)ablate-scrub$(comma)ablate-metrics,ablate-$*)
+	@mkdir -p dist/bench
+	@if [ -x $(WASM_OPT) ]; then $(WASM_OPT) -Oz $(WASM_FEATURES) target/ablate-$*/wasm32-wasip1/wasm/keyward_filter.wasm -o $@; \
+	else cp target/ablate-$*/wasm32-wasip1/wasm/keyward_filter.wasm $@; fi
 
 dist/bench/noop.wasm: .wasm-target bench/noop/src/lib.rs bench/noop/Cargo.toml
 	cargo build --release --locked --target wasm32-wasip1 -p keyward-bench-noop

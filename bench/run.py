@@ -32,6 +32,11 @@ Writes bench/results/latest.json and prints a markdown table.
 Environment: BENCH_RATE (1500 rps), BENCH_SECONDS (8 per arm per round), BENCH_ROUNDS (8),
 BENCH_WARMUP (2), BENCH_COLD_SAMPLES (15), BENCH_PRICED_ROUNDS (3), BENCH_BODY_SIZES (100,4096,32768),
 BENCH_SCALING_ROUNDS (2), BENCH_SCALING_SECONDS (5); BENCH_ONLY=scaling runs the scaling table alone.
+
+Ablation (where the warm path's cost goes): builds of the module that each skip one kind of hostcall
+(dist/bench/ablate-*.wasm: no filter-state writes; no response-header read; no metrics; all three)
+run like arm C in rounds alternating with it; each row is what the skipped work costs per request.
+BENCH_ABLATION_ROUNDS (4); BENCH_ONLY=ablation runs it alone.
 """
 import base64
 import http.client
@@ -65,6 +70,9 @@ COLD_SAMPLES = int(os.environ.get("BENCH_COLD_SAMPLES", 15))
 PRICED_ROUNDS = int(os.environ.get("BENCH_PRICED_ROUNDS", 3))
 SCALING_ROUNDS = int(os.environ.get("BENCH_SCALING_ROUNDS", 2))
 SCALING_SECONDS = float(os.environ.get("BENCH_SCALING_SECONDS", 5))
+ABLATION_ROUNDS = int(os.environ.get("BENCH_ABLATION_ROUNDS", 4))
+ABLATIONS = {"audit": "filter-state writes (the access-log keys)", "scrub": "reading the response headers (scrubbing)",
+             "metrics": "counters, histograms and their clock reads", "all": "all three"}
 ONLY = os.environ.get("BENCH_ONLY", "")
 BODY_SIZES = [int(x) for x in os.environ.get("BENCH_BODY_SIZES", "100,4096,32768").split(",")]
 TOKENS = 100
@@ -238,6 +246,22 @@ class Proc:
                     return int(v)
         return 0
 
+    def histogram_p50s(self):
+        """The median of every keyward histogram (interpolated in its bucket), by stat name."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin}/stats?format=json&filter=keyward_.*_us", timeout=5) as r:
+            d = json.loads(r.read())
+        out = {}
+        for s in d.get("stats", []):
+            h = s.get("histograms")
+            if not h:
+                continue
+            i = h["supported_quantiles"].index(50)
+            for q in h["computed_quantiles"]:
+                v = q["values"][i]["cumulative"]
+                if v is not None:
+                    out[q["name"].removeprefix("wasmcustom.")] = round(v, 1)
+        return out
+
     def worker_cpu_ns(self):
         """CPU time of the Envoy worker thread (wrk:worker_0), from schedstat."""
         for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
@@ -275,6 +299,11 @@ def cold_miss(workdir, ctx, bao, arm="C"):
     (arm C: this build; arm E: the baseline build)."""
     ports = {"admin": harness.free_port(), "listen": harness.free_port()}
     b = bootstrap(arm, ports, workdir, {**ctx, "keyward_config": keyward_config(ttl_s=1)})
+    # Fine histogram buckets (µs) for the filter's own timings, flushed every second.
+    b["stats_flush_interval"] = "1s"
+    b["stats_config"] = {"histogram_bucket_settings": [{"match": {"prefix": "wasmcustom.keyward_"}, "buckets": [
+        5, 10, 15, 20, 25, 30, 40, 50, 60, 70, 80, 90, 100, 120, 140, 160, 180, 200, 250, 300, 350, 400, 500, 600, 700,
+        800, 900, 1000, 1100, 1200, 1300, 1400, 1500, 1700, 2000, 2500, 3000, 4000, 5000, 10000]}]}
     e = Proc(f"cold-{arm}", b, workdir, 0, ctx["env"])
     try:
         gw = http.client.HTTPConnection("127.0.0.1", ports["listen"], timeout=10)
@@ -300,10 +329,13 @@ def cold_miss(workdir, ctx, bao, arm="C"):
             vault.getresponse().read()
             vaults.append((time.perf_counter() - t0) * 1e6)
         misses = e.stat("wasmcustom.keyward_cache_miss")
+        time.sleep(1.5)  # the histograms' flush
         return {"samples": COLD_SAMPLES, "cache_misses_counted": misses,
                 "cold_request_p50_us": median(totals), "warm_request_p50_us": median(warm),
                 "vault_read_p50_us": median(vaults),
-                "cold_minus_vault_p50_us": median([t - v for t, v in zip(totals, vaults)])}
+                "cold_minus_vault_p50_us": median([t - v for t, v in zip(totals, vaults)]),
+                "cold_minus_warm_minus_vault_p50_us": median([t - w - v for t, w, v in zip(totals, warm, vaults)]),
+                "filter_p50_us": e.histogram_p50s()}
     finally:
         e.stop()
 
@@ -404,6 +436,41 @@ def scaling(workdir, ctx, bare, bare_cpu):
     return {"rounds": SCALING_ROUNDS, "seconds": SCALING_SECONDS, "rows": out}
 
 
+def ablation(workdir, ctx, keyward):
+    """What each kind of hostcall costs on the warm path: arm C against builds that skip it."""
+    procs = {}
+    try:
+        for name in ABLATIONS:
+            ports = {"admin": harness.free_port(), "listen": harness.free_port()}
+            b = bootstrap("C", ports, workdir, ctx)
+            b["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"][0][
+                "typed_config"]["config"]["vm_config"]["code"]["local"]["filename"] = str(ROOT / "dist" / "bench" / f"ablate-{name}.wasm")
+            p = Proc(f"ablate-{name}", b, workdir, 0, ctx["env"])
+            p.port = ports["listen"]
+            procs[name] = p
+            probe = load(p.port, ctx["tokens_file"], 1, 200)
+            assert probe["ok"] == probe["requests"], (name, probe)
+        saved = {n: [] for n in ABLATIONS}
+        for rnd in range(ABLATION_ROUNDS + 1):
+            fig = {}
+            for name, p in [("C", keyward)] + list(procs.items()):
+                cpu0, rq0 = p.worker_cpu_ns(), p.stat("http.bench.downstream_rq_completed")
+                load(p.port, ctx["tokens_file"], SCALING_SECONDS, RATE)
+                time.sleep(0.3)
+                cpu1, rq1 = p.worker_cpu_ns(), p.stat("http.bench.downstream_rq_completed")
+                fig[name] = (cpu1 - cpu0) / 1000 / max(1, rq1 - rq0)
+            if rnd == 0:
+                continue
+            for n in ABLATIONS:
+                saved[n].append(fig["C"] - fig[n])
+            print(f"ablation round {rnd}: C {fig['C']:.1f}us, " + ", ".join(f"{n} {fig[n]:.1f}us" for n in ABLATIONS), flush=True)
+        return {"rounds": ABLATION_ROUNDS, "rows": [{"skipped": n, "what": ABLATIONS[n], "saves_us_per_request": round(median(saved[n]), 1)}
+                                                     for n in ABLATIONS]}
+    finally:
+        for p in procs.values():
+            p.stop()
+
+
 def main():
     for p in (ENVOY, LOADGEN, KEYWARD_WASM, NOOP_WASM):
         if not p.exists():
@@ -436,9 +503,16 @@ def main():
         env = {"KEYWARD_KEY_K1": base64.b64encode(key).decode(), "VAULT_TOKEN": bao.token}
         up_port = harness.free_port()
         procs.append(Proc("upstream", upstream_bootstrap(up_port, harness.free_port()), workdir, 1))
-        ctx = {"key": key, "vendor_key": vendor_key, "upstream_port": up_port, "bao_port": bao.port,
+        ctx = {"key": key, "vendor_key": vendor_key, "upstream_port": up_port, "bao_port": bao.port, "tokens_file": tokens_file,
                "keyward_config": keyward_config(), "env": env, "tokens": tokens, "priced_config": keyward_priced_config(),
                "priced_tokens_file": priced_tokens_file, "no_spend_file": no_spend_file}
+        if ONLY == "ablation":
+            ports = {"admin": harness.free_port(), "listen": harness.free_port()}
+            kw = Proc("arm-C", bootstrap("C", ports, workdir, ctx), workdir, 0, env)
+            kw.port = ports["listen"]
+            procs.append(kw)
+            print(json.dumps(ablation(workdir, ctx, kw), indent=1))
+            return
         if ONLY == "scaling":
             ports = {"admin": harness.free_port(), "listen": harness.free_port()}
             bare = Proc("arm-A", bootstrap("A", ports, workdir, ctx), workdir, 0, env)
@@ -486,6 +560,7 @@ def main():
                 f"{a} {per_round[a][-1]['cpu_us_per_rq']:.1f}us" for a in ARMS if per_round[a] and rnd >= WARMUP), flush=True)
         fetches = arms["C"].stat("wasmcustom.keyward_secret_fetch_ok") + arms["C"].stat("wasmcustom.keyward_secret_fetch_error") - fetches_before
         rss = {a: p.rss_kb() for a, p in arms.items()}
+        ablation_rows = ablation(workdir, ctx, arms["C"])
         priced_rows = priced(workdir, ctx, arms["A"])
         scaling_rows = scaling(workdir, ctx, arms["A"], median([r["cpu_us_per_rq"] for r in per_round["A"]]))
         cold = cold_miss(workdir, ctx, bao)
@@ -511,6 +586,7 @@ def main():
             **({"baseline": {"wasm": BASELINE_WASM, "wasm_bytes": Path(BASELINE_WASM).stat().st_size,
                              "keyward_over_baseline_cpu_per_request": ratio("C", "E"),
                              "baseline_over_bare_cpu_per_request": ratio("E", "A")}} if BASELINE_WASM else {}),
+            "ablation": ablation_rows,
             "priced_by_body": priced_rows,
             "scaling": scaling_rows,
             "cold_miss": cold,
@@ -518,6 +594,7 @@ def main():
             "vault_calls_per_10k_requests": round(fetches * 10000 / max(1, c_requests), 3),
             "keyward_wasm_bytes": KEYWARD_WASM.stat().st_size,
             "memory": {"rss_kb": rss, "keyward_minus_bare_rss_kb": rss["C"] - rss["A"],
+                       "keyward_wasm_linear_memory_kb": arms["C"].stat("wasmcustom.keyward_wasm_memory_bytes") // 1024,
                        "noop_minus_bare_rss_kb": rss["B"] - rss["A"],
                        "vms_per_envoy": 2,
                        "keyward_per_vm_kb": (rss["C"] - rss["A"]) // 2,
@@ -560,20 +637,31 @@ def print_table(out):
     print(f"\nkeyward/bare {r['keyward_over_bare_cpu_per_request']}  keyward/native {r['keyward_over_native_cpu_per_request']}  "
           f"noop/bare {r['noop_over_bare_cpu_per_request']}  (medians of per-round ratios)")
     print(f"cold miss: {c['cold_request_p50_us']:.0f} µs, of which the vault's own read {c['vault_read_p50_us']:.0f} µs "
-          f"-> {c['cold_minus_vault_p50_us']:.0f} µs added; warm {c['warm_request_p50_us']:.0f} µs")
+          f"-> {c['cold_minus_vault_p50_us']:.0f} µs added; warm {c['warm_request_p50_us']:.0f} µs; "
+          f"cold - warm - vault {c['cold_minus_warm_minus_vault_p50_us']:.0f} µs")
+    f = c.get("filter_p50_us", {})
+    print("cold miss inside the filter (medians, µs): " + ", ".join(
+        f"{k.split(';')[-1].split('=')[-1] if 'cold' in k else k.split(';')[0].removeprefix('keyward_')}"
+        f"{'' if 'cold' in k else '(' + k.split('=')[-1] + ')'} {v:.0f}" for k, v in sorted(f.items())))
     if "cold_miss_baseline" in out:
         c = out["cold_miss_baseline"]
         print(f"baseline cold miss: {c['cold_request_p50_us']:.0f} µs, of which the vault's own read {c['vault_read_p50_us']:.0f} µs "
               f"-> {c['cold_minus_vault_p50_us']:.0f} µs added; warm {c['warm_request_p50_us']:.0f} µs")
     print(f"vault calls per 10,000 requests: {out['vault_calls_per_10k_requests']}; keyward.wasm {out['keyward_wasm_bytes']} bytes; "
           f"memory per VM {out['memory']['keyward_per_vm_kb'] / 1024:.1f} MiB "
-          f"({out['memory']['keyward_over_noop_per_vm_kb'] / 1024:.1f} MiB more than a no-op module)")
+          f"({out['memory']['keyward_over_noop_per_vm_kb'] / 1024:.1f} MiB more than a no-op module; its linear memory "
+          f"{out['memory']['keyward_wasm_linear_memory_kb'] / 1024:.1f} MiB)")
     if "priced_by_body" in out:
         print("\n| priced payment body | keyward CPU µs/request | bare, same POST | added µs |")
         print("|---:|---:|---:|---:|")
         for row in out["priced_by_body"]["rows"]:
             print(f"| {row['body_bytes']} B | {row['priced_cpu_us_per_request']:.1f} | {row['bare_cpu_us_per_request']:.1f} | "
                   f"{row['priced_minus_bare_us']:.1f} |")
+    if "ablation" in out:
+        print("\n| skipped in an ablation build | saves µs/request |")
+        print("|---|---:|")
+        for row in out["ablation"]["rows"]:
+            print(f"| {row['what']} | {row['saves_us_per_request']:.1f} |")
     if "scaling" in out:
         print("\n| dimension | value | × bare | CPU µs/request (at this run's bare) |")
         print("|---|---:|---:|---:|")

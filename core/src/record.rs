@@ -48,11 +48,16 @@ pub enum Family {
     /// Counter: reservations released because the vendor answered with a `refund_on` status
     /// (`target`).
     SpendRefunded,
+    /// Histogram: where a cold miss's time goes, in microseconds (`phase`): `park` (the headers'
+    /// decision up to parking), `wake` (the fetch queued until the root sends it), `decode` (the
+    /// store's answer arriving until its waiters are decided again: parse, shared write), `resume`
+    /// (deciding one waiter again and resuming it). The callout itself is `StoreFetchUs`.
+    ColdUs,
 }
 
 impl Family {
-    pub const ALL: [Family; 6] =
-        [Family::TargetRequests, Family::StoreFetches, Family::StoreFetchUs, Family::AddedUs, Family::SpendReserved, Family::SpendRefunded];
+    pub const ALL: [Family; 7] =
+        [Family::TargetRequests, Family::StoreFetches, Family::StoreFetchUs, Family::AddedUs, Family::SpendReserved, Family::SpendRefunded, Family::ColdUs];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -62,6 +67,7 @@ impl Family {
             Family::AddedUs => "keyward_added_us",
             Family::SpendReserved => "keyward_spend_reserved",
             Family::SpendRefunded => "keyward_spend_refunded",
+            Family::ColdUs => "keyward_cold_us",
         }
     }
 
@@ -72,11 +78,12 @@ impl Family {
             Family::StoreFetchUs => &["store"],
             Family::AddedUs => &["outcome"],
             Family::SpendReserved | Family::SpendRefunded => &["target"],
+            Family::ColdUs => &["phase"],
         }
     }
 
     pub fn is_histogram(self) -> bool {
-        matches!(self, Family::StoreFetchUs | Family::AddedUs)
+        matches!(self, Family::StoreFetchUs | Family::AddedUs | Family::ColdUs)
     }
 
     /// The stat name for these label values (in the order of `labels`), written into `out`.

@@ -31,6 +31,9 @@ impl Host for WasmHost {
     }
 
     fn now_us(&self) -> u64 {
+        if cfg!(feature = "ablate-metrics") {
+            return 0; // read only for the histograms
+        }
         hostcalls::get_current_time().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map_or(0, |d| d.as_micros() as u64)
     }
 
@@ -81,6 +84,9 @@ impl Host for WasmHost {
     }
 
     fn response_headers(&mut self) -> Result<Headers, HostError> {
+        if cfg!(feature = "ablate-scrub") {
+            return Ok(Vec::new());
+        }
         hostcalls::get_map_bytes(MapType::HttpResponseHeaders).map_err(failed)
     }
 
@@ -106,6 +112,9 @@ impl Host for WasmHost {
     }
 
     fn set_filter_state(&mut self, key: &'static str, value: &str) {
+        if cfg!(feature = "ablate-audit") {
+            return;
+        }
         if hostcalls::set_property(vec![key], Some(value.as_bytes())).is_err() {
             log::debug!("could not set filter state {key}");
         }
@@ -125,15 +134,21 @@ impl Host for WasmHost {
     }
 
     fn metric(&mut self, m: Metric) {
-        self.metrics.inc(m);
+        if !cfg!(feature = "ablate-metrics") {
+            self.metrics.inc(m);
+        }
     }
 
     fn count(&mut self, family: Family, values: &[&str], n: u64) {
-        self.metrics.count(family, values, n);
+        if !cfg!(feature = "ablate-metrics") {
+            self.metrics.count(family, values, n);
+        }
     }
 
     fn observe(&mut self, family: Family, values: &[&str], value: u64) {
-        self.metrics.observe(family, values, value);
+        if !cfg!(feature = "ablate-metrics") {
+            self.metrics.observe(family, values, value);
+        }
     }
 }
 

@@ -93,11 +93,15 @@ impl RootContext for Root {
             }
         }
         w.lc.configure(&mut w.host, cfg);
+        w.host.metrics.report_memory();
         true
     }
 
     fn on_tick(&mut self) {
         self.event(Event::Tick);
+        if let Ok(w) = self.shared.try_borrow() {
+            w.host.metrics.report_memory();
+        }
     }
 
     fn on_queue_ready(&mut self, queue_id: u32) {

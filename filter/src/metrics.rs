@@ -10,6 +10,8 @@ use std::collections::HashMap;
 #[derive(Debug, Default)]
 pub struct Metrics {
     ids: HashMap<Metric, u32>,
+    /// Gauge: this VM's linear memory (the module's heap, stack and data), in bytes.
+    memory: Option<u32>,
     /// Labelled stats by name; names come from the configuration and the contract's codes, so
     /// the map is bounded by targets × codes + stores × 3 + 4.
     labelled: HashMap<String, u32>,
@@ -28,7 +30,18 @@ impl Metrics {
                 Err(_) => log::warn!("could not define metric {name}"),
             }
         }
-        Metrics { ids, ..Metrics::default() }
+        let memory = hostcalls::define_metric(MetricType::Gauge, "keyward_wasm_memory_bytes").ok();
+        Metrics { ids, memory, ..Metrics::default() }
+    }
+
+    /// Report this VM's linear memory (set at configure time and on every tick). Several
+    /// configurations in one VM report the same figure.
+    pub fn report_memory(&self) {
+        #[cfg(target_arch = "wasm32")]
+        if let Some(id) = self.memory {
+            let bytes = core::arch::wasm32::memory_size(0) as u64 * 65536;
+            let _ = hostcalls::record_metric(id, bytes);
+        }
     }
 
     pub fn inc(&self, m: Metric) {

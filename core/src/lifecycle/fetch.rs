@@ -85,6 +85,9 @@ impl Lifecycle {
         match shared::update::<SlotState>(host, &key, |s| s.take_lease(now_ms, lease_ms)) {
             Some(true) => {
                 self.set_fetch(slot, Fetch::Queued { retried: false });
+                if let Some(c) = self.slots.get_mut(slot) {
+                    c.queued_us = host.now_us();
+                }
                 if self.in_root {
                     self.dispatch_slot(host, slot, false);
                 } else {
@@ -115,6 +118,10 @@ impl Lifecycle {
         };
         match self.send(host, &store::read_call(st, &spec.path, session.as_ref())) {
             Ok(call) => {
+                let queued_us = self.slots.get_mut(slot).map_or(0, |c| std::mem::take(&mut c.queued_us));
+                if queued_us != 0 {
+                    host.observe(Family::ColdUs, &["wake"], host.now_us().saturating_sub(queued_us));
+                }
                 let deadline_ms = host.now_ms() + u64::from(st.timeout_ms) + CALL_GRACE_MS;
                 self.calls.insert(call, Purpose::Secret(slot));
                 self.set_fetch(slot, Fetch::InFlight { call, deadline_ms, session: generation, retried, sent_us: host.now_us() });
@@ -134,8 +141,12 @@ impl Lifecycle {
         }
         let Some(cfg) = self.cfg.clone() else { return };
         let (Some(spec), Some(st)) = (cfg.slots.get(slot), cfg.store_of(slot)) else { return };
+        let answered_us = host.now_us();
         if answer.status.is_some() {
-            host.observe(Family::StoreFetchUs, &[&st.name], host.now_us().saturating_sub(sent_us));
+            host.observe(Family::StoreFetchUs, &[&st.name], answered_us.saturating_sub(sent_us));
+        }
+        if let Some(c) = self.slots.get_mut(slot) {
+            c.answered_us = answered_us;
         }
         let result = match answer.body.filter(|b| b.len() <= store::MAX_BODY) {
             None => Err(FetchError::Garbage(format!("answer is larger than {} bytes", store::MAX_BODY))),
@@ -193,8 +204,14 @@ impl Lifecycle {
     /// Decide every request parked on `slot` again.
     pub(super) fn wake(&mut self, host: &mut impl Host, slot: usize) {
         let waiting: Vec<u32> = self.parked.iter().filter(|(_, p)| p.wait == Wait::Secret(slot)).map(|(c, _)| *c).collect();
+        let answered_us = self.slots.get_mut(slot).map_or(0, |c| std::mem::take(&mut c.answered_us));
+        if answered_us != 0 && !waiting.is_empty() {
+            host.observe(Family::ColdUs, &["decode"], host.now_us().saturating_sub(answered_us));
+        }
         for ctx in waiting {
+            let t0 = host.now_us();
             self.resume(host, ctx);
+            host.observe(Family::ColdUs, &["resume"], host.now_us().saturating_sub(t0));
         }
     }
 

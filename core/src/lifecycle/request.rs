@@ -198,6 +198,9 @@ impl Lifecycle {
         let reservation = decision.reservation;
         match decision.outcome {
             Outcome::Need(slot) => {
+                if !resumed {
+                    host.observe(Family::ColdUs, &["park"], host.now_us().saturating_sub(started_us));
+                }
                 let timeout = cfg.store_of(slot).map_or(2000, |s| u64::from(s.timeout_ms));
                 let deadline_ms = parked.map_or(now_ms + timeout + PARK_GRACE_MS, |p| p.deadline_ms);
                 self.parked.insert(ctx, Parked { wait: Wait::Secret(slot), deadline_ms, audit, admitted, started_us, body_end });

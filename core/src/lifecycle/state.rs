@@ -168,6 +168,10 @@ pub struct SlotCache {
     /// When this worker last served it (values in use are refreshed ahead of their TTL).
     pub(super) used_at_ms: Option<u64>,
     pub(super) keys: HashMap<String, PreparedKey>,
+    /// When this worker queued its fetch for the root, and when the store's answer arrived
+    /// (microseconds; 0: none), for the cold-miss breakdown (`Family::ColdUs`).
+    pub(super) queued_us: u64,
+    pub(super) answered_us: u64,
 }
 
 /// The shared-data names of one configuration (`secrets::keys`), computed once.

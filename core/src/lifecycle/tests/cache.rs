@@ -332,3 +332,20 @@ fn decision_headers_replace_what_the_client_sent() {
     assert_eq!(plain.handle(&mut h2, Event::Request(12)), Action::Continue);
     assert!(h2.streams[&12].request.iter().all(|(k, _)| !k.starts_with("x-keyward-")));
 }
+
+#[test]
+fn a_cold_miss_reports_where_its_time_goes() {
+    let mut host = MemHost::new(ROOT);
+    let mut lc = worker(&mut host, config());
+    let call = cold_fetch(&mut lc, &mut host, 10);
+    host.advance(3);
+    lc.handle(&mut host, Event::Answer { call, answer: stripe_answer() });
+    for phase in ["park", "wake", "decode", "resume"] {
+        assert_eq!(host.observed.get(&format!("keyward_cold_us;phase={phase}")).map(Vec::len), Some(1), "{phase}: {:?}", host.observed);
+    }
+    assert!(host.observed.keys().any(|k| k.starts_with("keyward_store_fetch_us")), "the callout itself");
+    // A warm request reports none of it.
+    host.observed.clear();
+    assert_eq!(send_request(&mut lc, &mut host, 11), Action::Continue);
+    assert!(!host.observed.keys().any(|k| k.starts_with("keyward_cold_us")));
+}
