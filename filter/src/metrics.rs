@@ -11,6 +11,7 @@ use std::collections::HashMap;
 pub struct Metrics {
     ids: HashMap<Metric, u32>,
     /// Gauge: this VM's linear memory (the module's heap, stack and data), in bytes.
+    #[cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
     memory: Option<u32>,
     /// Labelled stats by name; names come from the configuration and the contract's codes, so
     /// the map is bounded by targets × codes + stores × 3 + 4.
