@@ -275,20 +275,15 @@ pub fn decide(cfg: &Config, req: &mut impl Request, secrets: &mut impl Secrets, 
         };
         return deny(audit, Denial::new(Code::BadRequest, msg));
     }
-    let ticket = Ticket {
-        key_id,
-        jti: claims.jti.clone(),
-        lim: claims.lim,
-        par: claims.par.clone(),
-        plim: claims.plim,
-        keep_until_s: claims.exp.saturating_add(cfg.policy.clock_skew_s),
-        retry_seed: audit.idempotency_key.as_deref().map(|k| admission::retry_seed(k, &target.name, &method, vendor_path)),
-    };
-    let ticket = ticket.counts().then_some(ticket);
-    // A priced request is counted once its cost is known and nothing else can refuse it; an
-    // unpriced one now, before any vault call.
-    // Priced when any method the vendor may run (an override included) is.
+    // Priced when any method the vendor may run (an override included) is. A priced request is
+    // counted once its cost is known and nothing else can refuse it; an unpriced one now, before
+    // any vault call.
     let cost = target.cost.as_ref().filter(|c| c.applies(&method, vendor_path) || overrides.iter().any(|m| c.applies(m, vendor_path)));
+    // What it counts under, built only when the credential has limits (the retry seed only
+    // when the request is priced and carries an Idempotency-Key).
+    let ticket = Ticket::for_claims(&claims, key_id, claims.exp.saturating_add(cfg.policy.clock_skew_s), || {
+        audit.idempotency_key.as_deref().filter(|_| cost.is_some()).map(|k| admission::retry_seed(k, &target.name, &method, vendor_path))
+    });
     if let Some(c) = cost.filter(|c| c.reads_body()) {
         let h = BodyHeaders {
             content_type: req.header("content-type"),

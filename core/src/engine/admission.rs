@@ -7,6 +7,7 @@
 //! released from the child's, so a refused request holds nothing.
 
 use super::{Secrets, RETRY_AFTER_UNAVAILABLE_S};
+use crate::credential::jwt::Claims;
 use crate::policy::cost::Priced;
 use crate::policy::limits::{Charge, Limits, RetryKey, Verdict};
 use crate::response::{Code, Denial};
@@ -29,17 +30,19 @@ pub struct Ticket {
 }
 
 impl Ticket {
+    /// The ticket of a verified credential, or `None` when it has no limits to count against
+    /// (nothing is allocated then: the common warm path). `retry_seed` is asked for only if needed.
+    pub fn for_claims(c: &Claims, key_id: u64, keep_until_s: i64, retry_seed: impl FnOnce() -> Option<[u8; 32]>) -> Option<Ticket> {
+        let counts = !c.lim.is_empty() || (c.par.is_some() && !c.plim.is_empty());
+        counts.then(|| Ticket { key_id, jti: c.jti.clone(), lim: c.lim, par: c.par.clone(), plim: c.plim, keep_until_s, retry_seed: retry_seed() })
+    }
+
     fn own(&self) -> bool {
         !self.lim.is_empty()
     }
 
     fn parents(&self) -> Option<&str> {
         self.par.as_deref().filter(|_| !self.plim.is_empty())
-    }
-
-    /// Does the request count anywhere?
-    pub fn counts(&self) -> bool {
-        self.own() || self.parents().is_some()
     }
 }
 
