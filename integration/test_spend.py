@@ -19,6 +19,7 @@ import requests
 import envoy_config
 import harness
 from conftest import assert_no_leaks
+from test_core import access_entries
 from test_observability import series
 
 PANIC_WASM = harness.ROOT / "dist" / "test" / "keyward-panic.wasm"
@@ -68,8 +69,8 @@ class SpendGateway:
         self.vendor = harness.Vendor()
         self.ports = dict(gw.ports, admin=harness.free_port(), hardened=harness.free_port(), raw=harness.free_port(),
                           vendor=self.vendor.port)
-        self.access = workdir / "access-spend.log"
-        self.envoy = harness.Envoy(workdir, spend_bootstrap(self.ports, self.access), gw.env, name="envoy-spend", concurrency=2)
+        self.access_log = workdir / "access-spend.log"
+        self.envoy = harness.Envoy(workdir, spend_bootstrap(self.ports, self.access_log), gw.env, name="envoy-spend", concurrency=2)
         self.url = f"http://127.0.0.1:{self.ports['hardened']}"
         harness.wait_until(lambda: requests.get(self.url + "/keyward/health", timeout=5).status_code == 200, timeout=15, what="ready")
 
@@ -84,16 +85,7 @@ class SpendGateway:
         return requests.post(self.url + path, data=body, headers=h, timeout=15, **kw)
 
     def entries(self, jti):
-        out = []
-        if self.access.exists():
-            for line in self.access.read_text().splitlines():
-                try:
-                    e = json.loads(line)
-                except ValueError:
-                    continue
-                if e.get("jti") == jti:
-                    out.append(e)
-        return out
+        return access_entries(self, jti)
 
     def wait_entries(self, jti, n):
         harness.wait_until(lambda: len(self.entries(jti)) >= n, timeout=10, what=f"{n} access-log entries")
@@ -113,7 +105,7 @@ def sg(gw, workdir):
     assert requests.get(g.url + "/pay/v1/warm", headers={"Authorization": f"Bearer {t}"}, timeout=10).status_code == 200
     g.vendor.take()
     yield g
-    assert_no_leaks(g.envoy.log_path.read_text(errors="replace") + (g.access.read_text() if g.access.exists() else ""), "the spend gateway's logs")
+    assert_no_leaks(g.envoy.log_path.read_text(errors="replace") + (g.access_log.read_text() if g.access_log.exists() else ""), "the spend gateway's logs")
     g.stop()
 
 
@@ -436,7 +428,7 @@ def test_the_cli_mints_spend_caps_and_reports_spend(sg):
     assert sg.pay(out["token"], "amount=200&currency=usd", {"x-test-status": "402"}).status_code == 402
     sg.vendor.take()
     sg.wait_entries(out["jti"], 3)
-    r = harness.cli("report", str(sg.access), "--json")
+    r = harness.cli("report", str(sg.access_log), "--json")
     assert r.returncode == 0, r.stderr
     rows = [x for x in json.loads(r.stdout)["spend"] if x["subject"] == "lambda/cli"]
     assert rows == [{"subject": "lambda/cli", "run": "batch-9", "target": "pay", "requests": 2, "charged": 500, "refunded": 200,
@@ -444,3 +436,22 @@ def test_the_cli_mints_spend_caps_and_reports_spend(sg):
     bad = harness.cli("mint", "--kid=k1", "--key-env=KEYWARD_KEY_K1", "--sub=s", "--allow=pay POST /**", "--spend=-1",
                       env={"KEYWARD_KEY_K1": sg.gw.k1_b64})
     assert bad.returncode == 2 and "--spend" in bad.stderr
+
+
+def test_a_client_that_leaves_mid_body_holds_nothing_on_any_worker(sg):
+    t, jti = sg.token(spend=1000)
+    host, port = sg.url.removeprefix("http://").split(":")
+    for _ in range(4):
+        s = socket.create_connection((host, int(port)), timeout=10)
+        s.sendall((f"POST /pay/v1/payment_intents HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {t}\r\n"
+                   "Content-Type: application/x-www-form-urlencoded\r\nTransfer-Encoding: chunked\r\n\r\n"
+                   "c\r\namount=1000&\r\n").encode())
+        time.sleep(0.1)
+        s.close()  # the body never ends
+    time.sleep(0.3)
+    assert sg.vendor.take() == [], "a payment whose body never ended was not forwarded"
+    # Every worker still has the whole cap: each of these new connections may land on either.
+    rs = [sg.pay(t, "amount=250&currency=usd") for _ in range(4)]
+    assert [r.status_code for r in rs] == [200] * 4, [r.text for r in rs]
+    assert sg.pay(t, "amount=1&currency=usd").status_code == 429
+    sg.vendor.take()
