@@ -34,7 +34,8 @@ pub type Headers = Vec<(String, Vec<u8>)>;
 pub trait Host {
     /// Milliseconds since the epoch.
     fn now_ms(&self) -> u64;
-    /// Microseconds since the epoch (for the latency histograms only).
+    /// Microseconds since the epoch, from the same clock as `now_ms` (a request's decision reads
+    /// the clock once, here, and takes its milliseconds from it).
     fn now_us(&self) -> u64;
 
     /// A shared-data entry and its CAS (`None`, `None`: the entry does not exist).

@@ -181,8 +181,10 @@ impl Lifecycle {
             return finish_deny(host, &Audit { decision: d.code.as_str(), ..Audit::default() }, &d, started_us);
         };
         let resumed = parked.is_some();
-        let started_us = parked.as_ref().map_or_else(|| host.now_us(), |p| p.started_us);
-        let now_ms = host.now_ms();
+        // One clock read: the decision's time and, for a new request, when it started.
+        let now_us = host.now_us();
+        let started_us = parked.as_ref().map_or(now_us, |p| p.started_us);
+        let now_ms = now_us / 1000;
         let mut req = HostRequest::read(host);
         if let Some(name) = req.endpoint.take() {
             return self.answer_endpoint(host, &name, now_ms);
