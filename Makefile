@@ -47,16 +47,27 @@ comma := ,
 WASM_OPT := tools/binaryen/node_modules/.bin/wasm-opt
 WASM_FEATURES := --enable-bulk-memory --enable-sign-ext --enable-mutable-globals --enable-nontrapping-float-to-int
 
+# The proxy-wasm callbacks the filter implements. The SDK exports every callback, and Envoy enters
+# the VM for each one a module exports (on_log, on_response_body, on_done ... on every request);
+# tools/trim_exports.py keeps only these, and wasm-opt then drops the code behind the others.
+WASM_EXPORTS := memory _initialize 'proxy_abi_version_*' proxy_on_memory_allocate proxy_on_context_create \
+  proxy_on_vm_start proxy_on_configure proxy_on_tick proxy_on_queue_ready proxy_on_http_call_response \
+  proxy_on_request_headers proxy_on_request_body proxy_on_response_headers proxy_on_response_trailers proxy_on_delete
+# $(call finish_wasm,built.wasm,out.wasm): trim the exports, then shrink with wasm-opt if present.
+define finish_wasm
+	@mkdir -p $(dir $(2))
+	python3 tools/trim_exports.py $(1) $(2).trimmed $(WASM_EXPORTS)
+	@if [ -x $(WASM_OPT) ]; then \
+	  $(WASM_OPT) -Oz $(WASM_FEATURES) $(2).trimmed -o $(2); rm -f $(2).trimmed; \
+	else \
+	  echo "warning: npm not found: $(2) is not shrunk by wasm-opt"; mv $(2).trimmed $(2); \
+	fi
+endef
+
 wasm: .wasm-target
 	KEYWARD_GIT_HASH=$(GIT_HASH) cargo build --profile wasm --locked --target wasm32-wasip1 -p keyward-filter
-	@mkdir -p dist
 	@if [ ! -x $(WASM_OPT) ] && command -v npm >/dev/null; then (cd tools/binaryen && npm ci --silent --no-audit --no-fund); fi
-	@if [ -x $(WASM_OPT) ]; then \
-	  $(WASM_OPT) -Oz $(WASM_FEATURES) target/wasm32-wasip1/wasm/keyward_filter.wasm -o $(WASM); \
-	else \
-	  echo "warning: npm not found: keyward.wasm is not shrunk by wasm-opt"; \
-	  cp target/wasm32-wasip1/wasm/keyward_filter.wasm $(WASM); \
-	fi
+	$(call finish_wasm,target/wasm32-wasip1/wasm/keyward_filter.wasm,$(WASM))
 	@echo "built $(WASM) ($$(stat -c %s $(WASM)) bytes, $(GIT_HASH))"
 
 cli:
@@ -104,13 +115,11 @@ profile:
 
 # Bench only: ablation builds of the module (filter/Cargo.toml's ablate-* features), through the same
 # wasm profile and wasm-opt as dist/keyward.wasm, each in its own target directory.
-ABLATIONS := audit scrub metrics all
+ABLATIONS := audit scrub metrics all onekey
 dist/bench/ablate-%.wasm: .wasm-target $(shell find filter/src core/src -name '*.rs') filter/Cargo.toml
 	cargo build --profile wasm --locked --target wasm32-wasip1 -p keyward-filter --target-dir target/ablate-$* \
 	  --features $(if $(filter all,$*),ablate-audit$(comma)ablate-scrub$(comma)ablate-metrics,ablate-$*)
-	@mkdir -p dist/bench
-	@if [ -x $(WASM_OPT) ]; then $(WASM_OPT) -Oz $(WASM_FEATURES) target/ablate-$*/wasm32-wasip1/wasm/keyward_filter.wasm -o $@; \
-	else cp target/ablate-$*/wasm32-wasip1/wasm/keyward_filter.wasm $@; fi
+	$(call finish_wasm,target/ablate-$*/wasm32-wasip1/wasm/keyward_filter.wasm,$@)
 
 dist/bench/noop.wasm: .wasm-target bench/noop/src/lib.rs bench/noop/Cargo.toml
 	cargo build --release --locked --target wasm32-wasip1 -p keyward-bench-noop

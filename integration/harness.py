@@ -44,6 +44,15 @@ def stop_process(proc: subprocess.Popen, grace=10.0):
         proc.wait()
 
 
+# The filter hands its counters to Envoy on the root's tick (200 ms): a read of Envoy's stats waits
+# one tick and a little more, so it sees everything counted before it was asked.
+COUNTER_FLUSH_S = 0.25
+
+
+def flush_wait():
+    time.sleep(COUNTER_FLUSH_S)
+
+
 def wait_until(fn, timeout=20.0, what="condition"):
     deadline = time.time() + timeout
     last = None
@@ -344,6 +353,7 @@ class Envoy:
         return requests.get(f"http://127.0.0.1:{self.admin}/ready", timeout=1).status_code == 200
 
     def stats(self) -> dict:
+        flush_wait()
         text = requests.get(f"http://127.0.0.1:{self.admin}/stats", timeout=5).text
         out = {}
         for line in text.splitlines():
@@ -353,6 +363,7 @@ class Envoy:
         return out
 
     def prometheus(self) -> str:
+        flush_wait()
         return requests.get(f"http://127.0.0.1:{self.admin}/stats/prometheus", timeout=5).text
 
     def stop(self):

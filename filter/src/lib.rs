@@ -11,7 +11,7 @@ use keyward_core::lifecycle::{Event, Lifecycle};
 use keyward_core::secrets::store;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -23,7 +23,7 @@ pub const GIT_HASH: &str = match option_env!("KEYWARD_GIT_HASH") {
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
     proxy_wasm::set_root_context(|root_id| -> Box<dyn RootContext> {
-        Box::new(Root { id: root_id, shared: Rc::new(RefCell::new(Worker { lc: Lifecycle::new(root_id), host: WasmHost::default() })) })
+        Box::new(Root { id: root_id, served: Cell::new(false), shared: Rc::new(RefCell::new(Worker { lc: Lifecycle::new(root_id), host: WasmHost::default() })) })
     });
 }}
 
@@ -48,6 +48,9 @@ fn action(a: CoreAction) -> Action {
 
 struct Root {
     id: u32,
+    /// Whether this VM has had a stream: only such VMs (workers, not the main thread's) report
+    /// their linear memory on the tick, so the gauge shows a VM that holds caches.
+    served: Cell<bool>,
     shared: Rc<RefCell<Worker>>,
 }
 
@@ -85,6 +88,7 @@ impl RootContext for Root {
         log::info!("keyward {VERSION} ({GIT_HASH}) configured: {}", cfg.summary());
         let Ok(mut w) = self.shared.try_borrow_mut() else { return false };
         let w = &mut *w;
+        w.host.metrics.flush();
         w.host.metrics = metrics::Metrics::define();
         if w.host.queue.is_none() {
             w.host.queue = host::queue_name(&mut w.host, self.id).and_then(|name| proxy_wasm::hostcalls::register_shared_queue(&name).ok());
@@ -99,8 +103,11 @@ impl RootContext for Root {
 
     fn on_tick(&mut self) {
         self.event(Event::Tick);
-        if let Ok(w) = self.shared.try_borrow() {
-            w.host.metrics.report_memory();
+        if let Ok(mut w) = self.shared.try_borrow_mut() {
+            w.host.metrics.flush();
+            if self.served.get() {
+                w.host.metrics.report_memory();
+            }
         }
     }
 
@@ -111,6 +118,7 @@ impl RootContext for Root {
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        self.served.set(true);
         Some(Box::new(Stream { id: context_id, shared: self.shared.clone() }))
     }
 
@@ -124,12 +132,16 @@ struct Stream {
     shared: Rc<RefCell<Worker>>,
 }
 
-impl Context for Stream {
-    fn on_done(&mut self) -> bool {
+impl Context for Stream {}
+
+/// The SDK drops a stream's context in `proxy_on_delete`, which Envoy calls once for every
+/// stream that had one (answered, reset or left). The module does not export `proxy_on_done`
+/// (see the Makefile's export list), so Envoy makes no other call into the VM at a stream's end.
+impl Drop for Stream {
+    fn drop(&mut self) {
         if let Ok(mut w) = self.shared.try_borrow_mut() {
             w.handle(Event::StreamGone(self.id));
         }
-        true
     }
 }
 
@@ -143,6 +155,7 @@ impl HttpContext for Stream {
         match self.shared.try_borrow_mut() {
             Ok(mut w) => {
                 let a = w.handle(Event::Request(self.id));
+                w.host.flush_filter_state();
                 // A request without a body: the issuing endpoint, waiting for one, learns now
                 // (and answers before the router sees the end of the request).
                 if end_of_stream && w.handle(Event::RequestBody { ctx: self.id, size: 0, end: true }) == CoreAction::Pause {
