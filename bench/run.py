@@ -72,7 +72,8 @@ SCALING_ROUNDS = int(os.environ.get("BENCH_SCALING_ROUNDS", 2))
 SCALING_SECONDS = float(os.environ.get("BENCH_SCALING_SECONDS", 5))
 ABLATION_ROUNDS = int(os.environ.get("BENCH_ABLATION_ROUNDS", 4))
 ABLATIONS = {"audit": "filter-state writes (the access-log keys)", "scrub": "reading the response headers (scrubbing)",
-             "metrics": "counters, histograms and their clock reads", "all": "all three"}
+             "metrics": "counters, histograms and their clock reads", "all": "all three",
+             "onekey": "the proposed shape: the access-log fields as one filter-state key instead of one each"}
 ONLY = os.environ.get("BENCH_ONLY", "")
 BODY_SIZES = [int(x) for x in os.environ.get("BENCH_BODY_SIZES", "100,4096,32768").split(",")]
 TOKENS = 100
@@ -111,7 +112,7 @@ def native_filters(key: bytes, upstream_secret_name):
             "@type": "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
             "providers": {"keyward": {"audiences": ["keyward"], "local_jwks": {"inline_string": json.dumps(jwks)},
                                       "from_headers": [{"name": "Authorization", "value_prefix": "Bearer "}],
-                                      "forward": False}},
+                                      "forward": False, "payload_in_metadata": "jwt_payload"}},
             "rules": [{"match": {"prefix": "/"}, "requires": {"provider_name": "keyward"}}]}},
         {"name": "envoy.filters.http.rbac", "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC",
@@ -127,6 +128,17 @@ def native_filters(key: bytes, upstream_secret_name):
                 "@type": "type.googleapis.com/envoy.extensions.http.injected_credentials.generic.v3.Generic",
                 "credential": {"name": upstream_secret_name}, "header": "Authorization"}}}},
     ]
+
+
+def access_log_fields(arm):
+    """Who called what, in every arm's access log: Keyward's filter-state keys; for the native arm
+    (which must record the caller too, to do the same job) jwt_authn's payload and the route."""
+    fields = {k: f"%FILTER_STATE(wasm.keyward.{k}:PLAIN)%" for k in ACCESS_LOG_KEYS}
+    if arm == "D":
+        jwt = "envoy.filters.http.jwt_authn:jwt_payload"
+        fields.update({"subject": f"%DYNAMIC_METADATA({jwt}:sub)%", "jti": f"%DYNAMIC_METADATA({jwt}:jti)%",
+                       "target": "%ROUTE_NAME%", "decision": "%RESPONSE_CODE_DETAILS%"})
+    return fields
 
 
 def keyward_config(ttl_s=300, extra_targets=0, revocation=False):
@@ -191,7 +203,7 @@ def bootstrap(arm, ports, workdir, ctx):
             "path": str(workdir / f"access-{arm}.log"),
             "log_format": {"json_format": {
                 "method": "%REQ(:METHOD)%", "path": "%PATH(NQ:PATH)%", "status": "%RESPONSE_CODE%", "duration_ms": "%DURATION%",
-                **{k: f"%FILTER_STATE(wasm.keyward.{k}:PLAIN)%" for k in ACCESS_LOG_KEYS}}}}}],
+                **access_log_fields(arm)}}}}],
         "route_config": {"name": "r", "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": routes}]},
         "http_filters": filters + [ROUTER],
     }
@@ -221,14 +233,14 @@ def upstream_bootstrap(port, admin):
 
 
 class Proc:
-    def __init__(self, name, bootstrap, workdir, core, env=None):
+    def __init__(self, name, bootstrap, workdir, core, env=None, concurrency=1):
         self.name = name
         self.admin = bootstrap["admin"]["address"]["socket_address"]["port_value"]
         cfg = workdir / f"{name}.json"
         cfg.write_text(json.dumps(bootstrap))
         self.log = open(workdir / f"{name}.log", "wb")
         full_env = dict(os.environ, **(env or {}))
-        self.proc = subprocess.Popen(["taskset", "-c", str(core), str(ENVOY), "-c", str(cfg), "--concurrency", "1",
+        self.proc = subprocess.Popen(["taskset", "-c", str(core), str(ENVOY), "-c", str(cfg), "--concurrency", str(concurrency),
                                       "--log-level", "warn", "--base-id", str(harness.free_port()), "--disable-hot-restart"],
                                      stdout=self.log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
         harness.wait_until(self.ready, timeout=60, what=f"{name} ready")
@@ -239,6 +251,7 @@ class Proc:
         return urllib.request.urlopen(f"http://127.0.0.1:{self.admin}/ready", timeout=1).status == 200
 
     def stat(self, name):
+        time.sleep(0.25)  # the filter hands its counters to Envoy on its 200 ms tick
         with urllib.request.urlopen(f"http://127.0.0.1:{self.admin}/stats?filter=^{name}$", timeout=5) as r:
             for line in r.read().decode().splitlines():
                 k, _, v = line.partition(": ")
@@ -274,6 +287,13 @@ class Proc:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
         return 0
+
+    def memory(self):
+        """Envoy's allocator (tcmalloc) figures from /memory, in KiB. V8 keeps each VM's linear memory
+        outside it (mmap), so RSS minus `allocated` minus the allocator's free lists is mostly that."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin}/memory", timeout=5) as r:
+            d = json.loads(r.read())
+        return {k: int(d.get(k, 0)) // 1024 for k in ("allocated", "heap_size", "pageheap_unmapped", "pageheap_free", "total_thread_cache")}
 
     def stop(self):
         harness.stop_process(self.proc, 10)
@@ -428,12 +448,59 @@ def scaling(workdir, ctx, bare, bare_cpu):
                 cpus.append(fig["k"])
             row = {"dimension": dim, "value": n, "keyward_over_bare": round(median(ratios), 3),
                    "cpu_us_per_request": round(median(cpus), 1),
-                   "cpu_us_per_request_at_main_bare": round(median(ratios) * bare_cpu, 1)}
+                   "cpu_us_per_request_at_main_bare": round(median(ratios) * bare_cpu, 1),
+                   "rss_kb": p.rss_kb(), "wasm_linear_memory_kb": p.stat("wasmcustom.keyward_wasm_memory_bytes") // 1024}
             out.append(row)
-            print(f"scaling {dim} = {n}: {row['keyward_over_bare']}x bare ({row['cpu_us_per_request']} µs)", flush=True)
+            print(f"scaling {dim} = {n}: {row['keyward_over_bare']}x bare ({row['cpu_us_per_request']} µs), "
+                  f"linear memory {row['wasm_linear_memory_kb']} KiB", flush=True)
         finally:
             p.stop()
     return {"rounds": SCALING_ROUNDS, "seconds": SCALING_SECONDS, "rows": out}
+
+
+def memory(workdir, ctx):
+    """Where Keyward's memory goes: bare Envoy (A), the no-op module (B) and Keyward (C), each at
+    --concurrency 1 and 3 (one VM per worker plus the main thread's: 2 and 4 VMs), after a second
+    of traffic. What grows with the VM count is per VM; what does not is fixed per Envoy process."""
+    runs = {}
+    for conc in (1, 3):
+        for arm in ("A", "B", "C"):
+            ports = {"admin": harness.free_port(), "listen": harness.free_port()}
+            p = Proc(f"mem-{arm}-{conc}", bootstrap(arm, ports, workdir, ctx), workdir, 0, ctx["env"], concurrency=conc)
+            try:
+                configured = p.stat("wasmcustom.keyward_wasm_memory_bytes") // 1024 if arm == "C" else None
+                load(ports["listen"], ctx["tokens_file"], 1, 400)
+                time.sleep(0.5)
+                runs[(arm, conc)] = {"rss_kb": p.rss_kb(), **p.memory(),
+                                     **({"wasm_linear_memory_after_configure_kb": configured,
+                                         "wasm_linear_memory_after_traffic_kb": p.stat("wasmcustom.keyward_wasm_memory_bytes") // 1024}
+                                        if arm == "C" else {})}
+            finally:
+                p.stop()
+
+    def per_vm(arm, k="rss_kb"):
+        return (runs[(arm, 3)][k] - runs[(arm, 1)][k]) / 2
+    c1, b1 = runs[("C", 1)], runs[("B", 1)]
+    over_noop_per_vm = per_vm("C") - per_vm("B")
+    out = {
+        "runs": [{"arm": ARMS[a], "concurrency": n, "vms": n + 1, **v} for (a, n), v in runs.items()],
+        "per_vm_rss_kb": {ARMS[a]: round(per_vm(a)) for a in ("A", "B", "C")},
+        "keyward_over_noop_per_vm_kb": round(over_noop_per_vm),
+        "keyward_over_noop_fixed_kb": round((c1["rss_kb"] - b1["rss_kb"]) - 2 * over_noop_per_vm),
+        "keyward_over_noop_allocated_kb": c1["allocated"] - b1["allocated"],
+        "keyward_over_noop_allocator_free_kb": (c1["pageheap_free"] + c1["total_thread_cache"]) - (b1["pageheap_free"] + b1["total_thread_cache"]),
+        "module_bytes": KEYWARD_WASM.stat().st_size,
+        "wasm_linear_memory_after_configure_kb": c1["wasm_linear_memory_after_configure_kb"],
+        "wasm_linear_memory_after_traffic_kb": c1["wasm_linear_memory_after_traffic_kb"],
+        "note": "RSS after 1 s of traffic; per VM = (RSS at concurrency 3 - RSS at concurrency 1) / 2. allocated, "
+                "pageheap_free and total_thread_cache are Envoy's /memory (tcmalloc); V8 maps each VM's linear memory "
+                "outside it. Caches at their bounds: the scaling rows' wasm_linear_memory_kb (10,000 credentials, "
+                "10,000 revocations)",
+    }
+    print(f"memory: per VM bare {out['per_vm_rss_kb']['bare']} KiB, noop {out['per_vm_rss_kb']['noop']} KiB, keyward "
+          f"{out['per_vm_rss_kb']['keyward']} KiB; keyward over noop {over_noop_per_vm:.0f} KiB/VM + {out['keyward_over_noop_fixed_kb']} KiB "
+          f"fixed", flush=True)
+    return out
 
 
 def ablation(workdir, ctx, keyward):
@@ -513,6 +580,9 @@ def main():
             procs.append(kw)
             print(json.dumps(ablation(workdir, ctx, kw), indent=1))
             return
+        if ONLY == "memory":
+            print(json.dumps(memory(workdir, ctx), indent=1))
+            return
         if ONLY == "scaling":
             ports = {"admin": harness.free_port(), "listen": harness.free_port()}
             bare = Proc("arm-A", bootstrap("A", ports, workdir, ctx), workdir, 0, env)
@@ -564,6 +634,7 @@ def main():
         priced_rows = priced(workdir, ctx, arms["A"])
         scaling_rows = scaling(workdir, ctx, arms["A"], median([r["cpu_us_per_rq"] for r in per_round["A"]]))
         cold = cold_miss(workdir, ctx, bao)
+        mem = memory(workdir, ctx)
         cold_baseline = cold_miss(workdir, ctx, bao, "E") if BASELINE_WASM else None
 
         def summary(arm):
@@ -593,14 +664,7 @@ def main():
             **({"cold_miss_baseline": cold_baseline} if cold_baseline else {}),
             "vault_calls_per_10k_requests": round(fetches * 10000 / max(1, c_requests), 3),
             "keyward_wasm_bytes": KEYWARD_WASM.stat().st_size,
-            "memory": {"rss_kb": rss, "keyward_minus_bare_rss_kb": rss["C"] - rss["A"],
-                       "keyward_wasm_linear_memory_kb": arms["C"].stat("wasmcustom.keyward_wasm_memory_bytes") // 1024,
-                       "noop_minus_bare_rss_kb": rss["B"] - rss["A"],
-                       "vms_per_envoy": 2,
-                       "keyward_per_vm_kb": (rss["C"] - rss["A"]) // 2,
-                       "keyward_over_noop_per_vm_kb": (rss["C"] - rss["B"]) // 2,
-                       "note": "RSS of each Envoy after the run; --concurrency 1 runs two VMs of the module (the main "
-                               "thread's and the worker's), so per VM is the difference over bare Envoy halved"},
+            "memory": {"main_run_rss_kb": rss, **mem},
             "method": {"rate_rps": RATE, "seconds_per_arm_per_round": SECONDS, "rounds": ROUNDS, "warmup_rounds": WARMUP,
                        "tokens": TOKENS, "connections": 16, "envoy": subprocess.run([str(ENVOY), "--version"], capture_output=True,
                                                                                   text=True).stdout.strip().split("version: ")[-1],
@@ -647,10 +711,11 @@ def print_table(out):
         c = out["cold_miss_baseline"]
         print(f"baseline cold miss: {c['cold_request_p50_us']:.0f} µs, of which the vault's own read {c['vault_read_p50_us']:.0f} µs "
               f"-> {c['cold_minus_vault_p50_us']:.0f} µs added; warm {c['warm_request_p50_us']:.0f} µs")
+    m = out["memory"]
     print(f"vault calls per 10,000 requests: {out['vault_calls_per_10k_requests']}; keyward.wasm {out['keyward_wasm_bytes']} bytes; "
-          f"memory per VM {out['memory']['keyward_per_vm_kb'] / 1024:.1f} MiB "
-          f"({out['memory']['keyward_over_noop_per_vm_kb'] / 1024:.1f} MiB more than a no-op module; its linear memory "
-          f"{out['memory']['keyward_wasm_linear_memory_kb'] / 1024:.1f} MiB)")
+          f"memory: {m['keyward_over_noop_per_vm_kb'] / 1024:.2f} MiB per VM more than a no-op module, plus "
+          f"{m['keyward_over_noop_fixed_kb'] / 1024:.1f} MiB once per Envoy; linear memory after configure "
+          f"{m['wasm_linear_memory_after_configure_kb'] / 1024:.2f} MiB, after traffic {m['wasm_linear_memory_after_traffic_kb'] / 1024:.2f} MiB")
     if "priced_by_body" in out:
         print("\n| priced payment body | keyward CPU µs/request | bare, same POST | added µs |")
         print("|---:|---:|---:|---:|")

@@ -16,6 +16,22 @@ pub struct WasmHost {
     /// This root's shared queue: an item posted to it makes Envoy call the root's
     /// `on_queue_ready` on this worker.
     pub queue: Option<u32>,
+    /// Bench only (`ablate-onekey`): the access-log fields of the event being handled, as one
+    /// JSON object, written by `flush_filter_state`.
+    #[cfg(feature = "ablate-onekey")]
+    pub one_key: String,
+}
+
+impl WasmHost {
+    /// Bench only (`ablate-onekey`): write the fields gathered during this event as one key.
+    pub fn flush_filter_state(&mut self) {
+        #[cfg(feature = "ablate-onekey")]
+        if !self.one_key.is_empty() {
+            self.one_key.push('}');
+            let _ = hostcalls::set_property(vec!["keyward"], Some(self.one_key.as_bytes()));
+            self.one_key.clear();
+        }
+    }
 }
 
 fn failed(s: Status) -> HostError {
@@ -31,9 +47,6 @@ impl Host for WasmHost {
     }
 
     fn now_us(&self) -> u64 {
-        if cfg!(feature = "ablate-metrics") {
-            return 0; // read only for the histograms
-        }
         hostcalls::get_current_time().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map_or(0, |d| d.as_micros() as u64)
     }
 
@@ -115,6 +128,15 @@ impl Host for WasmHost {
         if cfg!(feature = "ablate-audit") {
             return;
         }
+        #[cfg(feature = "ablate-onekey")]
+        {
+            self.one_key.push(if self.one_key.is_empty() { '{' } else { ',' });
+            keyward_core::wire::json::write_str(&mut self.one_key, key.trim_start_matches("keyward."));
+            self.one_key.push(':');
+            keyward_core::wire::json::write_str(&mut self.one_key, value);
+            return;
+        }
+        #[allow(unreachable_code)]
         if hostcalls::set_property(vec![key], Some(value.as_bytes())).is_err() {
             log::debug!("could not set filter state {key}");
         }

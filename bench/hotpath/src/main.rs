@@ -3,6 +3,9 @@
 //! request, without Envoy's hostcalls. `make profile` runs it under callgrind, which counts
 //! instructions per function (repeatable, unlike timings on a shared machine).
 //! Usage: keyward-hotpath [ITERATIONS]   (KEYWARD_HOTPATH_NO_CACHE=1: no verified-token cache)
+//!        keyward-hotpath lifecycle [ITERATIONS]: every event of a warm request (headers, response
+//!        headers, stream gone) through `Lifecycle` on the in-memory host, as the filter runs it
+//!        (the in-memory host's own bookkeeping is in the profile too; subtract `mem_host::*`).
 
 use keyward_core::config::{self, Config};
 use keyward_core::credential::jwt::{self, HmacKey};
@@ -69,7 +72,12 @@ fn config() -> Result<Config, String> {
 }
 
 fn main() {
-    let n: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(200_000);
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("lifecycle") {
+        let n: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(200_000);
+        std::process::exit(lifecycle(n));
+    }
+    let n: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(200_000);
     let cfg = match config() {
         Ok(c) => c,
         Err(e) => {
@@ -103,4 +111,89 @@ fn main() {
         std::process::exit(1);
     }
     println!("{n} warm decisions");
+}
+
+/// The filter's warm request, event by event, on the in-memory host. Returns the exit code.
+fn lifecycle(n: usize) -> i32 {
+    use keyward_core::host::{Action, Host};
+    use keyward_core::lifecycle::{Answer, Event, Lifecycle};
+    use keyward_core::mem_host::{Effect, MemHost};
+    let cfg = match config() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return 2;
+        }
+    };
+    let Ok(key) = HmacKey::new(KEY) else { return 2 };
+    let mut host = MemHost::new(1);
+    let now = host.now_ms() as i64 / 1000;
+    let tokens: Vec<String> = (0..100)
+        .map(|i| {
+            let claims = format!(
+                "{{\"sub\":\"lambda/bench-{i}\",\"aud\":\"keyward\",\"iat\":{now},\"exp\":{},\"jti\":\"{i:016x}\",\"allow\":[\"vendor GET /v1/**\"]}}",
+                now + 3600
+            );
+            format!("Bearer {}", jwt::mint("k1", &key, &claims))
+        })
+        .collect();
+    let mut lc = Lifecycle::new(1);
+    lc.configure(&mut host, cfg);
+    let response: Vec<(String, Vec<u8>)> = [
+        (":status", "200"),
+        ("content-type", "application/json"),
+        ("content-length", "11"),
+        ("date", "Sat, 05 Dec 2026 20:00:00 GMT"),
+        ("server", "envoy"),
+        ("x-envoy-upstream-service-time", "0"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+    .collect();
+    let mut served = 0usize;
+    for i in 0..n + 1 {
+        let ctx = 10 + i as u32;
+        let auth = tokens.get(i % tokens.len()).map_or("", String::as_str);
+        let headers = [
+            (":method", "GET"),
+            (":path", "/v/v1/items"),
+            (":authority", "127.0.0.1"),
+            (":scheme", "http"),
+            ("authorization", auth),
+            ("user-agent", "loadgen"),
+            ("x-forwarded-proto", "http"),
+            ("x-request-id", "0a1b2c3d-4e5f-6a7b-8c9d-0e1f2a3b4c5d"),
+        ];
+        host.open(ctx, "vendor", &headers);
+        if let Some(s) = host.streams.get_mut(&ctx) {
+            s.route = keyward_core::wire::pairs::encode(&[("target", "vendor"), ("prefix", "/v")]);
+        }
+        let action = lc.handle(&mut host, Event::Request(ctx));
+        if i == 0 {
+            // The cold miss that warms the cache: the root sends the callout, the vault answers.
+            host.current = 1;
+            lc.handle(&mut host, Event::Woken);
+            let call = host.effects.iter().find_map(|e| if let Effect::Dispatch { call, .. } = e { Some(*call) } else { None });
+            let body = br#"{"data":{"data":{"api_key":"sk_hotpath_0123456789abcdef"},"metadata":{"version":3}}}"#.to_vec();
+            let Some(call) = call else { return 1 };
+            lc.handle(&mut host, Event::Answer { call, answer: Answer { status: Some(200), body: Some(body) } });
+            host.current = ctx;
+        } else if action == Action::Continue {
+            served += 1;
+        }
+        lc.handle(&mut host, Event::RequestBody { ctx, size: 0, end: true });
+        if let Some(s) = host.streams.get_mut(&ctx) {
+            s.response = response.clone();
+        }
+        lc.handle(&mut host, Event::Response(ctx));
+        lc.handle(&mut host, Event::StreamGone(ctx));
+        host.streams.remove(&ctx);
+        host.effects.clear();
+    }
+    if served != n {
+        eprintln!("only {served} of {n} warm requests went on");
+        return 1;
+    }
+    println!("{n} warm requests through the lifecycle");
+    0
 }
