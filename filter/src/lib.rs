@@ -132,16 +132,7 @@ struct Stream {
     shared: Rc<RefCell<Worker>>,
 }
 
-/// A secret fetch a stream sent comes back here (the SDK files a callout's answer under the
-/// context that sent it); the lifecycle knows the call and decides as this stream.
-impl Context for Stream {
-    fn on_http_call_response(&mut self, call_id: u32, num_headers: usize, body_size: usize, _trailers: usize) {
-        let answer = host::callout_answer(num_headers, body_size, store::MAX_BODY);
-        if let Ok(mut w) = self.shared.try_borrow_mut() {
-            w.handle(Event::Answer { call: call_id, answer });
-        }
-    }
-}
+impl Context for Stream {}
 
 /// The SDK drops a stream's context in `proxy_on_delete`, which Envoy calls once for every
 /// stream that had one (answered, reset or left). The module does not export `proxy_on_done`

@@ -85,7 +85,14 @@ impl Lifecycle {
         match shared::update::<SlotState>(host, &key, |s| s.take_lease(now_ms, lease_ms)) {
             Some(true) => {
                 self.set_fetch(slot, Fetch::Queued { retried: false });
-                self.dispatch_slot(host, slot, false);
+                if let Some(c) = self.slots.get_mut(slot) {
+                    c.queued_us = host.now_us();
+                }
+                if self.in_root {
+                    self.dispatch_slot(host, slot, false);
+                } else {
+                    self.want_root(host);
+                }
             }
             Some(false) => self.set_fetch(slot, Fetch::Following),
             None => {
@@ -95,9 +102,8 @@ impl Lifecycle {
         }
     }
 
-    /// Send the fetch of `slot` (its lease is held), or wait for its store's session first. In a
-    /// stream's event the callout goes out at once, filed under that stream (no root wake-up on
-    /// the cold path); a session login still waits for the root.
+    /// Send the fetch of `slot` (its lease is held), or wait for its store's session first.
+    /// Root events only.
     pub(super) fn dispatch_slot(&mut self, host: &mut impl Host, slot: usize, retried: bool) {
         let Some(cfg) = self.cfg.clone() else { return };
         let (Some(spec), Some(st)) = (cfg.slots.get(slot), cfg.store_of(slot)) else { return };
@@ -107,25 +113,18 @@ impl Lifecycle {
             StoreAuth::Missing => {
                 self.set_fetch(slot, Fetch::AwaitingSession { retried });
                 self.ensure_session(host, spec.store);
-                if !self.in_root {
-                    self.want_root(host);
-                }
                 return;
             }
         };
-        let started_us = host.now_us();
-        match self.send_as(host, &store::read_call(st, &spec.path, session.as_ref()), true) {
+        match self.send(host, &store::read_call(st, &spec.path, session.as_ref())) {
             Ok(call) => {
-                let sent_us = host.now_us();
-                host.observe(Family::ColdUs, &["dispatch"], sent_us.saturating_sub(started_us));
                 let queued_us = self.slots.get_mut(slot).map_or(0, |c| std::mem::take(&mut c.queued_us));
                 if queued_us != 0 {
-                    host.observe(Family::ColdUs, &["wake"], started_us.saturating_sub(queued_us));
+                    host.observe(Family::ColdUs, &["wake"], host.now_us().saturating_sub(queued_us));
                 }
                 let deadline_ms = host.now_ms() + u64::from(st.timeout_ms) + CALL_GRACE_MS;
-                let owner = if self.in_root { self.root } else { self.current };
                 self.calls.insert(call, Purpose::Secret(slot));
-                self.set_fetch(slot, Fetch::InFlight { call, deadline_ms, session: generation, retried, sent_us, owner });
+                self.set_fetch(slot, Fetch::InFlight { call, deadline_ms, session: generation, retried, sent_us: host.now_us() });
             }
             Err(e) => {
                 log::warn!("store {} callout to cluster {:?} failed to start: {e:?}", st.name, st.cluster);

@@ -11,15 +11,11 @@
 //! - the revocation list's `Refresh`;
 //! - the requests parked on a slot, and what each allowed request was given.
 //!
-//! A secret fetch goes out from the event that needs it: from a stream's, it is sent with the
-//! root as Envoy's effective context (Envoy does not cancel it when the stream goes) and the SDK
-//! files its answer under that stream, which the fetch records as its `owner`; if the owner goes
-//! before the answer (which the SDK then drops), the fetch is queued again and the root asked
-//! for (`Host::wake_root`), so the other requests parked on it are not stranded. Every other
-//! callout (Vault logins and renewals, the revocation list, STS) goes out only while handling a
-//! root event (`Tick`, `Woken`, a root-owned `Answer`): a stream that needs one queues it and asks
-//! for a root callback. Every callout has a deadline: past it, the call is given up and its slot,
-//! session or list is free for the next attempt.
+//! Callouts are dispatched only while handling a root event (`Tick`, `Woken`, `Answer`): a
+//! stream that needs a fetch queues it and asks for a root callback (`Host::wake_root`), so the
+//! answer belongs to the root in Envoy's and in the proxy-wasm SDK's bookkeeping, and a client
+//! that leaves cancels nothing. Every callout has a deadline: past it, the call is given up and
+//! its slot, session or list is free for the next attempt.
 
 mod endpoint;
 mod event;
@@ -209,34 +205,10 @@ impl Lifecycle {
                 Action::Continue
             }
             Event::StreamGone(ctx) => {
-                self.in_root = false;
-                self.forget(host, ctx);
+                self.forget(ctx);
                 Action::Continue
             }
-            Event::Answer { call, answer } => match self.owner_of(call) {
-                // The SDK hands a stream's callout answer to that stream: decide as that stream.
-                Some(ctx) if ctx != self.root => {
-                    self.in_root = false;
-                    self.current = ctx;
-                    self.on_answer(host, call, answer);
-                    if !self.issuing.is_empty() {
-                        // An issuance may have waited for this secret (a store-held issuing key).
-                        let now_ms = host.now_ms();
-                        self.tick_issuing(host, now_ms);
-                    }
-                    if self.pump_due() {
-                        self.want_root(host);
-                    }
-                    Action::Continue
-                }
-                Some(_) => self.root_turn(host, |lc, host| lc.on_answer(host, call, answer)),
-                // Given up after its deadline, or sent under a previous configuration: whichever
-                // context it reached, nothing is decided or sent on its account.
-                None => {
-                    log::debug!("ignoring the answer to callout {call}: not in flight here");
-                    Action::Continue
-                }
-            },
+            Event::Answer { call, answer } => self.root_turn(host, |lc, host| lc.on_answer(host, call, answer)),
             Event::Tick => self.root_turn(host, Self::tick),
             Event::Woken => self.root_turn(host, |_, _| {}),
         }
@@ -267,17 +239,6 @@ impl Lifecycle {
         }
     }
 
-    /// The context a callout's answer is filed under: a secret fetch's owner, else the root.
-    fn owner_of(&self, call: CallId) -> Option<ContextId> {
-        match self.calls.get(&call)? {
-            Purpose::Secret(slot) => match self.fetch_state(*slot)? {
-                Fetch::InFlight { call: c, owner, .. } if *c == call => Some(*owner),
-                _ => None,
-            },
-            _ => Some(self.root),
-        }
-    }
-
     /// Make `ctx` the effective context.
     fn enter(&mut self, host: &mut impl Host, ctx: ContextId) -> Result<(), HostError> {
         host.set_effective_context(ctx)?;
@@ -289,13 +250,7 @@ impl Lifecycle {
     /// context it is running), and with the root as Envoy's effective context (Envoy cancels a
     /// context's callouts when it goes), then back to the context being decided, if any.
     fn send(&mut self, host: &mut impl Host, call: &HttpCall) -> Result<CallId, HostError> {
-        self.send_as(host, call, false)
-    }
-
-    /// `send`, or with `from_stream`, also in a stream's event: the answer then comes back to
-    /// that stream (the caller records it as the call's owner and handles the stream leaving).
-    fn send_as(&mut self, host: &mut impl Host, call: &HttpCall, from_stream: bool) -> Result<CallId, HostError> {
-        if !self.in_root && !from_stream {
+        if !self.in_root {
             return Err(HostError::Failed);
         }
         let back = self.current;
@@ -318,14 +273,6 @@ impl Lifecycle {
         if !host.wake_root() {
             log::warn!("could not wake the root context; the callout waits for the next tick");
         }
-    }
-
-    /// Work only a root event can do is waiting (what `pump` would send).
-    fn pump_due(&self) -> bool {
-        self.slots.iter().any(|s| matches!(s.fetch, Fetch::Queued { .. }))
-            || self.sessions.iter().any(|s| matches!(s, SessionCall::Queued { .. }))
-            || self.issuing.values().any(|i| i.call.is_some())
-            || (self.waits_for_revocation() && self.revocations.refresh == Refresh::Idle)
     }
 
     /// Dispatch what is queued (root events only).

@@ -1,7 +1,7 @@
 //! One request through the pipeline, against the cache and the host: decide it (parking it when a
 //! secret must be fetched), rewrite it or answer it, and look at the vendor's response.
 
-use super::state::{Fetch, Parked, Pricing, Served, Wait};
+use super::state::{Parked, Pricing, Served, Wait};
 use super::{limits, Lifecycle, PARK_GRACE_MS};
 use crate::config::Config;
 use crate::credential::jwt::HmacKey;
@@ -295,28 +295,12 @@ impl Lifecycle {
         }
     }
 
-    /// The stream of `ctx` ended. A fetch it sent is lost with it (the SDK drops the answer):
-    /// the fetch is queued again for the root, which sends it at once (the lease is still held).
-    pub(super) fn forget(&mut self, host: &mut impl Host, ctx: ContextId) {
+    /// The stream of `ctx` ended. A fetch it started goes on: the root owns it.
+    pub(super) fn forget(&mut self, ctx: ContextId) {
         self.served.remove(&ctx);
         self.parked.remove(&ctx);
         self.issuing.remove(&ctx);
         self.pricing.remove(&ctx);
-        let now_us = host.now_us();
-        let mut orphaned = false;
-        for s in &mut self.slots {
-            if let Fetch::InFlight { call, retried, owner, .. } = s.fetch {
-                if owner == ctx {
-                    self.calls.remove(&call);
-                    s.fetch = Fetch::Queued { retried };
-                    s.queued_us = now_us;
-                    orphaned = true;
-                }
-            }
-        }
-        if orphaned {
-            self.want_root(host);
-        }
     }
 
     /// The vendor answered a request this worker allowed: scrub the secret from its headers. A

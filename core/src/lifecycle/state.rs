@@ -20,17 +20,14 @@ pub enum Fetch {
     Idle,
     /// Another worker holds the lease: the tick watches the shared record.
     Following,
-    /// This worker holds the lease; the callout goes out at the next root callback (its stream
-    /// could not send it, or left before the answer).
+    /// This worker holds the lease; the callout goes out at the next root callback.
     Queued { retried: bool },
     /// This worker holds the lease and waits for its store's Vault session.
     AwaitingSession { retried: bool },
     /// The callout is out. `session`: the Vault session generation it carries; `retried`: this is
     /// the one retry after the store refused a session token.
-    /// `sent_us`: when it went out, for the store's answer-time histogram. `owner`: the context
-    /// the SDK files the answer under (the root, or the stream that sent it: if that stream goes
-    /// first, the answer is lost and the fetch is queued again for the root).
-    InFlight { call: CallId, deadline_ms: u64, session: Option<u64>, retried: bool, sent_us: u64, owner: ContextId },
+    /// `sent_us`: when it went out, for the store's answer-time histogram.
+    InFlight { call: CallId, deadline_ms: u64, session: Option<u64>, retried: bool, sent_us: u64 },
 }
 
 /// This worker's login or renewal for one store.

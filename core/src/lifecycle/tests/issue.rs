@@ -183,7 +183,8 @@ fn a_store_held_issuing_key_is_fetched_then_used() {
     assert_eq!(issue(&mut lc, &mut host, 10, Some(&parent), r#"{"grant":"attenuate","ttl_s":60}"#), Action::Pause);
     let effects = host.take();
     assert!(replies(&effects).is_empty(), "{effects:?}");
-    let call = only_call(&effects);
+    lc.handle(&mut host, Event::Woken);
+    let call = only_call(&host.take());
     let k2 = b64::std_encode(b"store-held-issuing-key-32-bytes!");
     lc.handle(&mut host, Event::Answer { call, answer: kv(&format!(r#"{{"k2":"{k2}"}}"#), 1) });
     assert_eq!(replies(&host.take()), vec![(10, 200, String::new())]);

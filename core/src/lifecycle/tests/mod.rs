@@ -112,14 +112,15 @@ pub(super) fn injected(host: &MemHost, ctx: ContextId) -> Option<String> {
     s.request.iter().find(|(k, _)| k == "authorization").map(|(_, v)| String::from_utf8_lossy(v).into_owned())
 }
 
-/// A cold request: parks and sends its fetch at once (filed under its stream, with the root as
-/// Envoy's effective context), with no root wake-up. Returns the callout's id.
+/// A cold request: parks, queues its fetch and asks for the root; the root's callback sends it.
+/// Returns the callout's id.
 pub(super) fn cold_fetch(lc: &mut Lifecycle, host: &mut MemHost, ctx: ContextId) -> CallId {
     assert_eq!(send_request(lc, host, ctx), Action::Pause);
+    assert_eq!(lc.fetch_state(0), Some(&Fetch::Queued { retried: false }));
+    assert_eq!(host.take(), vec![Effect::WakeRoot], "a stream never dispatches: it asks for the root");
+    lc.handle(host, Event::Woken);
     let effects = host.take();
-    assert!(!effects.contains(&Effect::WakeRoot), "the stream sends its own fetch: {effects:?}");
     let call = only_call(&effects);
-    assert!(matches!(lc.fetch_state(0), Some(Fetch::InFlight { call: c, owner, .. }) if *c == call && *owner == ctx), "{:?}", lc.fetch_state(0));
     assert!(effects.contains(&Effect::Dispatch { call, cluster: "vault".into(), path: "/v1/secret/data/stripe".into(), from: ROOT }), "{effects:?}");
     call
 }
