@@ -116,15 +116,20 @@ impl Lifecycle {
                 return;
             }
         };
+        let started_us = host.now_us();
         match self.send(host, &store::read_call(st, &spec.path, session.as_ref())) {
             Ok(call) => {
+                let sent_us = host.now_us();
+                // The cold breakdown: the root's wake-up after the stream queued the fetch, then
+                // Envoy's dispatch itself (it starts the request on the vault's connection).
                 let queued_us = self.slots.get_mut(slot).map_or(0, |c| std::mem::take(&mut c.queued_us));
                 if queued_us != 0 {
-                    host.observe(Family::ColdUs, &["wake"], host.now_us().saturating_sub(queued_us));
+                    host.observe(Family::ColdUs, &["wake"], started_us.saturating_sub(queued_us));
+                    host.observe(Family::ColdUs, &["dispatch"], sent_us.saturating_sub(started_us));
                 }
                 let deadline_ms = host.now_ms() + u64::from(st.timeout_ms) + CALL_GRACE_MS;
                 self.calls.insert(call, Purpose::Secret(slot));
-                self.set_fetch(slot, Fetch::InFlight { call, deadline_ms, session: generation, retried, sent_us: host.now_us() });
+                self.set_fetch(slot, Fetch::InFlight { call, deadline_ms, session: generation, retried, sent_us });
             }
             Err(e) => {
                 log::warn!("store {} callout to cluster {:?} failed to start: {e:?}", st.name, st.cluster);

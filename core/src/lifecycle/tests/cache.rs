@@ -340,7 +340,7 @@ fn a_cold_miss_reports_where_its_time_goes() {
     let call = cold_fetch(&mut lc, &mut host, 10);
     host.advance(3);
     lc.handle(&mut host, Event::Answer { call, answer: stripe_answer() });
-    for phase in ["park", "wake", "decode", "resume"] {
+    for phase in ["park", "wake", "dispatch", "decode", "resume"] {
         assert_eq!(host.observed.get(&format!("keyward_cold_us;phase={phase}")).map(Vec::len), Some(1), "{phase}: {:?}", host.observed);
     }
     assert!(host.observed.keys().any(|k| k.starts_with("keyward_store_fetch_us")), "the callout itself");
