@@ -34,9 +34,14 @@ BENCH_WARMUP (2), BENCH_COLD_SAMPLES (41), BENCH_PRICED_ROUNDS (3), BENCH_BODY_S
 BENCH_SCALING_ROUNDS (2), BENCH_SCALING_SECONDS (5); BENCH_ONLY=scaling runs the scaling table alone.
 
 Ablation (where the warm path's cost goes): builds of the module that each skip one kind of hostcall
-(dist/bench/ablate-*.wasm: no filter-state writes; no response-header read; no metrics; all three)
-run like arm C in rounds alternating with it; each row is what the skipped work costs per request.
+(dist/bench/ablate-*.wasm: no filter-state writes; no response-header read; no metrics; all three;
+and `onekey`, the proposed shape: the access-log fields as one filter-state key) run like arm C in
+rounds alternating with it; each row is what the skipped work costs per request.
 BENCH_ABLATION_ROUNDS (4); BENCH_ONLY=ablation runs it alone.
+
+Cold miss: each sample is the first use of its own secret between hot requests (see cold_miss).
+Memory: bare, no-op and Keyward at --concurrency 1 and 3, RSS and Envoy's /memory (see memory).
+BENCH_ONLY=cold, BENCH_ONLY=memory run one of them alone. Instruction counts: bench/icount.py.
 """
 import base64
 import http.client
