@@ -9,13 +9,14 @@ WASM   := dist/keyward.wasm
 CLI    := target/release/keyward
 GIT_HASH := $(shell git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
 
-.PHONY: help build wasm cli deps run test unit lint integration bench clean fuzz fuzz-smoke profile
+.PHONY: help build wasm cli deps run test unit lint integration bench icount clean fuzz fuzz-smoke profile
 
 help:
 	@echo "make run    start a local gateway (OpenBao + demo vendor + Envoy with keyward on 127.0.0.1:10000)"
 	@echo "make test   unit tests, lints and integration tests against real Envoy, OpenBao and moto"
 	@echo "make build  dist/keyward.wasm and the keyward CLI ($(CLI))"
 	@echo "make bench  Keyward vs bare Envoy, a no-op wasm filter and Envoy's native filters (bench/results/latest.json)"
+	@echo "make icount instructions per request of each bench arm, under callgrind (bench/results/icount.json)"
 	@echo "make fuzz   cargo-fuzz on the token, rules, config and cost parsers (FUZZ_SECS per target, default 300)"
 
 # --- toolchain and pinned components ---------------------------------------------------------
@@ -101,10 +102,16 @@ integration: build dist/test/keyward-panic.wasm $(STAMP) $(PROMTOOL)
 test: build $(STAMP) unit lint integration fuzz-smoke
 
 # Keyward against bare Envoy, a no-op wasm filter and Envoy's native filters, in one run (about
-# 6 minutes; BENCH_RATE, BENCH_SECONDS, BENCH_ROUNDS tune it). Writes bench/results/latest.json.
+# 20 minutes; BENCH_RATE, BENCH_SECONDS, BENCH_ROUNDS tune it). Writes bench/results/latest.json.
 bench: build $(STAMP) dist/bench/noop.wasm $(foreach a,$(ABLATIONS),dist/bench/ablate-$(a).wasm)
 	cargo build --release --locked -p keyward-loadgen
 	$(VENV)/bin/python bench/run.py
+
+# Instructions per request of the Envoy worker in each arm and ablation build, under callgrind
+# (about 10 minutes; repeatable, unlike time). Writes bench/results/icount.json.
+icount: build $(STAMP) dist/bench/noop.wasm $(foreach a,$(ABLATIONS),dist/bench/ablate-$(a).wasm)
+	cargo build --release --locked -p keyward-loadgen
+	$(VENV)/bin/python bench/icount.py A B C D $(foreach a,$(ABLATIONS),$(a)=dist/bench/ablate-$(a).wasm)
 
 # Instruction counts of the warm request path (engine::decide with an in-memory host), per
 # function, from callgrind: repeatable on a shared machine, unlike timings.
