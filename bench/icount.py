@@ -49,15 +49,6 @@ def slow_store(config):
     return json.dumps(cfg)
 
 
-def stat(admin, name):
-    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/stats?filter=^{name}$", timeout=30) as r:
-        for line in r.read().decode().splitlines():
-            k, _, v = line.partition(": ")
-            if k == name:
-                return int(v)
-    return 0
-
-
 def count(label, arm, wasm, workdir, ctx):
     ports = {"admin": harness.free_port(), "listen": harness.free_port()}
     b = bench.bootstrap(arm, ports, workdir, ctx)
@@ -83,11 +74,11 @@ def count(label, arm, wasm, workdir, ctx):
                            what=f"{label}: a first answer")
         bench.load(ports["listen"], ctx["tokens_file"], 400 / RATE, RATE)
         time.sleep(1)
-        done0 = stat(ports["admin"], "http.bench.downstream_rq_completed")
+        done0 = bench.admin_stat(ports["admin"], "http.bench.downstream_rq_completed", 30)
         subprocess.run(["callgrind_control", "-z", str(proc.pid)], check=True, capture_output=True)
         res = bench.load(ports["listen"], ctx["tokens_file"], REQUESTS / RATE, RATE)
         subprocess.run(["callgrind_control", "-d", str(proc.pid)], check=True, capture_output=True)
-        done = stat(ports["admin"], "http.bench.downstream_rq_completed") - done0
+        done = bench.admin_stat(ports["admin"], "http.bench.downstream_rq_completed", 30) - done0
         time.sleep(1)
         if res["ok"] != res["requests"]:
             raise RuntimeError(f"{label}: {res}")
@@ -115,11 +106,7 @@ def main():
     try:
         vendor_key = "sk_bench_" + secrets.token_hex(12)
         bao.put("bench/vendor", {"api_key": vendor_key})
-        now = int(time.time())
-        tokens_file = workdir / "tokens.txt"
-        tokens_file.write_text("\n".join(harness.mint(key, {"sub": f"lambda/bench-{i}", "aud": "keyward", "iat": now, "exp": now + 3600,
-                                                            "jti": secrets.token_hex(8), "allow": ["vendor GET /v1/**"]})
-                                         for i in range(bench.TOKENS)) + "\n")
+        _, tokens_file = bench.arm_c_tokens(key, workdir)
         up_port = harness.free_port()
         upstream = bench.Proc("upstream", bench.upstream_bootstrap(up_port, harness.free_port()), workdir, 1)
         ctx = {"key": key, "vendor_key": vendor_key, "upstream_port": up_port, "bao_port": bao.port, "tokens_file": tokens_file,

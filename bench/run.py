@@ -226,6 +226,26 @@ def bootstrap(arm, ports, workdir, ctx):
     return b
 
 
+def admin_stat(admin, name, timeout=5):
+    """One counter or gauge from an Envoy's admin /stats (0 when absent)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/stats?filter=^{name}$", timeout=timeout) as r:
+        for line in r.read().decode().splitlines():
+            k, _, v = line.partition(": ")
+            if k == name:
+                return int(v)
+    return 0
+
+
+def arm_c_tokens(key, workdir):
+    """Arm C's TOKENS distinct valid credentials, and the file the load generator rotates through."""
+    now = int(time.time())
+    tokens = [harness.mint(key, {"sub": f"lambda/bench-{i}", "aud": "keyward", "iat": now, "exp": now + 3600,
+                                 "jti": secrets.token_hex(8), "allow": ["vendor GET /v1/**"]}) for i in range(TOKENS)]
+    path = workdir / "tokens.txt"
+    path.write_text("\n".join(tokens) + "\n")
+    return tokens, path
+
+
 def upstream_bootstrap(port, admin):
     hcm = {"@type": HCM, "stat_prefix": "up",
            "route_config": {"name": "r", "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [
@@ -257,12 +277,7 @@ class Proc:
 
     def stat(self, name):
         time.sleep(0.25)  # the filter hands its counters to Envoy on its 200 ms tick
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin}/stats?filter=^{name}$", timeout=5) as r:
-            for line in r.read().decode().splitlines():
-                k, _, v = line.partition(": ")
-                if k == name:
-                    return int(v)
-        return 0
+        return admin_stat(self.admin, name)
 
     def histogram_p50s(self):
         """The median of every keyward histogram (interpolated in its bucket), by stat name."""
@@ -579,10 +594,7 @@ def main():
         bao.put("bench/revoked", {"format": "keyward-revocations/2", "entries": "".join(
             f"jti:revoked-{i:05d}\t{int(time.time()) + 7200}\tbench\n" for i in range(10000))})
         now = int(time.time())
-        tokens = [harness.mint(key, {"sub": f"lambda/bench-{i}", "aud": "keyward", "iat": now, "exp": now + 3600,
-                                     "jti": secrets.token_hex(8), "allow": ["vendor GET /v1/**"]}) for i in range(TOKENS)]
-        tokens_file = workdir / "tokens.txt"
-        tokens_file.write_text("\n".join(tokens) + "\n")
+        tokens, tokens_file = arm_c_tokens(key, workdir)
         priced_tokens = [harness.mint(key, {"sub": f"lambda/pay-{i}", "aud": "keyward", "iat": now, "exp": now + 3600,
                                             "jti": secrets.token_hex(8), "allow": ["vendor GET /v1/**", "pay POST /v1/payment_intents"],
                                             "lim": {"spend": 10 ** 15}}) for i in range(TOKENS)]
