@@ -401,3 +401,17 @@ def test_garbage_from_the_store_gives_503_and_injects_nothing(gw, case):
     log = gw.envoy.log_path.read_text(errors="replace")
     assert f"it/garbage-{case}" in log
     assert "X-Injected" not in log and "second-line" not in log and "sk_other" not in log
+
+
+def test_module_exports_only_the_callbacks_it_handles():
+    """Envoy enters the VM for every stream callback a module exports (issue 17): dist/keyward.wasm
+    exports the Makefile's list, without the SDK's on_log, on_done and body/trailer callbacks it
+    does not handle; a stream's end is handled in proxy_on_delete."""
+    import sys
+    sys.path.insert(0, str(harness.ROOT / "tools"))
+    import trim_exports
+    names = set(trim_exports.export_names(harness.WASM.read_bytes()))
+    assert {"proxy_on_request_headers", "proxy_on_response_headers", "proxy_on_delete", "proxy_on_tick",
+            "proxy_on_http_call_response", "proxy_on_queue_ready", "proxy_on_request_body"} <= names
+    assert not names & {"proxy_on_log", "proxy_on_done", "proxy_on_response_body", "proxy_on_request_trailers",
+                        "proxy_on_new_connection", "proxy_on_downstream_data", "proxy_on_upstream_data"}, names

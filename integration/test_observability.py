@@ -102,3 +102,13 @@ def test_dashboard_matches_the_grafana_schema(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert any("keyward_added_us_bucket" in e and "histogram_quantile" in e for e in exprs)
     assert any("keyward_target_requests" in e and "code" in e for e in exprs)
+
+
+def test_memory_gauge_is_the_serving_vms_linear_memory(gw):
+    """`keyward_wasm_memory_bytes` (issue 17) is a VM's linear memory: a whole number of 64 KiB wasm
+    pages, at least the module's data and configured tables, and set once the VM has served."""
+    assert gw.get("/stripe/v1/gauge", gw.token(allow=["stripe GET /v1/**"])).status_code == 200
+    gw.vendor.take()
+    value = gw.envoy.stats().get("wasmcustom.keyward_wasm_memory_bytes", 0)
+    assert value > 0 and value % 65536 == 0, value
+    assert 256 * 1024 <= value <= 64 * 1024 * 1024, value

@@ -32,10 +32,11 @@ def kept(name, keep):
     return any(name == k or (k.endswith("*") and name.startswith(k[:-1])) for k in keep)
 
 
-def trim(data, keep):
+def trim(data, keep, names=None):
     if data[:8] != b"\0asm\x01\0\0\0":
         raise SystemExit("trim_exports: not a wasm module")
-    out, i, names = bytearray(data[:8]), 8, []
+    out, i = bytearray(data[:8]), 8
+    names = [] if names is None else names
     while i < len(data):
         sid = data[i]
         size, body = leb(data, i + 1)
@@ -61,6 +62,13 @@ def trim(data, keep):
     if missing:
         raise SystemExit(f"trim_exports: the module does not export {', '.join(missing)}")
     return bytes(out)
+
+
+def export_names(data):
+    """The names a wasm module exports, in order."""
+    names = []
+    trim(data, [], names)
+    return names
 
 
 if __name__ == "__main__":
