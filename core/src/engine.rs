@@ -3,12 +3,13 @@
 //! implement them in memory. A request that needs a secret not yet cached gets `Outcome::Need`,
 //! parks, and is decided again from scratch when the secret arrives.
 
-use crate::config::{Config, KeySource, Target};
+use crate::config::{Config, Target};
+use crate::credential::copies;
 use crate::credential::extract::CredentialSource;
-use crate::credential::extract::{self, CredError};
 use crate::credential::jwt::{self, HmacKey};
 use crate::credential::verified::VerifiedCache;
 use crate::inject::{self, Op};
+use crate::policy::cost::body::BodyKind;
 use crate::policy::cost::{BodyHeaders, Priced, Unreadable};
 use crate::policy::limits::{Charge, Limits, Verdict};
 use crate::policy::rules::{sanitize, strip_prefix};
@@ -19,7 +20,11 @@ use crate::wire::pct;
 use std::rc::Rc;
 
 pub mod admission;
+mod body;
+mod verify;
 pub use admission::{Reservation, Spend, Ticket};
+pub use body::{price_body, Deferred};
+pub use verify::verify_bearer;
 
 /// What the engine may ask of the request.
 pub trait Request {
@@ -30,6 +35,8 @@ pub trait Request {
     /// with commas, but keeps repeats of other headers as separate fields; `header` returns
     /// only the first of those.
     fn header_values(&mut self, name: &str) -> Vec<Vec<u8>>;
+    /// Every header, pseudo-headers included, as Envoy hands them over.
+    fn headers(&mut self) -> &[(String, Vec<u8>)];
     /// `xds.route_metadata.filter_metadata.keyward.target`
     fn route_target(&mut self) -> Option<String>;
     /// `xds.route_metadata.filter_metadata.keyward.prefix`
@@ -73,46 +80,6 @@ pub trait Secrets {
     }
 }
 
-/// The prepared key for a kid, and its identity (for the verified-token cache).
-enum KeyFor<'a> {
-    /// Held in a store.
-    Key(Rc<HmacKey>),
-    /// From the configuration (the environment).
-    Static(&'a HmacKey),
-    Unknown,
-    Need(usize),
-    Failed,
-}
-
-fn key_for<'a>(cfg: &'a Config, secrets: &mut impl Secrets, kid: &str) -> KeyFor<'a> {
-    match (cfg.key(kid).map(|k| &k.source), cfg.keyset) {
-        (Some(KeySource::Ready(k)), _) => KeyFor::Static(k),
-        (Some(KeySource::Stored { slot, field }), _) => stored_key(secrets, *slot, field),
-        // Kids not configured one by one are looked up in the key set.
-        (None, Some(slot)) => stored_key(secrets, slot, kid),
-        (None, None) => KeyFor::Unknown,
-    }
-}
-
-/// A key held in a store: `slot`'s `field`.
-fn stored_key<'a>(secrets: &mut impl Secrets, slot: usize, field: &str) -> KeyFor<'a> {
-    match secrets.signing_key(slot, field) {
-        Lookup::Ready(Some(k)) | Lookup::Stale(Some(k)) => KeyFor::Key(k),
-        Lookup::Ready(None) | Lookup::Stale(None) => KeyFor::Unknown,
-        Lookup::Pending => KeyFor::Need(slot),
-        Lookup::Failed => KeyFor::Failed,
-    }
-}
-
-/// The identity of a resolved key (`HmacKey::id`: derived from its bytes), if it resolved.
-fn key_id(k: &KeyFor) -> Option<u64> {
-    match k {
-        KeyFor::Key(k) => Some(k.id()),
-        KeyFor::Static(k) => Some(k.id()),
-        _ => None,
-    }
-}
-
 #[derive(Debug)]
 pub enum Outcome {
     Allow(Vec<Op>),
@@ -139,13 +106,6 @@ impl Decision {
     }
 }
 
-/// A request whose cost is read from its body: its target, and what it counts under.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Deferred {
-    pub target: usize,
-    pub ticket: Option<Ticket>,
-}
-
 /// Seconds a client is told to wait after a 503.
 pub const RETRY_AFTER_UNAVAILABLE_S: u32 = 5;
 
@@ -154,14 +114,14 @@ fn deny(mut audit: Audit, d: Denial) -> Decision {
     Decision::new(Outcome::Deny(d), audit)
 }
 
-fn unreadable(u: Unreadable) -> Denial {
+pub(crate) fn unreadable(u: Unreadable) -> Denial {
     match u {
         Unreadable::Bad(m) => Denial::new(Code::BadRequest, m),
         Unreadable::TooLarge => Denial::new(Code::BodyTooLarge, "the request body is larger than this target reads to price it"),
     }
 }
 
-fn unavailable() -> Denial {
+pub(crate) fn unavailable() -> Denial {
     Denial::new(Code::SecretUnavailable, "the upstream credential is unavailable; try again later").retry_after(RETRY_AFTER_UNAVAILABLE_S)
 }
 
@@ -233,7 +193,7 @@ pub fn decide(cfg: &Config, req: &mut impl Request, secrets: &mut impl Secrets, 
         Err(()) => return deny(audit, Denial::new(Code::BadRequest, "a method-override header or _method parameter is not a method")),
     };
 
-    // 3. The workload credential.
+    // 3. The workload credential, and no copy of it anywhere else in the request.
     let src = target.credential.header();
     let value = match &target.credential {
         // `authorization` is an inline header: repeats arrive comma-joined in one value.
@@ -246,25 +206,23 @@ pub fn decide(cfg: &Config, req: &mut impl Request, secrets: &mut impl Secrets, 
             all.pop()
         }
     };
-    let (claims, key_id) = match verify(cfg, secrets, &target.credential, value.as_deref(), &mut audit, now_s) {
+    let v = match verify::verify(cfg, secrets, &target.credential, value.as_deref(), &mut audit, now_s) {
         Ok(v) => v,
         Err(Outcome::Deny(d)) => return deny(audit, d),
         Err(outcome) => return Decision::new(outcome, audit),
     };
+    if let Some(d) = copied(req, &target.credential, value.as_deref(), &v.token, &raw_path) {
+        return deny(audit, d);
+    }
+    let claims = v.claims;
 
-    // 4. Rules: a token rule for this target AND the target's own ceiling.
-    let by_token = claims.allow.iter().any(|r| r.target == target.name && r.rule.matches(&method, vendor_path));
-    let by_target = target.allow.as_ref().is_none_or(|rules| rules.iter().any(|r| r.matches(&method, vendor_path)));
-    if !by_token || !by_target {
+    // 4. Rules: a token rule for this target AND the target's own ceiling, for `:method` and for
+    // every method the vendor may run instead.
+    if !rules_allow(&claims, target, &method, vendor_path) {
         return deny(audit, Denial::new(Code::Forbidden, "no rule allows this method and path for this target"));
     }
-    // A vendor that honours a method override runs that method: it must be allowed too.
-    for m in &overrides {
-        let by_token = claims.allow.iter().any(|r| r.target == target.name && r.rule.matches(m, vendor_path));
-        let by_target = target.allow.as_ref().is_none_or(|rules| rules.iter().any(|r| r.matches(m, vendor_path)));
-        if !by_token || !by_target {
-            return deny(audit, Denial::new(Code::Forbidden, "a method override names a method no rule allows for this path"));
-        }
+    if !overrides.iter().all(|m| rules_allow(&claims, target, m, vendor_path)) {
+        return deny(audit, Denial::new(Code::Forbidden, "a method override names a method no rule allows for this path"));
     }
 
     // 5. The idempotency guard, then the credential's limits: both before any vault call.
@@ -275,18 +233,20 @@ pub fn decide(cfg: &Config, req: &mut impl Request, secrets: &mut impl Secrets, 
         };
         return deny(audit, Denial::new(Code::BadRequest, msg));
     }
-    // Priced when any method the vendor may run (an override included) is. A priced request is
-    // counted once its cost is known and nothing else can refuse it; an unpriced one now, before
-    // any vault call.
-    let cost = target.cost.as_ref().filter(|c| c.applies(&method, vendor_path) || overrides.iter().any(|m| c.applies(m, vendor_path)));
-    // What it counts under, built only when the credential has limits (the retry seed only
-    // when the request is priced and carries an Idempotency-Key).
-    let ticket = Ticket::for_claims(&claims, key_id, claims.exp.saturating_add(cfg.policy.clock_skew_s), || {
-        audit.idempotency_key.as_deref().filter(|_| cost.is_some()).map(|k| admission::retry_seed(k, &target.name, &method, vendor_path))
-    });
-    if let Some(c) = cost.filter(|c| c.reads_body()) {
+    // Priced when any method the vendor may run (an override included) is. A request whose body
+    // is read (priced from it, or free but with a body that could name another method) is counted
+    // at the body's end, once nothing else can refuse it; any other now, before any vault call.
+    let cost = target.cost.as_ref();
+    let priced = cost.filter(|c| c.applies(&method, vendor_path) || overrides.iter().any(|m| c.applies(m, vendor_path)));
+    let content_type = req.header("content-type");
+    let body_kind = match (cost, priced) {
+        (Some(c), Some(_)) => c.body_kind(),
+        (Some(c), None) if c.body_kind().is_some() => BodyKind::of(content_type.as_deref()),
+        _ => None,
+    };
+    if let (Some(c), true) = (priced, body_kind.is_some()) {
         let h = BodyHeaders {
-            content_type: req.header("content-type"),
+            content_type,
             content_encoding: req.header("content-encoding"),
             content_length: req.header("content-length"),
             query: raw_path.split_once('?').map(|(_, q)| q.to_string()),
@@ -295,9 +255,26 @@ pub fn decide(cfg: &Config, req: &mut impl Request, secrets: &mut impl Secrets, 
             return deny(audit, unreadable(u));
         }
     }
-    if let (None, Some(t)) = (cost, &ticket) {
-        if let Err(d) = admission::admit(secrets, t, None) {
-            return deny(audit, d);
+    // Whether this parent's budget can be found: its entry is named by the key that signed it.
+    let par_key_id = match (claims.par.as_ref(), claims.pkid.as_deref()) {
+        (Some(_), Some(pkid)) if !claims.plim.is_empty() => match verify::key_identity(cfg, secrets, pkid) {
+            Ok(id) => id,
+            Err(Outcome::Deny(d)) => return deny(audit, d),
+            Err(outcome) => return Decision::new(outcome, audit),
+        },
+        _ => v.key_id,
+    };
+    // What it counts under, built only when the credential has limits (the retry seed only when
+    // its body is read and it carries an Idempotency-Key).
+    let ticket = Ticket::for_claims(&claims, v.key_id, par_key_id, claims.exp.saturating_add(cfg.policy.clock_skew_s), || {
+        let key = audit.idempotency_key.as_deref().filter(|_| priced.is_some() && body_kind.is_some())?;
+        Some(admission::retry_seed(key, &target.name, &method, &overrides, vendor_path, raw_path.split_once('?').map_or("", |(_, q)| q)))
+    });
+    if let (None, Some(t)) = (body_kind, &ticket) {
+        if priced.is_none() {
+            if let Err(d) = admission::admit(secrets, t, None, &[]) {
+                return deny(audit, d);
+            }
         }
     }
 
@@ -319,26 +296,23 @@ pub fn decide(cfg: &Config, req: &mut impl Request, secrets: &mut impl Secrets, 
     if !matches!(d.outcome, Outcome::Allow(_)) {
         return d;
     }
-    // 7. The cost: fixed, reserved now; in the body, reserved at its end.
-    match cost.map(|c| c.fixed()) {
-        None => {}
-        Some(None) => {
-            let target = cfg.target(&target.name).map_or(0, |(i, _)| i);
-            d.deferred = Some(Deferred { target, ticket });
-        }
-        Some(Some(n)) => {
-            let priced = Priced { cost: n, currency: None };
-            d.audit.cost = Some(n);
-            match ticket.as_ref().map(|t| admission::admit(secrets, t, Some(&priced))).transpose() {
-                Ok(spend) => {
-                    let spend = spend.unwrap_or(Spend::Uncapped);
-                    d.audit.spend = Some(spend.label());
-                    if let Spend::Reserved(r) = spend {
-                        d.reservation = Some(r);
-                    }
+    // 7. The cost: fixed, reserved now; read from the body, at its end.
+    if let Some(kind) = body_kind {
+        let index = cfg.target(&target.name).map_or(0, |(i, _)| i);
+        let path = vendor_path.to_string();
+        d.deferred = Some(Deferred { target: index, ticket, kind, priced: priced.is_some(), claims, method, vendor_path: path });
+    } else if let Some(n) = priced.and_then(|c| c.fixed()) {
+        let priced = Priced { cost: n, currency: None };
+        d.audit.cost = Some(n);
+        match ticket.as_ref().map(|t| admission::admit(secrets, t, Some(&priced), &[])).transpose() {
+            Ok(spend) => {
+                let spend = spend.unwrap_or(Spend::Uncapped);
+                d.audit.spend = Some(spend.label());
+                if let Spend::Reserved(r) = spend {
+                    d.reservation = Some(r);
                 }
-                Err(denial) => return deny(d.audit, denial),
             }
+            Err(denial) => return deny(d.audit, denial),
         }
     }
     if let (true, Outcome::Allow(ops)) = (cfg.decision_headers, &mut d.outcome) {
@@ -348,101 +322,27 @@ pub fn decide(cfg: &Config, req: &mut impl Request, secrets: &mut impl Secrets, 
     d
 }
 
-/// Verify a presented credential: extract it from `value` (the header `source` names), check its
-/// signature with the configuration's keys, its claims against the policy, and the revocation
-/// list. The audit gets the subject, jti and run once the signature holds. `Err`: the outcome to
-/// answer with (a denial, or what to wait for).
-fn verify(
-    cfg: &Config,
-    secrets: &mut impl Secrets,
-    source: &CredentialSource,
-    value: Option<&[u8]>,
-    audit: &mut Audit,
-    now_s: i64,
-) -> Result<(Rc<jwt::Claims>, u64), Outcome> {
-    let token = match extract::extract(source, value) {
-        Ok(t) => t,
-        Err(CredError::Missing) => return Err(Outcome::Deny(Denial::new(Code::MissingCredential, "no credential was presented"))),
-        Err(CredError::Duplicate) => return Err(Outcome::Deny(Denial::new(Code::BadRequest, "the credential header is duplicated"))),
-        Err(CredError::Malformed) => return Err(Outcome::Deny(Denial::new(Code::InvalidCredential, "the credential is malformed"))),
-    };
-    // A credential this worker verified before, with the same key: no HMAC, no parse.
-    let cached = secrets.verified().and_then(|c| c.get(&token)).map(|e| (e.kid.clone(), e.key, e.claims.clone()));
-    let hit = match cached {
-        Some((kid, id, claims)) => match key_for(cfg, secrets, &kid) {
-            k if key_id(&k) == Some(id) => Some((claims, id)),
-            KeyFor::Need(slot) => return Err(Outcome::Need(slot)),
-            _ => None,
-        },
-        None => None,
-    };
-    let (claims, key_id) = match hit {
-        Some(c) => c,
-        None => {
-            let unverified = match jwt::parse(&token) {
-                Ok(u) => u,
-                Err(e) => return Err(Outcome::Deny(Denial::new(Code::InvalidCredential, e.public_message()))),
-            };
-            let key = key_for(cfg, secrets, &unverified.kid);
-            let payload = match &key {
-                KeyFor::Static(k) => unverified.verify(k),
-                KeyFor::Key(k) => unverified.verify(k),
-                KeyFor::Unknown => Err(jwt::TokenError::UnknownKid(String::new())),
-                KeyFor::Need(slot) => return Err(Outcome::Need(*slot)),
-                KeyFor::Failed => return Err(Outcome::Deny(unavailable())),
-            };
-            let claims = match payload.and_then(jwt::parse_claims) {
-                Ok(c) => Rc::new(c),
-                Err(e) => return Err(Outcome::Deny(Denial::new(Code::InvalidCredential, e.public_message()))),
-            };
-            let id = key_id(&key).unwrap_or_default();
-            if let Some(cache) = secrets.verified() {
-                cache.insert(&token, &unverified.kid, id, claims.clone());
-            }
-            (claims, id)
-        }
-    };
-    audit.subject = Some(claims.sub.clone());
-    audit.jti = Some(claims.jti.clone());
-    audit.run.clone_from(&claims.run);
-    if let Err(e) = cfg.policy.check(&claims, now_s) {
-        let code = if e.code() == "expired_credential" { Code::ExpiredCredential } else { Code::InvalidCredential };
-        return Err(Outcome::Deny(Denial::new(code, e.public_message())));
-    }
-    // A derived credential is revoked with its parent.
-    let revoked = match (secrets.revoked(&claims.jti, &claims.sub), claims.par.as_deref()) {
-        (Lookup::Ready(false), Some(par)) => secrets.revoked(par, &claims.sub),
-        (Lookup::Stale(false), Some(par)) => match secrets.revoked(par, &claims.sub) {
-            Lookup::Ready(r) => Lookup::Stale(r),
-            other => other,
-        },
-        (l, _) => l,
-    };
-    match revoked {
-        Lookup::Ready(false) | Lookup::Stale(false) => {}
-        Lookup::Ready(true) | Lookup::Stale(true) => {
-            return Err(Outcome::Deny(Denial::new(Code::RevokedCredential, "the credential has been revoked")));
-        }
-        // Never an unchecked request: wait for the list, or refuse.
-        Lookup::Pending => return Err(Outcome::NeedRevocation),
-        Lookup::Failed => {
-            let d = Denial::new(Code::SecretUnavailable, "the revocation list is unavailable; try again later");
-            return Err(Outcome::Deny(d.retry_after(RETRY_AFTER_UNAVAILABLE_S)));
-        }
-    }
-    Ok((claims, key_id))
+/// Does a rule of the credential for this target, and one of the target's own (if it declares
+/// any), allow `method` on `vendor_path`?
+pub(crate) fn rules_allow(claims: &jwt::Claims, target: &Target, method: &str, vendor_path: &str) -> bool {
+    let by_token = claims.allow.iter().any(|r| r.target == target.name && r.rule.matches(method, vendor_path));
+    by_token && target.allow.as_ref().is_none_or(|rules| rules.iter().any(|r| r.matches(method, vendor_path)))
 }
 
-/// The credential presented to the issuing endpoint (the `Authorization` value, `Bearer …`),
-/// verified as for a request (signature, policy, revocation): the parent of an `attenuate` grant.
-pub fn verify_bearer(
-    cfg: &Config,
-    authorization: Option<&[u8]>,
-    secrets: &mut impl Secrets,
-    audit: &mut Audit,
-    now_s: i64,
-) -> Result<Rc<jwt::Claims>, Outcome> {
-    verify(cfg, secrets, &CredentialSource::Bearer, authorization, audit, now_s).map(|(c, _)| c)
+/// A copy of the credential elsewhere in the request (`credential::copies`): 400, never forwarded.
+fn copied(req: &mut impl Request, source: &CredentialSource, value: Option<&[u8]>, token: &str, raw_path: &str) -> Option<Denial> {
+    // For `basic_password` the header carries it inside a base64 pair: a copy of that too.
+    let pair = match source {
+        CredentialSource::BasicPassword => value.and_then(|v| v.iter().rposition(|b| *b == b' ').and_then(|i| v.get(i + 1..))),
+        _ => None,
+    };
+    let needles = copies::needles(token, pair);
+    let found = copies::find(&needles, req.headers(), source.header()).map(str::to_string);
+    let found = found.or_else(|| copies::holds(&needles, raw_path.as_bytes()).then(|| ":path".to_string()));
+    found.map(|name| {
+        log::info!("refused a request that carries a copy of its credential in {}", name.chars().take(64).collect::<String>());
+        Denial::new(Code::BadRequest, "a copy of the credential is in another header, a cookie, the path or the query; send it only where the target reads it")
+    })
 }
 
 /// The longest `Idempotency-Key` accepted (Stripe's limit).
@@ -470,25 +370,6 @@ fn idempotency_key(req: &mut impl Request) -> Idempotency {
         return Idempotency::Invalid;
     }
     String::from_utf8(v).map_or(Idempotency::Invalid, Idempotency::Valid)
-}
-
-/// The end of a deferred request's body: read its cost and admit it (`audit` gets the cost and
-/// how it stands against spend caps). `Ok`: the reservation it holds, if any.
-pub fn price_body(cfg: &Config, d: &Deferred, body: &[u8], secrets: &mut impl Secrets, audit: &mut Audit) -> Result<Option<Reservation>, Denial> {
-    let Some(cost) = cfg.targets.get(d.target).and_then(|t| t.cost.as_ref()) else {
-        return Err(Denial::new(Code::SecretUnavailable, "the gateway's configuration changed; try again").retry_after(RETRY_AFTER_UNAVAILABLE_S));
-    };
-    let priced = cost.read(body).map_err(unreadable)?;
-    audit.cost = Some(priced.cost);
-    let spend = match &d.ticket {
-        Some(t) => admission::admit(secrets, t, Some(&priced))?,
-        None => Spend::Uncapped,
-    };
-    audit.spend = Some(spend.label());
-    Ok(match spend {
-        Spend::Reserved(r) => Some(r),
-        _ => None,
-    })
 }
 
 fn allow(mut audit: Audit, target: &Target, fetched: &Fetched, raw_path: &str) -> Decision {

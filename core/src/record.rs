@@ -125,13 +125,16 @@ pub enum Metric {
     VmConfigured,
     /// The issuing endpoint issued a credential.
     Issued,
+    /// A request that would have gone on without a decision (a path the lifecycle did not
+    /// foresee), refused instead.
+    Undecided,
     /// The issuing endpoint refused, per error code.
     IssueDenied(Code),
 }
 
 impl Metric {
     /// Every counter but the denials (those are one per `Code`), for defining them up front.
-    pub const PLAIN: [Metric; 17] = [
+    pub const PLAIN: [Metric; 18] = [
         Metric::Allowed,
         Metric::FetchOk,
         Metric::FetchError,
@@ -149,6 +152,7 @@ impl Metric {
         Metric::VaultAuthError,
         Metric::ResponseScrubbed,
         Metric::VmConfigured,
+        Metric::Undecided,
     ];
 
     /// The counter's name in Envoy's stats.
@@ -174,6 +178,7 @@ impl Metric {
             Metric::VaultAuthError => "keyward_vault_auth_error",
             Metric::ResponseScrubbed => "keyward_response_scrubbed",
             Metric::VmConfigured => "keyward_vm_configured",
+            Metric::Undecided => "keyward_undecided",
         };
         plain.to_string()
     }

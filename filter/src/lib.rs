@@ -127,6 +127,16 @@ impl RootContext for Root {
     }
 }
 
+/// Never reached in a single-threaded VM (the lifecycle is already borrowed); if it were, fail
+/// closed: the request is answered here, never let go on undecided.
+fn refuse() -> Action {
+    let d = keyward_core::response::Denial::new(keyward_core::response::Code::SecretUnavailable, "internal error");
+    let headers = d.headers();
+    let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let _ = proxy_wasm::hostcalls::send_http_response(d.status(), h, Some(d.body().as_bytes()));
+    Action::Pause
+}
+
 struct Stream {
     id: u32,
     shared: Rc<RefCell<Worker>>,
@@ -152,34 +162,28 @@ impl HttpContext for Stream {
         if proxy_wasm::hostcalls::get_map_value_bytes(proxy_wasm::types::MapType::HttpRequestHeaders, "x-keyward-test-panic").ok().flatten().is_some() {
             panic!("x-keyward-test-panic");
         }
-        match self.shared.try_borrow_mut() {
-            Ok(mut w) => {
-                let a = w.handle(Event::Request(self.id));
-                w.host.flush_filter_state();
-                // A request without a body: the issuing endpoint, waiting for one, learns now
-                // (and answers before the router sees the end of the request).
-                if end_of_stream && w.handle(Event::RequestBody { ctx: self.id, size: 0, end: true }) == CoreAction::Pause {
-                    return Action::Pause;
-                }
-                action(a)
-            }
-            // Never reached in a single-threaded VM; if it were, fail closed.
-            Err(_) => {
-                let d = keyward_core::response::Denial::new(keyward_core::response::Code::SecretUnavailable, "internal error");
-                let headers = d.headers();
-                let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
-                let _ = proxy_wasm::hostcalls::send_http_response(d.status(), h, Some(d.body().as_bytes()));
-                Action::Pause
-            }
+        let Ok(mut w) = self.shared.try_borrow_mut() else { return refuse() };
+        let a = w.handle(Event::Request(self.id));
+        w.host.flush_filter_state();
+        // A request without a body: whatever waits for the body's end (the issuing endpoint, a
+        // priced request) learns now, and answers before the router sees the end of the request.
+        if end_of_stream && w.handle(Event::RequestBody { ctx: self.id, size: 0, end: true }) == CoreAction::Pause {
+            return Action::Pause;
         }
+        action(a)
     }
 
     /// `Pause` here buffers the body (proxy-wasm's StopIterationAndBuffer) until its end.
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        if let Ok(mut w) = self.shared.try_borrow_mut() {
-            return action(w.handle(Event::RequestBody { ctx: self.id, size: body_size, end: end_of_stream }));
-        }
-        Action::Continue
+        let Ok(mut w) = self.shared.try_borrow_mut() else { return refuse() };
+        action(w.handle(Event::RequestBody { ctx: self.id, size: body_size, end: end_of_stream }))
+    }
+
+    /// Trailers end the request: a body that ends with them is decided here (the last data frame
+    /// did not say it was the last).
+    fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        let Ok(mut w) = self.shared.try_borrow_mut() else { return refuse() };
+        action(w.handle(Event::RequestTrailers(self.id)))
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {

@@ -1,6 +1,8 @@
 //! Reading a request's cost from its body (spend caps): never panics, and a form amount that is
 //! accepted is exactly what a simple reference reader finds: one field named `amount` once
-//! percent-decoded (no other spelling of it, no bracket form), holding only digits, at most 10^15.
+//! percent-decoded, and no other name a lenient parser could read as `amount` or `_method`
+//! (spaces around it, another case, `.` or space for `_`, a bracket form, a NUL), holding only
+//! digits, at most 10^15; a `_method` field, if any, once and a method token.
 #![no_main]
 use keyward_core::policy::cost::{compile, RawCost, MAX_COST};
 use libfuzzer_sys::fuzz_target;
@@ -28,13 +30,23 @@ fn decode(b: &[u8]) -> Vec<u8> {
     out
 }
 
+/// What a lenient parser reads a name as.
+fn lenient(name: &[u8]) -> Vec<u8> {
+    let cut = name.iter().position(|b| *b == b'[' || *b == 0).unwrap_or(name.len());
+    let s = String::from_utf8_lossy(&name[..cut]).to_string();
+    let t = s.trim_matches(|c: char| c.is_ascii_whitespace());
+    t.bytes().map(|b| if b == b'.' || b == b' ' { b'_' } else { b.to_ascii_lowercase() }).collect()
+}
+
 fn reference(body: &[u8]) -> Option<u64> {
     let mut found = None;
+    let mut method: Option<Vec<u8>> = None;
     for pair in body.split(|b| *b == b'&').filter(|p| !p.is_empty()) {
         let mut kv = pair.splitn(2, |b| *b == b'=');
         let name = decode(kv.next().unwrap_or_default());
         let value = decode(kv.next().unwrap_or_default());
-        if name.starts_with(b"amount[") {
+        let l = lenient(&name);
+        if (l == b"amount" && name != b"amount") || (l == b"_method" && name != b"_method") {
             return None;
         }
         if name == b"amount" {
@@ -42,6 +54,17 @@ fn reference(body: &[u8]) -> Option<u64> {
                 return None;
             }
             found = Some(value);
+        } else if name == b"_method" {
+            if method.is_some() {
+                return None;
+            }
+            method = Some(value);
+        }
+    }
+    if let Some(m) = method {
+        let m = String::from_utf8_lossy(&m).trim().to_ascii_uppercase();
+        if m.is_empty() || m.len() > 32 || !m.bytes().all(|b| b.is_ascii_uppercase() || b == b'-' || b == b'_') {
+            return None;
         }
     }
     let v = found?;

@@ -19,8 +19,29 @@ use std::rc::Rc;
 const KEY: &[u8] = b"keyward-hotpath-signing-key-32by";
 const NOW: i64 = 1_800_000_000;
 
+/// A request as Envoy hands it over: pseudo-headers, a few usual headers, the credential.
 struct Req {
     auth: Vec<u8>,
+    headers: Vec<(String, Vec<u8>)>,
+}
+
+impl Req {
+    fn new(auth: Vec<u8>) -> Req {
+        let mut headers: Vec<(String, Vec<u8>)> = [
+            (":authority", "gateway.internal:10000"),
+            (":path", "/v/v1/items"),
+            (":method", "GET"),
+            (":scheme", "http"),
+            ("user-agent", "python-requests/2.32.5"),
+            ("accept", "*/*"),
+            ("x-request-id", "5f0c2a1e-4d7b-4c55-9a4e-0d3f1b2c6e7a"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+        .collect();
+        headers.push(("authorization".into(), auth.clone()));
+        Req { auth, headers }
+    }
 }
 
 impl Request for Req {
@@ -35,6 +56,9 @@ impl Request for Req {
     }
     fn header_values(&mut self, name: &str) -> Vec<Vec<u8>> {
         self.header(name).into_iter().collect()
+    }
+    fn headers(&mut self) -> &[(String, Vec<u8>)] {
+        &self.headers
     }
     fn route_target(&mut self) -> Option<String> {
         Some("vendor".into())
@@ -100,7 +124,7 @@ fn main() {
     let mut cache = Cache(Rc::new(fetched), remember.then(VerifiedCache::default));
     let mut allowed = 0usize;
     for i in 0..n {
-        let mut req = Req { auth: tokens.get(i % tokens.len()).cloned().unwrap_or_default() };
+        let mut req = Req::new(tokens.get(i % tokens.len()).cloned().unwrap_or_default());
         let d = engine::decide(&cfg, &mut req, &mut cache, NOW);
         if matches!(d.outcome, Outcome::Allow(_)) {
             allowed += 1;

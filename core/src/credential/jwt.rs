@@ -238,6 +238,10 @@ pub struct Claims {
     /// The parent's limits when this credential was derived: its requests count against the
     /// parent's entry under these.
     pub plim: Limits,
+    /// The `kid` the parent was signed with: the parent's limit entry is named by the key that
+    /// verifies it, so its own requests and its children's count in one entry whatever key
+    /// signed each. Absent in children issued before it was carried: counted under their own key.
+    pub pkid: Option<String>,
 }
 
 fn req<'a>(o: &'a Value, name: &'static str) -> Result<&'a Value, TokenError> {
@@ -349,7 +353,8 @@ pub fn parse_claims(payload: &[u8]) -> Result<Claims, TokenError> {
     let lim = limits("lim")?;
     let plim = limits("plim")?;
     let par = v.get("par").map(|p| id_str(p, "par")).transpose()?;
-    Ok(Claims { sub, aud, iss, exp, nbf, iat, jti, allow, run, lim, par, plim })
+    let pkid = v.get("pkid").map(|p| id_str(p, "pkid")).transpose()?;
+    Ok(Claims { sub, aud, iss, exp, nbf, iat, jti, allow, run, lim, par, plim, pkid })
 }
 
 /// A fingerprint of a configuration's own signing keys (their identities, in any order): mixed

@@ -68,6 +68,7 @@ mod tests {
             iat: None,
             jti: "j".into(),
             allow: vec![],
+            pkid: None,
             run: None,
             lim: Limits::default(),
             par: None,

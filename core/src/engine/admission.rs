@@ -1,7 +1,9 @@
 //! Counting a request against its credential's limits, and reserving its cost against `spend`.
 //!
 //! A credential counts in its own entry under its `lim`; a derived one also in its parent's entry
-//! under `plim`. A priced request (its target has a `cost` for it) is admitted once its cost is
+//! under `plim`. An entry is named by the key that verifies the credential and its `jti`; a
+//! parent's entry by the key that signed the parent (the child's `pkid`), so the parent's own
+//! requests, its children's and its siblings' count in the same one. A priced request (its target has a `cost` for it) is admitted once its cost is
 //! known and nothing else can refuse it any more: after the upstream secret is ready, and for a
 //! cost read from the body, at the end of the body. A reservation the parent's entry refuses is
 //! released from the child's, so a refused request holds nothing.
@@ -21,20 +23,22 @@ pub struct Ticket {
     pub jti: String,
     pub lim: Limits,
     pub par: Option<String>,
+    /// The identity of the key that signed the parent (its entry is named by it).
+    pub par_key_id: u64,
     pub plim: Limits,
     /// When the credential stops being accepted: its entries can go then.
     pub keep_until_s: i64,
-    /// A digest of the request's `Idempotency-Key` and of what it asks for (target, method,
-    /// path): with the cost, it names a retry.
+    /// A digest of the request's `Idempotency-Key` and of what it asks for (target, method and
+    /// overrides, path, query): with the body and the cost, it names a retry.
     pub retry_seed: Option<[u8; 32]>,
 }
 
 impl Ticket {
     /// The ticket of a verified credential, or `None` when it has no limits to count against
     /// (nothing is allocated then: the common warm path). `retry_seed` is asked for only if needed.
-    pub fn for_claims(c: &Claims, key_id: u64, keep_until_s: i64, retry_seed: impl FnOnce() -> Option<[u8; 32]>) -> Option<Ticket> {
+    pub fn for_claims(c: &Claims, key_id: u64, par_key_id: u64, keep_until_s: i64, retry_seed: impl FnOnce() -> Option<[u8; 32]>) -> Option<Ticket> {
         let counts = !c.lim.is_empty() || (c.par.is_some() && !c.plim.is_empty());
-        counts.then(|| Ticket { key_id, jti: c.jti.clone(), lim: c.lim, par: c.par.clone(), plim: c.plim, keep_until_s, retry_seed: retry_seed() })
+        counts.then(|| Ticket { key_id, jti: c.jti.clone(), lim: c.lim, par: c.par.clone(), par_key_id, plim: c.plim, keep_until_s, retry_seed: retry_seed() })
     }
 
     fn own(&self) -> bool {
@@ -46,19 +50,22 @@ impl Ticket {
     }
 }
 
-/// The seed of a request's retry key.
-pub fn retry_seed(idempotency_key: &str, target: &str, method: &str, path: &str) -> [u8; 32] {
+/// The seed of a request's retry key: everything its headers say it asks for.
+pub fn retry_seed(idempotency_key: &str, target: &str, method: &str, overrides: &[String], path: &str, query: &str) -> [u8; 32] {
     let mut h = Sha256::new();
-    for part in [b"keyward-retry-v1".as_slice(), idempotency_key.as_bytes(), target.as_bytes(), method.as_bytes(), path.as_bytes()] {
+    let parts = [b"keyward-retry-v2".as_slice(), idempotency_key.as_bytes(), target.as_bytes(), method.as_bytes(), path.as_bytes(), query.as_bytes()];
+    for part in parts.into_iter().chain(overrides.iter().map(String::as_bytes)) {
         h.update((part.len() as u64).to_le_bytes());
         h.update(part);
     }
     h.finalize().into()
 }
 
-fn retry_key(seed: &[u8; 32], p: &Priced) -> RetryKey {
+/// A retry is the same request: the same seed, the same body byte for byte, the same cost.
+fn retry_key(seed: &[u8; 32], p: &Priced, body: &[u8]) -> RetryKey {
     let mut h = Sha256::new();
     h.update(seed);
+    h.update(Sha256::digest(body));
     h.update(p.cost.to_le_bytes());
     h.update(p.currency.as_deref().unwrap_or("").as_bytes());
     let d = h.finalize();
@@ -70,9 +77,8 @@ fn retry_key(seed: &[u8; 32], p: &Priced) -> RetryKey {
 /// A cost held against credentials' spend caps, to release if the vendor refunds it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reservation {
-    pub key_id: u64,
-    /// The entries (`jti`s) that reserved it.
-    pub holders: Vec<String>,
+    /// The entries that reserved it: the identity of the key that names each, and its `jti`.
+    pub holders: Vec<(u64, String)>,
     pub charge: Charge,
 }
 
@@ -96,24 +102,25 @@ impl Spend {
     }
 }
 
-/// Count the request of `ticket` (and reserve `priced`'s cost where a spend cap applies).
-pub fn admit(secrets: &mut impl Secrets, t: &Ticket, priced: Option<&Priced>) -> Result<Spend, Denial> {
-    let charge = priced.map(|p| Charge { cost: p.cost, retry: t.retry_seed.as_ref().map(|s| retry_key(s, p)) });
+/// Count the request of `ticket` (and reserve `priced`'s cost where a spend cap applies). `body`:
+/// the request's body, as read to price it (part of what names a retry).
+pub fn admit(secrets: &mut impl Secrets, t: &Ticket, priced: Option<&Priced>, body: &[u8]) -> Result<Spend, Denial> {
+    let charge = priced.map(|p| Charge { cost: p.cost, retry: t.retry_seed.as_ref().map(|s| retry_key(s, p, body)) });
     let mut spend = Spend::Uncapped;
-    let mut holders: Vec<String> = Vec::new();
+    let mut holders: Vec<(u64, String)> = Vec::new();
     // A derived credential counts against its own limits, and against its parent's entry under
-    // the parent's limits (`plim`): siblings share the parent's budget.
-    let entries = [(t.own(), t.jti.as_str(), &t.lim), (t.parents().is_some(), t.par.as_deref().unwrap_or(""), &t.plim)];
-    for (applies, jti, lim) in entries {
+    // the parent's limits (`plim`): the parent and all its children share the parent's budget.
+    let entries = [(t.own(), t.key_id, t.jti.as_str(), &t.lim), (t.parents().is_some(), t.par_key_id, t.par.as_deref().unwrap_or(""), &t.plim)];
+    for (applies, key_id, jti, lim) in entries {
         if !applies {
             continue;
         }
-        let verdict = secrets.admit(t.key_id, jti, lim, t.keep_until_s, charge.as_ref());
+        let verdict = secrets.admit(key_id, jti, lim, t.keep_until_s, charge.as_ref());
         match (verdict, charge) {
             (Verdict::Admit, _) | (Verdict::Reserved, None) => {}
             (Verdict::Reserved, Some(c)) => {
-                holders.push(jti.to_string());
-                spend = Spend::Reserved(Reservation { key_id: t.key_id, holders: holders.clone(), charge: c });
+                holders.push((key_id, jti.to_string()));
+                spend = Spend::Reserved(Reservation { holders: holders.clone(), charge: c });
             }
             (Verdict::Retry, _) => {
                 if spend == Spend::Uncapped {
@@ -123,8 +130,8 @@ pub fn admit(secrets: &mut impl Secrets, t: &Ticket, priced: Option<&Priced>) ->
             (refusal, _) => {
                 // What an earlier entry reserved for this request goes back.
                 if let Some(c) = &charge {
-                    for h in &holders {
-                        secrets.refund(t.key_id, h, c);
+                    for (key_id, jti) in &holders {
+                        secrets.refund(*key_id, jti, c);
                     }
                 }
                 return Err(denial(refusal));

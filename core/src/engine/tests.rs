@@ -1,5 +1,5 @@
 use super::*;
-use crate::config::compile;
+use crate::config::{compile, KeySource};
 use crate::secret::Secret;
 use std::collections::HashMap;
 
@@ -44,6 +44,9 @@ impl Request for Req {
     }
     fn header_values(&mut self, name: &str) -> Vec<Vec<u8>> {
         self.headers.iter().filter(|(k, _)| k == name).map(|(_, v)| v.clone()).collect()
+    }
+    fn headers(&mut self) -> &[(String, Vec<u8>)] {
+        &self.headers
     }
     fn route_target(&mut self) -> Option<String> {
         self.target.clone()
@@ -714,7 +717,7 @@ fn a_priced_request_is_counted_at_its_body_not_at_its_headers() {
     assert!(deferred.ticket.as_ref().is_some_and(|t| t.lim.spend == Some(100)));
     let mut audit = d.audit;
     let held = price_body(&c, &deferred, b"amount=60&currency=usd", &mut s, &mut audit);
-    assert!(matches!(&held, Ok(Some(r)) if r.charge.cost == 60 && r.holders == vec!["j-1".to_string()]), "{held:?}");
+    assert!(matches!(&held, Ok(Some(r)) if r.charge.cost == 60 && r.holders.iter().map(|(_, j)| j.as_str()).collect::<Vec<_>>() == ["j-1"]), "{held:?}");
     assert_eq!((audit.cost, audit.spend), (Some(60), Some("reserved")));
     assert_eq!(s.admitted, 1);
     let again = price_body(&c, &deferred, b"amount=41&currency=usd", &mut s, &mut audit);
@@ -760,15 +763,22 @@ fn a_priced_request_is_refused_from_its_headers_when_its_cost_cannot_be_read() {
 }
 
 #[test]
-fn retry_seeds_name_the_key_and_what_it_charges() {
-    let a = admission::retry_seed("k-1", "stripe", "POST", "/v1/payment_intents");
-    assert_eq!(a, admission::retry_seed("k-1", "stripe", "POST", "/v1/payment_intents"));
+fn retry_seeds_name_the_key_and_everything_the_headers_ask_for() {
+    let seed = |k: &str, t: &str, m: &str, o: &[&str], p: &str, q: &str| {
+        let o: Vec<String> = o.iter().map(|s| s.to_string()).collect();
+        admission::retry_seed(k, t, m, &o, p, q)
+    };
+    let a = seed("k-1", "stripe", "POST", &[], "/v1/payment_intents", "");
+    assert_eq!(a, seed("k-1", "stripe", "POST", &[], "/v1/payment_intents", ""));
     for b in [
-        admission::retry_seed("k-2", "stripe", "POST", "/v1/payment_intents"),
-        admission::retry_seed("k-1", "stripe2", "POST", "/v1/payment_intents"),
-        admission::retry_seed("k-1", "stripe", "PUT", "/v1/payment_intents"),
-        admission::retry_seed("k-1", "stripe", "POST", "/v1/charges"),
-        admission::retry_seed("k-1s", "tripe", "POST", "/v1/payment_intents"),
+        seed("k-2", "stripe", "POST", &[], "/v1/payment_intents", ""),
+        seed("k-1", "stripe2", "POST", &[], "/v1/payment_intents", ""),
+        seed("k-1", "stripe", "PUT", &[], "/v1/payment_intents", ""),
+        seed("k-1", "stripe", "POST", &[], "/v1/charges", ""),
+        seed("k-1s", "tripe", "POST", &[], "/v1/payment_intents", ""),
+        seed("k-1", "stripe", "POST", &["DELETE"], "/v1/payment_intents", ""),
+        seed("k-1", "stripe", "POST", &[], "/v1/payment_intents", "expand=customer"),
+        seed("k-1", "stripe", "POST", &[], "/v1/payment_intents?", ""),
     ] {
         assert_ne!(a, b);
     }

@@ -45,6 +45,9 @@ impl fmt::Debug for Op {
     }
 }
 
+/// The header Envoy's default access-log format prints as the path when it is set.
+pub const ORIGINAL_PATH: &str = "x-envoy-original-path";
+
 /// Headers always removed before injection: the workload may not pass any credential through.
 pub const ALWAYS_REMOVED: [&str; 2] = ["authorization", "proxy-authorization"];
 
@@ -89,6 +92,11 @@ pub fn plan(target: &Target, secret: &Fetched, raw_path: &str) -> Result<Vec<Op>
         }
         Inject::Query { name, field: f } => {
             let v = text(field(secret, f)?)?;
+            // Envoy's default access-log format prints `x-envoy-original-path` when it is set,
+            // `:path` (which now holds the key) otherwise: the path as the workload sent it is
+            // what an access log shows. The router keeps it with `suppress_envoy_headers: true`
+            // (it would otherwise overwrite it with the rewritten path on a `prefix_rewrite`).
+            ops.push(Op::Set(ORIGINAL_PATH.to_string(), Secret::text(raw_path)));
             ops.push(Op::SetPath(Secret::text(&with_query_param(raw_path, name, v))));
         }
     }
@@ -182,7 +190,7 @@ mod tests {
         assert_eq!(with_query_param("/g?", "key", "v"), "/g?key=v");
         let t = target(CredentialSource::Bearer, Inject::Query { name: "key".into(), field: "k".into() });
         let ops = plan(&t, &fetched(&[("k", "AIza")]), "/maps/x?key=1").unwrap_or_default();
-        assert_eq!(show(&ops), ["-authorization", "-proxy-authorization", ":path=/maps/x?key=AIza"]);
+        assert_eq!(show(&ops), ["-authorization", "-proxy-authorization", "x-envoy-original-path=/maps/x?key=1", ":path=/maps/x?key=AIza"]);
     }
 
     #[test]

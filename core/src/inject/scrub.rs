@@ -1,7 +1,7 @@
 //! Response scrubbing: a vendor that reflects the upstream secret in a response header (an echo,
-//! a debug header, a redirect `Location` carrying a query key) must not hand it to the workload.
-//! The filter removes every response header whose value contains a form of the secret it
-//! injected into that request.
+//! a debug header, a redirect `Location` carrying a query key, a hex dump of its bytes) must not
+//! hand it to the workload. The filter removes every response header and trailer whose value
+//! contains a form of the secret it injected into that request.
 
 use crate::config::{Inject, Target};
 use crate::inject::pct_encode;
@@ -13,13 +13,37 @@ use crate::wire::{b64, pct};
 /// short is not a secret.
 pub const MIN_NEEDLE: usize = 8;
 
-/// The forms of `target`'s injected secret a response could reflect: the raw value, its
-/// percent-encoding (a `Location` query), and for basic auth the base64 `user:password`.
-pub fn needles(target: &Target, secret: &Fetched) -> Vec<Secret> {
-    let mut out: Vec<Secret> = Vec::with_capacity(3);
+/// The forms of a secret a response could reflect.
+#[derive(Default)]
+pub struct Needles {
+    /// Compared as they are: the raw value, its percent-encoding (a `Location` query), for basic
+    /// auth the base64 `user:password`.
+    exact: Vec<Secret>,
+    /// Hex of the raw value's bytes, in lower case: compared with the value in lower case (a
+    /// vendor may print either case).
+    hex: Vec<Secret>,
+}
+
+impl Needles {
+    pub fn is_empty(&self) -> bool {
+        self.exact.is_empty()
+    }
+}
+
+fn hex(s: &str) -> String {
+    s.bytes().fold(String::with_capacity(s.len() * 2), |mut out, b| {
+        out.push_str(&format!("{b:02x}"));
+        out
+    })
+}
+
+/// The forms of `target`'s injected secret a response could reflect.
+pub fn needles(target: &Target, secret: &Fetched) -> Needles {
+    let mut out = Needles::default();
     let mut add = |s: &str| {
-        if s.len() >= MIN_NEEDLE && !out.iter().any(|n| n.expose() == s.as_bytes()) {
-            out.push(Secret::text(s));
+        if s.len() >= MIN_NEEDLE && !out.exact.iter().any(|n| n.expose() == s.as_bytes()) {
+            out.exact.push(Secret::text(s));
+            out.hex.push(Secret::text(&hex(s)));
         }
     };
     let value = |f: &str| secret.field(f).and_then(Secret::expose_str);
@@ -47,21 +71,28 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && hay.len() >= needle.len() && hay.windows(needle.len()).any(|w| w == needle)
 }
 
-/// Does `value` contain any of `needles`, as is or once percent-decoded? Decoding first catches
-/// every way a vendor may encode the key in a URL: upper- or lower-case hex, or only some
-/// characters encoded.
-pub fn leaks(needles: &[Secret], value: &[u8]) -> bool {
-    if needles.iter().any(|n| contains(value, n.expose())) {
+/// Does `value` contain any of `needles`, as is or once percent-decoded, or the hex of the
+/// secret in either case? Decoding first catches every way a vendor may encode the key in a URL:
+/// upper- or lower-case hex, or only some characters encoded.
+pub fn leaks(needles: &Needles, value: &[u8]) -> bool {
+    if needles.exact.iter().chain(&needles.hex).any(|n| contains(value, n.expose())) {
         return true;
+    }
+    let shortest_hex = needles.hex.iter().map(|n| n.expose().len()).min().unwrap_or(usize::MAX);
+    if value.len() >= shortest_hex && value.iter().any(u8::is_ascii_uppercase) {
+        let lower = value.to_ascii_lowercase();
+        if needles.hex.iter().any(|n| contains(&lower, n.expose())) {
+            return true;
+        }
     }
     value.contains(&b'%') && {
         let decoded = pct::decode(value, false);
-        needles.iter().any(|n| contains(&decoded, n.expose()))
+        needles.exact.iter().any(|n| contains(&decoded, n.expose()))
     }
 }
 
 /// The names (lower-case, once each) of the headers to remove from a response.
-pub fn headers_to_remove(needles: &[Secret], headers: &[(String, Vec<u8>)]) -> Vec<String> {
+pub fn headers_to_remove(needles: &Needles, headers: &[(String, Vec<u8>)]) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
     if needles.is_empty() {
         return out;
@@ -87,7 +118,7 @@ mod tests {
     fn every_url_encoding_of_the_key_is_caught() {
         use super::leaks;
         use crate::secret::Secret;
-        let n = vec![Secret::text("sk+live/AbC=123_xyz")];
+        let n = super::Needles { exact: vec![Secret::text("sk+live/AbC=123_xyz")], hex: vec![] };
         for v in [
             "https://cb/?key=sk%2Blive%2FAbC%3D123_xyz",   // upper-case hex
             "https://cb/?key=sk%2blive%2fAbC%3d123_xyz",   // lower-case hex
@@ -153,6 +184,23 @@ mod tests {
         assert_eq!(headers_to_remove(&n, &h(&[("www-authenticate", &format!("Basic {pair}"))])), vec!["www-authenticate"]);
         assert_eq!(headers_to_remove(&n, &h(&[("x-pw", "twilio-token-1")])), vec!["x-pw"]);
         assert!(headers_to_remove(&n, &h(&[("x-account", "AC0123456789")])).is_empty(), "the account id is not a secret");
+    }
+
+    #[test]
+    fn hex_of_the_key_in_either_case_is_removed() {
+        let key = "fake-vendor-key-abcdef123";
+        let n = needles(&target(Inject::Bearer { field: "k".into() }), &fetched(&[("k", key)]));
+        let lower: String = key.bytes().map(|b| format!("{b:02x}")).collect();
+        let upper = lower.to_ascii_uppercase();
+        let mixed: String = lower.chars().enumerate().map(|(i, c)| if i % 3 == 0 { c.to_ascii_uppercase() } else { c }).collect();
+        let headers = h(&[
+            ("x-debug-lower", &format!("key=0x{lower}")),
+            ("x-debug-upper", &upper),
+            ("x-debug-mixed", &mixed),
+            ("x-debug-spaced", &lower[..lower.len() - 2]),
+            ("x-request-id", "REQ-0123456789ABCDEF0123456789ABCDEF0123456789ABCDEF"),
+        ]);
+        assert_eq!(headers_to_remove(&n, &headers), vec!["x-debug-lower", "x-debug-upper", "x-debug-mixed"]);
     }
 
     #[test]

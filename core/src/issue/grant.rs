@@ -106,6 +106,8 @@ pub struct Scope {
     /// The parent's limits (for a derived credential): its requests count against the parent's
     /// entry under them, so siblings share the parent's budget.
     pub plim: Limits,
+    /// The `kid` that signed the parent (for a derived credential).
+    pub pkid: Option<String>,
 }
 
 /// Refused: 403 `forbidden` with this message.
@@ -134,11 +136,12 @@ pub fn for_role(role: &RoleGrant, ask: &Ask, now_s: i64) -> Result<Scope, OverAs
         Some(t) => t,
         None => role.ttl_s,
     };
-    Ok(Scope { sub: role.sub.clone(), allow, exp: now_s + i64::from(ttl), lim: role.lim, run: ask.run.clone(), par: None, plim: Limits::default() })
+    Ok(Scope { sub: role.sub.clone(), allow, exp: now_s + i64::from(ttl), lim: role.lim, run: ask.run.clone(), par: None, plim: Limits::default(), pkid: None })
 }
 
-/// The scope of a credential derived from `parent`: within it in every dimension.
-pub fn for_child(parent: &Claims, ask: &Ask, lim: Option<&Limits>, max_ttl_s: u32, now_s: i64) -> Result<Scope, OverAsked> {
+/// The scope of a credential derived from `parent` (signed with `parent_kid`): within it in every
+/// dimension.
+pub fn for_child(parent: &Claims, parent_kid: &str, ask: &Ask, lim: Option<&Limits>, max_ttl_s: u32, now_s: i64) -> Result<Scope, OverAsked> {
     if parent.par.is_some() {
         return Err(OverAsked("a derived credential cannot be attenuated again; derive from its parent".into()));
     }
@@ -167,7 +170,7 @@ pub fn for_child(parent: &Claims, ask: &Ask, lim: Option<&Limits>, max_ttl_s: u3
         (Some(r), _) => Some(r.clone()),
         (None, p) => p.clone(),
     };
-    Ok(Scope { sub: parent.sub.clone(), allow, exp, lim, run, par: Some(parent.jti.clone()), plim: parent.lim })
+    Ok(Scope { sub: parent.sub.clone(), allow, exp, lim, run, par: Some(parent.jti.clone()), plim: parent.lim, pkid: Some(parent_kid.to_string()) })
 }
 
 /// A new `jti`: a MAC, under the issuing key, of what makes this issuance unique (the time in
@@ -228,6 +231,10 @@ pub fn claims_json(scope: &Scope, jti: &str, now_s: i64, audience: &str, iss: Op
         c.push_str(",\"par\":");
         json::write_str(&mut c, p);
     }
+    if let Some(k) = &scope.pkid {
+        c.push_str(",\"pkid\":");
+        json::write_str(&mut c, k);
+    }
     c.push('}');
     c
 }
@@ -261,6 +268,7 @@ mod tests {
 
     fn parent() -> Claims {
         Claims {
+            pkid: None,
             sub: "lambda/batch".into(),
             aud: vec!["keyward".into()],
             iss: None,
@@ -307,8 +315,14 @@ mod tests {
     #[test]
     fn a_child_is_within_its_parent_in_every_dimension() {
         let p = parent();
-        let c =
-            for_child(&p, &ask(Some(&["stripe POST /v1/payment_intents"]), Some(300)), Some(&Limits { rpm: None, total: Some(1), spend: None }), 900, 9_000);
+        let c = for_child(
+            &p,
+            "k1",
+            &ask(Some(&["stripe POST /v1/payment_intents"]), Some(300)),
+            Some(&Limits { rpm: None, total: Some(1), spend: None }),
+            900,
+            9_000,
+        );
         let c = c.unwrap_or_else(|e| panic!("{e:?}"));
         assert_eq!(c.sub, "lambda/batch");
         assert_eq!(c.exp, 9_300);
@@ -316,18 +330,18 @@ mod tests {
         assert_eq!(c.par.as_deref(), Some("parent-1"));
         assert_eq!(c.run.as_deref(), Some("sqs/m-1"));
         // exp never later than the parent's.
-        let late = for_child(&p, &ask(None, Some(900)), None, 900, 9_500).unwrap_or_else(|e| panic!("{e:?}"));
+        let late = for_child(&p, "k1", &ask(None, Some(900)), None, 900, 9_500).unwrap_or_else(|e| panic!("{e:?}"));
         assert_eq!(late.exp, 10_000);
         assert_eq!(late.allow, p.allow, "no allow asked: the parent's");
         // Over-asking in any dimension is refused.
-        assert!(for_child(&p, &ask(Some(&["stripe DELETE /v1/customers/x"]), None), None, 900, 9_000).is_err());
-        assert!(for_child(&p, &ask(Some(&["stripe * /v1/payment_intents"]), None), None, 900, 9_000).is_err());
-        assert!(for_child(&p, &ask(Some(&["openai POST /v1/responses"]), None), None, 900, 9_000).is_err());
-        assert!(for_child(&p, &ask(None, Some(901)), None, 900, 9_000).is_err());
-        assert!(for_child(&p, &ask(None, None), Some(&Limits { rpm: Some(601), total: None, spend: None }), 900, 9_000).is_err());
+        assert!(for_child(&p, "k1", &ask(Some(&["stripe DELETE /v1/customers/x"]), None), None, 900, 9_000).is_err());
+        assert!(for_child(&p, "k1", &ask(Some(&["stripe * /v1/payment_intents"]), None), None, 900, 9_000).is_err());
+        assert!(for_child(&p, "k1", &ask(Some(&["openai POST /v1/responses"]), None), None, 900, 9_000).is_err());
+        assert!(for_child(&p, "k1", &ask(None, Some(901)), None, 900, 9_000).is_err());
+        assert!(for_child(&p, "k1", &ask(None, None), Some(&Limits { rpm: Some(601), total: None, spend: None }), 900, 9_000).is_err());
         let mut child = p.clone();
         child.par = Some("grandparent".into());
-        assert!(for_child(&child, &ask(None, None), None, 900, 9_000).is_err(), "one level only");
+        assert!(for_child(&child, "k1", &ask(None, None), None, 900, 9_000).is_err(), "one level only");
     }
 
     #[test]
@@ -350,7 +364,8 @@ mod tests {
     #[test]
     fn issued_claims_parse_back_as_the_scope() {
         let key = HmacKey::new(b"issuing-key-of-at-least-32-bytes").unwrap_or_else(|e| panic!("{e}"));
-        let scope = for_child(&parent(), &ask(Some(&["stripe POST /v1/payment_intents"]), Some(60)), None, 900, 9_000).unwrap_or_else(|e| panic!("{e:?}"));
+        let scope =
+            for_child(&parent(), "k1", &ask(Some(&["stripe POST /v1/payment_intents"]), Some(60)), None, 900, 9_000).unwrap_or_else(|e| panic!("{e:?}"));
         let jti = new_jti(&key, 1, 2, 3, b"body");
         assert_eq!(jti.len(), 32);
         assert_ne!(jti, new_jti(&key, 1, 2, 4, b"body"));

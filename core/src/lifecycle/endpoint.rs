@@ -38,6 +38,7 @@ impl Lifecycle {
     }
 
     fn reply(&mut self, host: &mut impl Host, status: u32, headers: &[(&str, String)], body: &str) -> Action {
+        self.streams.insert(self.current, super::Stream::Answered);
         if host.reply(status, headers, body).is_err() {
             host.reset();
         }

@@ -11,6 +11,9 @@ pub enum Event {
     /// last part). The issuing endpoint and requests priced from their body read bodies; other
     /// streams continue.
     RequestBody { ctx: ContextId, size: usize, end: bool },
+    /// A stream's request trailers arrived: the end of its body (the last data frame did not say
+    /// so).
+    RequestTrailers(ContextId),
     /// The vendor's response headers for a stream arrived.
     Response(ContextId),
     /// The vendor's response trailers for a stream arrived.

@@ -208,7 +208,7 @@ impl Lifecycle {
 
     /// Decide every request parked on `slot` again.
     pub(super) fn wake(&mut self, host: &mut impl Host, slot: usize) {
-        let waiting: Vec<u32> = self.parked.iter().filter(|(_, p)| p.wait == Wait::Secret(slot)).map(|(c, _)| *c).collect();
+        let waiting = self.parked_on(Wait::Secret(slot));
         let answered_us = self.slots.get_mut(slot).map_or(0, |c| std::mem::take(&mut c.answered_us));
         if answered_us != 0 && !waiting.is_empty() {
             host.observe(Family::ColdUs, &["decode"], host.now_us().saturating_sub(answered_us));

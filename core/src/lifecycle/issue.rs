@@ -5,7 +5,7 @@
 //! with the credential or a contract error. Nothing is ever forwarded upstream.
 
 use super::request::{write_audit, HostRequest, SharedSecrets};
-use super::state::{IssueStep, Issuing, Purpose};
+use super::state::{IssueStep, Issuing, Purpose, Stream};
 use super::{Answer, Lifecycle, CALL_GRACE_MS};
 use crate::config::{Config, KeySource};
 use crate::credential::jwt;
@@ -66,9 +66,9 @@ impl Lifecycle {
             return self.issue_refuse_now(host, Audit::default(), &Denial::new(Code::BadRequest, "the request body is larger than 16 KiB"));
         }
         let deadline_ms = now_ms + ISSUE_WAIT_MS + cfg.issuer.as_ref().and_then(|i| i.aws_iam.as_ref()).map_or(0, |a| u64::from(a.sts.timeout_ms));
-        self.issuing.insert(
+        self.streams.insert(
             ctx,
-            Issuing {
+            Stream::Issuing(Box::new(Issuing {
                 step: IssueStep::Body,
                 deadline_ms,
                 started_us,
@@ -78,23 +78,28 @@ impl Lifecycle {
                 principal: None,
                 authorization: req.header("authorization").map(crate::secret::Secret::new),
                 audit: Audit::default(),
-            },
+            })),
         );
         Action::Continue
     }
 
     /// Part of a request body. Only an issuance reads it; other streams go on.
-    pub(super) fn issue_body(&mut self, host: &mut impl Host, ctx: ContextId, size: usize, end: bool) -> Action {
-        if !matches!(self.issuing.get(&ctx).map(|i| &i.step), Some(IssueStep::Body)) {
-            return Action::Continue;
+    pub(super) fn issue_body(&mut self, host: &mut impl Host, ctx: ContextId, size: Option<usize>, end: bool) -> Action {
+        if !matches!(self.issuing(ctx).map(|i| &i.step), Some(IssueStep::Body)) {
+            // Its body was read already: nothing more of it goes anywhere.
+            return Action::Pause;
         }
-        if size > grant::MAX_BODY {
+        if size.is_some_and(|n| n > grant::MAX_BODY) {
             return self.issue_refuse(host, ctx, &Denial::new(Code::BadRequest, "the request body is larger than 16 KiB"));
         }
         if !end {
             return Action::Pause;
         }
-        let body = match host.request_body(size) {
+        // Ended by trailers: what is buffered, and one byte more than the bound to tell.
+        let body = match host.request_body(size.unwrap_or(grant::MAX_BODY + 1)) {
+            Ok(b) if b.len() > grant::MAX_BODY => {
+                return self.issue_refuse(host, ctx, &Denial::new(Code::BadRequest, "the request body is larger than 16 KiB"))
+            }
             Ok(b) => b,
             Err(_) => return self.issue_refuse(host, ctx, &Denial::new(Code::BadRequest, "the request body could not be read")),
         };
@@ -105,7 +110,7 @@ impl Lifecycle {
                 return self.issue_refuse(host, ctx, &Denial::new(Code::BadRequest, "the request body is not a valid grant"));
             }
         };
-        if let Some(i) = self.issuing.get_mut(&ctx) {
+        if let Some(i) = self.issuing_mut(ctx) {
             i.body = crate::secret::Secret::new(body);
             i.grant = Some(g);
             i.step = IssueStep::Waiting;
@@ -115,7 +120,7 @@ impl Lifecycle {
 
     /// Take the issuance of `ctx` as far as it can go now (the effective context is `ctx`).
     fn issue_continue(&mut self, host: &mut impl Host, ctx: ContextId) -> Action {
-        let (Some(cfg), Some(i)) = (self.cfg.clone(), self.issuing.get(&ctx)) else { return Action::Pause };
+        let (Some(cfg), Some(i)) = (self.cfg.clone(), self.issuing(ctx)) else { return Action::Pause };
         let Some(issuer) = cfg.issuer.as_ref() else { return Action::Pause };
         let now_ms = host.now_ms();
         let now_s = (now_ms / 1000) as i64;
@@ -132,7 +137,7 @@ impl Lifecycle {
                         Ok(c) => c,
                         Err(e) => return self.issue_refuse(host, ctx, &refusal(&e)),
                     };
-                    if let Some(i) = self.issuing.get_mut(&ctx) {
+                    if let Some(i) = self.issuing_mut(ctx) {
                         i.call = Some(call);
                     }
                     if self.in_root {
@@ -161,11 +166,11 @@ impl Lifecycle {
                     let mut secrets = SharedSecrets { lc: self, host, now_ms, admitted: 0, calls: 0 };
                     engine::verify_bearer(&cfg, authorization.as_ref().map(|a| a.expose()), &mut secrets, &mut audit, now_s)
                 };
-                if let Some(i) = self.issuing.get_mut(&ctx) {
+                if let Some(i) = self.issuing_mut(ctx) {
                     i.audit.subject = audit.subject.clone();
                     i.audit.jti = audit.jti.clone();
                 }
-                let parent = match verified {
+                let (parent, parent_kid) = match verified {
                     Ok(p) => p,
                     Err(Outcome::Deny(d)) => return self.issue_refuse(host, ctx, &d),
                     Err(Outcome::Need(slot)) => {
@@ -178,7 +183,7 @@ impl Lifecycle {
                     }
                     Err(Outcome::Allow(_)) => return Action::Pause,
                 };
-                match grant::for_child(&parent, &ask, lim.as_ref(), issuer.max_ttl_s, now_s) {
+                match grant::for_child(&parent, &parent_kid, &ask, lim.as_ref(), issuer.max_ttl_s, now_s) {
                     Ok(s) => s,
                     Err(e) => return self.over_asked(host, ctx, &e.0),
                 }
@@ -212,11 +217,12 @@ impl Lifecycle {
         };
         let now_s = (now_ms / 1000) as i64;
         self.issue_seq = self.issue_seq.wrapping_add(1);
-        let body = self.issuing.get(&ctx).map(|i| i.body.expose().to_vec()).unwrap_or_default();
+        let body = self.issuing(ctx).map(|i| i.body.expose().to_vec()).unwrap_or_default();
         let jti = grant::new_jti(&key, host.now_us(), self.root, self.issue_seq, &body);
         let claims = grant::claims_json(scope, &jti, now_s, &cfg.policy.audience, cfg.policy.issuer.as_deref());
         let token = jwt::mint(&issuer.kid, &key, &claims);
-        let Some(mut i) = self.issuing.remove(&ctx) else { return Action::Pause };
+        let Some(mut i) = self.take_issuing(ctx) else { return Action::Pause };
+        self.streams.insert(ctx, Stream::Answered);
         i.audit.subject = Some(scope.sub.clone());
         i.audit.run.clone_from(&scope.run);
         i.audit.issued = Some(jti.clone());
@@ -243,6 +249,7 @@ impl Lifecycle {
 
     /// Refuse a request that has no issuance record yet (the current stream).
     fn issue_refuse_now(&mut self, host: &mut impl Host, mut audit: Audit, d: &Denial) -> Action {
+        self.streams.insert(self.current, Stream::Answered);
         audit.decision = d.code.as_str();
         write_audit(host, &audit);
         host.metric(Metric::IssueDenied(d.code));
@@ -254,21 +261,21 @@ impl Lifecycle {
 
     /// Refuse the issuance of `ctx` (the effective context is `ctx`).
     fn issue_refuse(&mut self, host: &mut impl Host, ctx: ContextId, d: &Denial) -> Action {
-        let audit = self.issuing.remove(&ctx).map(|i| i.audit).unwrap_or_default();
+        let audit = self.take_issuing(ctx).map(|i| i.audit).unwrap_or_default();
         log::info!("issuance refused: {} ({})", d.code.as_str(), d.message);
         self.issue_refuse_now(host, audit, d)
     }
 
     /// Send the STS callouts queued by streams (root events only).
     pub(super) fn pump_issuing(&mut self, host: &mut impl Host) {
-        let queued: Vec<ContextId> = self.issuing.iter().filter(|(_, i)| i.call.is_some()).map(|(c, _)| *c).collect();
+        let queued: Vec<ContextId> = self.issuing_streams().into_iter().filter(|c| self.issuing(*c).is_some_and(|i| i.call.is_some())).collect();
         for ctx in queued {
-            let Some(call) = self.issuing.get_mut(&ctx).and_then(|i| i.call.take()) else { continue };
+            let Some(call) = self.issuing_mut(ctx).and_then(|i| i.call.take()) else { continue };
             match self.send(host, &call) {
                 Ok(id) => {
                     let deadline_ms = host.now_ms() + u64::from(call.timeout_ms) + CALL_GRACE_MS;
                     self.calls.insert(id, Purpose::Sts(ctx));
-                    if let Some(i) = self.issuing.get_mut(&ctx) {
+                    if let Some(i) = self.issuing_mut(ctx) {
                         i.step = IssueStep::StsInFlight { call: id, deadline_ms };
                     }
                 }
@@ -276,7 +283,7 @@ impl Lifecycle {
                     if self.enter(host, ctx).is_ok() {
                         self.issue_refuse(host, ctx, &Denial::new(Code::SecretUnavailable, "STS could not be asked").retry_after(5));
                     }
-                    self.issuing.remove(&ctx);
+                    self.take_issuing(ctx);
                 }
             }
         }
@@ -284,12 +291,12 @@ impl Lifecycle {
 
     /// STS answered (or failed) for the issuance of `ctx`.
     pub(super) fn on_sts_answer(&mut self, host: &mut impl Host, ctx: ContextId, call: CallId, answer: Answer) {
-        match self.issuing.get(&ctx).map(|i| &i.step) {
+        match self.issuing(ctx).map(|i| &i.step) {
             Some(IssueStep::StsInFlight { call: c, .. }) if *c == call => {}
             _ => return,
         }
         if self.enter(host, ctx).is_err() {
-            self.issuing.remove(&ctx);
+            self.take_issuing(ctx);
             return;
         }
         let arn = match sts::parse_answer(answer.status, answer.body.as_deref()) {
@@ -304,7 +311,7 @@ impl Lifecycle {
             self.issue_refuse(host, ctx, &Denial::new(Code::Forbidden, "this AWS identity is not mapped to a Keyward role"));
             return;
         };
-        if let Some(i) = self.issuing.get_mut(&ctx) {
+        if let Some(i) = self.issuing_mut(ctx) {
             i.principal = Some(principal);
             i.step = IssueStep::Waiting;
         }
@@ -314,20 +321,20 @@ impl Lifecycle {
     /// Root events: issuances waiting for a key or the revocation list try again; those past
     /// their deadline get 503.
     pub(super) fn tick_issuing(&mut self, host: &mut impl Host, now_ms: u64) {
-        let ctxs: Vec<ContextId> = self.issuing.keys().copied().collect();
+        let ctxs = self.issuing_streams();
         for ctx in ctxs {
-            let Some(i) = self.issuing.get(&ctx) else { continue };
+            let Some(i) = self.issuing(ctx) else { continue };
             let late = now_ms >= i.deadline_ms;
             let waiting = matches!(i.step, IssueStep::Waiting) && i.call.is_none();
             if !late && !waiting {
                 continue;
             }
             if self.enter(host, ctx).is_err() {
-                self.issuing.remove(&ctx);
+                self.take_issuing(ctx);
                 continue;
             }
             if late {
-                if let Some(IssueStep::StsInFlight { call, .. }) = self.issuing.get(&ctx).map(|i| i.step.clone()) {
+                if let Some(IssueStep::StsInFlight { call, .. }) = self.issuing(ctx).map(|i| i.step.clone()) {
                     self.calls.remove(&call);
                 }
                 self.issue_refuse(host, ctx, &Denial::new(Code::SecretUnavailable, "the issuance did not complete in time").retry_after(5));
@@ -338,9 +345,43 @@ impl Lifecycle {
     }
 
     pub(super) fn issue_deadline(&self, ctx: ContextId, call: CallId) -> Option<u64> {
-        match self.issuing.get(&ctx).map(|i| &i.step) {
+        match self.issuing(ctx).map(|i| &i.step) {
             Some(IssueStep::StsInFlight { call: c, deadline_ms }) if *c == call => Some(*deadline_ms),
             _ => Some(0),
         }
+    }
+}
+
+impl Lifecycle {
+    fn issuing(&self, ctx: ContextId) -> Option<&Issuing> {
+        match self.streams.get(&ctx) {
+            Some(Stream::Issuing(i)) => Some(i),
+            _ => None,
+        }
+    }
+
+    fn issuing_mut(&mut self, ctx: ContextId) -> Option<&mut Issuing> {
+        match self.streams.get_mut(&ctx) {
+            Some(Stream::Issuing(i)) => Some(i),
+            _ => None,
+        }
+    }
+
+    /// End the issuance of `ctx`: its record, if it was issuing (the stream stays known).
+    fn take_issuing(&mut self, ctx: ContextId) -> Option<Issuing> {
+        if !matches!(self.streams.get(&ctx), Some(Stream::Issuing(_))) {
+            return None;
+        }
+        match self.streams.insert(ctx, Stream::Answered) {
+            Some(Stream::Issuing(i)) => Some(*i),
+            _ => None,
+        }
+    }
+
+    /// The streams issuing on this worker, in order.
+    fn issuing_streams(&self) -> Vec<ContextId> {
+        let mut out: Vec<ContextId> = self.streams.iter().filter(|(_, s)| matches!(s, Stream::Issuing(_))).map(|(c, _)| *c).collect();
+        out.sort_unstable();
+        out
     }
 }

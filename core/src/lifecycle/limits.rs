@@ -77,7 +77,7 @@ pub(super) fn refund_entry(host: &mut impl Host, key_id: u64, jti: &str, charge:
 
 /// Release a reservation from every entry that holds it.
 pub(super) fn release(host: &mut impl Host, r: &Reservation) {
-    for jti in &r.holders {
-        refund_entry(host, r.key_id, jti, &r.charge);
+    for (key_id, jti) in &r.holders {
+        refund_entry(host, *key_id, jti, &r.charge);
     }
 }

@@ -32,21 +32,29 @@ mod state;
 mod tests;
 
 pub use event::{Answer, Event};
-use state::Issuing;
-pub use state::{Fetch, IssueStep, Parked, Pricing, Purpose, Refresh, SessionCall, Wait};
-use state::{Names, RevocationNames, Revocations, Served, SlotCache};
+pub use state::{Fetch, IssueStep, Parked, Pricing, Purpose, Refresh, SessionCall, Stream, Wait};
+use state::{Names, RevocationNames, Revocations, SlotCache};
 
 use crate::config::Config;
 use crate::credential::verified::VerifiedCache;
 use crate::host::{Action, CallId, ContextId, Host, HostError};
 use crate::record::Metric;
-use crate::secret::Secret;
 use crate::secrets::keys;
 use crate::secrets::slot_state::Timing;
-use crate::secrets::store::Fetched;
 use crate::secrets::store::HttpCall;
 use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
+
+/// What a request callback would let go on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Passing {
+    /// The request headers (more of the request follows).
+    Headers,
+    /// Part of the body (more follows).
+    Body,
+    /// The end of the request: its last data frame, its trailers, or headers without a body.
+    End,
+}
 
 /// The tick, normally and while this worker waits for work another worker or the root does.
 pub const TICK_MS: u64 = 200;
@@ -67,10 +75,10 @@ pub struct Lifecycle {
     slots: Vec<SlotCache>,
     sessions: Vec<SessionCall>,
     revocations: Revocations,
-    parked: BTreeMap<ContextId, Parked>,
-    served: HashMap<ContextId, Served>,
+    /// Every stream this worker is deciding or has decided, until it ends: one state each.
+    streams: HashMap<ContextId, Stream>,
     /// Response-scrubbing needles per target, tagged with the value they came from.
-    needles: HashMap<usize, (Rc<Fetched>, Rc<Vec<Secret>>)>,
+    needles: HashMap<usize, state::PreparedNeedles>,
     /// Credentials this worker verified, with the key that did (no HMAC or parse on a repeat).
     verified: VerifiedCache,
     tick_ms: u64,
@@ -80,12 +88,8 @@ pub struct Lifecycle {
     woke: bool,
     /// The effective context this lifecycle last set (the root, or a parked stream it decides).
     current: ContextId,
-    /// Issuances in progress, by stream.
-    issuing: BTreeMap<ContextId, Issuing>,
     /// This worker's issuance sequence (part of each new jti).
     issue_seq: u64,
-    /// Requests whose cost is read from their body, waiting for its end, by stream.
-    pricing: BTreeMap<ContextId, Pricing>,
     /// Counts configurations taken: a request decided under an earlier one is not finished
     /// under this one.
     generation: u64,
@@ -102,17 +106,14 @@ impl Lifecycle {
             slots: Vec::new(),
             sessions: Vec::new(),
             revocations: Revocations::default(),
-            parked: BTreeMap::new(),
-            served: HashMap::new(),
+            streams: HashMap::new(),
             needles: HashMap::new(),
             verified: VerifiedCache::default(),
             tick_ms: 0,
             in_root: false,
             woke: false,
             current: root,
-            issuing: BTreeMap::new(),
             issue_seq: 0,
-            pricing: BTreeMap::new(),
             generation: 0,
         }
     }
@@ -141,9 +142,10 @@ impl Lifecycle {
         self.calls.clear();
         self.verified.clear();
         self.needles.clear();
-        self.served.clear();
-        for p in self.parked.values_mut() {
-            p.deadline_ms = 0;
+        for s in self.streams.values_mut() {
+            if let Stream::Parked(p) = s {
+                p.deadline_ms = 0;
+            }
         }
         self.names = names;
         self.generation += 1;
@@ -172,35 +174,28 @@ impl Lifecycle {
         self.woke = false;
         match ev {
             Event::Request(ctx) => {
-                self.in_root = false;
-                self.current = ctx;
-                self.decide(host, ctx, None)
+                self.enter_stream(ctx);
+                let a = self.decide(host, ctx, None);
+                self.guard(host, ctx, Passing::Headers, a)
             }
             Event::RequestBody { ctx, size, end } => {
-                self.in_root = false;
-                self.current = ctx;
-                if self.pricing.contains_key(&ctx) {
-                    self.price_body(host, ctx, size, end)
-                } else if let Some(p) = self.parked.get_mut(&ctx) {
-                    // Only a request whose headers ended the stream hears of its body while
-                    // parked (Envoy holds a paused stream's body): remember it for the resume.
-                    if end {
-                        p.body_end = Some(size);
-                    }
-                    Action::Pause
-                } else {
-                    self.issue_body(host, ctx, size, end)
-                }
+                self.enter_stream(ctx);
+                let a = self.on_body(host, ctx, Some(size), end);
+                self.guard(host, ctx, if end { Passing::End } else { Passing::Body }, a)
+            }
+            Event::RequestTrailers(ctx) => {
+                // Trailers end a body too: the last data frame did not say so.
+                self.enter_stream(ctx);
+                let a = self.on_body(host, ctx, None, true);
+                self.guard(host, ctx, Passing::End, a)
             }
             Event::Response(ctx) => {
-                self.in_root = false;
-                self.current = ctx;
+                self.enter_stream(ctx);
                 self.on_response(host, ctx);
                 Action::Continue
             }
             Event::ResponseTrailers(ctx) => {
-                self.in_root = false;
-                self.current = ctx;
+                self.enter_stream(ctx);
                 self.on_trailers(host, ctx);
                 Action::Continue
             }
@@ -212,6 +207,58 @@ impl Lifecycle {
             Event::Tick => self.root_turn(host, Self::tick),
             Event::Woken => self.root_turn(host, |_, _| {}),
         }
+    }
+
+    /// A stream callback: the effective context is the stream's own.
+    fn enter_stream(&mut self, ctx: ContextId) {
+        self.in_root = false;
+        self.current = ctx;
+    }
+
+    /// Part of a request body, or its end (`size`: all of it buffered so far; `None`: not told,
+    /// the trailers ended it).
+    fn on_body(&mut self, host: &mut impl Host, ctx: ContextId, size: Option<usize>, end: bool) -> Action {
+        match self.streams.get_mut(&ctx) {
+            Some(Stream::Pricing { .. }) => self.price_body(host, ctx, size, end),
+            Some(Stream::Issuing(_)) => self.issue_body(host, ctx, size, end),
+            Some(Stream::Parked(p)) => {
+                // Only a request whose headers ended the stream hears of its body while parked
+                // (Envoy holds a paused stream's body): remember it for the resume.
+                if end {
+                    p.body_end = Some(size.unwrap_or(0));
+                }
+                Action::Pause
+            }
+            Some(Stream::Allowed(_)) => Action::Continue,
+            Some(Stream::Answered) => Action::Pause,
+            // A stream never decided: the guard refuses it.
+            None => Action::Continue,
+        }
+    }
+
+    /// "No decision, no key", whatever the framing: a request callback may let the request go on
+    /// only if the stream was decided and allowed. Headers of a request still to be priced (or of
+    /// the issuing endpoint) may go on to the buffer filter that holds them from the router while
+    /// its body is held here; nothing else that is undecided ever passes. A request that would is
+    /// refused and counted (`keyward_undecided`): a path this lifecycle did not foresee fails closed.
+    fn guard(&mut self, host: &mut impl Host, ctx: ContextId, passing: Passing, a: Action) -> Action {
+        if a == Action::Pause {
+            return a;
+        }
+        let decided = match self.streams.get(&ctx) {
+            Some(Stream::Allowed(_)) => true,
+            Some(Stream::Pricing { .. } | Stream::Issuing(_)) => passing == Passing::Headers,
+            _ => false,
+        };
+        if decided {
+            return a;
+        }
+        let state = self.streams.get(&ctx).map_or("unknown", Stream::name);
+        log::warn!("a request would have gone on undecided (state {state}, {passing:?}); refused");
+        host.metric(Metric::Undecided);
+        self.streams.insert(ctx, Stream::Answered);
+        let d = crate::response::Denial::new(crate::response::Code::SecretUnavailable, "the gateway could not decide this request").retry_after(5);
+        request::finish_deny(host, &crate::record::Audit { decision: d.code.as_str(), ..Default::default() }, &d, host.now_us())
     }
 
     /// A root event: as the root, do `work`, then send what is queued and set the tick.
@@ -288,7 +335,7 @@ impl Lifecycle {
             }
         }
         self.pump_issuing(host);
-        if !self.issuing.is_empty() {
+        if self.issuances() > 0 {
             let now_ms = host.now_ms();
             self.tick_issuing(host, now_ms);
         }
@@ -299,7 +346,7 @@ impl Lifecycle {
     }
 
     fn waits_for_revocation(&self) -> bool {
-        self.parked.values().any(|p| p.wait == Wait::Revocation)
+        self.streams.values().any(|s| matches!(s, Stream::Parked(p) if p.wait == Wait::Revocation))
     }
 
     /// The end of a root event: back to the root context, and the tick this state needs.
@@ -309,7 +356,7 @@ impl Lifecycle {
             || self.sessions.iter().any(|s| matches!(s, SessionCall::Queued { .. }))
             || self.revocations.refresh == Refresh::AwaitingSession
             || self.waits_for_revocation()
-            || !self.issuing.is_empty();
+            || self.issuances() > 0;
         let want = if waiting { FAST_TICK_MS } else { TICK_MS };
         if want != self.tick_ms {
             self.tick_ms = want;
@@ -383,14 +430,31 @@ impl Lifecycle {
         &self.revocations.refresh
     }
 
+    /// The state of the stream `ctx`, if this worker knows it.
+    pub fn stream(&self, ctx: ContextId) -> Option<&Stream> {
+        self.streams.get(&ctx)
+    }
+
     /// The requests parked on this worker.
-    pub fn parked(&self) -> &BTreeMap<ContextId, Parked> {
-        &self.parked
+    pub fn parked(&self) -> BTreeMap<ContextId, &Parked> {
+        self.streams.iter().filter_map(|(c, s)| if let Stream::Parked(p) = s { Some((*c, p)) } else { None }).collect()
+    }
+
+    /// The streams parked on `wait`.
+    fn parked_on(&self, wait: Wait) -> Vec<ContextId> {
+        let mut out: Vec<ContextId> = self.streams.iter().filter(|(_, s)| matches!(s, Stream::Parked(p) if p.wait == wait)).map(|(c, _)| *c).collect();
+        out.sort_unstable();
+        out
+    }
+
+    /// Issuances in progress on this worker.
+    fn issuances(&self) -> usize {
+        self.streams.values().filter(|s| matches!(s, Stream::Issuing(_))).count()
     }
 
     /// The requests waiting for the end of their body to be priced.
-    pub fn pricing(&self) -> &BTreeMap<ContextId, Pricing> {
-        &self.pricing
+    pub fn pricing(&self) -> BTreeMap<ContextId, &Pricing> {
+        self.streams.iter().filter_map(|(c, s)| if let Stream::Pricing { pricing, .. } = s { Some((*c, pricing.as_ref())) } else { None }).collect()
     }
 
     /// The callouts this worker has in flight.

@@ -1,7 +1,7 @@
 //! One request through the pipeline, against the cache and the host: decide it (parking it when a
 //! secret must be fetched), rewrite it or answer it, and look at the vendor's response.
 
-use super::state::{Parked, Pricing, Served, Wait};
+use super::state::{Parked, Pricing, Served, Stream, Wait};
 use super::{limits, Lifecycle, PARK_GRACE_MS};
 use crate::config::Config;
 use crate::credential::jwt::HmacKey;
@@ -66,6 +66,9 @@ impl Request for HostRequest {
             // Fail closed: an unreadable header map counts as a duplicate.
             Err(()) => vec![Vec::new(), Vec::new()],
         }
+    }
+    fn headers(&mut self) -> &[(String, Vec<u8>)] {
+        self.headers.as_deref().unwrap_or(&[])
     }
     fn route_target(&mut self) -> Option<String> {
         self.target.clone()
@@ -172,13 +175,13 @@ impl<H: Host> Secrets for SharedSecrets<'_, H> {
 impl Lifecycle {
     /// Decide the request of `ctx` (the effective context is `ctx`). `parked`: it had parked, so
     /// it is answered by resuming or replying now; it keeps its deadline and whether it was
-    /// already counted against its limits.
+    /// already counted against its limits. Every outcome leaves the stream in one state.
     pub(super) fn decide(&mut self, host: &mut impl Host, ctx: ContextId, parked: Option<Parked>) -> Action {
         let Some(cfg) = self.cfg.clone() else {
             // No valid configuration: fail closed.
             let d = Denial::new(Code::SecretUnavailable, "the gateway is not configured").retry_after(5);
             let started_us = parked.map_or_else(|| host.now_us(), |p| p.started_us);
-            return finish_deny(host, &Audit { decision: d.code.as_str(), ..Audit::default() }, &d, started_us);
+            return self.deny(host, ctx, &Audit { decision: d.code.as_str(), ..Audit::default() }, &d, started_us);
         };
         let resumed = parked.is_some();
         // One clock read: the decision's time and, for a new request, when it started.
@@ -205,14 +208,14 @@ impl Lifecycle {
                 }
                 let timeout = cfg.store_of(slot).map_or(2000, |s| u64::from(s.timeout_ms));
                 let deadline_ms = parked.map_or(now_ms + timeout + PARK_GRACE_MS, |p| p.deadline_ms);
-                self.parked.insert(ctx, Parked { wait: Wait::Secret(slot), deadline_ms, audit, admitted, started_us, body_end });
+                self.streams.insert(ctx, Stream::Parked(Parked { wait: Wait::Secret(slot), deadline_ms, audit, admitted, started_us, body_end }));
                 self.start_fetch(host, slot);
                 Action::Pause
             }
             Outcome::NeedRevocation => {
                 let timeout = cfg.revocation.as_ref().and_then(|r| cfg.stores.get(r.store)).map_or(2000, |s| u64::from(s.timeout_ms));
                 let deadline_ms = parked.map_or(now_ms + timeout + PARK_GRACE_MS, |p| p.deadline_ms);
-                self.parked.insert(ctx, Parked { wait: Wait::Revocation, deadline_ms, audit, admitted, started_us, body_end });
+                self.streams.insert(ctx, Stream::Parked(Parked { wait: Wait::Revocation, deadline_ms, audit, admitted, started_us, body_end }));
                 if self.in_root {
                     self.tick_revocation(host, now_ms);
                 } else {
@@ -220,7 +223,7 @@ impl Lifecycle {
                 }
                 Action::Pause
             }
-            Outcome::Deny(d) => finish_deny(host, &audit, &d, started_us),
+            Outcome::Deny(d) => self.deny(host, ctx, &audit, &d, started_us),
             Outcome::Allow(ops) => {
                 if resumed && audit.cache == Some("hit") {
                     audit.cache = Some("miss");
@@ -232,30 +235,33 @@ impl Lifecycle {
                     }
                     let d = Denial::new(Code::SecretUnavailable, "the upstream credential could not be applied").retry_after(5);
                     audit.decision = d.code.as_str();
-                    return finish_deny(host, &audit, &d, started_us);
+                    return self.deny(host, ctx, &audit, &d, started_us);
                 }
+                let served = self.served(&cfg, &audit, reservation);
                 if let Some(deferred) = decision.deferred {
-                    // Its cost is in the body: decided (and recorded) at the body's end.
-                    self.remember_served(&cfg, ctx, &audit, None);
+                    // Its cost is in the body: decided (and recorded) at the body's end. Who asked
+                    // is recorded now, so a request that never ends is in the access log too.
+                    write_who(host, &audit);
                     let header_us = host.now_us().saturating_sub(started_us);
-                    self.pricing.insert(ctx, Pricing { deferred, audit, generation: self.generation, header_us });
+                    let pricing = Box::new(Pricing { deferred, audit, generation: self.generation, header_us });
+                    self.streams.insert(ctx, Stream::Pricing { pricing, served });
                     if let Some(size) = body_end {
                         // Its (empty) body ended while it was parked: price it now.
-                        if self.price_body(host, ctx, size, true) == Action::Pause {
+                        if self.price_body(host, ctx, Some(size), true) == Action::Pause {
                             return Action::Pause; // answered
                         }
                     }
                     return self.go_on(host, resumed);
                 }
-                record_allowed(host, &audit, reservation.as_ref(), started_us);
-                self.remember_served(&cfg, ctx, &audit, reservation);
+                record_allowed(host, &audit, served.reservation.as_ref(), started_us);
+                self.streams.insert(ctx, Stream::Allowed(served));
                 self.go_on(host, resumed)
             }
         }
     }
 
     /// Let an allowed request go on: a parked one is resumed, one being decided continues.
-    fn go_on(&mut self, host: &mut impl Host, resumed: bool) -> Action {
+    pub(super) fn go_on(&mut self, host: &mut impl Host, resumed: bool) -> Action {
         if resumed {
             if host.resume().is_err() {
                 log::warn!("could not resume a request");
@@ -266,16 +272,22 @@ impl Lifecycle {
         }
     }
 
-    fn remember_served(&mut self, cfg: &Config, ctx: ContextId, audit: &Audit, reservation: Option<Reservation>) {
-        let Some((target, t)) = audit.target.as_deref().and_then(|t| cfg.target(t)) else { return };
-        if let Some(l) = self.slots.get(t.slot).and_then(|s| s.local.as_ref()) {
-            self.served.insert(ctx, Served { slot: t.slot, fetched_at_ms: l.fetched_at_ms, target, data: l.data.clone(), reservation });
-        }
+    /// Refuse the request of `ctx` (the current stream) and remember that it was answered.
+    pub(super) fn deny(&mut self, host: &mut impl Host, ctx: ContextId, audit: &Audit, d: &Denial, started_us: u64) -> Action {
+        self.streams.insert(ctx, Stream::Answered);
+        finish_deny(host, audit, d, started_us)
+    }
+
+    /// What an allowed request of `audit.target` is given, from this worker's copy of its slot.
+    fn served(&self, cfg: &Rc<Config>, audit: &Audit, reservation: Option<Reservation>) -> Served {
+        let (target, slot) = audit.target.as_deref().and_then(|t| cfg.target(t)).map_or((usize::MAX, usize::MAX), |(i, t)| (i, t.slot));
+        let local = self.slots.get(slot).and_then(|s| s.local.as_ref());
+        Served { cfg: cfg.clone(), slot, fetched_at_ms: local.map_or(0, |l| l.fetched_at_ms), target, data: local.and_then(|l| l.data.clone()), reservation }
     }
 
     /// Decide a parked request again, under its own context (root events only).
     pub(super) fn resume(&mut self, host: &mut impl Host, ctx: ContextId) {
-        let Some(p) = self.parked.remove(&ctx) else { return };
+        let Some(Stream::Parked(p)) = self.streams.remove(&ctx) else { return };
         if self.enter(host, ctx).is_err() {
             return; // the stream has gone
         }
@@ -284,23 +296,30 @@ impl Lifecycle {
 
     /// Requests parked past their deadline get 503.
     pub(super) fn expire_parked(&mut self, host: &mut impl Host, now_ms: u64) {
-        let late: Vec<ContextId> = self.parked.iter().filter(|(_, p)| now_ms >= p.deadline_ms).map(|(c, _)| *c).collect();
+        let mut late: Vec<ContextId> =
+            self.streams.iter().filter(|(_, s)| matches!(s, Stream::Parked(p) if now_ms >= p.deadline_ms)).map(|(c, _)| *c).collect();
+        late.sort_unstable();
         for ctx in late {
-            let Some(p) = self.parked.remove(&ctx) else { continue };
+            let Some(Stream::Parked(p)) = self.streams.remove(&ctx) else { continue };
             if self.enter(host, ctx).is_ok() {
                 let d = Denial::new(Code::SecretUnavailable, "the secret store did not answer in time").retry_after(5);
                 let audit = Audit { decision: d.code.as_str(), ..p.audit };
-                finish_deny(host, &audit, &d, p.started_us);
+                self.deny(host, ctx, &audit, &d, p.started_us);
             }
         }
     }
 
     /// The stream of `ctx` ended. A fetch it started goes on: the root owns it.
     pub(super) fn forget(&mut self, ctx: ContextId) {
-        self.served.remove(&ctx);
-        self.parked.remove(&ctx);
-        self.issuing.remove(&ctx);
-        self.pricing.remove(&ctx);
+        self.streams.remove(&ctx);
+    }
+
+    /// What an allowed request of `ctx` was given.
+    pub(super) fn allowed(&self, ctx: ContextId) -> Option<&Served> {
+        match self.streams.get(&ctx) {
+            Some(Stream::Allowed(s)) => Some(s),
+            _ => None,
+        }
     }
 
     /// The vendor answered a request this worker allowed: scrub the secret from its headers. A
@@ -309,24 +328,28 @@ impl Lifecycle {
     /// The request itself is not retried.
     pub(super) fn on_response(&mut self, host: &mut impl Host, ctx: ContextId) {
         // Kept until the stream ends: its trailers are scrubbed too.
-        let Some(served) = self.served.get(&ctx).cloned() else { return };
-        let Some(cfg) = self.cfg.clone() else { return };
+        let Some(served) = self.allowed(ctx).cloned() else { return };
         let Ok(headers) = host.response_headers() else {
             // Unreadable, so unscrubbable: fail closed rather than risk handing over a secret.
             log::warn!("could not read the vendor's response headers; resetting the stream");
             host.reset();
             return;
         };
-        if !self.scrub(host, &cfg, &served, &headers, Part::Headers) {
+        if !self.scrub(host, &served, &headers, Part::Headers) {
             return;
         }
         let status = headers.iter().find(|(k, _)| k == ":status").map(|(_, v)| v.as_slice());
         if served.reservation.is_some() {
-            self.refund_if_due(host, &cfg, ctx, status);
+            self.refund_if_due(host, ctx, status);
         }
         if !matches!(status, Some(b"401") | Some(b"403")) {
             return;
         }
+        // The configuration may have changed since: its slots are this configuration's.
+        if !self.cfg.as_ref().is_some_and(|c| Rc::ptr_eq(c, &served.cfg)) {
+            return;
+        }
+        let cfg = served.cfg.clone();
         let (Some(spec), Some(key)) = (cfg.slots.get(served.slot), self.names.secrets.get(served.slot).cloned()) else { return };
         let t = self.timing;
         let now_ms = host.now_ms();
@@ -346,27 +369,26 @@ impl Lifecycle {
 
     /// The vendor's response trailers: scrubbed like its headers.
     pub(super) fn on_trailers(&mut self, host: &mut impl Host, ctx: ContextId) {
-        let Some(served) = self.served.get(&ctx).cloned() else { return };
-        let Some(cfg) = self.cfg.clone() else { return };
+        let Some(served) = self.allowed(ctx).cloned() else { return };
         let Ok(trailers) = host.response_trailers() else {
             log::warn!("could not read the vendor's response trailers; resetting the stream");
             host.reset();
             return;
         };
-        self.scrub(host, &cfg, &served, &trailers, Part::Trailers);
+        self.scrub(host, &served, &trailers, Part::Trailers);
     }
 
     /// Remove every response header (or trailer) that reflects the secret this request was given.
     /// If one cannot be removed, the stream is reset: the secret never reaches the workload.
     /// `false`: the stream was reset.
-    fn scrub(&mut self, host: &mut impl Host, cfg: &Config, served: &Served, headers: &Headers, part: Part) -> bool {
-        let (Some(t), Some(data)) = (cfg.targets.get(served.target), served.data.as_ref()) else { return true };
+    fn scrub(&mut self, host: &mut impl Host, served: &Served, headers: &Headers, part: Part) -> bool {
+        let (Some(t), Some(data)) = (served.cfg.targets.get(served.target), served.data.as_ref()) else { return true };
         // The forms of the secret to look for, computed once per target and value.
         let needles = match self.needles.get(&served.target) {
-            Some((src, n)) if Rc::ptr_eq(src, data) => n.clone(),
+            Some((cfg, src, n)) if Rc::ptr_eq(src, data) && Rc::ptr_eq(cfg, &served.cfg) => n.clone(),
             _ => {
                 let n = Rc::new(scrub::needles(t, data));
-                self.needles.insert(served.target, (data.clone(), n.clone()));
+                self.needles.insert(served.target, (served.cfg.clone(), data.clone(), n.clone()));
                 n
             }
         };
@@ -453,6 +475,21 @@ fn apply(ops: &[Op], req: &HostRequest, host: &mut impl Host) -> Result<(), Host
         }
     }
     Ok(())
+}
+
+/// Who asked for what, before the decision: the audit fields a request has from its headers.
+fn write_who(host: &mut impl Host, a: &Audit) {
+    let fields: [(&'static str, Option<&str>); 4] = [
+        ("keyward.subject", a.subject.as_deref()),
+        ("keyward.target", a.target.as_deref()),
+        ("keyward.jti", a.jti.as_deref()),
+        ("keyward.run", a.run.as_deref()),
+    ];
+    for (key, value) in fields {
+        if let Some(v) = value {
+            host.set_filter_state(key, v);
+        }
+    }
 }
 
 /// Set the audit fields as filter state, read by the access log as

@@ -78,7 +78,7 @@ impl Lifecycle {
         if self.revocations.list.is_none() {
             return;
         }
-        let waiting: Vec<u32> = self.parked.iter().filter(|(_, p)| p.wait == Wait::Revocation).map(|(c, _)| *c).collect();
+        let waiting = self.parked_on(Wait::Revocation);
         for ctx in waiting {
             self.resume(host, ctx);
         }

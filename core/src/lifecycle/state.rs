@@ -2,6 +2,7 @@
 //! this worker keeps across callouts and ticks is one of these; the transitions are in the sibling
 //! modules (`fetch`, `session`, `revocation`, `request`).
 
+use crate::config::Config;
 use crate::credential::jwt::HmacKey;
 use crate::credential::revocation::RevocationList;
 use crate::engine::{Deferred, Reservation};
@@ -125,9 +126,12 @@ pub struct Parked {
 }
 
 /// What an allowed request was given (for vendor 401/403 and response scrubbing), and the cost
-/// it holds against spend caps (released if the vendor answers with a `refund_on` status).
+/// it holds against spend caps (released if the vendor answers with a `refund_on` status). It
+/// keeps the configuration it was decided under: its response is scrubbed by that target's
+/// rules even if the configuration changes meanwhile.
 #[derive(Clone)]
 pub struct Served {
+    pub(super) cfg: Rc<Config>,
     pub(super) slot: usize,
     pub(super) fetched_at_ms: u64,
     pub(super) target: usize,
@@ -136,8 +140,9 @@ pub struct Served {
 }
 
 /// A request whose cost is in its body: its headers went on (rewritten; Envoy's buffer filter
-/// holds them back from the router), and it is decided when the whole body has arrived.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// holds them back from the router), and it is decided when the whole body has arrived (the last
+/// data frame, or the trailers).
+#[derive(Debug, Clone, PartialEq)]
 pub struct Pricing {
     pub deferred: Deferred,
     pub audit: Audit,
@@ -145,6 +150,34 @@ pub struct Pricing {
     pub generation: u64,
     /// Microseconds the filter spent on its headers (for the added-latency histogram).
     pub header_us: u64,
+}
+
+/// One stream as the filter knows it, from its request headers until it ends: exactly one of
+/// these per stream, in one map. Which callbacks may let the request go on follows from it
+/// (`Lifecycle::guard`): only an `Allowed` request reaches the vendor with its body's end.
+pub enum Stream {
+    /// Its headers are held, nothing injected, until a secret or the revocation list is there.
+    Parked(Parked),
+    /// Allowed so far and rewritten; the body is held here until its end decides it.
+    Pricing { pricing: Box<Pricing>, served: Served },
+    /// The issuing endpoint: answered by the filter, never forwarded.
+    Issuing(Box<Issuing>),
+    /// Decided and allowed.
+    Allowed(Served),
+    /// Answered by the filter (refused, or an endpoint's answer).
+    Answered,
+}
+
+impl Stream {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Stream::Parked(_) => "parked",
+            Stream::Pricing { .. } => "pricing",
+            Stream::Issuing(_) => "issuing",
+            Stream::Allowed(_) => "allowed",
+            Stream::Answered => "answered",
+        }
+    }
 }
 
 /// A slot's shared record as last decoded by this worker, keyed by the shared-data CAS.
@@ -156,6 +189,9 @@ pub struct Local {
     /// When this worker last compared it with shared data.
     pub(super) checked_ms: u64,
 }
+
+/// A target's scrubbing needles, for the configuration and value they were computed from.
+pub type PreparedNeedles = (Rc<Config>, Rc<Fetched>, Rc<crate::inject::scrub::Needles>);
 
 /// A store-held signing key, prepared once per fetched value (`None`: the value is unusable).
 pub type PreparedKey = (Rc<Fetched>, Option<Rc<HmacKey>>);

@@ -4,14 +4,18 @@
 //! (`form_field`, Stripe's `amount`) or a top-level JSON member (`json_field`), an integer in the
 //! target's cost unit (US cents for Stripe), optionally with a currency checked against a list.
 //! Reading the body is strict, because the vendor reads the same bytes and charges what *it*
-//! reads: a name is compared after percent-decoding (as the vendor decodes it), a field given twice
-//! or in bracket form (`amount[]`) is refused (vendors disagree on which one wins), the query string
-//! may not carry it, and only digits make an amount. Whatever cannot be read exactly is refused
-//! (400), never guessed.
+//! reads (`body`): a name is compared after percent-decoding (as the vendor decodes it), a field
+//! given twice, in bracket form (`amount[]`) or spelt so that some parser reads it as the field
+//! (` amount`, `Amount`, `amount.`) is refused, the query string may not carry it, and only digits
+//! make an amount. A `_method` field in the body is a method override, like the override headers.
+//! Whatever cannot be read exactly is refused (400), never guessed.
 
 use crate::policy::rules::RouteRule;
-use crate::wire::{json, pct};
+use crate::wire::pct;
+use body::{BodyKind, Value};
 use serde::Deserialize;
+
+pub mod body;
 
 /// The largest cost or cap accepted (10^15 units: ten trillion dollars in cents), so sums of
 /// costs never overflow and every value is exact in JSON.
@@ -187,15 +191,7 @@ impl Cost {
     /// query string (a vendor may read parameters from either).
     pub fn check_headers(&self, h: &BodyHeaders) -> Result<(), Unreadable> {
         let Some(amount) = field(&self.source) else { return Ok(()) };
-        let media = h.content_type.as_deref().map(|v| {
-            let v = String::from_utf8_lossy(v).to_ascii_lowercase();
-            v.split(';').next().unwrap_or_default().trim().to_string()
-        });
-        let want = match self.source {
-            Source::Json(_) => "application/json",
-            _ => "application/x-www-form-urlencoded",
-        };
-        if media.as_deref() != Some(want) {
+        if BodyKind::of(h.content_type.as_deref()) != self.body_kind() {
             return Err(Unreadable::Bad(match self.source {
                 Source::Json(_) => "a request to this target needs content-type: application/json (its cost is read from the body)",
                 _ => "a request to this target needs content-type: application/x-www-form-urlencoded (its cost is read from the body)",
@@ -213,10 +209,10 @@ impl Cost {
             }
         }
         if let Some(q) = &h.query {
-            let names = [Some(amount), self.currency.as_ref().map(|(f, _)| f.as_str())];
+            let names: Vec<&str> = [Some(amount), self.currency.as_ref().map(|(f, _)| f.as_str())].into_iter().flatten().collect();
             for pair in q.split('&') {
                 let name = pct::decode(pair.split('=').next().unwrap_or_default().as_bytes(), true);
-                if names.iter().flatten().any(|f| names_field(&name, f) != Naming::Other) {
+                if names.iter().any(|f| body::names(&name, f)) {
                     return Err(Unreadable::Bad("the query string may not carry the amount or currency: they are read from the body"));
                 }
             }
@@ -226,42 +222,42 @@ impl Cost {
 
     /// Read the cost from the whole body (`None` for a fixed cost).
     pub fn read(&self, body: &[u8]) -> Result<Priced, Unreadable> {
+        self.read_all(body).map(|(p, _)| p)
+    }
+
+    /// Read the cost and the methods the body asks the vendor to run instead (its `_method`)
+    /// from the whole body, the strictest way a vendor could read it (`body::scan`).
+    pub fn read_all(&self, body: &[u8]) -> Result<(Priced, Vec<String>), Unreadable> {
         if body.len() > self.max_body {
             return Err(Unreadable::TooLarge);
         }
-        let (amount, currency) = match &self.source {
-            Source::PerRequest(n) => return Ok(Priced { cost: *n, currency: None }),
-            Source::Form(f) => {
-                let fields = [Some(f.as_str()), self.currency.as_ref().map(|(c, _)| c.as_str())];
-                let mut found = form_fields(body, &fields)?;
-                let currency = found.get_mut(1).and_then(Option::take);
-                let amount = found.get_mut(0).and_then(Option::take).ok_or(Unreadable::Bad("the body has no amount"))?;
-                (parse_amount(&amount)?, currency)
-            }
-            Source::Json(f) => {
-                let v = json::parse(body).map_err(|_| Unreadable::Bad("the body is not valid JSON"))?;
-                if v.as_object().is_none() {
-                    return Err(Unreadable::Bad("the body is not a JSON object"));
-                }
-                let amount = match v.get(f) {
-                    None => return Err(Unreadable::Bad("the body has no amount")),
-                    Some(json::Value::Int(n)) if *n < 0 => return Err(Unreadable::Bad("the amount is negative")),
-                    Some(json::Value::Int(n)) if (*n as u64) <= MAX_COST => *n as u64,
-                    Some(json::Value::Int(_)) => return Err(Unreadable::Bad("the amount is too large")),
-                    Some(_) => return Err(Unreadable::Bad("the amount is not an integer")),
-                };
-                let currency = match self.currency.as_ref().map(|(c, _)| v.get(c)) {
-                    Some(Some(json::Value::Str(s))) => Some(s.as_bytes().to_vec()),
-                    Some(Some(_)) => return Err(Unreadable::Bad("the currency is not a string")),
-                    _ => None,
-                };
-                (amount, currency)
-            }
+        let (kind, amount_field) = match &self.source {
+            Source::PerRequest(n) => return Ok((Priced { cost: *n, currency: None }, Vec::new())),
+            Source::Form(f) => (BodyKind::Form, f.as_str()),
+            Source::Json(f) => (BodyKind::Json, f.as_str()),
         };
+        let currency_field = self.currency.as_ref().map(|(c, _)| c.as_str());
+        let mut wanted = vec![amount_field, body::METHOD_FIELD];
+        wanted.extend(currency_field);
+        let mut found = body::scan(kind, body, &wanted)?.into_iter();
+        let (amount, method, currency) = (found.next().flatten(), found.next().flatten(), found.next().flatten());
+        let amount = match amount {
+            None => return Err(Unreadable::Bad("the body has no amount")),
+            Some(Value::Text(t)) if kind == BodyKind::Form => parse_amount(&t)?,
+            Some(Value::Int(n)) if n < 0 => return Err(Unreadable::Bad("the amount is negative")),
+            Some(Value::Int(n)) if (n as u64) <= MAX_COST => n as u64,
+            Some(Value::Int(_)) => return Err(Unreadable::Bad("the amount is too large")),
+            Some(_) => return Err(Unreadable::Bad("the amount is not an integer")),
+        };
+        let overrides: Vec<String> = method.as_ref().map(body::method).transpose()?.into_iter().collect();
         let currency = match &self.currency {
             None => None,
             Some((_, allowed)) => {
-                let c = currency.ok_or(Unreadable::Bad("the body has no currency"))?;
+                let c = match currency {
+                    None => return Err(Unreadable::Bad("the body has no currency")),
+                    Some(Value::Text(t)) => t,
+                    Some(_) => return Err(Unreadable::Bad("the currency is not a string")),
+                };
                 let c = String::from_utf8(c).map(|c| c.to_ascii_lowercase()).map_err(|_| Unreadable::Bad("the currency is not allowed here"))?;
                 if !allowed.contains(&c) {
                     return Err(Unreadable::Bad("the currency is not allowed here"));
@@ -269,54 +265,17 @@ impl Cost {
                 Some(c)
             }
         };
-        Ok(Priced { cost: amount, currency })
+        Ok((Priced { cost: amount, currency }, overrides))
     }
-}
 
-#[derive(Debug, PartialEq, Eq)]
-enum Naming {
-    /// `name` is the field.
-    Exact,
-    /// `name` is the field in bracket form (`amount[]`, `amount[x]`): a structure the vendor may
-    /// read as the field.
-    Bracketed,
-    Other,
-}
-
-fn names_field(name: &[u8], field: &str) -> Naming {
-    let f = field.as_bytes();
-    if name == f {
-        Naming::Exact
-    } else if name.starts_with(f) && name.get(f.len()) == Some(&b'[') {
-        Naming::Bracketed
-    } else {
-        Naming::Other
-    }
-}
-
-/// The decoded values of `fields` in a form body; each at most once, never in bracket form.
-fn form_fields(body: &[u8], fields: &[Option<&str>; 2]) -> Result<[Option<Vec<u8>>; 2], Unreadable> {
-    let mut found: [Option<Vec<u8>>; 2] = [None, None];
-    for pair in body.split(|b| *b == b'&') {
-        if pair.is_empty() {
-            continue;
-        }
-        let (k, v) = match pair.iter().position(|b| *b == b'=') {
-            Some(i) => (pair.get(..i).unwrap_or_default(), pair.get(i + 1..).unwrap_or_default()),
-            None => (pair, &[][..]),
-        };
-        let name = pct::decode(k, true);
-        for (slot, f) in found.iter_mut().zip(fields) {
-            let Some(f) = f else { continue };
-            match names_field(&name, f) {
-                Naming::Other => {}
-                Naming::Bracketed => return Err(Unreadable::Bad("the amount or currency is given in bracket form")),
-                Naming::Exact if slot.is_some() => return Err(Unreadable::Bad("the amount or currency is given more than once")),
-                Naming::Exact => *slot = Some(pct::decode(v, true)),
-            }
+    /// How the cost's body is encoded (`None` for a fixed cost).
+    pub fn body_kind(&self) -> Option<BodyKind> {
+        match self.source {
+            Source::PerRequest(_) => None,
+            Source::Form(_) => Some(BodyKind::Form),
+            Source::Json(_) => Some(BodyKind::Json),
         }
     }
-    Ok(found)
 }
 
 /// An amount: decimal digits only (no sign, space, fraction or exponent), at most `MAX_COST`.

@@ -2,6 +2,7 @@
 //! state it starts from, the event, and the effects and next state it expects.
 
 mod cache;
+mod framing;
 mod issue;
 mod keys;
 mod revocation;
@@ -19,11 +20,14 @@ pub(super) const ROOT: ContextId = 1;
 /// Root contexts in these tests are below this; streams from it up.
 pub(super) const FIRST_STREAM: ContextId = 10;
 pub(super) const K1: &[u8] = b"keyward-test-signing-key-32bytes";
+/// A second key (an issuing key, say): credentials it signs are counted under its identity.
+pub(super) const K2: &[u8] = b"keyward-second-signing-key-32byt";
 pub(super) const STRIPE_KEY: &str = "sk_test_lifecycle_0001";
 
 pub(super) fn env(name: &str) -> Option<String> {
     match name {
         "KEYWARD_KEY_K1" => Some(b64::std_encode(K1)),
+        "KEYWARD_KEY_K2" => Some(b64::std_encode(K2)),
         "VAULT_TOKEN" => Some("root-token".into()),
         "ROLE_ID" => Some("role-1".into()),
         "SECRET_ID" => Some("secret-1".into()),

@@ -7,7 +7,7 @@ use super::*;
 use crate::policy::limits::Table;
 use crate::secrets::keys;
 
-const TARGETS: &str = r#"
+pub(super) const TARGETS: &str = r#"
     "stripe":{"credential":"bearer","secret":{"store":"bao","path":"stripe","field":"api_key"},"inject":{"type":"bearer"},
               "cost":{"form_field":"amount","currency_field":"currency","currencies":["usd"],"max_body_bytes":256,
                       "free":["GET /**"]},
@@ -15,7 +15,7 @@ const TARGETS: &str = r#"
     "fixed":{"credential":"bearer","secret":{"store":"bao","path":"stripe","field":"api_key"},"inject":{"type":"bearer"},
              "cost":{"per_request":7},"refund_on":[503]}"#;
 
-fn spend_config() -> Config {
+pub(super) fn spend_config() -> Config {
     let json = format!(
         r#"{{"audience":"keyward","signing_keys":{{"k1":{{"env":"KEYWARD_KEY_K1"}}}},"stores":{{"bao":{BAO}}},
         "cache":{{"ttl_s":300}},"targets":{{{TARGETS}}}}}"#
@@ -23,7 +23,7 @@ fn spend_config() -> Config {
     compile(json.as_bytes(), &env).unwrap_or_else(|e| panic!("{e}"))
 }
 
-fn capped(host: &MemHost, jti: &str, lim: &str, extra: &str) -> String {
+pub(super) fn capped(host: &MemHost, jti: &str, lim: &str, extra: &str) -> String {
     let k = HmacKey::new(K1).unwrap_or_else(|e| panic!("{e}"));
     let claims = format!(
         r#"{{"sub":"lambda/pay","aud":"keyward","exp":{},"jti":"{jti}","allow":["stripe * /**","fixed * /**"],"lim":{lim}{extra}}}"#,
@@ -33,14 +33,14 @@ fn capped(host: &MemHost, jti: &str, lim: &str, extra: &str) -> String {
 }
 
 /// What credential `jti` has reserved, as every worker reads it from shared data.
-fn spent(host: &MemHost, jti: &str) -> u64 {
+pub(super) fn spent(host: &MemHost, jti: &str) -> u64 {
     let id = HmacKey::new(K1).map(|k| k.id()).unwrap_or_default();
     let entry = keys::limit_entry(id, jti);
     host.shared_value(&keys::limit_shard(&entry)).and_then(|b| Table::decode(&b)).map_or(0, |t| t.spent(&entry))
 }
 
 /// A worker whose cache holds the stripe key.
-fn warm_worker(host: &mut MemHost) -> Lifecycle {
+pub(super) fn warm_worker(host: &mut MemHost) -> Lifecycle {
     let mut lc = worker(host, spend_config());
     host.open(9, "stripe", &[(":method", "GET"), (":path", "/v1/charges"), ("authorization", &format!("Bearer {}", token(host.now_ms())))]);
     if lc.handle(host, Event::Request(9)) == Action::Continue {
@@ -55,7 +55,7 @@ fn warm_worker(host: &mut MemHost) -> Lifecycle {
 }
 
 /// A payment's headers on stream `ctx` (the body is set for the body events).
-fn pay_headers(lc: &mut Lifecycle, host: &mut MemHost, ctx: ContextId, tok: &str, body: &str, extra: &[(&str, &str)]) -> Action {
+pub(super) fn pay_headers(lc: &mut Lifecycle, host: &mut MemHost, ctx: ContextId, tok: &str, body: &str, extra: &[(&str, &str)]) -> Action {
     let auth = format!("Bearer {tok}");
     let mut h =
         vec![(":method", "POST"), (":path", "/v1/payment_intents"), ("authorization", auth.as_str()), ("content-type", "application/x-www-form-urlencoded")];
@@ -68,18 +68,18 @@ fn pay_headers(lc: &mut Lifecycle, host: &mut MemHost, ctx: ContextId, tok: &str
 }
 
 /// A whole payment: headers, then the body in one piece.
-fn pay(lc: &mut Lifecycle, host: &mut MemHost, ctx: ContextId, tok: &str, body: &str, extra: &[(&str, &str)]) -> Action {
+pub(super) fn pay(lc: &mut Lifecycle, host: &mut MemHost, ctx: ContextId, tok: &str, body: &str, extra: &[(&str, &str)]) -> Action {
     assert_eq!(pay_headers(lc, host, ctx, tok, body, extra), Action::Continue, "the headers go on, rewritten, to the buffer filter");
     host.current = ctx;
     lc.handle(host, Event::RequestBody { ctx, size: body.len(), end: true })
 }
 
-fn state(host: &MemHost, ctx: ContextId, key: &str) -> Option<String> {
+pub(super) fn state(host: &MemHost, ctx: ContextId, key: &str) -> Option<String> {
     host.streams.get(&ctx).and_then(|s| s.filter_state.get(key).cloned())
 }
 
 /// The vendor answers stream `ctx` with `status` (`local`: Envoy made it up).
-fn answer(lc: &mut Lifecycle, host: &mut MemHost, ctx: ContextId, status: &str, local: bool) {
+pub(super) fn answer(lc: &mut Lifecycle, host: &mut MemHost, ctx: ContextId, status: &str, local: bool) {
     if let Some(s) = host.streams.get_mut(&ctx) {
         s.response = vec![(":status".into(), status.as_bytes().to_vec())];
         s.local_response = local;

@@ -78,15 +78,18 @@ fn reads_form_amounts_and_currencies_as_the_vendor_would() {
         (b"amount=1e3&currency=usd", "the amount is not an integer"),
         (b"amount=+5&currency=usd", "the amount is not an integer"),
         (b"amount=%205&currency=usd", "the amount is not an integer"),
-        (b"amount=5&amount=1&currency=usd", "the amount or currency is given more than once"),
-        (b"amount=5&am%6Funt=1&currency=usd", "the amount or currency is given more than once"),
-        (b"amount[]=5&currency=usd", "the amount or currency is given in bracket form"),
-        (b"amount%5B0%5D=5&amount=5&currency=usd", "the amount or currency is given in bracket form"),
+        (b"amount=5&amount=1&currency=usd", "the amount, currency or _method is given more than once"),
+        (b"amount=5&am%6Funt=1&currency=usd", "the amount, currency or _method is given more than once"),
+        (b"amount[]=5&currency=usd", "a field name in the body could be read as the amount, the currency or _method (case, spaces, dots or brackets)"),
+        (
+            b"amount%5B0%5D=5&amount=5&currency=usd",
+            "a field name in the body could be read as the amount, the currency or _method (case, spaces, dots or brackets)",
+        ),
         (b"amount=10000000000000001&currency=usd", "the amount is too large"),
         (b"amount=99999999999999999999999999&currency=usd", "the amount is too large"),
         (b"amount=5", "the body has no currency"),
         (b"amount=5&currency=gbp", "the currency is not allowed here"),
-        (b"amount=5&currency=usd&currency=gbp", "the amount or currency is given more than once"),
+        (b"amount=5&currency=usd&currency=gbp", "the amount, currency or _method is given more than once"),
         (b"amount=5&currency=%FF", "the currency is not allowed here"),
     ] {
         assert_eq!(ok(body), Err(Unreadable::Bad(why)), "{}", String::from_utf8_lossy(body));

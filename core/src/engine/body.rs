@@ -1,0 +1,75 @@
+//! The second half of a decision, at the end of a request's body: for a request whose cost is in
+//! its body, or whose body may name another method to run (`_method`), the body is read the
+//! strictest way a vendor could, method overrides are checked against the rules like the override
+//! headers, and the request is counted and its cost reserved. Until then its body is held, so
+//! nothing of it reaches the vendor undecided.
+
+use super::admission::{self, Spend};
+use super::{rules_allow, unreadable, Reservation, Secrets, Ticket, RETRY_AFTER_UNAVAILABLE_S};
+use crate::config::Config;
+use crate::credential::jwt::Claims;
+use crate::policy::cost::body::{self, BodyKind};
+use crate::record::Audit;
+use crate::response::{Code, Denial};
+use std::rc::Rc;
+
+/// A request decided at its body's end: what it asks for, and what it counts under.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Deferred {
+    pub target: usize,
+    pub ticket: Option<Ticket>,
+    /// How its body is read: the target's cost encoding if it is priced, else its content type.
+    pub kind: BodyKind,
+    /// Its method (or a header override) is priced; otherwise it is free unless its body names a
+    /// priced method.
+    pub priced: bool,
+    pub claims: Rc<Claims>,
+    pub method: String,
+    pub vendor_path: String,
+}
+
+/// Decide a deferred request from its whole body: `Ok` with the reservation it holds, if any
+/// (`audit` gets the cost and how it stands against spend caps), or the refusal.
+pub fn price_body(cfg: &Config, d: &Deferred, body: &[u8], secrets: &mut impl Secrets, audit: &mut Audit) -> Result<Option<Reservation>, Denial> {
+    let Some((target, cost)) = cfg.targets.get(d.target).and_then(|t| t.cost.as_ref().map(|c| (t, c))) else {
+        return Err(Denial::new(Code::SecretUnavailable, "the gateway's configuration changed; try again").retry_after(RETRY_AFTER_UNAVAILABLE_S));
+    };
+    if body.len() > cost.max_body {
+        return Err(unreadable(crate::policy::cost::Unreadable::TooLarge));
+    }
+    let check = |overrides: &[String]| {
+        if overrides.iter().all(|m| rules_allow(&d.claims, target, m, &d.vendor_path)) {
+            Ok(())
+        } else {
+            Err(Denial::new(Code::Forbidden, "a method override names a method no rule allows for this path"))
+        }
+    };
+    if !d.priced {
+        let overrides = body::overrides(d.kind, body).map_err(unreadable)?;
+        check(&overrides)?;
+        if !overrides.iter().any(|m| cost.applies(m, &d.vendor_path)) {
+            // Free, as its headers said.
+            admit(secrets, d.ticket.as_ref(), None, body)?;
+            return Ok(None);
+        }
+        if cost.body_kind() != Some(d.kind) {
+            return Err(Denial::new(Code::BadRequest, "a priced method override needs the body in the form this target reads its cost from"));
+        }
+    }
+    let (priced, overrides) = cost.read_all(body).map_err(unreadable)?;
+    check(&overrides)?;
+    audit.cost = Some(priced.cost);
+    let spend = admit(secrets, d.ticket.as_ref(), Some(&priced), body)?;
+    audit.spend = Some(spend.label());
+    Ok(match spend {
+        Spend::Reserved(r) => Some(r),
+        _ => None,
+    })
+}
+
+fn admit(secrets: &mut impl Secrets, ticket: Option<&Ticket>, priced: Option<&crate::policy::cost::Priced>, body: &[u8]) -> Result<Spend, Denial> {
+    match ticket {
+        Some(t) => admission::admit(secrets, t, priced, body),
+        None => Ok(Spend::Uncapped),
+    }
+}
