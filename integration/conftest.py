@@ -116,9 +116,10 @@ def leak_check(request):
         return
     g = request.getfixturevalue("gw")
     assert_no_leaks(g.logs(), "Envoy's log or access log")
-    # Envoy's default access-log format (every route but the one that injects a query key): no
-    # secret. (A workload that puts its own token in a query has it logged by any format that
-    # prints queries; Keyward refuses such requests but cannot unlog them.)
+    # Envoy's default access-log format, which prints the path and its query, on every route (the
+    # one whose target injects its key in the query included): no secret. (A workload that puts
+    # its own token in a query has it logged by any format that prints queries; Keyward refuses
+    # such requests but cannot unlog them.)
     default_log = Path(str(g.access_log) + ".default")
     if default_log.exists():
         text = default_log.read_text(errors="replace")

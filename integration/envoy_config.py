@@ -108,13 +108,10 @@ def hcm(stat_prefix, access_log_path, cfg: dict, hardened: bool, env_keys=None) 
                 "listener": stat_prefix, "method": "%REQ(:METHOD)%", "path": "%PATH(NQ:PATH)%",
                 "status": "%RESPONSE_CODE%",
                 **{k: f"%FILTER_STATE(wasm.keyward.{k}:PLAIN)%" for k in FILTER_STATE_KEYS}}}}},
-            # Envoy's default format too, for the leak check. It prints the query, so it leaves out
-            # the one route whose target injects its key there (`keyward check-envoy` refuses a
-            # config that logs such a route this way).
+            # Envoy's default format too, for the leak check. It prints the path with its query,
+            # the one route whose target injects its key there included: the filter sets
+            # x-envoy-original-path to the path the workload sent, which the format prints instead.
             {"name": "envoy.access_loggers.file",
-             "filter": {"extension_filter": {"name": "envoy.access_loggers.extension_filters.cel", "typed_config": {
-                 "@type": "type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
-                 "expression": "xds.route_name != 'maps'"}}},
              "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
                 "path": str(access_log_path) + ".default"}}],

@@ -117,6 +117,25 @@ def send_json(handler: BaseHTTPRequestHandler, status: int, body: bytes, headers
     handler.wfile.write(body)
 
 
+def read_chunked(rfile):
+    """A chunked HTTP/1.1 body and its trailers, read from `rfile`: (body, [(name, value)])."""
+    body = b""
+    while True:
+        size = int(rfile.readline().split(b";")[0].strip() or b"0", 16)
+        if size == 0:
+            break
+        body += rfile.read(size)
+        rfile.readline()
+    trailers = []
+    while True:
+        line = rfile.readline()
+        if line in (b"\r\n", b"\n", b""):
+            break
+        k, _, v = line.decode("latin-1").partition(":")
+        trailers.append((k.strip().lower(), v.strip()))
+    return body, trailers
+
+
 class Vendor:
     """A vendor that records every request it receives and answers 200 with a small JSON body."""
 
@@ -134,10 +153,14 @@ class Vendor:
             protocol_version = "HTTP/1.1"
 
             def handle_any(self):
-                n = int(self.headers.get("content-length") or 0)
-                body = self.rfile.read(n) if n else b""
+                trailers = []
+                if "chunked" in (self.headers.get("transfer-encoding") or "").lower():
+                    body, trailers = read_chunked(self.rfile)
+                else:
+                    n = int(self.headers.get("content-length") or 0)
+                    body = self.rfile.read(n) if n else b""
                 rec = {"method": self.command, "path": self.path,
-                       "headers": [(k.lower(), v) for k, v in self.headers.items()], "body": body}
+                       "headers": [(k.lower(), v) for k, v in self.headers.items()], "body": body, "trailers": trailers}
                 with vendor.lock:
                     vendor.requests.append(rec)
                     vendor.history.append(rec)
@@ -154,6 +177,9 @@ class Vendor:
                             # URL-encoded as some vendors do: every byte in lower-case hex, or every other one.
                             ("x-echo-lower-hex", "".join(f"%{b:02x}" for b in cred)),
                             ("x-echo-partial", "".join(f"%{b:02x}" if i % 2 else chr(b) for i, b in enumerate(cred))),
+                            # A hex dump of what it got (a debug header), in either case.
+                            ("x-echo-hex", (cred or query.encode()).hex()),
+                            ("x-echo-hex-upper", (cred or query.encode()).hex().upper()),
                             ("x-echo-query", query),
                             ("location", f"https://vendor.test/callback?{query}"),
                             ("x-harmless", "kept")]
@@ -341,7 +367,9 @@ class Envoy:
         full_env = dict(os.environ)
         full_env.update(env)
         self.proc = subprocess.Popen(
-            [str(BIN / "envoy"), "-c", str(self.config_path), "--concurrency", str(concurrency),
+            # Access logs are written out every 200 ms (Envoy's default is 10 s): a test reads its
+            # request's line soon after the answer.
+            [str(BIN / "envoy"), "-c", str(self.config_path), "--concurrency", str(concurrency), "--file-flush-interval-msec", "200",
              "--log-level", os.environ.get("KEYWARD_IT_ENVOY_LOG", "info"), "--base-id", str(free_port())],
             stdout=self.log, stderr=subprocess.STDOUT, env=full_env, cwd=ROOT, start_new_session=True)
         SPAWNED.append(self.proc)

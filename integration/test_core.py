@@ -1,4 +1,4 @@
-"""Issue 2, end to end: real Envoy running dist/keyward.wasm, real OpenBao, a recording vendor."""
+"""The core request path end to end: real Envoy running dist/keyward.wasm, real OpenBao, a recording vendor."""
 import base64
 import json
 from pathlib import Path
@@ -94,6 +94,20 @@ def test_query_injection_replaces_existing_parameter(gw):
     (req,) = gw.vendor.take()
     assert req["path"] == f"/geo?q=x&key={gw.s['maps']}"
     assert header_values(req, "authorization") == []
+
+
+def test_envoys_default_access_log_format_prints_the_path_the_workload_sent(gw):
+    """Envoy's default format prints %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%: for a target that injects
+    its key in the query, the filter sets x-envoy-original-path to the path as the workload sent
+    it, so the line never holds the key."""
+    t = gw.token(["maps GET /geo"])
+    assert gw.get("/maps/geo?q=logged&key=mine", t).status_code == 200
+    gw.vendor.take()
+    default_log = Path(str(gw.access_log) + ".default")
+    harness.wait_until(lambda: "q=logged" in default_log.read_text(), timeout=10, what="the default-format line")
+    line = next(line for line in default_log.read_text().splitlines() if "q=logged" in line)
+    assert '"GET /maps/geo?q=logged&key=mine HTTP/1.1"' in line, line
+    assert gw.s["maps"] not in default_log.read_text()
 
 
 def test_cache_is_shared_and_vault_is_off_the_hot_path(gw):
@@ -404,14 +418,15 @@ def test_garbage_from_the_store_gives_503_and_injects_nothing(gw, case):
 
 
 def test_module_exports_only_the_callbacks_it_handles():
-    """Envoy enters the VM for every stream callback a module exports (issue 17): dist/keyward.wasm
-    exports the Makefile's list, without the SDK's on_log, on_done and body/trailer callbacks it
-    does not handle; a stream's end is handled in proxy_on_delete."""
+    """Envoy enters the VM for every stream callback a module exports: dist/keyward.wasm exports the
+    Makefile's list, without the SDK's on_log, on_done and response-body callbacks it does not
+    handle; a stream's end is handled in proxy_on_delete. Request trailers are handled: they end a
+    body that is still to be decided."""
     import sys
     sys.path.insert(0, str(harness.ROOT / "tools"))
     import trim_exports
     names = set(trim_exports.export_names(harness.WASM.read_bytes()))
     assert {"proxy_on_request_headers", "proxy_on_response_headers", "proxy_on_delete", "proxy_on_tick",
-            "proxy_on_http_call_response", "proxy_on_queue_ready", "proxy_on_request_body"} <= names
-    assert not names & {"proxy_on_log", "proxy_on_done", "proxy_on_response_body", "proxy_on_request_trailers",
+            "proxy_on_http_call_response", "proxy_on_queue_ready", "proxy_on_request_body", "proxy_on_request_trailers"} <= names
+    assert not names & {"proxy_on_log", "proxy_on_done", "proxy_on_response_body",
                         "proxy_on_new_connection", "proxy_on_downstream_data", "proxy_on_upstream_data"}, names
