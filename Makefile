@@ -101,6 +101,10 @@ integration: build dist/test/keyward-panic.wasm $(STAMP) $(PROMTOOL)
 
 test: build $(STAMP) unit lint integration fuzz-smoke
 
+# Bench only: ablation builds of the module (filter/Cargo.toml's ablate-* features; see below). Defined
+# before the targets whose prerequisites expand it.
+ABLATIONS := audit scrub metrics all onekey
+
 # Keyward against bare Envoy, a no-op wasm filter and Envoy's native filters, in one run (about
 # 20 minutes; BENCH_RATE, BENCH_SECONDS, BENCH_ROUNDS tune it). Writes bench/results/latest.json.
 bench: build $(STAMP) dist/bench/noop.wasm $(foreach a,$(ABLATIONS),dist/bench/ablate-$(a).wasm)
@@ -122,7 +126,6 @@ profile:
 
 # Bench only: ablation builds of the module (filter/Cargo.toml's ablate-* features), through the same
 # wasm profile and wasm-opt as dist/keyward.wasm, each in its own target directory.
-ABLATIONS := audit scrub metrics all onekey
 dist/bench/ablate-%.wasm: .wasm-target $(shell find filter/src core/src -name '*.rs') filter/Cargo.toml
 	cargo build --profile wasm --locked --target wasm32-wasip1 -p keyward-filter --target-dir target/ablate-$* \
 	  --features $(if $(filter all,$*),ablate-audit$(comma)ablate-scrub$(comma)ablate-metrics,ablate-$*)

@@ -41,7 +41,8 @@ BENCH_ABLATION_ROUNDS (4); BENCH_ONLY=ablation runs it alone.
 
 Cold miss: each sample is the first use of its own secret between hot requests (see cold_miss).
 Memory: bare, no-op and Keyward at --concurrency 1 and 3, RSS and Envoy's /memory (see memory).
-BENCH_ONLY=cold, BENCH_ONLY=memory run one of them alone. Instruction counts: bench/icount.py.
+BENCH_ONLY=cold, BENCH_ONLY=memory run one of them alone; BENCH_ONLY=warm runs the main arms alone and
+prints their figures (nothing is written). Instruction counts: bench/icount.py.
 """
 import base64
 import http.client
@@ -671,6 +672,15 @@ def main():
                 f"{a} {per_round[a][-1]['cpu_us_per_rq']:.1f}us" for a in ARMS if per_round[a] and rnd >= WARMUP), flush=True)
         fetches = arms["C"].stat("wasmcustom.keyward_secret_fetch_ok") + arms["C"].stat("wasmcustom.keyward_secret_fetch_error") - fetches_before
         rss = {a: p.rss_kb() for a, p in arms.items()}
+        if ONLY == "warm":
+            # The warm path alone (with BENCH_BASELINE_WASM: against an earlier build, in the same rounds).
+            def cpu(a):
+                return [r["cpu_us_per_rq"] for r in per_round[a]]
+            warm = {ARMS[a]: {"cpu_us_per_request": round(median(cpu(a)), 2), "rounds": [round(x, 2) for x in cpu(a)]} for a in ARMS}
+            ratios = {f"{ARMS[x]}_over_{ARMS[y]}": round(statistics.median([u / v for u, v in zip(cpu(x), cpu(y))]), 3)
+                      for x, y in [("C", "A"), ("C", "D"), ("B", "A")] + ([("C", "E"), ("E", "A")] if BASELINE_WASM else [])}
+            print(json.dumps({"warm": warm, "ratios": ratios, "baseline": BASELINE_WASM}, indent=1))
+            return
         ablation_rows = ablation(workdir, ctx, arms["C"])
         priced_rows = priced(workdir, ctx, arms["A"])
         scaling_rows = scaling(workdir, ctx, arms["A"], median([r["cpu_us_per_rq"] for r in per_round["A"]]))
