@@ -29,12 +29,13 @@ WITH_BODY = ["length", "chunked", "trailers", "h2-data", "h2-trailers"]
 RESETS = ["h1-reset", "h2-reset"]
 
 
-def send(port: int, framing: str, method: str, path: str, headers: dict, body: bytes, timeout=10.0):
+def send(port: int, framing: str, method: str, path: str, headers: dict, body: bytes, timeout=10.0, burst=False):
     """Send one request in `framing` (one of H1, H2, or "h1-empty"/"h2-empty": headers that end
-    the request)."""
+    the request). `burst`: every byte of the request in one write (headers, body and trailers
+    arrive together), instead of the body in separate pieces."""
     if framing.startswith("h2"):
-        return _h2(port, framing, method, path, headers, body, timeout)
-    return _h1(port, framing, method, path, headers, body, timeout)
+        return _h2(port, framing, method, path, headers, body, timeout, burst)
+    return _h1(port, framing, method, path, headers, body, timeout, burst)
 
 
 def _pieces(body: bytes, n=3):
@@ -45,8 +46,23 @@ def _pieces(body: bytes, n=3):
     return [body[i:i + step] for i in range(0, len(body), step)]
 
 
-def _h1(port, framing, method, path, headers, body, timeout):
-    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+class _Batch:
+    """A socket whose writes are held and sent in one piece at `flush`."""
+
+    def __init__(self, s):
+        self.s, self.out = s, b""
+
+    def sendall(self, b):
+        self.out += b
+
+    def flush(self):
+        self.s.sendall(self.out)
+        self.out = b""
+
+
+def _h1(port, framing, method, path, headers, body, timeout, burst=False):
+    raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    s = _Batch(raw) if burst else raw
     try:
         head = [f"{method} {path} HTTP/1.1", "Host: gateway.test", "Connection: close"]
         head += [f"{k}: {v}" for k, v in headers.items()]
@@ -67,16 +83,18 @@ def _h1(port, framing, method, path, headers, body, timeout):
                 # Half the body, then the client goes away.
                 s.sendall(f"{len(pieces[0]):x}\r\n".encode() + pieces[0] + b"\r\n")
                 time.sleep(0.2)
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
                 return None
             for p in pieces:
                 if p:
                     s.sendall(f"{len(p):x}\r\n".encode() + p + b"\r\n")
                     time.sleep(0.01)
             s.sendall(b"0\r\n" + (b"x-checksum: 0\r\n" if framing == "trailers" else b"") + b"\r\n")
-        return _read_h1(s)
+        if burst:
+            s.flush()
+        return _read_h1(raw)
     finally:
-        s.close()
+        raw.close()
 
 
 def _read_h1(s):
@@ -102,8 +120,9 @@ def _read_h1(s):
     return Answer(status, hs, rest[:n])
 
 
-def _h2(port, framing, method, path, headers, body, timeout):
-    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+def _h2(port, framing, method, path, headers, body, timeout, burst=False):
+    raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    s = _Batch(raw) if burst else raw
     try:
         conn = h2.connection.H2Connection(config=h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
         conn.initiate_connection()
@@ -132,6 +151,9 @@ def _h2(port, framing, method, path, headers, body, timeout):
             if framing == "h2-trailers":
                 conn.send_headers(sid, [("x-checksum", "0")], end_stream=True)
                 s.sendall(conn.data_to_send())
+        if burst:
+            s.flush()
+        s = raw
         status, rh, rb = None, {}, b""
         deadline = time.time() + timeout
         while time.time() < deadline:
@@ -152,4 +174,4 @@ def _h2(port, framing, method, path, headers, body, timeout):
                 s.sendall(out)
         raise ConnectionError(f"no complete answer on stream {sid} (status {status})")
     finally:
-        s.close()
+        raw.close()

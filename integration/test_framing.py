@@ -17,6 +17,7 @@ from conftest import assert_no_leaks
 from framing import RESETS, WITH_BODY
 
 FORM = {"content-type": "application/x-www-form-urlencoded"}
+COLD = ["length", "chunked", "trailers", "h2-data", "h2-trailers"]
 BUFFER = "envoy.filters.http.buffer"
 ISS = "https://issuer.test"
 
@@ -27,6 +28,9 @@ def framing_bootstrap(ports, log):
     cfg["targets"]["pay"] = {"credential": "bearer", "secret": secret, "inject": {"type": "bearer"},
                              "cost": {"form_field": "amount", "currency_field": "currency", "currencies": ["usd"],
                                       "max_body_bytes": 4096, "free": ["GET /**"]}}
+    # Priced targets whose secret nobody fetched yet: their first request parks while it is.
+    for fr in COLD:
+        cfg["targets"][f"cold-{fr}"] = dict(cfg["targets"]["pay"], secret={"store": "bao", "path": f"it/cold-{fr}", "field": "api_key"})
     cfg.pop("issuer")
     # Children are signed with the store-held k2; parents here with k1 from the environment.
     cfg["issuer"] = {"iss": ISS, "kid": "k2", "max_ttl_s": 900, "attenuate": True}
@@ -45,7 +49,7 @@ def framing_bootstrap(ports, log):
             "buffer": {"max_request_bytes": 65536}}}}
         routes = h["route_config"]["virtual_hosts"][0]["routes"]
         for r in routes:
-            if r["name"] == "pay":
+            if r["name"] == "pay" or r["name"].startswith("cold-"):
                 r["typed_per_filter_config"] = per_route
         routes.insert(0, {"name": "keyward_issue", "match": {"path": "/keyward/v1/credentials"},
                           "direct_response": {"status": 503, "body": {"inline_string": '{"error":"secret_unavailable","message":"the keyward filter is not running"}'}},
@@ -57,6 +61,10 @@ def framing_bootstrap(ports, log):
 class FramingGateway:
     def __init__(self, gw, workdir):
         self.gw = gw
+        self.cold_keys = {}
+        for fr in COLD:
+            self.cold_keys[fr] = harness.fake_secret(f"sk_cold_{fr.replace('-', '_')}")
+            gw.bao.put(f"it/cold-{fr}", {"api_key": self.cold_keys[fr]})
         self.vendor = harness.Vendor()
         self.ports = dict(gw.ports, admin=harness.free_port(), hardened=harness.free_port(), raw=harness.free_port(), vendor=self.vendor.port)
         self.access_log = workdir / "access-framing.log"
@@ -69,9 +77,9 @@ class FramingGateway:
         c = harness.claims(list(allow), sub="lambda/framing", run="sqs/m-7", ttl=600, **({"lim": lim} if lim else {}))
         return harness.mint(self.gw.k1, c), c["jti"]
 
-    def send(self, fr, tok, body, case, path="/pay/v1/payment_intents", method="POST", headers=None):
+    def send(self, fr, tok, body, case, path="/pay/v1/payment_intents", method="POST", headers=None, burst=False):
         h = {"authorization": f"Bearer {tok}", "x-case": case, **FORM, **(headers or {})}
-        return framing.send(self.port, fr, method, path, h, body.encode() if isinstance(body, str) else body)
+        return framing.send(self.port, fr, method, path, h, body.encode() if isinstance(body, str) else body, burst=burst)
 
     def entries(self):
         out = []
@@ -129,6 +137,26 @@ def test_a_payment_over_the_cap_is_refused_in_every_framing(fg, fr):
     assert (e["decision"], e["cost"], e["spend"]) == ("allow", "600", "reserved")
     r = fg.send(fr, t, "amount=401&currency=usd", f"rest-{fr}")
     assert r.status_code == 429, "600 of 1000 spent: 401 more does not fit"
+
+
+@pytest.mark.parametrize("fr", COLD)
+def test_a_request_that_parks_for_its_secret_is_forwarded_whole_in_every_framing(fg, fr):
+    """A priced request whose secret is not cached yet parks (Envoy holds its body and trailers)
+    and is decided when the secret arrives. Its body reaches the vendor as one request, with its
+    own length: bytes that look like another request inside it never become one."""
+    t, _ = fg.token(allow=(f"cold-{fr} * /**", "pay GET /**"), spend=1000)
+    smuggled = b"DELETE /v1/customers/cus_victim HTTP/1.1\r\nHost: vendor.test\r\nX-Swallow: "
+    body = smuggled + b"&amount=1&currency=usd&z="
+    # Every byte at once: Envoy holds the body and its end while the request waits.
+    r = fg.send(fr, t, body, f"cold-{fr}", path=f"/cold-{fr}/v1/payment_intents", burst=True)
+    assert r.status_code == 200, (fr, r.status_code, r.body)
+    # The upstream connection is used again by the next requests.
+    for i in range(4):
+        assert fg.send("length", t, b"", f"after-cold-{fr}-{i}", path="/pay/v1/ok", method="GET").status_code == 200
+    [got] = fg.received(f"cold-{fr}")
+    assert (got["method"], got["path"], got["body"]) == ("POST", "/v1/payment_intents", body)
+    assert harness.header_values(got, "authorization") == [f"Bearer {fg.cold_keys[fr]}"]
+    assert not [x for x in fg.vendor.history if x["method"] == "DELETE" or "cus_victim" in x["path"]], "no request was smuggled"
 
 
 @pytest.mark.parametrize("fr", WITH_BODY)

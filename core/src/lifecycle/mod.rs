@@ -93,6 +93,8 @@ pub struct Lifecycle {
     /// Counts configurations taken: a request decided under an earlier one is not finished
     /// under this one.
     generation: u64,
+    /// Allowed streams whose held body goes on at the next root callback.
+    to_resume: Vec<ContextId>,
 }
 
 impl Lifecycle {
@@ -115,6 +117,7 @@ impl Lifecycle {
             current: root,
             issue_seq: 0,
             generation: 0,
+            to_resume: Vec::new(),
         }
     }
 
@@ -186,8 +189,20 @@ impl Lifecycle {
             Event::RequestTrailers(ctx) => {
                 // Trailers end a body too: the last data frame did not say so.
                 self.enter_stream(ctx);
+                let held = matches!(self.streams.get(&ctx), Some(Stream::Pricing { .. }));
                 let a = self.on_body(host, ctx, None, true);
-                self.guard(host, ctx, Passing::End, a)
+                let a = self.guard(host, ctx, Passing::End, a);
+                if a == Action::Continue && held {
+                    // A body held here (priced at its trailers) is let go by resuming the stream
+                    // from a root callback, never by continuing the trailers: after a parked
+                    // request's replay, Envoy would pass the trailers on before the held body, and
+                    // the buffer filter behind would send the headers upstream with
+                    // `content-length: 0` and the body after them, as a second request.
+                    self.to_resume.push(ctx);
+                    self.want_root(host);
+                    return Action::Pause;
+                }
+                a
             }
             Event::Response(ctx) => {
                 self.enter_stream(ctx);
@@ -324,6 +339,11 @@ impl Lifecycle {
 
     /// Dispatch what is queued (root events only).
     fn pump(&mut self, host: &mut impl Host) {
+        for ctx in std::mem::take(&mut self.to_resume) {
+            if matches!(self.streams.get(&ctx), Some(Stream::Allowed(_))) && self.enter(host, ctx).is_ok() && host.resume().is_err() {
+                log::warn!("could not resume a request");
+            }
+        }
         for store in 0..self.sessions.len() {
             if let Some(SessionCall::Queued { renewal }) = self.sessions.get(store).cloned() {
                 self.dispatch_session(host, store, renewal);
@@ -356,7 +376,8 @@ impl Lifecycle {
             || self.sessions.iter().any(|s| matches!(s, SessionCall::Queued { .. }))
             || self.revocations.refresh == Refresh::AwaitingSession
             || self.waits_for_revocation()
-            || self.issuances() > 0;
+            || self.issuances() > 0
+            || !self.to_resume.is_empty();
         let want = if waiting { FAST_TICK_MS } else { TICK_MS };
         if want != self.tick_ms {
             self.tick_ms = want;

@@ -23,15 +23,23 @@ fn trailers_end_a_priced_body() {
     assert_eq!(lc.handle(&mut host, Event::RequestTrailers(10)), Action::Pause);
     assert_eq!(replies(&host.take()), vec![(10, 429, "spend_exhausted".into())]);
     assert_eq!(state(&host, 10, "keyward.decision").as_deref(), Some("spend_exhausted"));
-    // What fits goes on at the trailers, reserved.
+    // What fits is reserved at the trailers, and goes on by a resume from the root: the body
+    // held here passes before the trailers, whatever Envoy had buffered before.
     assert_eq!(pay_headers(&mut lc, &mut host, 11, &t, "amount=600&currency=usd", &[]), Action::Continue);
     assert_eq!(lc.handle(&mut host, Event::RequestBody { ctx: 11, size: 23, end: false }), Action::Pause);
-    assert_eq!(lc.handle(&mut host, Event::RequestTrailers(11)), Action::Continue);
+    assert_eq!(lc.handle(&mut host, Event::RequestTrailers(11)), Action::Pause);
     assert_eq!(spent(&host, "tr-1"), 600);
     assert_eq!(lc.stream(11).map(Stream::name), Some("allowed"));
-    // More trailers, or data, after the decision change nothing.
-    assert_eq!(lc.handle(&mut host, Event::RequestTrailers(11)), Action::Continue);
-    assert_eq!(spent(&host, "tr-1"), 600);
+    assert_eq!(host.take(), vec![Effect::WakeRoot]);
+    lc.handle(&mut host, Event::Woken);
+    assert!(host.take().contains(&Effect::Resume(11)));
+    // A stream that went away meanwhile is not resumed.
+    assert_eq!(pay_headers(&mut lc, &mut host, 12, &t, "amount=1&currency=usd", &[]), Action::Continue);
+    assert_eq!(lc.handle(&mut host, Event::RequestTrailers(12)), Action::Pause);
+    lc.handle(&mut host, Event::StreamGone(12));
+    host.close(12);
+    lc.handle(&mut host, Event::Woken);
+    assert!(!host.take().contains(&Effect::Resume(12)));
 }
 
 #[test]
@@ -89,6 +97,7 @@ fn the_issuing_endpoint_reads_a_body_ended_by_trailers() {
     assert_eq!(lc.handle(&mut host, Event::RequestTrailers(10)), Action::Pause);
     assert_eq!(replies(&host.take()), vec![(10, 200, String::new())]);
     assert_eq!(host.count(Metric::Issued), 1);
+    assert!(!host.take().contains(&Effect::WakeRoot), "answered: nothing to resume");
 }
 
 #[test]
