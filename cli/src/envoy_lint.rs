@@ -413,8 +413,16 @@ fn buffered(filters: &[Value], route: &Value) -> bool {
     let buffer_at = filters.iter().position(|f| s(f, &["name"]) == Some(BUFFER));
     let kw_at = filters.iter().position(|f| s(f, &["typed_config", "@type"]) == Some(WASM));
     let globally = buffer_at.and_then(|i| filters.get(i)).is_some_and(|f| f.get("disabled").and_then(Value::as_bool) != Some(true));
-    let here = route.get("typed_per_filter_config").and_then(|t| t.get(BUFFER)).is_some();
-    matches!((buffer_at, kw_at), (Some(b), Some(k)) if b > k && (globally || here))
+    let per_route = route.get("typed_per_filter_config").and_then(|t| t.get(BUFFER));
+    let wrapped = per_route.is_some_and(|p| s(p, &["@type"]).is_some_and(|t| t.ends_with("config.route.v3.FilterConfig")));
+    let disabled_here = per_route.is_some_and(|p| {
+        let off = |v: &Value| v.get("disabled").and_then(Value::as_bool) == Some(true);
+        off(p) || p.get("config").is_some_and(off)
+    });
+    // A filter off in the chain is switched on for a route only by a FilterConfig that does not
+    // disable it; on in the chain, a route may still switch it off.
+    let on_here = if globally { !disabled_here } else { wrapped && !disabled_here };
+    matches!((buffer_at, kw_at), (Some(b), Some(k)) if b > k && on_here)
 }
 
 #[cfg(test)]
@@ -511,6 +519,17 @@ mod tests {
                 "match: {prefix: \"/stripe/\"}",
                 "match: {prefix: \"/stripe/\", headers: [{name: Authorization, present_match: true}]}",
                 "matches on header \"authorization\"",
+            ),
+            // A priced route whose buffer filter is switched off (the route's own entry).
+            (
+                "                      \"@type\": type.googleapis.com/envoy.extensions.filters.http.buffer.v3.BufferPerRoute\n                      buffer: {max_request_bytes: 65536}",
+                "                      \"@type\": type.googleapis.com/envoy.extensions.filters.http.buffer.v3.BufferPerRoute\n                      disabled: true",
+                "prices requests from their body",
+            ),
+            (
+                "                    config:\n                      \"@type\": type.googleapis.com/envoy.extensions.filters.http.buffer.v3.BufferPerRoute\n                      buffer: {max_request_bytes: 65536}",
+                "                    disabled: true",
+                "prices requests from their body",
             ),
             // A query-injecting target (maps) with an access log that prints the query.
             ("path: \"%PATH(NQ:PATH)%\"", "path: \"%REQ(:PATH)%\"", "prints %REQ(:PATH)%"),

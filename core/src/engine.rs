@@ -211,7 +211,7 @@ pub fn decide(cfg: &Config, req: &mut impl Request, secrets: &mut impl Secrets, 
         Err(Outcome::Deny(d)) => return deny(audit, d),
         Err(outcome) => return Decision::new(outcome, audit),
     };
-    if let Some(d) = copied(req, &target.credential, value.as_deref(), &v.token, &raw_path) {
+    if let Some(d) = copied(req, &target.credential, &v.copies, &raw_path) {
         return deny(audit, d);
     }
     let claims = v.claims;
@@ -241,7 +241,14 @@ pub fn decide(cfg: &Config, req: &mut impl Request, secrets: &mut impl Secrets, 
     let content_type = req.header("content-type");
     let body_kind = match (cost, priced) {
         (Some(c), Some(_)) => c.body_kind(),
-        (Some(c), None) if c.body_kind().is_some() => BodyKind::of(content_type.as_deref()),
+        // A free request's body is read for a `_method` field where the vendor may honour one,
+        // in whatever form a framework would parse it (Rack reads a POST without a type as a form).
+        (Some(c), None) if c.body_kind().is_some() && c.body_method_override => match BodyKind::of(content_type.as_deref()) {
+            Ok(Some(k)) => Some(k),
+            Ok(None) if content_type.is_none() && method == "POST" => Some(BodyKind::Form),
+            Ok(None) => None,
+            Err(u) => return deny(audit, unreadable(u)),
+        },
         _ => None,
     };
     if let (Some(c), true) = (priced, body_kind.is_some()) {
@@ -266,9 +273,16 @@ pub fn decide(cfg: &Config, req: &mut impl Request, secrets: &mut impl Secrets, 
     };
     // What it counts under, built only when the credential has limits (the retry seed only when
     // its body is read and it carries an Idempotency-Key).
-    let ticket = Ticket::for_claims(&claims, v.key_id, par_key_id, claims.exp.saturating_add(cfg.policy.clock_skew_s), || {
+    // A parent's entry lives as long as the parent may be used (its `exp`, carried by its
+    // children), so children issued one after another never find it gone and start afresh.
+    let skew = cfg.policy.clock_skew_s;
+    let longest = now_s.saturating_add(cfg.policy.max_token_lifetime_s);
+    let par_until = claims.pexp.unwrap_or(longest).min(longest).max(claims.exp).saturating_add(skew);
+    let ticket = Ticket::for_claims(&claims, (v.key_id, claims.exp.saturating_add(skew)), (par_key_id, par_until), || {
         let key = audit.idempotency_key.as_deref().filter(|_| priced.is_some() && body_kind.is_some())?;
-        Some(admission::retry_seed(key, &target.name, &method, &overrides, vendor_path, raw_path.split_once('?').map_or("", |(_, q)| q)))
+        let query = raw_path.split_once('?').map_or("", |(_, q)| q);
+        let headers = admission::headers_digest(req.headers(), target.credential.header());
+        Some(admission::retry_seed(key, &target.name, &method, &overrides, vendor_path, query, &headers))
     });
     if let (None, Some(t)) = (body_kind, &ticket) {
         if priced.is_none() {
@@ -330,15 +344,9 @@ pub(crate) fn rules_allow(claims: &jwt::Claims, target: &Target, method: &str, v
 }
 
 /// A copy of the credential elsewhere in the request (`credential::copies`): 400, never forwarded.
-fn copied(req: &mut impl Request, source: &CredentialSource, value: Option<&[u8]>, token: &str, raw_path: &str) -> Option<Denial> {
-    // For `basic_password` the header carries it inside a base64 pair: a copy of that too.
-    let pair = match source {
-        CredentialSource::BasicPassword => value.and_then(|v| v.iter().rposition(|b| *b == b' ').and_then(|i| v.get(i + 1..))),
-        _ => None,
-    };
-    let needles = copies::needles(token, pair);
-    let found = copies::find(&needles, req.headers(), source.header()).map(str::to_string);
-    let found = found.or_else(|| copies::holds(&needles, raw_path.as_bytes()).then(|| ":path".to_string()));
+fn copied(req: &mut impl Request, source: &CredentialSource, needles: &copies::Needles, raw_path: &str) -> Option<Denial> {
+    let found = needles.find(req.headers(), source.header()).map(str::to_string);
+    let found = found.or_else(|| needles.holds(raw_path.as_bytes()).then(|| ":path".to_string()));
     found.map(|name| {
         log::info!("refused a request that carries a copy of its credential in {}", name.chars().take(64).collect::<String>());
         Denial::new(Code::BadRequest, "a copy of the credential is in another header, a cookie, the path or the query; send it only where the target reads it")

@@ -3,56 +3,80 @@
 //! else would reach the vendor, so a request that carries one is refused (400), never forwarded.
 //!
 //! What is looked for is the credential's signature, its last segment: every copy that could be
-//! replayed carries it whole, and it is long and random enough (43 characters for HS256) never to
-//! match by chance. For `basic_password` the header's base64 pair is looked for too (the whole
-//! `Basic` value copied into another header). A value is searched as sent and, if it holds a `%`,
-//! percent-decoded as well, as a vendor's framework decodes a query, a path or a cookie.
+//! replayed carries it (or enough of it: the first 32 characters leave 64 bits to guess), and it
+//! is random enough never to match by chance. Also looked for: the signature as it reads in any
+//! base64 of text holding the credential (standard or URL alphabet, whatever precedes it: a
+//! `user:` pair, a wrapper), which catches a `Basic` pair copied into another header. A value is
+//! searched as sent and percent-decoded (once and twice), as a vendor's framework decodes a query,
+//! a path or a cookie. The needles are made once per credential and kept with its verification.
 
-use crate::wire::pct;
+use crate::wire::needles::NeedleSet;
+use crate::wire::{b64, pct};
 
 /// The shortest needle searched for: anything shorter is not a signature.
 const MIN_NEEDLE: usize = 16;
+/// How much of the signature must appear for a copy to count.
+const SIGNATURE_PART: usize = 32;
 
-/// What to look for: the signature of `token`, and `extra` (the encoded form the credential
-/// header carried it in, if any).
-pub fn needles<'a>(token: &'a str, extra: Option<&'a [u8]>) -> Vec<&'a [u8]> {
-    let mut out: Vec<&[u8]> = Vec::with_capacity(2);
-    if let Some(sig) = token.rsplit('.').next().filter(|s| s.len() >= MIN_NEEDLE) {
-        out.push(sig.as_bytes());
-    }
-    if let Some(e) = extra.filter(|e| e.len() >= MIN_NEEDLE) {
-        out.push(e);
-    }
-    out
+/// What to look for.
+#[derive(Debug, Default)]
+pub struct Needles {
+    set: NeedleSet,
 }
 
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    let Some((&first, rest)) = needle.split_first() else { return false };
-    if hay.len() < needle.len() {
-        return false;
+impl Needles {
+    /// The needles of `token`: its signature, and the signature as base64 of text containing the
+    /// token would show it (three alignments, two alphabets).
+    pub fn of(token: &str) -> Needles {
+        let mut n = Needles::default();
+        let Some(sig) = token.rsplit('.').next().filter(|s| s.len() >= MIN_NEEDLE) else { return n };
+        n.add(sig.as_bytes().get(..SIGNATURE_PART.min(sig.len())).unwrap_or_default());
+        let bytes = token.as_bytes();
+        for k in 0..3 {
+            let Some(rest) = bytes.get(k..) else { continue };
+            for enc in [b64::std_encode(rest), b64::jws_encode(rest)] {
+                // The signature's last bytes in the encoding, away from the padding at the end.
+                let e = enc.trim_end_matches('=').as_bytes();
+                if let Some(part) = e.len().checked_sub(40).and_then(|s| e.get(s..e.len() - 8)) {
+                    n.add(part);
+                }
+            }
+        }
+        n
     }
-    let last_start = hay.len() - needle.len();
-    hay.iter().enumerate().take(last_start + 1).any(|(i, &b)| b == first && hay.get(i + 1..i + needle.len()) == Some(rest))
-}
 
-/// Does `value` hold one of `needles`, as is or percent-decoded?
-pub fn holds(needles: &[&[u8]], value: &[u8]) -> bool {
-    if needles.iter().any(|n| contains(value, n)) {
-        return true;
+    fn add(&mut self, needle: &[u8]) {
+        self.set.add(needle, MIN_NEEDLE);
     }
-    value.contains(&b'%') && {
-        let decoded = pct::decode(value, true);
-        needles.iter().any(|n| contains(&decoded, n))
-    }
-}
 
-/// The first header (pseudo-headers such as `:path` included) other than `source` that holds a
-/// copy of the credential.
-pub fn find<'h>(needles: &[&[u8]], headers: &'h [(String, Vec<u8>)], source: &str) -> Option<&'h str> {
-    if needles.is_empty() {
-        return None;
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty()
     }
-    headers.iter().find(|(name, value)| !name.eq_ignore_ascii_case(source) && holds(needles, value)).map(|(name, _)| name.as_str())
+
+    fn in_raw(&self, hay: &[u8]) -> bool {
+        self.set.in_(hay)
+    }
+
+    /// Does `value` hold a copy, as is or percent-decoded (once or twice)?
+    pub fn holds(&self, value: &[u8]) -> bool {
+        if self.in_raw(value) {
+            return true;
+        }
+        if !value.contains(&b'%') {
+            return false;
+        }
+        let once = pct::decode(value, true);
+        self.in_raw(&once) || (once.contains(&b'%') && self.in_raw(&pct::decode(&once, true)))
+    }
+
+    /// The first header (pseudo-headers such as `:path` included) other than `source` that holds
+    /// a copy of the credential.
+    pub fn find<'h>(&self, headers: &'h [(String, Vec<u8>)], source: &str) -> Option<&'h str> {
+        if self.set.is_empty() {
+            return None;
+        }
+        headers.iter().find(|(name, value)| !name.eq_ignore_ascii_case(source) && self.holds(value)).map(|(name, _)| name.as_str())
+    }
 }
 
 #[cfg(test)]
@@ -66,9 +90,13 @@ mod tests {
         pairs.iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())).collect()
     }
 
+    fn pct_all(s: &str) -> String {
+        s.bytes().map(|b| format!("%{b:02X}")).collect()
+    }
+
     #[test]
     fn a_copy_in_any_other_header_cookie_path_or_query_is_found() {
-        let n = needles(TOKEN, None);
+        let n = Needles::of(TOKEN);
         let bearer = format!("Bearer {TOKEN}");
         for (name, value) in [
             ("x-api-key", TOKEN.to_string()),
@@ -78,29 +106,40 @@ mod tests {
             ("cookie", format!("a=1; session={TOKEN}; b=2")),
             (":path", format!("/v1/x?key={TOKEN}")),
             (":path", format!("/v1/{TOKEN}/x")),
-            // Percent-encoded, as a framework decodes it for the vendor.
-            (":path", format!("/v1/x?key={}", SIG.bytes().map(|b| format!("%{b:02X}")).collect::<String>())),
+            (":path", format!("/v1/x?key={}", pct_all(SIG))),
+            (":path", format!("/v1/x?key={}", pct_all(&pct_all(SIG)))),
             ("cookie", format!("s={}", SIG.bytes().map(|b| format!("%{b:02x}")).collect::<String>())),
+            ("x-cut", TOKEN[..TOKEN.len() - 1].to_string()),
         ] {
             let headers = h(&[("authorization", &bearer), (":method", "GET"), (name, &value)]);
-            assert_eq!(find(&n, &headers, "authorization"), Some(name), "{name}: {value}");
+            assert_eq!(n.find(&headers, "authorization"), Some(name), "{name}: {value}");
         }
     }
 
     #[test]
-    fn the_credential_header_itself_and_unrelated_values_are_not_copies() {
-        let n = needles(TOKEN, None);
-        let bearer = format!("Bearer {TOKEN}");
-        let headers = h(&[("Authorization", &bearer), (":path", "/v1/x?key=abc"), ("x-other", &SIG[..SIG.len() - 1])]);
-        assert_eq!(find(&n, &headers, "authorization"), None);
-        assert_eq!(find(&needles("not-a-jwt", None), &headers, "authorization"), None, "nothing short is searched for");
+    fn base64_of_anything_holding_the_credential_is_found() {
+        let n = Needles::of(TOKEN);
+        for prefix in ["", "a", "ab", "user:", "AC123:", "x-token "] {
+            let text = format!("{prefix}{TOKEN}");
+            for enc in [b64::std_encode(text.as_bytes()), b64::jws_encode(text.as_bytes()), b64::std_encode(text.as_bytes()).trim_end_matches('=').to_string()]
+            {
+                assert!(n.holds(format!("Basic {enc}").as_bytes()), "{prefix:?} {enc}");
+            }
+        }
+        assert!(n.holds(b64::std_encode(SIG.as_bytes()).as_bytes()), "the signature alone, encoded");
     }
 
     #[test]
-    fn a_basic_pair_copied_into_another_header_is_found() {
-        let pair = "QUMxMjM6ZXlKaGJHY2lPaUpJVXpJMU5pSjku";
-        let n = needles(TOKEN, Some(pair.as_bytes()));
-        let headers = h(&[("authorization", &format!("Basic {pair}")), ("x-forwarded-authorization", &format!("Basic {pair}"))]);
-        assert_eq!(find(&n, &headers, "authorization"), Some("x-forwarded-authorization"));
+    fn the_credential_header_itself_and_unrelated_values_are_not_copies() {
+        let n = Needles::of(TOKEN);
+        let bearer = format!("Bearer {TOKEN}");
+        let headers = h(&[
+            ("Authorization", &bearer),
+            (":path", "/v1/x?key=abc"),
+            ("x-other", &SIG[..20]),
+            ("x-b64", &b64::std_encode(b"an unrelated value of some length")),
+        ]);
+        assert_eq!(n.find(&headers, "authorization"), None);
+        assert!(Needles::of("not-a-jwt").is_empty(), "nothing short is searched for");
     }
 }

@@ -242,6 +242,9 @@ pub struct Claims {
     /// verifies it, so its own requests and its children's count in one entry whatever key
     /// signed each. Absent in children issued before it was carried: counted under their own key.
     pub pkid: Option<String>,
+    /// The parent's `exp`: its limit entry is kept until then (not only until a child's end),
+    /// so children issued one after another all count against the same budget.
+    pub pexp: Option<i64>,
 }
 
 fn req<'a>(o: &'a Value, name: &'static str) -> Result<&'a Value, TokenError> {
@@ -354,7 +357,8 @@ pub fn parse_claims(payload: &[u8]) -> Result<Claims, TokenError> {
     let plim = limits("plim")?;
     let par = v.get("par").map(|p| id_str(p, "par")).transpose()?;
     let pkid = v.get("pkid").map(|p| id_str(p, "pkid")).transpose()?;
-    Ok(Claims { sub, aud, iss, exp, nbf, iat, jti, allow, run, lim, par, plim, pkid })
+    let pexp = v.get("pexp").map(|x| numeric_date(x, "pexp")).transpose()?;
+    Ok(Claims { sub, aud, iss, exp, nbf, iat, jti, allow, run, lim, par, plim, pkid, pexp })
 }
 
 /// A fingerprint of a configuration's own signing keys (their identities, in any order): mixed

@@ -9,6 +9,7 @@
 //! and limits are checked on every request as before. The cache is bounded: when full, it is
 //! emptied (an attacker with many valid credentials can only make it miss).
 
+use crate::credential::copies::Needles;
 use crate::credential::jwt::Claims;
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -21,6 +22,8 @@ pub struct Entry {
     /// The identity of the key that verified it (`HmacKey::id`, derived from the key's bytes).
     pub key: u64,
     pub claims: Rc<Claims>,
+    /// What a copy of it elsewhere in a request looks like (`credential::copies`).
+    pub copies: Rc<Needles>,
 }
 
 #[derive(Default)]
@@ -33,11 +36,11 @@ impl VerifiedCache {
         self.map.get(token)
     }
 
-    pub fn insert(&mut self, token: &str, kid: &str, key: u64, claims: Rc<Claims>) {
+    pub fn insert(&mut self, token: &str, kid: &str, key: u64, claims: Rc<Claims>, copies: Rc<Needles>) {
         if self.map.len() >= MAX_ENTRIES {
             self.map.clear();
         }
-        self.map.insert(token.into(), Entry { kid: kid.into(), key, claims });
+        self.map.insert(token.into(), Entry { kid: kid.into(), key, claims, copies });
     }
 
     pub fn len(&self) -> usize {
@@ -69,6 +72,7 @@ mod tests {
             jti: "j".into(),
             allow: vec![],
             pkid: None,
+            pexp: None,
             run: None,
             lim: Limits::default(),
             par: None,
@@ -79,11 +83,11 @@ mod tests {
     #[test]
     fn remembers_by_exact_text_and_stays_bounded() {
         let mut c = VerifiedCache::default();
-        c.insert("a.b.c", "k1", 7, claims("s"));
+        c.insert("a.b.c", "k1", 7, claims("s"), Rc::default());
         assert_eq!(c.get("a.b.c").map(|e| (e.kid.as_ref(), e.key, e.claims.sub.as_str())), Some(("k1", 7, "s")));
         assert!(c.get("a.b.C").is_none() && c.get("a.b.c ").is_none());
         for i in 0..MAX_ENTRIES {
-            c.insert(&format!("t{i}"), "k1", 7, claims("s"));
+            c.insert(&format!("t{i}"), "k1", 7, claims("s"), Rc::default());
         }
         assert!(c.len() <= MAX_ENTRIES);
         assert!(c.get("a.b.c").is_none(), "emptied when full");

@@ -28,6 +28,8 @@ pub struct Ticket {
     pub plim: Limits,
     /// When the credential stops being accepted: its entries can go then.
     pub keep_until_s: i64,
+    /// When the parent stops being accepted: its entry is kept until then, whatever child asks.
+    pub par_keep_until_s: i64,
     /// A digest of the request's `Idempotency-Key` and of what it asks for (target, method and
     /// overrides, path, query): with the body and the cost, it names a retry.
     pub retry_seed: Option<[u8; 32]>,
@@ -36,9 +38,24 @@ pub struct Ticket {
 impl Ticket {
     /// The ticket of a verified credential, or `None` when it has no limits to count against
     /// (nothing is allocated then: the common warm path). `retry_seed` is asked for only if needed.
-    pub fn for_claims(c: &Claims, key_id: u64, par_key_id: u64, keep_until_s: i64, retry_seed: impl FnOnce() -> Option<[u8; 32]>) -> Option<Ticket> {
+    pub fn for_claims(
+        c: &Claims,
+        (key_id, keep_until_s): (u64, i64),
+        (par_key_id, par_keep_until_s): (u64, i64),
+        retry_seed: impl FnOnce() -> Option<[u8; 32]>,
+    ) -> Option<Ticket> {
         let counts = !c.lim.is_empty() || (c.par.is_some() && !c.plim.is_empty());
-        counts.then(|| Ticket { key_id, jti: c.jti.clone(), lim: c.lim, par: c.par.clone(), par_key_id, plim: c.plim, keep_until_s, retry_seed: retry_seed() })
+        counts.then(|| Ticket {
+            key_id,
+            jti: c.jti.clone(),
+            lim: c.lim,
+            par: c.par.clone(),
+            par_key_id,
+            plim: c.plim,
+            keep_until_s,
+            par_keep_until_s,
+            retry_seed: retry_seed(),
+        })
     }
 
     fn own(&self) -> bool {
@@ -50,9 +67,63 @@ impl Ticket {
     }
 }
 
-/// The seed of a request's retry key: everything its headers say it asks for.
-pub fn retry_seed(idempotency_key: &str, target: &str, method: &str, overrides: &[String], path: &str, query: &str) -> [u8; 32] {
+/// Headers that differ between a request and its retry without changing what it asks the
+/// vendor to do: tracing, an SDK's retry count and telemetry, the hop's own, the credential.
+/// Every other header is part of the request (a vendor scopes keys by account, API version...).
+const NOT_THE_REQUEST: [&str; 28] = [
+    ":authority",
+    ":scheme",
+    ":method",
+    ":path",
+    "host",
+    "authorization",
+    "proxy-authorization",
+    "idempotency-key",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "te",
+    "expect",
+    "date",
+    "traceparent",
+    "tracestate",
+    "baggage",
+    "b3",
+    "sentry-trace",
+    "x-request-id",
+    "x-amzn-trace-id",
+    "x-cloud-trace-context",
+    "x-stainless-retry-count",
+    "x-stainless-timeout",
+    "x-stripe-client-telemetry",
+    "forwarded",
+    "via",
+];
+
+/// A digest of the headers that are part of the request (sorted: their order does not matter).
+pub fn headers_digest(headers: &[(String, Vec<u8>)], credential_header: &str) -> [u8; 32] {
+    let volatile = |n: &str| {
+        NOT_THE_REQUEST.contains(&n)
+            || n == credential_header
+            || ["x-b3-", "x-datadog-", "x-forwarded-", "x-envoy-", "x-keyward-", "x-real-ip"].iter().any(|p| n.starts_with(p))
+    };
+    let mut kept: Vec<(String, &[u8])> = headers.iter().map(|(k, v)| (k.to_ascii_lowercase(), v.as_slice())).filter(|(k, _)| !volatile(k)).collect();
+    kept.sort();
     let mut h = Sha256::new();
+    for (k, v) in kept {
+        h.update((k.len() as u64).to_le_bytes());
+        h.update(k.as_bytes());
+        h.update((v.len() as u64).to_le_bytes());
+        h.update(v);
+    }
+    h.finalize().into()
+}
+
+/// The seed of a request's retry key: everything its headers say it asks for.
+pub fn retry_seed(idempotency_key: &str, target: &str, method: &str, overrides: &[String], path: &str, query: &str, headers: &[u8; 32]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(headers);
     let parts = [b"keyward-retry-v2".as_slice(), idempotency_key.as_bytes(), target.as_bytes(), method.as_bytes(), path.as_bytes(), query.as_bytes()];
     for part in parts.into_iter().chain(overrides.iter().map(String::as_bytes)) {
         h.update((part.len() as u64).to_le_bytes());
@@ -110,12 +181,15 @@ pub fn admit(secrets: &mut impl Secrets, t: &Ticket, priced: Option<&Priced>, bo
     let mut holders: Vec<(u64, String)> = Vec::new();
     // A derived credential counts against its own limits, and against its parent's entry under
     // the parent's limits (`plim`): the parent and all its children share the parent's budget.
-    let entries = [(t.own(), t.key_id, t.jti.as_str(), &t.lim), (t.parents().is_some(), t.par_key_id, t.par.as_deref().unwrap_or(""), &t.plim)];
-    for (applies, key_id, jti, lim) in entries {
+    let entries = [
+        (t.own(), t.key_id, t.jti.as_str(), &t.lim, t.keep_until_s),
+        (t.parents().is_some(), t.par_key_id, t.par.as_deref().unwrap_or(""), &t.plim, t.par_keep_until_s),
+    ];
+    for (applies, key_id, jti, lim, keep_until_s) in entries {
         if !applies {
             continue;
         }
-        let verdict = secrets.admit(key_id, jti, lim, t.keep_until_s, charge.as_ref());
+        let verdict = secrets.admit(key_id, jti, lim, keep_until_s, charge.as_ref());
         match (verdict, charge) {
             (Verdict::Admit, _) | (Verdict::Reserved, None) => {}
             (Verdict::Reserved, Some(c)) => {

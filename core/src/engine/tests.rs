@@ -766,7 +766,7 @@ fn a_priced_request_is_refused_from_its_headers_when_its_cost_cannot_be_read() {
 fn retry_seeds_name_the_key_and_everything_the_headers_ask_for() {
     let seed = |k: &str, t: &str, m: &str, o: &[&str], p: &str, q: &str| {
         let o: Vec<String> = o.iter().map(|s| s.to_string()).collect();
-        admission::retry_seed(k, t, m, &o, p, q)
+        admission::retry_seed(k, t, m, &o, p, q, &[0; 32])
     };
     let a = seed("k-1", "stripe", "POST", &[], "/v1/payment_intents", "");
     assert_eq!(a, seed("k-1", "stripe", "POST", &[], "/v1/payment_intents", ""));
@@ -781,5 +781,27 @@ fn retry_seeds_name_the_key_and_everything_the_headers_ask_for() {
         seed("k-1", "stripe", "POST", &[], "/v1/payment_intents?", ""),
     ] {
         assert_ne!(a, b);
+    }
+    // Headers: another account or API version is another request; tracing and an SDK's retry
+    // count are not.
+    let h = |pairs: &[(&str, &str)]| -> Vec<(String, Vec<u8>)> { pairs.iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())).collect() };
+    let base = admission::headers_digest(&h(&[("stripe-account", "acct_1"), ("stripe-version", "2024-06-20"), ("traceparent", "00-a-b-01")]), "authorization");
+    assert_eq!(
+        base,
+        admission::headers_digest(
+            &h(&[
+                ("Stripe-Version", "2024-06-20"),
+                ("stripe-account", "acct_1"),
+                ("traceparent", "00-c-d-01"),
+                ("x-stainless-retry-count", "2"),
+                ("authorization", "Bearer x")
+            ]),
+            "authorization"
+        ),
+        "the same request, retried"
+    );
+    for other in [&[("stripe-account", "acct_2"), ("stripe-version", "2024-06-20")][..], &[("stripe-account", "acct_1"), ("stripe-version", "2025-01-01")][..]]
+    {
+        assert_ne!(base, admission::headers_digest(&h(other), "authorization"));
     }
 }

@@ -4,6 +4,7 @@
 
 use super::{unavailable, Lookup, Outcome, Secrets, RETRY_AFTER_UNAVAILABLE_S};
 use crate::config::{Config, KeySource};
+use crate::credential::copies::Needles;
 use crate::credential::extract::{self, CredError, CredentialSource};
 use crate::credential::jwt::{self, HmacKey};
 use crate::record::Audit;
@@ -11,12 +12,12 @@ use crate::response::{Code, Denial};
 use std::rc::Rc;
 
 /// A credential that verified: its claims, the identity of the key that did, that key's `kid`,
-/// and the token itself (to find copies of it elsewhere in the request).
+/// and what a copy of it elsewhere in the request looks like.
 pub(super) struct Verified {
     pub claims: Rc<jwt::Claims>,
     pub key_id: u64,
     pub kid: Rc<str>,
-    pub token: String,
+    pub copies: Rc<Needles>,
 }
 
 /// The prepared key for a kid, and its identity (for the verified-token cache).
@@ -78,16 +79,16 @@ pub(super) fn verify(
         Err(CredError::Malformed) => return Err(Outcome::Deny(Denial::new(Code::InvalidCredential, "the credential is malformed"))),
     };
     // A credential this worker verified before, with the same key: no HMAC, no parse.
-    let cached = secrets.verified().and_then(|c| c.get(&token)).map(|e| (e.kid.clone(), e.key, e.claims.clone()));
+    let cached = secrets.verified().and_then(|c| c.get(&token)).map(|e| (e.kid.clone(), e.key, e.claims.clone(), e.copies.clone()));
     let hit = match cached {
-        Some((kid, id, claims)) => match key_for(cfg, secrets, &kid) {
-            k if key_id(&k) == Some(id) => Some((claims, id, kid)),
+        Some((kid, id, claims, copies)) => match key_for(cfg, secrets, &kid) {
+            k if key_id(&k) == Some(id) => Some((claims, id, kid, copies)),
             KeyFor::Need(slot) => return Err(Outcome::Need(slot)),
             _ => None,
         },
         None => None,
     };
-    let (claims, key_id, kid) = match hit {
+    let (claims, key_id, kid, copies) = match hit {
         Some(c) => c,
         None => {
             let unverified = match jwt::parse(&token) {
@@ -107,10 +108,11 @@ pub(super) fn verify(
                 Err(e) => return Err(Outcome::Deny(Denial::new(Code::InvalidCredential, e.public_message()))),
             };
             let id = key_id(&key).unwrap_or_default();
+            let copies = Rc::new(Needles::of(&token));
             if let Some(cache) = secrets.verified() {
-                cache.insert(&token, &unverified.kid, id, claims.clone());
+                cache.insert(&token, &unverified.kid, id, claims.clone(), copies.clone());
             }
-            (claims, id, Rc::from(unverified.kid))
+            (claims, id, Rc::from(unverified.kid), copies)
         }
     };
     audit.subject = Some(claims.sub.clone());
@@ -141,7 +143,7 @@ pub(super) fn verify(
             return Err(Outcome::Deny(d.retry_after(RETRY_AFTER_UNAVAILABLE_S)));
         }
     }
-    Ok(Verified { claims, key_id, kid, token })
+    Ok(Verified { claims, key_id, kid, copies })
 }
 
 /// The credential presented to the issuing endpoint (the `Authorization` value, `Bearer …`),

@@ -1,12 +1,13 @@
 //! Response scrubbing: a vendor that reflects the upstream secret in a response header (an echo,
-//! a debug header, a redirect `Location` carrying a query key, a hex dump of its bytes) must not
-//! hand it to the workload. The filter removes every response header and trailer whose value
-//! contains a form of the secret it injected into that request.
+//! a debug header, a redirect `Location` carrying a query key, a hex dump of its bytes, a base64
+//! of a header that held it) must not hand it to the workload. The filter removes every response
+//! header and trailer whose value contains a form of the secret it injected into that request.
 
 use crate::config::{Inject, Target};
 use crate::inject::pct_encode;
 use crate::secret::Secret;
 use crate::secrets::store::Fetched;
+use crate::wire::needles::NeedleSet;
 use crate::wire::{b64, pct};
 
 /// Shorter values are not searched for: they would match unrelated headers, and a secret that
@@ -14,20 +15,38 @@ use crate::wire::{b64, pct};
 pub const MIN_NEEDLE: usize = 8;
 
 /// The forms of a secret a response could reflect.
-#[derive(Default)]
+#[derive(Default, Debug)]
 pub struct Needles {
     /// Compared as they are: the raw value, its percent-encoding (a `Location` query), for basic
-    /// auth the base64 `user:password`.
-    exact: Vec<Secret>,
+    /// auth the base64 `user:password`, and the value as it reads in base64 of text holding it
+    /// (whatever precedes it: `Bearer `, a name).
+    exact: NeedleSet,
     /// Hex of the raw value's bytes, in lower case: compared with the value in lower case (a
     /// vendor may print either case).
-    hex: Vec<Secret>,
+    hex: NeedleSet,
 }
 
 impl Needles {
     pub fn is_empty(&self) -> bool {
         self.exact.is_empty()
     }
+}
+
+/// `v` as it reads inside base64 of any text that holds it: for each of the three alignments, the
+/// encoding of `v` from there, without its first and last four characters (they depend on what
+/// precedes and follows), in both alphabets.
+fn base64_forms(v: &[u8]) -> Vec<String> {
+    let mut out = Vec::new();
+    for k in 0..3 {
+        let Some(rest) = v.get(k..) else { continue };
+        for enc in [b64::std_encode(rest), b64::jws_encode(rest)] {
+            let e = enc.trim_end_matches('=');
+            if let Some(mid) = e.get(4..e.len().saturating_sub(4)).filter(|m| m.len() >= MIN_NEEDLE) {
+                out.push(mid.to_string());
+            }
+        }
+    }
+    out
 }
 
 fn hex(s: &str) -> String {
@@ -41,9 +60,12 @@ fn hex(s: &str) -> String {
 pub fn needles(target: &Target, secret: &Fetched) -> Needles {
     let mut out = Needles::default();
     let mut add = |s: &str| {
-        if s.len() >= MIN_NEEDLE && !out.exact.iter().any(|n| n.expose() == s.as_bytes()) {
-            out.exact.push(Secret::text(s));
-            out.hex.push(Secret::text(&hex(s)));
+        if s.len() >= MIN_NEEDLE {
+            out.exact.add(s.as_bytes(), MIN_NEEDLE);
+            out.hex.add(hex(s).as_bytes(), MIN_NEEDLE);
+            for form in base64_forms(s.as_bytes()) {
+                out.exact.add(form.as_bytes(), MIN_NEEDLE);
+            }
         }
     };
     let value = |f: &str| secret.field(f).and_then(Secret::expose_str);
@@ -67,28 +89,17 @@ pub fn needles(target: &Target, secret: &Fetched) -> Needles {
     out
 }
 
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    !needle.is_empty() && hay.len() >= needle.len() && hay.windows(needle.len()).any(|w| w == needle)
-}
-
 /// Does `value` contain any of `needles`, as is or once percent-decoded, or the hex of the
 /// secret in either case? Decoding first catches every way a vendor may encode the key in a URL:
 /// upper- or lower-case hex, or only some characters encoded.
 pub fn leaks(needles: &Needles, value: &[u8]) -> bool {
-    if needles.exact.iter().chain(&needles.hex).any(|n| contains(value, n.expose())) {
+    if needles.exact.in_(value) || needles.hex.in_(value) {
         return true;
     }
-    let shortest_hex = needles.hex.iter().map(|n| n.expose().len()).min().unwrap_or(usize::MAX);
-    if value.len() >= shortest_hex && value.iter().any(u8::is_ascii_uppercase) {
-        let lower = value.to_ascii_lowercase();
-        if needles.hex.iter().any(|n| contains(&lower, n.expose())) {
-            return true;
-        }
+    if value.len() >= needles.hex.shortest() && value.iter().any(u8::is_ascii_uppercase) && needles.hex.in_(&value.to_ascii_lowercase()) {
+        return true;
     }
-    value.contains(&b'%') && {
-        let decoded = pct::decode(value, false);
-        needles.exact.iter().any(|n| contains(&decoded, n.expose()))
-    }
+    value.contains(&b'%') && needles.exact.in_(&pct::decode(value, false))
 }
 
 /// The names (lower-case, once each) of the headers to remove from a response.
@@ -117,8 +128,9 @@ mod tests {
     #[test]
     fn every_url_encoding_of_the_key_is_caught() {
         use super::leaks;
-        use crate::secret::Secret;
-        let n = super::Needles { exact: vec![Secret::text("sk+live/AbC=123_xyz")], hex: vec![] };
+        let mut exact = NeedleSet::default();
+        exact.add(b"sk+live/AbC=123_xyz", 1);
+        let n = super::Needles { exact, hex: NeedleSet::default() };
         for v in [
             "https://cb/?key=sk%2Blive%2FAbC%3D123_xyz",   // upper-case hex
             "https://cb/?key=sk%2blive%2fAbC%3d123_xyz",   // lower-case hex
@@ -184,6 +196,17 @@ mod tests {
         assert_eq!(headers_to_remove(&n, &h(&[("www-authenticate", &format!("Basic {pair}"))])), vec!["www-authenticate"]);
         assert_eq!(headers_to_remove(&n, &h(&[("x-pw", "twilio-token-1")])), vec!["x-pw"]);
         assert!(headers_to_remove(&n, &h(&[("x-account", "AC0123456789")])).is_empty(), "the account id is not a secret");
+    }
+
+    #[test]
+    fn base64_of_a_header_that_held_the_key_is_removed() {
+        let key = "fake-vendor-key-abcdef123";
+        let n = needles(&target(Inject::Bearer { field: "k".into() }), &fetched(&[("k", key)]));
+        for text in [format!("Bearer {key}"), format!("k={key}"), key.to_string(), format!("ab{key}cd")] {
+            let headers = h(&[("x-echo-b64", &b64::std_encode(text.as_bytes())), ("x-echo-b64url", &b64::jws_encode(text.as_bytes()))]);
+            assert_eq!(headers_to_remove(&n, &headers), vec!["x-echo-b64", "x-echo-b64url"], "{text}");
+        }
+        assert!(headers_to_remove(&n, &h(&[("x-b64", &b64::std_encode(b"some other value entirely"))])).is_empty());
     }
 
     #[test]

@@ -106,8 +106,9 @@ pub struct Scope {
     /// The parent's limits (for a derived credential): its requests count against the parent's
     /// entry under them, so siblings share the parent's budget.
     pub plim: Limits,
-    /// The `kid` that signed the parent (for a derived credential).
+    /// The `kid` that signed the parent, and its `exp` (for a derived credential).
     pub pkid: Option<String>,
+    pub pexp: Option<i64>,
 }
 
 /// Refused: 403 `forbidden` with this message.
@@ -136,7 +137,17 @@ pub fn for_role(role: &RoleGrant, ask: &Ask, now_s: i64) -> Result<Scope, OverAs
         Some(t) => t,
         None => role.ttl_s,
     };
-    Ok(Scope { sub: role.sub.clone(), allow, exp: now_s + i64::from(ttl), lim: role.lim, run: ask.run.clone(), par: None, plim: Limits::default(), pkid: None })
+    Ok(Scope {
+        sub: role.sub.clone(),
+        allow,
+        exp: now_s + i64::from(ttl),
+        lim: role.lim,
+        run: ask.run.clone(),
+        par: None,
+        plim: Limits::default(),
+        pkid: None,
+        pexp: None,
+    })
 }
 
 /// The scope of a credential derived from `parent` (signed with `parent_kid`): within it in every
@@ -170,7 +181,17 @@ pub fn for_child(parent: &Claims, parent_kid: &str, ask: &Ask, lim: Option<&Limi
         (Some(r), _) => Some(r.clone()),
         (None, p) => p.clone(),
     };
-    Ok(Scope { sub: parent.sub.clone(), allow, exp, lim, run, par: Some(parent.jti.clone()), plim: parent.lim, pkid: Some(parent_kid.to_string()) })
+    Ok(Scope {
+        sub: parent.sub.clone(),
+        allow,
+        exp,
+        lim,
+        run,
+        par: Some(parent.jti.clone()),
+        plim: parent.lim,
+        pkid: Some(parent_kid.to_string()),
+        pexp: Some(parent.exp),
+    })
 }
 
 /// A new `jti`: a MAC, under the issuing key, of what makes this issuance unique (the time in
@@ -235,6 +256,9 @@ pub fn claims_json(scope: &Scope, jti: &str, now_s: i64, audience: &str, iss: Op
         c.push_str(",\"pkid\":");
         json::write_str(&mut c, k);
     }
+    if let Some(e) = scope.pexp {
+        c.push_str(&format!(",\"pexp\":{e}"));
+    }
     c.push('}');
     c
 }
@@ -269,6 +293,7 @@ mod tests {
     fn parent() -> Claims {
         Claims {
             pkid: None,
+            pexp: None,
             sub: "lambda/batch".into(),
             aud: vec!["keyward".into()],
             iss: None,

@@ -42,6 +42,12 @@ pub struct RawCost {
     max_body_bytes: Option<u64>,
     #[serde(default)]
     free: Vec<String>,
+    #[serde(default = "yes")]
+    body_method_override: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Where a request's cost comes from.
@@ -63,6 +69,9 @@ pub struct Cost {
     /// path the list does not foresee (a trailing slash, a new endpoint) must carry a readable
     /// amount, never passes free.
     pub free: Vec<RouteRule>,
+    /// The vendor may run a `_method` field of a body (Rails, Laravel, Symfony do): a free
+    /// request's form or JSON body is read for one too. `false` for vendors that never do.
+    pub body_method_override: bool,
 }
 
 /// What a request costs, as read.
@@ -143,7 +152,10 @@ pub fn compile(path: &str, raw: &RawCost) -> Result<Cost, (String, String)> {
     for (i, r) in raw.free.iter().enumerate() {
         free.push(RouteRule::parse(r).map_err(|m| (format!("{path}.free[{i}]"), m))?);
     }
-    Ok(Cost { source, currency, max_body, free })
+    if !body && !raw.body_method_override {
+        return e(".body_method_override", "a per_request cost reads no body");
+    }
+    Ok(Cost { source, currency, max_body, free, body_method_override: raw.body_method_override })
 }
 
 fn field(s: &Source) -> Option<&str> {
@@ -191,7 +203,7 @@ impl Cost {
     /// query string (a vendor may read parameters from either).
     pub fn check_headers(&self, h: &BodyHeaders) -> Result<(), Unreadable> {
         let Some(amount) = field(&self.source) else { return Ok(()) };
-        if BodyKind::of(h.content_type.as_deref()) != self.body_kind() {
+        if BodyKind::of(h.content_type.as_deref())? != self.body_kind() {
             return Err(Unreadable::Bad(match self.source {
                 Source::Json(_) => "a request to this target needs content-type: application/json (its cost is read from the body)",
                 _ => "a request to this target needs content-type: application/x-www-form-urlencoded (its cost is read from the body)",

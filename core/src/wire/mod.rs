@@ -4,6 +4,7 @@
 
 pub mod b64;
 pub mod json;
+pub mod needles;
 pub mod pairs;
 pub mod pct;
 

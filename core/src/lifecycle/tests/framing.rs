@@ -237,3 +237,44 @@ fn a_parent_and_its_children_never_exceed_the_parents_limits_in_any_interleaving
         assert_eq!((table.spent(&entry), table.used(&entry)), (allowed_spend, allowed), "seed {seed}: one entry holds them all");
     }
 }
+
+#[test]
+fn a_parents_budget_outlives_the_children_that_spent_it() {
+    let json = format!(
+        r#"{{"audience":"keyward","clock_skew_s":30,"signing_keys":{{"k1":{{"env":"KEYWARD_KEY_K1"}},"k2":{{"env":"KEYWARD_KEY_K2"}}}},"stores":{{"bao":{BAO}}},
+        "cache":{{"ttl_s":300}},"targets":{{{TARGETS}}}}}"#
+    );
+    let cfg = compile(json.as_bytes(), &env).unwrap_or_else(|e| panic!("{e}"));
+    let mut host = MemHost::new(ROOT);
+    let mut lc = worker(&mut host, cfg);
+    if send_request(&mut lc, &mut host, 5) == Action::Pause {
+        lc.handle(&mut host, Event::Woken);
+        let call = only_call(&host.take());
+        lc.handle(&mut host, Event::Answer { call, answer: stripe_answer() });
+    }
+    host.take();
+    let k2 = HmacKey::new(K2).unwrap_or_else(|e| panic!("{e}"));
+    let now_s = host.now_ms() / 1000;
+    // The parent lives an hour; each child a second.
+    let child = |n: u32, now_s: u64| {
+        jwt::mint(
+            "k2",
+            &k2,
+            &format!(
+                r#"{{"sub":"p","aud":"keyward","exp":{},"jti":"c-{n}","allow":["stripe * /**"],"par":"p-9","plim":{{"spend":1000}},"pkid":"k1","pexp":{}}}"#,
+                now_s + 1,
+                now_s + 3600
+            ),
+        )
+    };
+    let pay1 = |lc: &mut Lifecycle, host: &mut MemHost, ctx: ContextId, tok: &str| {
+        assert_eq!(pay_headers(lc, host, ctx, tok, "amount=1000&currency=usd", &[]), Action::Continue);
+        lc.handle(host, Event::RequestBody { ctx, size: 24, end: true })
+    };
+    assert_eq!(pay1(&mut lc, &mut host, 10, &child(1, now_s)), Action::Continue);
+    // Long after the first child (and its clock skew) ended, a new child finds the budget spent.
+    host.advance(120_000);
+    let later = host.now_ms() / 1000;
+    assert_eq!(pay1(&mut lc, &mut host, 11, &child(2, later)), Action::Pause);
+    assert_eq!(replies(&host.take()), vec![(11, 429, "spend_exhausted".into())]);
+}

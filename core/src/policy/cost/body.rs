@@ -21,14 +21,26 @@ pub enum BodyKind {
 }
 
 impl BodyKind {
-    /// The kind a `content-type` value names (parameters such as `charset` ignored); `None`: a
-    /// body no framework reads fields from.
-    pub fn of(content_type: Option<&[u8]>) -> Option<BodyKind> {
-        let v = String::from_utf8_lossy(content_type?).to_ascii_lowercase();
-        match v.split(';').next().unwrap_or_default().trim() {
-            "application/x-www-form-urlencoded" => Some(BodyKind::Form),
-            "application/json" => Some(BodyKind::Json),
-            _ => None,
+    /// The kind a `content-type` value names. `Ok(None)`: a body no framework reads fields from
+    /// (or none declared); `Err`: one that some framework reads but this filter cannot read the
+    /// same way (multipart, a charset other than UTF-8), refused where fields matter.
+    pub fn of(content_type: Option<&[u8]>) -> Result<Option<BodyKind>, Unreadable> {
+        let Some(ct) = content_type else { return Ok(None) };
+        let v = String::from_utf8_lossy(ct).to_ascii_lowercase();
+        let mut parts = v.split(';');
+        let media = parts.next().unwrap_or_default().trim();
+        for p in parts {
+            let (k, val) = p.split_once('=').unwrap_or((p, ""));
+            if k.trim() == "charset" && !matches!(val.trim().trim_matches('"'), "utf-8" | "utf8" | "us-ascii") {
+                return Err(Unreadable::Bad("a body with fields that count here must be UTF-8 (charset=utf-8)"));
+            }
+        }
+        let json = media == "application/json" || media == "text/json" || (media.starts_with("application/") && media.ends_with("+json"));
+        match media {
+            "application/x-www-form-urlencoded" => Ok(Some(BodyKind::Form)),
+            _ if json => Ok(Some(BodyKind::Json)),
+            m if m.starts_with("multipart/") => Err(Unreadable::Bad("a multipart body cannot be read here; this target reads form or JSON bodies")),
+            _ => Ok(None),
         }
     }
 }
@@ -44,14 +56,42 @@ pub enum Value {
     Other,
 }
 
-/// A name as the most forgiving parser reads it: without leading or trailing spaces, in lower
-/// case, with `.` and space read as `_`, and only what precedes a `[` (the bracket form of a
-/// structure) or a NUL (where C strings end).
-fn normalise(name: &[u8]) -> Vec<u8> {
+/// A name as the most forgiving parser reads it: only what precedes a `[` (the bracket form of a
+/// structure) or a NUL (where C strings end), `%uXXXX` decoded (IIS), fullwidth letters as ASCII,
+/// without leading or trailing whitespace or control characters (Unicode's, as Java's `trim` and
+/// Python's `strip` drop them), in lower case, with `.` and space read as `_`.
+fn normalise(name: &[u8]) -> String {
     let base = name.split(|b| *b == b'[' || *b == 0).next().unwrap_or_default();
-    let start = base.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(base.len());
-    let end = base.iter().rposition(|b| !b.is_ascii_whitespace()).map_or(start, |e| e + 1);
-    base.get(start..end).unwrap_or_default().iter().map(|b| if *b == b'.' || *b == b' ' { b'_' } else { b.to_ascii_lowercase() }).collect()
+    let text = String::from_utf8_lossy(base);
+    let mut decoded = String::with_capacity(text.len());
+    let mut rest = text.as_ref();
+    while let Some(i) = rest.find("%u") {
+        let (before, after) = rest.split_at(i);
+        decoded.push_str(before);
+        match after.get(2..6).and_then(|h| u32::from_str_radix(h, 16).ok()).and_then(char::from_u32) {
+            Some(c) => {
+                decoded.push(c);
+                rest = after.get(6..).unwrap_or_default();
+            }
+            None => {
+                decoded.push_str("%u");
+                rest = after.get(2..).unwrap_or_default();
+            }
+        }
+    }
+    decoded.push_str(rest);
+    let folded: String = decoded
+        .chars()
+        .map(|c| match c as u32 {
+            0xFF01..=0xFF5E => char::from_u32(c as u32 - 0xFEE0).unwrap_or(c),
+            _ => c,
+        })
+        .collect();
+    folded
+        .trim_matches(|c: char| c.is_whitespace() || c.is_control())
+        .chars()
+        .map(|c| if c == '.' || c == ' ' { '_' } else { c.to_ascii_lowercase() })
+        .collect()
 }
 
 /// Could a parser read `name` as `field`?
@@ -60,7 +100,7 @@ pub fn names(name: &[u8], field: &str) -> bool {
 }
 
 /// Record `value` under `name` in `found` (one slot per wanted field).
-fn take(found: &mut [Option<Value>], wanted: &[(&str, Vec<u8>)], name: &[u8], value: impl FnOnce() -> Value) -> Result<(), Unreadable> {
+fn take(found: &mut [Option<Value>], wanted: &[(&str, String)], name: &[u8], value: impl FnOnce() -> Value) -> Result<(), Unreadable> {
     let norm = normalise(name);
     let mut value = Some(value);
     for ((field, field_norm), slot) in wanted.iter().zip(found.iter_mut()) {
@@ -80,11 +120,12 @@ fn take(found: &mut [Option<Value>], wanted: &[(&str, Vec<u8>)], name: &[u8], va
 
 /// The values of the `wanted` top-level fields of `body`, each at most once and named exactly.
 pub fn scan(kind: BodyKind, body: &[u8], wanted: &[&str]) -> Result<Vec<Option<Value>>, Unreadable> {
-    let wanted: Vec<(&str, Vec<u8>)> = wanted.iter().map(|w| (*w, normalise(w.as_bytes()))).collect();
+    let wanted: Vec<(&str, String)> = wanted.iter().map(|w| (*w, normalise(w.as_bytes()))).collect();
     let mut found: Vec<Option<Value>> = vec![None; wanted.len()];
     match kind {
         BodyKind::Form => {
-            for pair in body.split(|b| *b == b'&').filter(|p| !p.is_empty()) {
+            // `;` separates pairs too for some parsers (older Go, Python, Perl): split on both.
+            for pair in body.split(|b| *b == b'&' || *b == b';').filter(|p| !p.is_empty()) {
                 let (k, v) = match pair.iter().position(|b| *b == b'=') {
                     Some(i) => (pair.get(..i).unwrap_or_default(), pair.get(i + 1..).unwrap_or_default()),
                     None => (pair, &[][..]),
@@ -150,6 +191,11 @@ mod tests {
             "amount=1&_METHOD=DELETE",
             "amount=1&+_method=DELETE",
             "amount=1&_method%20=DELETE",
+            "a=b;amount=99999&amount=1",
+            "%u0061mount=99999&amount=1",
+            "%0Bamount=99999&amount=1",
+            "amount%C2%A0=99999&amount=1",
+            "%EF%BD%81mount=99999&amount=1",
         ] {
             assert!(form(body).is_err(), "{body}");
         }
@@ -181,7 +227,13 @@ mod tests {
         assert_eq!(overrides(BodyKind::Form, b"a=1").ok(), Some(vec![]));
         assert!(overrides(BodyKind::Form, b"_method=DE%0ALETE").is_err());
         assert!(overrides(BodyKind::Json, br#"{"_method":1}"#).is_err());
-        assert_eq!(BodyKind::of(Some(b"Application/JSON; charset=utf-8")), Some(BodyKind::Json));
-        assert_eq!(BodyKind::of(Some(b"text/plain")), None);
+        assert_eq!(BodyKind::of(Some(b"Application/JSON; charset=utf-8")), Ok(Some(BodyKind::Json)));
+        for json in ["text/json", "application/vnd.api+json", "application/json-patch+json"] {
+            assert_eq!(BodyKind::of(Some(json.as_bytes())), Ok(Some(BodyKind::Json)), "{json}");
+        }
+        assert_eq!(BodyKind::of(Some(b"text/plain")), Ok(None));
+        assert_eq!(BodyKind::of(None), Ok(None));
+        assert!(BodyKind::of(Some(b"multipart/form-data; boundary=x")).is_err());
+        assert!(BodyKind::of(Some(b"application/x-www-form-urlencoded; charset=utf-16le")).is_err());
     }
 }
