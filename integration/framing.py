@@ -74,9 +74,12 @@ def _h1(port, framing, method, path, headers, body, timeout, burst=False):
                 head.append("Trailer: x-checksum")
         s.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
         if framing == "length":
-            for p in _pieces(body):
-                s.sendall(p)
-                time.sleep(0.01)
+            try:
+                for p in _pieces(body):
+                    s.sendall(p)
+                    time.sleep(0.01)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # answered before the body was all sent: read the answer
         elif framing in ("chunked", "trailers", "h1-reset"):
             pieces = _pieces(body)
             if framing == "h1-reset":

@@ -180,6 +180,7 @@ class Vendor:
                             # A hex dump of what it got (a debug header), in either case.
                             ("x-echo-hex", (cred or query.encode()).hex()),
                             ("x-echo-hex-upper", (cred or query.encode()).hex().upper()),
+                            ("x-echo-base64", base64.b64encode(cred or query.encode()).decode()),
                             ("x-echo-query", query),
                             ("location", f"https://vendor.test/callback?{query}"),
                             ("x-harmless", "kept")]

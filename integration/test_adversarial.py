@@ -371,7 +371,8 @@ def test_authority_differing_from_host_over_http2(gw):
 
 # ------------------------------------------------------------------ copies of the credential
 
-COPIES = ["x-api-key", "x-goog-api-key", "api-key", "x-auth-token", "cookie", "query", "encoded query", "path", "x-envoy-original-path"]
+COPIES = ["x-api-key", "x-goog-api-key", "api-key", "x-auth-token", "cookie", "query", "encoded query", "twice encoded query", "path",
+          "x-envoy-original-path", "base64 header", "base64url cookie", "signature cut short"]
 
 
 @pytest.mark.parametrize("where", COPIES)
@@ -388,6 +389,14 @@ def test_a_copy_of_the_credential_anywhere_else_is_refused(gw, where):
         path += f"?token={t}"
     elif where == "encoded query":
         path += "?t=" + "".join(f"%{b:02X}" for b in t.encode())
+    elif where == "twice encoded query":
+        path += "?t=" + "".join(f"%25{b:02X}" for b in t.encode())
+    elif where == "base64 header":
+        h["x-token"] = base64.b64encode(t.encode()).decode()
+    elif where == "base64url cookie":
+        h["Cookie"] = "s=" + base64.urlsafe_b64encode(f"user:{t}".encode()).decode().rstrip("=")
+    elif where == "signature cut short":
+        h["x-api-key"] = t[:-1]
     elif where == "path":
         path = f"/stripe/v1/customers/{t}"
     elif where == "x-auth-token":
@@ -408,8 +417,9 @@ def test_a_copy_of_a_basic_pair_is_refused(gw):
     gw.vendor.take()
     t = forge(gw, HS, claims())
     pair = base64.b64encode(f"ACany:{t}".encode()).decode()
-    r = gw.get("/twilio/x", headers={"Authorization": f"Basic {pair}", "X-Forwarded-Authorization": f"Basic {pair}"})
-    assert r.status_code == 400 and r.json()["error"] == "bad_request"
+    for copy in [pair, pair.rstrip("="), base64.b64encode(f"ACother:{t}".encode()).decode()]:
+        r = gw.get("/twilio/x", headers={"Authorization": f"Basic {pair}", "X-Forwarded-Authorization": f"Basic {copy}"})
+        assert r.status_code == 400 and r.json()["error"] == "bad_request", copy
     assert gw.vendor.take() == []
     # One copy, where the target reads it: forwarded with the vendor's own credential only.
     assert gw.get("/twilio/x", headers={"Authorization": f"Basic {pair}"}).status_code == 200
@@ -442,7 +452,7 @@ def test_a_vendor_reflecting_the_secret_never_shows_it_to_the_workload(gw, targe
         pair = base64.b64encode(f"{gw.s['twilio_sid']}:{gw.s['twilio_token']}".encode()).decode()
         assert pair not in blob
     assert not {k.lower() for k in r.headers} & {"x-echo-authorization", "x-echo-api-key", "x-echo-query",
-                                                  "x-echo-lower-hex", "x-echo-partial", "x-echo-hex", "x-echo-hex-upper"}
+                                                  "x-echo-lower-hex", "x-echo-partial", "x-echo-hex", "x-echo-hex-upper", "x-echo-base64"}
     # The redirect is removed where it carried the key (a query credential), kept where it did not.
     assert ("location" in {k.lower() for k in r.headers}) == (target != "maps")
     assert r.headers.get("x-harmless") == "kept", "other headers are untouched"

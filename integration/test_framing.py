@@ -27,7 +27,7 @@ def framing_bootstrap(ports, log):
     secret = {"store": "bao", "path": "it/stripe", "field": "api_key"}
     cfg["targets"]["pay"] = {"credential": "bearer", "secret": secret, "inject": {"type": "bearer"},
                              "cost": {"form_field": "amount", "currency_field": "currency", "currencies": ["usd"],
-                                      "max_body_bytes": 4096, "free": ["GET /**"]}}
+                                      "max_body_bytes": 4096, "free": ["GET /**", "POST /v1/customers/**"]}}
     # Priced targets whose secret nobody fetched yet: their first request parks while it is.
     for fr in COLD:
         cfg["targets"][f"cold-{fr}"] = dict(cfg["targets"]["pay"], secret={"store": "bao", "path": f"it/cold-{fr}", "field": "api_key"})
@@ -78,7 +78,7 @@ class FramingGateway:
         return harness.mint(self.gw.k1, c), c["jti"]
 
     def send(self, fr, tok, body, case, path="/pay/v1/payment_intents", method="POST", headers=None, burst=False):
-        h = {"authorization": f"Bearer {tok}", "x-case": case, **FORM, **(headers or {})}
+        h = {"authorization": f"Bearer {tok}", **({"x-case": case} if case else {}), **FORM, **(headers or {})}
         return framing.send(self.port, fr, method, path, h, body.encode() if isinstance(body, str) else body, burst=burst)
 
     def entries(self):
@@ -181,6 +181,32 @@ def test_a_request_quota_holds_in_every_framing(fg, fr):
     assert all(fg.received(f"q{i + 2}-{fr}") == [] for i in range(3))
 
 
+@pytest.mark.parametrize("ct,body,want", [
+    (None, "_method=DELETE", (403, "forbidden")),
+    ("application/x-www-form-urlencoded", "_method=DELETE", (403, "forbidden")),
+    ("application/vnd.api+json", '{"_method":"DELETE"}', (403, "forbidden")),
+    ("text/json", '{"_method":"DELETE"}', (403, "forbidden")),
+    ("multipart/form-data; boundary=x", "--x\r\n", (400, "bad_request")),
+    ("application/x-www-form-urlencoded; charset=utf-16le", "a=1", (400, "bad_request")),
+    ("application/x-www-form-urlencoded", "q=1", (200, None)),
+    ("text/plain", "_method=DELETE", (200, None)),
+])
+def test_a_free_request_with_a_body_is_read_for_method_overrides(fg, ct, body, want):
+    """The target's free requests (here `GET /**`, and a free POST path) run only methods the
+    rules allow, whatever their body says in a form a framework would parse."""
+    t, _ = fg.token(allow=("pay GET /**", "pay POST /**"), spend=1000)
+    case = "free-" + "".join(c for c in f"{ct}-{body}" if c.isalnum())
+    h = {"authorization": f"Bearer {t}", "x-case": case}
+    if ct:
+        h["content-type"] = ct
+    r = framing.send(fg.port, "length", "POST", "/pay/v1/customers/free", h, body.encode())
+    if want[0] == 200:
+        assert r.status_code == 200, (ct, body, r.body)
+    else:
+        assert (r.status_code, r.json()["error"]) == want, (ct, body, r.body)
+        assert fg.received(case) == []
+
+
 @pytest.mark.parametrize("fr", ["h1-empty", "h2-empty"])
 def test_headers_that_end_the_request_are_priced_too(fg, fr):
     t, _ = fg.token(spend=1000)
@@ -261,19 +287,31 @@ def test_a_parent_and_its_children_share_one_budget_whatever_key_signed_the_pare
 
 def test_a_retry_is_the_same_request(fg):
     """Same Idempotency-Key, same everything: not charged again. Same key and amount but another
-    field, another query or another method: charged as a new request."""
+    field, another query or another account: charged as a new request. (These requests carry no
+    case tag: a header of their own would make each another request.)"""
+    def spends(jti, n):
+        harness.wait_until(lambda: len([e for e in fg.entries() if e.get("jti") == jti]) >= n, timeout=10, what=f"{n} lines")
+        return [e["spend"] for e in fg.entries() if e.get("jti") == jti]
+
     t, jti = fg.token(spend=10000)
     key = {"idempotency-key": "order-1"}
     body = "amount=3000&currency=usd&customer=cus_a"
-    assert fg.send("length", t, body, "rt-1", headers=key).status_code == 200
-    assert fg.send("h2-trailers", t, body, "rt-2", headers=key).status_code == 200
-    assert fg.send("chunked", t, "amount=3000&currency=usd&customer=cus_b", "rt-3", headers=key).status_code == 200
-    assert fg.send("length", t, body, "rt-4", headers=key, path="/pay/v1/payment_intents?expand=x").status_code == 200
-    spends = [fg.entry(f"rt-{i}")[0]["spend"] for i in range(1, 5)]
-    assert spends == ["reserved", "retry", "reserved", "reserved"], spends
+    assert fg.send("length", t, body, None, headers=key).status_code == 200
+    assert fg.send("h2-trailers", t, body, None, headers=key).status_code == 200
+    assert fg.send("chunked", t, "amount=3000&currency=usd&customer=cus_b", None, headers=key).status_code == 200
+    assert fg.send("length", t, body, None, headers=key, path="/pay/v1/payment_intents?expand=x").status_code == 200
+    assert spends(jti, 4) == ["reserved", "retry", "reserved", "reserved"]
     # 9000 of 10000 spent: another 3000 does not fit, even as a retry of nothing.
-    assert fg.send("length", t, "amount=3000&currency=usd&customer=cus_c", "rt-5", headers=key).status_code == 429
-    assert fg.send("length", t, body, "rt-6", headers=key).status_code == 200, "a true retry still is one"
+    assert fg.send("length", t, "amount=3000&currency=usd&customer=cus_c", None, headers=key).status_code == 429
+    assert fg.send("length", t, body, None, headers=key).status_code == 200, "a true retry still is one"
+    # The same key, body and path for another account (Stripe scopes keys per account) is a new
+    # charge; a retry with its tracing and SDK retry-count headers changed is still a retry.
+    t, jti = fg.token(spend=10000)
+    acct = {"idempotency-key": "order-2", "stripe-account": "acct_1"}
+    assert fg.send("length", t, body, None, headers={**acct, "traceparent": "00-aa-bb-01"}).status_code == 200
+    assert fg.send("length", t, body, None, headers={**acct, "traceparent": "00-cc-dd-01", "x-stainless-retry-count": "1"}).status_code == 200
+    assert fg.send("length", t, body, None, headers={**acct, "stripe-account": "acct_2"}).status_code == 200
+    assert spends(jti, 3) == ["reserved", "retry", "reserved"]
 
 
 def test_every_request_the_vendor_received_was_decided_and_logged(fg):
