@@ -155,7 +155,7 @@ fuzz: $(CARGO_FUZZ)
 	  mkdir -p .fuzz/$$t; \
 	  echo "== fuzz $$t for $(FUZZ_SECS) s"; \
 	  (cd fuzz && RUSTC_BOOTSTRAP=1 ../$(CARGO_FUZZ) run $$t ../.fuzz/$$t corpus/$$t -- \
-	      -max_total_time=$(FUZZ_SECS) -max_len=4096 -print_final_stats=1) 2>&1 | grep -E "^(Done|stat::number_of_executed_units|stat::peak_rss)|ERROR|panicked|SUMMARY" ; \
+	      -max_total_time=$(FUZZ_SECS) -max_len=4096 -print_final_stats=1) 2>&1 | grep -E "^(Done|stat::number_of_executed_units|stat::peak_rss)|ERROR|panicked|assertion|left:|right:|SUMMARY|Test unit written" ; \
 	  test $${PIPESTATUS[0]} -eq 0 || exit 1; \
 	done
 

@@ -36,7 +36,10 @@ cleanup() {
   rm -f "$RUN/k1.key" "$RUN/vault.token" "$RUN/env"
   echo "stopped."
 }
-trap cleanup INT TERM EXIT
+# Ctrl-C (or a TERM) is how this script is meant to stop: clean up and exit 0. Any other way out
+# (a component that exits, an error) cleans up too and keeps its status.
+trap 'cleanup; exit 0' INT TERM
+trap cleanup EXIT
 
 PORTS="8200 8081"
 if [ "$WITH_ENVOY" = 1 ]; then PORTS="$PORTS 10000 9901"; fi
@@ -90,8 +93,10 @@ wait_http http://127.0.0.1:8081/ demo-vendor
 
 if [ "$WITH_ENVOY" = 1 ]; then
   echo "starting Envoy $("$VENV/bin/envoy" --version 2>/dev/null | grep -o '1\.[0-9]*\.[0-9]*' | head -1) with keyward on 127.0.0.1:10000 ..."
+  # Envoy's own log to envoy.log; its stdout is the access log (one JSON line per request),
+  # flushed every 200 ms so that `keyward report` sees requests made a moment ago.
   "$VENV/bin/envoy" -c envoy/local.yaml --concurrency 2 --log-level warn --component-log-level wasm:info \
-    > "$RUN/envoy.log" 2>&1 &
+    --log-path "$RUN/envoy.log" --file-flush-interval-msec 200 > "$RUN/access.log" 2>> "$RUN/envoy.log" &
   pids+=($!)
   wait_http http://127.0.0.1:9901/ready Envoy
   grep -m1 -o "keyward [0-9.]* ([^)]*) configured.*" "$RUN/envoy.log" || true
@@ -147,7 +152,7 @@ Derive a narrower credential for one unit of work (one payment, 5 minutes, label
   $KEYWARD token --attenuate --url http://127.0.0.1:10000 --token-env KEYWARD_TOKEN \\
     --allow "stripe POST /v1/payment_intents" --ttl 300 --total 1 --run order-1001
 
-Revoke the demo credential (denied within 2 s), list, undo:
+Revoke the demo credential (denied within 3 s: the list is refreshed every 2 s), list, undo:
 
   export VAULT_ADDR=http://127.0.0.1:8200 VAULT_TOKEN="\$(cat $RUN/vault.token)"
   $KEYWARD revoke --jti $JTI --reason "trying it out"
@@ -156,9 +161,9 @@ Revoke the demo credential (denied within 2 s), list, undo:
 
 Health:  curl -s http://127.0.0.1:10000/keyward/health
 Metrics: curl -s http://127.0.0.1:9901/stats/prometheus | grep keyward_
-Logs:    $RUN/envoy.log (access log lines are JSON; with func-e, its stdout)
+Logs:    $RUN/access.log (one JSON line per request; with func-e, its stdout), Envoy's own in $RUN/envoy.log
 Mint:    $KEYWARD mint --kid k1 --key-file $RUN/k1.key --sub SUB --allow "stripe GET /v1/**" [--rpm N] [--total N] [--spend N]
-Report:  $KEYWARD report $RUN/envoy.log   (who called what, and what they spent)
+Report:  $KEYWARD report $RUN/access.log   (who called what, and what they spent)
 
 Press Ctrl-C to stop.
 MSG

@@ -1,8 +1,9 @@
 //! Reading a request's cost from its body (spend caps): never panics, and a form amount that is
-//! accepted is exactly what a simple reference reader finds: one field named `amount` once
-//! percent-decoded, and no other name a lenient parser could read as `amount` or `_method`
-//! (spaces around it, another case, `.` or space for `_`, a bracket form, a NUL), holding only
-//! digits, at most 10^15; a `_method` field, if any, once and a method token.
+//! accepted is exactly what a simple reference reader finds: pairs split on `&` or `;`, one field
+//! named `amount` once percent-decoded, and no other name a lenient parser could read as `amount`
+//! or `_method` (whitespace or control characters around it, another case, `.` or space for `_`,
+//! a bracket form, a NUL, `%uXXXX`, fullwidth letters), holding only digits, at most 10^15; a
+//! `_method` field, if any, once and a method token.
 #![no_main]
 use keyward_core::policy::cost::{compile, RawCost, MAX_COST};
 use libfuzzer_sys::fuzz_target;
@@ -34,14 +35,35 @@ fn decode(b: &[u8]) -> Vec<u8> {
 fn lenient(name: &[u8]) -> Vec<u8> {
     let cut = name.iter().position(|b| *b == b'[' || *b == 0).unwrap_or(name.len());
     let s = String::from_utf8_lossy(&name[..cut]).to_string();
-    let t = s.trim_matches(|c: char| c.is_ascii_whitespace());
-    t.bytes().map(|b| if b == b'.' || b == b' ' { b'_' } else { b.to_ascii_lowercase() }).collect()
+    // IIS's %uXXXX, read one escape at a time.
+    let cs: Vec<char> = s.chars().collect();
+    let mut u = String::new();
+    let mut i = 0;
+    while i < cs.len() {
+        let esc = (cs[i] == '%' && cs.get(i + 1) == Some(&'u') && i + 6 <= cs.len())
+            .then(|| cs[i + 2..i + 6].iter().collect::<String>())
+            .and_then(|h| u32::from_str_radix(&h, 16).ok())
+            .and_then(char::from_u32);
+        match esc {
+            Some(c) => {
+                u.push(c);
+                i += 6;
+            }
+            None => {
+                u.push(cs[i]);
+                i += 1;
+            }
+        }
+    }
+    let wide: String = u.chars().map(|c| if ('\u{FF01}'..='\u{FF5E}').contains(&c) { char::from_u32(c as u32 - 0xFEE0).unwrap_or(c) } else { c }).collect();
+    let t = wide.trim_matches(|c: char| c.is_whitespace() || c.is_control());
+    t.chars().map(|c| if c == '.' || c == ' ' { '_' } else { c.to_ascii_lowercase() }).collect::<String>().into_bytes()
 }
 
 fn reference(body: &[u8]) -> Option<u64> {
     let mut found = None;
     let mut method: Option<Vec<u8>> = None;
-    for pair in body.split(|b| *b == b'&').filter(|p| !p.is_empty()) {
+    for pair in body.split(|b| *b == b'&' || *b == b';').filter(|p| !p.is_empty()) {
         let mut kv = pair.splitn(2, |b| *b == b'=');
         let name = decode(kv.next().unwrap_or_default());
         let value = decode(kv.next().unwrap_or_default());
