@@ -61,6 +61,9 @@ struct RawConfig {
     revocation: Option<RawRevocation>,
     #[serde(default)]
     decision_headers: bool,
+    /// The fleet ledger (`ledger::config`): caps, retries and budgets shared by every gateway.
+    #[serde(default)]
+    ledger: Option<crate::ledger::config::RawLedger>,
     targets: BTreeMap<String, RawTarget>,
 }
 
@@ -235,6 +238,8 @@ pub struct Config {
     pub decision_headers: bool,
     /// The issuing endpoint's settings (`issuer`), when configured.
     pub issuer: Option<crate::issue::settings::Issuer>,
+    /// The fleet ledger, when configured: without it, limits and caps hold per Envoy.
+    pub ledger: Option<crate::ledger::Ledger>,
     pub targets: Vec<Target>,
     target_index: HashMap<String, usize>,
 }
@@ -777,6 +782,14 @@ pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Con
             Some(issuer.map_err(|e| ConfigError { path: e.path, message: e.message })?)
         }
     };
+    let ledger = match &raw.ledger {
+        None => None,
+        Some(l) => {
+            let mut l = crate::ledger::config::compile(l, &valid_authority, &|t| target_index.contains_key(t)).or_else(|(p, m)| err(p, m))?;
+            l.scope.clone_from(&scope);
+            Some(l)
+        }
+    };
     Ok(Config {
         policy,
         keys,
@@ -788,6 +801,7 @@ pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Con
         revocation,
         decision_headers: raw.decision_headers,
         issuer,
+        ledger,
         targets,
         target_index,
     })

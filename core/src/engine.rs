@@ -11,7 +11,7 @@ use crate::credential::verified::VerifiedCache;
 use crate::inject::{self, Op};
 use crate::policy::cost::body::BodyKind;
 use crate::policy::cost::{BodyHeaders, Priced, Unreadable};
-use crate::policy::limits::{Charge, Limits, Verdict};
+use crate::policy::limits::Charge;
 use crate::policy::rules::{sanitize, strip_prefix};
 use crate::record::Audit;
 use crate::response::{Code, Denial};
@@ -22,7 +22,7 @@ use std::rc::Rc;
 pub mod admission;
 mod body;
 mod verify;
-pub use admission::{Reservation, Spend, Ticket};
+pub use admission::{Admitted, Entry, Halt, Holder, Reservation, Spend, Ticket};
 pub use body::{price_body, Deferred};
 pub use verify::verify_bearer;
 
@@ -65,15 +65,14 @@ pub trait Secrets {
     fn revoked(&mut self, _jti: &str, _sub: &str) -> Lookup<bool> {
         Lookup::Ready(false)
     }
-    /// Count this request against the credential's `lim` (only called when it has one), unless
-    /// this same request was already admitted before it parked. `keep_until_s`: when the
-    /// credential stops being accepted, so its counters can go.
-    /// `charge`: the request's cost, reserved against `lim.spend` in the same step.
-    fn admit(&mut self, _key_id: u64, _jti: &str, _lim: &Limits, _keep_until_s: i64, _charge: Option<&Charge>) -> Verdict {
-        Verdict::Admit
+    /// Count this request in `entry` (a credential's `lim`, a parent's `plim`, or a budget),
+    /// unless this same request was already admitted there before it parked, and reserve `charge`
+    /// (its cost) against `spend` in the same step. The answer says where it counted.
+    fn admit(&mut self, _entry: &Entry, _charge: Option<&Charge>) -> Admitted {
+        Admitted::admit()
     }
-    /// Release a reservation `admit` made (the request was refused after all).
-    fn refund(&mut self, _key_id: u64, _jti: &str, _charge: &Charge) {}
+    /// Release what `admit` took in `holder` (the request was refused after all).
+    fn release(&mut self, _holder: &Holder, _charge: &Charge) {}
     /// Where verified credentials are remembered (`credential::verified`); `None`: verify every time.
     fn verified(&mut self) -> Option<&mut VerifiedCache> {
         None
@@ -88,6 +87,8 @@ pub enum Outcome {
     Need(usize),
     /// Wait for a revocation list this process trusts, then decide again.
     NeedRevocation,
+    /// Wait for the fleet ledger's answer about this account, then decide again.
+    NeedLedger(u64),
 }
 
 #[derive(Debug)]
@@ -278,7 +279,11 @@ pub fn decide(cfg: &Config, req: &mut impl Request, secrets: &mut impl Secrets, 
     let skew = cfg.policy.clock_skew_s;
     let longest = now_s.saturating_add(cfg.policy.max_token_lifetime_s);
     let par_until = claims.pexp.unwrap_or(longest).min(longest).max(claims.exp).saturating_add(skew);
-    let ticket = Ticket::for_claims(&claims, (v.key_id, claims.exp.saturating_add(skew)), (par_key_id, par_until), || {
+    let budgets: Vec<usize> = cfg
+        .ledger
+        .as_ref()
+        .map_or_else(Vec::new, |l| l.budgets.iter().enumerate().filter(|(_, b)| b.covers(&claims.sub, &target.name)).map(|(i, _)| i).collect());
+    let ticket = Ticket::for_claims(&claims, (v.key_id, claims.exp.saturating_add(skew)), (par_key_id, par_until), budgets, || {
         let key = audit.idempotency_key.as_deref().filter(|_| priced.is_some() && body_kind.is_some())?;
         let query = raw_path.split_once('?').map_or("", |(_, q)| q);
         let headers = admission::headers_digest(req.headers(), target.credential.header());
@@ -286,8 +291,10 @@ pub fn decide(cfg: &Config, req: &mut impl Request, secrets: &mut impl Secrets, 
     });
     if let (None, Some(t)) = (body_kind, &ticket) {
         if priced.is_none() {
-            if let Err(d) = admission::admit(secrets, t, None, &[]) {
-                return deny(audit, d);
+            match admission::admit(secrets, t, None, &[]) {
+                Ok(spend) => audit.budgets = admission::budget_names(cfg, t, &spend),
+                Err(Halt::Deny(d)) => return deny(audit, d),
+                Err(Halt::Pending(account)) => return Decision::new(Outcome::NeedLedger(account), audit),
             }
         }
     }
@@ -322,11 +329,13 @@ pub fn decide(cfg: &Config, req: &mut impl Request, secrets: &mut impl Secrets, 
             Ok(spend) => {
                 let spend = spend.unwrap_or(Spend::Uncapped);
                 d.audit.spend = Some(spend.label());
+                d.audit.budgets = ticket.as_ref().and_then(|t| admission::budget_names(cfg, t, &spend));
                 if let Spend::Reserved(r) = spend {
                     d.reservation = Some(r);
                 }
             }
-            Err(denial) => return deny(d.audit, denial),
+            Err(Halt::Deny(denial)) => return deny(d.audit, denial),
+            Err(Halt::Pending(account)) => return Decision::new(Outcome::NeedLedger(account), d.audit),
         }
     }
     if let (true, Outcome::Allow(ops)) = (cfg.decision_headers, &mut d.outcome) {

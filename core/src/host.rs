@@ -65,6 +65,8 @@ pub trait Host {
     fn remove_response_header(&mut self, name: &str) -> Result<(), HostError>;
     fn response_trailers(&mut self) -> Result<Headers, HostError>;
     fn remove_response_trailer(&mut self, name: &str) -> Result<(), HostError>;
+    /// The downstream client's address (`ip:port`), as Envoy saw the connection.
+    fn downstream_address(&mut self) -> Option<String>;
     /// The route's `filter_metadata.keyward`, in the proxy-wasm pairs encoding.
     fn route_metadata(&mut self) -> Option<Vec<u8>>;
     fn set_filter_state(&mut self, key: &'static str, value: &str);

@@ -13,6 +13,7 @@ pub mod engine;
 pub mod host;
 pub mod inject;
 pub mod issue;
+pub mod ledger;
 pub mod lifecycle;
 pub mod mem_host;
 pub mod policy;

@@ -44,11 +44,15 @@ pub struct Stream {
     pub body: Vec<u8>,
     /// The body of the local reply, if one was sent.
     pub reply_body: Option<String>,
+    /// The local reply's headers.
+    pub reply_headers: Vec<(String, String)>,
     pub filter_state: BTreeMap<&'static str, String>,
     /// The stream ended: its context is gone.
     pub gone: bool,
     /// The response was made by Envoy, not the upstream (a timeout, a reset).
     pub local_response: bool,
+    /// The downstream client's address.
+    pub client: String,
 }
 
 #[derive(Default)]
@@ -114,7 +118,7 @@ impl MemHost {
     /// A new stream with these request headers, routed to `target`; it becomes current.
     pub fn open(&mut self, ctx: ContextId, target: &str, headers: &[(&str, &str)]) {
         let request = headers.iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())).collect();
-        self.streams.insert(ctx, Stream { request, route: pairs::encode(&[("target", target)]), ..Stream::default() });
+        self.streams.insert(ctx, Stream { request, route: pairs::encode(&[("target", target)]), client: "127.0.0.1:50000".into(), ..Stream::default() });
         self.current = ctx;
     }
 
@@ -271,6 +275,10 @@ impl Host for MemHost {
         Ok(())
     }
 
+    fn downstream_address(&mut self) -> Option<String> {
+        self.stream().ok().map(|s| s.client.clone())
+    }
+
     fn route_metadata(&mut self) -> Option<Vec<u8>> {
         self.stream().ok().map(|s| s.route.clone())
     }
@@ -281,8 +289,10 @@ impl Host for MemHost {
         }
     }
 
-    fn reply(&mut self, status: u32, _headers: &[(&str, String)], body: &str) -> Result<(), HostError> {
-        self.stream()?.reply_body = Some(body.to_string());
+    fn reply(&mut self, status: u32, headers: &[(&str, String)], body: &str) -> Result<(), HostError> {
+        let s = self.stream()?;
+        s.reply_body = Some(body.to_string());
+        s.reply_headers = headers.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
         let code = crate::wire::json::parse(body.as_bytes()).ok().and_then(|v| v.get("error").and_then(|e| e.as_str().map(str::to_string))).unwrap_or_default();
         self.effects.push(Effect::Reply { ctx: self.current, status, code });
         Ok(())

@@ -23,6 +23,8 @@ pub struct Audit {
     pub cost: Option<u64>,
     /// How its cost stands against spend caps: `reserved`, `retry`, `uncapped`, later `refunded`.
     pub spend: Option<&'static str>,
+    /// The fleet ledger's budgets it was counted in (names, comma-separated).
+    pub budgets: Option<String>,
 }
 
 /// A labelled metric family. Proxy-wasm has no labels: the stat name carries them as
@@ -53,11 +55,26 @@ pub enum Family {
     /// store's answer arriving until its waiters are decided again: parse, shared write), `resume`
     /// (deciding one waiter again and resuming it). The callout itself is `StoreFetchUs`.
     ColdUs,
+    /// Counter: calls to the fleet ledger (`op`: `grant`, `return`, `direct`, `refund`, `read`;
+    /// `result`: `ok`, `condition` (refused by its condition: no room, a retry), `throttled`,
+    /// `error`).
+    LedgerCalls,
+    /// Counter: spend charged to each budget (`budget`), in its targets' cost unit.
+    BudgetSpend,
 }
 
 impl Family {
-    pub const ALL: [Family; 7] =
-        [Family::TargetRequests, Family::StoreFetches, Family::StoreFetchUs, Family::AddedUs, Family::SpendReserved, Family::SpendRefunded, Family::ColdUs];
+    pub const ALL: [Family; 9] = [
+        Family::TargetRequests,
+        Family::StoreFetches,
+        Family::StoreFetchUs,
+        Family::AddedUs,
+        Family::SpendReserved,
+        Family::SpendRefunded,
+        Family::ColdUs,
+        Family::LedgerCalls,
+        Family::BudgetSpend,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -68,6 +85,8 @@ impl Family {
             Family::SpendReserved => "keyward_spend_reserved",
             Family::SpendRefunded => "keyward_spend_refunded",
             Family::ColdUs => "keyward_cold_us",
+            Family::LedgerCalls => "keyward_ledger_calls",
+            Family::BudgetSpend => "keyward_budget_spend",
         }
     }
 
@@ -79,6 +98,8 @@ impl Family {
             Family::AddedUs => &["outcome"],
             Family::SpendReserved | Family::SpendRefunded => &["target"],
             Family::ColdUs => &["phase"],
+            Family::LedgerCalls => &["op", "result"],
+            Family::BudgetSpend => &["budget"],
         }
     }
 
@@ -128,13 +149,16 @@ pub enum Metric {
     /// A request that would have gone on without a decision (a path the lifecycle did not
     /// foresee), refused instead.
     Undecided,
+    /// A fleet-ledger call failed (no answer, throttled, garbage): the requests that needed it get
+    /// 503 for a moment.
+    LedgerUnavailable,
     /// The issuing endpoint refused, per error code.
     IssueDenied(Code),
 }
 
 impl Metric {
     /// Every counter but the denials (those are one per `Code`), for defining them up front.
-    pub const PLAIN: [Metric; 18] = [
+    pub const PLAIN: [Metric; 19] = [
         Metric::Allowed,
         Metric::FetchOk,
         Metric::FetchError,
@@ -153,6 +177,7 @@ impl Metric {
         Metric::ResponseScrubbed,
         Metric::VmConfigured,
         Metric::Undecided,
+        Metric::LedgerUnavailable,
     ];
 
     /// The counter's name in Envoy's stats.
@@ -179,6 +204,7 @@ impl Metric {
             Metric::ResponseScrubbed => "keyward_response_scrubbed",
             Metric::VmConfigured => "keyward_vm_configured",
             Metric::Undecided => "keyward_undecided",
+            Metric::LedgerUnavailable => "keyward_ledger_unavailable",
         };
         plain.to_string()
     }

@@ -120,6 +120,10 @@ impl Host for WasmHost {
         hostcalls::set_map_value_bytes(MapType::HttpResponseTrailers, name, None).map_err(failed)
     }
 
+    fn downstream_address(&mut self) -> Option<String> {
+        hostcalls::get_property(vec!["source", "address"]).ok().flatten().and_then(|b| String::from_utf8(b).ok())
+    }
+
     fn route_metadata(&mut self) -> Option<Vec<u8>> {
         hostcalls::get_property(vec!["xds", "route_metadata", "filter_metadata", "keyward"]).ok().flatten()
     }

@@ -1,15 +1,22 @@
-//! Counting a request against its credential's limits, and reserving its cost against `spend`.
+//! Counting a request against its credential's limits, its parent's and the budgets that cover
+//! it, and reserving its cost against `spend`.
 //!
 //! A credential counts in its own entry under its `lim`; a derived one also in its parent's entry
 //! under `plim`. An entry is named by the key that verifies the credential and its `jti`; a
 //! parent's entry by the key that signed the parent (the child's `pkid`), so the parent's own
-//! requests, its children's and its siblings' count in the same one. A priced request (its target has a `cost` for it) is admitted once its cost is
-//! known and nothing else can refuse it any more: after the upstream secret is ready, and for a
-//! cost read from the body, at the end of the body. A reservation the parent's entry refuses is
-//! released from the child's, so a refused request holds nothing.
+//! requests, its children's and its siblings' count in the same one. With a fleet ledger, the
+//! budgets whose match covers the request count it too. Where an entry lives (this Envoy's shared
+//! data, or the ledger through this gateway's slice) is the `Secrets` implementation's business;
+//! it says where it counted in the `Holder` it returns.
+//!
+//! A priced request (its target has a `cost` for it) is admitted once its cost is known and
+//! nothing else can refuse it any more: after the upstream secret is ready, and for a cost read
+//! from the body, at the end of the body. Entries are asked in order; one that refuses releases
+//! what the earlier ones took, so a refused request holds nothing.
 
 use super::{Secrets, RETRY_AFTER_UNAVAILABLE_S};
 use crate::credential::jwt::Claims;
+use crate::ledger::Account;
 use crate::policy::cost::Priced;
 use crate::policy::limits::{Charge, Limits, RetryKey, Verdict};
 use crate::response::{Code, Denial};
@@ -33,18 +40,22 @@ pub struct Ticket {
     /// A digest of the request's `Idempotency-Key` and of what it asks for (target, method and
     /// overrides, path, query): with the body and the cost, it names a retry.
     pub retry_seed: Option<[u8; 32]>,
+    /// The ledger's budgets that cover it (indices into `Ledger::budgets`).
+    pub budgets: Vec<usize>,
 }
 
 impl Ticket {
-    /// The ticket of a verified credential, or `None` when it has no limits to count against
-    /// (nothing is allocated then: the common warm path). `retry_seed` is asked for only if needed.
+    /// The ticket of a verified credential, or `None` when it has no limits to count against and
+    /// no budget covers it (nothing is allocated then: the common warm path). `retry_seed` is
+    /// asked for only if needed.
     pub fn for_claims(
         c: &Claims,
         (key_id, keep_until_s): (u64, i64),
         (par_key_id, par_keep_until_s): (u64, i64),
+        budgets: Vec<usize>,
         retry_seed: impl FnOnce() -> Option<[u8; 32]>,
     ) -> Option<Ticket> {
-        let counts = !c.lim.is_empty() || (c.par.is_some() && !c.plim.is_empty());
+        let counts = !c.lim.is_empty() || (c.par.is_some() && !c.plim.is_empty()) || !budgets.is_empty();
         counts.then(|| Ticket {
             key_id,
             jti: c.jti.clone(),
@@ -55,6 +66,7 @@ impl Ticket {
             keep_until_s,
             par_keep_until_s,
             retry_seed: retry_seed(),
+            budgets,
         })
     }
 
@@ -65,6 +77,51 @@ impl Ticket {
     fn parents(&self) -> Option<&str> {
         self.par.as_deref().filter(|_| !self.plim.is_empty())
     }
+}
+
+/// One entry a request counts in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Entry<'a> {
+    /// A credential's (or a parent's, under `plim`).
+    Credential { key_id: u64, jti: &'a str, lim: &'a Limits, keep_until_s: i64 },
+    /// A ledger budget (an index into `Ledger::budgets`).
+    Budget(usize),
+}
+
+/// Where an admitted request was counted, so that a refusal or a refund can release it there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Holder {
+    /// This Envoy's limit entry of a credential.
+    Local { key_id: u64, jti: String },
+    /// A ledger account: charged to this gateway's slice (`mark` `None`: to lease `lease`), or
+    /// directly with a mark; `took`: what it counted there.
+    Ledger { account: Account, mark: Option<String>, took: crate::ledger::Amounts, lease: u64 },
+}
+
+/// What an entry said of a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admitted {
+    pub verdict: Verdict,
+    pub holder: Option<Holder>,
+}
+
+impl Admitted {
+    pub fn admit() -> Admitted {
+        Admitted { verdict: Verdict::Admit, holder: None }
+    }
+
+    /// Did it let the request through (counted, reserved, or a retry)?
+    pub fn ok(&self) -> bool {
+        matches!(self.verdict, Verdict::Admit | Verdict::Reserved | Verdict::Retry)
+    }
+}
+
+/// Why admission stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Halt {
+    Deny(Denial),
+    /// The ledger must be asked first (this account, as the `Secrets` implementation numbers it).
+    Pending(u64),
 }
 
 /// Headers that differ between a request and its retry without changing what it asks the
@@ -145,11 +202,11 @@ fn retry_key(seed: &[u8; 32], p: &Priced, body: &[u8]) -> RetryKey {
     k
 }
 
-/// A cost held against credentials' spend caps, to release if the vendor refunds it.
+/// A cost held against spend caps, to release if the vendor refunds it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reservation {
-    /// The entries that reserved it: the identity of the key that names each, and its `jti`.
-    pub holders: Vec<(u64, String)>,
+    /// Where it was reserved.
+    pub holders: Vec<Holder>,
     pub charge: Charge,
 }
 
@@ -173,27 +230,42 @@ impl Spend {
     }
 }
 
+/// The names of the budgets an admitted request was counted in (none for a retry: it was counted
+/// the first time), for the access log.
+pub fn budget_names(cfg: &crate::config::Config, t: &Ticket, spend: &Spend) -> Option<String> {
+    let ledger = cfg.ledger.as_ref()?;
+    if *spend == Spend::Retry || t.budgets.is_empty() {
+        return None;
+    }
+    let names: Vec<&str> = t.budgets.iter().filter_map(|i| ledger.budgets.get(*i)).map(|b| b.name.as_str()).collect();
+    Some(names.join(","))
+}
+
 /// Count the request of `ticket` (and reserve `priced`'s cost where a spend cap applies). `body`:
 /// the request's body, as read to price it (part of what names a retry).
-pub fn admit(secrets: &mut impl Secrets, t: &Ticket, priced: Option<&Priced>, body: &[u8]) -> Result<Spend, Denial> {
+pub fn admit(secrets: &mut impl Secrets, t: &Ticket, priced: Option<&Priced>, body: &[u8]) -> Result<Spend, Halt> {
     let charge = priced.map(|p| Charge { cost: p.cost, retry: t.retry_seed.as_ref().map(|s| retry_key(s, p, body)) });
     let mut spend = Spend::Uncapped;
-    let mut holders: Vec<(u64, String)> = Vec::new();
+    let mut holders: Vec<Holder> = Vec::new();
     // A derived credential counts against its own limits, and against its parent's entry under
     // the parent's limits (`plim`): the parent and all its children share the parent's budget.
-    let entries = [
-        (t.own(), t.key_id, t.jti.as_str(), &t.lim, t.keep_until_s),
-        (t.parents().is_some(), t.par_key_id, t.par.as_deref().unwrap_or(""), &t.plim, t.par_keep_until_s),
-    ];
-    for (applies, key_id, jti, lim, keep_until_s) in entries {
-        if !applies {
-            continue;
+    let mut entries: Vec<Entry> = Vec::with_capacity(2 + t.budgets.len());
+    if t.own() {
+        entries.push(Entry::Credential { key_id: t.key_id, jti: &t.jti, lim: &t.lim, keep_until_s: t.keep_until_s });
+    }
+    if let Some(par) = t.parents() {
+        entries.push(Entry::Credential { key_id: t.par_key_id, jti: par, lim: &t.plim, keep_until_s: t.par_keep_until_s });
+    }
+    entries.extend(t.budgets.iter().map(|b| Entry::Budget(*b)));
+    for entry in &entries {
+        if matches!(entry, Entry::Budget(_)) && spend == Spend::Retry {
+            continue; // a retry was charged (and counted in the budgets) the first time
         }
-        let verdict = secrets.admit(key_id, jti, lim, keep_until_s, charge.as_ref());
-        match (verdict, charge) {
-            (Verdict::Admit, _) | (Verdict::Reserved, None) => {}
+        let a = secrets.admit(entry, charge.as_ref());
+        match (&a.verdict, charge) {
+            (Verdict::Admit, _) | (Verdict::Reserved, None) => holders.extend(a.holder),
             (Verdict::Reserved, Some(c)) => {
-                holders.push((key_id, jti.to_string()));
+                holders.extend(a.holder);
                 spend = Spend::Reserved(Reservation { holders: holders.clone(), charge: c });
             }
             (Verdict::Retry, _) => {
@@ -202,13 +274,17 @@ pub fn admit(secrets: &mut impl Secrets, t: &Ticket, priced: Option<&Priced>, bo
                 }
             }
             (refusal, _) => {
-                // What an earlier entry reserved for this request goes back.
-                if let Some(c) = &charge {
-                    for (key_id, jti) in &holders {
-                        secrets.refund(*key_id, jti, c);
-                    }
+                if let Verdict::Pending(account) = refusal {
+                    // Asked again once the ledger answered: the entries before are remembered
+                    // as admitted by the caller, so nothing is released.
+                    return Err(Halt::Pending(*account));
                 }
-                return Err(denial(refusal));
+                // What an earlier entry took for this request goes back.
+                let c = charge.unwrap_or(Charge { cost: 0, retry: None });
+                for h in &holders {
+                    secrets.release(h, &c);
+                }
+                return Err(Halt::Deny(denial(*refusal)));
             }
         }
     }
@@ -224,6 +300,13 @@ fn denial(v: Verdict) -> Denial {
         Verdict::SpendExhausted { retry_after_s } => {
             Denial::new(Code::SpendExhausted, "this request would take the credential past its spend cap").retry_after(retry_after_s)
         }
+        Verdict::BudgetExhausted { retry_after_s, spend: true } => {
+            Denial::new(Code::SpendExhausted, "a budget that covers this credential has no room for this request's cost").retry_after(retry_after_s)
+        }
+        Verdict::BudgetExhausted { retry_after_s, spend: false } => {
+            Denial::new(Code::QuotaExhausted, "a budget that covers this credential has no room for another request").retry_after(retry_after_s)
+        }
+        Verdict::Unavailable => Denial::new(Code::SecretUnavailable, "the spend ledger is unavailable; try again later").retry_after(RETRY_AFTER_UNAVAILABLE_S),
         _ => Denial::new(Code::RateLimited, "too many limited credentials are active; try again later").retry_after(RETRY_AFTER_UNAVAILABLE_S),
     }
 }

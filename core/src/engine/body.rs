@@ -4,7 +4,7 @@
 //! headers, and the request is counted and its cost reserved. Until then its body is held, so
 //! nothing of it reaches the vendor undecided.
 
-use super::admission::{self, Spend};
+use super::admission::{self, Halt, Spend};
 use super::{rules_allow, unreadable, Reservation, Secrets, Ticket, RETRY_AFTER_UNAVAILABLE_S};
 use crate::config::Config;
 use crate::credential::jwt::Claims;
@@ -29,13 +29,38 @@ pub struct Deferred {
 }
 
 /// Decide a deferred request from its whole body: `Ok` with the reservation it holds, if any
-/// (`audit` gets the cost and how it stands against spend caps), or the refusal.
-pub fn price_body(cfg: &Config, d: &Deferred, body: &[u8], secrets: &mut impl Secrets, audit: &mut Audit) -> Result<Option<Reservation>, Denial> {
+/// (`audit` gets the cost and how it stands against spend caps), or why it stopped (a refusal, or
+/// the ledger to ask first).
+pub fn price_body(cfg: &Config, d: &Deferred, body: &[u8], secrets: &mut impl Secrets, audit: &mut Audit) -> Result<Option<Reservation>, Halt> {
+    price(cfg, d, body, secrets, audit).map_err(|e| match e {
+        Stop::Deny(d) => Halt::Deny(d),
+        Stop::Halt(h) => h,
+    })
+}
+
+enum Stop {
+    Deny(Denial),
+    Halt(Halt),
+}
+
+impl From<Denial> for Stop {
+    fn from(d: Denial) -> Stop {
+        Stop::Deny(d)
+    }
+}
+
+impl From<Halt> for Stop {
+    fn from(h: Halt) -> Stop {
+        Stop::Halt(h)
+    }
+}
+
+fn price(cfg: &Config, d: &Deferred, body: &[u8], secrets: &mut impl Secrets, audit: &mut Audit) -> Result<Option<Reservation>, Stop> {
     let Some((target, cost)) = cfg.targets.get(d.target).and_then(|t| t.cost.as_ref().map(|c| (t, c))) else {
-        return Err(Denial::new(Code::SecretUnavailable, "the gateway's configuration changed; try again").retry_after(RETRY_AFTER_UNAVAILABLE_S));
+        return Err(Denial::new(Code::SecretUnavailable, "the gateway's configuration changed; try again").retry_after(RETRY_AFTER_UNAVAILABLE_S).into());
     };
     if body.len() > cost.max_body {
-        return Err(unreadable(crate::policy::cost::Unreadable::TooLarge));
+        return Err(unreadable(crate::policy::cost::Unreadable::TooLarge).into());
     }
     let check = |overrides: &[String]| {
         if overrides.iter().all(|m| rules_allow(&d.claims, target, m, &d.vendor_path)) {
@@ -53,7 +78,7 @@ pub fn price_body(cfg: &Config, d: &Deferred, body: &[u8], secrets: &mut impl Se
             return Ok(None);
         }
         if cost.body_kind() != Some(d.kind) {
-            return Err(Denial::new(Code::BadRequest, "a priced method override needs the body in the form this target reads its cost from"));
+            return Err(Denial::new(Code::BadRequest, "a priced method override needs the body in the form this target reads its cost from").into());
         }
     }
     let (priced, overrides) = cost.read_all(body).map_err(unreadable)?;
@@ -61,13 +86,14 @@ pub fn price_body(cfg: &Config, d: &Deferred, body: &[u8], secrets: &mut impl Se
     audit.cost = Some(priced.cost);
     let spend = admit(secrets, d.ticket.as_ref(), Some(&priced), body)?;
     audit.spend = Some(spend.label());
+    audit.budgets = d.ticket.as_ref().and_then(|t| admission::budget_names(cfg, t, &spend));
     Ok(match spend {
         Spend::Reserved(r) => Some(r),
         _ => None,
     })
 }
 
-fn admit(secrets: &mut impl Secrets, ticket: Option<&Ticket>, priced: Option<&crate::policy::cost::Priced>, body: &[u8]) -> Result<Spend, Denial> {
+fn admit(secrets: &mut impl Secrets, ticket: Option<&Ticket>, priced: Option<&crate::policy::cost::Priced>, body: &[u8]) -> Result<Spend, Halt> {
     match ticket {
         Some(t) => admission::admit(secrets, t, priced, body),
         None => Ok(Spend::Uncapped),

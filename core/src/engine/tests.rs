@@ -107,12 +107,16 @@ impl Secrets for Mem {
         }
         Lookup::Ready(self.revoked.iter().any(|r| *r == format!("jti:{jti}") || *r == format!("sub:{sub}")))
     }
-    fn admit(&mut self, _key_id: u64, jti: &str, lim: &Limits, keep_until_s: i64, charge: Option<&Charge>) -> Verdict {
+    fn admit(&mut self, entry: &Entry, charge: Option<&Charge>) -> Admitted {
+        let Entry::Credential { key_id, jti, lim, keep_until_s } = *entry else { return Admitted::admit() };
         self.admitted += 1;
-        self.limits.admit_charged(jti, lim, keep_until_s, NOW as u64, charge)
+        let verdict = self.limits.admit_charged(jti, lim, keep_until_s, NOW as u64, charge);
+        Admitted { verdict, holder: Some(Holder::Local { key_id, jti: jti.to_string() }) }
     }
-    fn refund(&mut self, _key_id: u64, jti: &str, charge: &Charge) {
-        self.limits.refund(jti, charge);
+    fn release(&mut self, holder: &Holder, charge: &Charge) {
+        if let Holder::Local { jti, .. } = holder {
+            self.limits.refund(jti, charge);
+        }
     }
     fn verified(&mut self) -> Option<&mut crate::credential::verified::VerifiedCache> {
         self.cache.as_mut()
@@ -167,6 +171,7 @@ fn code(d: &Decision) -> &'static str {
         Outcome::Deny(d) => d.code.as_str(),
         Outcome::Need(_) => "need",
         Outcome::NeedRevocation => "need-revocation",
+        Outcome::NeedLedger(_) => "need-ledger",
     }
 }
 
@@ -201,6 +206,7 @@ fn allows_and_injects() {
             issued: None,
             cost: None,
             spend: None,
+            budgets: None,
         }
     );
 }
@@ -717,11 +723,20 @@ fn a_priced_request_is_counted_at_its_body_not_at_its_headers() {
     assert!(deferred.ticket.as_ref().is_some_and(|t| t.lim.spend == Some(100)));
     let mut audit = d.audit;
     let held = price_body(&c, &deferred, b"amount=60&currency=usd", &mut s, &mut audit);
-    assert!(matches!(&held, Ok(Some(r)) if r.charge.cost == 60 && r.holders.iter().map(|(_, j)| j.as_str()).collect::<Vec<_>>() == ["j-1"]), "{held:?}");
+    assert!(
+        matches!(&held, Ok(Some(r)) if r.charge.cost == 60 && r.holders.iter().filter_map(|h| if let Holder::Local { jti, .. } = h { Some(jti.as_str()) } else { None }).collect::<Vec<_>>() == ["j-1"]),
+        "{held:?}"
+    );
     assert_eq!((audit.cost, audit.spend), (Some(60), Some("reserved")));
     assert_eq!(s.admitted, 1);
     let again = price_body(&c, &deferred, b"amount=41&currency=usd", &mut s, &mut audit);
-    assert_eq!(again.map_err(|d| d.code), Err(Code::SpendExhausted));
+    assert_eq!(
+        again.map_err(|h| match h {
+            Halt::Deny(d) => Some(d.code),
+            Halt::Pending(_) => None,
+        }),
+        Err(Some(Code::SpendExhausted))
+    );
     // A free read is decided at once, counted then.
     let d = decide(&c, &mut stripe_req("GET", "/stripe/v1/charges", Some(format!("Bearer {t}"))), &mut s, NOW);
     assert!(d.deferred.is_none());

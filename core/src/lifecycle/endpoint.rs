@@ -1,5 +1,7 @@
 //! Routes answered by the filter itself rather than forwarded: a route whose keyward metadata is
-//! `{"endpoint": "<name>"}`. Today one: `health`, for load-balancer and Kubernetes probes.
+//! `{"endpoint": "<name>"}`: `health`, for load-balancer and Kubernetes probes; `issue` (see
+//! `issue`); and `drain`, which the image's entrypoint calls on SIGTERM so that this gateway gives
+//! back to the fleet ledger what its slices did not use (answered only to a loopback client).
 //!
 //! `health` answers 200 only when this worker's VM runs, is configured, and (with a revocation
 //! list) holds a list it trusts: what a request needs to be served. A dead VM cannot answer at
@@ -22,6 +24,9 @@ impl Lifecycle {
         if name == "issue" {
             return self.issue_start(host, host_ctx(self), now_ms);
         }
+        if name == "drain" {
+            return self.answer_drain(host, now_ms);
+        }
         let (status, body) = match name {
             "health" => match self.revocation_lookup(host, "", "", now_ms) {
                 Lookup::Ready(_) | Lookup::Stale(_) => (200, r#"{"status":"ok"}"#),
@@ -35,6 +40,22 @@ impl Lifecycle {
         };
         let headers = [("content-type", "application/json".to_string()), ("cache-control", "no-store".to_string())];
         self.reply(host, status, &headers, body)
+    }
+
+    /// `POST /keyward/drain` from the gateway itself: give back every lease (the calls go out from
+    /// the root at once); the answer says how many were asked back and how many are still held,
+    /// so the entrypoint asks again until none is.
+    fn answer_drain(&mut self, host: &mut impl Host, now_ms: u64) -> Action {
+        let local = host.downstream_address().is_some_and(|a| a.starts_with("127.") || a.starts_with("[::1]"));
+        if !local {
+            let d = Denial::new(Code::Forbidden, "the drain endpoint answers the gateway itself only");
+            return self.reply(host, d.status(), &d.headers(), &d.body());
+        }
+        let asked = self.drain_ledger(host, now_ms);
+        let held = self.ledger_leases_held(host);
+        let body = format!(r#"{{"returning":{asked},"held":{held}}}"#);
+        let headers = [("content-type", "application/json".to_string()), ("cache-control", "no-store".to_string())];
+        self.reply(host, 200, &headers, &body)
     }
 
     fn reply(&mut self, host: &mut impl Host, status: u32, headers: &[(&str, String)], body: &str) -> Action {

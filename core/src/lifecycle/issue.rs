@@ -163,7 +163,7 @@ impl Lifecycle {
                 let mut audit = Audit::default();
                 let authorization = i.authorization.clone();
                 let verified = {
-                    let mut secrets = SharedSecrets { lc: self, host, now_ms, admitted: 0, calls: 0 };
+                    let mut secrets = SharedSecrets::new(self, host, now_ms);
                     engine::verify_bearer(&cfg, authorization.as_ref().map(|a| a.expose()), &mut secrets, &mut audit, now_s)
                 };
                 if let Some(i) = self.issuing_mut(ctx) {
@@ -181,6 +181,7 @@ impl Lifecycle {
                         self.want_root(host);
                         return Action::Pause;
                     }
+                    Err(Outcome::NeedLedger(_)) => return Action::Pause,
                     Err(Outcome::Allow(_)) => return Action::Pause,
                 };
                 match grant::for_child(&parent, &parent_kid, &ask, lim.as_ref(), issuer.max_ttl_s, now_s) {
@@ -201,7 +202,7 @@ impl Lifecycle {
             Some(KeySource::Stored { slot, field }) => {
                 let (slot, field) = (*slot, field.clone());
                 let looked = {
-                    let mut secrets = SharedSecrets { lc: self, host, now_ms, admitted: 0, calls: 0 };
+                    let mut secrets = SharedSecrets::new(self, host, now_ms);
                     secrets.signing_key(slot, &field)
                 };
                 match looked {

@@ -1,7 +1,7 @@
 //! Per-credential limit entries in Envoy shared data (`policy::limits::Table` shards): counting a
 //! request and reserving its cost with compare-and-swap, and releasing a reservation.
 
-use crate::engine::Reservation;
+use crate::engine::{Admitted, Holder, Reservation};
 use crate::host::{Host, HostError};
 use crate::policy::limits::{Charge, Limits, Table, Verdict};
 use crate::record::Metric;
@@ -75,9 +75,42 @@ pub(super) fn refund_entry(host: &mut impl Host, key_id: u64, jti: &str, charge:
     false
 }
 
-/// Release a reservation from every entry that holds it.
-pub(super) fn release(host: &mut impl Host, r: &Reservation) {
-    for (key_id, jti) in &r.holders {
-        refund_entry(host, *key_id, jti, &r.charge);
+impl super::Lifecycle {
+    /// Release a reservation from every entry that holds it: the request was refused after all.
+    pub(super) fn release_reservation(&mut self, host: &mut impl Host, r: &Reservation) {
+        self.give_back(host, r, false);
+    }
+
+    /// The vendor said the charge did not happen: its cost goes back to every entry that holds it.
+    pub(super) fn refund_reservation(&mut self, host: &mut impl Host, r: &Reservation) {
+        self.give_back(host, r, true);
+    }
+
+    /// A stream that waited leaves without going on (refused, given up, gone, or its
+    /// configuration replaced): what it was counted in before it waited goes back.
+    pub(super) fn abandon(&mut self, host: &mut impl Host, admitted: &[Admitted]) {
+        let ledger = self.cfg.as_ref().and_then(|c| c.ledger.clone());
+        for h in admitted.iter().filter_map(|a| a.holder.as_ref()) {
+            match (h, &ledger) {
+                (Holder::Ledger { .. }, Some(l)) => self.ledger_release(host, l, h),
+                // A request-rate count stays counted (the request was made, and refused).
+                (Holder::Local { .. }, _) => {}
+                (Holder::Ledger { .. }, None) => log::debug!("a ledger reservation outlived its configuration; it stays held"),
+            }
+        }
+    }
+
+    fn give_back(&mut self, host: &mut impl Host, r: &Reservation, refund: bool) {
+        let ledger = self.cfg.as_ref().and_then(|c| c.ledger.clone());
+        for h in &r.holders {
+            match (h, &ledger) {
+                (Holder::Local { key_id, jti }, _) => {
+                    refund_entry(host, *key_id, jti, &r.charge);
+                }
+                (Holder::Ledger { .. }, Some(l)) if refund => self.ledger_refund(host, l, h, r.charge.cost),
+                (Holder::Ledger { .. }, Some(l)) => self.ledger_release(host, l, h),
+                (Holder::Ledger { .. }, None) => log::debug!("a ledger reservation outlived its configuration; it stays held"),
+            }
+        }
     }
 }

@@ -21,6 +21,7 @@ mod endpoint;
 mod event;
 mod fetch;
 mod issue;
+mod ledger;
 mod limits;
 mod pricing;
 mod request;
@@ -33,7 +34,7 @@ mod tests;
 
 pub use event::{Answer, Event};
 pub use state::{Fetch, IssueStep, Parked, Pricing, Purpose, Refresh, SessionCall, Stream, Wait};
-use state::{Names, RevocationNames, Revocations, SlotCache};
+use state::{LedgerState, Names, RevocationNames, Revocations, SlotCache};
 
 use crate::config::Config;
 use crate::credential::verified::VerifiedCache;
@@ -90,6 +91,8 @@ pub struct Lifecycle {
     current: ContextId,
     /// This worker's issuance sequence (part of each new jti).
     issue_seq: u64,
+    /// This worker's part in the fleet ledger.
+    ledger: LedgerState,
     /// Counts configurations taken: a request decided under an earlier one is not finished
     /// under this one.
     generation: u64,
@@ -116,6 +119,7 @@ impl Lifecycle {
             woke: false,
             current: root,
             issue_seq: 0,
+            ledger: LedgerState::default(),
             generation: 0,
             to_resume: Vec::new(),
         }
@@ -215,7 +219,8 @@ impl Lifecycle {
                 Action::Continue
             }
             Event::StreamGone(ctx) => {
-                self.forget(ctx);
+                self.forget(host, ctx);
+                self.forget_ledger(ctx);
                 Action::Continue
             }
             Event::Answer { call, answer } => self.root_turn(host, |lc, host| lc.on_answer(host, call, answer)),
@@ -298,6 +303,7 @@ impl Lifecycle {
             Purpose::Session(store) => self.on_session_answer(host, store, call, answer),
             Purpose::Revocation => self.on_revocation_answer(host, call, answer),
             Purpose::Sts(ctx) => self.on_sts_answer(host, ctx, call, answer),
+            Purpose::Ledger(job) => self.on_ledger_answer(host, job, answer),
         }
     }
 
@@ -355,6 +361,7 @@ impl Lifecycle {
             }
         }
         self.pump_issuing(host);
+        self.pump_ledger(host);
         if self.issuances() > 0 {
             let now_ms = host.now_ms();
             self.tick_issuing(host, now_ms);
@@ -377,7 +384,8 @@ impl Lifecycle {
             || self.revocations.refresh == Refresh::AwaitingSession
             || self.waits_for_revocation()
             || self.issuances() > 0
-            || !self.to_resume.is_empty();
+            || !self.to_resume.is_empty()
+            || self.ledger_waiting();
         let want = if waiting { FAST_TICK_MS } else { TICK_MS };
         if want != self.tick_ms {
             self.tick_ms = want;
@@ -397,7 +405,9 @@ impl Lifecycle {
         self.follow(host, now_ms);
         self.refresh_ahead(host, now_ms);
         self.expire_parked(host, now_ms);
+        self.expire_pricing(host, now_ms);
         self.tick_issuing(host, now_ms);
+        self.tick_ledger(host, now_ms);
     }
 
     /// Callouts past their deadline: given up, as if they had failed. Their answer, should it
@@ -413,6 +423,7 @@ impl Lifecycle {
                 Purpose::Session(store) => self.on_session_answer(host, store, call, Answer::failed()),
                 Purpose::Revocation => self.on_revocation_answer(host, call, Answer::failed()),
                 Purpose::Sts(ctx) => self.on_sts_answer(host, ctx, call, Answer::failed()),
+                Purpose::Ledger(job) => self.on_ledger_answer(host, job, Answer::failed()),
             }
         }
     }
@@ -432,6 +443,7 @@ impl Lifecycle {
                 _ => Some(0),
             },
             Purpose::Sts(ctx) => self.issue_deadline(ctx, call),
+            Purpose::Ledger(job) => self.ledger_deadline(job, call),
         }
     }
 

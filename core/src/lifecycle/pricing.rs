@@ -4,11 +4,10 @@
 //! request is answered with a refusal before the router ever sees it. Later, a vendor's
 //! `refund_on` answer releases the reservation.
 
-use super::limits::release;
 use super::request::{record_allowed, SharedSecrets};
-use super::state::{Served, Stream};
-use super::Lifecycle;
-use crate::engine;
+use super::state::{Pricing, Served, Stream};
+use super::{Lifecycle, PARK_GRACE_MS};
+use crate::engine::{self, Halt};
 use crate::host::{Action, ContextId, Host};
 use crate::record::{Audit, Family};
 use crate::response::{Code, Denial};
@@ -30,9 +29,13 @@ impl Lifecycle {
             // Buffered here until the end (proxy-wasm's StopIterationAndBuffer).
             return Action::Pause;
         }
+        if matches!(self.streams.get(&ctx), Some(Stream::Pricing { pricing, .. }) if pricing.waiting.is_some()) {
+            // Its end came already; it waits for the ledger (more trailers change nothing).
+            return Action::Pause;
+        }
         let Some(Stream::Pricing { pricing, served }) = self.streams.remove(&ctx) else { return Action::Pause };
-        let mut audit = pricing.audit;
-        let (Some(cfg), Some(max)) = (cfg, max) else {
+        let audit = pricing.audit.clone();
+        let (Some(_), Some(max)) = (cfg, max) else {
             return self.refuse_priced(host, ctx, audit, refusal, started_us);
         };
         if refusal.is_some() {
@@ -57,18 +60,86 @@ impl Lifecycle {
             Ok(b) => b,
             Err(_) => return self.refuse_priced(host, ctx, audit, Some(Denial::new(Code::BadRequest, "the request body could not be read")), started_us),
         };
+        self.decide_priced(host, ctx, pricing, served, body, false)
+    }
+
+    /// Price and admit a request whose body has ended (`resumed`: it waited for the fleet ledger,
+    /// and is answered by resuming it, from a root event).
+    fn decide_priced(&mut self, host: &mut impl Host, ctx: ContextId, mut pricing: Box<Pricing>, served: Served, body: Vec<u8>, resumed: bool) -> Action {
+        let started_us = host.now_us().saturating_sub(pricing.header_us);
+        let Some(cfg) = self.cfg.clone().filter(|_| pricing.generation == self.generation) else {
+            self.abandon(host, &pricing.admitted);
+            return self.refuse_priced(host, ctx, pricing.audit, None, started_us);
+        };
         let now_ms = host.now_ms();
-        let priced = {
-            let mut secrets = SharedSecrets { lc: self, host, now_ms, admitted: 0, calls: 0 };
-            engine::price_body(&cfg, &pricing.deferred, &body, &mut secrets, &mut audit)
+        let mut audit = pricing.audit.clone();
+        let (priced, made) = {
+            let prior = std::mem::take(&mut pricing.admitted);
+            let mut secrets = SharedSecrets::resumed(self, host, now_ms, prior);
+            let r = engine::price_body(&cfg, &pricing.deferred, &body, &mut secrets, &mut audit);
+            (r, secrets.made)
         };
         let reservation = match priced {
             Ok(r) => r,
-            Err(d) => return self.refuse_priced(host, ctx, audit, Some(d), started_us),
+            Err(Halt::Deny(d)) => return self.refuse_priced(host, ctx, audit, Some(d), started_us),
+            Err(Halt::Pending(account)) => {
+                // The fleet ledger is asked first: the body stays buffered (and held here).
+                let timeout = cfg.ledger.as_ref().map_or(1000, |l| u64::from(l.timeout_ms));
+                if pricing.waiting.is_none() {
+                    pricing.deadline_ms = now_ms + timeout + PARK_GRACE_MS;
+                }
+                pricing.waiting = Some(account);
+                pricing.admitted = made;
+                pricing.body = Some(crate::secret::Secret::new(body));
+                self.streams.insert(ctx, Stream::Pricing { pricing, served });
+                return Action::Pause;
+            }
         };
         record_allowed(host, &audit, reservation.as_ref(), started_us);
         self.streams.insert(ctx, Stream::Allowed(Served { reservation, ..served }));
-        Action::Continue
+        self.go_on(host, resumed)
+    }
+
+    /// A priced request that waited for the fleet ledger: decide it again (a root event).
+    pub(super) fn resume_pricing(&mut self, host: &mut impl Host, ctx: ContextId) {
+        if !matches!(self.streams.get(&ctx), Some(Stream::Pricing { pricing, .. }) if pricing.waiting.is_some()) {
+            return;
+        }
+        let Some(Stream::Pricing { mut pricing, served }) = self.streams.remove(&ctx) else { return };
+        if self.enter(host, ctx).is_err() {
+            self.abandon(host, &pricing.admitted);
+            return; // the stream has gone
+        }
+        let body = pricing.body.take().map(|b| b.expose().to_vec()).unwrap_or_default();
+        self.decide_priced(host, ctx, pricing, served, body, true);
+    }
+
+    /// The priced requests waiting for the ledger's answer about account `id`.
+    pub(super) fn pricing_on(&self, id: u64) -> Vec<ContextId> {
+        let mut out: Vec<ContextId> =
+            self.streams.iter().filter(|(_, s)| matches!(s, Stream::Pricing { pricing, .. } if pricing.waiting == Some(id))).map(|(c, _)| *c).collect();
+        out.sort_unstable();
+        out
+    }
+
+    /// Priced requests that waited for the ledger past their deadline get 503.
+    pub(super) fn expire_pricing(&mut self, host: &mut impl Host, now_ms: u64) {
+        let mut late: Vec<ContextId> = self
+            .streams
+            .iter()
+            .filter(|(_, s)| matches!(s, Stream::Pricing { pricing, .. } if pricing.waiting.is_some() && now_ms >= pricing.deadline_ms))
+            .map(|(c, _)| *c)
+            .collect();
+        late.sort_unstable();
+        for ctx in late {
+            let Some(Stream::Pricing { pricing, .. }) = self.streams.remove(&ctx) else { continue };
+            self.abandon(host, &pricing.admitted);
+            if self.enter(host, ctx).is_ok() {
+                let started_us = host.now_us().saturating_sub(pricing.header_us);
+                let d = Denial::new(Code::SecretUnavailable, "the spend ledger did not answer in time").retry_after(5);
+                self.refuse_priced(host, ctx, pricing.audit, Some(d), started_us);
+            }
+        }
     }
 
     /// Answer a priced request with a refusal (its headers went on, but the router has not seen
@@ -90,7 +161,7 @@ impl Lifecycle {
             return;
         }
         let (r, name) = (r.clone(), t.name.clone());
-        release(host, &r);
+        self.refund_reservation(host, &r);
         host.count(Family::SpendRefunded, &[&name], r.charge.cost);
         host.set_filter_state("keyward.spend", "refunded");
         if let Some(Stream::Allowed(s)) = self.streams.get_mut(&ctx) {

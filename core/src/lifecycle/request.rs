@@ -1,14 +1,16 @@
 //! One request through the pipeline, against the cache and the host: decide it (parking it when a
 //! secret must be fetched), rewrite it or answer it, and look at the vendor's response.
 
+use super::ledger::Need;
 use super::state::{Parked, Pricing, Served, Stream, Wait};
 use super::{limits, Lifecycle, PARK_GRACE_MS};
 use crate::config::Config;
 use crate::credential::jwt::HmacKey;
 use crate::credential::verified::VerifiedCache;
-use crate::engine::{self, Decision, Lookup, Outcome, Request, Reservation, Secrets};
+use crate::engine::{self, Admitted, Decision, Entry, Holder, Lookup, Outcome, Request, Reservation, Secrets};
 use crate::host::{Action, ContextId, Headers, Host, HostError};
 use crate::inject::{scrub, Op};
+use crate::ledger::{Account, Amounts, Caps, Ledger};
 use crate::policy::limits::{Charge, Limits, Verdict};
 use crate::record::{Audit, Family, Metric};
 use crate::response::{Code, Denial};
@@ -83,14 +85,87 @@ pub(super) struct SharedSecrets<'a, H: Host> {
     pub(super) lc: &'a mut Lifecycle,
     pub(super) host: &'a mut H,
     pub(super) now_ms: u64,
-    /// How many limit entries this request was already counted in (its credential's, then its
-    /// parent's), in an earlier decision before it parked.
-    pub(super) admitted: u8,
-    /// The `admit` calls of this decision so far.
-    pub(super) calls: u8,
+    /// The entries this request was already counted in before it parked (asked again in the
+    /// same order, they answer as they did).
+    pub(super) prior: Vec<Admitted>,
+    /// Every entry it is counted in so far, in this decision (the prior ones first).
+    pub(super) made: Vec<Admitted>,
 }
 
-impl<H: Host> SharedSecrets<'_, H> {
+impl<'a, H: Host> SharedSecrets<'a, H> {
+    pub(super) fn new(lc: &'a mut Lifecycle, host: &'a mut H, now_ms: u64) -> SharedSecrets<'a, H> {
+        SharedSecrets { lc, host, now_ms, prior: Vec::new(), made: Vec::new() }
+    }
+
+    pub(super) fn resumed(lc: &'a mut Lifecycle, host: &'a mut H, now_ms: u64, prior: Vec<Admitted>) -> SharedSecrets<'a, H> {
+        SharedSecrets { lc, host, now_ms, prior, made: Vec::new() }
+    }
+
+    /// One entry in this Envoy's limit shards (no ledger, or a credential's `rpm`).
+    fn local(&mut self, key_id: u64, jti: &str, lim: &Limits, keep_until_s: i64, charge: Option<&Charge>) -> Admitted {
+        let verdict = limits::admit_entry(self.host, key_id, jti, lim, keep_until_s, self.now_ms / 1000, charge);
+        Admitted { verdict, holder: Some(Holder::Local { key_id, jti: jti.to_string() }) }
+    }
+
+    /// One entry in the fleet ledger (and a credential's `rpm` in this Envoy's shards).
+    fn fleet(&mut self, ledger: &Ledger, entry: &Entry, charge: Option<&Charge>) -> Admitted {
+        let now_s = self.now_ms / 1000;
+        let cost = charge.map_or(0, |c| c.cost);
+        match *entry {
+            Entry::Credential { key_id, jti, lim, keep_until_s } => {
+                let caps = Caps { spend: lim.spend, count: lim.total };
+                let rpm = Limits { rpm: lim.rpm, total: None, spend: None };
+                if caps.spend.is_none() && caps.count.is_none() {
+                    return self.local(key_id, jti, &rpm, keep_until_s, None);
+                }
+                let keep = u64::try_from(keep_until_s).unwrap_or(0);
+                let account = Account::credential(key_id, jti, caps, keep);
+                let want = Amounts { spend: if caps.spend.is_some() { cost } else { 0 }, count: u64::from(caps.count.is_some()) };
+                if want.is_zero() {
+                    // Nothing to count in the ledger (a free request on a spend-capped credential).
+                    let mut a = if rpm.rpm.is_some() { self.local(key_id, jti, &rpm, keep_until_s, None) } else { Admitted::admit() };
+                    if a.ok() && charge.is_some() && caps.spend.is_some() {
+                        a.verdict = Verdict::Reserved;
+                    }
+                    return a;
+                }
+                let direct = charge
+                    .and_then(|c| c.retry)
+                    .filter(|_| caps.spend.is_some())
+                    .map(|k| (super::ledger::retry_mark(&k), keep.min(now_s + crate::policy::limits::RETRY_WINDOW_S)));
+                let need = Need { account, want, direct, budget: false, ledger };
+                let ctx = self.lc.current;
+                let a = self.lc.ledger_admit(self.host, ctx, &need, self.now_ms);
+                if !a.ok() || rpm.rpm.is_none() {
+                    return a;
+                }
+                let r = self.local(key_id, jti, &rpm, keep_until_s, None);
+                if !r.ok() {
+                    if let Some(h) = &a.holder {
+                        self.lc.ledger_release(self.host, ledger, h);
+                    }
+                    return r;
+                }
+                a
+            }
+            Entry::Budget(i) => {
+                let Some(b) = ledger.budgets.get(i) else { return Admitted::admit() };
+                let want = Amounts { spend: if b.spend.is_some() { cost } else { 0 }, count: u64::from(b.requests.is_some()) };
+                if want.is_zero() {
+                    return Admitted::admit();
+                }
+                let (account, _) = Account::budget(b, now_s);
+                let need = Need { account, want, direct: None, budget: true, ledger };
+                let ctx = self.lc.current;
+                let a = self.lc.ledger_admit(self.host, ctx, &need, self.now_ms);
+                if a.ok() && want.spend > 0 {
+                    self.host.count(Family::BudgetSpend, &[&b.name], want.spend);
+                }
+                a
+            }
+        }
+    }
+
     fn lookup(&mut self, slot: usize) -> Lookup<Rc<Fetched>> {
         let t = self.lc.timing;
         let now = self.now_ms;
@@ -118,23 +193,35 @@ impl<H: Host> Secrets for SharedSecrets<'_, H> {
         self.lc.revocation_lookup(self.host, jti, sub, self.now_ms)
     }
 
-    /// Count the request (and reserve its charge) in its credential's shard entry, unless this
-    /// same request was counted there before it parked.
-    fn admit(&mut self, key_id: u64, jti: &str, lim: &Limits, keep_until_s: i64, charge: Option<&Charge>) -> Verdict {
-        let index = self.calls;
-        self.calls += 1;
-        if index < self.admitted {
-            return Verdict::Admit;
+    /// Count the request (and reserve its charge) in one entry, unless this same request was
+    /// counted there before it parked.
+    fn admit(&mut self, entry: &Entry, charge: Option<&Charge>) -> Admitted {
+        if let Some(a) = self.prior.get(self.made.len()).cloned() {
+            self.made.push(a.clone());
+            return a;
         }
-        let verdict = limits::admit_entry(self.host, key_id, jti, lim, keep_until_s, self.now_ms / 1000, charge);
-        if matches!(verdict, Verdict::Admit | Verdict::Reserved | Verdict::Retry) {
-            self.admitted = index + 1;
+        let a = match (self.lc.cfg.as_ref().and_then(|c| c.ledger.clone()), entry) {
+            (Some(ledger), _) => self.fleet(&ledger, entry, charge),
+            (None, Entry::Credential { key_id, jti, lim, keep_until_s }) => self.local(*key_id, jti, lim, *keep_until_s, charge),
+            (None, Entry::Budget(_)) => Admitted::admit(),
+        };
+        if a.ok() {
+            self.made.push(a.clone());
         }
-        verdict
+        a
     }
 
-    fn refund(&mut self, key_id: u64, jti: &str, charge: &Charge) {
-        limits::refund_entry(self.host, key_id, jti, charge);
+    fn release(&mut self, holder: &Holder, charge: &Charge) {
+        match holder {
+            Holder::Local { key_id, jti } => {
+                limits::refund_entry(self.host, *key_id, jti, charge);
+            }
+            Holder::Ledger { .. } => {
+                if let Some(ledger) = self.lc.cfg.as_ref().and_then(|c| c.ledger.clone()) {
+                    self.lc.ledger_release(self.host, &ledger, holder);
+                }
+            }
+        }
     }
 
     fn verified(&mut self) -> Option<&mut VerifiedCache> {
@@ -192,12 +279,12 @@ impl Lifecycle {
         if let Some(name) = req.endpoint.take() {
             return self.answer_endpoint(host, &name, now_ms);
         }
-        let admitted = parked.as_ref().map_or(0, |p| p.admitted);
+        let prior = parked.as_ref().map_or_else(Vec::new, |p| p.admitted.clone());
         let body_end = parked.as_ref().and_then(|p| p.body_end);
-        let (decision, admitted): (Decision, u8) = {
-            let mut secrets = SharedSecrets { lc: self, host, now_ms, admitted, calls: 0 };
+        let (decision, admitted): (Decision, Vec<Admitted>) = {
+            let mut secrets = SharedSecrets::resumed(self, host, now_ms, prior);
             let d = engine::decide(&cfg, &mut req, &mut secrets, (now_ms / 1000) as i64);
-            (d, secrets.admitted)
+            (d, secrets.made)
         };
         let mut audit = decision.audit;
         let reservation = decision.reservation;
@@ -223,6 +310,12 @@ impl Lifecycle {
                 }
                 Action::Pause
             }
+            Outcome::NeedLedger(account) => {
+                let timeout = cfg.ledger.as_ref().map_or(1000, |l| u64::from(l.timeout_ms));
+                let deadline_ms = parked.map_or(now_ms + timeout + PARK_GRACE_MS, |p| p.deadline_ms);
+                self.streams.insert(ctx, Stream::Parked(Parked { wait: Wait::Ledger(account), deadline_ms, audit, admitted, started_us, body_end }));
+                Action::Pause
+            }
             Outcome::Deny(d) => self.deny(host, ctx, &audit, &d, started_us),
             Outcome::Allow(ops) => {
                 if resumed && audit.cache == Some("hit") {
@@ -231,7 +324,7 @@ impl Lifecycle {
                 if apply(&ops, &req, host).is_err() {
                     // The request could not be rewritten safely: never forward it.
                     if let Some(r) = &reservation {
-                        limits::release(host, r);
+                        self.release_reservation(host, r);
                     }
                     let d = Denial::new(Code::SecretUnavailable, "the upstream credential could not be applied").retry_after(5);
                     audit.decision = d.code.as_str();
@@ -243,7 +336,16 @@ impl Lifecycle {
                     // is recorded now, so a request that never ends is in the access log too.
                     write_who(host, &audit);
                     let header_us = host.now_us().saturating_sub(started_us);
-                    let pricing = Box::new(Pricing { deferred, audit, generation: self.generation, header_us });
+                    let pricing = Box::new(Pricing {
+                        deferred,
+                        audit,
+                        generation: self.generation,
+                        header_us,
+                        waiting: None,
+                        body: None,
+                        admitted: Vec::new(),
+                        deadline_ms: 0,
+                    });
                     self.streams.insert(ctx, Stream::Pricing { pricing, served });
                     if let Some(size) = body_end {
                         // Its (empty) body ended while it was parked: price it now.
@@ -289,6 +391,7 @@ impl Lifecycle {
     pub(super) fn resume(&mut self, host: &mut impl Host, ctx: ContextId) {
         let Some(Stream::Parked(p)) = self.streams.remove(&ctx) else { return };
         if self.enter(host, ctx).is_err() {
+            self.abandon(host, &p.admitted);
             return; // the stream has gone
         }
         let _ = self.decide(host, ctx, Some(p));
@@ -301,17 +404,27 @@ impl Lifecycle {
         late.sort_unstable();
         for ctx in late {
             let Some(Stream::Parked(p)) = self.streams.remove(&ctx) else { continue };
+            self.abandon(host, &p.admitted);
             if self.enter(host, ctx).is_ok() {
-                let d = Denial::new(Code::SecretUnavailable, "the secret store did not answer in time").retry_after(5);
+                let why = match p.wait {
+                    Wait::Ledger(_) => "the spend ledger did not answer in time",
+                    _ => "the secret store did not answer in time",
+                };
+                let d = Denial::new(Code::SecretUnavailable, why).retry_after(5);
                 let audit = Audit { decision: d.code.as_str(), ..p.audit };
                 self.deny(host, ctx, &audit, &d, p.started_us);
             }
         }
     }
 
-    /// The stream of `ctx` ended. A fetch it started goes on: the root owns it.
-    pub(super) fn forget(&mut self, ctx: ContextId) {
-        self.streams.remove(&ctx);
+    /// The stream of `ctx` ended. A fetch it started goes on: the root owns it. What it was
+    /// counted in while it waited goes back.
+    pub(super) fn forget(&mut self, host: &mut impl Host, ctx: ContextId) {
+        match self.streams.remove(&ctx) {
+            Some(Stream::Parked(p)) => self.abandon(host, &p.admitted),
+            Some(Stream::Pricing { pricing, .. }) => self.abandon(host, &pricing.admitted),
+            _ => {}
+        }
     }
 
     /// What an allowed request of `ctx` was given.
@@ -496,7 +609,7 @@ fn write_who(host: &mut impl Host, a: &Audit) {
 /// `%FILTER_STATE(wasm.keyward.<field>:PLAIN)%`.
 pub(super) fn write_audit(host: &mut impl Host, a: &Audit) {
     let cost = a.cost.map(|c| c.to_string());
-    let fields: [(&'static str, Option<&str>); 11] = [
+    let fields: [(&'static str, Option<&str>); 12] = [
         ("keyward.subject", a.subject.as_deref()),
         ("keyward.target", a.target.as_deref()),
         ("keyward.jti", a.jti.as_deref()),
@@ -508,6 +621,7 @@ pub(super) fn write_audit(host: &mut impl Host, a: &Audit) {
         ("keyward.issued", a.issued.as_deref()),
         ("keyward.cost", cost.as_deref()),
         ("keyward.spend", a.spend),
+        ("keyward.budgets", a.budgets.as_deref()),
     ];
     for (key, value) in fields {
         if let Some(v) = value {

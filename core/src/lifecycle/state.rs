@@ -5,7 +5,7 @@
 use crate::config::Config;
 use crate::credential::jwt::HmacKey;
 use crate::credential::revocation::RevocationList;
-use crate::engine::{Deferred, Reservation};
+use crate::engine::{Admitted, Deferred, Reservation};
 use crate::host::{CallId, ContextId};
 use crate::record::Audit;
 use crate::secrets::slot_state::SlotState;
@@ -67,6 +67,8 @@ pub enum Purpose {
     Revocation,
     /// An `aws_iam` proof forwarded to STS for the issuance of this stream.
     Sts(ContextId),
+    /// A fleet-ledger call (the job's id).
+    Ledger(u64),
 }
 
 /// Where an issuance is.
@@ -107,6 +109,8 @@ pub enum Wait {
     Secret(usize),
     /// A revocation list this process trusts.
     Revocation,
+    /// The fleet ledger's answer about an account (the lifecycle's number for it).
+    Ledger(u64),
 }
 
 /// A request waiting.
@@ -115,9 +119,9 @@ pub struct Parked {
     pub wait: Wait,
     pub deadline_ms: u64,
     pub audit: Audit,
-    /// How many limit entries it was already counted in (its credential's, then its parent's):
-    /// deciding again must not count it twice.
-    pub admitted: u8,
+    /// The limit entries it was already counted in, in order (its credential's, its parent's,
+    /// budgets'): deciding again must not count it twice.
+    pub admitted: Vec<Admitted>,
     /// When its headers reached the filter (microseconds), for the added-latency histogram.
     pub started_us: u64,
     /// Its headers ended the stream (a request without a body): the body's end was announced
@@ -150,6 +154,13 @@ pub struct Pricing {
     pub generation: u64,
     /// Microseconds the filter spent on its headers (for the added-latency histogram).
     pub header_us: u64,
+    /// Its body's end came, and it waits for the fleet ledger (this account): the body, read once,
+    /// and the entries it was already counted in.
+    pub waiting: Option<u64>,
+    pub body: Option<crate::secret::Secret>,
+    pub admitted: Vec<Admitted>,
+    /// When its wait for the ledger ends in 503.
+    pub deadline_ms: u64,
 }
 
 /// One stream as the filter knows it, from its request headers until it ends: exactly one of
@@ -178,6 +189,80 @@ impl Stream {
             Stream::Answered => "answered",
         }
     }
+}
+
+/// This worker's part in the fleet ledger: the accounts it asked for, its calls, and the outcomes
+/// of direct charges waiting for their stream to decide again.
+#[derive(Default)]
+pub struct LedgerState {
+    /// This Envoy's id in the ledger (shared data: one per process).
+    pub(super) gateway: Option<String>,
+    /// This worker's number (it holds a slice's job under it).
+    pub(super) worker: Option<u64>,
+    pub(super) accounts: std::collections::BTreeMap<u64, AccountLocal>,
+    pub(super) ids: HashMap<String, u64>,
+    pub(super) next_id: u64,
+    pub(super) jobs: std::collections::BTreeMap<u64, Job>,
+    pub(super) next_job: u64,
+    pub(super) results: HashMap<(ContextId, u64), Admitted>,
+}
+
+/// An account this worker asked for.
+pub struct AccountLocal {
+    pub(super) account: crate::ledger::Account,
+    /// Another worker is calling the ledger for it: the tick watches the shared slice.
+    pub(super) following: bool,
+    /// What the ledger last said is left (sizes the next grant).
+    pub(super) left: Option<crate::ledger::Amounts>,
+    /// Other gateways' old end marks seen in the item, removed by the next grant.
+    pub(super) prune: Vec<String>,
+}
+
+/// A call to the ledger, queued for the root or in flight.
+pub struct Job {
+    pub(super) account: u64,
+    pub(super) kind: JobKind,
+    pub(super) call: Option<CallId>,
+    pub(super) deadline_ms: u64,
+}
+
+#[derive(Clone)]
+pub enum JobKind {
+    /// A first lease or a top-up for this gateway's slice (`resolved` once the call is made: the
+    /// lease as it will be if the ledger makes it).
+    Grant { want: crate::ledger::Amounts, resolved: Option<crate::ledger::dynamo::Lease> },
+    /// The item as it is, to tell why a conditional change failed.
+    Read { then: ReadFor },
+    /// A direct charge of one stream's request.
+    Direct { ctx: ContextId, amounts: crate::ledger::Amounts, mark: String, until_s: u64 },
+    /// Give back what a lease did not use (`old`: its id and sequence as the slice knew them;
+    /// `credit`: the slice's credit `back` includes).
+    Return { old: (u64, u64), back: crate::ledger::Amounts, credit: crate::ledger::Amounts },
+    /// Release a direct charge the vendor refunded (or that was refused after all).
+    Refund { amounts: crate::ledger::Amounts, mark: String, tries: u8 },
+}
+
+#[derive(Clone)]
+pub enum ReadFor {
+    Grant {
+        want: crate::ledger::Amounts,
+        lease: crate::ledger::dynamo::Lease,
+    },
+    Direct {
+        ctx: ContextId,
+        amounts: crate::ledger::Amounts,
+        mark: String,
+    },
+    /// A return was refused: the lease changed since (a top-up made whose answer was lost).
+    Return {
+        old: u64,
+        credit: crate::ledger::Amounts,
+    },
+    /// A grant asked for whose answer was lost: was it made?
+    Settle {
+        id: u64,
+        seq: u64,
+    },
 }
 
 /// A slot's shared record as last decoded by this worker, keyed by the shared-data CAS.

@@ -94,6 +94,17 @@ pub enum Verdict {
     },
     /// The shard has no room for another live credential: refused, never admitted uncounted.
     Full,
+    /// A budget that covers the request has no room for it (`spend`: for its cost; otherwise
+    /// for one more request); room may come back in `retry_after_s` (the window's end, or a
+    /// gateway giving back what it did not use).
+    BudgetExhausted {
+        retry_after_s: u32,
+        spend: bool,
+    },
+    /// The fleet ledger must be asked first (the account, as the lifecycle numbers it).
+    Pending(u64),
+    /// The fleet ledger is unreachable, throttling or answering garbage: refused (503).
+    Unavailable,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -109,6 +109,34 @@ pub fn limit_shard(entry: &str) -> String {
     format!("{PREFIX}/limits/{:02}", crate::wire::fnv1a(entry.bytes()) % u64::from(SHARDS))
 }
 
+/// A fleet ledger's identity as Keyward reaches it: its cluster, authority and table, and the
+/// configuration's key scope (another module sharing the VM cannot predict the names).
+fn ledger_identity(l: &crate::ledger::Ledger) -> String {
+    let mut out = String::new();
+    part(&mut out, "dynamodb");
+    part(&mut out, &l.cluster);
+    part(&mut out, &l.authority);
+    part(&mut out, &l.table);
+    part(&mut out, &l.scope);
+    out
+}
+
+/// This gateway's slice of a ledger account (`ledger::slice::Slice`).
+pub fn ledger_slice(l: &crate::ledger::Ledger, pk: &str) -> String {
+    format!("{PREFIX}/ledger-slice/{}{pk}", ledger_identity(l))
+}
+
+/// The accounts this gateway holds a lease in, for the drain.
+pub fn ledger_leases(l: &crate::ledger::Ledger) -> String {
+    format!("{PREFIX}/ledger-leases/{}", ledger_identity(l))
+}
+
+/// This Envoy's id in every ledger (one per process, shared by its workers).
+pub const GATEWAY_ID: &str = "keyward/v3/gateway-id";
+
+/// A counter that gives each worker's lifecycle its own number for ledger jobs.
+pub const LEDGER_WORKERS: &str = "keyward/v3/ledger-workers";
+
 /// The registry that hands each worker's root context its own wake-up queue name.
 pub const WORKER_SEQUENCE: &str = "keyward/v3/worker-sequence";
 
@@ -158,6 +186,22 @@ mod tests {
     fn length_prefixes_keep_identities_apart() {
         // "a/" + "b" and "a" + "/b" would concatenate alike without the lengths.
         assert_ne!(secret(&vault("a/", "b", None, "t"), "p"), secret(&vault("a", "/b", None, "t"), "p"));
+    }
+
+    #[test]
+    fn ledger_slices_are_named_by_the_configurations_keys() {
+        let l = |scope: &str| crate::ledger::Ledger {
+            cluster: "ledger".into(),
+            authority: "dynamodb.us-east-1.amazonaws.com".into(),
+            table: "t".into(),
+            timeout_ms: 1000,
+            lease_s: 60,
+            budgets: vec![],
+            scope: scope.into(),
+        };
+        assert_ne!(ledger_slice(&l("k1"), "c/1/j"), ledger_slice(&l("k2"), "c/1/j"));
+        assert_ne!(ledger_leases(&l("k1")), ledger_leases(&l("k2")));
+        assert_eq!(ledger_slice(&l("k1"), "c/1/j"), ledger_slice(&l("k1"), "c/1/j"));
     }
 
     #[test]

@@ -153,21 +153,6 @@ fn a_free_request_whose_body_names_a_priced_method_is_priced() {
     assert_eq!(replies(&host.take()), vec![(13, 403, "forbidden".into())]);
 }
 
-/// A tiny deterministic generator (xorshift64*), so a failing interleaving can be replayed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 #[test]
 fn a_parent_and_its_children_never_exceed_the_parents_limits_in_any_interleaving() {
     let json = format!(

@@ -2,12 +2,15 @@
 //! state it starts from, the event, and the effects and next state it expects.
 
 mod cache;
+mod fleet;
 mod framing;
 mod issue;
 mod keys;
+mod ledger;
 mod revocation;
 mod session;
 mod spend;
+mod table;
 
 use super::*;
 use crate::config::compile;
@@ -127,4 +130,19 @@ pub(super) fn cold_fetch(lc: &mut Lifecycle, host: &mut MemHost, ctx: ContextId)
     let call = only_call(&effects);
     assert!(effects.contains(&Effect::Dispatch { call, cluster: "vault".into(), path: "/v1/secret/data/stripe".into(), from: ROOT }), "{effects:?}");
     call
+}
+
+/// A tiny deterministic generator (xorshift64*), so a failing interleaving can be replayed.
+pub(super) struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
 }
