@@ -96,7 +96,14 @@ lint: .wasm-target
 	cargo clippy --locked --workspace --all-targets -- -D warnings
 	cargo clippy --locked --target wasm32-wasip1 -p keyward-filter -- -D warnings
 
-integration: build dist/test/keyward-panic.wasm $(STAMP) $(PROMTOOL)
+# dynalite (npm, pinned in tools/dynalite): DynamoDB with real conditional writes, for the
+# fleet-ledger tests.
+DYNALITE := tools/dynalite/node_modules/.bin/dynalite
+$(DYNALITE): tools/dynalite/package-lock.json
+	cd tools/dynalite && npm ci --silent --no-audit --no-fund
+	@touch $@
+
+integration: build dist/test/keyward-panic.wasm $(STAMP) $(PROMTOOL) $(DYNALITE)
 	$(VENV)/bin/python -m pytest integration -q -p no:cacheprovider
 
 test: build $(STAMP) unit lint integration fuzz-smoke
@@ -107,7 +114,7 @@ ABLATIONS := audit scrub metrics all onekey
 
 # Keyward against bare Envoy, a no-op wasm filter and Envoy's native filters, in one run (about
 # 20 minutes; BENCH_RATE, BENCH_SECONDS, BENCH_ROUNDS tune it). Writes bench/results/latest.json.
-bench: build $(STAMP) dist/bench/noop.wasm $(foreach a,$(ABLATIONS),dist/bench/ablate-$(a).wasm)
+bench: build $(STAMP) $(DYNALITE) dist/bench/noop.wasm $(foreach a,$(ABLATIONS),dist/bench/ablate-$(a).wasm)
 	cargo build --release --locked -p keyward-loadgen
 	$(VENV)/bin/python bench/run.py
 
@@ -137,7 +144,7 @@ dist/bench/noop.wasm: .wasm-target bench/noop/src/lib.rs bench/noop/Cargo.toml
 	cp target/wasm32-wasip1/release/keyward_bench_noop.wasm $@
 
 clean:
-	rm -rf dist target $(VENV) .wasm-target .run .tools .fuzz fuzz/target tools/binaryen/node_modules examples/node/node_modules
+	rm -rf dist target $(VENV) .wasm-target .run .tools .fuzz fuzz/target tools/binaryen/node_modules tools/dynalite/node_modules examples/node/node_modules
 
 # --- fuzz ------------------------------------------------------------------------------------
 # cargo-fuzz (libFuzzer) on the token, rules and config parsers. It needs nightly compiler flags;

@@ -6,7 +6,7 @@ HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_mana
 
 GARBAGE_CASES = ["crlf", "lf", "number", "object", "big", "missing", "empty"]
 
-FILTER_STATE_KEYS = ["subject", "target", "jti", "run", "decision", "cache", "idempotency_key", "secret_version", "issued", "cost", "spend"]
+FILTER_STATE_KEYS = ["subject", "target", "jti", "run", "decision", "cache", "idempotency_key", "secret_version", "issued", "cost", "spend", "budgets"]
 
 
 def filter_config(bao_cluster="vault", timeout_ms=1500) -> dict:

@@ -374,12 +374,21 @@ class Envoy:
              "--log-level", os.environ.get("KEYWARD_IT_ENVOY_LOG", "info"), "--base-id", str(free_port())],
             stdout=self.log, stderr=subprocess.STDOUT, env=full_env, cwd=ROOT, start_new_session=True)
         SPAWNED.append(self.proc)
-        wait_until(self.ready, timeout=60, what="Envoy ready")
+        deadline = time.time() + 60
+        while not self.ready():
+            if time.time() > deadline:
+                raise TimeoutError(f"Envoy not ready in 60 s: {self.log_path.read_text()[-3000:]}")
+            time.sleep(0.05)
 
     def ready(self):
+        """`False` until Envoy is ready; an Envoy that exited raises at once (a refused
+        configuration is reported, not waited for)."""
         if self.proc.poll() is not None:
             raise RuntimeError(f"Envoy exited: {self.log_path.read_text()[-3000:]}")
-        return requests.get(f"http://127.0.0.1:{self.admin}/ready", timeout=1).status_code == 200
+        try:
+            return requests.get(f"http://127.0.0.1:{self.admin}/ready", timeout=1).status_code == 200
+        except requests.RequestException:
+            return False
 
     def stats(self) -> dict:
         flush_wait()
