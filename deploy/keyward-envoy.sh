@@ -5,14 +5,19 @@
 #   1. asks Envoy to drain (POST /drain_listeners?graceful on the admin port): it keeps serving
 #      what is in flight, closes idle and finished connections (HTTP/1.1 `connection: close`,
 #      HTTP/2 GOAWAY) and, after --drain-time-s, stops accepting;
-#   2. waits up to DRAIN_S seconds (default 30) for in-flight requests, then stops Envoy.
+#   2. waits up to DRAIN_S seconds (default 30) for in-flight requests;
+#   3. asks the filter (POST /keyward/drain on LEDGER_DRAIN, default 127.0.0.1:10000) to give the
+#      fleet ledger back what this gateway's slices did not use, until it holds none (at most
+#      5 s; a gateway without a ledger answers at once), then stops Envoy.
 # The orchestrator's own limit must be longer: ECS stopTimeout, Kubernetes
 # terminationGracePeriodSeconds (both 45 in the shipped manifests).
-# Arguments are Envoy's. ADMIN (default 127.0.0.1:9901) is the admin address.
+# Arguments are Envoy's. ADMIN (default 127.0.0.1:9901) is the admin address; LEDGER_DRAIN the
+# listener with the /keyward/drain route (empty: skip step 3).
 set -u
 DRAIN_S="${DRAIN_S:-30}"
 ADMIN="${ADMIN:-127.0.0.1:9901}"
 ENVOY="${ENVOY:-envoy}"
+LEDGER_DRAIN="${LEDGER_DRAIN-127.0.0.1:10000}"
 
 "$ENVOY" --drain-time-s "$DRAIN_S" --drain-strategy immediate "$@" &
 pid=$!
@@ -36,9 +41,31 @@ drain() {
     [ "$active" = "0" ] && break
     sleep 0.5
   done
+  give_back
   kill -TERM "$pid" 2>/dev/null
   wait "$pid"
   exit 0
+}
+
+# The fleet ledger's slices go back (`{"returning":n,"held":m}`): asked again until none is held.
+give_back() {
+  [ -n "$LEDGER_DRAIN" ] || return 0
+  local host="${LEDGER_DRAIN%:*}" port="${LEDGER_DRAIN##*:}" body i
+  for i in $(seq 1 25); do
+    # (`exec` with `2>/dev/null` would silence the script for good: the group scopes it.)
+    { exec 5<>"/dev/tcp/$host/$port"; } 2>/dev/null || { echo "keyward-envoy: $LEDGER_DRAIN refused the drain call" >&2; return 0; }
+    printf 'POST /keyward/drain HTTP/1.1\r\nHost: %s\r\nContent-Length: 0\r\nConnection: close\r\n\r\n' "$LEDGER_DRAIN" >&5
+    body="$(cat <&5)"
+    exec 5<&-
+    case "$body" in
+      *'"held":0'*) echo "keyward-envoy: the ledger slices are given back" >&2; return 0 ;;
+      *'"held":'*) sleep 0.2 ;;
+      *) # no drain route (or the filter did not run): nothing to give back
+        echo "keyward-envoy: the drain route answered ${body%%$'\r'*}; nothing given back" >&2
+        return 0 ;;
+    esac
+  done
+  echo "keyward-envoy: some ledger slices are still held; they stay counted as spent" >&2
 }
 
 admin_get_active() {

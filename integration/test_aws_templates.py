@@ -113,3 +113,53 @@ def test_the_ecs_health_check_command_works_against_real_envoy(gw, source):
     # Envoy at all fails the check.
     dead = subprocess.run(["sh", "-c", cmd[1].replace("/10000", f"/{harness.free_port()}")], timeout=10, capture_output=True)
     assert dead.returncode != 0
+
+
+def ledger_of(name):
+    return filter_config(envoy_doc(name))[0]["ledger"]
+
+
+@pytest.mark.parametrize("name", ["keyward-gateway.yaml", "keyward-ledger.yaml"])
+def test_the_ledger_table_is_on_demand_expires_old_accounts_and_is_granted_two_calls_only(name):
+    t = template(AWS / name)
+    res = t["Resources"]
+    table = res["LedgerTable"]
+    p = table["Properties"]
+    # The table the shipped configs name, keyed as the filter writes it, with TTL on what it writes.
+    assert t["Parameters"]["LedgerTableName"]["Default"] == ledger_of("egress-gateway.yaml")["table"] == ledger_of("api-gateway.yaml")["table"]
+    assert p["TableName"] == {"Ref": "LedgerTableName"}
+    assert p["BillingMode"] == "PAY_PER_REQUEST" and "ProvisionedThroughput" not in p
+    assert p["KeySchema"] == [{"AttributeName": "pk", "KeyType": "HASH"}]
+    assert p["AttributeDefinitions"] == [{"AttributeName": "pk", "AttributeType": "S"}]
+    assert p["TimeToLiveSpecification"] == {"AttributeName": "ttl", "Enabled": True}
+    assert table["DeletionPolicy"] == "Retain", "a spend ledger outlives a stack"
+    # Least privilege: exactly UpdateItem and GetItem, on that table only, in every policy that
+    # mentions DynamoDB.
+    grants = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            if "Action" in node and "Resource" in node:
+                actions = node["Action"] if isinstance(node["Action"], list) else [node["Action"]]
+                if any(str(a).startswith("dynamodb:") for a in actions):
+                    grants.append((sorted(actions), node["Resource"]))
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+    walk(res)
+    assert grants == [(["dynamodb:GetItem", "dynamodb:UpdateItem"], {"Fn::GetAtt": ["LedgerTable", "Arn"]})], grants
+
+
+def test_pod_identity_gets_the_ledger_policy_for_the_gateway_service_account():
+    t = template(AWS / "keyward-ledger.yaml")
+    res = t["Resources"]
+    assoc = res["PodIdentity"]["Properties"]
+    assert assoc["RoleArn"] == {"Fn::GetAtt": ["GatewayRole", "Arn"]}
+    k8s = list(yaml.safe_load_all((ROOT / "deploy" / "k8s" / "gateway.yaml").read_text()))
+    sa = next(d for d in k8s if d and d["kind"] == "ServiceAccount")
+    assert (t["Parameters"]["Namespace"]["Default"], t["Parameters"]["ServiceAccount"]["Default"]) == (sa["metadata"]["namespace"], sa["metadata"]["name"])
+    trust = res["GatewayRole"]["Properties"]["AssumeRolePolicyDocument"]["Statement"][0]
+    assert trust["Principal"] == {"Service": "pods.eks.amazonaws.com"} and sorted(trust["Action"]) == ["sts:AssumeRole", "sts:TagSession"]
+    assert res["GatewayRole"]["Properties"]["ManagedPolicyArns"] == [{"Ref": "LedgerPolicy"}]

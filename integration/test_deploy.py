@@ -75,6 +75,10 @@ def test_iam_policies_grant_least_privilege():
                           for h in f["typed_config"].get("http_filters", []) if h["name"] == "keyward"))
     aws_paths = {t["secret"]["path"] for t in cfg["targets"].values() if cfg["stores"][t["secret"]["store"]]["type"] == "aws_secrets_manager"}
     assert {r.split(":secret:")[1].removesuffix("-??????") for r in reads} == aws_paths
+    # The fleet ledger: the two item calls the filter makes, on the table its configuration names.
+    ledger = [st for st in task["Statement"] if any(a.startswith("dynamodb:") for a in st["Action"])]
+    assert [(sorted(st["Action"]), st["Resource"]) for st in ledger] == [
+        (["dynamodb:GetItem", "dynamodb:UpdateItem"], f"arn:aws:dynamodb:us-east-1:123456789012:table/{cfg['ledger']['table']}")]
 
 
 def k8s_docs(name):

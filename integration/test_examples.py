@@ -105,10 +105,12 @@ def test_report_says_who_called_what(local_gateway):
     s = harness.wait_until(summary, timeout=15, what="the access log lines")
     assert s["skipped"] == 0, "make run's access log holds nothing but access log lines"
     # Envoy's own log interleaved (a `2>&1` of func-e's output): its lines are skipped, not errors.
-    mixed = ROOT / ".run" / "mixed.log"
-    mixed.write_text((ROOT / ".run" / "envoy.log").read_text(errors="replace") + log.read_text())
-    out = json.loads(harness.cli("report", str(mixed), "--json").stdout)
-    assert out["skipped"] > 0 and out["callers"] == s["callers"]
+    access = log.read_text()
+    alone, mixed = ROOT / ".run" / "alone.log", ROOT / ".run" / "mixed.log"
+    alone.write_text(access)
+    mixed.write_text((ROOT / ".run" / "envoy.log").read_text(errors="replace") + access)
+    a, m = (json.loads(harness.cli("report", str(p), "--json").stdout) for p in (alone, mixed))
+    assert m["skipped"] > 0 and m["callers"] == a["callers"]
     assert {"decision": "forbidden", "count": 1} in s["top_denials"]
     assert s["latency_ms"]["p50"] is not None
     text = harness.cli("report", str(log)).stdout

@@ -95,6 +95,7 @@ if [ "$WITH_ENVOY" = 1 ]; then
   echo "starting Envoy $("$VENV/bin/envoy" --version 2>/dev/null | grep -o '1\.[0-9]*\.[0-9]*' | head -1) with keyward on 127.0.0.1:10000 ..."
   # Envoy's own log to envoy.log; its stdout is the access log (one JSON line per request),
   # flushed every 200 ms so that `keyward report` sees requests made a moment ago.
+  : > "$RUN/envoy.log" # Envoy's --log-path appends: each run starts a new log
   "$VENV/bin/envoy" -c envoy/local.yaml --concurrency 2 --log-level warn --component-log-level wasm:info \
     --log-path "$RUN/envoy.log" --file-flush-interval-msec 200 > "$RUN/access.log" 2>> "$RUN/envoy.log" &
   pids+=($!)

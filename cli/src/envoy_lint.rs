@@ -92,6 +92,7 @@ pub fn lint(doc: &Value, no_env: bool) -> Report {
     let listeners = doc.get("static_resources").map(|s| arr(s, "listeners")).unwrap_or_default();
     let mut used: Vec<(String, String)> = Vec::new();
     let mut vm_ids: Vec<(String, String)> = Vec::new();
+    let mut ledgers: Vec<String> = Vec::new();
     for l in &listeners {
         let lname = s(l, &["name"]).unwrap_or("?").to_string();
         for chain in arr(l, "filter_chains") {
@@ -103,6 +104,8 @@ pub fn lint(doc: &Value, no_env: bool) -> Report {
                 let at = format!("listener {lname}");
                 if let Some(h) = lint_hcm(&mut r, &at, tc, no_env) {
                     used.extend(h.store_clusters.into_iter().map(|c| (c, "a secret store".to_string())));
+                    ledgers.extend(h.ledger_cluster.clone());
+                    used.extend(h.ledger_cluster.into_iter().map(|c| (c, "the fleet ledger".to_string())));
                     used.extend(h.route_clusters.into_iter().map(|c| (c, "a keyward route".to_string())));
                     vm_ids.extend(h.vm_id.map(|v| (v, h.code)));
                 }
@@ -145,8 +148,53 @@ pub fn lint(doc: &Value, no_env: bool) -> Report {
             lint_upstream_tls(&mut r, c, why);
         }
     }
+    for name in &ledgers {
+        match clusters.iter().find(|c| s(c, &["name"]) == Some(name.as_str())) {
+            None => r.problems.push(format!("the ledger's cluster {name} is not defined (static_resources.clusters)")),
+            Some(c) if !signs_dynamodb(c, &listeners) => r.problems.push(format!(
+                "cluster {name} (the fleet ledger) does not sign its requests: add envoy.filters.http.aws_request_signing (service_name: dynamodb) as an upstream HTTP filter in its typed_extension_protocol_options, or point it at a loopback listener that signs; the filter holds no AWS credentials"
+            )),
+            Some(_) => {}
+        }
+    }
     r.notes.push("run Envoy at log level info or below: debug and trace print request headers (credentials and injected keys)".into());
     r
+}
+
+/// Is this an `aws_request_signing` filter for DynamoDB?
+fn dynamodb_signer(f: &Value) -> bool {
+    s(f, &["typed_config", "@type"]).is_some_and(|t| t.ends_with("AwsRequestSigning")) && s(f, &["typed_config", "service_name"]) == Some("dynamodb")
+}
+
+/// Does `cluster` sign what it sends to DynamoDB: with an upstream HTTP filter, or through a
+/// loopback listener whose connection manager signs?
+fn signs_dynamodb(cluster: &Value, listeners: &[Value]) -> bool {
+    let upstream = cluster
+        .get("typed_extension_protocol_options")
+        .and_then(|o| o.get("envoy.extensions.upstreams.http.v3.HttpProtocolOptions"))
+        .is_some_and(|o| arr(o, "http_filters").iter().any(dynamodb_signer));
+    if upstream {
+        return true;
+    }
+    let ports: Vec<u64> = cluster
+        .get("load_assignment")
+        .map(|la| arr(la, "endpoints"))
+        .unwrap_or_default()
+        .iter()
+        .flat_map(|ep| arr(ep, "lb_endpoints"))
+        .filter(|lb| s(lb, &["endpoint", "address", "socket_address", "address"]).is_some_and(is_loopback))
+        .filter_map(|lb| {
+            lb.get("endpoint").and_then(|e| e.get("address")).and_then(|a| a.get("socket_address")).and_then(|a| a.get("port_value")).and_then(Value::as_u64)
+        })
+        .collect();
+    listeners.iter().any(|l| {
+        let port = l.get("address").and_then(|a| a.get("socket_address")).and_then(|a| a.get("port_value")).and_then(Value::as_u64);
+        port.is_some_and(|p| ports.contains(&p))
+            && arr(l, "filter_chains")
+                .iter()
+                .flat_map(|c| arr(c, "filters"))
+                .any(|f| f.get("typed_config").is_some_and(|tc| arr(tc, "http_filters").iter().any(dynamodb_signer)))
+    })
 }
 
 /// Does this access log print the request path with its query as the router sends it upstream
@@ -184,6 +232,8 @@ fn collect_strings(v: &Value, out: &mut Vec<String>) {
 /// What one keyward connection manager uses, for the bootstrap-wide checks.
 struct HcmUse {
     store_clusters: Vec<String>,
+    /// The fleet ledger's cluster, if the configuration has a ledger.
+    ledger_cluster: Option<String>,
     route_clusters: Vec<String>,
     vm_id: Option<String>,
     code: String,
@@ -346,10 +396,10 @@ fn lint_hcm(r: &mut Report, at: &str, hcm: &Value, no_env: bool) -> Option<HcmUs
             if let Some(ep) = s(meta, &["endpoint"]) {
                 let answers_503 = route.get("direct_response").and_then(|d| d.get("status")).and_then(Value::as_u64).is_some_and(|st| st >= 500);
                 match ep {
-                    "health" | "issue" if !answers_503 => r.problems.push(format!(
+                    "health" | "issue" | "drain" if !answers_503 => r.problems.push(format!(
                         "{rat}: a keyward {ep} endpoint needs `direct_response: {{status: 503}}`, so that it fails (and never goes upstream) when the filter does not run"
                     )),
-                    "health" => {}
+                    "health" | "drain" => {}
                     "issue" => {
                         if !buffered(&filters, &route) {
                             r.problems.push(format!(
@@ -403,7 +453,8 @@ fn lint_hcm(r: &mut Report, at: &str, hcm: &Value, no_env: bool) -> Option<HcmUs
             }
         }
     }
-    Some(HcmUse { store_clusters, route_clusters, vm_id: Some(vm_id), code })
+    let ledger_cluster = cfg.as_ref().and_then(|c| c.ledger.as_ref()).map(|l| l.cluster.clone());
+    Some(HcmUse { store_clusters, ledger_cluster, route_clusters, vm_id: Some(vm_id), code })
 }
 
 /// Is Envoy's buffer filter after keyward and enabled on `route`? Envoy gives a wasm filter a
@@ -540,6 +591,28 @@ mod tests {
             let r = lint(&doc(&LOCAL.replacen(from, to, 1)), true);
             assert!(r.problems.iter().any(|p| p.contains(want)), "{to}: want {want:?} in {:?}", r.problems);
         }
+        // A fleet ledger whose cluster does not sign its requests (the filter holds no AWS
+        // credentials: Envoy must sign), then one that does.
+        let with_ledger = LOCAL.replacen(
+            "\"audience\": \"keyward\",",
+            "\"audience\": \"keyward\", \"ledger\": {\"type\": \"dynamodb\", \"cluster\": \"ledger\", \"authority\": \"dynamodb.us-east-1.amazonaws.com\", \"table\": \"keyward-ledger\"},",
+            1,
+        );
+        let unsigned = with_ledger.replacen(
+            "  clusters:\n",
+            "  clusters:\n  - name: ledger\n    connect_timeout: 1s\n    type: STATIC\n    load_assignment:\n      cluster_name: ledger\n      endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: 8000}}}}]}]\n",
+            1,
+        );
+        let r = lint(&doc(&unsigned), true);
+        assert!(r.problems.iter().any(|p| p.contains("ledger") && p.contains("does not sign")), "{:?}", r.problems);
+        let signed = unsigned.replacen(
+            "      endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: 8000}}}}]}]\n",
+            "      endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: 8000}}}}]}]\n    typed_extension_protocol_options:\n      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:\n        \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\n        explicit_http_config: {http_protocol_options: {}}\n        http_filters:\n        - name: envoy.filters.http.aws_request_signing\n          typed_config: {\"@type\": type.googleapis.com/envoy.extensions.filters.http.aws_request_signing.v3.AwsRequestSigning, service_name: dynamodb, region: us-east-1}\n        - name: envoy.filters.http.upstream_codec\n          typed_config: {\"@type\": type.googleapis.com/envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec}\n",
+            1,
+        );
+        let r = lint(&doc(&signed), true);
+        assert!(!r.problems.iter().any(|p| p.contains("ledger")), "{:?}", r.problems);
+        assert!(lint(&doc(&with_ledger), true).problems.iter().any(|p| p.contains("is not defined")));
         // The path as the workload sent it is safe to print: the filter sets x-envoy-original-path
         // when it injects a query key, and Envoy's default format prints that.
         for (from, to) in [

@@ -71,9 +71,10 @@ const COMMANDS: &[(&str, &str)] = &[
     ),
     (
         "report",
-        "keyward report ACCESS_LOG|- [--json] [--top N]
-    Summarise a JSON access log: calls and denials per subject and target, the top denial
-    reasons, latency percentiles. Lines that are not JSON are skipped.",
+        "keyward report ACCESS_LOG|- [ACCESS_LOG...] [--json] [--top N]
+    Summarise JSON access logs: calls and denials per subject and target, the top denial
+    reasons, latency percentiles, spend per credential and per fleet-ledger budget. Give every
+    gateway's log for the fleet's figures. Lines that are not JSON are skipped.",
     ),
     (
         "token",

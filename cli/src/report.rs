@@ -1,10 +1,11 @@
-//! `keyward report ACCESS_LOG`: who called what, from Envoy's JSON access log, without a dashboard.
+//! `keyward report ACCESS_LOG...`: who called what, from Envoy's JSON access log, without a
+//! dashboard. Given every gateway's log, the figures are the fleet's.
 //!
 //! Reads one JSON object per line (lines that are not JSON, such as Envoy's own log interleaved on
 //! stdout, are skipped and counted). Uses the contract's keys: `subject`, `target`, `decision`,
-//! `cache`, `status`, and `duration_ms` (or `duration`) for latency; `run`, `cost` and `spend`
-//! for what priced requests spent. A missing value, `null`, `""`
-//! or Envoy's `-` all mean "not set".
+//! `cache`, `status`, and `duration_ms` (or `duration`) for latency; `run`, `jti`, `cost`,
+//! `spend` and `budgets` for what priced requests spent, per credential and per fleet-ledger
+//! budget. A missing value, `null`, `""` or Envoy's `-` all mean "not set".
 
 use crate::args::{Args, Fail};
 use serde_json::{json, Map, Value};
@@ -48,6 +49,10 @@ pub struct Report {
     pub issued: BTreeMap<String, u64>,
     /// What priced requests spent, per (subject, run, target), in the target's cost unit.
     pub spend: BTreeMap<(String, String, String), Spent>,
+    /// The same per credential (subject, jti): what its caps count.
+    pub credentials: BTreeMap<(String, String), Spent>,
+    /// The same per fleet-ledger budget.
+    pub budgets: BTreeMap<String, Spent>,
 }
 
 /// The costs of admitted priced requests.
@@ -65,6 +70,22 @@ pub struct Spent {
 impl Spent {
     pub fn net(&self) -> u64 {
         self.charged.saturating_sub(self.refunded)
+    }
+
+    fn add(&mut self, cost: u64, spend: Option<&str>) {
+        self.requests += 1;
+        match spend {
+            Some("retry") => self.retries += 1,
+            Some("refunded") => {
+                self.charged += cost;
+                self.refunded += cost;
+            }
+            _ => self.charged += cost,
+        }
+    }
+
+    fn json(&self) -> Value {
+        json!({"requests": self.requests, "charged": self.charged, "refunded": self.refunded, "net": self.net(), "retries": self.retries})
     }
 }
 
@@ -127,16 +148,13 @@ impl Report {
         self.by_caller.entry((subject.clone(), target.clone())).or_default().add(allowed, latency);
         if let (true, Some(cost)) = (allowed, number(&v, &["cost"]).filter(|c| *c >= 0.0)) {
             let cost = cost as u64;
+            let spend = text(&v, "spend");
             let key = (subject.clone(), text(&v, "run").unwrap_or_else(|| "-".into()), target.clone());
-            let e = self.spend.entry(key).or_default();
-            e.requests += 1;
-            match text(&v, "spend").as_deref() {
-                Some("retry") => e.retries += 1,
-                Some("refunded") => {
-                    e.charged += cost;
-                    e.refunded += cost;
-                }
-                _ => e.charged += cost,
+            self.spend.entry(key).or_default().add(cost, spend.as_deref());
+            let jti = text(&v, "jti").unwrap_or_else(|| "-".into());
+            self.credentials.entry((subject.clone(), jti)).or_default().add(cost, spend.as_deref());
+            for b in text(&v, "budgets").iter().flat_map(|b| b.split(',')).filter(|b| !b.is_empty()) {
+                self.budgets.entry(b.to_string()).or_default().add(cost, spend.as_deref());
             }
         }
         self.by_target.entry(target).or_default().add(allowed, latency);
@@ -148,12 +166,12 @@ impl Report {
         }
     }
 
-    pub fn read(r: impl Read) -> std::io::Result<Report> {
-        let mut rep = Report::default();
+    /// Add another log (another gateway's) to this report.
+    pub fn read_into(&mut self, r: impl Read) -> std::io::Result<()> {
         for line in BufReader::new(r).split(b'\n') {
-            rep.add_line(&String::from_utf8_lossy(&line?));
+            self.add_line(&String::from_utf8_lossy(&line?));
         }
-        Ok(rep)
+        Ok(())
     }
 
     fn top_denials(&self, n: usize) -> Vec<(&str, u64)> {
@@ -189,6 +207,13 @@ impl Report {
             "issued": self.issued,
             "spend": self.spend.iter().map(|((s, r, t), e)| json!({"subject": s, "run": r, "target": t, "requests": e.requests,
                 "charged": e.charged, "refunded": e.refunded, "net": e.net(), "retries": e.retries})).collect::<Vec<_>>(),
+            "credentials": self.credentials.iter().map(|((s, j), e)| {
+                let mut o = e.json();
+                o["subject"] = json!(s);
+                o["jti"] = json!(j);
+                o
+            }).collect::<Vec<_>>(),
+            "budgets": self.budgets.iter().map(|(b, e)| (b.clone(), e.json())).collect::<Map<String, Value>>(),
         })
     }
 
@@ -247,6 +272,23 @@ impl Report {
                 ));
             }
         }
+        if !self.credentials.is_empty() {
+            o.push_str("\nspend per credential (what its caps count; every gateway's log gives the fleet's)\n");
+            let ws = self.credentials.keys().map(|(s, _)| s.len()).max().unwrap_or(7).max(7);
+            let wj = self.credentials.keys().map(|(_, j)| j.len()).max().unwrap_or(3).max(3);
+            o.push_str(&format!("  {:<ws$}  {:<wj$}  {:>8}  {:>12}  {:>12}  {:>12}\n", "subject", "jti", "requests", "charged", "refunded", "net"));
+            for ((s, j), e) in &self.credentials {
+                o.push_str(&format!("  {s:<ws$}  {j:<wj$}  {:>8}  {:>12}  {:>12}  {:>12}\n", e.requests, e.charged, e.refunded, e.net()));
+            }
+        }
+        if !self.budgets.is_empty() {
+            o.push_str("\nspend per budget (the fleet ledger's budgets)\n");
+            let wb = self.budgets.keys().map(String::len).max().unwrap_or(6).max(6);
+            o.push_str(&format!("  {:<wb$}  {:>8}  {:>12}  {:>12}  {:>12}\n", "budget", "requests", "charged", "refunded", "net"));
+            for (b, e) in &self.budgets {
+                o.push_str(&format!("  {b:<wb$}  {:>8}  {:>12}  {:>12}  {:>12}\n", e.requests, e.charged, e.refunded, e.net()));
+            }
+        }
         let top = self.top_denials(top);
         if !top.is_empty() {
             o.push_str("\ntop denial reasons\n");
@@ -261,15 +303,19 @@ impl Report {
 pub fn run(args: &[String]) -> Result<(), Fail> {
     let a = Args::parse(args, &[])?;
     a.check(&["top"])?;
-    a.at_most(1)?;
     let top: usize = a.get("top").map_or(Ok(10), str::parse).map_err(|_| Fail::usage("--top needs a number"))?;
-    let path = a.positional.first().ok_or_else(|| Fail::usage("an ACCESS_LOG (or - for standard input) is required"))?;
-    let rep = if path == "-" {
-        Report::read(std::io::stdin().lock())
-    } else {
-        Report::read(std::fs::File::open(path).map_err(|e| Fail::unavailable(format!("cannot read {path}: {e}")))?)
+    if a.positional.is_empty() {
+        return Err(Fail::usage("an ACCESS_LOG (or - for standard input) is required; give every gateway's for the fleet's figures"));
     }
-    .map_err(|e| Fail::unavailable(format!("cannot read {path}: {e}")))?;
+    let mut rep = Report::default();
+    for path in &a.positional {
+        let read = if path == "-" {
+            rep.read_into(std::io::stdin().lock())
+        } else {
+            rep.read_into(std::fs::File::open(path).map_err(|e| Fail::unavailable(format!("cannot read {path}: {e}")))?)
+        };
+        read.map_err(|e| Fail::unavailable(format!("cannot read {path}: {e}")))?;
+    }
     if a.flag("json") {
         println!("{}", serde_json::to_string_pretty(&rep.to_json(top)).map_err(|e| e.to_string())?);
     } else {
@@ -375,5 +421,23 @@ not json at all
         assert!(t.contains("lambda/a"));
         assert!(t.contains("top denial reasons"));
         assert!(t.contains("      2  forbidden"));
+    }
+
+    #[test]
+    fn spend_per_credential_and_per_budget_across_gateways_logs() {
+        let g1 = r#"{"decision":"allow","subject":"lambda/checkout-a","jti":"j1","target":"stripe","cost":"6000","spend":"reserved","budgets":"checkout"}
+{"decision":"allow","subject":"lambda/checkout-a","jti":"j1","target":"stripe","cost":"6000","spend":"retry"}"#;
+        let g2 = r#"{"decision":"allow","subject":"lambda/checkout-b","jti":"j2","target":"stripe","cost":"2500","spend":"refunded","budgets":"checkout,all"}
+{"decision":"allow","subject":"lambda/checkout-a","jti":"j1","target":"stripe","cost":"1000","spend":"reserved","budgets":"checkout"}
+{"decision":"spend_exhausted","subject":"lambda/checkout-a","jti":"j1","target":"stripe","cost":"9000","budgets":"checkout"}"#;
+        let mut r = Report::default();
+        r.read_into(g1.as_bytes()).unwrap_or_else(|e| panic!("{e}"));
+        r.read_into(g2.as_bytes()).unwrap_or_else(|e| panic!("{e}"));
+        let j1 = &r.credentials[&("lambda/checkout-a".to_string(), "j1".to_string())];
+        assert_eq!((j1.requests, j1.net(), j1.retries), (3, 7000, 1), "both gateways' requests, the retry not charged again");
+        assert_eq!((r.budgets["checkout"].net(), r.budgets["checkout"].refunded, r.budgets["all"].net()), (7000, 2500, 0));
+        let t = r.to_text(5);
+        assert!(t.contains("spend per credential") && t.contains("spend per budget"), "{t}");
+        assert_eq!(r.to_json(5)["budgets"]["checkout"]["net"], json!(7000));
     }
 }
