@@ -39,6 +39,10 @@ and `onekey`, the proposed shape: the access-log fields as one filter-state key)
 rounds alternating with it; each row is what the skipped work costs per request.
 BENCH_ABLATION_ROUNDS (4); BENCH_ONLY=ablation runs it alone.
 
+Fleet ledger (bench/fleet.py): a limited credential's warm request per instance and with a live
+slice, the latency of a slice grant and of a direct reservation, and ledger calls per 1,000
+requests through 1 and 3 gateways, against dynalite. BENCH_ONLY=fleet runs it alone.
+
 Cold miss: each sample is the first use of its own secret between hot requests (see cold_miss).
 Memory: bare, no-op and Keyward at --concurrency 1 and 3, RSS and Envoy's /memory (see memory).
 BENCH_ONLY=cold, BENCH_ONLY=memory run one of them alone; BENCH_ONLY=warm runs the main arms alone and
@@ -622,6 +626,10 @@ def main():
             if BASELINE_WASM:
                 print(json.dumps(cold_miss(workdir, ctx, bao, "E"), indent=1))
             return
+        if ONLY == "fleet":
+            import fleet
+            print(json.dumps(fleet.run(workdir, ctx), indent=1))
+            return
         if ONLY == "memory":
             print(json.dumps(memory(workdir, ctx), indent=1))
             return
@@ -686,6 +694,8 @@ def main():
         scaling_rows = scaling(workdir, ctx, arms["A"], median([r["cpu_us_per_rq"] for r in per_round["A"]]))
         cold = cold_miss(workdir, ctx, bao)
         mem = memory(workdir, ctx)
+        import fleet
+        fleet_rows = fleet.run(workdir, ctx)
         cold_baseline = cold_miss(workdir, ctx, bao, "E") if BASELINE_WASM else None
 
         def summary(arm):
@@ -711,6 +721,7 @@ def main():
             "ablation": ablation_rows,
             "priced_by_body": priced_rows,
             "scaling": scaling_rows,
+            "fleet_ledger": fleet_rows,
             "cold_miss": cold,
             **({"cold_miss_baseline": cold_baseline} if cold_baseline else {}),
             "vault_calls_per_10k_requests": round(fetches * 10000 / max(1, c_requests), 3),
@@ -783,6 +794,13 @@ def print_table(out):
         print("|---|---:|---:|---:|")
         for row in out["scaling"]["rows"]:
             print(f"| {row['dimension']} | {row['value']:,} | {row['keyward_over_bare']:.3f} | {row['cpu_us_per_request_at_main_bare']:.1f} |")
+    if "fleet_ledger" in out:
+        w, l, s = out["fleet_ledger"]["warm"], out["fleet_ledger"]["latency"], out["fleet_ledger"]["steady_one_credential"]
+        print(f"\nfleet ledger: a limited credential's warm request {w['per_instance_cpu_us_per_request']:.1f} µs per instance, "
+              f"{w['ledger_live_slice_cpu_us_per_request']:.1f} µs with a live slice ({w['ledger_over_per_instance']}x); "
+              f"a grant adds {l['grant_added_p50_us']:.0f} µs, a direct reservation {l['direct_added_p50_us']:.0f} µs "
+              f"(dynalite answers in {l['dynalite_update_item_p50_us']:.0f} µs); ledger calls per 1,000 requests of one credential: "
+              f"{s['1_gateways']['calls_per_1000_requests']} through 1 gateway, {s['3_gateways']['calls_per_1000_requests']} through 3")
     if "baseline" in out:
         b = out["baseline"]
         print(f"baseline {b['wasm']} ({b['wasm_bytes']} bytes): baseline/bare {b['baseline_over_bare_cpu_per_request']}, "
