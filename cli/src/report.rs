@@ -207,12 +207,8 @@ impl Report {
             "issued": self.issued,
             "spend": self.spend.iter().map(|((s, r, t), e)| json!({"subject": s, "run": r, "target": t, "requests": e.requests,
                 "charged": e.charged, "refunded": e.refunded, "net": e.net(), "retries": e.retries})).collect::<Vec<_>>(),
-            "credentials": self.credentials.iter().map(|((s, j), e)| {
-                let mut o = e.json();
-                o["subject"] = json!(s);
-                o["jti"] = json!(j);
-                o
-            }).collect::<Vec<_>>(),
+            "credentials": self.credentials.iter().map(|((s, j), e)| json!({"subject": s, "jti": j, "requests": e.requests,
+                "charged": e.charged, "refunded": e.refunded, "net": e.net(), "retries": e.retries})).collect::<Vec<_>>(),
             "budgets": self.budgets.iter().map(|(b, e)| (b.clone(), e.json())).collect::<Map<String, Value>>(),
         })
     }

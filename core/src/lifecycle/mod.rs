@@ -470,7 +470,7 @@ impl Lifecycle {
 
     /// The requests parked on this worker.
     pub fn parked(&self) -> BTreeMap<ContextId, &Parked> {
-        self.streams.iter().filter_map(|(c, s)| if let Stream::Parked(p) = s { Some((*c, p)) } else { None }).collect()
+        self.streams.iter().filter_map(|(c, s)| if let Stream::Parked(p) = s { Some((*c, &**p)) } else { None }).collect()
     }
 
     /// The streams parked on `wait`.

@@ -295,14 +295,14 @@ impl Lifecycle {
                 }
                 let timeout = cfg.store_of(slot).map_or(2000, |s| u64::from(s.timeout_ms));
                 let deadline_ms = parked.map_or(now_ms + timeout + PARK_GRACE_MS, |p| p.deadline_ms);
-                self.streams.insert(ctx, Stream::Parked(Parked { wait: Wait::Secret(slot), deadline_ms, audit, admitted, started_us, body_end }));
+                self.streams.insert(ctx, Stream::Parked(Box::new(Parked { wait: Wait::Secret(slot), deadline_ms, audit, admitted, started_us, body_end })));
                 self.start_fetch(host, slot);
                 Action::Pause
             }
             Outcome::NeedRevocation => {
                 let timeout = cfg.revocation.as_ref().and_then(|r| cfg.stores.get(r.store)).map_or(2000, |s| u64::from(s.timeout_ms));
                 let deadline_ms = parked.map_or(now_ms + timeout + PARK_GRACE_MS, |p| p.deadline_ms);
-                self.streams.insert(ctx, Stream::Parked(Parked { wait: Wait::Revocation, deadline_ms, audit, admitted, started_us, body_end }));
+                self.streams.insert(ctx, Stream::Parked(Box::new(Parked { wait: Wait::Revocation, deadline_ms, audit, admitted, started_us, body_end })));
                 if self.in_root {
                     self.tick_revocation(host, now_ms);
                 } else {
@@ -313,7 +313,7 @@ impl Lifecycle {
             Outcome::NeedLedger(account) => {
                 let timeout = cfg.ledger.as_ref().map_or(1000, |l| u64::from(l.timeout_ms));
                 let deadline_ms = parked.map_or(now_ms + timeout + PARK_GRACE_MS, |p| p.deadline_ms);
-                self.streams.insert(ctx, Stream::Parked(Parked { wait: Wait::Ledger(account), deadline_ms, audit, admitted, started_us, body_end }));
+                self.streams.insert(ctx, Stream::Parked(Box::new(Parked { wait: Wait::Ledger(account), deadline_ms, audit, admitted, started_us, body_end })));
                 Action::Pause
             }
             Outcome::Deny(d) => self.deny(host, ctx, &audit, &d, started_us),
@@ -394,7 +394,7 @@ impl Lifecycle {
             self.abandon(host, &p.admitted);
             return; // the stream has gone
         }
-        let _ = self.decide(host, ctx, Some(p));
+        let _ = self.decide(host, ctx, Some(*p));
     }
 
     /// Requests parked past their deadline get 503.

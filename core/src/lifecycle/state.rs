@@ -168,7 +168,7 @@ pub struct Pricing {
 /// (`Lifecycle::guard`): only an `Allowed` request reaches the vendor with its body's end.
 pub enum Stream {
     /// Its headers are held, nothing injected, until a secret or the revocation list is there.
-    Parked(Parked),
+    Parked(Box<Parked>),
     /// Allowed so far and rewritten; the body is held here until its end decides it.
     Pricing { pricing: Box<Pricing>, served: Served },
     /// The issuing endpoint: answered by the filter, never forwarded.

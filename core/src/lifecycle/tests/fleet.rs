@@ -104,15 +104,12 @@ impl Fleet {
                     }
                     Effect::Dispatch { call, cluster, .. } if cluster == "ledger" => self.in_flight.push((at.0, at.1, call)),
                     Effect::Resume(ctx) => self.decided(at, ctx, true),
-                    Effect::Reply { ctx, status, code } => {
-                        if self.flows.contains_key(&ctx) {
-                            assert!(
-                                matches!((status, code.as_str()), (429, "spend_exhausted" | "quota_exhausted") | (503, "secret_unavailable")),
-                                "{status} {code}"
-                            );
-
-                            self.decided(at, ctx, false);
-                        }
+                    Effect::Reply { ctx, status, code } if self.flows.contains_key(&ctx) => {
+                        assert!(
+                            matches!((status, code.as_str()), (429, "spend_exhausted" | "quota_exhausted") | (503, "secret_unavailable")),
+                            "{status} {code}"
+                        );
+                        self.decided(at, ctx, false);
                     }
                     _ => {}
                 }
