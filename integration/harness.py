@@ -445,6 +445,7 @@ def start_local(*args):
 
 
 def cli(*args, env=None, stdin=None):
-    full_env = dict(os.environ)
+    # The AWS credential chain never probes the instance metadata address here (forbidden).
+    full_env = dict(os.environ, AWS_EC2_METADATA_DISABLED="true")
     full_env.update(env or {})
     return subprocess.run([str(CLI), *args], capture_output=True, text=True, env=full_env, input=stdin, timeout=30)

@@ -351,8 +351,30 @@ def test_the_cli_gets_and_derives_credentials(gw, issuing):
     assert r.returncode == 1 and "forbidden" in r.stderr
     r = harness.cli("token", "--aws", f"--url={live.url}", "--server-id=someone-else", env=env)
     assert r.returncode == 1 and "invalid_credential" in r.stderr
-    r = harness.cli("token", "--aws", f"--url={live.url}", f"--server-id={SERVER_ID}", env={"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": ""})
-    assert r.returncode == 2
+    # No credentials anywhere in the chain: it could not run (3), and says what to do.
+    nowhere = {"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "", "AWS_SESSION_TOKEN": "", "AWS_PROFILE": "",
+               "AWS_CONFIG_FILE": "/nonexistent/config", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/credentials"}
+    r = harness.cli("token", "--aws", f"--url={live.url}", f"--server-id={SERVER_ID}", env=nowhere)
+    assert r.returncode == 3 and "no AWS credentials" in r.stderr, r.stderr
+    for secret in (creds.secret_key, creds.token):
+        assert secret not in r.stdout + r.stderr
+
+
+def test_the_cli_finds_credentials_in_a_named_profile(gw, issuing, tmp_path):
+    """The AWS SDK's chain, not only environment variables: a named profile in a shared
+    credentials file (what `aws configure --profile` writes), signed as moto's STS checks it."""
+    moto, live, _ = issuing
+    creds = moto.role_credentials("checkout")
+    (tmp_path / "credentials").write_text(
+        f"[checkout]\naws_access_key_id = {creds.access_key}\naws_secret_access_key = {creds.secret_key}\naws_session_token = {creds.token}\n")
+    (tmp_path / "config").write_text("[profile checkout]\nregion = us-east-1\n")
+    env = {"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "", "AWS_SESSION_TOKEN": "", "AWS_PROFILE": "checkout",
+           "AWS_CONFIG_FILE": str(tmp_path / "config"), "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "credentials")}
+    r = harness.cli("token", "--aws", f"--url={live.url}", f"--server-id={SERVER_ID}", "--allow", "stripe GET /v1/**", "--json", env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = json.loads(r.stdout)
+    harness.TOKENS.add(out["token"])
+    assert out["sub"] == "lambda/checkout"
     for secret in (creds.secret_key, creds.token):
         assert secret not in r.stdout + r.stderr
 

@@ -1,88 +1,33 @@
 //! `keyward token`: get a credential from a gateway's issuing endpoint, for the current AWS
 //! identity (`--aws`: a SigV4-signed sts:GetCallerIdentity the gateway forwards to STS), or
-//! derived from a credential you hold (`--attenuate`). The signing is SigV4 as AWS documents it,
-//! written here so that the CLI needs no AWS SDK; moto's STS checks it in `make test`.
+//! derived from a credential you hold (`--attenuate`). The AWS identity is whatever the AWS SDK's
+//! default credential chain finds (environment, profile or SSO, web identity, the ECS or EKS
+//! container role, instance metadata), signed with the SDK's SigV4 signer; moto's STS checks the
+//! signature in `make test`.
 
 use crate::args::{Args, Fail};
-use crate::revoke::rfc3339;
-use hmac::{Hmac, Mac};
+use crate::aws::Session;
 use keyward_core::secret::Secret;
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 const STS_BODY: &str = "Action=GetCallerIdentity&Version=2011-06-15";
 const CONTENT_TYPE: &str = "application/x-www-form-urlencoded; charset=utf-8";
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn hmac(key: &[u8], data: &[u8]) -> Vec<u8> {
-    match Hmac::<Sha256>::new_from_slice(key) {
-        Ok(mut m) => {
-            m.update(data);
-            m.finalize().into_bytes().to_vec()
-        }
-        Err(_) => Vec::new(), // HMAC takes keys of any length
-    }
-}
-
-/// AWS credentials from the environment (what Lambda sets; elsewhere
-/// `eval "$(aws configure export-credentials --format env)"`).
-pub struct AwsCredentials {
-    pub key_id: String,
-    pub secret: Secret,
-    pub session_token: Option<Secret>,
-}
-
-impl AwsCredentials {
-    fn from_env() -> Result<AwsCredentials, Fail> {
-        let get = |n: &str| std::env::var(n).ok().filter(|v| !v.is_empty());
-        let (Some(key_id), Some(secret)) = (get("AWS_ACCESS_KEY_ID"), get("AWS_SECRET_ACCESS_KEY")) else {
-            return Err(Fail::usage(
-                "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY are not set (try: eval \"$(aws configure export-credentials --format env)\")",
-            ));
-        };
-        Ok(AwsCredentials { key_id, secret: Secret::text(&secret), session_token: get("AWS_SESSION_TOKEN").map(|t| Secret::text(&t)) })
-    }
-}
-
-/// A SigV4-signed GetCallerIdentity (not sent), as the issuing endpoint's `iam_request`.
-/// `amz_date` is `YYYYMMDDTHHMMSSZ`.
-pub fn iam_proof(creds: &AwsCredentials, server_id: &str, region: &str, host: &str, amz_date: &str) -> Value {
-    let date = amz_date.get(..8).unwrap_or_default();
-    let mut headers: Vec<(String, String)> = vec![
-        ("content-type".into(), CONTENT_TYPE.into()),
-        ("host".into(), host.into()),
-        ("x-amz-date".into(), amz_date.into()),
-        ("x-keyward-server-id".into(), server_id.into()),
-    ];
-    if let Some(t) = creds.session_token.as_ref().and_then(Secret::expose_str) {
-        headers.push(("x-amz-security-token".into(), t.into()));
-    }
-    headers.sort();
-    let signed: Vec<&str> = headers.iter().map(|(k, _)| k.as_str()).collect();
-    let signed = signed.join(";");
-    let canonical_headers: String = headers.iter().map(|(k, v)| format!("{k}:{}\n", v.trim())).collect();
-    let canonical = format!("POST\n/\n\n{canonical_headers}\n{signed}\n{}", hex(&Sha256::digest(STS_BODY.as_bytes())));
-    let scope = format!("{date}/{region}/sts/aws4_request");
-    let to_sign = format!("AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n{}", hex(&Sha256::digest(canonical.as_bytes())));
-    let mut k = b"AWS4".to_vec();
-    k.extend_from_slice(creds.secret.expose());
-    let k = hmac(&hmac(&hmac(&hmac(&k, date.as_bytes()), region.as_bytes()), b"sts"), b"aws4_request");
-    let signature = hex(&hmac(&k, to_sign.as_bytes()));
+/// A SigV4-signed GetCallerIdentity (not sent), as the issuing endpoint's `iam_request`: the
+/// gateway's server id is a signed header, so the proof is good for that gateway only.
+pub fn iam_proof(session: &Session, server_id: &str, region: &str, host: &str, at: SystemTime) -> Result<Value, Fail> {
+    let url = format!("https://{host}/");
+    let headers = [("content-type", CONTENT_TYPE), ("host", host), ("x-keyward-server-id", server_id)];
+    let signed = session.sign("sts", region, "POST", &url, &headers, STS_BODY.as_bytes(), at)?;
     let mut out = serde_json::Map::new();
-    for (k, v) in &headers {
-        out.insert(k.clone(), json!(v));
+    for (k, v) in headers {
+        out.insert(k.to_string(), json!(v));
     }
-    out.insert("authorization".into(), json!(format!("AWS4-HMAC-SHA256 Credential={}/{scope}, SignedHeaders={signed}, Signature={signature}", creds.key_id)));
-    json!({ "method": "POST", "url": format!("https://{host}/"), "headers": out, "body": STS_BODY })
-}
-
-fn amz_date_now() -> String {
-    // rfc3339 gives 2026-12-02T15:00:00Z; SigV4 wants 20261202T150000Z.
-    rfc3339(crate::now()).chars().filter(|c| c.is_ascii_alphanumeric()).collect()
+    for (k, v) in signed {
+        out.insert(k, json!(v));
+    }
+    Ok(json!({ "method": "POST", "url": url, "headers": out, "body": STS_BODY }))
 }
 
 fn post(url: &str, grant: &Value, bearer: Option<&Secret>) -> Result<Value, Fail> {
@@ -130,11 +75,11 @@ pub fn run(args: &[String]) -> Result<(), Fail> {
     let (answer, what) = match (a.flag("aws"), a.flag("attenuate")) {
         (true, false) => {
             let server_id = a.get("server-id").ok_or_else(|| Fail::usage("--server-id (the gateway's issuer.aws_iam.server_id) is required"))?;
-            let creds = AwsCredentials::from_env()?;
             let region = a.get("region").unwrap_or("us-east-1");
+            let session = Session::load(Some(region))?;
             let host = a.get("sts-host").unwrap_or("sts.amazonaws.com");
             grant.insert("grant".into(), json!("aws_iam"));
-            grant.insert("iam_request".into(), iam_proof(&creds, server_id, region, host, &amz_date_now()));
+            grant.insert("iam_request".into(), iam_proof(&session, server_id, region, host, SystemTime::now())?);
             (post(&url, &Value::Object(grant), None)?, "issued for your AWS identity")
         }
         (false, true) => {
@@ -180,25 +125,15 @@ pub fn run(args: &[String]) -> Result<(), Fail> {
 mod tests {
     use super::*;
 
-    /// The SigV4 signing-key derivation (AWS General Reference, "Examples of how to derive a
-    /// signing key": 20120215, us-east-1, iam), with an obviously fake secret; the expected value
-    /// was computed independently with Python's hmac. moto's STS checks whole signatures in
-    /// `integration/test_issue.py`.
-    #[test]
-    fn signing_key_matches_an_independent_derivation() {
-        let mut k = b"AWS4".to_vec();
-        k.extend_from_slice(b"keyward-fake-secret-not-an-aws-key");
-        let k = hmac(&hmac(&hmac(&hmac(&k, b"20120215"), b"us-east-1"), b"iam"), b"aws4_request");
-        assert_eq!(hex(&k), "f18367016a944eba66f6ea3595d742a61f20e7d0162be2919c9eacad3b76a8cf");
-    }
-
     #[test]
     fn the_proof_signs_the_server_id_and_the_session_token() {
-        let creds = AwsCredentials { key_id: "keyward-fake-key-id".into(), secret: Secret::text("secret"), session_token: Some(Secret::text("tok")) };
-        let p = iam_proof(&creds, "keyward-prod", "us-east-1", "sts.amazonaws.com", "20261202T150000Z");
+        let s = Session::fixed("keyward-fake-key-id", "secret", Some("tok"));
+        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_796_223_600);
+        let p = iam_proof(&s, "keyward-prod", "us-east-1", "sts.amazonaws.com", at).unwrap_or_default();
         let auth = p.pointer("/headers/authorization").and_then(Value::as_str).unwrap_or_default();
-        assert!(auth.starts_with("AWS4-HMAC-SHA256 Credential=keyward-fake-key-id/20261202/us-east-1/sts/aws4_request, SignedHeaders=content-type;host;x-amz-date;x-amz-security-token;x-keyward-server-id, Signature="));
+        assert!(auth.starts_with("AWS4-HMAC-SHA256 Credential=keyward-fake-key-id/20261202/us-east-1/sts/aws4_request, SignedHeaders=content-type;host;x-amz-date;x-amz-security-token;x-keyward-server-id, Signature="), "{auth}");
         assert_eq!(p.pointer("/headers/x-keyward-server-id").and_then(Value::as_str), Some("keyward-prod"));
-        assert_eq!(amz_date_now().len(), 16);
+        assert_eq!(p.pointer("/headers/x-amz-security-token").and_then(Value::as_str), Some("tok"));
+        assert_eq!(p.get("body").and_then(Value::as_str), Some(STS_BODY));
     }
 }

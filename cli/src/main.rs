@@ -2,6 +2,8 @@
 //! revocation list, summarise access logs.
 
 mod args;
+mod aws;
+mod config_sync;
 mod envoy_lint;
 mod issue;
 mod lint_ratelimit;
@@ -48,6 +50,18 @@ const COMMANDS: &[(&str, &str)] = &[
     normalisation, access logs, and the embedded filter configuration. Exit 1 on any problem.",
     ),
     (
+        "config-sync",
+        "keyward config-sync --source SOURCE --template FILE --out FILE [--every SECONDS] [--region R]
+             [--no-env] [--json]
+    Deliver the filter configuration to a running Envoy (ECDS from a watched file). SOURCE is
+    ssm:NAME (an SSM parameter, decrypted; AWS credentials from the SDK's default chain),
+    env:VAR or file:PATH. The configuration is checked as check-config checks it, put into the
+    ECDS resource TEMPLATE and written to FILE by a rename when it changed. A configuration that
+    does not compile is refused and FILE keeps the last good one. Without --every: one round,
+    whose failure is the exit code. With --every: a round every SECONDS, forever, each event
+    logged on stderr (with --json: one JSON object per event on stdout).",
+    ),
+    (
         "revoke",
         "keyward revoke (--jti ID | --sub SUBJECT) [--reason TEXT] [--expires-at EXP] [--prune] [LIST] [--json]
     Add the credential (or every credential of a workload) to the revocation list in Vault or
@@ -83,8 +97,9 @@ const COMMANDS: &[(&str, &str)] = &[
       keyward token --attenuate --url GATEWAY (--token T | --token-env VAR) [--allow RULE ...] [--ttl S]
              [--run LABEL] [--rpm N] [--total N] [--spend N] [--path PATH] [--json]
     Get a credential from a gateway's issuing endpoint (default path /keyward/v1/credentials).
-    --aws: for the current AWS identity (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN):
-    a signed sts:GetCallerIdentity the gateway has STS check. --attenuate: a child of the given
+    --aws: for the current AWS identity, found as the AWS CLI finds it (environment, AWS_PROFILE
+    and SSO, web identity, the ECS/EKS container role, instance metadata): a signed
+    sts:GetCallerIdentity the gateway has STS check. --attenuate: a child of the given
     credential, within it in every dimension. Prints the token (with --json: {token, jti, sub,
     expires_at, allow}).",
     ),
@@ -133,6 +148,7 @@ fn main() -> ExitCode {
         Some("inspect") => token::inspect(&rest),
         Some("check-config") => check_config(&rest),
         Some("check-envoy") => envoy_lint::run(&rest),
+        Some("config-sync") => config_sync::run(&rest),
         Some("revoke") => revoke::revoke(&rest),
         Some("unrevoke") => revoke::unrevoke(&rest),
         Some("revoked") => revoke::list(&rest),
