@@ -109,6 +109,17 @@ def key_identity(key: bytes) -> int:
     return int.from_bytes(d[:8], "big")
 
 
+def shipped_drain():
+    """The drain route and the RBAC filter of envoy/egress-gateway.yaml."""
+    import yaml
+    doc = yaml.safe_load((harness.ROOT / "envoy" / "egress-gateway.yaml").read_text())
+    (egress,) = [l for l in doc["static_resources"]["listeners"] if l["name"] == "egress"]
+    hcm = egress["filter_chains"][0]["filters"][0]["typed_config"]
+    (route,) = [r for r in hcm["route_config"]["virtual_hosts"][0]["routes"] if r.get("name") == "keyward_drain"]
+    (rbac,) = [f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.rbac"]
+    return route, rbac
+
+
 def gateway_bootstrap(ports: dict, log, cfg: dict, ledger_port: int, ledger_cluster_timeout="1s") -> dict:
     """A gateway like the suite's (hardened listener, the vendor, OpenBao), with the buffer filter
     on the routes whose bodies Keyward reads, the ledger cluster, and the drain route."""
@@ -126,9 +137,10 @@ def gateway_bootstrap(ports: dict, log, cfg: dict, ledger_port: int, ledger_clus
         for r in routes:
             if r["name"] in priced:
                 r["typed_per_filter_config"] = per_route
-        routes.insert(0, {"name": "keyward_drain", "match": {"path": "/keyward/drain"},
-                          "direct_response": {"status": 503, "body": {"inline_string": '{"error":"secret_unavailable"}'}},
-                          "metadata": {"filter_metadata": {"keyward": {"endpoint": "drain"}}}})
+        # The shipped drain route and its RBAC (loopback peers only), as egress-gateway.yaml has them.
+        drain_route, rbac = shipped_drain()
+        routes.insert(0, drain_route)
+        filters.insert(0, rbac)
     b["static_resources"]["clusters"].append(ledger_cluster("ledger", ledger_port, ledger_cluster_timeout))
     return b
 

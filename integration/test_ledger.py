@@ -290,6 +290,25 @@ def test_the_drain_gives_back_what_a_gateway_holds(fleet):
     assert ledger.live_leases(it) == [], "no lease is left: only end marks, which hold nothing"
 
 
+def test_only_the_gateway_itself_can_drain(fleet):
+    """Envoy's RBAC admits loopback peers by their own address: a client elsewhere (127.0.0.2
+    here) saying X-Forwarded-For: 127.0.0.1 is refused before the filter; the filter takes POST
+    only."""
+    import http.client
+    g = fleet.gateways[0]
+    port = g.ports["hardened"]
+    for method in ("POST", "GET"):
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=5, source_address=("127.0.0.2", 0))
+        c.request(method, "/keyward/drain", headers={"x-forwarded-for": "127.0.0.1", "content-length": "0"})
+        r = c.getresponse()
+        body = r.read().decode()
+        assert r.status == 403 and "returning" not in body, (method, r.status, body)
+        c.close()
+    r = requests.get(g.url + "/keyward/drain", timeout=5)
+    assert r.status_code == 403 and "POST" in r.json()["message"]
+    assert requests.post(g.url + "/keyward/drain", timeout=5).status_code == 200
+
+
 def test_a_steady_stream_through_three_gateways_costs_few_ledger_calls(fleet):
     tok, jti = fleet.token(allow=("stripe GET /**",), total=1_000_000)
     before = fleet.relay.served["pass"]

@@ -36,9 +36,7 @@ impl Session {
             if let Some(r) = region {
                 loader = loader.region(aws_config::Region::new(r.to_string()));
             }
-            let conf = tokio::time::timeout(CHAIN_TIMEOUT, loader.load())
-                .await
-                .map_err(|_| Fail::unavailable("the AWS configuration did not load in 15 s"))?;
+            let conf = tokio::time::timeout(CHAIN_TIMEOUT, loader.load()).await.map_err(|_| Fail::unavailable("the AWS configuration did not load in 15 s"))?;
             let provider = conf.credentials_provider().ok_or_else(|| Fail::unavailable("no AWS credential provider is configured"))?;
             let credentials = tokio::time::timeout(CHAIN_TIMEOUT, provider.provide_credentials())
                 .await
@@ -65,7 +63,15 @@ impl Session {
 
     /// The SigV4 headers (`x-amz-date`, `authorization`, and `x-amz-security-token` with temporary
     /// credentials) for a request whose other signed headers are `headers` (`host` included).
-    pub fn sign(&self, service: &str, region: &str, method: &str, url: &str, headers: &[(&str, &str)], body: &[u8], at: SystemTime) -> Result<Vec<(String, String)>, Fail> {
+    pub fn sign(
+        &self,
+        (service, region): (&str, &str),
+        method: &str,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+        at: SystemTime,
+    ) -> Result<Vec<(String, String)>, Fail> {
         let identity = self.credentials.clone().into();
         let params = v4::SigningParams::builder()
             .identity(&identity)
@@ -89,7 +95,7 @@ impl Session {
         let host = host_of(&url).ok_or_else(|| Fail::usage(format!("{endpoint:?} is not an http(s) URL")))?;
         let body = body.to_string();
         let headers = [("content-type", "application/x-amz-json-1.1"), ("host", host), ("x-amz-target", target)];
-        let signed = self.sign(service, region, "POST", &url, &headers, body.as_bytes(), SystemTime::now())?;
+        let signed = self.sign((service, region), "POST", &url, &headers, body.as_bytes(), SystemTime::now())?;
         let agent = ureq::Agent::config_builder().http_status_as_error(false).timeout_global(Some(CALL_TIMEOUT)).build().new_agent();
         let mut req = ureq::http::Request::builder().method("POST").uri(&url);
         for (k, v) in headers.iter().filter(|(k, _)| *k != "host") {
@@ -101,12 +107,8 @@ impl Session {
         let req = req.body(body).map_err(|e| Fail::usage(e.to_string()))?;
         let mut resp = agent.run(req).map_err(|e| Fail::unavailable(format!("cannot reach {service} at {endpoint}: {e}")))?;
         let status = resp.status().as_u16();
-        let text = resp
-            .body_mut()
-            .with_config()
-            .limit(ANSWER_LIMIT)
-            .read_to_string()
-            .map_err(|e| Fail::unavailable(format!("reading {service}'s answer: {e}")))?;
+        let text =
+            resp.body_mut().with_config().limit(ANSWER_LIMIT).read_to_string().map_err(|e| Fail::unavailable(format!("reading {service}'s answer: {e}")))?;
         let v: Value = serde_json::from_str(&text).map_err(|_| Fail::unavailable(format!("{service} answered HTTP {status} without JSON")))?;
         if status == 200 {
             return Ok(v);
@@ -123,9 +125,7 @@ impl Session {
 /// when set (the SDKs' own variables), else the public regional endpoint.
 pub fn endpoint(service: &str, env_name: &str, region: &str) -> String {
     let get = |n: &str| std::env::var(n).ok().filter(|v| !v.is_empty());
-    get(&format!("AWS_ENDPOINT_URL_{env_name}"))
-        .or_else(|| get("AWS_ENDPOINT_URL"))
-        .unwrap_or_else(|| format!("https://{service}.{region}.amazonaws.com"))
+    get(&format!("AWS_ENDPOINT_URL_{env_name}")).or_else(|| get("AWS_ENDPOINT_URL")).unwrap_or_else(|| format!("https://{service}.{region}.amazonaws.com"))
 }
 
 fn host_of(url: &str) -> Option<&str> {
@@ -156,7 +156,9 @@ mod tests {
     fn signs_the_given_headers_and_the_session_token() {
         let s = Session::fixed("keyward-fake-key-id", "keyward-fake-secret", Some("tok"));
         let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_796_223_600); // 2026-12-02T15:00:00Z
-        let h = s.sign("sts", "us-east-1", "POST", "https://sts.amazonaws.com/", &[("host", "sts.amazonaws.com"), ("x-keyward-server-id", "prod")], b"x", at).unwrap_or_default();
+        let h = s
+            .sign(("sts", "us-east-1"), "POST", "https://sts.amazonaws.com/", &[("host", "sts.amazonaws.com"), ("x-keyward-server-id", "prod")], b"x", at)
+            .unwrap_or_default();
         let get = |n: &str| h.iter().find(|(k, _)| k == n).map(|(_, v)| v.as_str());
         assert_eq!(get("x-amz-date"), Some("20261202T150000Z"));
         assert_eq!(get("x-amz-security-token"), Some("tok"));

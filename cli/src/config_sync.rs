@@ -71,7 +71,9 @@ pub fn render(template: &str, config: &str) -> Result<String, String> {
         return Err("the template must hold exactly one resource".into());
     };
     let kind = |v: &Value, p: &str| v.pointer(p).and_then(Value::as_str).unwrap_or_default().to_string();
-    if !kind(resource, "/@type").ends_with("envoy.config.core.v3.TypedExtensionConfig") || !kind(resource, "/typed_config/@type").ends_with("filters.http.wasm.v3.Wasm") {
+    if !kind(resource, "/@type").ends_with("envoy.config.core.v3.TypedExtensionConfig")
+        || !kind(resource, "/typed_config/@type").ends_with("filters.http.wasm.v3.Wasm")
+    {
         return Err("the template's resource must be a TypedExtensionConfig holding a Wasm filter".into());
     }
     let slot = resource.pointer_mut("/typed_config/config/configuration").ok_or("the template has no typed_config.config.configuration")?;

@@ -399,6 +399,9 @@ fn lint_hcm(r: &mut Report, at: &str, hcm: &Value, no_env: bool) -> Option<HcmUs
                     "health" | "issue" | "drain" if !answers_503 => r.problems.push(format!(
                         "{rat}: a keyward {ep} endpoint needs `direct_response: {{status: 503}}`, so that it fails (and never goes upstream) when the filter does not run"
                     )),
+                    "drain" if !loopback_only(&filters, &route) => r.problems.push(format!(
+                        "{rat}: the drain endpoint needs envoy.filters.http.rbac on this route admitting only loopback peers (direct_remote_ip 127.0.0.1/32, ::1/128): the filter alone sees an address X-Forwarded-For can set"
+                    )),
                     "health" | "drain" => {}
                     "issue" => {
                         if !buffered(&filters, &route) {
@@ -474,6 +477,32 @@ fn buffered(filters: &[Value], route: &Value) -> bool {
     // disable it; on in the chain, a route may still switch it off.
     let on_here = if globally { !disabled_here } else { wrapped && !disabled_here };
     matches!((buffer_at, kw_at), (Some(b), Some(k)) if b > k && on_here)
+}
+
+/// Does the route carry an RBAC that allows only loopback peers, by their own address, in a
+/// chain where the RBAC filter runs before keyward?
+fn loopback_only(filters: &[Value], route: &Value) -> bool {
+    let rbac_at = filters.iter().position(|f| s(f, &["name"]) == Some("envoy.filters.http.rbac"));
+    let kw_at = filters.iter().position(|f| s(f, &["typed_config", "@type"]) == Some(WASM));
+    if !matches!((rbac_at, kw_at), (Some(r), Some(k)) if r < k) {
+        return false;
+    }
+    let Some(per) = route.get("typed_per_filter_config").and_then(|m| m.get("envoy.filters.http.rbac")) else { return false };
+    let cfg = per.get("config").unwrap_or(per);
+    let Some(policies) = cfg.pointer("/rbac/rules/policies").and_then(Value::as_object) else { return false };
+    if cfg.pointer("/rbac/rules/action").and_then(Value::as_str).unwrap_or("ALLOW") != "ALLOW" || policies.is_empty() {
+        return false;
+    }
+    policies.values().all(|p| {
+        let principals = p.get("principals").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
+        !principals.is_empty()
+            && principals.iter().all(|pr| {
+                let ip = pr.get("direct_remote_ip");
+                let prefix = ip.and_then(|i| i.get("address_prefix")).and_then(Value::as_str).unwrap_or("");
+                let len = ip.and_then(|i| i.get("prefix_len")).and_then(Value::as_u64).unwrap_or(0);
+                (prefix.starts_with("127.") && len >= 8) || (prefix == "::1" && len == 128)
+            })
+    })
 }
 
 #[cfg(test)]

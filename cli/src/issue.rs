@@ -19,7 +19,7 @@ const CONTENT_TYPE: &str = "application/x-www-form-urlencoded; charset=utf-8";
 pub fn iam_proof(session: &Session, server_id: &str, region: &str, host: &str, at: SystemTime) -> Result<Value, Fail> {
     let url = format!("https://{host}/");
     let headers = [("content-type", CONTENT_TYPE), ("host", host), ("x-keyward-server-id", server_id)];
-    let signed = session.sign("sts", region, "POST", &url, &headers, STS_BODY.as_bytes(), at)?;
+    let signed = session.sign(("sts", region), "POST", &url, &headers, STS_BODY.as_bytes(), at)?;
     let mut out = serde_json::Map::new();
     for (k, v) in headers {
         out.insert(k.to_string(), json!(v));

@@ -22,7 +22,7 @@ use std::rc::Rc;
 pub mod admission;
 mod body;
 mod verify;
-pub use admission::{Admitted, Entry, Halt, Holder, Reservation, Spend, Ticket};
+pub use admission::{Admitted, Entry, Halt, Holder, Reservation, Spend, Stage, Ticket};
 pub use body::{price_body, Deferred};
 pub use verify::verify_bearer;
 

@@ -82,10 +82,24 @@ impl Ticket {
 /// One entry a request counts in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Entry<'a> {
-    /// A credential's (or a parent's, under `plim`).
-    Credential { key_id: u64, jti: &'a str, lim: &'a Limits, keep_until_s: i64 },
+    /// A credential's (or a parent's, under `plim`), at one stage.
+    Credential { key_id: u64, jti: &'a str, lim: &'a Limits, keep_until_s: i64, stage: Stage },
     /// A ledger budget (an index into `Ledger::budgets`).
     Budget(usize),
+}
+
+/// The stages a credential's entry is asked at, in this order across all of a request's entries:
+/// every `Rate` first, then the budgets, then every `Count`, then every `Spend`. Without a ledger,
+/// `Rate` counts the whole entry (rpm, total and spend, in this Envoy) and the other stages are
+/// nothing. With a ledger, `Rate` is the per-instance rpm, `Count` takes one from `total` and
+/// `Spend` the cost from `spend` in the ledger, a charge with an `Idempotency-Key` directly with
+/// its retry mark. Nothing can refuse a request after its `Spend` stages, so a retry mark stands
+/// only for a charge that stays (until the vendor refunds it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    Rate,
+    Count,
+    Spend,
 }
 
 /// Where an admitted request was counted, so that a refusal or a refund can release it there.
@@ -245,34 +259,31 @@ pub fn budget_names(cfg: &crate::config::Config, t: &Ticket, spend: &Spend) -> O
 /// the request's body, as read to price it (part of what names a retry).
 pub fn admit(secrets: &mut impl Secrets, t: &Ticket, priced: Option<&Priced>, body: &[u8]) -> Result<Spend, Halt> {
     let charge = priced.map(|p| Charge { cost: p.cost, retry: t.retry_seed.as_ref().map(|s| retry_key(s, p, body)) });
-    let mut spend = Spend::Uncapped;
     let mut holders: Vec<Holder> = Vec::new();
+    // What the budgets took (indices into `holders`): a retry gives back their spend.
+    let mut budget_holders: Vec<usize> = Vec::new();
+    let (mut reserved, mut fresh, mut retry) = (false, false, false);
     // A derived credential counts against its own limits, and against its parent's entry under
     // the parent's limits (`plim`): the parent and all its children share the parent's budget.
-    let mut entries: Vec<Entry> = Vec::with_capacity(2 + t.budgets.len());
+    let mut credentials: Vec<(u64, &str, &Limits, i64)> = Vec::with_capacity(2);
     if t.own() {
-        entries.push(Entry::Credential { key_id: t.key_id, jti: &t.jti, lim: &t.lim, keep_until_s: t.keep_until_s });
+        credentials.push((t.key_id, &t.jti, &t.lim, t.keep_until_s));
     }
     if let Some(par) = t.parents() {
-        entries.push(Entry::Credential { key_id: t.par_key_id, jti: par, lim: &t.plim, keep_until_s: t.par_keep_until_s });
+        credentials.push((t.par_key_id, par, &t.plim, t.par_keep_until_s));
     }
-    entries.extend(t.budgets.iter().map(|b| Entry::Budget(*b)));
+    let at = |stage: Stage| credentials.iter().map(move |&(key_id, jti, lim, keep_until_s)| Entry::Credential { key_id, jti, lim, keep_until_s, stage });
+    let entries: Vec<Entry> = at(Stage::Rate).chain(t.budgets.iter().map(|b| Entry::Budget(*b))).chain(at(Stage::Count)).chain(at(Stage::Spend)).collect();
     for entry in &entries {
-        if matches!(entry, Entry::Budget(_)) && spend == Spend::Retry {
-            continue; // a retry was charged (and counted in the budgets) the first time
-        }
         let a = secrets.admit(entry, charge.as_ref());
+        let budget = matches!(entry, Entry::Budget(_));
         match (&a.verdict, charge) {
-            (Verdict::Admit, _) | (Verdict::Reserved, None) => holders.extend(a.holder),
-            (Verdict::Reserved, Some(c)) => {
-                holders.extend(a.holder);
-                spend = Spend::Reserved(Reservation { holders: holders.clone(), charge: c });
+            (Verdict::Admit, _) | (Verdict::Reserved, None) => {}
+            (Verdict::Reserved, Some(_)) => {
+                reserved = true;
+                fresh |= !budget;
             }
-            (Verdict::Retry, _) => {
-                if spend == Spend::Uncapped {
-                    spend = Spend::Retry;
-                }
-            }
+            (Verdict::Retry, _) => retry = true,
             (refusal, _) => {
                 if let Verdict::Pending(account) = refusal {
                     // Asked again once the ledger answered: the entries before are remembered
@@ -287,8 +298,29 @@ pub fn admit(secrets: &mut impl Secrets, t: &Ticket, priced: Option<&Priced>, bo
                 return Err(Halt::Deny(denial(*refusal)));
             }
         }
+        if let Some(h) = a.holder {
+            if budget {
+                budget_holders.push(holders.len());
+            }
+            holders.push(h);
+        }
     }
-    Ok(spend)
+    let Some(c) = charge else { return Ok(Spend::Uncapped) };
+    if retry && !fresh {
+        // A retry of a charge its credential still holds: it was counted in the budgets the first
+        // time, so their share of its spend goes back (what they counted as a request stays).
+        for i in budget_holders.iter().rev() {
+            if let Some(Holder::Ledger { account, mark, took, lease }) = holders.get(*i).cloned() {
+                let spend_only = crate::ledger::Amounts { spend: took.spend, count: 0 };
+                if spend_only.spend > 0 {
+                    secrets.release(&Holder::Ledger { account, mark, took: spend_only, lease }, &c);
+                }
+                holders.remove(*i);
+            }
+        }
+        return Ok(Spend::Retry);
+    }
+    Ok(if reserved { Spend::Reserved(Reservation { holders, charge: c }) } else { Spend::Uncapped })
 }
 
 fn denial(v: Verdict) -> Denial {

@@ -108,7 +108,7 @@ impl Secrets for Mem {
         Lookup::Ready(self.revoked.iter().any(|r| *r == format!("jti:{jti}") || *r == format!("sub:{sub}")))
     }
     fn admit(&mut self, entry: &Entry, charge: Option<&Charge>) -> Admitted {
-        let Entry::Credential { key_id, jti, lim, keep_until_s } = *entry else { return Admitted::admit() };
+        let Entry::Credential { key_id, jti, lim, keep_until_s, stage: crate::engine::Stage::Rate } = *entry else { return Admitted::admit() };
         self.admitted += 1;
         let verdict = self.limits.admit_charged(jti, lim, keep_until_s, NOW as u64, charge);
         Admitted { verdict, holder: Some(Holder::Local { key_id, jti: jti.to_string() }) }

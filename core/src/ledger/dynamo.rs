@@ -91,8 +91,9 @@ pub enum Change {
     /// counted from.
     Return { gateway: String, old: (u64, u64), back: Amounts, at_s: u64 },
     /// Charge `amounts` at once, with a mark (`r_<fingerprint>` or `x_<receipt>`, kept until
-    /// `until_s`): refused if the caps would be passed or the mark is there already.
-    Direct { amounts: Amounts, mark: String, until_s: u64 },
+    /// `until_s`): refused if the caps would be passed or the mark is there already. `prune`:
+    /// marks past their time, removed with it.
+    Direct { amounts: Amounts, mark: String, until_s: u64, prune: Vec<String> },
     /// Release a direct charge, once: only while its mark is there.
     Refund { amounts: Amounts, mark: String },
 }
@@ -168,8 +169,14 @@ impl Expr {
         let d = self.n(delta);
         self.set.push(format!("{a} = if_not_exists({a}, {zero}) + {d}"));
         if let (Some(cap), true) = (cap, delta > 0) {
-            let max = self.n(i128::from(cap) - delta);
-            self.cond.push(format!("(attribute_not_exists({a}) OR {a} <= {max})"));
+            let room = i128::from(cap) - delta;
+            let max = self.n(room);
+            // A change larger than the cap fits nowhere, not even in an item that holds nothing yet.
+            if room < 0 {
+                self.cond.push(format!("{a} <= {max}"));
+            } else {
+                self.cond.push(format!("(attribute_not_exists({a}) OR {a} <= {max})"));
+            }
         }
     }
     fn finish(self, mut b: String, returns: bool) -> String {
@@ -284,13 +291,17 @@ pub fn update(ledger: &Ledger, account: &Account, change: &Change) -> HttpCall {
             x.cond.push(format!("{l}.{fi} = {vi} AND {l}.{fq} = {vq}"));
             false
         }
-        Change::Direct { amounts, mark, until_s } => {
+        Change::Direct { amounts, mark, until_s, prune } => {
             x.add("s", i128::from(amounts.spend), caps.spend);
             x.add("n", i128::from(amounts.count), caps.count);
             let m = x.name(mark);
             let u = x.n(i128::from(*until_s));
             x.set.push(format!("{m} = {u}"));
             x.cond.push(format!("attribute_not_exists({m})"));
+            for p in prune.iter().filter(|p| *p != mark && valid_mark(p)).take(16) {
+                let a = x.name(p);
+                x.remove.push(a);
+            }
             true
         }
         Change::Refund { amounts, mark } => {
@@ -357,10 +368,11 @@ fn valid_mark(m: &str) -> bool {
 /// An item's attributes, strictly.
 fn item(attrs: &[(String, Value)], pk: &str) -> Result<Item, String> {
     let mut out = Item::default();
+    let mut keyed = false;
     for (name, v) in attrs {
         match name.as_str() {
             "pk" => match v.get("S").and_then(Value::as_str) {
-                Some(p) if p == pk => {}
+                Some(p) if p == pk => keyed = true,
                 _ => return Err("an item for another key".into()),
             },
             "s" => out.held.spend = unsigned(v).ok_or("the spend held is not a non-negative integer")?,
@@ -383,6 +395,9 @@ fn item(attrs: &[(String, Value)], pk: &str) -> Result<Item, String> {
             n if valid_mark(n) => out.marks.push((n.to_string(), unsigned(v).ok_or("a mark is not a number")?)),
             _ => return Err("an attribute this ledger never writes".into()),
         }
+    }
+    if !keyed {
+        return Err("an item without its key".into());
     }
     Ok(out)
 }

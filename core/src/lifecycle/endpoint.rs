@@ -46,9 +46,16 @@ impl Lifecycle {
     /// the root at once); the answer says how many were asked back and how many are still held,
     /// so the entrypoint asks again until none is.
     fn answer_drain(&mut self, host: &mut impl Host, now_ms: u64) -> Action {
+        // Envoy's RBAC on the shipped drain routes admits loopback peers only (by the peer's own
+        // address); this check is the second line, on the address Envoy reports.
         let local = host.downstream_address().is_some_and(|a| a.starts_with("127.") || a.starts_with("[::1]"));
         if !local {
             let d = Denial::new(Code::Forbidden, "the drain endpoint answers the gateway itself only");
+            return self.reply(host, d.status(), &d.headers(), &d.body());
+        }
+        let post = host.request_headers().is_ok_and(|h| h.iter().any(|(k, v)| k == ":method" && v.as_slice() == b"POST"));
+        if !post {
+            let d = Denial::new(Code::Forbidden, "the drain endpoint takes POST only");
             return self.reply(host, d.status(), &d.headers(), &d.body());
         }
         let asked = self.drain_ledger(host, now_ms);

@@ -77,8 +77,10 @@ pub(super) fn retry_mark(key: &[u8; 16]) -> String {
 }
 
 impl Lifecycle {
-    /// This Envoy's id in the ledger and this worker's number, made once per process and worker.
-    fn identities(&mut self, host: &mut impl Host) -> Option<(String, u64)> {
+    /// This Envoy's id in the ledger and this worker's number, made once per process (and ledger
+    /// configuration: two configurations in one VM are two gateways, each with its own leases)
+    /// and worker.
+    fn identities(&mut self, host: &mut impl Host, ledger: &Ledger) -> Option<(String, u64)> {
         if let (Some(g), Some(w)) = (self.ledger.gateway.clone(), self.ledger.worker) {
             return Some((g, w));
         }
@@ -87,13 +89,13 @@ impl Lifecycle {
         let seed = host.now_us() ^ (u64::from(self.root) << 48) ^ std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), self.root);
         let mut gateway = None;
         for _ in 0..16 {
-            let (bytes, cas) = host.shared_get(keys::GATEWAY_ID);
+            let (bytes, cas) = host.shared_get(&keys::gateway_id(ledger));
             if let Some(id) = bytes.and_then(|b| String::from_utf8(b).ok()).filter(|s| s.len() == 16) {
                 gateway = Some(id);
                 break;
             }
             let id = format!("{:016x}", crate::wire::fnv1a(seed.to_le_bytes()) ^ seed);
-            if host.shared_set(keys::GATEWAY_ID, id.as_bytes(), cas).is_ok() {
+            if host.shared_set(&keys::gateway_id(ledger), id.as_bytes(), cas).is_ok() {
                 gateway = None; // read it back: another worker may have written at the same time
             }
         }
@@ -119,7 +121,10 @@ impl Lifecycle {
         st.next_id += 1;
         let id = st.next_id;
         st.ids.insert(account.pk.clone(), id);
-        st.accounts.insert(id, super::state::AccountLocal { account: account.clone(), following: false, left: None, prune: Vec::new() });
+        st.accounts.insert(
+            id,
+            super::state::AccountLocal { account: account.clone(), following: false, left: None, prune: Vec::new(), marks: 0, expired_marks: Vec::new() },
+        );
         id
     }
 
@@ -137,14 +142,17 @@ impl Lifecycle {
             };
             Admitted { verdict, holder: None }
         };
+        // More than the cap itself never fits, whatever the ledger holds: refused at once, until
+        // the account ends (a new month for a budget).
+        if caps.spend.is_some_and(|c| need.want.spend > c) || caps.count.is_some_and(|c| need.want.count > c) {
+            let ends_in = need.account.ends_s.saturating_sub(now_ms / 1000);
+            return refused(u32::try_from(ends_in.max(1)).unwrap_or(u32::MAX));
+        }
         if let Some((mark, until_s)) = &need.direct {
             if let Some(done) = self.ledger.results.remove(&(ctx, id)) {
                 return done;
             }
-            let asked = self.ledger.jobs.values().any(|j| {
-                j.account == id && matches!(&j.kind, JobKind::Direct { ctx: c, .. } | JobKind::Read { then: ReadFor::Direct { ctx: c, .. } } if *c == ctx)
-            });
-            if asked {
+            if self.direct_in_flight(ctx) {
                 return Admitted { verdict: Verdict::Pending(id), holder: None };
             }
             let kind = JobKind::Direct { ctx, amounts: need.want, mark: mark.clone(), until_s: *until_s };
@@ -152,7 +160,7 @@ impl Lifecycle {
             return Admitted { verdict: Verdict::Pending(id), holder: None };
         }
         let key = keys::ledger_slice(need.ledger, &need.account.pk);
-        let Some((_, worker)) = self.identities(host) else { return Admitted { verdict: Verdict::Unavailable, holder: None } };
+        let Some((_, worker)) = self.identities(host, need.ledger) else { return Admitted { verdict: Verdict::Unavailable, holder: None } };
         let job_until = now_ms + u64::from(need.ledger.timeout_ms) + CALL_GRACE_MS;
         let mut outcome = Take::Failing;
         let mut claimed = false;
@@ -188,6 +196,7 @@ impl Lifecycle {
     pub(super) fn ledger_release(&mut self, host: &mut impl Host, ledger: &Ledger, holder: &Holder) {
         let Holder::Ledger { account, mark, took, lease } = holder else { return };
         let (took, lease) = (*took, *lease);
+        let _ = &self.ledger;
         match mark {
             None => {
                 let key = keys::ledger_slice(ledger, &account.pk);
@@ -197,7 +206,23 @@ impl Lifecycle {
                     true
                 });
             }
-            Some(m) => self.refund_direct(host, account, took, m),
+            // A charge made with a retry mark stands once made, even for a request refused or
+            // abandoned after it: a retry on another gateway may already have been let through
+            // on that mark. Only the vendor's refund takes it back. (Over-counted, never under.)
+            Some(_) => log::debug!("a direct charge on {} stays: its mark may already have admitted a retry", account.pk),
+        }
+    }
+
+    /// The account holds few enough retry marks for another (its item stays small to read back).
+    pub(super) fn ledger_marks_room(&self, account: &Account) -> bool {
+        self.ledger.ids.get(&account.pk).and_then(|id| self.ledger.accounts.get(id)).is_none_or(|a| a.marks < dynamo::MAX_MARKS)
+    }
+
+    /// Remember what the item says of the account's marks.
+    fn saw_marks(&mut self, id: u64, item: &Item, now_s: u64) {
+        if let Some(a) = self.ledger.accounts.get_mut(&id) {
+            a.marks = item.marks.len();
+            a.expired_marks = item.marks.iter().filter(|(_, until)| *until < now_s).map(|(m, _)| m.clone()).take(16).collect();
         }
     }
 
@@ -286,7 +311,7 @@ impl Lifecycle {
 
     /// The call a job makes now (a grant is sized from the slice as it is).
     fn job_call(&mut self, host: &mut impl Host, ledger: &Ledger, job: u64, now_ms: u64) -> Option<crate::secrets::store::HttpCall> {
-        let (gateway, _) = self.identities(host)?;
+        let (gateway, _) = self.identities(host, ledger)?;
         let (account_id, kind) = self.ledger.jobs.get(&job).map(|j| (j.account, j.kind.clone()))?;
         let a = self.ledger.accounts.get(&account_id)?;
         let account = a.account.clone();
@@ -331,7 +356,10 @@ impl Lifecycle {
                 Change::Grant { gateway, old, add, new: lease, prune }
             }
             JobKind::Return { old, back, .. } => Change::Return { gateway, old: *old, back: *back, at_s: now_ms / 1000 },
-            JobKind::Direct { amounts, mark, until_s, .. } => Change::Direct { amounts: *amounts, mark: mark.clone(), until_s: *until_s },
+            JobKind::Direct { amounts, mark, until_s, .. } => {
+                let prune = self.ledger.accounts.get_mut(&account_id).map(|a| std::mem::take(&mut a.expired_marks)).unwrap_or_default();
+                Change::Direct { amounts: *amounts, mark: mark.clone(), until_s: *until_s, prune }
+            }
             JobKind::Refund { amounts, mark, .. } => Change::Refund { amounts: *amounts, mark: mark.clone() },
             JobKind::Read { .. } => return Some(dynamo::read(ledger, &account)),
         };
@@ -392,6 +420,9 @@ impl Lifecycle {
                     }
                 }
                 (dynamo::Answer::Done(item), ReadFor::Direct { ctx, amounts, mark }) => {
+                    if let Some(i) = &item {
+                        self.saw_marks(j.account, i, now_ms / 1000);
+                    }
                     let verdict = if item.is_some_and(|i| i.has_mark(&mark)) && mark.starts_with("r_") {
                         Verdict::Retry
                     } else {
@@ -436,7 +467,9 @@ impl Lifecycle {
                 (_, ReadFor::Direct { ctx, .. }) => self.direct_result(host, ctx, j.account, Admitted { verdict: Verdict::Unavailable, holder: None }),
             },
             JobKind::Direct { ctx, amounts, mark, .. } => match read {
-                dynamo::Answer::Done(_) => {
+                // Made: the item carries the mark (an answer without it is not this change's).
+                dynamo::Answer::Done(Some(item)) if item.has_mark(&mark) => {
+                    self.saw_marks(j.account, &item, now_ms / 1000);
                     let verdict = if amounts.spend > 0 && account.caps.spend.is_some() { Verdict::Reserved } else { Verdict::Admit };
                     let holder = Holder::Ledger { account: account.clone(), mark: Some(mark), took: amounts, lease: 0 };
                     self.direct_result(host, ctx, j.account, Admitted { verdict, holder: Some(holder) });
@@ -472,6 +505,7 @@ impl Lifecycle {
             a.left = Some(left);
             a.prune = item.stale_marks(&gateway, (now_ms / 1000).saturating_sub(MARKS_KEPT_S));
         }
+        self.saw_marks(id, item, now_ms / 1000);
         let _ = shared::update::<Slice>(host, key, |s| {
             s.granted(lease, now_ms, LEASE_MARGIN_MS);
             s.job_until_ms = 0;
@@ -600,8 +634,28 @@ impl Lifecycle {
         if matches!(a.verdict, Verdict::Unavailable) {
             host.metric(crate::record::Metric::LedgerUnavailable);
         }
+        if let Some(before) = self.ledger.orphans.remove(&ctx) {
+            // Its stream left while the charge was in flight. Made: the charge stands, and what
+            // the stream took before stands with it (a retry admitted on its mark counts on
+            // them). Not made: all of it goes back.
+            if !matches!(a.verdict, Verdict::Reserved | Verdict::Admit) {
+                self.release_all(host, &before);
+            }
+            return;
+        }
+        if !self.streams.contains_key(&ctx) {
+            return;
+        }
         self.ledger.results.insert((ctx, id), a);
         self.resume_one(host, ctx);
+    }
+
+    /// Does stream `ctx` wait on a direct charge in flight?
+    pub(super) fn direct_in_flight(&self, ctx: ContextId) -> bool {
+        self.ledger
+            .jobs
+            .values()
+            .any(|j| matches!(&j.kind, JobKind::Direct { ctx: c, .. } | JobKind::Read { then: ReadFor::Direct { ctx: c, .. } } if *c == ctx))
     }
 
     /// Decide the requests waiting on account `id` again.
@@ -629,7 +683,7 @@ impl Lifecycle {
     /// forget what no request needs any more.
     pub(super) fn tick_ledger(&mut self, host: &mut impl Host, now_ms: u64) {
         let Some(ledger) = self.cfg.as_ref().and_then(|c| c.ledger.clone()) else { return };
-        let Some((_, worker)) = self.identities(host) else { return };
+        let Some((_, worker)) = self.identities(host, &ledger) else { return };
         let ids: Vec<u64> = self.ledger.accounts.keys().copied().collect();
         for id in ids {
             let Some(a) = self.ledger.accounts.get(&id) else { continue };
@@ -683,7 +737,7 @@ impl Lifecycle {
     /// SIGTERM). Answers how many it asked to give back.
     pub(super) fn drain_ledger(&mut self, host: &mut impl Host, now_ms: u64) -> usize {
         let Some(ledger) = self.cfg.as_ref().and_then(|c| c.ledger.clone()) else { return 0 };
-        let Some((_, worker)) = self.identities(host) else { return 0 };
+        let Some((_, worker)) = self.identities(host, &ledger) else { return 0 };
         let listed: Leases = shared::read(host, &keys::ledger_leases(&ledger));
         let mut n = 0;
         for account in listed.accounts {

@@ -2,7 +2,7 @@
 //! request and reserving its cost with compare-and-swap, and releasing a reservation.
 
 use crate::engine::{Admitted, Holder, Reservation};
-use crate::host::{Host, HostError};
+use crate::host::{ContextId, Host, HostError};
 use crate::policy::limits::{Charge, Limits, Table, Verdict};
 use crate::record::Metric;
 use crate::secrets::keys;
@@ -88,7 +88,23 @@ impl super::Lifecycle {
 
     /// A stream that waited leaves without going on (refused, given up, gone, or its
     /// configuration replaced): what it was counted in before it waited goes back.
-    pub(super) fn abandon(&mut self, host: &mut impl Host, admitted: &[Admitted]) {
+    pub(super) fn abandon(&mut self, host: &mut impl Host, ctx: ContextId, admitted: &[Admitted]) {
+        let made = self.ledger.results.iter().any(|((c, _), a)| *c == ctx && a.ok() && stands(a.holder.iter()));
+        self.ledger.results.retain(|(c, _), _| *c != ctx);
+        if made || stands(admitted.iter().filter_map(|a| a.holder.as_ref())) {
+            // Its direct charge was made: it stands, and what the stream took before stands with it.
+            return;
+        }
+        if self.direct_in_flight(ctx) {
+            // Its direct charge may still be made: what it took waits for that answer.
+            self.ledger.orphans.insert(ctx, admitted.to_vec());
+            return;
+        }
+        self.release_all(host, admitted);
+    }
+
+    /// Give back every ledger share in `admitted` (a rate count stays counted).
+    pub(super) fn release_all(&mut self, host: &mut impl Host, admitted: &[Admitted]) {
         let ledger = self.cfg.as_ref().and_then(|c| c.ledger.clone());
         for h in admitted.iter().filter_map(|a| a.holder.as_ref()) {
             match (h, &ledger) {
@@ -101,6 +117,11 @@ impl super::Lifecycle {
     }
 
     fn give_back(&mut self, host: &mut impl Host, r: &Reservation, refund: bool) {
+        if !refund && stands(r.holders.iter()) {
+            // A request refused after its direct charge was made: the charge stands (its mark may
+            // have admitted a retry elsewhere), and everything it was counted in with it.
+            return;
+        }
         let ledger = self.cfg.as_ref().and_then(|c| c.ledger.clone());
         for h in &r.holders {
             match (h, &ledger) {
@@ -113,4 +134,9 @@ impl super::Lifecycle {
             }
         }
     }
+}
+
+/// Does any of these hold a direct ledger charge with a retry mark (which stands once made)?
+fn stands<'a>(mut holders: impl Iterator<Item = &'a Holder>) -> bool {
+    holders.any(|h| matches!(h, Holder::Ledger { mark: Some(_), .. }))
 }

@@ -68,7 +68,7 @@ impl Lifecycle {
     fn decide_priced(&mut self, host: &mut impl Host, ctx: ContextId, mut pricing: Box<Pricing>, served: Served, body: Vec<u8>, resumed: bool) -> Action {
         let started_us = host.now_us().saturating_sub(pricing.header_us);
         let Some(cfg) = self.cfg.clone().filter(|_| pricing.generation == self.generation) else {
-            self.abandon(host, &pricing.admitted);
+            self.abandon(host, ctx, &pricing.admitted);
             return self.refuse_priced(host, ctx, pricing.audit, None, started_us);
         };
         let now_ms = host.now_ms();
@@ -107,7 +107,7 @@ impl Lifecycle {
         }
         let Some(Stream::Pricing { mut pricing, served }) = self.streams.remove(&ctx) else { return };
         if self.enter(host, ctx).is_err() {
-            self.abandon(host, &pricing.admitted);
+            self.abandon(host, ctx, &pricing.admitted);
             return; // the stream has gone
         }
         let body = pricing.body.take().map(|b| b.expose().to_vec()).unwrap_or_default();
@@ -133,7 +133,7 @@ impl Lifecycle {
         late.sort_unstable();
         for ctx in late {
             let Some(Stream::Pricing { pricing, .. }) = self.streams.remove(&ctx) else { continue };
-            self.abandon(host, &pricing.admitted);
+            self.abandon(host, ctx, &pricing.admitted);
             if self.enter(host, ctx).is_ok() {
                 let started_us = host.now_us().saturating_sub(pricing.header_us);
                 let d = Denial::new(Code::SecretUnavailable, "the spend ledger did not answer in time").retry_after(5);

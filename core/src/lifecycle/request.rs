@@ -7,7 +7,7 @@ use super::{limits, Lifecycle, PARK_GRACE_MS};
 use crate::config::Config;
 use crate::credential::jwt::HmacKey;
 use crate::credential::verified::VerifiedCache;
-use crate::engine::{self, Admitted, Decision, Entry, Holder, Lookup, Outcome, Request, Reservation, Secrets};
+use crate::engine::{self, Admitted, Decision, Entry, Holder, Lookup, Outcome, Request, Reservation, Secrets, Stage};
 use crate::host::{Action, ContextId, Headers, Host, HostError};
 use crate::inject::{scrub, Op};
 use crate::ledger::{Account, Amounts, Caps, Ledger};
@@ -107,46 +107,48 @@ impl<'a, H: Host> SharedSecrets<'a, H> {
         Admitted { verdict, holder: Some(Holder::Local { key_id, jti: jti.to_string() }) }
     }
 
-    /// One entry in the fleet ledger (and a credential's `rpm` in this Envoy's shards).
+    /// One entry in the fleet ledger (a credential's `rpm` in this Envoy's shards).
     fn fleet(&mut self, ledger: &Ledger, entry: &Entry, charge: Option<&Charge>) -> Admitted {
         let now_s = self.now_ms / 1000;
         let cost = charge.map_or(0, |c| c.cost);
         match *entry {
-            Entry::Credential { key_id, jti, lim, keep_until_s } => {
-                let caps = Caps { spend: lim.spend, count: lim.total };
-                let rpm = Limits { rpm: lim.rpm, total: None, spend: None };
-                if caps.spend.is_none() && caps.count.is_none() {
-                    return self.local(key_id, jti, &rpm, keep_until_s, None);
+            Entry::Credential { key_id, jti, lim, keep_until_s, stage: Stage::Rate } => {
+                if lim.rpm.is_none() {
+                    return Admitted::admit();
                 }
+                // The rate counts in this Envoy only; what it counted stays (the request was made).
+                let rpm = Limits { rpm: lim.rpm, total: None, spend: None };
+                Admitted { holder: None, ..self.local(key_id, jti, &rpm, keep_until_s, None) }
+            }
+            Entry::Credential { key_id, jti, lim, keep_until_s, stage } => {
+                let caps = Caps { spend: lim.spend, count: lim.total };
                 let keep = u64::try_from(keep_until_s).unwrap_or(0);
                 let account = Account::credential(key_id, jti, caps, keep);
-                let want = Amounts { spend: if caps.spend.is_some() { cost } else { 0 }, count: u64::from(caps.count.is_some()) };
-                if want.is_zero() {
-                    // Nothing to count in the ledger (a free request on a spend-capped credential).
-                    let mut a = if rpm.rpm.is_some() { self.local(key_id, jti, &rpm, keep_until_s, None) } else { Admitted::admit() };
-                    if a.ok() && charge.is_some() && caps.spend.is_some() {
-                        a.verdict = Verdict::Reserved;
+                let (want, direct) = match stage {
+                    Stage::Count => (Amounts { spend: 0, count: u64::from(caps.count.is_some()) }, None),
+                    _ if caps.spend.is_none() => (Amounts::default(), None),
+                    _ => {
+                        // A charge with an Idempotency-Key is made directly with its retry mark, so
+                        // that its retry on any gateway is recognised; while the account holds
+                        // too many marks to read back, it is taken from the slice (a retry is
+                        // then charged again: over-counted, never under-counted).
+                        let marks_ok = self.lc.ledger_marks_room(&account);
+                        let direct = charge
+                            .and_then(|c| c.retry)
+                            .filter(|_| cost > 0 && marks_ok)
+                            .map(|k| (super::ledger::retry_mark(&k), keep.min(now_s + crate::policy::limits::RETRY_WINDOW_S)));
+                        (Amounts { spend: cost, count: 0 }, direct)
                     }
-                    return a;
+                };
+                if want.is_zero() {
+                    // Nothing to count here (a free request on a spend-capped credential is still
+                    // reserved: at nothing).
+                    let reserved = stage == Stage::Spend && charge.is_some() && caps.spend.is_some();
+                    return Admitted { verdict: if reserved { Verdict::Reserved } else { Verdict::Admit }, holder: None };
                 }
-                let direct = charge
-                    .and_then(|c| c.retry)
-                    .filter(|_| caps.spend.is_some())
-                    .map(|k| (super::ledger::retry_mark(&k), keep.min(now_s + crate::policy::limits::RETRY_WINDOW_S)));
                 let need = Need { account, want, direct, budget: false, ledger };
                 let ctx = self.lc.current;
-                let a = self.lc.ledger_admit(self.host, ctx, &need, self.now_ms);
-                if !a.ok() || rpm.rpm.is_none() {
-                    return a;
-                }
-                let r = self.local(key_id, jti, &rpm, keep_until_s, None);
-                if !r.ok() {
-                    if let Some(h) = &a.holder {
-                        self.lc.ledger_release(self.host, ledger, h);
-                    }
-                    return r;
-                }
-                a
+                self.lc.ledger_admit(self.host, ctx, &need, self.now_ms)
             }
             Entry::Budget(i) => {
                 let Some(b) = ledger.budgets.get(i) else { return Admitted::admit() };
@@ -202,8 +204,8 @@ impl<H: Host> Secrets for SharedSecrets<'_, H> {
         }
         let a = match (self.lc.cfg.as_ref().and_then(|c| c.ledger.clone()), entry) {
             (Some(ledger), _) => self.fleet(&ledger, entry, charge),
-            (None, Entry::Credential { key_id, jti, lim, keep_until_s }) => self.local(*key_id, jti, lim, *keep_until_s, charge),
-            (None, Entry::Budget(_)) => Admitted::admit(),
+            (None, Entry::Credential { key_id, jti, lim, keep_until_s, stage: Stage::Rate }) => self.local(*key_id, jti, lim, *keep_until_s, charge),
+            (None, _) => Admitted::admit(),
         };
         if a.ok() {
             self.made.push(a.clone());
@@ -391,7 +393,7 @@ impl Lifecycle {
     pub(super) fn resume(&mut self, host: &mut impl Host, ctx: ContextId) {
         let Some(Stream::Parked(p)) = self.streams.remove(&ctx) else { return };
         if self.enter(host, ctx).is_err() {
-            self.abandon(host, &p.admitted);
+            self.abandon(host, ctx, &p.admitted);
             return; // the stream has gone
         }
         let _ = self.decide(host, ctx, Some(*p));
@@ -404,7 +406,7 @@ impl Lifecycle {
         late.sort_unstable();
         for ctx in late {
             let Some(Stream::Parked(p)) = self.streams.remove(&ctx) else { continue };
-            self.abandon(host, &p.admitted);
+            self.abandon(host, ctx, &p.admitted);
             if self.enter(host, ctx).is_ok() {
                 let why = match p.wait {
                     Wait::Ledger(_) => "the spend ledger did not answer in time",
@@ -421,8 +423,8 @@ impl Lifecycle {
     /// counted in while it waited goes back.
     pub(super) fn forget(&mut self, host: &mut impl Host, ctx: ContextId) {
         match self.streams.remove(&ctx) {
-            Some(Stream::Parked(p)) => self.abandon(host, &p.admitted),
-            Some(Stream::Pricing { pricing, .. }) => self.abandon(host, &pricing.admitted),
+            Some(Stream::Parked(p)) => self.abandon(host, ctx, &p.admitted),
+            Some(Stream::Pricing { pricing, .. }) => self.abandon(host, ctx, &pricing.admitted),
             _ => {}
         }
     }

@@ -205,6 +205,9 @@ pub struct LedgerState {
     pub(super) jobs: std::collections::BTreeMap<u64, Job>,
     pub(super) next_job: u64,
     pub(super) results: HashMap<(ContextId, u64), Admitted>,
+    /// What streams that left while their direct charge was in flight had taken before it: kept
+    /// if the charge is made (it stands, so they stand with it), given back if not.
+    pub(super) orphans: HashMap<ContextId, Vec<Admitted>>,
 }
 
 /// An account this worker asked for.
@@ -216,6 +219,10 @@ pub struct AccountLocal {
     pub(super) left: Option<crate::ledger::Amounts>,
     /// Other gateways' old end marks seen in the item, removed by the next grant.
     pub(super) prune: Vec<String>,
+    /// Retry marks seen in the item (how many, and those past their time, removed by the next
+    /// direct charge).
+    pub(super) marks: usize,
+    pub(super) expired_marks: Vec<String>,
 }
 
 /// A call to the ledger, queued for the root or in flight.

@@ -134,6 +134,12 @@ pub fn ledger_leases(l: &crate::ledger::Ledger) -> String {
 /// This Envoy's id in every ledger (one per process, shared by its workers).
 pub const GATEWAY_ID: &str = "keyward/v3/gateway-id";
 
+/// This Envoy's id in one ledger configuration: two configurations in one VM (two listeners, or
+/// the old and the new one during an update) are two gateways, each with its own leases.
+pub fn gateway_id(l: &crate::ledger::Ledger) -> String {
+    format!("{GATEWAY_ID}/{}", ledger_identity(l))
+}
+
 /// A counter that gives each worker's lifecycle its own number for ledger jobs.
 pub const LEDGER_WORKERS: &str = "keyward/v3/ledger-workers";
 

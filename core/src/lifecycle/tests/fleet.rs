@@ -134,8 +134,9 @@ impl Fleet {
     fn outstanding(&self, account: usize) -> (u64, u64) {
         self.flows
             .values()
-            .filter(|f| f.account == account && f.fate == Fate::Admitted(true))
-            .fold((0, 0), |(s, n), f| (s + if f.refunded { 0 } else { f.amount }, n + 1))
+            .filter(|f| f.account == account && matches!(f.fate, Fate::Admitted(_)))
+            // A retry is a call (it counts in `total`) but not a new charge.
+            .fold((0, 0), |(s, n), f| (s + if f.refunded || f.fate == Fate::Admitted(false) { 0 } else { f.amount }, n + 1))
     }
 
     fn advance(&mut self, ms: u64) {

@@ -86,7 +86,9 @@ fn settle(lc: &mut Lifecycle, host: &mut MemHost, table: &mut Table) -> Vec<Effe
 }
 
 fn gateway(host: &MemHost) -> String {
-    String::from_utf8(host.shared_value(crate::secrets::keys::GATEWAY_ID).unwrap_or_default()).unwrap_or_default()
+    let prefix = format!("{}/", crate::secrets::keys::GATEWAY_ID);
+    let key = host.shared_keys().into_iter().find(|k| k.starts_with(&prefix)).unwrap_or_default();
+    String::from_utf8(host.shared_value(&key).unwrap_or_default()).unwrap_or_default()
 }
 
 fn item_key(body: &Value) -> String {
@@ -402,4 +404,185 @@ fn a_budget_caps_the_team_across_credentials() {
         host.advance(slice::NO_ROOM_MS);
     }
     assert_eq!(paid, 5000, "the team's 5000 a month, across eight credentials");
+}
+
+/// A team credential's keyed payment of `amount` on stream `ctx`, decided with the ledger
+/// answering from `table`: its effects.
+fn team_pay(lc: &mut Lifecycle, host: &mut MemHost, table: &mut Table, ctx: ContextId, tok: &str, amount: u64, key: &str) -> Vec<Effect> {
+    let body = format!("amount={amount}&currency=usd");
+    let keys: Vec<(&str, &str)> = if key.is_empty() { vec![] } else { vec![("idempotency-key", key)] };
+    assert_eq!(pay_headers(lc, host, ctx, tok, &body, &keys), Action::Continue);
+    lc.handle(host, Event::RequestBody { ctx, size: body.len(), end: true });
+    settle(lc, host, table)
+}
+
+fn team_token(host: &MemHost, jti: &str, lim: &str) -> String {
+    let k = HmacKey::new(K1).unwrap_or_else(|e| panic!("{e}"));
+    jwt::mint(
+        "k1",
+        &k,
+        &format!(r#"{{"sub":"lambda/team-a","aud":"keyward","exp":{},"jti":"{jti}","allow":["stripe * /**"]{lim}}}"#, host.now_ms() / 1000 + 300),
+    )
+}
+
+/// A keyed payment the budget refuses leaves no retry mark behind: its retry, on any gateway, is
+/// refused by the budget too, never let through as "already charged".
+#[test]
+fn a_payment_the_budget_refuses_leaves_no_mark_for_its_retry() {
+    let mut host = MemHost::new(ROOT);
+    let mut table = Table::default();
+    let mut lc = warm(&mut host);
+    let tok = team_token(&host, "race-1", r#","lim":{"spend":1000000}"#);
+    let effects = team_pay(&mut lc, &mut host, &mut table, 10, &tok, 5000, "fill");
+    assert!(effects.contains(&Effect::Resume(10)), "the team's whole budget");
+    host.advance(slice::NO_ROOM_MS);
+    let effects = team_pay(&mut lc, &mut host, &mut table, 11, &tok, 10, "race-key");
+    assert_eq!(replies(&effects), vec![(11, 429, "spend_exhausted".into())]);
+    let pk = account_pk("race-1");
+    // Never, not even for a moment: a mark there while its charge waits to be undone would let a
+    // retry on another gateway through as "already charged", past the budget.
+    assert_eq!(table.marks_seen.len(), 1, "only the admitted payment's mark was ever in the ledger");
+    assert_eq!(table.n(&pk, &["s"]), Some(5000), "the refused payment charged nothing");
+    host.advance(slice::NO_ROOM_MS);
+    let effects = team_pay(&mut lc, &mut host, &mut table, 12, &tok, 10, "race-key");
+    assert_eq!(replies(&effects), vec![(12, 429, "spend_exhausted".into())], "its retry is refused by the budget as well");
+}
+
+/// More than the cap itself is refused at once, with no ledger call, even on an account the
+/// ledger has never seen (where DynamoDB's `attribute_not_exists` would let any amount in).
+#[test]
+fn a_charge_larger_than_the_cap_is_refused_without_asking_the_ledger() {
+    let mut host = MemHost::new(ROOT);
+    let mut table = Table::default();
+    let mut lc = warm(&mut host);
+    for (i, (lim, amount, key)) in
+        [(r#"{"spend":10000}"#, 1_000_000, "big"), (r#"{"spend":0}"#, 5000, "zero"), (r#"{"spend":0}"#, 5000, "")].into_iter().enumerate()
+    {
+        let jti = format!("cap-{i}");
+        let t = capped(&host, &jti, lim, "");
+        let ctx = 20 + i as u32;
+        let body = format!("amount={amount}&currency=usd");
+        let keys: Vec<(&str, &str)> = if key.is_empty() { vec![] } else { vec![("idempotency-key", key)] };
+        assert_eq!(pay_headers(&mut lc, &mut host, ctx, &t, &body, &keys), Action::Continue);
+        lc.handle(&mut host, Event::RequestBody { ctx, size: body.len(), end: true });
+        let effects = host.take();
+        assert!(ledger_calls(&host, &effects).is_empty(), "{lim} {amount}: no ledger call");
+        assert_eq!(replies(&effects), vec![(ctx, 429, "spend_exhausted".into())], "{lim} {amount}");
+        assert!(!table.items.contains_key(&account_pk(&jti)));
+    }
+    let _ = &mut table;
+}
+
+/// The ledger's own conditions hold the cap too: a charge larger than it fits nowhere.
+#[test]
+fn the_ledgers_condition_refuses_more_than_the_cap_on_a_new_item() {
+    let mut table = Table::default();
+    let l = ledger_config().ledger.unwrap_or_else(|| panic!("ledger"));
+    let account = crate::ledger::Account::credential(1, "new", crate::ledger::Caps { spend: Some(100), count: None }, 2_000_000_000);
+    let change = crate::ledger::dynamo::Change::Direct {
+        amounts: crate::ledger::Amounts { spend: 101, count: 0 },
+        mark: format!("r_{}", "a".repeat(32)),
+        until_s: 1,
+        prune: vec![],
+    };
+    let call = crate::ledger::dynamo::update(&l, &account, &change);
+    let answer = table.serve(&call);
+    assert_eq!(answer.status, Some(400), "refused: {:?}", answer.body.as_deref().map(String::from_utf8_lossy));
+    assert!(!table.items.contains_key(&account.pk));
+}
+
+/// An answer that does not carry the change (`{}`, or an item without the mark) is not a
+/// charge made: 503, never admitted.
+#[test]
+fn a_direct_charge_answered_without_its_mark_is_503_not_admitted() {
+    for (n, hollow) in ["{}", r#"{"Attributes":{}}"#].into_iter().enumerate() {
+        let mut host = MemHost::new(ROOT);
+        let mut lc = warm(&mut host);
+        let ctx = 30 + n as u32;
+        let t = capped(&host, "hollow", r#"{"spend":10000}"#, "");
+        let body = "amount=500&currency=usd";
+        assert_eq!(pay_headers(&mut lc, &mut host, ctx, &t, body, &[("idempotency-key", "k")]), Action::Continue);
+        assert_eq!(lc.handle(&mut host, Event::RequestBody { ctx, size: body.len(), end: true }), Action::Pause);
+        let mut effects = host.take();
+        if effects.contains(&Effect::WakeRoot) {
+            lc.handle(&mut host, Event::Woken);
+            effects = host.take();
+        }
+        let (call, op, _) = ledger_calls(&host, &effects).into_iter().next().unwrap_or_else(|| panic!("a ledger call"));
+        assert_eq!(op, "UpdateItem");
+        lc.handle(&mut host, Event::Answer { call, answer: Answer { status: Some(200), body: Some(hollow.as_bytes().to_vec()) } });
+        let mut effects = host.take();
+        if effects.contains(&Effect::WakeRoot) {
+            lc.handle(&mut host, Event::Woken);
+            effects.extend(host.take());
+        }
+        assert_eq!(replies(&effects), vec![(ctx, 503, "secret_unavailable".into())], "{hollow}");
+    }
+}
+
+/// Two configurations in one VM (two listeners, or an update's old and new one, here with
+/// different key sets) are two gateways in the ledger: each leases for itself, so one lease is
+/// never spent by both.
+#[test]
+fn two_configurations_in_one_vm_are_two_gateways() {
+    let mut host = MemHost::new(ROOT);
+    let mut table = Table::default();
+    let mut a = warm(&mut host);
+    let json = format!(
+        r#"{{"audience":"keyward","signing_keys":{{"k1":{{"env":"KEYWARD_KEY_K1"}},"k2":{{"env":"KEYWARD_KEY_K2"}}}},"stores":{{"bao":{BAO}}},
+        "cache":{{"ttl_s":300}},"targets":{{{TARGETS}}}{LEDGER}}}"#
+    );
+    let other = compile(json.as_bytes(), &env).unwrap_or_else(|e| panic!("{e}"));
+    let mut b = worker(&mut host, other);
+    let t = capped(&host, "both", r#"{"total":10}"#, "");
+    assert_eq!(get(&mut a, &mut host, 40, &t), Action::Pause);
+    settle(&mut a, &mut host, &mut table);
+    host.open(41, "stripe", &[(":method", "GET"), (":path", "/v1/charges"), ("authorization", &format!("Bearer {t}"))]);
+    b.handle(&mut host, Event::Request(41));
+    settle(&mut b, &mut host, &mut table);
+    let pk = account_pk("both");
+    let leases: Vec<&String> = table.items[&pk].keys().filter(|k| k.starts_with("l_")).collect();
+    assert_eq!(leases.len(), 2, "one lease per configuration: {leases:?}");
+    assert!(table.n(&pk, &["n"]).unwrap_or(0) <= 10);
+}
+
+/// An account's retry marks do not grow without end: those past their time go with the next
+/// direct charge, and while it holds the most it may, charges go through the slice instead.
+#[test]
+fn retry_marks_are_pruned_and_bounded() {
+    let mut host = MemHost::new(ROOT);
+    let mut table = Table::default();
+    let mut lc = warm(&mut host);
+    let t = capped(&host, "marks", r#"{"spend":1000000}"#, "");
+    let pk = account_pk("marks");
+    let now_s = host.now_ms() / 1000;
+    let mut item: super::table::Item = [("pk".to_string(), Attr::S(pk.clone())), ("s".into(), Attr::N(0))].into_iter().collect();
+    for i in 0..20 {
+        item.insert(format!("r_{i:032x}"), Attr::N(i128::from(now_s) - 10)); // past their time
+    }
+    table.items.insert(pk.clone(), item);
+    // Admitted: resumed after the ledger answered, or let through at once.
+    let pay = |lc: &mut Lifecycle, host: &mut MemHost, table: &mut Table, ctx: ContextId, key: &str| -> bool {
+        let body = "amount=10&currency=usd";
+        assert_eq!(pay_headers(lc, host, ctx, &t, body, &[("idempotency-key", key)]), Action::Continue);
+        let now = lc.handle(host, Event::RequestBody { ctx, size: body.len(), end: true });
+        now == Action::Continue || settle(lc, host, table).contains(&Effect::Resume(ctx))
+    };
+    let marks = |table: &Table| table.items[&pk].keys().filter(|k| k.starts_with("r_")).count();
+    assert!(pay(&mut lc, &mut host, &mut table, 50, "a"));
+    assert_eq!(marks(&table), 21, "the first charge learns which marks are past their time");
+    assert!(pay(&mut lc, &mut host, &mut table, 51, "b"));
+    assert_eq!(marks(&table), 6, "the next one removes sixteen of them");
+    // An account at the most marks it may hold: the next keyed charge goes through the slice.
+    let until = i128::from(now_s + 3600);
+    if let Some(i) = table.items.get_mut(&pk) {
+        for n in 0..crate::ledger::dynamo::MAX_MARKS {
+            i.insert(format!("r_{:032x}", 1000 + n), Attr::N(until));
+        }
+    }
+    assert!(pay(&mut lc, &mut host, &mut table, 52, "c"));
+    let before = marks(&table);
+    assert!(pay(&mut lc, &mut host, &mut table, 53, "d"));
+    assert_eq!(marks(&table), before, "no new mark");
+    assert!(table.items[&pk].keys().any(|k| k.starts_with("l_")), "charged from a slice");
 }

@@ -25,6 +25,8 @@ pub struct Table {
     pub items: BTreeMap<String, Item>,
     /// Calls served, by operation.
     pub served: Vec<String>,
+    /// Every retry mark any item ever held (a mark is visible to every gateway while it is there).
+    pub marks_seen: std::collections::BTreeSet<String>,
 }
 
 fn attr(v: &Value) -> Attr {
@@ -250,7 +252,15 @@ impl Table {
         let pk = body.get("Key").and_then(|k| k.get("pk")).and_then(|p| p.get("S")).and_then(Value::as_str).unwrap_or_else(|| panic!("no key")).to_string();
         let op = op.trim_start_matches("DynamoDB_20120810.").to_string();
         self.served.push(op.clone());
-        match op.as_str() {
+        let answer = self.serve_op(&op, &pk, &body);
+        let marks: Vec<String> = self.items.values().flat_map(|i| i.keys().filter(|k| k.starts_with("r_")).cloned()).collect();
+        self.marks_seen.extend(marks);
+        answer
+    }
+
+    fn serve_op(&mut self, op: &str, pk: &str, body: &Value) -> Answer {
+        let pk = pk.to_string();
+        match op {
             "GetItem" => {
                 let mut out = String::from("{");
                 if let Some(item) = self.items.get(&pk) {
@@ -260,7 +270,7 @@ impl Table {
                 out.push('}');
                 Answer { status: Some(200), body: Some(out.into_bytes()) }
             }
-            "UpdateItem" => self.update(&pk, &body),
+            "UpdateItem" => self.update(&pk, body),
             o => panic!("an operation the ledger never calls: {o}"),
         }
     }
