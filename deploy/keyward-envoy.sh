@@ -13,13 +13,48 @@
 # terminationGracePeriodSeconds (both 45 in the shipped manifests).
 # Arguments are Envoy's. ADMIN (default 127.0.0.1:9901) is the admin address; LEDGER_DRAIN the
 # listener with the /keyward/drain route (empty: skip step 3).
+#
+# The filter configuration at run time (envoy/aws-gateway.yaml): with KEYWARD_CONFIG_SOURCE set
+# (ssm:NAME, env:VAR or file:PATH), `keyward config-sync` writes it to KEYWARD_RUN_DIR (default
+# /run/keyward) before Envoy starts (a configuration that does not compile stops the start, with
+# its error), then checks the source every KEYWARD_CONFIG_EVERY seconds (default 30) and rewrites
+# the file Envoy watches when it changed. A bootstrap that names __AWS_REGION__ is written there
+# too, with the task's region (AWS_REGION) in its place.
 set -u
 DRAIN_S="${DRAIN_S:-30}"
 ADMIN="${ADMIN:-127.0.0.1:9901}"
 ENVOY="${ENVOY:-envoy}"
+KEYWARD="${KEYWARD:-keyward}"
 LEDGER_DRAIN="${LEDGER_DRAIN-127.0.0.1:10000}"
+RUN_DIR="${KEYWARD_RUN_DIR:-/run/keyward}"
+TEMPLATE="${KEYWARD_FILTER_TEMPLATE:-/etc/envoy/keyward-filter.template.json}"
+sync_pid=""
 
-"$ENVOY" --drain-time-s "$DRAIN_S" --drain-strategy immediate "$@" &
+args=("$@")
+for i in "${!args[@]}"; do
+  [ "${args[$i]}" = "-c" ] || continue
+  j=$((i + 1))
+  boot="${args[$j]:-}"
+  if [ -n "$boot" ] && grep -q '__AWS_REGION__' "$boot" 2>/dev/null; then
+    case "${AWS_REGION:-}" in
+      ''|*[!a-z0-9-]*) echo "keyward-envoy: $boot needs AWS_REGION (e.g. us-east-1); got '${AWS_REGION:-}'" >&2; exit 64 ;;
+    esac
+    mkdir -p "$RUN_DIR" || exit 73
+    sed "s/__AWS_REGION__/$AWS_REGION/g" "$boot" > "$RUN_DIR/envoy.yaml" || exit 73
+    args[$j]="$RUN_DIR/envoy.yaml"
+  fi
+done
+
+if [ -n "${KEYWARD_CONFIG_SOURCE:-}" ]; then
+  mkdir -p "$RUN_DIR" || exit 73
+  sync=("$KEYWARD" config-sync --source "$KEYWARD_CONFIG_SOURCE" --template "$TEMPLATE" --out "$RUN_DIR/keyward-filter.json")
+  # The first configuration must be good: Envoy would otherwise start without its filter.
+  "${sync[@]}" || { echo "keyward-envoy: no usable filter configuration from $KEYWARD_CONFIG_SOURCE; not starting" >&2; exit 78; }
+  "${sync[@]}" --every "${KEYWARD_CONFIG_EVERY:-30}" &
+  sync_pid=$!
+fi
+
+"$ENVOY" --drain-time-s "$DRAIN_S" --drain-strategy immediate "${args[@]}" &
 pid=$!
 
 admin_post() { # path: a POST to Envoy's admin with bash's /dev/tcp (no curl in the image)
@@ -42,6 +77,7 @@ drain() {
     sleep 0.5
   done
   give_back
+  [ -z "$sync_pid" ] || kill -TERM "$sync_pid" 2>/dev/null
   kill -TERM "$pid" 2>/dev/null
   wait "$pid"
   exit 0
@@ -91,6 +127,9 @@ trap drain TERM INT
 wait "$pid"
 status=$?
 # Envoy exited by itself (bad config, crash): its status is ours.
-if ! kill -0 "$pid" 2>/dev/null; then exit "$status"; fi
+if ! kill -0 "$pid" 2>/dev/null; then
+  [ -z "$sync_pid" ] || kill -TERM "$sync_pid" 2>/dev/null
+  exit "$status"
+fi
 # `wait` was interrupted by the trap; drain() exits.
 wait "$pid"

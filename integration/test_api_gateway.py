@@ -33,6 +33,7 @@ CLIENT_IP = "198.51.100.7"   # the caller's address as API Gateway sees it
 ENI_IP = "10.0.1.5"          # the VPC link's address, which the ALB appends
 REGION = "us-east-1"
 # A caller's role credentials (temporary, as a Lambda's are). Test values, not AWS's.
+TRACE_ID = "Root=1-6751e3c2-0123456789abcdef01234567"
 CALLER = ("keyward-fake-caller-key-id", "keyward-test-secret-access-key-0123456789", "keyward-test-session-token")
 
 
@@ -77,7 +78,7 @@ class FrontProxy:
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection", "content-length", "x-forwarded-for")}
                 xff = [v.strip() for v in (self.headers.get("x-forwarded-for") or "").split(",") if v.strip()]
                 headers["X-Forwarded-For"] = ", ".join(xff + [CLIENT_IP, ENI_IP])
-                headers.update({"X-Forwarded-Proto": "https", "X-Forwarded-Port": "443", "X-Amzn-Trace-Id": "Root=1-6751e3c2-0123456789abcdef01234567"})
+                headers.update({"X-Forwarded-Proto": "https", "X-Forwarded-Port": "443", "X-Amzn-Trace-Id": TRACE_ID})
                 c = http.client.HTTPConnection("127.0.0.1", upstream_port, timeout=timeout_s)
                 try:
                     c.request(self.command, self.path, body=body or None, headers=headers)
@@ -158,7 +159,7 @@ def test_routing_rules_and_injection_through_the_stage(gw, fronted):
     assert req["path"] == "/v1/customers?limit=3", "the stage and the vendor prefix are gone"
     assert harness.header_values(req, "authorization") == [f"Bearer {gw.s['stripe']}"], "SigV4 replaced by the vendor key"
     sent = {k for k, _ in req["headers"]}
-    for h in ("x-keyward-token", "x-amz-date", "x-amz-security-token", "x-forwarded-for", "x-amzn-trace-id", "x-forwarded-proto"):
+    for h in ("x-keyward-token", "x-amz-date", "x-amz-security-token", "x-forwarded-for", "x-forwarded-proto"):
         assert h not in sent, f"{h} reached the vendor"
     # The Stripe SDK, unchanged, through the example's signing session.
     import stripe
@@ -217,6 +218,7 @@ def test_the_access_log_names_the_client_api_gateway_saw(gw, fronted):
     assert entry["client"] == CLIENT_IP, entry
     assert entry["subject"] == "lambda/apigw-log" and entry["target"] == "stripe" and entry["decision"] == "allow"
     assert entry["path"] == f"/v1/{marker}", "the path the vendor got"
+    assert entry["trace_id"] == TRACE_ID, "API Gateway's trace id (as the front set it) joins the two logs"
 
 
 def test_a_vendor_slower_than_the_integration_timeout(gw, fronted):

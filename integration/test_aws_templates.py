@@ -1,8 +1,8 @@
-"""The AWS deployment (issue 15): every CloudFormation template in deploy/aws/ passes cfn-lint, and
-the template agrees with what it runs: the Envoy config's stage prefix, its route timeouts under
-API Gateway's integration timeout, the health route, the secrets the filter reads, the vendor
-keys it may read from Secrets Manager, and a drain that ends before ECS kills the task. The ECS
-health-check command itself is run against real Envoy."""
+"""The AWS deployment: every CloudFormation template in deploy/aws/ passes cfn-lint, and the
+template agrees with what it runs: the bootstrap and ECDS file in the image, the path without the
+stage, TLS at the ALB, the health route, exactly the secrets, parameter and table the task may
+read, and a drain that ends before ECS kills the task. The ECS health-check command itself is run
+against real Envoy."""
 import json
 import re
 import subprocess
@@ -56,38 +56,59 @@ def test_cfn_lint_would_catch_a_broken_template(tmp_path):
         assert r.returncode != 0 and what in r.stdout, (bad, r.stdout)
 
 
-def test_the_template_agrees_with_the_envoy_configs_it_runs():
+def test_the_template_agrees_with_the_envoy_config_it_runs():
+    """Both topologies run envoy/aws-gateway.yaml, its filter configuration from the stack's SSM
+    parameter (test_aws_only runs them together against moto)."""
     t = template(AWS / "keyward-gateway.yaml")
     res = t["Resources"]
     (c,) = res["TaskDefinition"]["Properties"]["ContainerDefinitions"]
-    # The fronted topology runs envoy/api-gateway.yaml; the private one the egress gateway config.
-    fronted_cfg = c["Command"][1]["Fn::If"]
-    assert fronted_cfg[1] == "/etc/envoy/api-gateway.yaml" and fronted_cfg[2] == "/etc/envoy/envoy.yaml"
-    cfg, env_keys, hcm = filter_config(envoy_doc("api-gateway.yaml"))
-    assert {s["Name"] for s in c["Secrets"]} == set(env_keys) == set(filter_config(envoy_doc("egress-gateway.yaml"))[1])
-    # Stage prefix: every vendor route of api-gateway.yaml starts with the default stage.
-    stage = t["Parameters"]["StageName"]["Default"]
+    assert c["Command"][:2] == ["-c", "/etc/envoy/aws-gateway.yaml"]
+    dockerfile = (ROOT / "deploy" / "ecs" / "Dockerfile").read_text()
+    assert "COPY envoy/aws-gateway.yaml /etc/envoy/aws-gateway.yaml" in dockerfile
+    assert "COPY envoy/keyward-filter.template.json /etc/envoy/keyward-filter.template.json" in dockerfile
+    doc = envoy_doc("aws-gateway.yaml")
+    (egress,) = [l for l in doc["static_resources"]["listeners"] if l["name"] == "egress"]
+    hcm = egress["filter_chains"][0]["filters"][0]["typed_config"]
+    (kw,) = [f for f in hcm["http_filters"] if f["name"] == "keyward"]
+    ecds = kw["config_discovery"]["config_source"]["path_config_source"]
+    # The entrypoint writes the ECDS file in the volume mounted at its directory.
+    (mount,) = c["MountPoints"]
+    assert ecds["path"].startswith(mount["ContainerPath"] + "/") and ecds["watched_directory"]["path"] == mount["ContainerPath"]
+    assert mount["ReadOnly"] is False and c["ReadonlyRootFilesystem"] is True
+    assert [v["Name"] for v in res["TaskDefinition"]["Properties"]["Volumes"]] == [mount["SourceVolume"]]
+    env = {e["Name"]: e["Value"] for e in c["Environment"]}
+    assert env["KEYWARD_CONFIG_SOURCE"] == {"Fn::Sub": "ssm:${FilterConfig}"} and env["AWS_REGION"] == {"Ref": "AWS::Region"}
+    assert "Secrets" not in c, "no secret goes through the task definition"
+    # The API's path reaches Envoy without the stage: the routes are /<vendor>/.
+    assert res["Integration"]["Properties"]["RequestParameters"] == {"overwrite:path": "/$request.path.proxy"}
     routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
     vendor_routes = [r for r in routes if "target" in r.get("metadata", {}).get("filter_metadata", {}).get("keyward", {})]
-    assert vendor_routes and all(r["match"]["prefix"].startswith(f"/{stage}/") for r in vendor_routes)
-    # Envoy gives up before API Gateway does.
-    limit_s = res["Integration"]["Properties"]["TimeoutInMillis"] / 1000
-    assert all(float(r["route"]["timeout"].rstrip("s")) < limit_s for r in vendor_routes)
-    assert float(hcm["request_timeout"].rstrip("s")) <= limit_s
+    assert vendor_routes and all(r["match"]["prefix"] == f"/{r['metadata']['filter_metadata']['keyward']['target']}/" for r in vendor_routes)
+    # TLS: the ALB listens HTTPS only, with the operator's certificate; API Gateway checks its name.
+    listener = res["Listener"]["Properties"]
+    assert listener["Protocol"] == "HTTPS" and listener["Port"] == 443 and listener["Certificates"] == [{"CertificateArn": {"Ref": "CertificateArn"}}]
+    assert res["Integration"]["Properties"]["TlsConfig"] == {"ServerNameToVerify": {"Ref": "DomainName"}}
+    alb_in = res["AlbSecurityGroup"]["Properties"]["SecurityGroupIngress"]
+    assert [(r["FromPort"], r["ToPort"]) for r in alb_in] == [(443, 443)]
     # Health: the ALB and the container check the route the filter answers.
     health = next(r for r in routes if r.get("name") == "keyward_health")
     assert res["TargetGroup"]["Properties"]["HealthCheckPath"] == health["match"]["path"]
     assert health["match"]["path"] in c["HealthCheck"]["Command"][1]
-    # XFF: API Gateway and the ALB's hop are trusted, nothing more.
-    assert hcm["use_remote_address"] is True and hcm["xff_num_trusted_hops"] == 2
+    assert hcm["use_remote_address"] is True
     # Drain: the entrypoint drains for DRAIN_S, ECS waits longer, the ALB deregisters first.
-    drain = int(next(e["Value"] for e in c["Environment"] if e["Name"] == "DRAIN_S"))
-    assert c["EntryPoint"] == ["/usr/local/bin/keyward-envoy"] and c["StopTimeout"] > drain
-    # Least privilege: the task reads exactly the AWS-held vendor keys; execution reads the two injected secrets.
-    (stmt,) = res["TaskRole"]["Properties"]["Policies"][0]["PolicyDocument"]["Statement"]
-    paths = {re.search(r":secret:(.+)-\?{6}$", r["Fn::Sub"]).group(1) for r in stmt["Resource"]}
-    assert paths == {tg["secret"]["path"] for tg in cfg["targets"].values() if cfg["stores"][tg["secret"]["store"]]["type"] == "aws_secrets_manager"}
-    assert stmt["Action"] == "secretsmanager:GetSecretValue"
+    assert c["EntryPoint"] == ["/usr/local/bin/keyward-envoy"] and c["StopTimeout"] > int(env["DRAIN_S"])
+    # Least privilege: the task reads the stack's five secrets, its one parameter, its one table.
+    policies = {p["PolicyName"]: p["PolicyDocument"]["Statement"] for p in res["TaskRole"]["Properties"]["Policies"]}
+    (sm,) = policies["keyward-vendor-keys"]
+    assert sm["Action"] == "secretsmanager:GetSecretValue"
+    secrets = {n for n, r in res.items() if r["Type"] == "AWS::SecretsManager::Secret"}
+    assert sorted(r["Ref"] for r in sm["Resource"]) == sorted(secrets) and len(secrets) == 5
+    (ssm,) = policies["keyward-filter-config"]
+    assert ssm["Action"] == "ssm:GetParameter" and ssm["Resource"]["Fn::Sub"].endswith(":parameter/keyward/${AWS::StackName}/filter-config")
+    assert res["FilterConfig"]["Properties"]["Name"]["Fn::Sub"] == "/keyward/${AWS::StackName}/filter-config"
+    (ddb,) = policies["keyward-fleet-ledger"]
+    assert ddb["Resource"] == {"Fn::GetAtt": ["LedgerTable", "Arn"]}
+    assert "Policies" not in res["ExecutionRole"]["Properties"]
     # IAM authorization on every route of the API.
     assert res["ProxyRoute"]["Properties"]["AuthorizationType"] == "AWS_IAM"
     assert res["Service"]["Properties"]["NetworkConfiguration"]["AwsvpcConfiguration"]["AssignPublicIp"] == "DISABLED"

@@ -109,7 +109,13 @@ impl Session {
         let status = resp.status().as_u16();
         let text =
             resp.body_mut().with_config().limit(ANSWER_LIMIT).read_to_string().map_err(|e| Fail::unavailable(format!("reading {service}'s answer: {e}")))?;
-        let v: Value = serde_json::from_str(&text).map_err(|_| Fail::unavailable(format!("{service} answered HTTP {status} without JSON")))?;
+        let v: Value = serde_json::from_str(&text).map_err(|_| {
+            // An AWS error in XML (a signature or an authorization refused by the front end): its
+            // code and message say why; they never hold the secret asked for.
+            let tag = |t: &str| text.split(&format!("<{t}>")).nth(1).and_then(|r| r.split(&format!("</{t}>")).next()).unwrap_or("");
+            let why: String = format!("{} {}", tag("Code"), tag("Message")).trim().chars().take(300).collect();
+            Fail::unavailable(format!("{service} answered HTTP {status} without JSON{}", if why.is_empty() { String::new() } else { format!(": {why}") }))
+        })?;
         if status == 200 {
             return Ok(v);
         }

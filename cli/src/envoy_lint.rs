@@ -15,12 +15,17 @@ const ROUTER: &str = "type.googleapis.com/envoy.extensions.filters.http.router.v
 
 pub fn run(args: &[String]) -> Result<(), Fail> {
     let a = Args::parse(args, &["no-env"])?;
-    a.check(&[])?;
+    a.check(&["ecds"])?;
     a.at_most(1)?;
     let path = a.positional.first().ok_or_else(|| Fail::usage("a FILE.yaml is required"))?;
     let text = std::fs::read_to_string(path).map_err(|e| Fail::unavailable(format!("cannot read {path}: {e}")))?;
     let doc: Value = serde_norway::from_str(&text).map_err(|e| format!("{path}: not YAML: {e}"))?;
-    let report = lint(&doc, a.flag("no-env"));
+    // A filter configured by ECDS: its resource, from --ecds or the file the bootstrap names.
+    let ecds = match a.get("ecds") {
+        Some(file) => Some(ecds_resource(file)?),
+        None => ecds_path(&doc).and_then(|file| ecds_resource(&file).ok()),
+    };
+    let report = lint_with(&doc, a.flag("no-env"), ecds.as_ref());
     if a.json() {
         let ok = report.problems.is_empty();
         println!(
@@ -87,7 +92,45 @@ fn lint_upstream_tls(r: &mut Report, cluster: &Value, why: &str) {
     }
 }
 
+#[cfg(test)]
 pub fn lint(doc: &Value, no_env: bool) -> Report {
+    lint_with(doc, no_env, None)
+}
+
+/// The keyward filter's ECDS file, as a bootstrap names it (`config_discovery` with a
+/// `path_config_source`).
+fn ecds_path(doc: &Value) -> Option<String> {
+    let mut found = None;
+    walk(doc, &mut |v| {
+        if let Some(p) = v.get("config_discovery").and_then(|cd| s(cd, &["config_source", "path_config_source", "path"])) {
+            if s(v, &["name"]) == Some("keyward") {
+                found = Some(p.to_string());
+            }
+        }
+    });
+    found
+}
+
+fn walk(v: &Value, f: &mut impl FnMut(&Value)) {
+    f(v);
+    match v {
+        Value::Array(a) => a.iter().for_each(|x| walk(x, f)),
+        Value::Object(m) => m.values().for_each(|x| walk(x, f)),
+        _ => {}
+    }
+}
+
+/// The filter's `TypedExtensionConfig.typed_config` in an ECDS file (JSON or YAML, one resource).
+fn ecds_resource(file: &str) -> Result<Value, Fail> {
+    let text = std::fs::read_to_string(file).map_err(|e| Fail::unavailable(format!("cannot read {file}: {e}")))?;
+    let doc: Value = serde_norway::from_str(&text).map_err(|e| Fail::Failed(format!("{file}: not YAML or JSON: {e}")))?;
+    match doc.get("resources").and_then(Value::as_array).map(Vec::as_slice) {
+        Some([one]) => one.get("typed_config").cloned().ok_or_else(|| Fail::Failed(format!("{file}: its resource has no typed_config"))),
+        _ => Err(Fail::Failed(format!("{file}: an ECDS file holds exactly one resource"))),
+    }
+}
+
+pub fn lint_with(doc: &Value, no_env: bool, ecds: Option<&Value>) -> Report {
     let mut r = Report::default();
     let listeners = doc.get("static_resources").map(|s| arr(s, "listeners")).unwrap_or_default();
     let mut used: Vec<(String, String)> = Vec::new();
@@ -102,7 +145,7 @@ pub fn lint(doc: &Value, no_env: bool) -> Report {
                     continue;
                 }
                 let at = format!("listener {lname}");
-                if let Some(h) = lint_hcm(&mut r, &at, tc, no_env) {
+                if let Some(h) = lint_hcm(&mut r, &at, tc, no_env, ecds) {
                     used.extend(h.store_clusters.into_iter().map(|c| (c, "a secret store".to_string())));
                     ledgers.extend(h.ledger_cluster.clone());
                     used.extend(h.ledger_cluster.into_iter().map(|c| (c, "the fleet ledger".to_string())));
@@ -239,21 +282,40 @@ struct HcmUse {
     code: String,
 }
 
-fn lint_hcm(r: &mut Report, at: &str, hcm: &Value, no_env: bool) -> Option<HcmUse> {
+fn lint_hcm(r: &mut Report, at: &str, hcm: &Value, no_env: bool, ecds: Option<&Value>) -> Option<HcmUse> {
     let filters = arr(hcm, "http_filters");
+    let by_ecds = |f: &Value| {
+        s(f, &["name"]) == Some("keyward")
+            && f.get("config_discovery").is_some_and(|cd| arr(cd, "type_urls").iter().any(|t| t.as_str() == Some(WASM)))
+    };
     let kw = filters.iter().find(|f| {
-        f.get("typed_config").is_some_and(|tc| {
-            s(tc, &["@type"]) == Some(WASM)
-                && (s(tc, &["config", "root_id"]) == Some("keyward")
-                    || s(tc, &["config", "name"]) == Some("keyward")
-                    || s(tc, &["config", "vm_config", "code", "local", "filename"]).is_some_and(|p| p.ends_with("keyward.wasm")))
-        })
+        by_ecds(f)
+            || f.get("typed_config").is_some_and(|tc| {
+                s(tc, &["@type"]) == Some(WASM)
+                    && (s(tc, &["config", "root_id"]) == Some("keyward")
+                        || s(tc, &["config", "name"]) == Some("keyward")
+                        || s(tc, &["config", "vm_config", "code", "local", "filename"]).is_some_and(|p| p.ends_with("keyward.wasm")))
+            })
     })?;
     r.listeners += 1;
-    let tc = kw.get("typed_config").cloned().unwrap_or_default();
+    let tc = if by_ecds(kw) {
+        if kw.get("config_discovery").and_then(|cd| cd.get("default_config")).is_some() {
+            r.problems.push(format!("{at}: the keyward filter's ECDS has a default_config: without its configuration Envoy must not serve, not fall back"));
+        }
+        match ecds {
+            Some(v) => v.clone(),
+            None => {
+                r.notes.push(format!("{at}: the keyward filter's configuration comes by ECDS; give --ecds FILE to check it too"));
+                Value::Null
+            }
+        }
+    } else {
+        kw.get("typed_config").cloned().unwrap_or_default()
+    };
+    let known = !tc.is_null();
     let cfgv = tc.get("config").cloned().unwrap_or_default();
     let vm_id = s(&cfgv, &["vm_config", "vm_id"]).unwrap_or("").to_string();
-    if vm_id.is_empty() {
+    if vm_id.is_empty() && known {
         r.problems.push(format!("{at}: give the keyward filter its own vm_config.vm_id (an empty one is shared by every module without one)"));
     }
     let code = s(&cfgv, &["vm_config", "code", "local", "filename"]).unwrap_or("").to_string();
@@ -276,7 +338,8 @@ fn lint_hcm(r: &mut Report, at: &str, hcm: &Value, no_env: bool) -> Option<HcmUs
     }
 
     let policy = s(&cfgv, &["failure_policy"]);
-    if b(&cfgv, &["fail_open"]) == Some(true) || policy == Some("FAIL_OPEN") {
+    if !known {
+    } else if b(&cfgv, &["fail_open"]) == Some(true) || policy == Some("FAIL_OPEN") {
         r.problems.push(format!("{at}: the keyward filter fails open (fail_open: true or failure_policy: FAIL_OPEN): a broken filter would forward requests"));
     } else if !matches!(policy, Some("FAIL_RELOAD" | "FAIL_CLOSED")) {
         r.problems.push(format!(
@@ -286,7 +349,7 @@ fn lint_hcm(r: &mut Report, at: &str, hcm: &Value, no_env: bool) -> Option<HcmUs
         r.notes
             .push(format!("{at}: failure_policy: FAIL_CLOSED leaves a worker whose module panicked answering 503 until Envoy restarts; FAIL_RELOAD heals it"));
     }
-    if s(&cfgv, &["vm_config", "runtime"]) != Some("envoy.wasm.runtime.v8") {
+    if known && s(&cfgv, &["vm_config", "runtime"]) != Some("envoy.wasm.runtime.v8") {
         r.notes.push(format!("{at}: vm_config.runtime is not envoy.wasm.runtime.v8 (the tested runtime)"));
     }
     if b(hcm, &["normalize_path"]) != Some(true) {
@@ -308,6 +371,7 @@ fn lint_hcm(r: &mut Report, at: &str, hcm: &Value, no_env: bool) -> Option<HcmUs
     }
 
     let cfg: Option<Config> = match s(&cfgv, &["configuration", "value"]) {
+        None if !known => None,
         None => {
             r.problems.push(format!("{at}: the keyward filter has no configuration (google.protobuf.StringValue)"));
             None
@@ -465,7 +529,7 @@ fn lint_hcm(r: &mut Report, at: &str, hcm: &Value, no_env: bool) -> Option<HcmUs
 /// router until the whole body has passed keyward, which may still refuse the request.
 fn buffered(filters: &[Value], route: &Value) -> bool {
     let buffer_at = filters.iter().position(|f| s(f, &["name"]) == Some(BUFFER));
-    let kw_at = filters.iter().position(|f| s(f, &["typed_config", "@type"]) == Some(WASM));
+    let kw_at = filters.iter().position(is_keyward);
     let globally = buffer_at.and_then(|i| filters.get(i)).is_some_and(|f| f.get("disabled").and_then(Value::as_bool) != Some(true));
     let per_route = route.get("typed_per_filter_config").and_then(|t| t.get(BUFFER));
     let wrapped = per_route.is_some_and(|p| s(p, &["@type"]).is_some_and(|t| t.ends_with("config.route.v3.FilterConfig")));
@@ -479,11 +543,16 @@ fn buffered(filters: &[Value], route: &Value) -> bool {
     matches!((buffer_at, kw_at), (Some(b), Some(k)) if b > k && on_here)
 }
 
+/// Keyward's filter in a chain: a Wasm filter, or one named keyward (configured by ECDS).
+fn is_keyward(f: &Value) -> bool {
+    s(f, &["typed_config", "@type"]) == Some(WASM) || (s(f, &["name"]) == Some("keyward") && f.get("config_discovery").is_some())
+}
+
 /// Does the route carry an RBAC that allows only loopback peers, by their own address, in a
 /// chain where the RBAC filter runs before keyward?
 fn loopback_only(filters: &[Value], route: &Value) -> bool {
     let rbac_at = filters.iter().position(|f| s(f, &["name"]) == Some("envoy.filters.http.rbac"));
-    let kw_at = filters.iter().position(|f| s(f, &["typed_config", "@type"]) == Some(WASM));
+    let kw_at = filters.iter().position(is_keyward);
     if !matches!((rbac_at, kw_at), (Some(r), Some(k)) if r < k) {
         return false;
     }
