@@ -97,18 +97,34 @@ def test_gateway_manifest_has_the_required_kinds_and_wiring():
     assert {"Deployment", "Service", "NetworkPolicy"} <= set(docs)
     pod = docs["Deployment"]["spec"]["template"]["spec"]
     (c,) = pod["containers"]
-    assert {e["name"] for e in c["env"]} - {"DRAIN_S"} == host_env_keys(ROOT / "envoy" / "egress-gateway.yaml")
+    assert {e["name"] for e in c["env"]} - {"DRAIN_S", "LEDGER_DRAIN"} == host_env_keys(ROOT / "envoy" / "egress-gateway.yaml")
     assert c["securityContext"]["readOnlyRootFilesystem"] and pod["securityContext"]["runAsNonRoot"]
     assert c["args"][c["args"].index("--log-level") + 1] == "info"
-    cm = k8s_docs("envoy-configmap.yaml")[0]
-    assert {v["configMap"]["name"] for v in pod["volumes"]} == {cm["metadata"]["name"]}
+    cms = {d["metadata"]["name"] for d in k8s_docs("envoy-configmap.yaml")}
+    assert {v["configMap"]["name"] for v in pod["volumes"] if "configMap" in v} == cms == {"keyward-envoy", "keyward-filter"}
+    assert [v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v] == ["keyward-gateway-tls"]
+    # Whole directories (a subPath mount never sees an update), the probe over TLS, the drain on loopback.
+    assert all("subPath" not in m for m in c["volumeMounts"])
+    assert c["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
+    envoy = yaml.safe_load(next(d for d in k8s_docs("envoy-configmap.yaml") if d["metadata"]["name"] == "keyward-envoy")["data"]["envoy.yaml"])
+    local = next(l for l in envoy["static_resources"]["listeners"] if l["name"] == "local")["address"]["socket_address"]
+    assert next(e["value"] for e in c["env"] if e["name"] == "LEDGER_DRAIN") == f"{local['address']}:{local['port_value']}"
 
 
 def test_configmap_is_the_shipped_gateway_config():
     r = subprocess.run([sys.executable, str(K8S / "sync-configmap.py"), "--check"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    cm = k8s_docs("envoy-configmap.yaml")[0]
-    assert cm["data"]["envoy.yaml"] == (ROOT / "envoy" / "egress-gateway.yaml").read_text()
+    docs = {d["metadata"]["name"]: d["data"] for d in k8s_docs("envoy-configmap.yaml")}
+    envoy = yaml.safe_load(docs["keyward-envoy"]["envoy.yaml"])
+    source = yaml.safe_load((ROOT / "envoy" / "egress-gateway.yaml").read_text())
+    # The same clusters and routes; the filter itself is the keyward-filter ConfigMap's resource.
+    assert envoy["static_resources"]["clusters"] == source["static_resources"]["clusters"]
+    eg = lambda d: next(l for l in d["static_resources"]["listeners"] if l["name"] == "egress")["filter_chains"][0]  # noqa: E731
+    assert eg(envoy)["filters"][0]["typed_config"]["route_config"] == eg(source)["filters"][0]["typed_config"]["route_config"]
+    (kw,) = [f for f in eg(source)["filters"][0]["typed_config"]["http_filters"] if f["name"] == "keyward"]
+    resource = yaml.safe_load(docs["keyward-filter"]["keyward-filter.yaml"])
+    assert resource["resources"][0]["typed_config"] == kw["typed_config"]
+    assert eg(envoy)["transport_socket"]["name"] == "envoy.transport_sockets.tls"
 
 
 def filter_configs():
@@ -241,7 +257,7 @@ def test_kubernetes_gateway_drains_probes_health_and_allows_pod_identity():
     assert "command" not in c, "the image's entrypoint (keyward-envoy) drains on SIGTERM"
     drain = int(next(e["value"] for e in c["env"] if e["name"] == "DRAIN_S"))
     assert pod["terminationGracePeriodSeconds"] > c["lifecycle"]["preStop"]["sleep"]["seconds"] + drain
-    assert c["readinessProbe"]["httpGet"] == {"path": "/keyward/health", "port": "egress"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/keyward/health", "port": "egress", "scheme": "HTTPS"}
     (pdb,) = docs["PodDisruptionBudget"]
     assert pdb["spec"]["minAvailable"] >= 1 and pdb["spec"]["selector"] == dep["spec"]["selector"]
     assert dep["spec"]["replicas"] > pdb["spec"]["minAvailable"]
