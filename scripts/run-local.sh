@@ -23,6 +23,13 @@ esac
 VENV=.venv
 RUN=.run
 KEYWARD=target/release/keyward
+# What this script runs, made by `make deps build` (make run does both).
+for need in "$VENV/bin/bao" "$VENV/bin/python" dist/keyward.wasm "$KEYWARD"; do
+  if [ ! -x "$need" ] && [ ! -f "$need" ]; then
+    echo "$need is missing: run \`make deps build\` first (from the repository root)" >&2
+    exit 1
+  fi
+done
 mkdir -p "$RUN"
 chmod 700 "$RUN"
 
