@@ -169,3 +169,110 @@ def test_make_run_walk_through_caps_spend(local_gateway):
     rows = harness.wait_until(spent, timeout=15, what="the access log lines")
     assert rows == [{"subject": "lambda/demo", "run": "walkthrough", "target": "stripe", "requests": 3, "charged": 10000,
                      "refunded": 0, "net": 10000, "retries": 1}], rows
+
+
+REST_EVENT = {"resource": "/orders", "path": "/orders", "httpMethod": "POST",
+              "headers": {"X-Amzn-Trace-Id": "Root=1-6751e0a0-rest0000000000000000001"},
+              "requestContext": {"requestId": "c6af9ac6-7b61-11e6-9a41-93e8deadbeef", "stage": "prod", "apiId": "abc123"},
+              "body": json.dumps({"order_id": "apigw-rest", "model": "claude-example"})}
+HTTP_EVENT = {"version": "2.0", "routeKey": "POST /orders", "rawPath": "/orders",
+              "headers": {"x-amzn-trace-id": "Root=1-6751e0a0-http0000000000000000002"},
+              "requestContext": {"requestId": "JKJaXmPLvHcESHA=", "http": {"method": "POST", "path": "/orders"}},
+              "body": json.dumps({"order_id": "apigw-http", "model": "claude-example"})}
+
+
+def test_run_labels_and_trace_headers_from_api_gateway_events():
+    """Python and Node helpers agree: the API request id of REST and HTTP API events, else
+    Lambda's; the trace header from Lambda's environment first, else the event."""
+    import sys
+    sys.path.insert(0, str(ROOT / "examples" / "python"))
+    from keyward_credentials import run_label, trace_headers
+
+    class Ctx:
+        aws_request_id = "8f5e3c2a-lambda"
+    cases = [(REST_EVENT, None, "apigw/c6af9ac6-7b61-11e6-9a41-93e8deadbeef"), (HTTP_EVENT, Ctx(), "apigw/JKJaXmPLvHcESHA="),
+             ({"Records": []}, Ctx(), "lambda/8f5e3c2a-lambda"), ({}, None, None),
+             ({"requestContext": {"requestId": "a\nb" + "x" * 300}}, None, "apigw/ab" + "x" * 120)]
+    env = {k: v for k, v in os.environ.items() if k != "_X_AMZN_TRACE_ID"}
+    old = os.environ.pop("_X_AMZN_TRACE_ID", None)
+    try:
+        for event, ctx, want in cases:
+            assert run_label(event, ctx) == want
+        assert trace_headers(REST_EVENT) == {"X-Amzn-Trace-Id": REST_EVENT["headers"]["X-Amzn-Trace-Id"]}
+        assert trace_headers(HTTP_EVENT) == {"X-Amzn-Trace-Id": HTTP_EVENT["headers"]["x-amzn-trace-id"]}
+        assert trace_headers({}) == {}
+        os.environ["_X_AMZN_TRACE_ID"] = "Root=1-lambda"
+        assert trace_headers(HTTP_EVENT) == {"X-Amzn-Trace-Id": "Root=1-lambda"}
+    finally:
+        os.environ.pop("_X_AMZN_TRACE_ID", None)
+        if old is not None:
+            os.environ["_X_AMZN_TRACE_ID"] = old
+    if shutil.which("node") is None:
+        return
+    script = ("import { runLabel, traceHeaders } from './keyward_credentials.mjs';"
+              "const cases = JSON.parse(process.env.CASES);"
+              "console.log(JSON.stringify(cases.map(([e, c]) => [runLabel(e, c) ?? null, traceHeaders(e)])));")
+    node_cases = [[REST_EVENT, None], [HTTP_EVENT, {"awsRequestId": "8f5e3c2a-lambda"}], [{"Records": []}, {"awsRequestId": "8f5e3c2a-lambda"}], [{}, None]]
+    r = subprocess.run(["node", "--input-type=module", "-e", script], cwd=ROOT / "examples" / "node", capture_output=True, text=True,
+                       env=dict(env, CASES=json.dumps(node_cases)), timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == [
+        ["apigw/c6af9ac6-7b61-11e6-9a41-93e8deadbeef", {"X-Amzn-Trace-Id": REST_EVENT["headers"]["X-Amzn-Trace-Id"]}],
+        ["apigw/JKJaXmPLvHcESHA=", {"X-Amzn-Trace-Id": HTTP_EVENT["headers"]["x-amzn-trace-id"]}],
+        ["lambda/8f5e3c2a-lambda", {}], [None, {}]]
+
+
+def access_lines(marker):
+    lines = []
+    for l in (ROOT / ".run" / "access.log").read_text(errors="replace").splitlines():
+        try:
+            e = json.loads(l)
+        except ValueError:
+            continue
+        if e.get("run") == marker:
+            lines.append(e)
+    return lines
+
+
+@pytest.mark.parametrize("event", [REST_EVENT, HTTP_EVENT], ids=["rest", "http"])
+def test_api_gateway_handlers_join_the_access_log(local_gateway, event):
+    """examples/python/apigw_handler.py and examples/node/apigw_handler.mjs behind a REST and an
+    HTTP API event, against make run: each call of the invocation is in Keyward's access log
+    under the API request id (`run`) and the trace id, with the real keys at the vendor."""
+    runs = [([str(harness.BIN / "python"), "-W", "ignore", "-c",
+              "import json, os, apigw_handler; print(json.dumps(apigw_handler.handler(json.loads(os.environ['EVENT']), None)))"],
+             ROOT / "examples" / "python")]
+    if shutil.which("node") is not None and (ROOT / "examples" / "node" / "node_modules").exists():
+        runs.append((["node", "apigw_handler.mjs"], ROOT / "examples" / "node"))
+    trace = next(v for k, v in event["headers"].items() if k.lower() == "x-amzn-trace-id")
+    for cmd, cwd in runs:
+        env = dict(os.environ, KEYWARD_URL="http://127.0.0.1:10000", KEYWARD_TOKEN=local_gateway, EVENT=json.dumps(event))
+        env.pop("_X_AMZN_TRACE_ID", None)
+        r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stdout + r.stderr
+        out = json.loads(r.stdout)
+        assert out["statusCode"] == 200
+        check(json.loads(out["body"]), local_gateway)
+        run = "apigw/" + event["requestContext"]["requestId"]
+
+        def logged():
+            lines = access_lines(run)
+            return lines if {e.get("target") for e in lines} >= {"stripe", "anthropic"} else None
+        lines = harness.wait_until(logged, timeout=15, what="the invocation's access log lines")
+        assert all(e["trace_id"] == trace for e in lines if e.get("target") in ("stripe", "anthropic")), lines
+        assert local_gateway not in (ROOT / ".run" / "access.log").read_text(errors="replace")
+
+
+def test_the_sam_example_passes_cfn_lint_and_runs_the_tested_handler():
+    r = subprocess.run([str(harness.BIN / "cfn-lint"), str(ROOT / "examples" / "sam" / "template.yaml")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+    Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
+    t = yaml.load((ROOT / "examples" / "sam" / "template.yaml").read_text(), Loader=Loader)
+    fn = t["Resources"]["OrdersFunction"]["Properties"]
+    assert fn["Handler"] == "apigw_handler.handler" and (ROOT / "examples" / "sam" / fn["CodeUri"] / "apigw_handler.py").exists()
+    assert set(fn["Environment"]["Variables"]) == {"KEYWARD_URL", "KEYWARD_TOKEN_PARAMETER"}
+    assert t["Globals"]["Function"]["Tracing"] == "Active"

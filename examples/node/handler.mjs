@@ -36,7 +36,7 @@ export async function handler(event = {}) {
     { idempotencyKey: `order-${order}` },
   );
   const message = await llm.messages.create({
-    model: event.model ?? 'claude-sonnet-4-5',
+    model: event.model ?? 'claude-sonnet-5',
     max_tokens: 64,
     messages: [{ role: 'user', content: `Write a one-line receipt for order ${order}.` }],
   });

@@ -14,6 +14,29 @@ import { SignatureV4 } from '@smithy/signature-v4';
 
 const STS_BODY = 'Action=GetCallerIdentity&Version=2011-06-15';
 const RENEW_BEFORE_S = 60;
+const MAX_RUN_LEN = 128;
+
+// This invocation's run label: `apigw/<request id>` for a function behind API Gateway (REST APIs,
+// and HTTP APIs with payload 1.0 or 2.0, all carry requestContext.requestId), else
+// `lambda/<Lambda's request id>`, else undefined. The access log's `run` then names the API request.
+export function runLabel(event, context) {
+  const rid = event?.requestContext?.requestId;
+  const lid = context?.awsRequestId;
+  const label = typeof rid === 'string' && rid ? `apigw/${rid}` : typeof lid === 'string' && lid ? `lambda/${lid}` : undefined;
+  // eslint-disable-next-line no-control-regex
+  return label?.replace(/[\u0000-\u001f\u007f]/g, '').slice(0, MAX_RUN_LEN);
+}
+
+// The trace header for this invocation's vendor calls: Lambda's own (_X_AMZN_TRACE_ID, set when
+// tracing is on), else the one API Gateway passed in the event, else none. Keyward logs it as trace_id.
+export function traceHeaders(event) {
+  let trace = process.env._X_AMZN_TRACE_ID;
+  if (!trace && event?.headers && typeof event.headers === 'object') {
+    trace = Object.entries(event.headers).find(([k]) => k.toLowerCase() === 'x-amzn-trace-id')?.[1];
+  }
+  // eslint-disable-next-line no-control-regex
+  return typeof trace === 'string' && trace && !/[\u0000-\u001f\u007f]/.test(trace) ? { 'X-Amzn-Trace-Id': trace } : {};
+}
 
 // A signed GetCallerIdentity request, not sent: the gateway forwards it to STS unchanged.
 export async function iamProof(serverId, { credentials = defaultProvider(), region = 'us-east-1', stsHost = 'sts.amazonaws.com' } = {}) {
@@ -34,7 +57,7 @@ export class KeywardError extends Error {
   }
 }
 
-async function post(url, grant, token) {
+export async function post(url, grant, token) {
   const headers = { 'content-type': 'application/json' };
   if (token) headers.authorization = `Bearer ${token}`;
   const r = await fetch(url, { method: 'POST', headers, body: JSON.stringify(grant), signal: AbortSignal.timeout(10_000) });

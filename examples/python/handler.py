@@ -52,7 +52,7 @@ def handler(event, context=None):
         options={"idempotency_key": f"order-{order}"},
     )
     message = llm.messages.create(
-        model=event.get("model", "claude-sonnet-4-5"),
+        model=event.get("model", "claude-sonnet-5"),
         max_tokens=64,
         messages=[{"role": "user", "content": f"Write a one-line receipt for order {order}."}],
     )

@@ -9,7 +9,14 @@ short-lived credential for that role. No static secret anywhere in the function.
     token = kw.token()                      # cached, renewed a minute before it expires
     child = kw.child(["stripe POST /v1/payment_intents"], ttl_s=300, run=f"sqs/{message_id}",
                      lim={"total": 1})      # a narrower credential for one unit of work
+
+Behind API Gateway, one child per invocation labelled with the API request that caused it, and
+its trace id on every vendor call, join Keyward's access log with API Gateway's and X-Ray:
+
+    child = kw.child(allow, ttl_s=300, run=run_label(event, context))
+    headers = trace_headers(event)          # give them to the SDK as default headers
 """
+import os
 import json
 import threading
 import time
@@ -22,6 +29,34 @@ from botocore.awsrequest import AWSRequest
 
 STS_BODY = "Action=GetCallerIdentity&Version=2011-06-15"
 RENEW_BEFORE_S = 60
+MAX_RUN_LEN = 128
+
+
+def run_label(event, context=None):
+    """This invocation's run label: `apigw/<request id>` for a function behind API Gateway (REST
+    APIs, and HTTP APIs with payload 1.0 or 2.0, all carry requestContext.requestId), else
+    `lambda/<Lambda's request id>`, else None. The access log's `run` then names the API request."""
+    rc = event.get("requestContext") if isinstance(event, dict) else None
+    rid = rc.get("requestId") if isinstance(rc, dict) else None
+    if isinstance(rid, str) and rid:
+        label = f"apigw/{rid}"
+    else:
+        lid = getattr(context, "aws_request_id", None)
+        label = f"lambda/{lid}" if isinstance(lid, str) and lid else None
+    if label is None:
+        return None
+    return "".join(c for c in label if c.isprintable())[:MAX_RUN_LEN]
+
+
+def trace_headers(event=None):
+    """The trace header to send on this invocation's vendor calls: Lambda's own (`_X_AMZN_TRACE_ID`,
+    set when tracing is on), else the one API Gateway passed in the event, else none. Keyward logs
+    it as `trace_id`."""
+    trace = os.environ.get("_X_AMZN_TRACE_ID")
+    if not trace and isinstance(event, dict):
+        headers = event.get("headers") or {}
+        trace = next((v for k, v in headers.items() if isinstance(k, str) and k.lower() == "x-amzn-trace-id"), None)
+    return {"X-Amzn-Trace-Id": trace} if isinstance(trace, str) and trace.isprintable() and trace else {}
 
 
 def iam_proof(server_id, credentials=None, region="us-east-1", sts_host="sts.amazonaws.com"):
