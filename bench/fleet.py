@@ -51,7 +51,7 @@ def tokens(ctx, workdir, name, n, lim):
 
 
 def ledger_calls(p):
-    with bench.urllib.request.urlopen(f"http://127.0.0.1:{p.admin}/stats?filter=keyward_ledger_calls", timeout=5) as r:
+    with bench.urllib.request.urlopen(f"http://127.0.0.1:{p.admin}/stats?filter=keyward_ledger_calls_total", timeout=5) as r:
         return sum(int(line.rpartition(": ")[2]) for line in r.read().decode().splitlines() if ": " in line)
 
 

@@ -286,7 +286,7 @@ class Proc:
 
     def histogram_p50s(self):
         """The median of every keyward histogram (interpolated in its bucket), by stat name."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin}/stats?format=json&filter=keyward_.*_us", timeout=5) as r:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin}/stats?format=json&filter=keyward_.*_microseconds", timeout=5) as r:
             d = json.loads(r.read())
         out = {}
         for s in d.get("stats", []):
@@ -391,7 +391,7 @@ def cold_miss(workdir, ctx, bao, arm="C"):
             totals.append(t)
             warm.append(timed(gw, "/v/v1/items", auth)[0])
             vaults.append(timed(vault, vpath, {"X-Vault-Token": bao.token})[0])
-        misses = e.stat("wasmcustom.keyward_cache_miss")
+        misses = e.stat("wasmcustom.keyward_cache_lookups_total;outcome=miss")
         time.sleep(1.5)  # the histograms' flush
         return {"samples": n, "cache_misses_counted": misses,
                 "cold_request_p50_us": median(totals), "warm_request_p50_us": median(warm),
@@ -428,7 +428,7 @@ def priced(workdir, ctx, bare):
                         continue  # warm-up
                     assert res["ok"] == res["requests"], (arm, size, res)
                     fig[arm].append((cpu1 - cpu0) / 1000 / max(1, rq1 - rq0))
-            reserved = f.stat("wasmcustom.keyward_spend_reserved;target=pay")
+            reserved = f.stat("wasmcustom.keyward_spend_reserved_total;target=pay")
             row = {"body_bytes": size, "priced_cpu_us_per_request": round(median(fig["F"]), 2),
                    "bare_cpu_us_per_request": round(median(fig["A"]), 2),
                    "priced_minus_bare_us": round(median([x - y for x, y in zip(fig["F"], fig["A"])]), 2),
@@ -659,7 +659,7 @@ def main():
             assert r["ok"] == 0, (arm, "a request without a credential was forwarded", r)
 
         per_round = {a: [] for a in ARMS}
-        fetches_before = arms["C"].stat("wasmcustom.keyward_secret_fetch_ok") + arms["C"].stat("wasmcustom.keyward_secret_fetch_error")
+        fetches_before = arms["C"].stat("wasmcustom.keyward_secret_fetches_total;result=ok") + arms["C"].stat("wasmcustom.keyward_secret_fetches_total;result=error")
         c_requests = 0
         order = list(ARMS)
         for rnd in range(WARMUP + ROUNDS):
@@ -678,7 +678,7 @@ def main():
                                        "completed": rq1 - rq0, **res})
             print(f"round {rnd + 1}/{WARMUP + ROUNDS}{' (warm-up)' if rnd < WARMUP else ''}: " + ", ".join(
                 f"{a} {per_round[a][-1]['cpu_us_per_rq']:.1f}us" for a in ARMS if per_round[a] and rnd >= WARMUP), flush=True)
-        fetches = arms["C"].stat("wasmcustom.keyward_secret_fetch_ok") + arms["C"].stat("wasmcustom.keyward_secret_fetch_error") - fetches_before
+        fetches = arms["C"].stat("wasmcustom.keyward_secret_fetches_total;result=ok") + arms["C"].stat("wasmcustom.keyward_secret_fetches_total;result=error") - fetches_before
         rss = {a: p.rss_kb() for a, p in arms.items()}
         if ONLY == "warm":
             # The warm path alone (with BENCH_BASELINE_WASM: against an earlier build, in the same rounds).

@@ -184,7 +184,7 @@ class Gateway:
         return self.envoy.stats()
 
     def ledger_calls(self) -> int:
-        return sum(v for k, v in self.stats().items() if k.startswith("wasmcustom.keyward_ledger_calls"))
+        return sum(v for k, v in self.stats().items() if k.startswith("wasmcustom.keyward_ledger_calls_total"))
 
 
 def env_for(gw_env: dict, creds: dict) -> dict:

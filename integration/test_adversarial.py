@@ -438,7 +438,7 @@ def test_a_copy_of_a_basic_pair_is_refused(gw):
 def test_a_vendor_reflecting_the_secret_never_shows_it_to_the_workload(gw, target, path, headers, secret):
     gw.vendor.take()
     t = forge(gw, HS, claims())
-    before = gw.envoy.stats().get("wasmcustom.keyward_response_scrubbed", 0)
+    before = gw.envoy.stats().get("wasmcustom.keyward_responses_scrubbed_total", 0)
     if headers is None:
         h = {"Authorization": "Basic " + base64.b64encode(f"ACany:{t}".encode()).decode()}
     else:
@@ -456,7 +456,7 @@ def test_a_vendor_reflecting_the_secret_never_shows_it_to_the_workload(gw, targe
     # The redirect is removed where it carried the key (a query credential), kept where it did not.
     assert ("location" in {k.lower() for k in r.headers}) == (target != "maps")
     assert r.headers.get("x-harmless") == "kept", "other headers are untouched"
-    assert gw.envoy.stats().get("wasmcustom.keyward_response_scrubbed", 0) > before
+    assert gw.envoy.stats().get("wasmcustom.keyward_responses_scrubbed_total", 0) > before
 
 
 def test_a_redirect_without_the_secret_is_left_alone(gw):

@@ -118,11 +118,11 @@ def test_cache_is_shared_and_vault_is_off_the_hot_path(gw):
         assert gw.get(f"/stripe/v1/c/{i}", t).status_code == 200
     after = gw.envoy.stats()
     assert after.get("cluster.vault.upstream_rq_total", 0) == before.get("cluster.vault.upstream_rq_total", 0)
-    assert after["wasmcustom.keyward_cache_hit"] - before["wasmcustom.keyward_cache_hit"] == 30
+    assert after["wasmcustom.keyward_cache_lookups_total;outcome=hit"] - before["wasmcustom.keyward_cache_lookups_total;outcome=hit"] == 30
     prom = gw.envoy.prometheus()
-    for name in ["keyward_requests_allowed", "keyward_requests_denied_forbidden", "keyward_secret_fetch_ok",
-                 "keyward_secret_fetch_error", "keyward_cache_hit", "keyward_cache_miss", "keyward_cache_stale",
-                 "keyward_revocation_refresh_ok", "keyward_revocation_refresh_error"]:
+    for name in ["keyward_requests_total;decision=allow", "keyward_requests_total;decision=forbidden", "keyward_secret_fetches_total;result=ok",
+                 "keyward_secret_fetches_total;result=error", "keyward_cache_lookups_total;outcome=hit", "keyward_cache_lookups_total;outcome=miss", "keyward_cache_lookups_total;outcome=stale",
+                 "keyward_revocation_refreshes_total;result=ok", "keyward_revocation_refreshes_total;result=error"]:
         assert f"\n{name}" in prom or prom.startswith(name), name
     gw.vendor.take()
 
@@ -340,7 +340,7 @@ def test_denials_are_audited(gw):
     assert (e["subject"], e["target"], e["decision"], e["run"]) == ("lambda/it", "stripe", "forbidden", "job/7")
     assert e["status"] == 403
     stats = gw.envoy.stats()
-    assert stats["wasmcustom.keyward_requests_denied_forbidden"] >= 1
+    assert stats["wasmcustom.keyward_requests_total;decision=forbidden"] >= 1
 
 
 # ------------------------------------------------------------------ the callout state machine

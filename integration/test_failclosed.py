@@ -1,6 +1,6 @@
 """A panicking module fails closed (issues 5 and 13). With the shipped `failure_policy:
 FAIL_RELOAD`, the request that makes the module panic gets 503 and never reaches the vendor, and
-the worker's VM is reloaded: the next requests are served again, and `keyward_vm_configured`
+the worker's VM is reloaded: the next requests are served again, and `keyward_vm_configurations_total`
 shows the reload. With `FAIL_CLOSED` the VM stays down (every later request gets 503) until Envoy
 restarts. The panic comes from a test-only build (`--features panic-test`, dist/test/); the shipped
 module has no trigger."""
@@ -53,7 +53,7 @@ def test_a_panicking_module_fails_closed_and_heals_with_fail_reload(gw, panicky)
     ok = requests.get(panicky.url + "/stripe/v1/customers", headers=h, timeout=10)
     assert ok.status_code == 200, ok.text
     assert len(panicky.vendor.take()) == 1
-    configured = panicky.stats().get("wasmcustom.keyward_vm_configured", 0)
+    configured = panicky.stats().get("wasmcustom.keyward_vm_configurations_total", 0)
     boom = requests.get(panicky.url + "/stripe/v1/customers", headers={**h, "x-keyward-test-panic": "1"}, timeout=10)
     assert boom.status_code == 503, boom.text
     assert gw.s["stripe"] not in boom.text
@@ -66,8 +66,8 @@ def test_a_panicking_module_fails_closed_and_heals_with_fail_reload(gw, panicky)
         after = [requests.get(panicky.url + "/stripe/v1/customers", headers=h, timeout=10) for _ in range(12)]
         assert [r.status_code for r in after] == [200] * 12, [r.text for r in after if r.status_code != 200][:2]
         assert len(panicky.vendor.take()) == 12
-        harness.wait_until(lambda: panicky.stats().get("wasmcustom.keyward_vm_configured", 0) > configured,
-                           timeout=5, what="the reload counted in keyward_vm_configured")
+        harness.wait_until(lambda: panicky.stats().get("wasmcustom.keyward_vm_configurations_total", 0) > configured,
+                           timeout=5, what="the reload counted in keyward_vm_configurations_total")
     else:
         # FAIL_CLOSED: the VM stays down; every later request on this worker is refused, none forwarded.
         after = [requests.get(panicky.url + "/stripe/v1/customers", headers=h, timeout=10) for _ in range(5)]
@@ -97,9 +97,9 @@ def test_the_health_endpoint_fails_when_the_vm_is_dead(gw, workdir, policy):
 
 
 def test_the_health_endpoint_answers_without_a_credential_or_a_store(gw):
-    before = gw.envoy.stats().get("wasmcustom.keyward_requests_allowed", 0)
+    before = gw.envoy.stats().get("wasmcustom.keyward_requests_total;decision=allow", 0)
     for _ in range(3):
         r = requests.get(gw.url + "/keyward/health", timeout=10)
         assert r.status_code == 200 and r.json() == {"status": "ok"} and r.headers["cache-control"] == "no-store"
-    assert gw.envoy.stats().get("wasmcustom.keyward_requests_allowed", 0) == before, "probes are not counted as requests"
+    assert gw.envoy.stats().get("wasmcustom.keyward_requests_total;decision=allow", 0) == before, "probes are not counted as requests"
     assert gw.vendor.take() == []

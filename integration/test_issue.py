@@ -196,8 +196,8 @@ def test_identities_and_proofs_that_are_refused(gw, issuing):
     assert requests.post(live.url + "/keyward/v1/credentials", data="x" * 20000, headers={"Content-Type": "application/json"}, timeout=10).status_code == 400
     assert requests.get(live.url + "/keyward/v1/credentials", timeout=10).status_code == 400
     stats = live.stats()
-    assert stats.get("wasmcustom.keyward_issue_denied_invalid_credential", 0) >= 4
-    assert stats.get("wasmcustom.keyward_issue_denied_forbidden", 0) >= 1
+    assert stats.get("wasmcustom.keyward_issue_requests_total;decision=invalid_credential", 0) >= 4
+    assert stats.get("wasmcustom.keyward_issue_requests_total;decision=forbidden", 0) >= 1
 
 
 def test_sts_down_gets_503_within_the_timeout(gw, issuing):

@@ -244,7 +244,7 @@ def test_a_failing_ledger_is_503_within_its_timeout_and_unlimited_credentials_ar
     # Back: served again within a moment, on every gateway.
     for i in range(6):
         harness.wait_until(lambda: fleet.get(i, limited).status_code == 200, timeout=5, what=f"recovery on gateway {i % 3}")
-    stats = sum(g.stats().get("wasmcustom.keyward_ledger_unavailable", 0) for g in fleet.gateways)
+    stats = sum(g.stats().get("wasmcustom.keyward_ledger_unavailable_total", 0) for g in fleet.gateways)
     assert stats > 0
 
 
@@ -359,8 +359,8 @@ def test_the_alerts_and_the_dashboard_read_what_fleet_gateways_export(fleet):
     finally:
         relay.mode = "pass"
     texts = [g.envoy.prometheus() for g in fleet.gateways]
-    assert any(re.search(r'^keyward_ledger_calls\{(?=[^}]*op="grant")(?=[^}]*result="ok")', t, re.M) for t in texts), texts
-    assert any(re.search(r'^keyward_budget_spend\{[^}]*budget="team-a"', t, re.M) for t in texts)
+    assert any(re.search(r'^keyward_ledger_calls_total\{(?=[^}]*op="grant")(?=[^}]*result="ok")', t, re.M) for t in texts), texts
+    assert any(re.search(r'^keyward_budget_spend_total\{[^}]*budget="team-a"', t, re.M) for t in texts)
     obs = harness.ROOT / "deploy" / "observability"
     used = set(re.findall(r"\b(keyward_(?:ledger|budget)_[a-z_]+)", (obs / "alerts.yaml").read_text() + (obs / "grafana-dashboard.json").read_text()))
     exported = {m.group(1) for t in texts for m in re.finditer(r"^(keyward_\w+?)(?:\{| )", t, re.M)}

@@ -247,7 +247,7 @@ def test_an_html_404_in_front_of_the_vault_keeps_the_warm_secret(life):
     with life.relay.failing("canned"):
         time.sleep(TTL_S + 0.5)
         # Past the TTL the refresh gets the HTML 404: every request is still served, from the stale
-        # value (keyward_cache_stale counts it; the access log is flushed too late to wait on).
+        # value (keyward_cache_lookups_total;outcome=stale counts it; the access log is flushed too late to wait on).
         stale_before = stat(life, "short", "cache_stale")
         deadline = time.time() + 4
         while True:

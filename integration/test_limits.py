@@ -41,7 +41,7 @@ def test_total_under_concurrency_lets_exactly_the_limit_through(gw):
     r = gw.get(path, t)
     assert r.status_code == 429 and r.json()["error"] == "quota_exhausted"
     after = gw.envoy.stats()
-    assert after["wasmcustom.keyward_requests_denied_quota_exhausted"] - before["wasmcustom.keyward_requests_denied_quota_exhausted"] == 41
+    assert after["wasmcustom.keyward_requests_total;decision=quota_exhausted"] - before["wasmcustom.keyward_requests_total;decision=quota_exhausted"] == 41
     harness.wait_until(lambda: len(access_entries(gw, c["jti"])) == 51, timeout=10, what="51 access-log entries")
     decisions = [e["decision"] for e in access_entries(gw, c["jti"])]
     assert decisions.count("allow") == 10 and decisions.count("quota_exhausted") == 41
@@ -81,7 +81,7 @@ def test_rpm_window(gw):
     other = harness.mint(gw.k1, harness.claims(["stripe GET /v1/**"], lim={"rpm": 5}))
     assert gw.get("/stripe/v1/other", other).status_code == 200
     stats = gw.envoy.stats()
-    assert stats["wasmcustom.keyward_requests_denied_rate_limited"] >= 15
+    assert stats["wasmcustom.keyward_requests_total;decision=rate_limited"] >= 15
     gw.vendor.take()
 
 
@@ -127,7 +127,7 @@ def test_idempotency_key_required_and_audited(gw):
     harness.wait_until(entries, timeout=10, what="the idempotency key in the access log")
     assert entries()[0]["decision"] == "allow" and entries()[0]["target"] == "charges"
     stats = gw.envoy.stats()
-    assert stats["wasmcustom.keyward_requests_denied_bad_request"] >= 4
+    assert stats["wasmcustom.keyward_requests_total;decision=bad_request"] >= 4
 
 
 def test_limit_shards_exist_before_the_first_request(gw):

@@ -40,25 +40,37 @@ def test_metrics_carry_target_code_and_store_labels(gw):
     assert gw.get(f"/stripe/v1/obs-{tag}", t, method="DELETE").status_code == 403
     gw.vendor.take()
     text = gw.envoy.prometheus()
-    reqs = series(text, "keyward_target_requests")
+    reqs = series(text, "keyward_target_requests_total")
     allow = reqs.get(frozenset({("target", "stripe"), ("code", "allow")}), 0)
     assert allow >= 3, sorted(reqs)
     assert reqs.get(frozenset({("target", "stripe"), ("code", "missing_credential")}), 0) >= 1
     assert reqs.get(frozenset({("target", "stripe"), ("code", "forbidden")}), 0) >= 1
     assert all(dict(k).keys() == {"target", "code"} for k in reqs), "no label left in a metric name"
-    fetches = series(text, "keyward_store_fetches")
+    fetches = series(text, "keyward_store_fetches_total")
     assert any(dict(k).get("result") == "ok" and dict(k).get("store") for k in fetches), sorted(fetches)
     # Histograms: the filter's own added time (hit and denied) and the store's answer time.
     # Envoy merges histograms into the admin's view at its stats flush (every 5 s).
-    harness.wait_until(lambda: series(gw.envoy.prometheus(), "keyward_added_us_count").get(frozenset({("outcome", "hit")}), 0) >= 1,
+    harness.wait_until(lambda: series(gw.envoy.prometheus(), "keyward_added_microseconds_count").get(frozenset({("outcome", "hit")}), 0) >= 1,
                        timeout=12, what="the histograms' flush")
     text = gw.envoy.prometheus()
-    added = series(text, "keyward_added_us_count")
+    added = series(text, "keyward_added_microseconds_count")
     assert added.get(frozenset({("outcome", "hit")}), 0) >= 1 and added.get(frozenset({("outcome", "denied")}), 0) >= 2, sorted(added)
-    assert series(text, "keyward_added_us_bucket"), "a real histogram, with buckets"
-    assert any(dict(k).get("store") for k in series(text, "keyward_store_fetch_us_count"))
-    # The contract's flat counters are still there.
-    assert series(text, "keyward_requests_allowed")
+    assert series(text, "keyward_added_microseconds_bucket"), "a real histogram, with buckets"
+    assert any(dict(k).get("store") for k in series(text, "keyward_store_fetch_microseconds_count"))
+    # Prometheus's conventions: counters end in _total, histograms name their unit, codes and
+    # outcomes are labels; no code is left inside a metric name.
+    decided = series(text, "keyward_requests_total")
+    assert decided.get(frozenset({("decision", "allow")}), 0) >= 3 and decided.get(frozenset({("decision", "forbidden")}), 0) >= 1, sorted(decided)
+    lookups = series(text, "keyward_cache_lookups_total")
+    assert {dict(k)["outcome"] for k in lookups} == {"hit", "miss", "stale"}, "defined up front"
+    names = {m.group(1) for m in re.finditer(r"^# TYPE (keyward_\w+) (\w+)$", text, re.M)}
+    types = dict(re.findall(r"^# TYPE (keyward_\w+) (\w+)$", text, re.M))
+    assert names and all(n.endswith("_total") for n, t in types.items() if t == "counter"), types
+    assert all(n.endswith(("_microseconds", "_bytes")) for n, t in types.items() if t in ("histogram", "gauge")), types
+    assert not any(re.search(r"_(denied|allowed|ok|error|hit|miss)(_|$)", n) for n in names), names
+    # The buckets are the documented ones (microseconds, up to 30 s), not Envoy's defaults.
+    les = {dict(k).get("le") for k in series(text, "keyward_added_microseconds_bucket")}
+    assert {"100", "1000", "10000", "100000", "1000000", "30000000"} <= les, sorted(les)
 
 
 def promtool():
@@ -74,6 +86,18 @@ def test_alert_rules_pass_promtool_and_their_unit_tests():
     names = {rule["alert"] for g in yaml.safe_load((obs / "alerts.yaml").read_text())["groups"] for rule in g["rules"] if "alert" in rule}
     assert {"KeywardRevocationRefreshFailing", "KeywardServingStaleSecrets", "KeywardDenialsSpiking",
             "KeywardStoreErrors", "KeywardWasmVmDead"} <= names
+
+
+def test_every_alert_has_a_runbook_section():
+    obs = ROOT / "deploy" / "observability"
+    rules = [r for g in yaml.safe_load((obs / "alerts.yaml").read_text())["groups"] for r in g["rules"] if "alert" in r]
+    runbook = (ROOT / "docs" / "runbook.md").read_text()
+    sections = set(re.findall(r"^## (\w+)$", runbook, re.M))
+    for r in rules:
+        url = r["annotations"].get("runbook_url", "")
+        assert url == "{{ $externalLabels.runbooks }}/docs/runbook.md#" + r["alert"].lower(), r["alert"]
+        assert r["alert"] in sections, f"docs/runbook.md has no section for {r['alert']}"
+    assert {"KeywardVaultAuthFailing", "KeywardLimitTableFull", "KeywardMetricsAbsent"} <= {r["alert"] for r in rules}
 
 
 def test_alerts_and_dashboard_only_use_metrics_the_gateway_exports(gw):
@@ -102,8 +126,8 @@ def test_dashboard_matches_the_grafana_schema(tmp_path):
     f.write_text(yaml.safe_dump(rules))
     r = subprocess.run([str(promtool()), "check", "rules", str(f)], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert any("keyward_added_us_bucket" in e and "histogram_quantile" in e for e in exprs)
-    assert any("keyward_target_requests" in e and "code" in e for e in exprs)
+    assert any("keyward_added_microseconds_bucket" in e and "histogram_quantile" in e for e in exprs)
+    assert any("keyward_target_requests_total" in e and "code" in e for e in exprs)
 
 
 def test_memory_gauge_is_the_serving_vms_linear_memory(gw):

@@ -72,16 +72,16 @@ def test_revoke_sub(gw):
     assert gw.get("/stripe/v1/s", t2).status_code == 401
     assert gw.get("/stripe/v1/s", bystander).status_code == 200
     stats = gw.envoy.stats()
-    assert stats["wasmcustom.keyward_revocation_refresh_ok"] >= 2
-    assert stats["wasmcustom.keyward_requests_denied_revoked_credential"] >= 2
+    assert stats["wasmcustom.keyward_revocation_refreshes_total;result=ok"] >= 2
+    assert stats["wasmcustom.keyward_requests_total;decision=revoked_credential"] >= 2
     gw.vendor.take()
 
 
 def test_refresh_is_shared_not_per_worker(gw):
     """Over 3 s with refresh_s=1, the list is fetched about 3 times for the process, not per worker."""
-    before = gw.envoy.stats()["wasmcustom.keyward_revocation_refresh_ok"]
+    before = gw.envoy.stats()["wasmcustom.keyward_revocation_refreshes_total;result=ok"]
     time.sleep(3.0)
-    n = gw.envoy.stats()["wasmcustom.keyward_revocation_refresh_ok"] - before
+    n = gw.envoy.stats()["wasmcustom.keyward_revocation_refreshes_total;result=ok"] - before
     assert 2 <= n <= 4, n
 
 
@@ -97,9 +97,9 @@ def test_failed_refresh_keeps_the_last_good_list(gw):
     try:
         for mode in ("error", "garbage"):
             gw.rev_relay.mode = mode
-            before = gw.envoy.stats()["wasmcustom.keyward_revocation_refresh_error"]
+            before = gw.envoy.stats()["wasmcustom.keyward_revocation_refreshes_total;result=error"]
             harness.wait_until(
-                lambda: gw.envoy.stats()["wasmcustom.keyward_revocation_refresh_error"] >= before + 2,
+                lambda: gw.envoy.stats()["wasmcustom.keyward_revocation_refreshes_total;result=error"] >= before + 2,
                 timeout=8, what=f"refresh failures counted ({mode})")
             # The last good list is kept: still denied, on every worker.
             for _ in range(20):
@@ -129,10 +129,10 @@ def test_a_deleted_list_never_lifts_the_revocations_in_force(gw):
     t = harness.mint(gw.k1, c)
     revoke(gw, **{f"jti:{c['jti']}": "x"})
     harness.wait_until(lambda: gw.get("/stripe/v1/m", t).status_code == 401, timeout=5, what="revoked")
-    before = gw.envoy.stats()["wasmcustom.keyward_revocation_refresh_error"]
+    before = gw.envoy.stats()["wasmcustom.keyward_revocation_refreshes_total;result=error"]
     gw.bao.delete("it/revoked")
     try:
-        harness.wait_until(lambda: gw.envoy.stats()["wasmcustom.keyward_revocation_refresh_error"] >= before + 2,
+        harness.wait_until(lambda: gw.envoy.stats()["wasmcustom.keyward_revocation_refreshes_total;result=error"] >= before + 2,
                            timeout=8, what="refreshes of the deleted list counted as errors")
         assert all(gw.get("/stripe/v1/m", t).status_code == 401 for _ in range(20)), "still revoked"
         assert "the store says the list does not exist, but one was in force" in gw.envoy.log_path.read_text(errors="replace")

@@ -65,10 +65,10 @@ def test_an_odd_store_answer_never_lifts_the_revocations_in_force(gw, what):
     else:
         current = json.loads(kv_answer(gw, "it/revoked"))["data"]["metadata"]["version"]
         gw.rev_relay.canned = (200, kv_answer(gw, "it/revoked", version=current - 1))
-    before = gw.envoy.stats()["wasmcustom.keyward_revocation_refresh_error"]
+    before = gw.envoy.stats()["wasmcustom.keyward_revocation_refreshes_total;result=error"]
     gw.rev_relay.mode = "canned"
     try:
-        harness.wait_until(lambda: gw.envoy.stats()["wasmcustom.keyward_revocation_refresh_error"] >= before + 2,
+        harness.wait_until(lambda: gw.envoy.stats()["wasmcustom.keyward_revocation_refreshes_total;result=error"] >= before + 2,
                            timeout=8, what=f"{what}: counted as a failed refresh")
         statuses = [gw.get("/stripe/v1/odd", t).status_code for _ in range(20)]
         assert statuses == [401] * 20, f"{what}: {statuses}"

@@ -143,8 +143,8 @@ def test_a_cap_of_100_usd_lets_no_more_than_100_usd_through(sg):
     assert r.status_code == 200
     sg.vendor.take()
     text = sg.envoy.prometheus()
-    assert series(text, "keyward_spend_reserved").get(frozenset({("target", "pay")}), 0) >= 10000
-    assert sg.envoy.stats().get("wasmcustom.keyward_requests_denied_spend_exhausted", 0) >= 2
+    assert series(text, "keyward_spend_reserved_total").get(frozenset({("target", "pay")}), 0) >= 10000
+    assert sg.envoy.stats().get("wasmcustom.keyward_requests_total;decision=spend_exhausted", 0) >= 2
 
 
 BAD_FORMS = [
@@ -312,7 +312,7 @@ def test_refunds_release_the_reservation_only_on_the_vendors_own_answer(sg):
     assert es[0]["spend"] == "reserved" and es[0]["status"] == 504
     sg.vendor.take()
     text = sg.envoy.prometheus()
-    assert series(text, "keyward_spend_refunded").get(frozenset({("target", "pay")}), 0) >= 1000
+    assert series(text, "keyward_spend_refunded_total").get(frozenset({("target", "pay")}), 0) >= 1000
 
 
 def test_a_retry_with_the_same_idempotency_key_is_not_charged_again(sg):
@@ -374,7 +374,7 @@ def test_a_fixed_cost_per_request(sg):
 def test_the_cap_survives_a_worker_restarting_its_vm(sg):
     t, jti = sg.token(spend=10000)
     assert sg.pay(t, "amount=6000&currency=usd").status_code == 200
-    configured = sg.envoy.stats().get("wasmcustom.keyward_vm_configured", 0)
+    configured = sg.envoy.stats().get("wasmcustom.keyward_vm_configurations_total", 0)
     # Crash VMs: each panicking request is on a new connection, which lands on either worker.
     for _ in range(12):
         r = sg.pay(t, "amount=1&currency=usd", {"x-keyward-test-panic": "1"})
@@ -389,7 +389,7 @@ def test_the_cap_survives_a_worker_restarting_its_vm(sg):
         streak.append(requests.get(sg.url + "/pay/v1/payment_intents/pi_1", headers=free, timeout=10).status_code)
         return streak[-10:] == [200] * 10
     harness.wait_until(healthy, timeout=15, what="ten requests in a row served after the reloads")
-    assert sg.envoy.stats().get("wasmcustom.keyward_vm_configured", 0) >= configured + 2, "the VMs were reloaded"
+    assert sg.envoy.stats().get("wasmcustom.keyward_vm_configurations_total", 0) >= configured + 2, "the VMs were reloaded"
     sg.vendor.take()
     # Every worker's new VM still knows what was spent.
     rs = [sg.pay(t, "amount=4001&currency=usd") for _ in range(8)]

@@ -285,8 +285,7 @@ struct HcmUse {
 fn lint_hcm(r: &mut Report, at: &str, hcm: &Value, no_env: bool, ecds: Option<&Value>) -> Option<HcmUse> {
     let filters = arr(hcm, "http_filters");
     let by_ecds = |f: &Value| {
-        s(f, &["name"]) == Some("keyward")
-            && f.get("config_discovery").is_some_and(|cd| arr(cd, "type_urls").iter().any(|t| t.as_str() == Some(WASM)))
+        s(f, &["name"]) == Some("keyward") && f.get("config_discovery").is_some_and(|cd| arr(cd, "type_urls").iter().any(|t| t.as_str() == Some(WASM)))
     };
     let kw = filters.iter().find(|f| {
         by_ecds(f)

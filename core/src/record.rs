@@ -78,15 +78,15 @@ impl Family {
 
     pub fn name(self) -> &'static str {
         match self {
-            Family::TargetRequests => "keyward_target_requests",
-            Family::StoreFetches => "keyward_store_fetches",
-            Family::StoreFetchUs => "keyward_store_fetch_us",
-            Family::AddedUs => "keyward_added_us",
-            Family::SpendReserved => "keyward_spend_reserved",
-            Family::SpendRefunded => "keyward_spend_refunded",
-            Family::ColdUs => "keyward_cold_us",
-            Family::LedgerCalls => "keyward_ledger_calls",
-            Family::BudgetSpend => "keyward_budget_spend",
+            Family::TargetRequests => "keyward_target_requests_total",
+            Family::StoreFetches => "keyward_store_fetches_total",
+            Family::StoreFetchUs => "keyward_store_fetch_microseconds",
+            Family::AddedUs => "keyward_added_microseconds",
+            Family::SpendReserved => "keyward_spend_reserved_total",
+            Family::SpendRefunded => "keyward_spend_refunded_total",
+            Family::ColdUs => "keyward_cold_phase_microseconds",
+            Family::LedgerCalls => "keyward_ledger_calls_total",
+            Family::BudgetSpend => "keyward_budget_spend_total",
         }
     }
 
@@ -180,31 +180,32 @@ impl Metric {
         Metric::LedgerUnavailable,
     ];
 
-    /// The counter's name in Envoy's stats.
+    /// The counter's name in Envoy's stats: Prometheus's conventions (`_total`), a code or an
+    /// outcome as a label (`;label=value`, which the bootstraps' `stats_tags` turn into one).
     pub fn name(self) -> String {
         let plain = match self {
-            Metric::Denied(c) => return format!("keyward_requests_denied_{}", c.as_str()),
-            Metric::IssueDenied(c) => return format!("keyward_issue_denied_{}", c.as_str()),
-            Metric::Issued => "keyward_issued",
-            Metric::Allowed => "keyward_requests_allowed",
-            Metric::FetchOk => "keyward_secret_fetch_ok",
-            Metric::FetchError => "keyward_secret_fetch_error",
-            Metric::CacheHit => "keyward_cache_hit",
-            Metric::CacheMiss => "keyward_cache_miss",
-            Metric::CacheStale => "keyward_cache_stale",
-            Metric::RevocationOk => "keyward_revocation_refresh_ok",
-            Metric::RevocationError => "keyward_revocation_refresh_error",
-            Metric::RevocationStale => "keyward_revocation_list_stale",
-            Metric::LimitCasRetry => "keyward_limit_cas_retry",
-            Metric::LimitFull => "keyward_limit_table_full",
-            Metric::VendorRejected => "keyward_vendor_rejected_key",
-            Metric::VaultLogin => "keyward_vault_login",
-            Metric::VaultRenew => "keyward_vault_renew",
-            Metric::VaultAuthError => "keyward_vault_auth_error",
-            Metric::ResponseScrubbed => "keyward_response_scrubbed",
-            Metric::VmConfigured => "keyward_vm_configured",
-            Metric::Undecided => "keyward_undecided",
-            Metric::LedgerUnavailable => "keyward_ledger_unavailable",
+            Metric::Denied(c) => return format!("keyward_requests_total;decision={}", c.as_str()),
+            Metric::IssueDenied(c) => return format!("keyward_issue_requests_total;decision={}", c.as_str()),
+            Metric::Issued => "keyward_issue_requests_total;decision=issued",
+            Metric::Allowed => "keyward_requests_total;decision=allow",
+            Metric::FetchOk => "keyward_secret_fetches_total;result=ok",
+            Metric::FetchError => "keyward_secret_fetches_total;result=error",
+            Metric::CacheHit => "keyward_cache_lookups_total;outcome=hit",
+            Metric::CacheMiss => "keyward_cache_lookups_total;outcome=miss",
+            Metric::CacheStale => "keyward_cache_lookups_total;outcome=stale",
+            Metric::RevocationOk => "keyward_revocation_refreshes_total;result=ok",
+            Metric::RevocationError => "keyward_revocation_refreshes_total;result=error",
+            Metric::RevocationStale => "keyward_revocation_stale_refusals_total",
+            Metric::LimitCasRetry => "keyward_limit_cas_retries_total",
+            Metric::LimitFull => "keyward_limit_table_full_total",
+            Metric::VendorRejected => "keyward_vendor_rejected_keys_total",
+            Metric::VaultLogin => "keyward_vault_logins_total",
+            Metric::VaultRenew => "keyward_vault_renewals_total",
+            Metric::VaultAuthError => "keyward_vault_auth_errors_total",
+            Metric::ResponseScrubbed => "keyward_responses_scrubbed_total",
+            Metric::VmConfigured => "keyward_vm_configurations_total",
+            Metric::Undecided => "keyward_undecided_requests_total",
+            Metric::LedgerUnavailable => "keyward_ledger_unavailable_total",
         };
         plain.to_string()
     }

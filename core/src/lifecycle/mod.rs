@@ -260,7 +260,7 @@ impl Lifecycle {
     /// only if the stream was decided and allowed. Headers of a request still to be priced (or of
     /// the issuing endpoint) may go on to the buffer filter that holds them from the router while
     /// its body is held here; nothing else that is undecided ever passes. A request that would is
-    /// refused and counted (`keyward_undecided`): a path this lifecycle did not foresee fails closed.
+    /// refused and counted (`keyward_undecided_requests_total`): a path this lifecycle did not foresee fails closed.
     fn guard(&mut self, host: &mut impl Host, ctx: ContextId, passing: Passing, a: Action) -> Action {
         if a == Action::Pause {
             return a;

@@ -283,21 +283,21 @@ fn labelled_metrics_name_the_target_the_code_the_store_and_the_time_added() {
     let call = cold_fetch(&mut lc, &mut host, 10);
     host.advance(7);
     lc.handle(&mut host, Event::Answer { call, answer: stripe_answer() });
-    assert_eq!(host.observed.get("keyward_store_fetch_us;store=bao"), Some(&vec![7000]), "the store's answer time");
-    assert_eq!(host.counts.get("keyward_store_fetches;store=bao;result=ok"), Some(&1));
-    assert_eq!(host.observed.get("keyward_added_us;outcome=miss"), Some(&vec![7000]), "a miss waited for the store");
+    assert_eq!(host.observed.get("keyward_store_fetch_microseconds;store=bao"), Some(&vec![7000]), "the store's answer time");
+    assert_eq!(host.counts.get("keyward_store_fetches_total;store=bao;result=ok"), Some(&1));
+    assert_eq!(host.observed.get("keyward_added_microseconds;outcome=miss"), Some(&vec![7000]), "a miss waited for the store");
     assert_eq!(send_request(&mut lc, &mut host, 11), Action::Continue);
-    assert_eq!(host.observed.get("keyward_added_us;outcome=hit"), Some(&vec![0]));
+    assert_eq!(host.observed.get("keyward_added_microseconds;outcome=hit"), Some(&vec![0]));
     // A denial: counted under its target and code.
     host.open(12, "stripe", &[(":method", "GET"), (":path", "/v1/charges")]);
     lc.handle(&mut host, Event::Request(12));
-    assert_eq!(host.counts.get("keyward_target_requests;target=stripe;code=allow"), Some(&2));
-    assert_eq!(host.counts.get("keyward_target_requests;target=stripe;code=missing_credential"), Some(&1));
-    assert_eq!(host.observed.get("keyward_added_us;outcome=denied").map(Vec::len), Some(1));
+    assert_eq!(host.counts.get("keyward_target_requests_total;target=stripe;code=allow"), Some(&2));
+    assert_eq!(host.counts.get("keyward_target_requests_total;target=stripe;code=missing_credential"), Some(&1));
+    assert_eq!(host.observed.get("keyward_added_microseconds;outcome=denied").map(Vec::len), Some(1));
     // A route that names no configured target is counted under `none`, never the route's word.
     host.open(13, "not-configured", &[(":method", "GET"), (":path", "/x")]);
     lc.handle(&mut host, Event::Request(13));
-    assert_eq!(host.counts.get("keyward_target_requests;target=none;code=unknown_target"), Some(&1));
+    assert_eq!(host.counts.get("keyward_target_requests_total;target=none;code=unknown_target"), Some(&1));
     assert!(host.counts.keys().all(|k| !k.contains("not-configured")));
 }
 
@@ -341,11 +341,11 @@ fn a_cold_miss_reports_where_its_time_goes() {
     host.advance(3);
     lc.handle(&mut host, Event::Answer { call, answer: stripe_answer() });
     for phase in ["park", "wake", "dispatch", "decode", "resume"] {
-        assert_eq!(host.observed.get(&format!("keyward_cold_us;phase={phase}")).map(Vec::len), Some(1), "{phase}: {:?}", host.observed);
+        assert_eq!(host.observed.get(&format!("keyward_cold_phase_microseconds;phase={phase}")).map(Vec::len), Some(1), "{phase}: {:?}", host.observed);
     }
-    assert!(host.observed.keys().any(|k| k.starts_with("keyward_store_fetch_us")), "the callout itself");
+    assert!(host.observed.keys().any(|k| k.starts_with("keyward_store_fetch_microseconds")), "the callout itself");
     // A warm request reports none of it.
     host.observed.clear();
     assert_eq!(send_request(&mut lc, &mut host, 11), Action::Continue);
-    assert!(!host.observed.keys().any(|k| k.starts_with("keyward_cold_us")));
+    assert!(!host.observed.keys().any(|k| k.starts_with("keyward_cold_phase_microseconds")));
 }

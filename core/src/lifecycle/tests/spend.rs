@@ -110,7 +110,7 @@ fn a_body_cost_is_read_at_the_end_of_the_body_and_reserved_then() {
     assert_eq!(state(&host, 10, "keyward.decision").as_deref(), Some("allow"));
     assert_eq!(state(&host, 10, "keyward.cost").as_deref(), Some("6000"));
     assert_eq!(state(&host, 10, "keyward.spend").as_deref(), Some("reserved"));
-    assert_eq!(host.counts.get("keyward_spend_reserved;target=stripe"), Some(&6000));
+    assert_eq!(host.counts.get("keyward_spend_reserved_total;target=stripe"), Some(&6000));
     assert_eq!(host.count(Metric::Allowed), allowed + 1);
     // What is left does not cover the next one: refused, nothing reserved, nothing forwarded.
     assert_eq!(pay(&mut lc, &mut host, 11, &t, "amount=4001&currency=usd", &[]), Action::Pause);
@@ -199,7 +199,7 @@ fn a_refund_on_status_from_the_vendor_releases_the_reservation() {
     answer(&mut lc, &mut host, 10, "402", false);
     assert_eq!(spent(&host, "c-6"), 0);
     assert_eq!(state(&host, 10, "keyward.spend").as_deref(), Some("refunded"));
-    assert_eq!(host.counts.get("keyward_spend_refunded;target=stripe"), Some(&1000));
+    assert_eq!(host.counts.get("keyward_spend_refunded_total;target=stripe"), Some(&1000));
     // A status not listed, or one Envoy made up (a timeout: the charge may have happened), keeps it.
     assert_eq!(pay(&mut lc, &mut host, 11, &t, "amount=600&currency=usd", &[]), Action::Continue);
     answer(&mut lc, &mut host, 11, "500", false);
@@ -339,6 +339,6 @@ fn a_cold_request_without_a_body_is_refused_when_it_resumes() {
 fn spend_series_exist_from_the_start_for_priced_targets() {
     let mut host = MemHost::new(ROOT);
     let _lc = worker(&mut host, spend_config());
-    assert_eq!(host.counts.get("keyward_spend_reserved;target=stripe"), Some(&0));
-    assert_eq!(host.counts.get("keyward_spend_refunded;target=fixed"), Some(&0));
+    assert_eq!(host.counts.get("keyward_spend_reserved_total;target=stripe"), Some(&0));
+    assert_eq!(host.counts.get("keyward_spend_refunded_total;target=fixed"), Some(&0));
 }
