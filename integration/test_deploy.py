@@ -313,3 +313,17 @@ def test_ratelimit_service_manifest_matches_the_schemas_and_the_shipped_limits()
     addr = cl["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
     assert addr["address"] == f"{svc['metadata']['name']}.{svc['metadata']['namespace']}.svc.cluster.local"
     assert addr["port_value"] == svc["spec"]["ports"][0]["port"]
+
+
+def test_one_version_everywhere():
+    """The crates, `keyward version`, the changelog's latest entry and every image tag the
+    deployment files name agree."""
+    import tomllib
+    version = tomllib.loads((ROOT / "Cargo.toml").read_text())["workspace"]["package"]["version"]
+    assert harness.cli("version").stdout.strip() == f"keyward {version}"
+    first = next(l for l in (ROOT / "CHANGELOG.md").read_text().splitlines() if l.startswith("- 0."))
+    assert first.startswith(f"- {version} "), first
+    tags = set()
+    for p in [*(ROOT / "deploy").rglob("*.yaml"), *(ROOT / "deploy").rglob("*.json"), *(ROOT / "deploy").rglob("Dockerfile*"), ROOT / "docs" / "deploying.md"]:
+        tags |= set(re.findall(r"keyward-(?:gateway|wasm):(\d+\.\d+\.\d+)", p.read_text()))
+    assert tags == {version}, tags

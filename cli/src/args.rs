@@ -1,4 +1,5 @@
-//! Command-line plumbing shared by every command: the flag parser and how a command fails.
+//! Command-line plumbing shared by every command: its arguments (parsed by clap) and how a
+//! command fails.
 //!
 //! Exit codes (documented in `keyward help`):
 //! - 0: done, or the check passed;
@@ -74,8 +75,9 @@ impl From<&str> for Fail {
     }
 }
 
-/// Parsed flags: `--name value` and `--name=value` pairs (repeatable), boolean flags, positionals.
-/// A lone `--` ends the flags: what follows is positional (a token that starts with `--`).
+/// A command's arguments, parsed by clap: `--name value` and `--name=value` options (repeatable),
+/// boolean flags, positionals. A lone `--` ends the options: what follows is positional (a token
+/// that starts with `--`). `--json` is a flag of every command.
 pub struct Args {
     pairs: Vec<(String, String)>,
     flags: Vec<String>,
@@ -83,39 +85,45 @@ pub struct Args {
 }
 
 impl Args {
-    /// `booleans` take no value; every other `--name` takes one. `--json` is a boolean on every
-    /// command.
-    pub fn parse(args: &[String], booleans: &[&str]) -> Result<Args, Fail> {
+    /// Parse `args` for a command whose flags are `flags`, whose valued options are `options`, and
+    /// which takes at most `positionals` positional arguments. Anything else is a usage error,
+    /// with clap's message.
+    pub fn read(args: &[String], flags: &[&'static str], options: &[&'static str], positionals: usize) -> Result<Args, Fail> {
+        use clap::{Arg, ArgAction, Command};
+        let mut cmd = Command::new("keyward")
+            .no_binary_name(true)
+            .disable_help_flag(true)
+            .disable_version_flag(true)
+            .disable_help_subcommand(true)
+            .arg(Arg::new("json").long("json").action(ArgAction::SetTrue).overrides_with("json"));
+        for f in flags {
+            cmd = cmd.arg(Arg::new(*f).long(*f).action(ArgAction::SetTrue).overrides_with(*f));
+        }
+        for o in options {
+            cmd = cmd.arg(Arg::new(*o).long(*o).action(ArgAction::Append).num_args(1).allow_hyphen_values(true).value_name("VALUE"));
+        }
+        if positionals > 0 {
+            let range = if positionals == usize::MAX { clap::builder::ValueRange::new(0..) } else { clap::builder::ValueRange::new(0..=positionals) };
+            cmd = cmd.arg(Arg::new(" positional").num_args(range).action(ArgAction::Append).value_name("ARG"));
+        }
+        let m = cmd.try_get_matches_from(args).map_err(|e| {
+            let text = e.render().to_string();
+            let line = text.lines().next().unwrap_or("").trim_start_matches("error: ").to_string();
+            Fail::Usage(line)
+        })?;
         let mut a = Args { pairs: vec![], flags: vec![], positional: vec![] };
-        let mut it = args.iter();
-        while let Some(s) = it.next() {
-            if s == "--" {
-                a.positional.extend(it.by_ref().cloned());
-                break;
+        for f in flags.iter().chain(["json"].iter()) {
+            if m.get_flag(f) {
+                a.flags.push(f.to_string());
             }
-            let Some(body) = s.strip_prefix("--") else {
-                a.positional.push(s.clone());
-                continue;
-            };
-            let (name, inline) = match body.split_once('=') {
-                Some((n, v)) => (n, Some(v)),
-                None => (body, None),
-            };
-            if name.is_empty() {
-                return Err(Fail::usage(format!("{s:?} is not a flag")));
+        }
+        for o in options {
+            for v in m.get_many::<String>(o).into_iter().flatten() {
+                a.pairs.push((o.to_string(), v.clone()));
             }
-            if booleans.contains(&name) || name == "json" {
-                if inline.is_some() {
-                    return Err(Fail::usage(format!("--{name} takes no value")));
-                }
-                a.flags.push(name.to_string());
-            } else {
-                let v = match inline {
-                    Some(v) => v.to_string(),
-                    None => it.next().cloned().ok_or_else(|| Fail::usage(format!("--{name} needs a value")))?,
-                };
-                a.pairs.push((name.to_string(), v));
-            }
+        }
+        if positionals > 0 {
+            a.positional = m.get_many::<String>(" positional").into_iter().flatten().cloned().collect();
         }
         Ok(a)
     }
@@ -131,54 +139,44 @@ impl Args {
     pub fn json(&self) -> bool {
         self.flag("json")
     }
-    /// Every `--name value` must be one of `allowed`.
-    pub fn check(&self, allowed: &[&str]) -> Result<(), Fail> {
-        match self.pairs.iter().find(|(n, _)| !allowed.contains(&n.as_str())) {
-            Some((n, _)) => Err(Fail::usage(format!("unknown option --{n}"))),
-            None => Ok(()),
-        }
-    }
-    /// At most `n` positionals.
-    pub fn at_most(&self, n: usize) -> Result<(), Fail> {
-        match self.positional.get(n) {
-            Some(extra) => Err(Fail::usage(format!("unexpected argument {extra:?}"))),
-            None => Ok(()),
-        }
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn parse(v: &[&str]) -> Result<Args, Fail> {
+    fn parse(v: &[&str], positionals: usize) -> Result<Args, Fail> {
         let v: Vec<String> = v.iter().map(|s| s.to_string()).collect();
-        Args::parse(&v, &["prune"])
+        Args::read(&v, &["prune"], &["sub", "allow"], positionals)
     }
 
     #[test]
     fn both_value_forms_and_booleans() {
-        let a = parse(&["--sub=lambda/x", "--allow", "stripe GET /v1/*", "--allow=a=b", "--prune", "--json", "pos"]).unwrap_or_else(|e| panic!("{e}"));
+        let a = parse(&["--sub=lambda/x", "--allow", "stripe GET /v1/*", "--allow=a=b", "--prune", "--json", "pos"], 1).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(a.get("sub"), Some("lambda/x"));
         assert_eq!(a.all("allow"), vec!["stripe GET /v1/*", "a=b"]);
         assert!(a.flag("prune") && a.json());
         assert_eq!(a.positional, vec!["pos"]);
-        assert_eq!(parse(&["--sub="]).map(|a| a.get("sub").map(str::to_string)), Ok(Some(String::new())));
+        assert_eq!(parse(&["--sub="], 0).map(|a| a.get("sub").map(str::to_string)), Ok(Some(String::new())));
+        assert_eq!(parse(&["--sub", "-"], 0).map(|a| a.get("sub").map(str::to_string)), Ok(Some("-".into())));
     }
 
     #[test]
-    fn usage_errors() {
-        assert!(matches!(parse(&["--sub"]), Err(Fail::Usage(m)) if m == "--sub needs a value"));
-        assert!(matches!(parse(&["--json=yes"]), Err(Fail::Usage(_))));
-        assert!(matches!(parse(&["--=x"]), Err(Fail::Usage(_))));
-        let a = parse(&["--nope", "1"]).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(a.check(&["sub"]), Err(Fail::usage("unknown option --nope")));
-        assert_eq!(parse(&["a", "b"]).and_then(|a| a.at_most(1)), Err(Fail::usage("unexpected argument \"b\"")));
+    fn usage_errors_name_what_is_wrong() {
+        let err = |v: &[&str], n| match parse(v, n) {
+            Err(Fail::Usage(m)) => m,
+            other => panic!("{v:?}: {:?}", other.map(|a| a.positional)),
+        };
+        assert!(err(&["--sub"], 0).contains("--sub"));
+        assert!(err(&["--json=yes"], 0).contains("yes"));
+        assert!(err(&["--nope", "1"], 0).contains("--nope"));
+        assert!(err(&["a", "b"], 1).contains('b'));
+        assert!(err(&["a"], 0).contains('a'));
     }
 
     #[test]
     fn double_dash_ends_flags() {
-        let a = parse(&["--", "--not-a-flag"]).unwrap_or_else(|e| panic!("{e}"));
+        let a = parse(&["--", "--not-a-flag"], 1).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(a.positional, vec!["--not-a-flag"]);
     }
 

@@ -128,9 +128,7 @@ impl Sync {
 }
 
 pub fn run(args: &[String]) -> Result<(), Fail> {
-    let a = Args::parse(args, &["no-env"])?;
-    a.check(&["source", "template", "out", "every", "region"])?;
-    a.at_most(0)?;
+    let a = Args::read(args, &["no-env"], &["source", "template", "out", "every", "region"], 0)?;
     let source = Source::parse(a.get("source").ok_or_else(|| Fail::usage("--source is required"))?)?;
     let template_path = a.get("template").ok_or_else(|| Fail::usage("--template (the ECDS resource template) is required"))?;
     let template = std::fs::read_to_string(template_path).map_err(|e| Fail::unavailable(format!("cannot read {template_path}: {e}")))?;

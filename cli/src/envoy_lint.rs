@@ -14,9 +14,7 @@ const BUFFER: &str = "envoy.filters.http.buffer";
 const ROUTER: &str = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router";
 
 pub fn run(args: &[String]) -> Result<(), Fail> {
-    let a = Args::parse(args, &["no-env"])?;
-    a.check(&["ecds"])?;
-    a.at_most(1)?;
+    let a = Args::read(args, &["no-env"], &["ecds"], 1)?;
     let path = a.positional.first().ok_or_else(|| Fail::usage("a FILE.yaml is required"))?;
     let text = std::fs::read_to_string(path).map_err(|e| Fail::unavailable(format!("cannot read {path}: {e}")))?;
     let doc: Value = serde_norway::from_str(&text).map_err(|e| format!("{path}: not YAML: {e}"))?;

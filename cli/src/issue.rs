@@ -53,9 +53,12 @@ fn post(url: &str, grant: &Value, bearer: Option<&Secret>) -> Result<Value, Fail
 }
 
 pub fn run(args: &[String]) -> Result<(), Fail> {
-    let a = Args::parse(args, &["aws", "attenuate"])?;
-    a.check(&["url", "path", "server-id", "region", "sts-host", "allow", "ttl", "run", "rpm", "total", "spend", "token", "token-env"])?;
-    a.at_most(0)?;
+    let a = Args::read(
+        args,
+        &["aws", "attenuate"],
+        &["url", "path", "server-id", "region", "sts-host", "allow", "ttl", "run", "rpm", "total", "spend", "token", "token-env"],
+        0,
+    )?;
     let base = a.get("url").ok_or_else(|| Fail::usage("--url (the gateway, e.g. http://keyward.internal:10000) is required"))?;
     let url = format!("{}{}", base.trim_end_matches('/'), a.get("path").unwrap_or("/keyward/v1/credentials"));
     let num = |name: &str| -> Result<Option<u64>, Fail> {

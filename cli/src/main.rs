@@ -185,9 +185,7 @@ fn main() -> ExitCode {
 }
 
 fn version(args: &[String]) -> Result<(), Fail> {
-    let a = Args::parse(args, &[])?;
-    a.check(&[])?;
-    a.at_most(0)?;
+    let a = Args::read(args, &[], &[], 0)?;
     if a.json() {
         println!("{}", json!({ "version": env!("CARGO_PKG_VERSION") }));
     } else {
@@ -201,9 +199,7 @@ pub fn now() -> i64 {
 }
 
 fn check_config(args: &[String]) -> Result<(), Fail> {
-    let a = Args::parse(args, &["no-env"])?;
-    a.check(&[])?;
-    a.at_most(1)?;
+    let a = Args::read(args, &["no-env"], &[], 1)?;
     let path = a.positional.first().ok_or_else(|| Fail::usage("a FILE is required"))?;
     let bytes = std::fs::read(path).map_err(|e| Fail::unavailable(format!("cannot read {path}: {e}")))?;
     match (compile_for_check(&bytes, a.flag("no-env")), a.json()) {

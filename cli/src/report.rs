@@ -297,8 +297,7 @@ impl Report {
 }
 
 pub fn run(args: &[String]) -> Result<(), Fail> {
-    let a = Args::parse(args, &[])?;
-    a.check(&["top"])?;
+    let a = Args::read(args, &[], &["top"], usize::MAX)?;
     let top: usize = a.get("top").map_or(Ok(10), str::parse).map_err(|_| Fail::usage("--top needs a number"))?;
     if a.positional.is_empty() {
         return Err(Fail::usage("an ACCESS_LOG (or - for standard input) is required; give every gateway's for the fleet's figures"));

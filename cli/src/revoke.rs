@@ -263,9 +263,7 @@ fn open(a: &Args) -> Result<Kv, Fail> {
 }
 
 pub fn revoke(args: &[String]) -> Result<(), Fail> {
-    let a = Args::parse(args, &["prune"])?;
-    a.check(&["jti", "sub", "reason", "expires-at", "config", "mount", "path"])?;
-    a.at_most(0)?;
+    let a = Args::read(args, &["prune"], &["jti", "sub", "reason", "expires-at", "config", "mount", "path"], 0)?;
     let prune = a.flag("prune");
     let key = match (a.get("jti"), a.get("sub"), prune) {
         (None, None, true) => None,
@@ -308,9 +306,7 @@ pub fn revoke(args: &[String]) -> Result<(), Fail> {
 }
 
 pub fn unrevoke(args: &[String]) -> Result<(), Fail> {
-    let a = Args::parse(args, &[])?;
-    a.check(&["jti", "sub", "config", "mount", "path"])?;
-    a.at_most(0)?;
+    let a = Args::read(args, &[], &["jti", "sub", "config", "mount", "path"], 0)?;
     let key = entry_key(&a).map_err(Fail::Usage)?;
     let kv = open(&a)?;
     kv.update(|entries| match entries.remove(&key) {
@@ -326,9 +322,7 @@ pub fn unrevoke(args: &[String]) -> Result<(), Fail> {
 }
 
 pub fn list(args: &[String]) -> Result<(), Fail> {
-    let a = Args::parse(args, &[])?;
-    a.check(&["config", "mount", "path"])?;
-    a.at_most(0)?;
+    let a = Args::read(args, &[], &["config", "mount", "path"], 0)?;
     let kv = open(&a)?;
     let (entries, version) = kv.read().map_err(Fail::Unavailable)?.unwrap_or_default();
     if a.flag("json") {
@@ -353,7 +347,7 @@ mod tests {
 
     fn args(v: &[&str]) -> Args {
         let v: Vec<String> = v.iter().map(|s| s.to_string()).collect();
-        Args::parse(&v, &[]).unwrap_or_else(|e| panic!("{e}"))
+        Args::read(&v, &["prune"], &["jti", "sub", "reason", "expires-at", "config", "mount", "path"], 0).unwrap_or_else(|e| panic!("{e}"))
     }
 
     #[test]

@@ -35,9 +35,7 @@ fn positive(a: &Args, name: &str) -> Result<Option<u64>, Fail> {
 }
 
 pub fn mint(args: &[String]) -> Result<(), Fail> {
-    let a = Args::parse(args, &[])?;
-    a.check(&["kid", "key-env", "key-file", "sub", "allow", "ttl", "aud", "iss", "run", "rpm", "total", "spend", "jti"])?;
-    a.at_most(0)?;
+    let a = Args::read(args, &[], &["kid", "key-env", "key-file", "sub", "allow", "ttl", "aud", "iss", "run", "rpm", "total", "spend", "jti"], 0)?;
     let kid = a.get("kid").ok_or_else(|| Fail::usage("--kid is required"))?;
     let key = load_key(&a)?.ok_or_else(|| Fail::usage("--key-env or --key-file is required"))?;
     let sub = a.get("sub").ok_or_else(|| Fail::usage("--sub is required"))?;
@@ -128,9 +126,7 @@ struct Inspection {
 }
 
 pub fn inspect(args: &[String]) -> Result<(), Fail> {
-    let a = Args::parse(args, &[])?;
-    a.check(&["key-env", "key-file", "config", "aud", "iss", "max-lifetime", "skew"])?;
-    a.at_most(1)?;
+    let a = Args::read(args, &[], &["key-env", "key-file", "config", "aud", "iss", "max-lifetime", "skew"], 1)?;
     let mut t = match a.positional.first().map(String::as_str) {
         Some("-") | None => {
             let mut s = String::new();
