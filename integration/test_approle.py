@@ -146,8 +146,8 @@ def test_token_is_renewed_before_expiry_and_replaced_at_max_ttl(ar):
     renewed = [t for p, t in after if p == RENEW]
     assert all(renewed)
     assert len({t for p, t in after if p == "/v1/secret/data/approle/fast"}) >= 2
-    assert ar.stat("vault_renew") >= 2
-    assert ar.stat("secret_fetch_error") == 0
+    assert ar.stat("vault_renewals_total") >= 2
+    assert ar.stat("secret_fetches_total;result=error") == 0
 
 
 def test_a_revoked_token_means_a_fresh_login_not_a_503(ar):
@@ -175,7 +175,7 @@ def test_a_failing_login_gives_503_quickly_and_no_secret(ar):
     assert took < 3, took
     assert not ar.vendor.take()
     assert [p for p, _ in ar.calls()].count(LOGIN) > before
-    assert ar.stat("vault_auth_error") >= 1
+    assert ar.stat("vault_auth_errors_total") >= 1
     text = ar.envoy.log_path.read_text(errors="replace")
     assert "AppRole login failed" in text
     assert "not-the-secret-id" not in text
