@@ -180,6 +180,9 @@ MSG
 while :; do
   for p in "${pids[@]}"; do
     if ! kill -0 "$p" 2>/dev/null; then
+      # Ctrl-C reaches every process of the group: a component may be gone before this shell runs
+      # its INT trap. A moment's pause lets a pending trap run (and exit 0).
+      sleep 0.5
       echo "a component exited; see $RUN/*.log" >&2
       exit 1
     fi
