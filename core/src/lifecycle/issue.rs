@@ -4,7 +4,8 @@
 //! request), the issuing key is found (it may wait for its store too), and the stream is answered
 //! with the credential or a contract error. Nothing is ever forwarded upstream.
 
-use super::request::{write_audit, HostRequest, SharedSecrets};
+use super::admission_view::SharedSecrets;
+use super::request::{write_audit, HostRequest};
 use super::state::{IssueStep, Issuing, Purpose, Stream};
 use super::{Answer, Lifecycle, CALL_GRACE_MS};
 use crate::config::{Config, KeySource};

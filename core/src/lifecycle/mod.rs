@@ -17,6 +17,7 @@
 //! that leaves cancels nothing. Every callout has a deadline: past it, the call is given up and
 //! its slot, session or list is free for the next attempt.
 
+mod admission_view;
 mod endpoint;
 mod event;
 mod fetch;

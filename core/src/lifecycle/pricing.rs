@@ -4,7 +4,8 @@
 //! request is answered with a refusal before the router ever sees it. Later, a vendor's
 //! `refund_on` answer releases the reservation.
 
-use super::request::{record_allowed, SharedSecrets};
+use super::admission_view::SharedSecrets;
+use super::request::record_allowed;
 use super::state::{Pricing, Served, Stream};
 use super::{Lifecycle, PARK_GRACE_MS};
 use crate::engine::{self, Halt};
