@@ -46,11 +46,27 @@ for i in "${!args[@]}"; do
 done
 
 if [ -n "${KEYWARD_CONFIG_SOURCE:-}" ]; then
+  EVERY="${KEYWARD_CONFIG_EVERY:-30}"
+  case "$EVERY" in
+    ''|*[!0-9]*) echo "keyward-envoy: KEYWARD_CONFIG_EVERY must be 1-86400 seconds; got '$EVERY'" >&2; exit 64 ;;
+  esac
+  if [ "$EVERY" -lt 1 ] || [ "$EVERY" -gt 86400 ]; then
+    echo "keyward-envoy: KEYWARD_CONFIG_EVERY must be 1-86400 seconds; got '$EVERY'" >&2; exit 64
+  fi
   mkdir -p "$RUN_DIR" || exit 73
   sync=("$KEYWARD" config-sync --source "$KEYWARD_CONFIG_SOURCE" --template "$TEMPLATE" --out "$RUN_DIR/keyward-filter.json")
   # The first configuration must be good: Envoy would otherwise start without its filter.
   "${sync[@]}" || { echo "keyward-envoy: no usable filter configuration from $KEYWARD_CONFIG_SOURCE; not starting" >&2; exit 78; }
-  "${sync[@]}" --every "${KEYWARD_CONFIG_EVERY:-30}" &
+  # Kept in step for as long as Envoy runs: a sync loop that stops is started again.
+  (
+    trap 'kill -TERM "$child" 2>/dev/null; exit 0' TERM
+    while :; do
+      "${sync[@]}" --every "$EVERY" & child=$!
+      wait "$child"
+      echo "keyward-envoy: config-sync stopped (status $?); starting it again in 5 s" >&2
+      sleep 5
+    done
+  ) &
   sync_pid=$!
 fi
 

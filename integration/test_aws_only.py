@@ -332,3 +332,21 @@ def test_sigterm_stops_config_sync_and_envoy(stack):
     time.sleep(0.5)
     left = subprocess.run(["pgrep", "-f", f"config-sync.*{stack.workdir}"], capture_output=True, text=True).stdout.split()
     assert left == [], "config-sync stopped with the gateway"
+
+
+def test_config_sync_checks_with_the_environment_the_vm_gets(tmp_path):
+    """A variable this process has but the template does not hand the VM (host_env_keys) is one
+    the filter would not see: config-sync refuses the configuration, as the filter would."""
+    t = cfn()
+    cfg = json.loads(stack_config(t))
+    cfg["signing_keys"]["k2"] = {"env": "KEYWARD_KEY_K2"}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    template = json.loads((ROOT / "envoy" / "keyward-filter.template.json").read_text())
+    assert "KEYWARD_KEY_K2" not in template["resources"][0]["typed_config"]["config"]["vm_config"]["environment_variables"]["host_env_keys"]
+    key = base64.b64encode(secrets.token_bytes(32)).decode()
+    harness.SECRETS.add(key)
+    r = harness.cli("config-sync", "--source", f"file:{tmp_path / 'config.json'}", "--template", str(ROOT / "envoy" / "keyward-filter.template.json"),
+                    "--out", str(tmp_path / "keyward-filter.json"), env={"KEYWARD_KEY_K2": key})
+    assert r.returncode == 1 and "KEYWARD_KEY_K2" in r.stderr, r.stderr
+    assert not (tmp_path / "keyward-filter.json").exists()
+    assert key not in r.stdout + r.stderr

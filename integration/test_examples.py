@@ -192,7 +192,9 @@ def test_run_labels_and_trace_headers_from_api_gateway_events():
         aws_request_id = "8f5e3c2a-lambda"
     cases = [(REST_EVENT, None, "apigw/c6af9ac6-7b61-11e6-9a41-93e8deadbeef"), (HTTP_EVENT, Ctx(), "apigw/JKJaXmPLvHcESHA="),
              ({"Records": []}, Ctx(), "lambda/8f5e3c2a-lambda"), ({}, None, None),
-             ({"requestContext": {"requestId": "a\nb" + "x" * 300}}, None, "apigw/ab" + "x" * 120)]
+             ({"requestContext": {"requestId": "a\nb" + "x" * 300}}, None, "apigw/ab" + "x" * 120),
+             # At most 128 bytes, cut on a character boundary (what the gateway takes).
+             ({"requestContext": {"requestId": "é" * 200}}, None, "apigw/" + "é" * 61)]
     env = {k: v for k, v in os.environ.items() if k != "_X_AMZN_TRACE_ID"}
     old = os.environ.pop("_X_AMZN_TRACE_ID", None)
     try:
@@ -201,6 +203,8 @@ def test_run_labels_and_trace_headers_from_api_gateway_events():
         assert trace_headers(REST_EVENT) == {"X-Amzn-Trace-Id": REST_EVENT["headers"]["X-Amzn-Trace-Id"]}
         assert trace_headers(HTTP_EVENT) == {"X-Amzn-Trace-Id": HTTP_EVENT["headers"]["x-amzn-trace-id"]}
         assert trace_headers({}) == {}
+        for bad in ("Root=1-☃", "x" * 300, "a\rb"):
+            assert trace_headers({"headers": {"X-Amzn-Trace-Id": bad}}) == {}, bad
         os.environ["_X_AMZN_TRACE_ID"] = "Root=1-lambda"
         assert trace_headers(HTTP_EVENT) == {"X-Amzn-Trace-Id": "Root=1-lambda"}
     finally:
@@ -212,14 +216,15 @@ def test_run_labels_and_trace_headers_from_api_gateway_events():
     script = ("import { runLabel, traceHeaders } from './keyward_credentials.mjs';"
               "const cases = JSON.parse(process.env.CASES);"
               "console.log(JSON.stringify(cases.map(([e, c]) => [runLabel(e, c) ?? null, traceHeaders(e)])));")
-    node_cases = [[REST_EVENT, None], [HTTP_EVENT, {"awsRequestId": "8f5e3c2a-lambda"}], [{"Records": []}, {"awsRequestId": "8f5e3c2a-lambda"}], [{}, None]]
+    node_cases = [[REST_EVENT, None], [HTTP_EVENT, {"awsRequestId": "8f5e3c2a-lambda"}], [{"Records": []}, {"awsRequestId": "8f5e3c2a-lambda"}], [{}, None],
+                  [{"requestContext": {"requestId": "é" * 200}, "headers": {"x-amzn-trace-id": "Root=1-☃"}}, None]]
     r = subprocess.run(["node", "--input-type=module", "-e", script], cwd=ROOT / "examples" / "node", capture_output=True, text=True,
                        env=dict(env, CASES=json.dumps(node_cases)), timeout=30)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout) == [
         ["apigw/c6af9ac6-7b61-11e6-9a41-93e8deadbeef", {"X-Amzn-Trace-Id": REST_EVENT["headers"]["X-Amzn-Trace-Id"]}],
         ["apigw/JKJaXmPLvHcESHA=", {"X-Amzn-Trace-Id": HTTP_EVENT["headers"]["x-amzn-trace-id"]}],
-        ["lambda/8f5e3c2a-lambda", {}], [None, {}]]
+        ["lambda/8f5e3c2a-lambda", {}], [None, {}], ["apigw/" + "é" * 61, {}]]
 
 
 def access_lines(marker):

@@ -113,7 +113,7 @@ impl Session {
             // An AWS error in XML (a signature or an authorization refused by the front end): its
             // code and message say why; they never hold the secret asked for.
             let tag = |t: &str| text.split(&format!("<{t}>")).nth(1).and_then(|r| r.split(&format!("</{t}>")).next()).unwrap_or("");
-            let why: String = format!("{} {}", tag("Code"), tag("Message")).trim().chars().take(300).collect();
+            let why: String = format!("{} {}", tag("Code"), tag("Message")).trim().chars().filter(|c| !c.is_control()).take(300).collect();
             Fail::unavailable(format!("{service} answered HTTP {status} without JSON{}", if why.is_empty() { String::new() } else { format!(": {why}") }))
         })?;
         if status == 200 {
@@ -122,7 +122,9 @@ impl Session {
         let kind = v.get("__type").and_then(Value::as_str).unwrap_or("?");
         let kind = kind.rsplit('#').next().unwrap_or(kind);
         let msg = v.get("message").or_else(|| v.get("Message")).and_then(Value::as_str).unwrap_or("");
-        let text = format!("{service} {target}: HTTP {status} {kind}: {msg}");
+        // An answer's words, not its control characters (a hostile endpoint could forge log lines).
+        let clean = |t: &str| t.chars().filter(|c| !c.is_control()).take(300).collect::<String>();
+        let text = format!("{service} {target}: HTTP {status} {}: {}", clean(kind), clean(msg));
         Err(if status >= 500 || kind.contains("Throttl") { Fail::Unavailable(text) } else { Fail::Failed(text) })
     }
 }

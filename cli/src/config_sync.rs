@@ -81,6 +81,25 @@ pub fn render(template: &str, config: &str) -> Result<String, String> {
     serde_json::to_string_pretty(&doc).map(|s| s + "\n").map_err(|e| e.to_string())
 }
 
+/// The environment the template's Wasm VM gets: `host_env_keys` from this process, `key_values`
+/// as given.
+fn vm_environment(template: &str) -> std::collections::HashMap<String, String> {
+    let mut out = std::collections::HashMap::new();
+    let Ok(doc) = serde_json::from_str::<Value>(template) else { return out };
+    let Some(env) = doc.pointer("/resources/0/typed_config/config/vm_config/environment_variables") else { return out };
+    for k in env.get("host_env_keys").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str) {
+        if let Ok(v) = std::env::var(k) {
+            out.insert(k.to_string(), v);
+        }
+    }
+    for (k, v) in env.get("key_values").and_then(Value::as_object).into_iter().flatten() {
+        if let Some(v) = v.as_str() {
+            out.insert(k.clone(), v.to_string());
+        }
+    }
+    out
+}
+
 /// Replaces `out` with `content` by a rename in its directory (what Envoy's watched directory
 /// sees as one change), unless it already holds it. Returns whether it changed.
 pub fn replace(out: &Path, content: &str) -> Result<bool, Fail> {
@@ -121,7 +140,15 @@ impl Sync {
             None => self.source.to_string(),
         };
         let digest: String = Sha256::digest(text.as_bytes()).iter().take(6).map(|b| format!("{b:02x}")).collect();
-        crate::compile_for_check(text.as_bytes(), self.no_env).map_err(|e| Fail::Failed(format!("refused {label} (sha256 {digest}…): {e}")))?;
+        // Checked with the environment the filter's VM will have: the variables the template
+        // hands it (host_env_keys, key_values), nothing else of this process's.
+        let checked = if self.no_env {
+            crate::compile_for_check(text.as_bytes(), true)
+        } else {
+            let vm = vm_environment(&self.template);
+            keyward_core::config::compile(text.as_bytes(), &|n: &str| vm.get(n).cloned())
+        };
+        checked.map_err(|e| Fail::Failed(format!("refused {label} (sha256 {digest}…): {e}")))?;
         let content = render(&self.template, &text).map_err(|e| Fail::usage(format!("--template: {e}")))?;
         Ok(replace(&self.out, &content)?.then(|| format!("applied {label} (sha256 {digest}…) to {}", self.out.display())))
     }
@@ -171,6 +198,20 @@ mod tests {
     const TEMPLATE: &str = r#"{"resources":[{"@type":"type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig","name":"keyward",
         "typed_config":{"@type":"type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm","config":{"name":"keyward",
         "configuration":{"@type":"type.googleapis.com/google.protobuf.StringValue","value":""}}}}]}"#;
+
+    #[test]
+    fn the_vm_sees_only_what_the_template_hands_it() {
+        std::env::set_var("KEYWARD_SYNC_TEST_LISTED", "a");
+        std::env::set_var("KEYWARD_SYNC_TEST_UNLISTED", "b");
+        let t = TEMPLATE.replace(
+            r#""configuration""#,
+            r#""vm_config":{"environment_variables":{"host_env_keys":["KEYWARD_SYNC_TEST_LISTED","KEYWARD_SYNC_TEST_MISSING"],"key_values":{"FIXED":"c"}}},"configuration""#,
+        );
+        let env = vm_environment(&t);
+        assert_eq!(env.get("KEYWARD_SYNC_TEST_LISTED").map(String::as_str), Some("a"));
+        assert_eq!(env.get("FIXED").map(String::as_str), Some("c"));
+        assert!(!env.contains_key("KEYWARD_SYNC_TEST_UNLISTED") && !env.contains_key("KEYWARD_SYNC_TEST_MISSING"));
+    }
 
     #[test]
     fn sources() {

@@ -315,6 +315,15 @@ pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Con
             Inject::Basic { username_field, password_field } => vec![username_field.as_str(), password_field.as_str()],
         };
         let slot = c.slot(&format!("{path}.secret"), &t.secret, &fields)?;
+        // A vendor must never receive Keyward's own secrets: the secret that holds a signing key,
+        // the key set, or the revocation list is no target's.
+        let signing = keys.iter().find(|k| matches!(k.source, KeySource::Stored { slot: s, .. } if s == slot)).map(|k| format!("signing_keys.{}", k.kid));
+        let shared = signing.or_else(|| (keyset == Some(slot)).then(|| "signing_keyset".to_string())).or_else(|| {
+            revocation.as_ref().filter(|r| c.store_index.get(&t.secret.store) == Some(&r.store) && r.path == t.secret.path).map(|_| "revocation".to_string())
+        });
+        if let Some(what) = shared {
+            return err(format!("{path}.secret"), format!("the secret of {what}: a vendor would receive it"));
+        }
         let allow = match &t.allow {
             None => None,
             Some(rules) => {

@@ -15,6 +15,7 @@ import { SignatureV4 } from '@smithy/signature-v4';
 const STS_BODY = 'Action=GetCallerIdentity&Version=2011-06-15';
 const RENEW_BEFORE_S = 60;
 const MAX_RUN_LEN = 128;
+const MAX_TRACE_LEN = 256;
 
 // This invocation's run label: `apigw/<request id>` for a function behind API Gateway (REST APIs,
 // and HTTP APIs with payload 1.0 or 2.0, all carry requestContext.requestId), else
@@ -23,8 +24,16 @@ export function runLabel(event, context) {
   const rid = event?.requestContext?.requestId;
   const lid = context?.awsRequestId;
   const label = typeof rid === 'string' && rid ? `apigw/${rid}` : typeof lid === 'string' && lid ? `lambda/${lid}` : undefined;
+  if (label === undefined) return undefined;
   // eslint-disable-next-line no-control-regex
-  return label?.replace(/[\u0000-\u001f\u007f]/g, '').slice(0, MAX_RUN_LEN);
+  const clean = label.replace(/[\u0000-\u001f\u007f-\u009f]/g, '');
+  // The gateway takes at most 128 bytes: cut on a character boundary.
+  let out = '';
+  for (const ch of clean) {
+    if (Buffer.byteLength(out + ch) > MAX_RUN_LEN) break;
+    out += ch;
+  }
+  return out;
 }
 
 // The trace header for this invocation's vendor calls: Lambda's own (_X_AMZN_TRACE_ID, set when
@@ -34,8 +43,8 @@ export function traceHeaders(event) {
   if (!trace && event?.headers && typeof event.headers === 'object') {
     trace = Object.entries(event.headers).find(([k]) => k.toLowerCase() === 'x-amzn-trace-id')?.[1];
   }
-  // eslint-disable-next-line no-control-regex
-  return typeof trace === 'string' && trace && !/[\u0000-\u001f\u007f]/.test(trace) ? { 'X-Amzn-Trace-Id': trace } : {};
+  // An X-Ray trace header is short ASCII (Root=1-…;Parent=…;Sampled=…): anything else is left out.
+  return typeof trace === 'string' && trace.length > 0 && trace.length <= MAX_TRACE_LEN && /^[\x20-\x7e]+$/.test(trace) ? { 'X-Amzn-Trace-Id': trace } : {};
 }
 
 // A signed GetCallerIdentity request, not sent: the gateway forwards it to STS unchanged.

@@ -30,6 +30,7 @@ from botocore.awsrequest import AWSRequest
 STS_BODY = "Action=GetCallerIdentity&Version=2011-06-15"
 RENEW_BEFORE_S = 60
 MAX_RUN_LEN = 128
+MAX_TRACE_LEN = 256
 
 
 def run_label(event, context=None):
@@ -45,7 +46,9 @@ def run_label(event, context=None):
         label = f"lambda/{lid}" if isinstance(lid, str) and lid else None
     if label is None:
         return None
-    return "".join(c for c in label if c.isprintable())[:MAX_RUN_LEN]
+    label = "".join(c for c in label if c.isprintable())
+    # The gateway takes at most 128 bytes: cut on a character boundary.
+    return label.encode()[:MAX_RUN_LEN].decode("utf-8", "ignore")
 
 
 def trace_headers(event=None):
@@ -56,7 +59,9 @@ def trace_headers(event=None):
     if not trace and isinstance(event, dict):
         headers = event.get("headers") or {}
         trace = next((v for k, v in headers.items() if isinstance(k, str) and k.lower() == "x-amzn-trace-id"), None)
-    return {"X-Amzn-Trace-Id": trace} if isinstance(trace, str) and trace.isprintable() and trace else {}
+    # An X-Ray trace header is short ASCII (Root=1-…;Parent=…;Sampled=…): anything else is left out.
+    ok = isinstance(trace, str) and 0 < len(trace) <= MAX_TRACE_LEN and trace.isascii() and trace.isprintable()
+    return {"X-Amzn-Trace-Id": trace} if ok else {}
 
 
 def iam_proof(server_id, credentials=None, region="us-east-1", sts_host="sts.amazonaws.com"):

@@ -203,3 +203,21 @@ fn idempotency_methods() {
     assert_eq!(c.target("stripe").map(|(_, t)| t.require_idempotency_key.clone()), Some(vec!["POST".to_string(), "PATCH".to_string()]));
     assert_eq!(c.target("twilio").map(|(_, t)| t.require_idempotency_key.len()), Some(0));
 }
+
+#[test]
+fn no_target_reads_keywards_own_secrets() {
+    // A target on the secret that holds a signing key, or the revocation list: refused, whatever
+    // the field (a vendor would receive the signing key or the list).
+    let on_key = edit(|v| {
+        v["signing_keys"]["k2"] = serde_json::json!({"secret": {"store": "bao", "path": "keyward/signing", "field": "k2"}});
+        v["targets"]["stripe"]["secret"] = serde_json::json!({"store": "bao", "path": "keyward/signing", "field": "api_key"});
+    });
+    let e = compile_str(&on_key).unwrap_err();
+    assert!(e.path == "targets.stripe.secret" && e.message.contains("signing_keys.k2"), "{e}");
+    let on_list = edit(|v| {
+        let rev = v["revocation"].clone();
+        v["targets"]["stripe"]["secret"] = serde_json::json!({"store": rev["store"], "path": rev["path"], "field": "api_key"});
+    });
+    let e = compile_str(&on_list).unwrap_err();
+    assert!(e.path == "targets.stripe.secret" && e.message.contains("revocation"), "{e}");
+}
