@@ -45,7 +45,7 @@ def stack_config(t) -> str:
     sub = t["Resources"]["FilterConfig"]["Properties"]["Value"]["Fn::Sub"]
     text, variables = sub[0], sub[1]
     assert set(variables) == {"Credential"}
-    values = {"AWS::StackName": STACK, "AWS::Region": REGION, "LedgerTableName": TABLE, "Credential": "bearer"}
+    values = {"AWS::StackName": STACK, "AWS::Region": REGION, "LedgerTable": TABLE, "Credential": "bearer"}
     out = re.sub(r"\$\{([A-Za-z:]+)\}", lambda m: values[m.group(1)], text)
     json.loads(out)
     return out
@@ -322,6 +322,30 @@ def test_a_rule_changed_in_ssm_applies_without_a_restart_and_a_bad_one_is_refuse
     stack.ssm.put_parameter(Name=PARAM, Value=stack.config, Type="String", Overwrite=True)
     wait_for(lambda: get_code() == 200, 10, "the original rules again")
     conn.close()
+
+
+def test_the_documented_revocation_command_revokes_each_credential(stack):
+    """docs/deploying.md's jq program, run as written, twice: two entries, two lines, both
+    enforced by the gateway."""
+    text = (ROOT / "docs" / "deploying.md").read_text()
+    block = text[text.index("<!-- revoke on AWS"):].split("```sh\n", 1)[1].split("```", 1)[0]
+    (jq_line,) = [l.strip().lstrip("| ").strip() for l in block.splitlines() if "jq " in l]
+    jq_cmd = jq_line.split(" > revoked.json")[0]
+    toks = {j: stack.token(j) for j in ("aws-only-jq-1", "aws-only-jq-2")}
+    for t in toks.values():
+        assert requests.get(stack.gw + "/stripe/v1/charges", headers={"Authorization": f"Bearer {t}"}, timeout=10).status_code == 200
+    current = stack.sm.get_secret_value(SecretId=stack.arns["RevocationListSecret"])["SecretString"]
+    for jti in toks:
+        r = subprocess.run(["bash", "-c", jq_cmd], input=current, capture_output=True, text=True, timeout=10,
+                           env=dict(os.environ, JTI=jti, EXP=str(int(time.time()) + 600)))
+        assert r.returncode == 0, r.stderr
+        current = r.stdout
+    entries = json.loads(current)["entries"]
+    assert [l.split("\t")[0] for l in entries.splitlines() if l.startswith("jti:aws-only-jq")] == ["jti:aws-only-jq-1", "jti:aws-only-jq-2"]
+    stack.sm.put_secret_value(SecretId=stack.arns["RevocationListSecret"], SecretString=current)
+    for t in toks.values():
+        wait_for(lambda t=t: requests.get(stack.gw + "/stripe/v1/charges", headers={"Authorization": f"Bearer {t}"}, timeout=10).status_code == 401,
+                 10, "revoked")
 
 
 def test_sigterm_stops_config_sync_and_envoy(stack):

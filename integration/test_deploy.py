@@ -327,3 +327,15 @@ def test_one_version_everywhere():
     for p in [*(ROOT / "deploy").rglob("*.yaml"), *(ROOT / "deploy").rglob("*.json"), *(ROOT / "deploy").rglob("Dockerfile*"), ROOT / "docs" / "deploying.md"]:
         tags |= set(re.findall(r"keyward-(?:gateway|wasm):(\d+\.\d+\.\d+)", p.read_text()))
     assert tags == {version}, tags
+
+
+def test_the_image_build_context_leaves_out_the_tool_chain():
+    """`docker build ... .` sends the repository: .dockerignore keeps target/, .venv/ and the like
+    out (gigabytes after make test) and nothing a COPY needs."""
+    patterns = [l.strip() for l in (ROOT / ".dockerignore").read_text().splitlines() if l.strip() and not l.startswith("#")]
+    assert {"target", ".venv", ".tools", "node_modules"} <= set(patterns)
+    lines = [l.split() for l in (ECS / "Dockerfile").read_text().splitlines() if l.startswith("COPY") and "--from=" not in l]
+    for l in lines:
+        for src in [a for a in l[1:-1] if not a.startswith("--")]:
+            first = src.split("/")[0]
+            assert not any(fnmatch.fnmatch(first, p) or fnmatch.fnmatch(src, p) for p in patterns), src

@@ -273,3 +273,16 @@ def test_the_pods_drain_call_reaches_the_filter_on_loopback(pod):
     r = requests.get(f"http://127.0.0.1:{pod.ports['local']}/stripe/v1/charges", timeout=5)
     assert r.status_code == 403 and r.json()["error"] == "unknown_target"
     assert pod.vendor.take() == []
+
+
+def test_the_filter_configmap_checks_clean_as_documented(tmp_path):
+    """docs/deploying.md: the keyward-filter ConfigMap's file goes through `keyward check-config`."""
+    docs = [d for d in yaml.safe_load_all((ROOT / "deploy" / "k8s" / "envoy-configmap.yaml").read_text()) if d]
+    (data,) = [d["data"] for d in docs if d["metadata"]["name"] == "keyward-filter"]
+    f = tmp_path / "f.yaml"
+    f.write_text(data["keyward-filter.yaml"])
+    r = harness.cli("check-config", str(f), "--no-env")
+    assert r.returncode == 0 and r.stdout.startswith("ok: audience=keyward"), r.stdout + r.stderr
+    f.write_text(data["keyward-filter.yaml"].replace('"audience": "keyward"', '"audience": 5'))
+    r = harness.cli("check-config", str(f), "--no-env")
+    assert r.returncode == 1 and "audience" in r.stderr

@@ -119,6 +119,7 @@ $(pwd):
 MSG
 fi
 
+if [ "$WITH_ENVOY" = 1 ]; then UP="Keyward is up."; else UP="Once Envoy runs (above), Keyward is up."; fi
 TOKEN="$("$KEYWARD" mint --kid k1 --key-file "$RUN/k1.key" --sub lambda/demo --ttl 3600 --run make-run \
   --allow "stripe * /v1/**" --allow "openai POST /v1/chat/completions" --allow "anthropic POST /v1/messages" \
   --allow "twilio POST /2010-04-01/Accounts/*/Messages.json" --allow "maps GET /maps/api/geocode/json")"
@@ -127,7 +128,7 @@ B64="$(printf 'AC00000000000000000000000000000001:%s' "$TOKEN" | base64 | tr -d 
 
 cat <<MSG
 
-Keyward is up. A demo workload credential (valid 1 hour, sub=lambda/demo):
+$UP A demo workload credential (valid 1 hour, sub=lambda/demo):
 
   export KEYWARD_TOKEN='$TOKEN'
 

@@ -41,7 +41,9 @@ const COMMANDS: &[(&str, &str)] = &[
     (
         "check-config",
         "keyward check-config FILE [--no-env] [--json]
-    Validate a filter configuration (JSON). --no-env checks structure without the environment.",
+    Validate a filter configuration (JSON, or an ECDS file holding one, as config-sync writes it
+    and the EKS keyward-filter ConfigMap holds it). --no-env checks structure without the
+    environment.",
     ),
     (
         "check-envoy",
@@ -202,6 +204,7 @@ fn check_config(args: &[String]) -> Result<(), Fail> {
     let a = Args::read(args, &["no-env"], &[], 1)?;
     let path = a.positional.first().ok_or_else(|| Fail::usage("a FILE is required"))?;
     let bytes = std::fs::read(path).map_err(|e| Fail::unavailable(format!("cannot read {path}: {e}")))?;
+    let bytes = ecds_configuration(&bytes).unwrap_or(bytes);
     match (compile_for_check(&bytes, a.flag("no-env")), a.json()) {
         (Ok(cfg), false) => println!("ok: {}", cfg.summary()),
         (Ok(cfg), true) => println!("{}", json!({ "ok": true, "summary": cfg.summary() })),
@@ -212,6 +215,15 @@ fn check_config(args: &[String]) -> Result<(), Fail> {
         }
     }
     Ok(())
+}
+
+/// The filter configuration inside an ECDS file (YAML or JSON: one resource, a Wasm filter whose
+/// `configuration.value` is the configuration), as `config-sync` writes it and the EKS
+/// `keyward-filter` ConfigMap holds it; `None` for anything else.
+fn ecds_configuration(bytes: &[u8]) -> Option<Vec<u8>> {
+    let doc: serde_json::Value = serde_norway::from_slice(bytes).ok()?;
+    let [one] = doc.get("resources")?.as_array()?.as_slice() else { return None };
+    one.pointer("/typed_config/config/configuration/value")?.as_str().map(|v| v.as_bytes().to_vec())
 }
 
 /// With `no_env`, every environment variable reads as a placeholder 32-byte key, so that the
