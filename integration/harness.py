@@ -425,8 +425,11 @@ def start_local(*args):
     The process leads its own session: stop it with os.killpg(proc.pid, SIGTERM)."""
     import re
     import signal
+    # As from a terminal: Ctrl-C's signal is not ignored (a shell that starts a job in the
+    # background, or a CI runner, may have left SIGINT ignored, which no script can undo).
     proc = subprocess.Popen([str(ROOT / "scripts" / "run-local.sh"), *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     out, token = [], None
     deadline = time.time() + 90
     while time.time() < deadline and token is None:
