@@ -18,6 +18,7 @@ help:
 	@echo "make bench  Keyward vs bare Envoy, a no-op wasm filter and Envoy's native filters (bench/results/latest.json)"
 	@echo "make icount instructions per request of each bench arm, under callgrind (bench/results/icount.json)"
 	@echo "make fuzz   cargo-fuzz on the token, rules, config and cost parsers (FUZZ_SECS per target, default 300)"
+	@echo "make profile instructions per function of the warm request path, under callgrind (needs valgrind)"
 
 # --- toolchain and pinned components ---------------------------------------------------------
 .wasm-target:

@@ -27,6 +27,9 @@ def filter_config(bao_cluster="vault", timeout_ms=1500) -> dict:
             # Same OpenBao, own cluster: tests count secret fetches on "vault" alone.
             "bao_rev": {"type": "vault_kv2", "cluster": "vault_rev", "authority": "vault.test",
                         "token_env": "VAULT_TOKEN", "timeout_ms": 1000},
+            # Same OpenBao, own cluster: the cold-burst test counts this secret's fetches alone.
+            "bao_burst": {"type": "vault_kv2", "cluster": "vault_burst", "authority": "vault.test",
+                          "mount": "secret", "token_env": "VAULT_TOKEN", "timeout_ms": timeout_ms},
             "hang": {"type": "vault_kv2", "cluster": "hangvault", "authority": "hang.test",
                      "token_env": "VAULT_TOKEN", "timeout_ms": 400},
         },
@@ -50,7 +53,7 @@ def filter_config(bao_cluster="vault", timeout_ms=1500) -> dict:
                         "inject": {"type": "bearer"}},
             "nofield": {"credential": "bearer", "secret": {"store": "bao", "path": "it/stripe", "field": "nope"},
                         "inject": {"type": "bearer"}},
-            "burst": {"credential": "bearer", "secret": {"store": "bao", "path": "it/burst", "field": "k"},
+            "burst": {"credential": "bearer", "secret": {"store": "bao_burst", "path": "it/burst", "field": "k"},
                       "inject": {"type": "bearer"}},
             "charges": {"credential": "bearer", "secret": {"store": "bao", "path": "it/stripe", "field": "api_key"},
                         "inject": {"type": "bearer"}, "require_idempotency_key": ["POST"]},
@@ -174,6 +177,7 @@ def bootstrap(ports: dict, access_log_path, cfg: dict | None = None, env_keys=No
                 static_cluster("vendor", ports["vendor"]),
                 static_cluster("vault", ports["bao"]),
                 static_cluster("vault_rev", ports["rev"]),
+                static_cluster("vault_burst", ports["bao"]),
                 static_cluster("deadvault", ports["dead"], "0.25s"),
                 static_cluster("hangvault", ports["hang"]),
             ],

@@ -134,6 +134,7 @@ pub fn lint_with(doc: &Value, no_env: bool, ecds: Option<&Value>) -> Report {
     let mut used: Vec<(String, String)> = Vec::new();
     let mut vm_ids: Vec<(String, String)> = Vec::new();
     let mut ledgers: Vec<String> = Vec::new();
+    let mut drains = false;
     for l in &listeners {
         let lname = s(l, &["name"]).unwrap_or("?").to_string();
         for chain in arr(l, "filter_chains") {
@@ -146,6 +147,7 @@ pub fn lint_with(doc: &Value, no_env: bool, ecds: Option<&Value>) -> Report {
                 if let Some(h) = lint_hcm(&mut r, &at, tc, no_env, ecds) {
                     used.extend(h.store_clusters.into_iter().map(|c| (c, "a secret store".to_string())));
                     ledgers.extend(h.ledger_cluster.clone());
+                    drains |= h.drain;
                     used.extend(h.ledger_cluster.into_iter().map(|c| (c, "the fleet ledger".to_string())));
                     used.extend(h.route_clusters.into_iter().map(|c| (c, "a keyward route".to_string())));
                     vm_ids.extend(h.vm_id.map(|v| (v, h.code)));
@@ -188,6 +190,11 @@ pub fn lint_with(doc: &Value, no_env: bool, ecds: Option<&Value>) -> Report {
         if let Some(c) = clusters.iter().find(|c| s(c, &["name"]) == Some(name.as_str())) {
             lint_upstream_tls(&mut r, c, why);
         }
+    }
+    if !ledgers.is_empty() && !drains {
+        r.problems.push(
+            "a fleet ledger is configured but no route is a keyward drain endpoint: the entrypoint could not give the slices back on SIGTERM, and every stop would keep them counted as spent".into(),
+        );
     }
     for name in &ledgers {
         match clusters.iter().find(|c| s(c, &["name"]) == Some(name.as_str())) {
@@ -275,6 +282,8 @@ struct HcmUse {
     store_clusters: Vec<String>,
     /// The fleet ledger's cluster, if the configuration has a ledger.
     ledger_cluster: Option<String>,
+    /// Has a route the filter answers as `drain`.
+    drain: bool,
     route_clusters: Vec<String>,
     vm_id: Option<String>,
     code: String,
@@ -404,6 +413,7 @@ fn lint_hcm(r: &mut Report, at: &str, hcm: &Value, no_env: bool, ecds: Option<&V
     let store_clusters: Vec<String> = cfg.as_ref().map(|c| c.stores.iter().map(|st| st.cluster.clone()).collect()).unwrap_or_default();
 
     let mut route_clusters: Vec<String> = Vec::new();
+    let mut drain = false;
     let vhosts = hcm.get("route_config").map(|rc| arr(rc, "virtual_hosts")).unwrap_or_default();
     if hcm.get("route_config").is_none() {
         r.notes.push(format!("{at}: routes are not inline (RDS?); route metadata was not checked"));
@@ -455,6 +465,7 @@ fn lint_hcm(r: &mut Report, at: &str, hcm: &Value, no_env: bool, ecds: Option<&V
                 continue;
             };
             if let Some(ep) = s(meta, &["endpoint"]) {
+                drain |= ep == "drain";
                 let answers_503 = route.get("direct_response").and_then(|d| d.get("status")).and_then(Value::as_u64).is_some_and(|st| st >= 500);
                 match ep {
                     "health" | "issue" | "drain" if !answers_503 => r.problems.push(format!(
@@ -518,7 +529,7 @@ fn lint_hcm(r: &mut Report, at: &str, hcm: &Value, no_env: bool, ecds: Option<&V
         }
     }
     let ledger_cluster = cfg.as_ref().and_then(|c| c.ledger.as_ref()).map(|l| l.cluster.clone());
-    Some(HcmUse { store_clusters, ledger_cluster, route_clusters, vm_id: Some(vm_id), code })
+    Some(HcmUse { store_clusters, ledger_cluster, route_clusters, vm_id: Some(vm_id), code, drain })
 }
 
 /// Is Envoy's buffer filter after keyward and enabled on `route`? Envoy gives a wasm filter a
@@ -706,8 +717,16 @@ mod tests {
             1,
         );
         let r = lint(&doc(&signed), true);
-        assert!(!r.problems.iter().any(|p| p.contains("ledger")), "{:?}", r.problems);
+        let ledger_problems: Vec<&String> = r.problems.iter().filter(|p| p.contains("ledger")).collect();
+        // Signed now; what is left is the missing drain route (LOCAL has none).
+        assert!(ledger_problems.len() == 1 && ledger_problems.iter().all(|p| p.contains("no route is a keyward drain endpoint")), "{ledger_problems:?}");
         assert!(lint(&doc(&with_ledger), true).problems.iter().any(|p| p.contains("is not defined")));
+        // The shipped gateway has its drain route; without it, the ledger's slices could never go back.
+        assert!(!lint(&doc(EGRESS), true).problems.iter().any(|p| p.contains("drain")));
+        let start = EGRESS.find("              - name: keyward_drain").unwrap_or(0);
+        let end = EGRESS.find("              - name: stripe").unwrap_or(0);
+        let no_drain = format!("{}{}", EGRESS.get(..start).unwrap_or(""), EGRESS.get(end..).unwrap_or(""));
+        assert!(lint(&doc(&no_drain), true).problems.iter().any(|p| p.contains("no route is a keyward drain endpoint")));
         // The path as the workload sent it is safe to print: the filter sets x-envoy-original-path
         // when it injects a query key, and Envoy's default format prints that.
         for (from, to) in [
