@@ -5,3 +5,4 @@
 pub mod cost;
 pub mod limits;
 pub mod rules;
+pub mod tokens;
