@@ -109,7 +109,7 @@ pub enum Holder {
     Local { key_id: u64, jti: String },
     /// A ledger account: charged to this gateway's slice (`mark` `None`: to lease `lease`), or
     /// directly with a mark; `took`: what it counted there.
-    Ledger { account: Account, mark: Option<String>, took: crate::ledger::Amounts, lease: u64 },
+    Ledger { account: Account, mark: Option<crate::ledger::Mark>, took: crate::ledger::Amounts, lease: u64 },
 }
 
 /// What an entry said of a request.
@@ -290,10 +290,15 @@ pub fn admit(secrets: &mut impl Secrets, t: &Ticket, priced: Option<&Priced>, bo
                     // as admitted by the caller, so nothing is released.
                     return Err(Halt::Pending(*account));
                 }
-                // What an earlier entry took for this request goes back.
-                let c = charge.unwrap_or(Charge { cost: 0, retry: None });
-                for h in &holders {
-                    secrets.release(h, &c);
+                // What an earlier entry took for this request goes back, unless a direct charge
+                // with a retry mark was (or may have been) made for it: that charge stands, and
+                // so does everything counted with it (a retry admitted on the mark counts on them).
+                let marked = |h: &Holder| matches!(h, Holder::Ledger { mark: Some(_), .. });
+                if !holders.iter().chain(a.holder.iter()).any(marked) {
+                    let c = charge.unwrap_or(Charge { cost: 0, retry: None });
+                    for h in &holders {
+                        secrets.release(h, &c);
+                    }
                 }
                 return Err(Halt::Deny(denial(*refusal)));
             }

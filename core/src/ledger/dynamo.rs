@@ -43,8 +43,11 @@ pub struct Item {
     pub leases: Vec<(String, Lease)>,
     /// End marks by gateway id: the id of the gateway's last lease, and when it was given back.
     pub ended: Vec<(String, u64, u64)>,
-    /// Retry fingerprints and receipts (attribute names) with the second they may go.
+    /// Retry fingerprints and receipts (attribute names) with their values (`Mark`).
     pub marks: Vec<(String, u64)>,
+    /// Pins (`p_<fingerprint>`): a retry was admitted on that charge, which can no longer be
+    /// refunded.
+    pub pins: Vec<String>,
 }
 
 impl Item {
@@ -62,6 +65,10 @@ impl Item {
     }
     pub fn has_mark(&self, name: &str) -> bool {
         self.marks.iter().any(|(m, _)| m == name)
+    }
+    /// The value of mark `name`, when the item has it.
+    pub fn mark_value(&self, name: &str) -> Option<u64> {
+        self.marks.iter().find(|(m, _)| m == name).map(|(_, v)| *v)
     }
 }
 
@@ -90,12 +97,15 @@ pub enum Change {
     /// the ledger's record of it is still `old` (its id and sequence), the state `back` was
     /// counted from.
     Return { gateway: String, old: (u64, u64), back: Amounts, at_s: u64 },
-    /// Charge `amounts` at once, with a mark (`r_<fingerprint>` or `x_<receipt>`, kept until
-    /// `until_s`): refused if the caps would be passed or the mark is there already. `prune`:
-    /// marks past their time, removed with it.
-    Direct { amounts: Amounts, mark: String, until_s: u64, prune: Vec<String> },
-    /// Release a direct charge, once: only while its mark is there.
-    Refund { amounts: Amounts, mark: String },
+    /// Charge `amounts` at once, with a mark (`r_<fingerprint>` or `x_<receipt>`, its value naming
+    /// this charge): refused if the caps would be passed or the mark is there already. `prune`:
+    /// marks past their time (and their pins), removed with it.
+    Direct { amounts: Amounts, mark: super::Mark, prune: Vec<String> },
+    /// Pin a charge: a retry is admitted on it, so it may no longer be refunded. Only while its
+    /// mark is there.
+    Pin { mark: String },
+    /// Release a direct charge, once: only while its mark names this charge and no retry pinned it.
+    Refund { amounts: Amounts, mark: super::Mark },
 }
 
 fn header(k: &str, v: &str) -> (String, Secret) {
@@ -291,29 +301,40 @@ pub fn update(ledger: &Ledger, account: &Account, change: &Change) -> HttpCall {
             x.cond.push(format!("{l}.{fi} = {vi} AND {l}.{fq} = {vq}"));
             false
         }
-        Change::Direct { amounts, mark, until_s, prune } => {
+        Change::Direct { amounts, mark, prune } => {
             x.add("s", i128::from(amounts.spend), caps.spend);
             x.add("n", i128::from(amounts.count), caps.count);
-            let m = x.name(mark);
-            let u = x.n(i128::from(*until_s));
+            let m = x.name(&mark.name);
+            let u = x.n(i128::from(mark.value));
             x.set.push(format!("{m} = {u}"));
             x.cond.push(format!("attribute_not_exists({m})"));
-            for p in prune.iter().filter(|p| *p != mark && valid_mark(p)).take(16) {
+            let pin = super::Mark::pin_of(&mark.name);
+            for p in prune.iter().filter(|p| **p != mark.name && **p != pin && (valid_mark(p) || valid_pin(p))).take(32) {
                 let a = x.name(p);
                 x.remove.push(a);
             }
             true
         }
-        Change::Refund { amounts, mark } => {
-            x.add("s", -i128::from(amounts.spend), None);
-            x.add("n", -i128::from(amounts.count), None);
+        Change::Pin { mark } => {
             let m = x.name(mark);
-            x.remove.push(m.clone());
+            let p = x.name(&super::Mark::pin_of(mark));
+            let one = x.n(1);
+            x.set.push(format!("{p} = {one}"));
             x.cond.push(format!("attribute_exists({m})"));
             false
         }
+        Change::Refund { amounts, mark } => {
+            x.add("s", -i128::from(amounts.spend), None);
+            x.add("n", -i128::from(amounts.count), None);
+            let m = x.name(&mark.name);
+            let p = x.name(&super::Mark::pin_of(&mark.name));
+            let v = x.n(i128::from(mark.value));
+            x.remove.push(m.clone());
+            x.cond.push(format!("{m} = {v} AND attribute_not_exists({p})"));
+            false
+        }
     };
-    if !matches!(change, Change::Return { .. } | Change::Refund { .. }) {
+    if !matches!(change, Change::Return { .. } | Change::Refund { .. } | Change::Pin { .. }) {
         let t = x.name("ttl");
         let v = x.n(i128::from(account.ttl_s));
         x.set.push(format!("{t} = {v}"));
@@ -360,6 +381,10 @@ fn valid_gateway(g: &str) -> bool {
     !g.is_empty() && g.len() <= 32 && g.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
+fn valid_pin(m: &str) -> bool {
+    m.strip_prefix("p_").is_some_and(|r| r.len() == 32 && r.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
 fn valid_mark(m: &str) -> bool {
     let rest = m.strip_prefix("r_").or_else(|| m.strip_prefix("x_"));
     rest.is_some_and(|r| r.len() == 32 && r.bytes().all(|b| b.is_ascii_hexdigit()))
@@ -393,6 +418,10 @@ fn item(attrs: &[(String, Value)], pk: &str) -> Result<Item, String> {
                 }
             }
             n if valid_mark(n) => out.marks.push((n.to_string(), unsigned(v).ok_or("a mark is not a number")?)),
+            n if valid_pin(n) => {
+                unsigned(v).ok_or("a pin is not a number")?;
+                out.pins.push(n.to_string());
+            }
             _ => return Err("an attribute this ledger never writes".into()),
         }
     }

@@ -29,6 +29,30 @@ pub mod slice;
 
 pub use config::Ledger;
 
+/// A direct charge's mark in an account's item: its attribute (`r_<fingerprint>`) and its value,
+/// which names this charge and no other (`until_s << 21 | nonce`): a refund removes this charge
+/// only, never a later one under the same fingerprint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mark {
+    pub name: String,
+    pub value: u64,
+}
+
+impl Mark {
+    pub const NONCE_BITS: u32 = 21;
+    pub fn new(name: String, until_s: u64, nonce: u64) -> Mark {
+        Mark { name, value: (until_s.min((1 << 32) - 1) << Mark::NONCE_BITS) | (nonce & ((1 << Mark::NONCE_BITS) - 1)) }
+    }
+    /// The second a mark's value may be forgotten.
+    pub fn until_s(value: u64) -> u64 {
+        value >> Mark::NONCE_BITS
+    }
+    /// The pin that says a retry was admitted on the charge: the charge can no longer be refunded.
+    pub fn pin_of(name: &str) -> String {
+        format!("p_{}", name.trim_start_matches("r_").trim_start_matches("x_"))
+    }
+}
+
 /// Spend and count, as the ledger keeps them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Amounts {

@@ -241,12 +241,14 @@ pub enum JobKind {
     /// The item as it is, to tell why a conditional change failed.
     Read { then: ReadFor },
     /// A direct charge of one stream's request.
-    Direct { ctx: ContextId, amounts: crate::ledger::Amounts, mark: String, until_s: u64 },
+    Direct { ctx: ContextId, amounts: crate::ledger::Amounts, mark: crate::ledger::Mark },
+    /// Pin the charge a retry of stream `ctx` is admitted on (it may no longer be refunded).
+    Pin { ctx: ContextId, mark: String },
     /// Give back what a lease did not use (`old`: its id and sequence as the slice knew them;
     /// `credit`: the slice's credit `back` includes).
     Return { old: (u64, u64), back: crate::ledger::Amounts, credit: crate::ledger::Amounts },
     /// Release a direct charge the vendor refunded (or that was refused after all).
-    Refund { amounts: crate::ledger::Amounts, mark: String, tries: u8 },
+    Refund { amounts: crate::ledger::Amounts, mark: crate::ledger::Mark, tries: u8 },
 }
 
 #[derive(Clone)]
@@ -255,10 +257,17 @@ pub enum ReadFor {
         want: crate::ledger::Amounts,
         lease: crate::ledger::dynamo::Lease,
     },
+    /// A direct charge refused by its condition: a retry (the mark is there), or no room.
     Direct {
         ctx: ContextId,
         amounts: crate::ledger::Amounts,
-        mark: String,
+        mark: crate::ledger::Mark,
+    },
+    /// A direct charge whose answer was lost: was it made?
+    DirectLost {
+        ctx: ContextId,
+        amounts: crate::ledger::Amounts,
+        mark: crate::ledger::Mark,
     },
     /// A return was refused: the lease changed since (a top-up made whose answer was lost).
     Return {

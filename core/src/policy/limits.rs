@@ -126,7 +126,12 @@ struct Held {
     key: RetryKey,
     cost: u64,
     until_s: u64,
+    /// A retry was admitted on it: the vendor may have done that one, so a refund status of the
+    /// first no longer takes the reservation back. (Encoded as the top bit of `until_s`.)
+    pinned: bool,
 }
+
+const PINNED: u64 = 1 << 63;
 
 impl Record {
     /// Requests admitted in buckets `[now_s - 60 + shift, now_s]`.
@@ -232,7 +237,8 @@ impl Table {
         };
         r.held.retain(|h| h.until_s > now_s);
         if let Some(key) = charge.retry {
-            if r.held.iter().any(|h| h.key == key && h.cost == charge.cost) {
+            if let Some(h) = r.held.iter_mut().find(|h| h.key == key && h.cost == charge.cost) {
+                h.pinned = true;
                 r.count(now_s);
                 return Verdict::Retry;
             }
@@ -248,7 +254,7 @@ impl Table {
             if r.held.len() >= MAX_HELD {
                 r.held.remove(0);
             }
-            r.held.push(Held { key, cost: charge.cost, until_s: r.keep_until_s.min(now_s + RETRY_WINDOW_S) });
+            r.held.push(Held { key, cost: charge.cost, until_s: r.keep_until_s.min(now_s + RETRY_WINDOW_S), pinned: false });
         }
         r.count(now_s);
         Verdict::Reserved
@@ -259,12 +265,17 @@ impl Table {
     /// record is gone with its credential).
     pub fn refund(&mut self, jti: &str, charge: &Charge) -> bool {
         let Some(r) = self.records.iter_mut().find(|r| r.jti == jti) else { return false };
-        r.spent = r.spent.saturating_sub(charge.cost);
         if let Some(key) = charge.retry {
             if let Some(i) = r.held.iter().position(|h| h.key == key && h.cost == charge.cost) {
+                if r.held.get(i).is_some_and(|h| h.pinned) {
+                    // A retry went to the vendor on this reservation: it stays (over-counted,
+                    // never under).
+                    return true;
+                }
                 r.held.remove(i);
             }
         }
+        r.spent = r.spent.saturating_sub(charge.cost);
         true
     }
 
@@ -288,7 +299,7 @@ impl Table {
             for h in &r.held {
                 out.extend_from_slice(&h.key);
                 out.extend_from_slice(&h.cost.to_le_bytes());
-                out.extend_from_slice(&h.until_s.to_le_bytes());
+                out.extend_from_slice(&(h.until_s | if h.pinned { PINNED } else { 0 }).to_le_bytes());
             }
         }
         out
@@ -331,7 +342,8 @@ impl Table {
                 }
                 for _ in 0..nh {
                     let key: RetryKey = rd.take(16)?.try_into().ok()?;
-                    held.push(Held { key, cost: rd.u64()?, until_s: rd.u64()? });
+                    let (cost, until) = (rd.u64()?, rd.u64()?);
+                    held.push(Held { key, cost, until_s: until & !PINNED, pinned: until & PINNED != 0 });
                 }
             }
             records.push(Record { jti, keep_until_s, used, head_s, buckets, spent, held });

@@ -28,6 +28,7 @@ impl Lifecycle {
             JobKind::Grant { .. } => "grant",
             JobKind::Return { .. } => "return",
             JobKind::Direct { .. } => "direct",
+            JobKind::Pin { .. } => "pin",
             JobKind::Refund { .. } => "refund",
             JobKind::Read { .. } => "read",
         };
@@ -71,9 +72,13 @@ impl Lifecycle {
                     if let Some(i) = &item {
                         self.saw_marks(j.account, i, now_ms / 1000);
                     }
-                    let verdict = if item.is_some_and(|i| i.has_mark(&mark)) && mark.starts_with("r_") {
-                        Verdict::Retry
-                    } else {
+                    if item.is_some_and(|i| i.has_mark(&mark.name)) && mark.name.starts_with("r_") {
+                        // A retry of a charge made before: pin that charge first (it may then no
+                        // longer be refunded), and admit the retry once the pin is made.
+                        self.queue_job(host, j.account, JobKind::Pin { ctx, mark: mark.name });
+                        return;
+                    }
+                    let verdict = {
                         let retry_after_s = self.room_back_in(&account, None, now_ms);
                         if amounts.spend > 0 && account.caps.spend.is_some() {
                             Verdict::SpendExhausted { retry_after_s }
@@ -112,19 +117,47 @@ impl Lifecycle {
                     }
                 },
                 (_, ReadFor::Grant { .. } | ReadFor::Return { .. } | ReadFor::Settle { .. }) => self.ledger_failed(host, j.account, &key, now_ms),
+                (dynamo::Answer::Done(item), ReadFor::DirectLost { ctx, amounts, mark }) => {
+                    // Made after all (the item has this charge's mark): admitted, late.
+                    if item.as_ref().and_then(|i| i.mark_value(&mark.name)) == Some(mark.value) {
+                        let verdict = if amounts.spend > 0 && account.caps.spend.is_some() { Verdict::Reserved } else { Verdict::Admit };
+                        let holder = Holder::Ledger { account: account.clone(), mark: Some(mark), took: amounts, lease: 0 };
+                        self.direct_result(host, ctx, j.account, Admitted { verdict, holder: Some(holder) });
+                    } else {
+                        self.direct_result(host, ctx, j.account, Admitted { verdict: Verdict::Unavailable, holder: None });
+                    }
+                }
                 (_, ReadFor::Direct { ctx, .. }) => self.direct_result(host, ctx, j.account, Admitted { verdict: Verdict::Unavailable, holder: None }),
+                // Not known whether the charge was made: refused, and held as if it were (over-
+                // counted, never under: a retry on its mark must find the budgets counted).
+                (_, ReadFor::DirectLost { ctx, amounts, mark }) => {
+                    let holder = Holder::Ledger { account: account.clone(), mark: Some(mark), took: amounts, lease: 0 };
+                    self.direct_result(host, ctx, j.account, Admitted { verdict: Verdict::Unavailable, holder: Some(holder) });
+                }
             },
-            JobKind::Direct { ctx, amounts, mark, .. } => match read {
-                // Made: the item carries the mark (an answer without it is not this change's).
-                dynamo::Answer::Done(Some(item)) if item.has_mark(&mark) => {
+            JobKind::Direct { ctx, amounts, mark } => match read {
+                // Made: the item carries this charge's mark (an answer without it is not this
+                // change's).
+                dynamo::Answer::Done(Some(item)) if item.mark_value(&mark.name) == Some(mark.value) => {
                     self.saw_marks(j.account, &item, now_ms / 1000);
                     let verdict = if amounts.spend > 0 && account.caps.spend.is_some() { Verdict::Reserved } else { Verdict::Admit };
                     let holder = Holder::Ledger { account: account.clone(), mark: Some(mark), took: amounts, lease: 0 };
                     self.direct_result(host, ctx, j.account, Admitted { verdict, holder: Some(holder) });
                 }
                 dynamo::Answer::ConditionFailed => self.queue_job(host, j.account, JobKind::Read { then: ReadFor::Direct { ctx, amounts, mark } }),
-                _ => self.direct_result(host, ctx, j.account, Admitted { verdict: Verdict::Unavailable, holder: None }),
+                // No answer, or not one this ledger can read: the charge may have been made. Read
+                // back what the item holds.
+                _ => self.queue_job(host, j.account, JobKind::Read { then: ReadFor::DirectLost { ctx, amounts, mark } }),
             },
+            JobKind::Pin { ctx, .. } => {
+                let verdict = match read {
+                    dynamo::Answer::Done(_) => Verdict::Retry,
+                    // The charge went (refunded) between the read and the pin: not a retry of
+                    // anything; the client's next attempt is charged anew.
+                    _ => Verdict::Unavailable,
+                };
+                self.direct_result(host, ctx, j.account, Admitted { verdict, holder: None });
+            }
             JobKind::Return { old, credit, .. } => match read {
                 dynamo::Answer::Done(_) => self.lease_gone(host, ledger, j.account, &key, old.0, credit),
                 // The lease is not what this return was counted from: read what it is.

@@ -117,10 +117,11 @@ impl Lifecycle {
                 Change::Grant { gateway, old, add, new: lease, prune }
             }
             JobKind::Return { old, back, .. } => Change::Return { gateway, old: *old, back: *back, at_s: now_ms / 1000 },
-            JobKind::Direct { amounts, mark, until_s, .. } => {
+            JobKind::Direct { amounts, mark, .. } => {
                 let prune = self.ledger.accounts.get_mut(&account_id).map(|a| std::mem::take(&mut a.expired_marks)).unwrap_or_default();
-                Change::Direct { amounts: *amounts, mark: mark.clone(), until_s: *until_s, prune }
+                Change::Direct { amounts: *amounts, mark: mark.clone(), prune }
             }
+            JobKind::Pin { mark, .. } => Change::Pin { mark: mark.clone() },
             JobKind::Refund { amounts, mark, .. } => Change::Refund { amounts: *amounts, mark: mark.clone() },
             JobKind::Read { .. } => return Some(dynamo::read(ledger, &account)),
         };

@@ -152,13 +152,17 @@ impl Lifecycle {
             return refused(u32::try_from(ends_in.max(1)).unwrap_or(u32::MAX));
         }
         if let Some((mark, until_s)) = &need.direct {
+            // The value names this charge: the clock and this worker, so that no two charges of
+            // the same fingerprint share one (a refund removes its own charge only).
+            let nonce = host.now_us() ^ self.ledger.worker.unwrap_or(0).rotate_left(7);
+            let mark = crate::ledger::Mark::new(mark.clone(), *until_s, nonce);
             if let Some(done) = self.ledger.results.remove(&(ctx, id)) {
                 return done;
             }
             if self.direct_in_flight(ctx) {
                 return Admitted { verdict: Verdict::Pending(id), holder: None };
             }
-            let kind = JobKind::Direct { ctx, amounts: need.want, mark: mark.clone(), until_s: *until_s };
+            let kind = JobKind::Direct { ctx, amounts: need.want, mark };
             self.queue_job(host, id, kind);
             return Admitted { verdict: Verdict::Pending(id), holder: None };
         }
@@ -225,7 +229,9 @@ impl Lifecycle {
     pub(in crate::lifecycle) fn saw_marks(&mut self, id: u64, item: &Item, now_s: u64) {
         if let Some(a) = self.ledger.accounts.get_mut(&id) {
             a.marks = item.marks.len();
-            a.expired_marks = item.marks.iter().filter(|(_, until)| *until < now_s).map(|(m, _)| m.clone()).take(16).collect();
+            let expired: Vec<&String> = item.marks.iter().filter(|(_, v)| crate::ledger::Mark::until_s(*v) < now_s).map(|(m, _)| m).take(16).collect();
+            let pins = expired.iter().map(|m| crate::ledger::Mark::pin_of(m)).filter(|p| item.pins.contains(p)).collect::<Vec<_>>();
+            a.expired_marks = expired.into_iter().cloned().chain(pins).collect();
         }
     }
 
@@ -248,9 +254,9 @@ impl Lifecycle {
         }
     }
 
-    pub(in crate::lifecycle) fn refund_direct(&mut self, host: &mut impl Host, account: &Account, amounts: Amounts, mark: &str) {
+    pub(in crate::lifecycle) fn refund_direct(&mut self, host: &mut impl Host, account: &Account, amounts: Amounts, mark: &crate::ledger::Mark) {
         let id = self.account_id(account);
-        self.queue_job(host, id, JobKind::Refund { amounts, mark: mark.to_string(), tries: 0 });
+        self.queue_job(host, id, JobKind::Refund { amounts, mark: mark.clone(), tries: 0 });
     }
 
     /// Does stream `ctx` wait on a direct charge in flight?
@@ -258,6 +264,8 @@ impl Lifecycle {
         self.ledger
             .jobs
             .values()
-            .any(|j| matches!(&j.kind, JobKind::Direct { ctx: c, .. } | JobKind::Read { then: ReadFor::Direct { ctx: c, .. } } if *c == ctx))
+            .any(|j| {
+                matches!(&j.kind, JobKind::Direct { ctx: c, .. } | JobKind::Pin { ctx: c, .. } | JobKind::Read { then: ReadFor::Direct { ctx: c, .. } | ReadFor::DirectLost { ctx: c, .. } } if *c == ctx)
+            })
     }
 }

@@ -297,11 +297,23 @@ fn a_keyed_charge_is_reserved_directly_and_its_retry_is_recognised() {
     assert!(effects.contains(&Effect::Resume(11)));
     assert_eq!(host.streams[&11].filter_state.get("keyward.spend").map(String::as_str), Some("retry"));
     assert_eq!(table.n(&pk, &["s"]), Some(400));
-    // The vendor refuses the first with a refund status: the charge and its mark go, once.
+    // The retry pinned the charge: once a retry went to the vendor on it, the first's refund
+    // status cannot take it back (the retry may have succeeded there).
+    assert!(table.items[&pk].keys().any(|k| k.starts_with("p_")), "pinned");
     answer(&mut lc, &mut host, 10, "402", false);
     settle(&mut lc, &mut host, &mut table);
-    assert_eq!(table.n(&pk, &["s"]), Some(0));
-    assert!(table.items[&pk].keys().all(|k| !k.starts_with("r_")));
+    assert_eq!(table.n(&pk, &["s"]), Some(400), "a pinned charge stands");
+    // A charge no retry leaned on: the vendor's refund status takes it and its mark back, once.
+    let other = [("idempotency-key", "order-10")];
+    let body = "amount=300&currency=usd";
+    assert_eq!(pay_headers(&mut lc, &mut host, 12, &t, body, &other), Action::Continue);
+    lc.handle(&mut host, Event::RequestBody { ctx: 12, size: body.len(), end: true });
+    assert!(settle(&mut lc, &mut host, &mut table).contains(&Effect::Resume(12)));
+    assert_eq!(table.n(&pk, &["s"]), Some(700));
+    answer(&mut lc, &mut host, 12, "402", false);
+    settle(&mut lc, &mut host, &mut table);
+    assert_eq!(table.n(&pk, &["s"]), Some(400));
+    assert_eq!(table.items[&pk].keys().filter(|k| k.starts_with("r_")).count(), 1, "only the pinned charge's mark is left");
 }
 
 #[test]
@@ -481,8 +493,7 @@ fn the_ledgers_condition_refuses_more_than_the_cap_on_a_new_item() {
     let account = crate::ledger::Account::credential(1, "new", crate::ledger::Caps { spend: Some(100), count: None }, 2_000_000_000);
     let change = crate::ledger::dynamo::Change::Direct {
         amounts: crate::ledger::Amounts { spend: 101, count: 0 },
-        mark: format!("r_{}", "a".repeat(32)),
-        until_s: 1,
+        mark: crate::ledger::Mark::new(format!("r_{}", "a".repeat(32)), 1, 7),
         prune: vec![],
     };
     let call = crate::ledger::dynamo::update(&l, &account, &change);
@@ -511,6 +522,15 @@ fn a_direct_charge_answered_without_its_mark_is_503_not_admitted() {
         let (call, op, _) = ledger_calls(&host, &effects).into_iter().next().unwrap_or_else(|| panic!("a ledger call"));
         assert_eq!(op, "UpdateItem");
         lc.handle(&mut host, Event::Answer { call, answer: Answer { status: Some(200), body: Some(hollow.as_bytes().to_vec()) } });
+        let mut effects = host.take();
+        if effects.contains(&Effect::WakeRoot) {
+            lc.handle(&mut host, Event::Woken);
+            effects.extend(host.take());
+        }
+        // Not an answer it can trust: it reads the item back, finds no charge of its own there.
+        let (read, op, _) = ledger_calls(&host, &effects).into_iter().next().unwrap_or_else(|| panic!("a read-back"));
+        assert_eq!(op, "GetItem");
+        lc.handle(&mut host, Event::Answer { call: read, answer: Answer { status: Some(200), body: Some(b"{}".to_vec()) } });
         let mut effects = host.take();
         if effects.contains(&Effect::WakeRoot) {
             lc.handle(&mut host, Event::Woken);

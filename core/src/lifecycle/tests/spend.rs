@@ -232,12 +232,20 @@ fn a_retry_with_the_same_idempotency_key_is_not_charged_again() {
     // The same key for another amount is another charge (refused here: it does not fit).
     assert_eq!(pay(&mut lc, &mut host, 12, &t, "amount=801&currency=usd", &key), Action::Pause);
     assert_eq!(replies(&host.take()), vec![(12, 429, "spend_exhausted".into())]);
-    // Once the original is refunded, the retry is charged like a new request.
+    // A retry went to the vendor on the original's reservation (and may have succeeded there):
+    // the original's refund status no longer takes it back. Over-counted, never under.
     answer(&mut lc, &mut host, 10, "402", false);
-    assert_eq!(spent(&host, "c-7"), 0);
-    assert_eq!(pay(&mut lc, &mut host, 13, &t, "amount=800&currency=usd", &key), Action::Continue);
-    assert_eq!(state(&host, 13, "keyward.spend").as_deref(), Some("reserved"));
     assert_eq!(spent(&host, "c-7"), 800);
+    // A reservation no retry leaned on goes back on a refund status; its retry is then charged
+    // like a new request.
+    let t2 = capped(&host, "c-7b", r#"{"spend":1000}"#, "");
+    let key2 = [("idempotency-key", "order-2")];
+    assert_eq!(pay(&mut lc, &mut host, 13, &t2, "amount=800&currency=usd", &key2), Action::Continue);
+    answer(&mut lc, &mut host, 13, "402", false);
+    assert_eq!(spent(&host, "c-7b"), 0);
+    assert_eq!(pay(&mut lc, &mut host, 14, &t2, "amount=800&currency=usd", &key2), Action::Continue);
+    assert_eq!(state(&host, 14, "keyward.spend").as_deref(), Some("reserved"));
+    assert_eq!(spent(&host, "c-7b"), 800);
 }
 
 #[test]
