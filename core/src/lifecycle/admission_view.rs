@@ -60,30 +60,30 @@ impl<'a, H: Host> SharedSecrets<'a, H> {
             }
             Entry::Credential { key_id, jti, lim, keep_until_s, stage } => {
                 let caps = Caps { spend: lim.spend, count: lim.total };
-                let keep = u64::try_from(keep_until_s).unwrap_or(0);
-                let account = Account::credential(key_id, jti, caps, keep);
-                let (want, direct) = match stage {
-                    Stage::Count => (Amounts { spend: 0, count: u64::from(caps.count.is_some()) }, None),
-                    _ if caps.spend.is_none() => (Amounts::default(), None),
-                    _ => {
-                        // A charge with an Idempotency-Key is made directly with its retry mark, so
-                        // that its retry on any gateway is recognised; while the account holds
-                        // too many marks to read back, it is taken from the slice (a retry is
-                        // then charged again: over-counted, never under-counted).
-                        let marks_ok = self.lc.ledger_marks_room(&account);
-                        let direct = charge
-                            .and_then(|c| c.retry)
-                            .filter(|_| cost > 0 && marks_ok)
-                            .map(|k| (super::ledger::retry_mark(&k), keep.min(now_s + crate::policy::limits::RETRY_WINDOW_S)));
-                        (Amounts { spend: cost, count: 0 }, direct)
-                    }
+                let want = match stage {
+                    Stage::Count => Amounts { spend: 0, count: u64::from(caps.count.is_some()) },
+                    _ if caps.spend.is_none() => Amounts::default(),
+                    _ => Amounts { spend: cost, count: 0 },
                 };
                 if want.is_zero() {
                     // Nothing to count here (a free request on a spend-capped credential is still
-                    // reserved: at nothing).
+                    // reserved: at nothing). No account is named for it: the warm path of a
+                    // credential with one kind of cap stays one slice take.
                     let reserved = stage == Stage::Spend && charge.is_some() && caps.spend.is_some();
                     return Admitted { verdict: if reserved { Verdict::Reserved } else { Verdict::Admit }, holder: None };
                 }
+                let keep = u64::try_from(keep_until_s).unwrap_or(0);
+                let account = Account::credential(key_id, jti, caps, keep);
+                // A charge with an Idempotency-Key is made directly with its retry mark, so that
+                // its retry on any gateway is recognised; while the account holds too many marks
+                // to read back, it is taken from the slice (a retry is then charged again:
+                // over-counted, never under-counted).
+                let direct = match stage {
+                    Stage::Spend if charge.and_then(|c| c.retry).is_some() && self.lc.ledger_marks_room(&account) => {
+                        charge.and_then(|c| c.retry).map(|k| (super::ledger::retry_mark(&k), keep.min(now_s + crate::policy::limits::RETRY_WINDOW_S)))
+                    }
+                    _ => None,
+                };
                 let need = Need { account, want, direct, budget: false, ledger };
                 let ctx = self.lc.current;
                 self.lc.ledger_admit(self.host, ctx, &need, self.now_ms)
