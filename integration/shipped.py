@@ -26,6 +26,16 @@ def runnable_here(node):
 
 
 
+def to_loopback(cl, port):
+    """A shipped cluster pointed at a local server on `port`, without TLS."""
+    cl.pop("transport_socket", None)
+    cl["type"] = "STATIC"
+    cl.pop("dns_lookup_family", None)
+    cl["load_assignment"] = {"cluster_name": cl["name"], "endpoints": [{"lb_endpoints": [
+        {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}]}
+    return cl
+
+
 def localise(doc, ports, clusters, log_path, keep_routes=None):
     """`clusters`: name -> local port (other clusters are dropped); `ports` has admin and envoy."""
     doc = runnable_here(doc)
@@ -57,11 +67,6 @@ def localise(doc, ports, clusters, log_path, keep_routes=None):
         port = clusters.get(cl["name"])
         if port is None:
             continue
-        cl.pop("transport_socket", None)
-        cl["type"] = "STATIC"
-        cl.pop("dns_lookup_family", None)
-        cl["load_assignment"] = {"cluster_name": cl["name"], "endpoints": [{"lb_endpoints": [
-            {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}]}
-        kept.append(cl)
+        kept.append(to_loopback(cl, port))
     doc["static_resources"]["clusters"] = kept
     return doc

@@ -72,18 +72,8 @@ def localised_bootstrap(workdir, ports, moto_port, vendor_port):
     src["path"] = str(workdir / "run" / "keyward-filter.json")
     src["watched_directory"]["path"] = str(workdir / "run")
     where = {"aws_secrets_manager": moto_port, "ledger": moto_port, "stripe": vendor_port, "openai": vendor_port, "anthropic": vendor_port}
-    kept = []
-    for cl in doc["static_resources"]["clusters"]:
-        if cl["name"] not in where:
-            continue
-        cl.pop("transport_socket", None)
-        cl["type"] = "STATIC"
-        cl.pop("dns_lookup_family", None)
-        cl["load_assignment"] = {"cluster_name": cl["name"], "endpoints": [{"lb_endpoints": [
-            {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": where[cl["name"]]}}}}]}]}
-        kept.append(cl)
-    doc["static_resources"]["clusters"] = kept
     import shipped
+    doc["static_resources"]["clusters"] = [shipped.to_loopback(cl, where[cl["name"]]) for cl in doc["static_resources"]["clusters"] if cl["name"] in where]
     doc = shipped.runnable_here(doc)
     text = yaml.safe_dump(doc, sort_keys=False)
     assert "__AWS_REGION__" in text, "the region is left for the entrypoint"

@@ -141,18 +141,9 @@ class Pod:
         self.vendor = harness.Vendor()
         # The vault is OpenBao; every vendor is the fake vendor; the AWS clusters are not used here.
         ports = {"vault": gw.bao.port, "admin": self.ports["admin"]}
-        kept = []
-        for cl in doc["static_resources"]["clusters"]:
-            if cl["name"] in ("sts", "aws_secrets_manager", "ledger"):
-                continue
-            ports.setdefault(cl["name"], self.vendor.port)
-            cl.pop("transport_socket", None)
-            cl["type"] = "STATIC"
-            cl.pop("dns_lookup_family", None)
-            cl["load_assignment"] = {"cluster_name": cl["name"], "endpoints": [{"lb_endpoints": [
-                {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": ports[cl["name"]]}}}}]}]}
-            kept.append(cl)
-        doc["static_resources"]["clusters"] = kept
+        import shipped
+        doc["static_resources"]["clusters"] = [shipped.to_loopback(cl, ports.get(cl["name"], self.vendor.port))
+                                               for cl in doc["static_resources"]["clusters"] if cl["name"] not in ("sts", "aws_secrets_manager", "ledger")]
         self.resource, self.cfg = localise_filter(resource)
         # The volumes as the kubelet writes them.
         self.ca = certificate(None, 1)

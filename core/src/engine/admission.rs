@@ -112,6 +112,14 @@ pub enum Holder {
     Ledger { account: Account, mark: Option<crate::ledger::Mark>, took: crate::ledger::Amounts, lease: u64 },
 }
 
+impl Holder {
+    /// A direct ledger charge with a retry mark: once made (or maybe made), it stands, and so does
+    /// everything its request was counted in with it.
+    pub fn stands(&self) -> bool {
+        matches!(self, Holder::Ledger { mark: Some(_), .. })
+    }
+}
+
 /// What an entry said of a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Admitted {
@@ -293,8 +301,7 @@ pub fn admit(secrets: &mut impl Secrets, t: &Ticket, priced: Option<&Priced>, bo
                 // What an earlier entry took for this request goes back, unless a direct charge
                 // with a retry mark was (or may have been) made for it: that charge stands, and
                 // so does everything counted with it (a retry admitted on the mark counts on them).
-                let marked = |h: &Holder| matches!(h, Holder::Ledger { mark: Some(_), .. });
-                if !holders.iter().chain(a.holder.iter()).any(marked) {
+                if !holders.iter().chain(a.holder.iter()).any(Holder::stands) {
                     let c = charge.unwrap_or(Charge { cost: 0, retry: None });
                     for h in &holders {
                         secrets.release(h, &c);

@@ -89,9 +89,9 @@ impl super::Lifecycle {
     /// A stream that waited leaves without going on (refused, given up, gone, or its
     /// configuration replaced): what it was counted in before it waited goes back.
     pub(super) fn abandon(&mut self, host: &mut impl Host, ctx: ContextId, admitted: &[Admitted]) {
-        let made = self.ledger.results.iter().any(|((c, _), a)| *c == ctx && a.ok() && stands(a.holder.iter()));
+        let made = self.ledger.results.iter().any(|((c, _), a)| *c == ctx && a.ok() && a.holder.as_ref().is_some_and(Holder::stands));
         self.ledger.results.retain(|(c, _), _| *c != ctx);
-        if made || stands(admitted.iter().filter_map(|a| a.holder.as_ref())) {
+        if made || admitted.iter().filter_map(|a| a.holder.as_ref()).any(Holder::stands) {
             // Its direct charge was made: it stands, and what the stream took before stands with it.
             return;
         }
@@ -117,7 +117,7 @@ impl super::Lifecycle {
     }
 
     fn give_back(&mut self, host: &mut impl Host, r: &Reservation, refund: bool) {
-        if !refund && stands(r.holders.iter()) {
+        if !refund && r.holders.iter().any(Holder::stands) {
             // A request refused after its direct charge was made: the charge stands (its mark may
             // have admitted a retry elsewhere), and everything it was counted in with it.
             return;
@@ -134,9 +134,4 @@ impl super::Lifecycle {
             }
         }
     }
-}
-
-/// Does any of these hold a direct ledger charge with a retry mark (which stands once made)?
-fn stands<'a>(mut holders: impl Iterator<Item = &'a Holder>) -> bool {
-    holders.any(|h| matches!(h, Holder::Ledger { mark: Some(_), .. }))
 }

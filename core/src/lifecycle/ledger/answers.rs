@@ -120,7 +120,7 @@ impl Lifecycle {
                 (dynamo::Answer::Done(item), ReadFor::DirectLost { ctx, amounts, mark }) => {
                     // Made after all (the item has this charge's mark): admitted, late.
                     if item.as_ref().and_then(|i| i.mark_value(&mark.name)) == Some(mark.value) {
-                        let verdict = if amounts.spend > 0 && account.caps.spend.is_some() { Verdict::Reserved } else { Verdict::Admit };
+                        let verdict = super::charged(amounts, &account);
                         let holder = Holder::Ledger { account: account.clone(), mark: Some(mark), took: amounts, lease: 0 };
                         self.direct_result(host, ctx, j.account, Admitted { verdict, holder: Some(holder) });
                     } else {
@@ -140,7 +140,7 @@ impl Lifecycle {
                 // change's).
                 dynamo::Answer::Done(Some(item)) if item.mark_value(&mark.name) == Some(mark.value) => {
                     self.saw_marks(j.account, &item, now_ms / 1000);
-                    let verdict = if amounts.spend > 0 && account.caps.spend.is_some() { Verdict::Reserved } else { Verdict::Admit };
+                    let verdict = super::charged(amounts, &account);
                     let holder = Holder::Ledger { account: account.clone(), mark: Some(mark), took: amounts, lease: 0 };
                     self.direct_result(host, ctx, j.account, Admitted { verdict, holder: Some(holder) });
                 }

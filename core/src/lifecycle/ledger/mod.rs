@@ -74,6 +74,16 @@ pub(in crate::lifecycle) fn hex(bytes: &[u8]) -> String {
     })
 }
 
+/// What taking `amounts` in `account` made of a request: a reservation against a spend cap, or a
+/// plain admission.
+pub(in crate::lifecycle) fn charged(amounts: Amounts, account: &Account) -> Verdict {
+    if amounts.spend > 0 && account.caps.spend.is_some() {
+        Verdict::Reserved
+    } else {
+        Verdict::Admit
+    }
+}
+
 /// A retry fingerprint's mark.
 pub(super) fn retry_mark(key: &[u8; 16]) -> String {
     format!("r_{}", hex(key))
@@ -183,7 +193,7 @@ impl Lifecycle {
         }
         match outcome {
             Take::Taken => {
-                let verdict = if need.want.spend > 0 && caps.spend.is_some() { Verdict::Reserved } else { Verdict::Admit };
+                let verdict = charged(need.want, &need.account);
                 Admitted { verdict, holder: Some(Holder::Ledger { account: need.account.clone(), mark: None, took: need.want, lease }) }
             }
             Take::NoRoom { retry_after_s } => refused(retry_after_s),
