@@ -54,7 +54,7 @@ WASM_FEATURES := --enable-bulk-memory --enable-sign-ext --enable-mutable-globals
 # tools/trim_exports.py keeps only these, and wasm-opt then drops the code behind the others.
 WASM_EXPORTS := memory _initialize 'proxy_abi_version_*' proxy_on_memory_allocate proxy_on_context_create \
   proxy_on_vm_start proxy_on_configure proxy_on_tick proxy_on_queue_ready proxy_on_http_call_response \
-  proxy_on_request_headers proxy_on_request_body proxy_on_request_trailers proxy_on_response_headers proxy_on_response_trailers proxy_on_delete
+  proxy_on_request_headers proxy_on_request_body proxy_on_request_trailers proxy_on_response_headers proxy_on_response_body proxy_on_response_trailers proxy_on_delete
 # $(call finish_wasm,built.wasm,out.wasm): trim the exports, then shrink with wasm-opt if present.
 define finish_wasm
 	@mkdir -p $(dir $(2))

@@ -23,7 +23,7 @@ pub mod admission;
 mod body;
 mod verify;
 pub use admission::{Admitted, Entry, Halt, Holder, Reservation, Spend, Stage, Ticket};
-pub use body::{price_body, Deferred};
+pub use body::{price_body, BodyDecision, Deferred};
 pub use verify::verify_bearer;
 
 /// What the engine may ask of the request.
@@ -284,7 +284,8 @@ pub fn decide(cfg: &Config, req: &mut impl Request, secrets: &mut impl Secrets, 
         .as_ref()
         .map_or_else(Vec::new, |l| l.budgets.iter().enumerate().filter(|(_, b)| b.covers(&claims.sub, &target.name)).map(|(i, _)| i).collect());
     let ticket = Ticket::for_claims(&claims, (v.key_id, claims.exp.saturating_add(skew)), (par_key_id, par_until), budgets, || {
-        let key = audit.idempotency_key.as_deref().filter(|_| priced.is_some() && body_kind.is_some())?;
+        // A model call is billed every time it is made: it is never a retry of another.
+        let key = audit.idempotency_key.as_deref().filter(|_| priced.is_some_and(|c| !c.metered()) && body_kind.is_some())?;
         let query = raw_path.split_once('?').map_or("", |(_, q)| q);
         let headers = admission::headers_digest(req.headers(), target.credential.header());
         Some(admission::retry_seed(key, &target.name, &method, &overrides, vendor_path, query, &headers))
@@ -323,7 +324,7 @@ pub fn decide(cfg: &Config, req: &mut impl Request, secrets: &mut impl Secrets, 
         let path = vendor_path.to_string();
         d.deferred = Some(Deferred { target: index, ticket, kind, priced: priced.is_some(), claims, method, vendor_path: path });
     } else if let Some(n) = priced.and_then(|c| c.fixed()) {
-        let priced = Priced { cost: n, currency: None };
+        let priced = Priced::fixed(n);
         d.audit.cost = Some(n);
         match ticket.as_ref().map(|t| admission::admit(secrets, t, Some(&priced), &[])).transpose() {
             Ok(spend) => {

@@ -59,6 +59,9 @@ pub trait Host {
     /// The first `size` bytes of the request body Envoy buffered for this stream.
     fn request_body(&mut self, size: usize) -> Result<Vec<u8>, HostError>;
     fn response_headers(&mut self) -> Result<Headers, HostError>;
+    /// The response body part Envoy hands this callback (`size` bytes: the part, when the
+    /// filter lets each part go on).
+    fn response_body(&mut self, size: usize) -> Result<Vec<u8>, HostError>;
     /// Did the response come from the upstream (Envoy's `response.code_details` is
     /// `via_upstream`), rather than from Envoy itself (a timeout, a reset, no healthy host)?
     fn response_from_upstream(&mut self) -> bool;

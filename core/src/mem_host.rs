@@ -42,6 +42,8 @@ pub struct Stream {
     pub trailers: Headers,
     /// The request body as the client sent it (a test sets it before the body event).
     pub body: Vec<u8>,
+    /// The response body part of the next response body event (a test sets it before).
+    pub response_body: Vec<u8>,
     /// The body of the local reply, if one was sent.
     pub reply_body: Option<String>,
     /// The local reply's headers.
@@ -255,6 +257,11 @@ impl Host for MemHost {
 
     fn response_headers(&mut self) -> Result<Headers, HostError> {
         Ok(self.stream()?.response.clone())
+    }
+
+    fn response_body(&mut self, size: usize) -> Result<Vec<u8>, HostError> {
+        let s = self.stream()?;
+        Ok(s.response_body.iter().take(size).copied().collect())
     }
 
     fn response_from_upstream(&mut self) -> bool {

@@ -25,6 +25,8 @@ pub struct Audit {
     pub spend: Option<&'static str>,
     /// The fleet ledger's budgets it was counted in (names, comma-separated).
     pub budgets: Option<String>,
+    /// The model a priced model call named.
+    pub model: Option<String>,
 }
 
 /// A labelled metric family. Proxy-wasm has no labels: the stat name carries them as
@@ -61,10 +63,22 @@ pub enum Family {
     LedgerCalls,
     /// Counter: spend charged to each budget (`budget`), in its targets' cost unit.
     BudgetSpend,
+    /// Counter: tokens model calls used, as their vendor reported them (`target`, `model`,
+    /// `kind`: `input`, `cached_input`, `cache_write`, `output`).
+    Tokens,
+    /// Counter: what model calls cost from their reported usage, in the cap's unit (`target`,
+    /// `model`).
+    UsageCost,
+    /// Counter: the unused part of model calls' reservations, released once their usage was read
+    /// (`target`).
+    SpendReleased,
+    /// Counter: model calls whose usage could not be read (cut, compressed, malformed, too large):
+    /// their whole reservation stays charged (`target`).
+    UsageUnread,
 }
 
 impl Family {
-    pub const ALL: [Family; 9] = [
+    pub const ALL: [Family; 13] = [
         Family::TargetRequests,
         Family::StoreFetches,
         Family::StoreFetchUs,
@@ -74,6 +88,10 @@ impl Family {
         Family::ColdUs,
         Family::LedgerCalls,
         Family::BudgetSpend,
+        Family::Tokens,
+        Family::UsageCost,
+        Family::SpendReleased,
+        Family::UsageUnread,
     ];
 
     pub fn name(self) -> &'static str {
@@ -87,6 +105,10 @@ impl Family {
             Family::ColdUs => "keyward_cold_phase_microseconds",
             Family::LedgerCalls => "keyward_ledger_calls_total",
             Family::BudgetSpend => "keyward_budget_spend_total",
+            Family::Tokens => "keyward_tokens_total",
+            Family::UsageCost => "keyward_usage_cost_total",
+            Family::SpendReleased => "keyward_spend_released_total",
+            Family::UsageUnread => "keyward_usage_unread_total",
         }
     }
 
@@ -96,7 +118,9 @@ impl Family {
             Family::StoreFetches => &["store", "result"],
             Family::StoreFetchUs => &["store"],
             Family::AddedUs => &["outcome"],
-            Family::SpendReserved | Family::SpendRefunded => &["target"],
+            Family::SpendReserved | Family::SpendRefunded | Family::SpendReleased | Family::UsageUnread => &["target"],
+            Family::Tokens => &["target", "model", "kind"],
+            Family::UsageCost => &["target", "model"],
             Family::ColdUs => &["phase"],
             Family::LedgerCalls => &["op", "result"],
             Family::BudgetSpend => &["budget"],

@@ -112,6 +112,10 @@ impl Host for WasmHost {
         hostcalls::set_map_value_bytes(MapType::HttpResponseHeaders, name, None).map_err(failed)
     }
 
+    fn response_body(&mut self, size: usize) -> Result<Vec<u8>, HostError> {
+        Ok(hostcalls::get_buffer(BufferType::HttpResponseBody, 0, size).map_err(failed)?.unwrap_or_default())
+    }
+
     fn response_trailers(&mut self) -> Result<Headers, HostError> {
         hostcalls::get_map_bytes(MapType::HttpResponseTrailers).map_err(failed)
     }

@@ -193,6 +193,16 @@ impl HttpContext for Stream {
         Action::Continue
     }
 
+    /// Each part of the answer goes on as it comes (a stream is never held back); a model call's
+    /// usage is read from the parts as they pass.
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if let Ok(mut w) = self.shared.try_borrow_mut() {
+            w.handle(Event::ResponseBody { ctx: self.id, size: body_size, end: end_of_stream });
+            w.host.flush_filter_state();
+        }
+        Action::Continue
+    }
+
     fn on_http_response_trailers(&mut self, _num_trailers: usize) -> Action {
         if let Ok(mut w) = self.shared.try_borrow_mut() {
             return action(w.handle(Event::ResponseTrailers(self.id)));

@@ -9,6 +9,7 @@ use super::{rules_allow, unreadable, Reservation, Secrets, Ticket, RETRY_AFTER_U
 use crate::config::Config;
 use crate::credential::jwt::Claims;
 use crate::policy::cost::body::{self, BodyKind};
+use crate::policy::tokens::Meter;
 use crate::record::Audit;
 use crate::response::{Code, Denial};
 use std::rc::Rc;
@@ -28,10 +29,18 @@ pub struct Deferred {
     pub vendor_path: String,
 }
 
+/// What a request decided at its body's end holds: its reservation (a spend cap), and for a model
+/// call the meter its answer is settled with.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct BodyDecision {
+    pub reservation: Option<Reservation>,
+    pub meter: Option<Meter>,
+}
+
 /// Decide a deferred request from its whole body: `Ok` with the reservation it holds, if any
 /// (`audit` gets the cost and how it stands against spend caps), or why it stopped (a refusal, or
 /// the ledger to ask first).
-pub fn price_body(cfg: &Config, d: &Deferred, body: &[u8], secrets: &mut impl Secrets, audit: &mut Audit) -> Result<Option<Reservation>, Halt> {
+pub fn price_body(cfg: &Config, d: &Deferred, body: &[u8], secrets: &mut impl Secrets, audit: &mut Audit) -> Result<BodyDecision, Halt> {
     price(cfg, d, body, secrets, audit).map_err(|e| match e {
         Stop::Deny(d) => Halt::Deny(d),
         Stop::Halt(h) => h,
@@ -55,7 +64,7 @@ impl From<Halt> for Stop {
     }
 }
 
-fn price(cfg: &Config, d: &Deferred, body: &[u8], secrets: &mut impl Secrets, audit: &mut Audit) -> Result<Option<Reservation>, Stop> {
+fn price(cfg: &Config, d: &Deferred, body: &[u8], secrets: &mut impl Secrets, audit: &mut Audit) -> Result<BodyDecision, Stop> {
     let Some((target, cost)) = cfg.targets.get(d.target).and_then(|t| t.cost.as_ref().map(|c| (t, c))) else {
         return Err(Denial::new(Code::SecretUnavailable, "the gateway's configuration changed; try again").retry_after(RETRY_AFTER_UNAVAILABLE_S).into());
     };
@@ -75,22 +84,24 @@ fn price(cfg: &Config, d: &Deferred, body: &[u8], secrets: &mut impl Secrets, au
         if !overrides.iter().any(|m| cost.applies(m, &d.vendor_path)) {
             // Free, as its headers said.
             admit(secrets, d.ticket.as_ref(), None, body)?;
-            return Ok(None);
+            return Ok(BodyDecision::default());
         }
         if cost.body_kind() != Some(d.kind) {
             return Err(Denial::new(Code::BadRequest, "a priced method override needs the body in the form this target reads its cost from").into());
         }
     }
-    let (priced, overrides) = cost.read_all(body).map_err(unreadable)?;
+    let (priced, overrides) = cost.price_call(body, &d.vendor_path).map_err(unreadable)?;
     check(&overrides)?;
     audit.cost = Some(priced.cost);
+    audit.model = priced.meter.as_ref().map(|m| m.model.clone());
     let spend = admit(secrets, d.ticket.as_ref(), Some(&priced), body)?;
     audit.spend = Some(spend.label());
     audit.budgets = d.ticket.as_ref().and_then(|t| admission::budget_names(cfg, t, &spend));
-    Ok(match spend {
+    let reservation = match spend {
         Spend::Reserved(r) => Some(r),
         _ => None,
-    })
+    };
+    Ok(BodyDecision { reservation, meter: priced.meter })
 }
 
 fn admit(secrets: &mut impl Secrets, ticket: Option<&Ticket>, priced: Option<&crate::policy::cost::Priced>, body: &[u8]) -> Result<Spend, Halt> {

@@ -207,6 +207,7 @@ fn allows_and_injects() {
             cost: None,
             spend: None,
             budgets: None,
+            model: None,
         }
     );
 }
@@ -724,7 +725,7 @@ fn a_priced_request_is_counted_at_its_body_not_at_its_headers() {
     let mut audit = d.audit;
     let held = price_body(&c, &deferred, b"amount=60&currency=usd", &mut s, &mut audit);
     assert!(
-        matches!(&held, Ok(Some(r)) if r.charge.cost == 60 && r.holders.iter().filter_map(|h| if let Holder::Local { jti, .. } = h { Some(jti.as_str()) } else { None }).collect::<Vec<_>>() == ["j-1"]),
+        matches!(&held, Ok(BodyDecision { reservation: Some(r), .. }) if r.charge.cost == 60 && r.holders.iter().filter_map(|h| if let Holder::Local { jti, .. } = h { Some(jti.as_str()) } else { None }).collect::<Vec<_>>() == ["j-1"]),
         "{held:?}"
     );
     assert_eq!((audit.cost, audit.spend), (Some(60), Some("reserved")));

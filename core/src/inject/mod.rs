@@ -100,6 +100,11 @@ pub fn plan(target: &Target, secret: &Fetched, raw_path: &str) -> Result<Vec<Op>
             ops.push(Op::SetPath(Secret::text(&with_query_param(raw_path, name, v))));
         }
     }
+    if target.cost.as_ref().is_some_and(crate::policy::cost::Cost::metered) {
+        // A model call is settled from the usage in its answer: the answer must come readable,
+        // not compressed (no `accept-encoding` would let the vendor pick any coding).
+        ops.push(Op::Set("accept-encoding".into(), Secret::text("identity")));
+    }
     Ok(ops)
 }
 

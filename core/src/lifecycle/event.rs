@@ -16,6 +16,9 @@ pub enum Event {
     RequestTrailers(ContextId),
     /// The vendor's response headers for a stream arrived.
     Response(ContextId),
+    /// Part of the vendor's response body arrived (`size`: the bytes of this part, each part
+    /// goes on as it comes; `end`: the last part). Only model calls read it.
+    ResponseBody { ctx: ContextId, size: usize, end: bool },
     /// The vendor's response trailers for a stream arrived.
     ResponseTrailers(ContextId),
     /// A stream ended (answered, reset, or the client left).

@@ -116,6 +116,13 @@ impl super::Lifecycle {
         }
     }
 
+    /// A model call's usage cost less than its reservation: `amount` of it goes back to every
+    /// entry that holds it (the rest stays charged).
+    pub(super) fn release_part(&mut self, host: &mut impl Host, r: &Reservation, amount: u64) {
+        let part = Reservation { holders: r.holders.clone(), charge: Charge { cost: amount.min(r.charge.cost), retry: r.charge.retry } };
+        self.give_back(host, &part, true);
+    }
+
     fn give_back(&mut self, host: &mut impl Host, r: &Reservation, refund: bool) {
         if !refund && r.holders.iter().any(Holder::stands) {
             // A request refused after its direct charge was made: the charge stands (its mark may

@@ -25,6 +25,7 @@ mod inspect;
 mod issue;
 mod ledger;
 mod limits;
+mod metering;
 mod pricing;
 mod request;
 mod revocation;
@@ -169,6 +170,10 @@ impl Lifecycle {
                 if !t.refund_on.is_empty() {
                     host.count(crate::record::Family::SpendRefunded, &[&t.name], 0);
                 }
+                if t.cost.as_ref().is_some_and(crate::policy::cost::Cost::metered) {
+                    host.count(crate::record::Family::SpendReleased, &[&t.name], 0);
+                    host.count(crate::record::Family::UsageUnread, &[&t.name], 0);
+                }
             }
         }
     }
@@ -215,9 +220,17 @@ impl Lifecycle {
                 self.on_response(host, ctx);
                 Action::Continue
             }
+            Event::ResponseBody { ctx, size, end } => {
+                if matches!(self.streams.get(&ctx), Some(Stream::Allowed(s)) if s.meter.is_some()) {
+                    self.enter_stream(ctx);
+                    self.read_answer(host, ctx, size, end);
+                }
+                Action::Continue
+            }
             Event::ResponseTrailers(ctx) => {
                 self.enter_stream(ctx);
                 self.on_trailers(host, ctx);
+                self.settle_call(host, ctx);
                 Action::Continue
             }
             Event::StreamGone(ctx) => {

@@ -80,8 +80,8 @@ impl Lifecycle {
             let r = engine::price_body(&cfg, &pricing.deferred, &body, &mut secrets, &mut audit);
             (r, secrets.made)
         };
-        let reservation = match priced {
-            Ok(r) => r,
+        let decided = match priced {
+            Ok(d) => d,
             Err(Halt::Deny(d)) => return self.refuse_priced(host, ctx, audit, Some(d), started_us),
             Err(Halt::Pending(account)) => {
                 // The fleet ledger is asked first: the body stays buffered (and held here).
@@ -96,8 +96,9 @@ impl Lifecycle {
                 return Action::Pause;
             }
         };
-        record_allowed(host, &audit, reservation.as_ref(), started_us);
-        self.streams.insert(ctx, Stream::Allowed(Served { reservation, ..served }));
+        record_allowed(host, &audit, decided.reservation.as_ref(), started_us);
+        let meter = decided.meter.map(|m| Box::new(super::metering::Metering::new(m)));
+        self.streams.insert(ctx, Stream::Allowed(Served { reservation: decided.reservation, meter, ..served }));
         self.go_on(host, resumed)
     }
 
@@ -154,12 +155,12 @@ impl Lifecycle {
     /// The vendor answered a request that holds a reservation: a `refund_on` status from the
     /// vendor itself releases it (never one Envoy made up: after a timeout or a reset the charge
     /// may have happened).
-    pub(super) fn refund_if_due(&mut self, host: &mut impl Host, ctx: ContextId, status: Option<&[u8]>) {
-        let Some(served) = self.allowed(ctx) else { return };
-        let (Some(r), Some(t)) = (served.reservation.as_ref(), served.cfg.targets.get(served.target)) else { return };
+    pub(super) fn refund_if_due(&mut self, host: &mut impl Host, ctx: ContextId, status: Option<&[u8]>) -> bool {
+        let Some(served) = self.allowed(ctx) else { return false };
+        let (Some(r), Some(t)) = (served.reservation.as_ref(), served.cfg.targets.get(served.target)) else { return false };
         let status = status.and_then(|s| std::str::from_utf8(s).ok()).and_then(|s| s.parse::<u16>().ok());
         if !status.is_some_and(|s| t.refund_on.contains(&s)) || !host.response_from_upstream() {
-            return;
+            return false;
         }
         let (r, name) = (r.clone(), t.name.clone());
         self.refund_reservation(host, &r);
@@ -168,5 +169,6 @@ impl Lifecycle {
         if let Some(Stream::Allowed(s)) = self.streams.get_mut(&ctx) {
             s.reservation = None;
         }
+        true
     }
 }

@@ -198,7 +198,7 @@ impl Lifecycle {
     fn served(&self, cfg: &Rc<Config>, audit: &Audit, reservation: Option<Reservation>) -> Served {
         let (target, slot) = audit.target.as_deref().and_then(|t| cfg.target(t)).map_or((usize::MAX, usize::MAX), |(i, t)| (i, t.slot));
         let local = self.slots.get(slot).and_then(|s| s.local.as_ref());
-        Served { cfg: cfg.clone(), slot, fetched_at_ms: local.map_or(0, |l| l.fetched_at_ms), target, data: local.and_then(|l| l.data.clone()), reservation }
+        Served { cfg: cfg.clone(), slot, fetched_at_ms: local.map_or(0, |l| l.fetched_at_ms), target, data: local.and_then(|l| l.data.clone()), reservation, meter: None }
     }
 
     /// Decide a parked request again, under its own context (root events only).
@@ -266,8 +266,9 @@ impl Lifecycle {
             return;
         }
         let status = headers.iter().find(|(k, _)| k == ":status").map(|(_, v)| v.as_slice());
-        if served.reservation.is_some() {
-            self.refund_if_due(host, ctx, status);
+        let refunded = served.reservation.is_some() && self.refund_if_due(host, ctx, status);
+        if served.meter.is_some() {
+            self.begin_reading(host, ctx, &headers, refunded);
         }
         if !matches!(status, Some(b"401") | Some(b"403")) {
             return;
@@ -423,7 +424,7 @@ fn write_who(host: &mut impl Host, a: &Audit) {
 /// `%FILTER_STATE(wasm.keyward.<field>:PLAIN)%`.
 pub(super) fn write_audit(host: &mut impl Host, a: &Audit) {
     let cost = a.cost.map(|c| c.to_string());
-    let fields: [(&'static str, Option<&str>); 12] = [
+    let fields: [(&'static str, Option<&str>); 14] = [
         ("keyward.subject", a.subject.as_deref()),
         ("keyward.target", a.target.as_deref()),
         ("keyward.jti", a.jti.as_deref()),
@@ -436,6 +437,9 @@ pub(super) fn write_audit(host: &mut impl Host, a: &Audit) {
         ("keyward.cost", cost.as_deref()),
         ("keyward.spend", a.spend),
         ("keyward.budgets", a.budgets.as_deref()),
+        ("keyward.model", a.model.as_deref()),
+        // A model call's cost is its bound until its usage is read (then `cost` is the usage's).
+        ("keyward.reserved", cost.as_deref().filter(|_| a.model.is_some())),
     ];
     for (key, value) in fields {
         if let Some(v) = value {

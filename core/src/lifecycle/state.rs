@@ -141,6 +141,8 @@ pub struct Served {
     pub(super) target: usize,
     pub(super) data: Option<Rc<Fetched>>,
     pub(super) reservation: Option<Reservation>,
+    /// A model call: settled from the usage in its answer.
+    pub(super) meter: Option<Box<super::metering::Metering>>,
 }
 
 /// A request whose cost is in its body: its headers went on (rewritten; Envoy's buffer filter

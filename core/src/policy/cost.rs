@@ -12,8 +12,10 @@
 
 use crate::policy::rules::RouteRule;
 use crate::wire::pct;
+use crate::policy::tokens::{compile_tariff, Meter, RawPrices, Tariff};
 use body::{BodyKind, Value};
 use serde::Deserialize;
+use std::collections::BTreeMap;
 
 pub mod body;
 
@@ -24,6 +26,11 @@ pub const MAX_COST: u64 = 1_000_000_000_000_000;
 pub const DEFAULT_MAX_BODY: usize = 64 * 1024;
 /// The most a target may ask to buffer.
 pub const MAX_MAX_BODY: usize = 1024 * 1024;
+/// The body buffered for a model call priced from its usage, unless the target says otherwise
+/// (prompts are long; inline images longer).
+pub const DEFAULT_MAX_USAGE_BODY: usize = 1024 * 1024;
+/// The most a target priced from usage may ask to buffer.
+pub const MAX_MAX_USAGE_BODY: usize = 16 * 1024 * 1024;
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -44,6 +51,17 @@ pub struct RawCost {
     free: Vec<String>,
     #[serde(default = "yes")]
     body_method_override: bool,
+    /// Priced from the vendor's reported token usage: `"openai"` or `"anthropic"`.
+    #[serde(default)]
+    usage: Option<String>,
+    #[serde(default)]
+    models: Option<BTreeMap<String, RawPrices>>,
+    #[serde(default)]
+    default: Option<RawPrices>,
+    #[serde(default)]
+    max_tokens: Option<u64>,
+    #[serde(default)]
+    input_overhead_tokens: Option<u64>,
 }
 
 fn yes() -> bool {
@@ -56,6 +74,9 @@ pub enum Source {
     PerRequest(u64),
     Form(String),
     Json(String),
+    /// From the vendor's reported token usage: a bound reserved from the request body, the
+    /// usage charged after the answer.
+    Usage(Box<Tariff>),
 }
 
 /// A target's compiled `cost`.
@@ -80,6 +101,14 @@ pub struct Priced {
     pub cost: u64,
     /// The currency it is in, lower case (when the target checks one).
     pub currency: Option<String>,
+    /// A model call: `cost` is its bound, settled from its usage after the answer.
+    pub meter: Option<Meter>,
+}
+
+impl Priced {
+    pub fn fixed(cost: u64) -> Priced {
+        Priced { cost, currency: None, meter: None }
+    }
 }
 
 /// Why a request's cost could not be read.
@@ -109,6 +138,12 @@ fn valid_field(f: &str) -> bool {
 /// Compile a target's `cost` (`path` names it in errors: `(path, message)`).
 pub fn compile(path: &str, raw: &RawCost) -> Result<Cost, (String, String)> {
     let e = |p: &str, m: &str| Err((format!("{path}{p}"), m.to_string()));
+    if let Some(usage) = &raw.usage {
+        return compile_usage(path, usage, raw);
+    }
+    if raw.models.is_some() || raw.default.is_some() || raw.max_tokens.is_some() || raw.input_overhead_tokens.is_some() {
+        return e(".usage", "models, default, max_tokens and input_overhead_tokens price a target by its usage: set usage");
+    }
     let source = match (raw.per_request, &raw.form_field, &raw.json_field) {
         (Some(n), None, None) if n <= MAX_COST => Source::PerRequest(n),
         (Some(_), None, None) => return e(".per_request", "must be at most 10^15"),
@@ -158,9 +193,27 @@ pub fn compile(path: &str, raw: &RawCost) -> Result<Cost, (String, String)> {
     Ok(Cost { source, currency, max_body, free, body_method_override: raw.body_method_override })
 }
 
+/// Compile a `cost` priced from the vendor's reported token usage.
+fn compile_usage(path: &str, usage: &str, raw: &RawCost) -> Result<Cost, (String, String)> {
+    if raw.per_request.is_some() || raw.form_field.is_some() || raw.json_field.is_some() || raw.currency_field.is_some() || raw.currencies.is_some() {
+        return Err((format!("{path}.usage"), "a cost priced by usage has no per_request, form_field, json_field or currency".into()));
+    }
+    let tariff = compile_tariff(path, usage, raw.models.as_ref(), raw.default.as_ref(), raw.max_tokens, raw.input_overhead_tokens)?;
+    let max_body = match raw.max_body_bytes {
+        None => DEFAULT_MAX_USAGE_BODY,
+        Some(n) if n >= 1 && n <= MAX_MAX_USAGE_BODY as u64 => n as usize,
+        Some(_) => return Err((format!("{path}.max_body_bytes"), "must be between 1 and 16777216".into())),
+    };
+    let mut free = Vec::with_capacity(raw.free.len());
+    for (i, r) in raw.free.iter().enumerate() {
+        free.push(RouteRule::parse(r).map_err(|m| (format!("{path}.free[{i}]"), m))?);
+    }
+    Ok(Cost { source: Source::Usage(Box::new(tariff)), currency: None, max_body, free, body_method_override: raw.body_method_override })
+}
+
 fn field(s: &Source) -> Option<&str> {
     match s {
-        Source::PerRequest(_) => None,
+        Source::PerRequest(_) | Source::Usage(_) => None,
         Source::Form(f) | Source::Json(f) => Some(f),
     }
 }
@@ -202,10 +255,12 @@ impl Cost {
     /// body's type and encoding, a declared length over the bound, and the cost's fields in the
     /// query string (a vendor may read parameters from either).
     pub fn check_headers(&self, h: &BodyHeaders) -> Result<(), Unreadable> {
-        let Some(amount) = field(&self.source) else { return Ok(()) };
+        if self.body_kind().is_none() {
+            return Ok(());
+        }
         if BodyKind::of(h.content_type.as_deref())? != self.body_kind() {
             return Err(Unreadable::Bad(match self.source {
-                Source::Json(_) => "a request to this target needs content-type: application/json (its cost is read from the body)",
+                Source::Json(_) | Source::Usage(_) => "a request to this target needs content-type: application/json (its cost is read from the body)",
                 _ => "a request to this target needs content-type: application/x-www-form-urlencoded (its cost is read from the body)",
             }));
         }
@@ -220,7 +275,7 @@ impl Cost {
                 None => return Err(Unreadable::Bad("content-length is not a number")),
             }
         }
-        if let Some(q) = &h.query {
+        if let (Some(q), Some(amount)) = (&h.query, field(&self.source)) {
             let names: Vec<&str> = [Some(amount), self.currency.as_ref().map(|(f, _)| f.as_str())].into_iter().flatten().collect();
             for pair in q.split('&') {
                 let name = pct::decode(pair.split('=').next().unwrap_or_default().as_bytes(), true);
@@ -244,7 +299,8 @@ impl Cost {
             return Err(Unreadable::TooLarge);
         }
         let (kind, amount_field) = match &self.source {
-            Source::PerRequest(n) => return Ok((Priced { cost: *n, currency: None }, Vec::new())),
+            Source::PerRequest(n) => return Ok((Priced::fixed(*n), Vec::new())),
+            Source::Usage(_) => return Err(Unreadable::Bad("a model call is priced by `price_call`")),
             Source::Form(f) => (BodyKind::Form, f.as_str()),
             Source::Json(f) => (BodyKind::Json, f.as_str()),
         };
@@ -277,7 +333,25 @@ impl Cost {
                 Some(c)
             }
         };
-        Ok((Priced { cost: amount, currency }, overrides))
+        Ok((Priced { cost: amount, currency, meter: None }, overrides))
+    }
+
+    /// Read a request's cost and method overrides from its whole body: a model call's bound from
+    /// its usage tariff (`path`: the vendor path, without its query), anything else as
+    /// `read_all` does.
+    pub fn price_call(&self, body: &[u8], path: &str) -> Result<(Priced, Vec<String>), Unreadable> {
+        let Source::Usage(t) = &self.source else { return self.read_all(body) };
+        if body.len() > self.max_body {
+            return Err(Unreadable::TooLarge);
+        }
+        let overrides = if self.body_method_override { body::overrides(BodyKind::Json, body)? } else { Vec::new() };
+        let meter = t.meter(body, path).map_err(Unreadable::Bad)?;
+        Ok((Priced { cost: meter.bound, currency: None, meter: Some(meter) }, overrides))
+    }
+
+    /// Priced from the vendor's reported usage (a model call).
+    pub fn metered(&self) -> bool {
+        matches!(self.source, Source::Usage(_))
     }
 
     /// How the cost's body is encoded (`None` for a fixed cost).
@@ -285,7 +359,7 @@ impl Cost {
         match self.source {
             Source::PerRequest(_) => None,
             Source::Form(_) => Some(BodyKind::Form),
-            Source::Json(_) => Some(BodyKind::Json),
+            Source::Json(_) | Source::Usage(_) => Some(BodyKind::Json),
         }
     }
 }

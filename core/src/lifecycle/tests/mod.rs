@@ -9,6 +9,7 @@ mod keys;
 mod ledger;
 mod revocation;
 mod session;
+mod metered;
 mod spend;
 mod table;
 

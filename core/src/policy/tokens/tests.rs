@@ -47,27 +47,141 @@ fn the_bound_covers_every_usage_the_call_can_report() {
     }
 }
 
+const CHAT: &str = "/v1/chat/completions";
+
+fn ask(body: &[u8]) -> Result<Asked, &'static str> {
+    asked(Dialect::OpenAi, body, CHAT)
+}
+
 #[test]
 fn requests_say_their_model_and_limit_strictly() {
-    let a = asked(br#"{"model":"gpt-4o","max_completion_tokens":300,"messages":[]}"#).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(a, Asked { model: "gpt-4o".into(), max_output: Some(300), stream: false });
-    let a = asked(br#"{"model":"claude-sonnet-5","max_tokens":64,"stream":true}"#).unwrap_or_else(|e| panic!("{e}"));
+    let a = ask(br#"{"model":"gpt-4o","max_completion_tokens":300,"messages":[]}"#).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(a, Asked { model: "gpt-4o".into(), max_output: Some(300), choices: 1, stream: false });
+    let a = asked(Dialect::Anthropic, br#"{"model":"claude-sonnet-5","max_tokens":64,"stream":true}"#, "/v1/messages").unwrap_or_else(|e| panic!("{e}"));
     assert_eq!((a.max_output, a.stream), (Some(64), true));
-    assert_eq!(asked(br#"{"model":"m","messages":[]}"#).map(|a| a.max_output), Ok(None));
+    assert_eq!(ask(br#"{"model":"m","messages":[]}"#).map(|a| a.max_output), Ok(None));
+    // Anthropic reads only max_tokens: another name is not a limit there.
+    assert_eq!(asked(Dialect::Anthropic, br#"{"model":"m","max_completion_tokens":5}"#, "/v1/messages").map(|a| a.max_output), Ok(None));
     for bad in [
         &br#"{"messages":[]}"#[..],
         br#"{"model":5}"#,
+        br#"{"model":""}"#,
         br#"{"model":"m","max_tokens":-1}"#,
         br#"{"model":"m","max_tokens":1.5}"#,
+        br#"{"model":"m","max_tokens":1e3}"#,
         br#"{"model":"m","max_tokens":"100"}"#,
+        br#"{"model":"m","max_tokens":100000001}"#,
         br#"{"model":"m","max_tokens":10,"max_completion_tokens":20}"#,
         br#"{"model":"m","model":"n"}"#,
         br#"{"model":"m","stream":"yes"}"#,
+        br#"{"model":"m","n":0.5}"#,
+        br#"{"model":"m","n":129}"#,
         br#"["model"]"#,
         b"model=m",
     ] {
-        assert!(asked(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+        assert!(ask(bad).is_err(), "{}", String::from_utf8_lossy(bad));
     }
+}
+
+#[test]
+fn every_completion_asked_for_is_bounded() {
+    assert_eq!(ask(br#"{"model":"m","n":4}"#).map(|a| a.choices), Ok(4));
+    assert_eq!(ask(br#"{"model":"m","n":2,"best_of":5}"#).map(|a| a.choices), Ok(5));
+    assert_eq!(ask(br#"{"model":"m","n":null}"#).map(|a| a.choices), Ok(1));
+    assert_eq!(ask(br#"{"model":"m","n":0}"#).map(|a| a.choices), Ok(1));
+}
+
+#[test]
+fn an_openai_completions_stream_must_ask_for_its_usage() {
+    assert!(ask(br#"{"model":"m","stream":true}"#).is_err());
+    assert!(ask(br#"{"model":"m","stream":true,"stream_options":{"include_usage":false}}"#).is_err());
+    assert!(ask(br#"{"model":"m","stream":true,"stream_options":{"include_usage":true}}"#).is_ok());
+    assert!(asked(Dialect::OpenAi, br#"{"model":"m","stream":true}"#, "/v1/completions").is_err());
+    // The responses API reports usage in its completed event without being asked.
+    assert!(asked(Dialect::OpenAi, br#"{"model":"m","stream":true}"#, "/v1/responses").is_ok());
+    assert!(asked(Dialect::Anthropic, br#"{"model":"m","stream":true}"#, "/v1/messages").is_ok());
+}
+
+#[test]
+fn input_the_vendor_fetches_itself_is_refused() {
+    for bad in [
+        r#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"https://x.example/a.png"}}]}]}"#,
+        r#"{"model":"m","input":[{"role":"user","content":[{"type":"input_image","image_url":"https://x.example/a.png"}]}]}"#,
+        r#"{"model":"m","input":[{"type":"input_file","file_id":"file-1"}]}"#,
+        r#"{"model":"m","messages":[{"role":"user","content":[{"type":"file","file":{"file_data":"data:application/pdf;base64,AAAA"}}]}]}"#,
+        r#"{"model":"m","previous_response_id":"resp_1","input":"go on"}"#,
+        r#"{"model":"m","conversation":"conv_1"}"#,
+        r#"{"model":"m","prompt":{"id":"pmpt_1"}}"#,
+        r#"{"model":"m","tools":[{"type":"web_search"}]}"#,
+        r#"{"model":"m","tools":[{"type":"file_search","vector_store_ids":["vs"]}]}"#,
+    ] {
+        assert!(ask(bad.as_bytes()).is_err(), "{bad}");
+    }
+    for bad in [
+        r#"{"model":"m","max_tokens":5,"messages":[{"role":"user","content":[{"type":"image","source":{"type":"url","url":"https://x.example/a.png"}}]}]}"#,
+        r#"{"model":"m","max_tokens":5,"messages":[{"role":"user","content":[{"type":"document","source":{"type":"base64","media_type":"application/pdf","data":"AAAA"}}]}]}"#,
+        r#"{"model":"m","max_tokens":5,"tools":[{"type":"web_search_20250305","name":"web_search"}]}"#,
+        r#"{"model":"m","max_tokens":5,"mcp_servers":[{"type":"url","url":"https://mcp.example"}]}"#,
+    ] {
+        assert!(asked(Dialect::Anthropic, bad.as_bytes(), "/v1/messages").is_err(), "{bad}");
+    }
+    // Inline content, the caller's own tools, and a completions prompt are in the body.
+    for good in [
+        r#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"data:image/png;base64,AAAA"}}]}]}"#,
+        r#"{"model":"m","tools":[{"type":"function","function":{"name":"f","parameters":{"type":"object","properties":{"url":{"type":"string"}}}}}]}"#,
+        r#"{"model":"m","prompt":"Say hi"}"#,
+    ] {
+        assert!(ask(good.as_bytes()).is_ok(), "{good}");
+    }
+    assert!(asked(Dialect::Anthropic, br#"{"model":"m","tools":[{"name":"f","input_schema":{"type":"object"}}]}"#, "/v1/messages").is_ok());
+}
+
+fn tariff(max_tokens: Option<u64>, with_default: bool) -> Tariff {
+    let raw: std::collections::BTreeMap<String, RawPrices> =
+        serde_json::from_str(r#"{"gpt-4o-mini": {"input": 0.15, "output": 0.6}, "gpt-4o": {"input": 2.5, "output": 10, "cached_input": 1.25}}"#)
+            .unwrap_or_else(|e| panic!("{e}"));
+    let default: Option<RawPrices> = with_default.then(|| serde_json::from_str(r#"{"input": 30, "output": 60}"#).unwrap_or_else(|e| panic!("{e}")));
+    compile_tariff("targets.ai.cost", "openai", Some(&raw), default.as_ref(), max_tokens, None).unwrap_or_else(|e| panic!("{e:?}"))
+}
+
+#[test]
+fn a_tariff_prices_each_model_and_refuses_the_unlisted() {
+    let t = tariff(Some(1000), false);
+    assert_eq!(t.models.get("gpt-4o").map(|p| (p.input, p.output, p.cached_input, p.cache_write)), Some((2_500_000, 10_000_000, 1_250_000, 0)));
+    let body = br#"{"model":"gpt-4o","max_tokens":100,"messages":[]}"#;
+    let m = t.meter(body, CHAT).unwrap_or_else(|e| panic!("{e}"));
+    let input = body.len() as u64 + DEFAULT_OVERHEAD_TOKENS;
+    assert_eq!(m.bound, bound(&t.models["gpt-4o"], 100, input));
+    assert_eq!((m.model.as_str(), m.stream), ("gpt-4o", false));
+    // Without its own limit, the target's; without either, refused.
+    let m = t.meter(br#"{"model":"gpt-4o-mini","messages":[]}"#, CHAT).unwrap_or_else(|e| panic!("{e}"));
+    assert!(m.bound >= cost(&t.models["gpt-4o-mini"], &Usage { output: 1000, ..Usage::default() }));
+    assert!(tariff(None, false).meter(br#"{"model":"gpt-4o-mini"}"#, CHAT).is_err());
+    // An unlisted model is refused, or priced by the default, never free.
+    assert!(t.meter(br#"{"model":"gpt-5","max_tokens":1}"#, CHAT).is_err());
+    let m = tariff(Some(10), true).meter(br#"{"model":"gpt-5","max_tokens":1}"#, CHAT).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(m.prices.output, 60_000_000);
+    // n completions are n times the output.
+    let one = t.meter(br#"{"model":"gpt-4o","max_tokens":100000,"n":1}"#, CHAT).map(|m| m.bound).unwrap_or(0);
+    let four = t.meter(br#"{"model":"gpt-4o","max_tokens":100000,"n":4}"#, CHAT).map(|m| m.bound).unwrap_or(0);
+    assert!(four >= one + cost(&t.models["gpt-4o"], &Usage { output: 300_000, ..Usage::default() }), "{one} {four}");
+}
+
+#[test]
+fn a_tariff_is_checked_when_configured() {
+    let bad = |models: &str, default: Option<&str>, max: Option<u64>| {
+        let raw: std::collections::BTreeMap<String, RawPrices> = serde_json::from_str(models).unwrap_or_else(|e| panic!("{e}"));
+        let d: Option<RawPrices> = default.map(|d| serde_json::from_str(d).unwrap_or_else(|e| panic!("{e}")));
+        compile_tariff("c", "openai", Some(&raw), d.as_ref(), max, None).map(|_| ()).map_err(|(p, _)| p)
+    };
+    assert_eq!(bad(r#"{"m": {"input": -1, "output": 1}}"#, None, None), Err("c.models.m.input".into()));
+    assert_eq!(bad(r#"{"m": {"input": 1, "output": 0.0000001}}"#, None, None), Err("c.models.m.output".into()));
+    assert_eq!(bad(r#"{"m": {"input": 1, "output": 1e30}}"#, None, None), Err("c.models.m.output".into()));
+    assert_eq!(bad(r#"{}"#, None, None), Err("c.models".into()));
+    assert_eq!(bad(r#"{"m": {"input": 1, "output": 1}}"#, None, Some(0)), Err("c.max_tokens".into()));
+    assert_eq!(bad(r#"{}"#, Some(r#"{"input": 1, "output": 1}"#), None), Ok(()));
+    assert!(compile_tariff("c", "gemini", None, None, None, None).is_err());
+    assert!(serde_json::from_str::<RawPrices>(r#"{"input": 1, "output": 1, "reasoning": 2}"#).is_err(), "unknown members are refused");
 }
 
 #[test]
@@ -120,4 +234,21 @@ fn streamed_usage_is_read_as_the_events_pass_in_any_split() {
     assert_eq!(stream(Dialect::OpenAi, "data: {\"choices\":[]}\n\ndata: [DONE]\n\n", 3), None);
     assert_eq!(stream(Dialect::OpenAi, &openai.replace("\"prompt_tokens\":12", "\"prompt_tokens\":\"12\""), 3), None);
     assert_eq!(stream(Dialect::OpenAi, &format!("data: {}\n", "x".repeat(MAX_EVENT_LINE + 1)), 4096), None);
+}
+
+#[test]
+fn the_responses_api_and_cumulative_deltas_are_read() {
+    let responses = "event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"usage\":null}}\n\n\
+                     event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"Hi\"}\n\n\
+                     event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"usage\":{\"input_tokens\":9,\"output_tokens\":4,\"input_tokens_details\":{\"cached_tokens\":2}}}}\n\n";
+    for chunk in [1, 5, 4096] {
+        assert_eq!(stream(Dialect::OpenAi, responses, chunk), Some(Usage { input: 7, cached_input: 2, cache_write: 0, output: 4 }));
+    }
+    // A server tool's input shows in the delta's cumulative counts: the larger one is charged.
+    let claude = "data: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":10,\"output_tokens\":1}}}\n\
+                  data: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":30,\"input_tokens\":500}}\n\
+                  data: {\"type\":\"message_stop\"}\n";
+    assert_eq!(stream(Dialect::Anthropic, claude, 3), Some(Usage { input: 500, cached_input: 0, cache_write: 0, output: 30 }));
+    // A delta before the start, or without its output count, is not a usage.
+    assert_eq!(stream(Dialect::Anthropic, "data: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":3}}\ndata: {\"type\":\"message_stop\"}\n", 2), None);
 }

@@ -1,0 +1,127 @@
+//! A target's token prices (`"cost": {"usage": ...}`), and what one call is reserved at before it
+//! is made.
+
+use super::{asked, bound, parse_price, Dialect, Prices, MAX_TOKENS};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+/// Input tokens a call may use beyond its body's bytes: the vendor's own formatting of each
+/// message and the system prompt it adds for tools (a few hundred tokens).
+pub const DEFAULT_OVERHEAD_TOKENS: u64 = 4096;
+
+/// One model's prices per million tokens, as configured (numbers, in the cap's unit).
+#[derive(Deserialize, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct RawPrices {
+    input: serde_json::Number,
+    output: serde_json::Number,
+    #[serde(default)]
+    cached_input: Option<serde_json::Number>,
+    #[serde(default)]
+    cache_write: Option<serde_json::Number>,
+}
+
+/// A target's compiled token prices.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tariff {
+    pub dialect: Dialect,
+    pub models: BTreeMap<String, Prices>,
+    /// Prices for a model the list does not name (`None`: such a model is refused).
+    pub default: Option<Prices>,
+    /// The output bound of a request that does not state its own (`None`: it is refused).
+    pub max_tokens: Option<u64>,
+    pub overhead: u64,
+}
+
+/// What one priced call carries from its reservation to its settlement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Meter {
+    pub dialect: Dialect,
+    pub model: String,
+    pub prices: Prices,
+    pub stream: bool,
+    /// The most it may cost: what is reserved before it is made.
+    pub bound: u64,
+}
+
+fn price(path: &str, n: &serde_json::Number) -> Result<u64, (String, String)> {
+    // A number's shortest decimal form (`2.5`, `0.075`, `15`), read exactly.
+    let text = if let Some(i) = n.as_u64() { i.to_string() } else { n.as_f64().map(|f| f.to_string()).unwrap_or_default() };
+    parse_price(&text).ok_or_else(|| (path.to_string(), "must be a price from 0 with at most six decimal places".to_string()))
+}
+
+fn prices(path: &str, dialect: Dialect, raw: &RawPrices) -> Result<Prices, (String, String)> {
+    let input = price(&format!("{path}.input"), &raw.input)?;
+    let output = price(&format!("{path}.output"), &raw.output)?;
+    // Unset cache prices are never cheaper than the input (over-counted, never under): a cache
+    // read at the input price, a cache write at twice it (Anthropic's dearest write). OpenAI
+    // reports no cache writes (its cached input is part of the input count).
+    let cached_input = raw.cached_input.as_ref().map(|n| price(&format!("{path}.cached_input"), n)).transpose()?.unwrap_or(input);
+    let cache_write = match (dialect, &raw.cache_write) {
+        (Dialect::OpenAi, Some(_)) => return Err((format!("{path}.cache_write"), "OpenAI reports no cache writes: price them for an anthropic target only".into())),
+        (Dialect::OpenAi, None) => 0,
+        (Dialect::Anthropic, Some(n)) => price(&format!("{path}.cache_write"), n)?,
+        (Dialect::Anthropic, None) => input.saturating_mul(2),
+    };
+    Ok(Prices { input, output, cached_input, cache_write })
+}
+
+fn valid_model(m: &str) -> bool {
+    !m.is_empty() && m.len() <= 256 && !m.chars().any(char::is_control)
+}
+
+/// Compile a target's token prices (`path` names the `cost` in errors).
+pub fn compile_tariff(
+    path: &str,
+    usage: &str,
+    models: Option<&BTreeMap<String, RawPrices>>,
+    default: Option<&RawPrices>,
+    max_tokens: Option<u64>,
+    overhead: Option<u64>,
+) -> Result<Tariff, (String, String)> {
+    let e = |p: &str, m: &str| Err((format!("{path}{p}"), m.to_string()));
+    let dialect = match usage {
+        "openai" => Dialect::OpenAi,
+        "anthropic" => Dialect::Anthropic,
+        _ => return e(".usage", "must be \"openai\" or \"anthropic\""),
+    };
+    let mut compiled = BTreeMap::new();
+    for (m, raw) in models.into_iter().flatten() {
+        if !valid_model(m) {
+            return e(".models", "a model name must be 1 to 256 characters, none of them control characters");
+        }
+        compiled.insert(m.clone(), prices(&format!("{path}.models.{m}"), dialect, raw)?);
+    }
+    let default = default.map(|d| prices(&format!("{path}.default"), dialect, d)).transpose()?;
+    if compiled.is_empty() && default.is_none() {
+        return e(".models", "must price at least one model (or set a default)");
+    }
+    match max_tokens {
+        Some(n) if n == 0 || n > MAX_TOKENS => return e(".max_tokens", "must be between 1 and 100000000"),
+        _ => {}
+    }
+    let overhead = match overhead {
+        None => DEFAULT_OVERHEAD_TOKENS,
+        Some(n) if n <= MAX_TOKENS => n,
+        Some(_) => return e(".input_overhead_tokens", "must be at most 100000000"),
+    };
+    Ok(Tariff { dialect, models: compiled, default, max_tokens, overhead })
+}
+
+impl Tariff {
+    /// Read a call from its body and bound what it may cost (`path`: the vendor path, without
+    /// its query). Refused (a message for 400) when it cannot be bounded: an unlisted model
+    /// without a default, no output limit in it or the target, input the vendor would fetch.
+    pub fn meter(&self, body: &[u8], path: &str) -> Result<Meter, &'static str> {
+        let a = asked(self.dialect, body, path)?;
+        let prices = *self.models.get(&a.model).or(self.default.as_ref()).ok_or("this target does not price the model the body names")?;
+        let max_output = a.max_output.or(self.max_tokens).ok_or("a call to this target must state its output limit (max_tokens)")?;
+        let output = max_output.saturating_mul(a.choices);
+        let input = (body.len() as u64).saturating_add(self.overhead);
+        let b = bound(&prices, output, input);
+        if b > crate::policy::cost::MAX_COST {
+            return Err("the most this call could cost is beyond any cap");
+        }
+        Ok(Meter { dialect: self.dialect, model: a.model, prices, stream: a.stream, bound: b })
+    }
+}
