@@ -6,7 +6,8 @@ HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_mana
 
 GARBAGE_CASES = ["crlf", "lf", "number", "object", "big", "missing", "empty"]
 
-FILTER_STATE_KEYS = ["subject", "target", "jti", "run", "decision", "cache", "idempotency_key", "secret_version", "issued", "cost", "spend", "budgets"]
+FILTER_STATE_KEYS = ["subject", "target", "jti", "run", "decision", "cache", "idempotency_key", "secret_version", "issued", "cost", "spend", "budgets",
+                     "model", "reserved", "usage", "tokens_in", "tokens_out"]
 
 
 def filter_config(bao_cluster="vault", timeout_ms=1500) -> dict:

@@ -3,6 +3,7 @@
 stripe and anthropic, in Python and in Node. The demo vendor echoes what it received, so the test
 sees that each SDK call arrived with the real key and without the workload's credential."""
 import json
+import math
 import os
 import re
 import shutil
@@ -11,6 +12,7 @@ import socket
 import subprocess
 import time
 
+import openai
 import pytest
 import requests
 
@@ -169,6 +171,44 @@ def test_make_run_walk_through_caps_spend(local_gateway):
     rows = harness.wait_until(spent, timeout=15, what="the access log lines")
     assert rows == [{"subject": "lambda/demo", "run": "walkthrough", "target": "stripe", "requests": 3, "charged": 10000,
                      "refunded": 0, "net": 10000, "retries": 1}], rows
+
+
+def test_make_run_walk_through_caps_model_calls_at_5_usd(local_gateway):
+    """The walk-through's AI cap, as run-local.sh prints it: 5.00 USD of o1-pro calls (prices in
+    micro-dollars), the call that would cross the cap refused before the vendor, a smaller one
+    still fitting, the same calls again with the unmodified OpenAI SDK, and `keyward report`."""
+    script = (ROOT / "scripts" / "run-local.sh").read_text()
+    mint_line = next(l for l in script.splitlines() if "export AGENT=" in l)
+    assert '--allow "openai POST /v1/chat/completions"' in mint_line
+    calls = [json.loads(l.split("-d '", 1)[1].split("'", 1)[0]) for l in script.splitlines() if "$AGENT" in l and "-d '" in l]
+    assert [c["max_tokens"] for c in calls] == [4000, 4000, 1000]
+    r = harness.cli("mint", "--kid", "k1", "--key-file", str(ROOT / ".run" / "k1.key"), "--sub", "agent/planner",
+                    "--allow", "openai POST /v1/chat/completions", "--spend", "5000000", "--run", "ai-walkthrough", "--json")
+    assert r.returncode == 0, r.stderr
+    agent = json.loads(r.stdout)["token"]
+    harness.TOKENS.add(agent)
+    url = "http://127.0.0.1:10000/openai/v1/chat/completions"
+    got = [requests.post(url, headers={"Authorization": f"Bearer {agent}"}, json=c, timeout=20) for c in calls]
+    assert [g.status_code for g in got] == [200, 429, 200], [g.text[:200] for g in got]
+    assert got[1].json()["error"] == "spend_exhausted"
+    assert got[0].json()["headers"]["authorization"] == "Bearer sk-keyward-demo-openai-0001", "the demo vendor got the real key"
+    # What the vendor reported, priced at o1-pro's 150 and 600 USD per million tokens.
+    spent = sum(math.ceil((g.json()["usage"]["prompt_tokens"] * 150_000_000 + g.json()["usage"]["completion_tokens"] * 600_000_000) / 1e6)
+                for g in (got[0], got[2]))
+    assert 2_500_000 < spent <= 5_000_000
+    # The same with the OpenAI SDK: one more 4000-token call does not fit what is left.
+    oa = openai.OpenAI(api_key=agent, base_url="http://127.0.0.1:10000/openai/v1", max_retries=0)
+    with pytest.raises(openai.RateLimitError):
+        oa.chat.completions.create(model="o1-pro", max_tokens=4000, messages=[{"role": "user", "content": "Plan a trip to Faro."}])
+    small = oa.chat.completions.create(model="o1-pro", max_tokens=100, messages=[{"role": "user", "content": "Faro?"}])
+    spent += math.ceil((small.usage.prompt_tokens * 150_000_000 + small.usage.completion_tokens * 600_000_000) / 1e6)
+
+    def rows():
+        out = json.loads(harness.cli("report", str(ROOT / ".run" / "access.log"), "--json").stdout)
+        mine = [x for x in out["spend"] if x["run"] == "ai-walkthrough"]
+        return mine if mine and mine[0]["requests"] == 3 else None
+    (row,) = harness.wait_until(rows, timeout=15, what="the access log lines")
+    assert row["net"] == spent <= 5_000_000, (row, spent)
 
 
 REST_EVENT = {"resource": "/orders", "path": "/orders", "httpMethod": "POST",

@@ -1,21 +1,25 @@
 #!/usr/bin/env python3
-"""A demo vendor: answers every request with JSON describing what it received.
+"""A demo vendor: answers every request with JSON describing what it received, and model calls
+(OpenAI's chat/completions and responses, Anthropic's messages) as a model vendor would, with
+usage (see model_vendor.py).
 
 Stands in for Stripe, OpenAI, Anthropic, Twilio and Google Maps in `make run`, so you can see
 exactly which credential Keyward injected (and that your own token never arrived).
 Usage: demo_vendor.py [PORT]   (listens on 127.0.0.1 only)
 """
 import json
+import pathlib
 import sys
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from model_vendor import ModelHandler  # noqa: E402
 
 
-class Echo(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class Echo(ModelHandler):
+    echo_fields = True
 
-    def handle_any(self):
-        length = int(self.headers.get("content-length") or 0)
-        body = self.rfile.read(length) if length else b""
+    def echo(self, body: bytes):
         out = json.dumps({
             "vendor": "keyward-demo-vendor",
             "method": self.command,
@@ -23,16 +27,9 @@ class Echo(BaseHTTPRequestHandler):
             "headers": {k.lower(): v for k, v in self.headers.items()},
             "body_bytes": len(body),
         }, indent=2).encode() + b"\n"
-        self.send_response(200)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(out)))
-        self.end_headers()
-        self.wfile.write(out)
+        self.send_json(200, out)
 
-    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = handle_any
-
-    def log_message(self, *args):
-        pass
+    do_HEAD = ModelHandler.handle_any
 
 
 def main():

@@ -136,8 +136,8 @@ Try it (the demo vendor echoes what it received; look at the authorization heade
 
   curl -s http://127.0.0.1:10000/stripe/v1/customers -H "Authorization: Bearer \$KEYWARD_TOKEN"
   curl -s -X POST http://127.0.0.1:10000/stripe/v1/payment_intents -H "Authorization: Bearer \$KEYWARD_TOKEN" -H "Idempotency-Key: order-1001" -d amount=100 -d currency=usd
-  curl -s -X POST http://127.0.0.1:10000/openai/v1/chat/completions -H "Authorization: Bearer \$KEYWARD_TOKEN" -d '{}'
-  curl -s -X POST http://127.0.0.1:10000/anthropic/v1/messages -H "Authorization: Bearer \$KEYWARD_TOKEN" -d '{}'
+  curl -s http://127.0.0.1:10000/openai/v1/chat/completions -H "Authorization: Bearer \$KEYWARD_TOKEN" -H "content-type: application/json" -d '{"model":"gpt-4o-mini","max_tokens":20,"messages":[{"role":"user","content":"hi"}]}'
+  curl -s http://127.0.0.1:10000/anthropic/v1/messages -H "Authorization: Bearer \$KEYWARD_TOKEN" -H "content-type: application/json" -d '{"model":"claude-sonnet-4-5","max_tokens":20,"messages":[{"role":"user","content":"hi"}]}'
   curl -s -X POST http://127.0.0.1:10000/twilio/2010-04-01/Accounts/AC00000000000000000000000000000001/Messages.json -H "Authorization: Basic $B64"
   curl -s "http://127.0.0.1:10000/maps/maps/api/geocode/json?address=x" -H "Authorization: Bearer \$KEYWARD_TOKEN"
 
@@ -155,6 +155,16 @@ reaches the vendor; a retry with the same Idempotency-Key is not charged twice:
   curl -s -X POST http://127.0.0.1:10000/stripe/v1/payment_intents -H "Authorization: Bearer \$CAPPED" -H "Idempotency-Key: order-2001" -d amount=6000 -d currency=usd
   curl -s -X POST http://127.0.0.1:10000/stripe/v1/payment_intents -H "Authorization: Bearer \$CAPPED" -H "Idempotency-Key: order-2002" -d amount=4001 -d currency=usd
   curl -s -X POST http://127.0.0.1:10000/stripe/v1/payment_intents -H "Authorization: Bearer \$CAPPED" -H "Idempotency-Key: order-2001" -d amount=6000 -d currency=usd
+
+Cap what an agent can spend on model calls: 5.00 USD (model prices are in micro-dollars, so
+--spend 5000000). Each call reserves the most it could cost (its max_tokens and its size) before it
+goes on, and is charged what the vendor reports it used: the second call would cross the cap and
+never reaches the vendor; a smaller one still fits:
+
+  export AGENT=\$($KEYWARD mint --kid k1 --key-file $RUN/k1.key --sub agent/planner --allow "openai POST /v1/chat/completions" --spend 5000000)
+  curl -s http://127.0.0.1:10000/openai/v1/chat/completions -H "Authorization: Bearer \$AGENT" -H "content-type: application/json" -d '{"model":"o1-pro","max_tokens":4000,"messages":[{"role":"user","content":"Plan a trip to Lisbon."}]}' | head -c 300; echo
+  curl -s http://127.0.0.1:10000/openai/v1/chat/completions -H "Authorization: Bearer \$AGENT" -H "content-type: application/json" -d '{"model":"o1-pro","max_tokens":4000,"messages":[{"role":"user","content":"Plan a trip to Porto."}]}'
+  curl -s http://127.0.0.1:10000/openai/v1/chat/completions -H "Authorization: Bearer \$AGENT" -H "content-type: application/json" -d '{"model":"o1-pro","max_tokens":1000,"messages":[{"role":"user","content":"Plan a trip to Porto."}]}' | head -c 300; echo
 
 Derive a narrower credential for one unit of work (one payment, 5 minutes, labelled):
 

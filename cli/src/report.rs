@@ -5,7 +5,8 @@
 //! stdout, are skipped and counted). Uses the contract's keys: `subject`, `target`, `decision`,
 //! `cache`, `status`, and `duration_ms` (or `duration`) for latency; `run`, `jti`, `cost`,
 //! `spend` and `budgets` for what priced requests spent, per credential and per fleet-ledger
-//! budget. A missing value, `null`, `""` or Envoy's `-` all mean "not set".
+//! budget; `model`, `tokens_in`, `tokens_out` and `usage` for model calls priced from their
+//! usage. A missing value, `null`, `""` or Envoy's `-` all mean "not set".
 
 use crate::args::{Args, Fail};
 use serde_json::{json, Map, Value};
@@ -53,6 +54,20 @@ pub struct Report {
     pub credentials: BTreeMap<(String, String), Spent>,
     /// The same per fleet-ledger budget.
     pub budgets: BTreeMap<String, Spent>,
+    /// Model calls priced from their usage, per (target, model).
+    pub models: BTreeMap<(String, String), Usage>,
+}
+
+/// Model calls' tokens and cost, as their vendor reported them.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Usage {
+    pub calls: u64,
+    pub tokens_in: u64,
+    pub tokens_out: u64,
+    /// What they cost (a call whose usage was not read counts its whole reservation).
+    pub cost: u64,
+    /// Calls whose usage could not be read (cut, compressed, without usage).
+    pub unread: u64,
 }
 
 /// The costs of admitted priced requests.
@@ -156,6 +171,16 @@ impl Report {
             for b in text(&v, "budgets").iter().flat_map(|b| b.split(',')).filter(|b| !b.is_empty()) {
                 self.budgets.entry(b.to_string()).or_default().add(cost, spend.as_deref());
             }
+            if let Some(model) = text(&v, "model") {
+                let u = self.models.entry((target.clone(), model)).or_default();
+                u.calls += 1;
+                u.cost += cost;
+                u.tokens_in += number(&v, &["tokens_in"]).map_or(0, |n| n as u64);
+                u.tokens_out += number(&v, &["tokens_out"]).map_or(0, |n| n as u64);
+                if text(&v, "usage").as_deref() != Some("read") {
+                    u.unread += 1;
+                }
+            }
         }
         self.by_target.entry(target).or_default().add(allowed, latency);
         if !allowed {
@@ -210,6 +235,8 @@ impl Report {
             "credentials": self.credentials.iter().map(|((s, j), e)| json!({"subject": s, "jti": j, "requests": e.requests,
                 "charged": e.charged, "refunded": e.refunded, "net": e.net(), "retries": e.retries})).collect::<Vec<_>>(),
             "budgets": self.budgets.iter().map(|(b, e)| (b.clone(), e.json())).collect::<Map<String, Value>>(),
+            "models": self.models.iter().map(|((t, m), u)| json!({"target": t, "model": m, "calls": u.calls, "tokens_in": u.tokens_in,
+                "tokens_out": u.tokens_out, "cost": u.cost, "unread": u.unread})).collect::<Vec<_>>(),
         })
     }
 
@@ -283,6 +310,14 @@ impl Report {
             o.push_str(&format!("  {:<wb$}  {:>8}  {:>12}  {:>12}  {:>12}\n", "budget", "requests", "charged", "refunded", "net"));
             for (b, e) in &self.budgets {
                 o.push_str(&format!("  {b:<wb$}  {:>8}  {:>12}  {:>12}  {:>12}\n", e.requests, e.charged, e.refunded, e.net()));
+            }
+        }
+        if !self.models.is_empty() {
+            o.push_str("\nmodel calls (tokens as the vendor reported them; cost in the cap's unit)\n");
+            let wm = self.models.keys().map(|(_, m)| m.len()).max().unwrap_or(5).max(5);
+            o.push_str(&format!("  {:<wt$}  {:<wm$}  {:>7}  {:>12}  {:>12}  {:>12}  {:>6}\n", "target", "model", "calls", "tokens in", "tokens out", "cost", "unread"));
+            for ((t, m), u) in &self.models {
+                o.push_str(&format!("  {t:<wt$}  {m:<wm$}  {:>7}  {:>12}  {:>12}  {:>12}  {:>6}\n", u.calls, u.tokens_in, u.tokens_out, u.cost, u.unread));
             }
         }
         let top = self.top_denials(top);
@@ -434,5 +469,20 @@ not json at all
         let t = r.to_text(5);
         assert!(t.contains("spend per credential") && t.contains("spend per budget"), "{t}");
         assert_eq!(r.to_json(5)["budgets"]["checkout"]["net"], json!(7000));
+    }
+
+    #[test]
+    fn model_calls_are_summed_per_target_and_model() {
+        let log = r#"{"decision":"allow","subject":"agent/a","jti":"j1","target":"openai","model":"gpt-4o","cost":"120","reserved":"900","usage":"read","tokens_in":"40","tokens_out":"10","spend":"reserved"}
+{"decision":"allow","subject":"agent/a","jti":"j1","target":"openai","model":"gpt-4o","cost":"900","reserved":"900","usage":"unread","spend":"reserved"}
+{"decision":"spend_exhausted","subject":"agent/a","jti":"j1","target":"openai","model":"gpt-4o","cost":"900"}"#;
+        let mut r = Report::default();
+        for l in log.lines() {
+            r.add_line(l);
+        }
+        let u = &r.models[&("openai".to_string(), "gpt-4o".to_string())];
+        assert_eq!((u.calls, u.tokens_in, u.tokens_out, u.cost, u.unread), (2, 40, 10, 1020, 1));
+        assert_eq!(r.credentials[&("agent/a".to_string(), "j1".to_string())].net(), 1020);
+        assert!(r.to_text(5).contains("model calls"));
     }
 }
