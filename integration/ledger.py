@@ -126,13 +126,13 @@ def gateway_bootstrap(ports: dict, log, cfg: dict, ledger_port: int, ledger_clus
     b = envoy_config.bootstrap(ports, log, cfg, env_keys=envoy_config.ENV_KEYS + ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"])
     buffer = "envoy.filters.http.buffer"
     per_route = {buffer: {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "config": {
-        "@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.BufferPerRoute", "buffer": {"max_request_bytes": 65536}}}}
-    priced = [n for n, t in cfg["targets"].items() if "cost" in t and ("form_field" in t["cost"] or "json_field" in t["cost"])]
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.BufferPerRoute", "buffer": {"max_request_bytes": 1048576}}}}
+    priced = [n for n, t in cfg["targets"].items() if "cost" in t and ({"form_field", "json_field", "usage"} & set(t["cost"]))]
     for lst in b["static_resources"]["listeners"]:
         h = lst["filter_chains"][0]["filters"][0]["typed_config"]
         filters = h["http_filters"]
         filters.insert(len(filters) - 1, {"name": buffer, "disabled": True, "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer", "max_request_bytes": 65536}})
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer", "max_request_bytes": 1048576}})
         routes = h["route_config"]["virtual_hosts"][0]["routes"]
         for r in routes:
             if r["name"] in priced:

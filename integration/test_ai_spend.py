@@ -342,3 +342,58 @@ def test_unpriced_paths_and_targets_are_not_read(ai):
     (e,) = ai.entries(jti, 1)
     assert e["model"] is None and e["usage"] is None and e["cost"] is None
     time.sleep(0)
+
+
+def test_three_gateways_share_one_5_usd_cap_on_a_fleet_ledger(gw, workdir):
+    """With a fleet ledger (dynalite), calls spread over three gateways, whole and streamed, never
+    pass the cap together; once every gateway has drained, the ledger holds exactly what the
+    calls' reported usage cost."""
+    import aws
+    import ledger
+    db = ledger.Dynalite(workdir, name="dynalite-ai")
+    vendor_port = harness.free_port()
+    vendor = model_vendor.serve(vendor_port)
+    gateways = []
+    try:
+        creds = aws.credentials_env()
+        ddb = ledger.client(db.url, creds)
+        ledger.create_table(ddb, "ai-ledger")
+        cfg = ai_config()
+        cfg["ledger"] = ledger.ledger_section(table="ai-ledger", lease_s=3)
+        env = ledger.env_for(gw.env, creds)
+        base = dict(gw.ports, vendor=vendor_port)
+        gateways = [ledger.Gateway(workdir, f"envoy-ai-fleet-{i}", cfg, env, db.port, base, concurrency=1) for i in range(3)]
+        c = harness.claims(["oai * /**"], sub="agent/fleet", ttl=600, lim={"spend": CAP})
+        tok = harness.mint(gw.k1, c)
+        clients = [openai.OpenAI(api_key=tok, base_url=f"{g.url}/oai/v1", max_retries=0, timeout=20) for g in gateways]
+        prompt = [{"role": "user", "content": "Summarise the fleet ledger."}]
+
+        def one(i):
+            oa = clients[i % 3]
+            try:
+                if i % 2:
+                    chunks = list(oa.chat.completions.create(model="big-1", max_tokens=400, messages=prompt, stream=True,
+                                                             stream_options={"include_usage": True}))
+                    u = chunks[-1].usage
+                else:
+                    u = oa.chat.completions.create(model="big-1", max_tokens=400, messages=prompt).usage
+                return price(PRICES["big-1"], u.prompt_tokens, u.completion_tokens)
+            except openai.RateLimitError:
+                return None
+            except openai.InternalServerError as e:
+                assert e.status_code == 503, e  # the ledger did not answer in time: refused, never forwarded
+                return None
+
+        with ThreadPoolExecutor(12) as pool:
+            charged = [x for x in pool.map(one, range(60)) if x is not None]
+        assert charged and sum(charged) <= CAP, (len(charged), sum(charged))
+        assert sum(charged) >= CAP // 2, f"only {sum(charged)} of {CAP} was used"
+        for g in gateways:
+            g.drain()
+        spend, _ = ledger.held(ddb, "ai-ledger", ledger.credential_pk(gw.k1, c["jti"]))
+        assert spend == sum(charged), (spend, sum(charged))
+    finally:
+        for g in gateways:
+            g.stop()
+        vendor.shutdown()
+        db.close()

@@ -97,13 +97,15 @@ def with_ecds_file(workdir, doc):
     configuration, the shipped template with the wasm from dist/) and point `doc` at it."""
     import json
     import test_aws_only
-    run = workdir / "run"
+    # Its own directory: the AWS-only stack's entrypoint writes workdir/run (an equal file there
+    # would make its first sync "unchanged").
+    run = workdir / "run-check-config"
     run.mkdir(exist_ok=True)
     (run / "config.json").write_text(test_aws_only.stack_config(test_aws_only.cfn()))
     template = json.loads((ROOT / "envoy" / "keyward-filter.template.json").read_text())
     template["resources"][0]["typed_config"]["config"]["vm_config"]["code"]["local"]["filename"] = str(ROOT / "dist" / "keyward.wasm")
-    (workdir / "template.json").write_text(json.dumps(template))
-    r = harness.cli("config-sync", "--source", f"file:{run / 'config.json'}", "--template", str(workdir / "template.json"),
+    (run / "template.json").write_text(json.dumps(template))
+    r = harness.cli("config-sync", "--source", f"file:{run / 'config.json'}", "--template", str(run / "template.json"),
                     "--out", str(run / "keyward-filter.json"), "--no-env")
     assert r.returncode == 0, r.stdout + r.stderr
     for l in doc["static_resources"]["listeners"]:
