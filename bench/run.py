@@ -43,6 +43,10 @@ Fleet ledger (bench/fleet.py): a limited credential's warm request per instance 
 slice, the latency of a slice grant and of a direct reservation, and ledger calls per 1,000
 requests through 1 and 3 gateways, against dynalite. BENCH_ONLY=fleet runs it alone.
 
+Model calls (bench/models.py): the CPU a target priced from token usage adds per call, whole JSON
+and streamed (one event per token, chunked), against an unpriced target in the same Envoy, with
+scripts/model_vendor.py as the vendor. BENCH_ONLY=models runs it alone.
+
 Cold miss: each sample is the first use of its own secret between hot requests (see cold_miss).
 Memory: bare, no-op and Keyward at --concurrency 1 and 3, RSS and Envoy's /memory (see memory).
 BENCH_ONLY=cold, BENCH_ONLY=memory run one of them alone; BENCH_ONLY=warm runs the main arms alone and
@@ -329,6 +333,16 @@ def load(port, tokens_file, seconds, rate, path="/v/v1/items", body_bytes=None):
     extra = ["--body-bytes", str(body_bytes)] if body_bytes is not None else []
     out = subprocess.run(["taskset", "-c", "1", str(LOADGEN), "--addr", f"127.0.0.1:{port}", "--path", path,
                           "--rate", str(rate), "--seconds", str(seconds), "--connections", "16", "--tokens", str(tokens_file), *extra],
+                         capture_output=True, text=True, timeout=seconds * 3 + 30)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr)
+    return json.loads(out.stdout)
+
+
+def load_json(port, tokens_file, seconds, rate, path, body_file):
+    """Load with a JSON body (a model call) from a file."""
+    out = subprocess.run(["taskset", "-c", "1", str(LOADGEN), "--addr", f"127.0.0.1:{port}", "--path", path, "--rate", str(rate),
+                          "--seconds", str(seconds), "--connections", "16", "--tokens", str(tokens_file), "--json-body", str(body_file)],
                          capture_output=True, text=True, timeout=seconds * 3 + 30)
     if out.returncode != 0:
         raise RuntimeError(out.stderr)
@@ -630,6 +644,10 @@ def main():
             import fleet
             print(json.dumps(fleet.run(workdir, ctx), indent=1))
             return
+        if ONLY == "models":
+            import models
+            print(json.dumps(models.run(workdir, ctx), indent=1))
+            return
         if ONLY == "memory":
             print(json.dumps(memory(workdir, ctx), indent=1))
             return
@@ -696,6 +714,8 @@ def main():
         mem = memory(workdir, ctx)
         import fleet
         fleet_rows = fleet.run(workdir, ctx)
+        import models
+        model_rows = models.run(workdir, ctx)
         cold_baseline = cold_miss(workdir, ctx, bao, "E") if BASELINE_WASM else None
 
         def summary(arm):
@@ -722,6 +742,7 @@ def main():
             "priced_by_body": priced_rows,
             "scaling": scaling_rows,
             "fleet_ledger": fleet_rows,
+            "model_calls": model_rows,
             "cold_miss": cold,
             **({"cold_miss_baseline": cold_baseline} if cold_baseline else {}),
             "vault_calls_per_10k_requests": round(fetches * 10000 / max(1, c_requests), 3),

@@ -8,9 +8,11 @@
 //!
 //! Usage: keyward-loadgen --addr 127.0.0.1:10000 --path /v/x --rate 1500 --seconds 10
 //!        [--connections 16] [--tokens FILE (one per line)] [--host HOST] [--body-bytes N]
+//!        [--json-body FILE]
 //!
 //! `--body-bytes N`: POST a form body of N bytes (`amount=1&currency=usd&description=xxx…`), as a
-//! payment to a target priced from its body; otherwise GET.
+//! payment to a target priced from its body; `--json-body FILE`: POST that file as
+//! `application/json` (a model call); otherwise GET. Answers carry `content-length` or are chunked.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -25,8 +27,9 @@ struct Opts {
     seconds: f64,
     connections: usize,
     tokens: Vec<String>,
-    /// A form body to POST (`None`: GET).
+    /// A body to POST (`None`: GET).
     body: Option<String>,
+    content_type: &'static str,
 }
 
 fn opts() -> Result<Opts, String> {
@@ -45,13 +48,17 @@ fn opts() -> Result<Opts, String> {
         seconds: num("--seconds", 10.0)?,
         connections: num("--connections", 16.0)? as usize,
         tokens,
-        body: get("--body-bytes").map(|n| n.parse::<usize>().map_err(|_| "--body-bytes: not a number".to_string())).transpose()?.map(|n| {
-            let mut b = String::from("amount=1&currency=usd&description=");
-            while b.len() < n {
-                b.push('x');
-            }
-            b
-        }),
+        body: match get("--json-body") {
+            Some(f) => Some(std::fs::read_to_string(&f).map_err(|e| format!("{f}: {e}"))?),
+            None => get("--body-bytes").map(|n| n.parse::<usize>().map_err(|_| "--body-bytes: not a number".to_string())).transpose()?.map(|n| {
+                let mut b = String::from("amount=1&currency=usd&description=");
+                while b.len() < n {
+                    b.push('x');
+                }
+                b
+            }),
+        },
+        content_type: if get("--json-body").is_some() { "application/json" } else { "application/x-www-form-urlencoded" },
     })
 }
 
@@ -63,12 +70,33 @@ struct Tally {
     latencies_us: Vec<u64>,
 }
 
-/// Read one response; returns its status. Bodies must carry content-length (both upstreams do).
+/// Read a chunked body (and its trailers, if any) to its end.
+fn read_chunked(r: &mut BufReader<TcpStream>) -> std::io::Result<()> {
+    let mut line = String::new();
+    loop {
+        line.clear();
+        r.read_line(&mut line)?;
+        let size = usize::from_str_radix(line.trim().split(';').next().unwrap_or(""), 16).map_err(|_| std::io::Error::other("bad chunk size"))?;
+        if size == 0 {
+            loop {
+                line.clear();
+                if r.read_line(&mut line)? == 0 || line.trim_end().is_empty() {
+                    return Ok(());
+                }
+            }
+        }
+        let mut chunk = vec![0u8; size + 2];
+        r.read_exact(&mut chunk)?;
+    }
+}
+
+/// Read one response; returns its status. A body carries content-length or is chunked.
 fn read_response(r: &mut BufReader<TcpStream>) -> std::io::Result<u16> {
     let mut line = String::new();
     r.read_line(&mut line)?;
     let status: u16 = line.split(' ').nth(1).and_then(|s| s.parse().ok()).ok_or_else(|| std::io::Error::other("bad status line"))?;
     let mut len = 0usize;
+    let mut chunked = false;
     loop {
         line.clear();
         if r.read_line(&mut line)? == 0 {
@@ -82,7 +110,14 @@ fn read_response(r: &mut BufReader<TcpStream>) -> std::io::Result<u16> {
             if k.eq_ignore_ascii_case("content-length") {
                 len = v.trim().parse().unwrap_or(0);
             }
+            if k.eq_ignore_ascii_case("transfer-encoding") && v.trim().eq_ignore_ascii_case("chunked") {
+                chunked = true;
+            }
         }
+    }
+    if chunked {
+        read_chunked(r)?;
+        return Ok(status);
     }
     let mut body = vec![0u8; len];
     r.read_exact(&mut body)?;
@@ -113,7 +148,7 @@ fn worker(o: Arc<Opts>, k: usize, start: Instant, total: u64) -> Tally {
             req.push_str(&format!("Authorization: Bearer {token}\r\n"));
         }
         if let Some(b) = &o.body {
-            req.push_str(&format!("Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{b}", b.len()));
+            req.push_str(&format!("Content-Type: {}\r\nContent-Length: {}\r\n\r\n{b}", o.content_type, b.len()));
         } else {
             req.push_str("\r\n");
         }
