@@ -315,7 +315,10 @@ impl Report {
         if !self.models.is_empty() {
             o.push_str("\nmodel calls (tokens as the vendor reported them; cost in the cap's unit)\n");
             let wm = self.models.keys().map(|(_, m)| m.len()).max().unwrap_or(5).max(5);
-            o.push_str(&format!("  {:<wt$}  {:<wm$}  {:>7}  {:>12}  {:>12}  {:>12}  {:>6}\n", "target", "model", "calls", "tokens in", "tokens out", "cost", "unread"));
+            o.push_str(&format!(
+                "  {:<wt$}  {:<wm$}  {:>7}  {:>12}  {:>12}  {:>12}  {:>6}\n",
+                "target", "model", "calls", "tokens in", "tokens out", "cost", "unread"
+            ));
             for ((t, m), u) in &self.models {
                 o.push_str(&format!("  {t:<wt$}  {m:<wm$}  {:>7}  {:>12}  {:>12}  {:>12}  {:>6}\n", u.calls, u.tokens_in, u.tokens_out, u.cost, u.unread));
             }

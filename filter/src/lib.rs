@@ -186,9 +186,15 @@ impl HttpContext for Stream {
         action(w.handle(Event::RequestTrailers(self.id)))
     }
 
-    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+    fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         if let Ok(mut w) = self.shared.try_borrow_mut() {
-            return action(w.handle(Event::Response(self.id)));
+            let a = action(w.handle(Event::Response(self.id)));
+            if end_of_stream {
+                // An answer without a body: a model call's usage is not in it.
+                w.handle(Event::ResponseBody { ctx: self.id, size: 0, end: true });
+                w.host.flush_filter_state();
+            }
+            return a;
         }
         Action::Continue
     }

@@ -129,6 +129,16 @@ impl Lifecycle {
     }
 }
 
+/// A model call whose stream ended before its answer did (a client or a vendor that left): its
+/// whole reservation stays charged.
+pub(super) fn gone_unsettled(host: &mut impl Host, s: &Served) {
+    if s.meter.as_ref().is_some_and(|m| !matches!(m.reading, Reading::Done)) {
+        let target = s.cfg.targets.get(s.target).map_or("none", |t| t.name.as_str());
+        log::info!("target {target}: a call ended before its answer did; its whole reservation stays charged");
+        host.count(Family::UsageUnread, &[target], 1);
+    }
+}
+
 /// The access log's and the metrics' record of a settled call.
 fn record_usage(host: &mut impl Host, target: &str, meter: &Meter, u: &Usage, cost: u64) {
     let model = label(&meter.model);

@@ -229,8 +229,9 @@ impl Lifecycle {
             }
             Event::ResponseTrailers(ctx) => {
                 self.enter_stream(ctx);
-                self.on_trailers(host, ctx);
+                // Settled first: the answer's copy is consumed before the trailers are scrubbed.
                 self.settle_call(host, ctx);
+                self.on_trailers(host, ctx);
                 Action::Continue
             }
             Event::StreamGone(ctx) => {

@@ -198,7 +198,15 @@ impl Lifecycle {
     fn served(&self, cfg: &Rc<Config>, audit: &Audit, reservation: Option<Reservation>) -> Served {
         let (target, slot) = audit.target.as_deref().and_then(|t| cfg.target(t)).map_or((usize::MAX, usize::MAX), |(i, t)| (i, t.slot));
         let local = self.slots.get(slot).and_then(|s| s.local.as_ref());
-        Served { cfg: cfg.clone(), slot, fetched_at_ms: local.map_or(0, |l| l.fetched_at_ms), target, data: local.and_then(|l| l.data.clone()), reservation, meter: None }
+        Served {
+            cfg: cfg.clone(),
+            slot,
+            fetched_at_ms: local.map_or(0, |l| l.fetched_at_ms),
+            target,
+            data: local.and_then(|l| l.data.clone()),
+            reservation,
+            meter: None,
+        }
     }
 
     /// Decide a parked request again, under its own context (root events only).
@@ -237,6 +245,7 @@ impl Lifecycle {
         match self.streams.remove(&ctx) {
             Some(Stream::Parked(p)) => self.abandon(host, ctx, &p.admitted),
             Some(Stream::Pricing { pricing, .. }) => self.abandon(host, ctx, &pricing.admitted),
+            Some(Stream::Allowed(s)) => super::metering::gone_unsettled(host, &s),
             _ => {}
         }
     }

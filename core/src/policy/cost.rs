@@ -11,8 +11,8 @@
 //! Whatever cannot be read exactly is refused (400), never guessed.
 
 use crate::policy::rules::RouteRule;
-use crate::wire::pct;
 use crate::policy::tokens::{compile_tariff, Meter, RawPrices, Tariff};
+use crate::wire::pct;
 use body::{BodyKind, Value};
 use serde::Deserialize;
 use std::collections::BTreeMap;

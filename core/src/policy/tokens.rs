@@ -7,8 +7,6 @@
 //! A price is a decimal with at most six places (0.075 cents per million tokens is `0.075`), held
 //! as millionths, so that `tokens × price` is exact in `u128` and one division rounds it up.
 
-
-
 /// A price's unit: millionths of the cap's unit per million tokens.
 const PRICE_SCALE: u128 = 1_000_000;
 /// Tokens per price ("per million tokens").
@@ -88,7 +86,7 @@ mod answer;
 mod request;
 mod tariff;
 
-pub use answer::{anthropic_usage, answer_usage, openai_usage, StreamUsage, MAX_EVENT_LINE};
+pub use answer::{answer_usage, anthropic_usage, openai_usage, StreamUsage, MAX_EVENT_LINE};
 pub use request::{asked, Asked, MAX_CHOICES};
 pub use tariff::{compile_tariff, Meter, RawPrices, Tariff, DEFAULT_OVERHEAD_TOKENS};
 

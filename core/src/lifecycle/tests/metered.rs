@@ -184,6 +184,7 @@ fn a_cut_stream_keeps_the_whole_reservation() {
     lc.handle(&mut host, Event::ResponseBody { ctx: 10, size: 60, end: false });
     lc.handle(&mut host, Event::StreamGone(10));
     assert_eq!(spent(&host, "ai-4"), bound(body, 40));
+    assert_eq!(host.counts.get("keyward_usage_unread_total;target=ai"), Some(&1), "counted as unread");
     // The next call on the same credential sees exactly that much gone.
     let left = 1000 - bound(body, 40);
     let big = chat(left / 2);
@@ -237,7 +238,13 @@ fn the_same_idempotency_key_is_billed_every_time() {
         host.open(
             ctx,
             "ai",
-            &[(":method", "POST"), (":path", "/v1/chat/completions"), ("authorization", &format!("Bearer {t}")), ("content-type", "application/json"), ("idempotency-key", "k-1")],
+            &[
+                (":method", "POST"),
+                (":path", "/v1/chat/completions"),
+                ("authorization", &format!("Bearer {t}")),
+                ("content-type", "application/json"),
+                ("idempotency-key", "k-1"),
+            ],
         );
         if let Some(s) = host.streams.get_mut(&ctx) {
             s.body = body.as_bytes().to_vec();

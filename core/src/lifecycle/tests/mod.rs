@@ -7,9 +7,9 @@ mod framing;
 mod issue;
 mod keys;
 mod ledger;
+mod metered;
 mod revocation;
 mod session;
-mod metered;
 mod spend;
 mod table;
 

@@ -103,7 +103,9 @@ fn outside_input(dialect: Dialect, v: &Value) -> Option<&'static str> {
                 Dialect::Anthropic => matches!(kind, None | Some("custom")),
             };
             if !own {
-                return Some("a tool the vendor runs itself (search, files, code, MCP) cannot be priced before the call; only the caller's own tools are allowed here");
+                return Some(
+                    "a tool the vendor runs itself (search, files, code, MCP) cannot be priced before the call; only the caller's own tools are allowed here",
+                );
             }
         }
     }

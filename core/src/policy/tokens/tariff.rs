@@ -58,7 +58,9 @@ fn prices(path: &str, dialect: Dialect, raw: &RawPrices) -> Result<Prices, (Stri
     // reports no cache writes (its cached input is part of the input count).
     let cached_input = raw.cached_input.as_ref().map(|n| price(&format!("{path}.cached_input"), n)).transpose()?.unwrap_or(input);
     let cache_write = match (dialect, &raw.cache_write) {
-        (Dialect::OpenAi, Some(_)) => return Err((format!("{path}.cache_write"), "OpenAI reports no cache writes: price them for an anthropic target only".into())),
+        (Dialect::OpenAi, Some(_)) => {
+            return Err((format!("{path}.cache_write"), "OpenAI reports no cache writes: price them for an anthropic target only".into()))
+        }
         (Dialect::OpenAi, None) => 0,
         (Dialect::Anthropic, Some(n)) => price(&format!("{path}.cache_write"), n)?,
         (Dialect::Anthropic, None) => input.saturating_mul(2),
