@@ -155,6 +155,29 @@ HEALTH_ROUTE = {"name": "keyward_health", "match": {"path": "/keyward/health"},
                 "metadata": {"filter_metadata": {"keyward": {"endpoint": "health"}}}}
 
 
+BUFFER = "envoy.filters.http.buffer"
+
+
+def buffer_on(b: dict, route_names, max_bytes=65536):
+    """Envoy's buffer filter after keyward in every listener of bootstrap `b`, off everywhere but
+    on the named routes (those whose bodies keyward reads), as the shipped configurations have it.
+    Returns the routes it turned on, by listener."""
+    on = []
+    for lst in b["static_resources"]["listeners"]:
+        h = lst["filter_chains"][0]["filters"][0]["typed_config"]
+        filters = h["http_filters"]
+        filters.insert(len(filters) - 1, {"name": BUFFER, "disabled": True, "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer", "max_request_bytes": max_bytes}})
+        for r in h["route_config"]["virtual_hosts"][0]["routes"]:
+            if r["name"] in route_names:
+                r["typed_per_filter_config"] = {BUFFER: {
+                    "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig",
+                    "config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.BufferPerRoute",
+                               "buffer": {"max_request_bytes": max_bytes}}}}
+                on.append(r)
+    return on
+
+
 def shipped_stats_config() -> dict:
     """The tag extraction every shipped bootstrap carries (test_observability checks they agree)."""
     import pathlib

@@ -124,19 +124,12 @@ def gateway_bootstrap(ports: dict, log, cfg: dict, ledger_port: int, ledger_clus
     """A gateway like the suite's (hardened listener, the vendor, OpenBao), with the buffer filter
     on the routes whose bodies Keyward reads, the ledger cluster, and the drain route."""
     b = envoy_config.bootstrap(ports, log, cfg, env_keys=envoy_config.ENV_KEYS + ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"])
-    buffer = "envoy.filters.http.buffer"
-    per_route = {buffer: {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "config": {
-        "@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.BufferPerRoute", "buffer": {"max_request_bytes": 1048576}}}}
     priced = [n for n, t in cfg["targets"].items() if "cost" in t and ({"form_field", "json_field", "usage"} & set(t["cost"]))]
+    envoy_config.buffer_on(b, priced, 1048576)
     for lst in b["static_resources"]["listeners"]:
         h = lst["filter_chains"][0]["filters"][0]["typed_config"]
         filters = h["http_filters"]
-        filters.insert(len(filters) - 1, {"name": buffer, "disabled": True, "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer", "max_request_bytes": 1048576}})
         routes = h["route_config"]["virtual_hosts"][0]["routes"]
-        for r in routes:
-            if r["name"] in priced:
-                r["typed_per_filter_config"] = per_route
         # The shipped drain route and its RBAC (loopback peers only), as egress-gateway.yaml has them.
         drain_route, rbac = shipped_drain()
         routes.insert(0, drain_route)

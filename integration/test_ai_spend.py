@@ -26,7 +26,6 @@ from test_observability import series
 sys.path.insert(0, str(harness.ROOT / "scripts"))
 import model_vendor  # noqa: E402
 
-BUFFER = "envoy.filters.http.buffer"
 # µUSD per million tokens: an expensive model (so a 5 USD cap is reached in a few calls) and a cheap one.
 PRICES = {"big-1": {"input": 150_000_000, "output": 600_000_000}, "mini-1": {"input": 150_000, "output": 600_000}}
 CLAUDE = {"claude-big": {"input": 150_000_000, "output": 600_000_000, "cached_input": 15_000_000, "cache_write": 187_500_000}}
@@ -54,18 +53,8 @@ def ai_config() -> dict:
 
 def ai_bootstrap(ports, log) -> dict:
     b = envoy_config.bootstrap(ports, log, ai_config())
-    for lst in b["static_resources"]["listeners"]:
-        h = lst["filter_chains"][0]["filters"][0]["typed_config"]
-        filters = h["http_filters"]
-        filters.insert(len(filters) - 1, {"name": BUFFER, "disabled": True, "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer", "max_request_bytes": 1048576}})
-        for r in h["route_config"]["virtual_hosts"][0]["routes"]:
-            if r["name"] in ("oai", "claude"):
-                r["typed_per_filter_config"] = {BUFFER: {
-                    "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig",
-                    "config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.BufferPerRoute",
-                               "buffer": {"max_request_bytes": 1048576}}}}
-                r["route"]["timeout"] = "30s"
+    for r in envoy_config.buffer_on(b, ("oai", "claude"), 1048576):
+        r["route"]["timeout"] = "30s"
     return b
 
 

@@ -24,7 +24,6 @@ from test_observability import series
 
 PANIC_WASM = harness.ROOT / "dist" / "test" / "keyward-panic.wasm"
 FORM = {"content-type": "application/x-www-form-urlencoded"}
-BUFFER = "envoy.filters.http.buffer"
 
 
 def spend_config() -> dict:
@@ -46,20 +45,12 @@ def spend_config() -> dict:
 def spend_bootstrap(ports, log) -> dict:
     b = envoy_config.bootstrap(ports, log, spend_config())
     for lst in b["static_resources"]["listeners"]:
-        h = lst["filter_chains"][0]["filters"][0]["typed_config"]
-        filters = h["http_filters"]
+        filters = lst["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]
         filters[0]["typed_config"]["config"]["vm_config"]["code"]["local"]["filename"] = str(PANIC_WASM)
-        # Off everywhere, on for the routes of targets priced from the body.
-        filters.insert(len(filters) - 1, {"name": BUFFER, "disabled": True, "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer", "max_request_bytes": 65536}})
-        for r in h["route_config"]["virtual_hosts"][0]["routes"]:
-            if r["name"] in ("pay", "payjson"):
-                r["typed_per_filter_config"] = {BUFFER: {
-                    "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig",
-                    "config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.BufferPerRoute",
-                               "buffer": {"max_request_bytes": 65536}}}}
-            if r["name"] == "pay":
-                r["route"]["timeout"] = "1s"  # a vendor slower than this never answers, as far as Envoy knows
+    # Off everywhere, on for the routes of targets priced from the body.
+    for r in envoy_config.buffer_on(b, ("pay", "payjson")):
+        if r["name"] == "pay":
+            r["route"]["timeout"] = "1s"  # a vendor slower than this never answers, as far as Envoy knows
     return b
 
 
