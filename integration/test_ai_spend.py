@@ -27,7 +27,7 @@ sys.path.insert(0, str(harness.ROOT / "scripts"))
 import model_vendor  # noqa: E402
 
 # µUSD per million tokens: an expensive model (so a 5 USD cap is reached in a few calls) and a cheap one.
-PRICES = {"big-1": {"input": 150_000_000, "output": 600_000_000}, "mini-1": {"input": 150_000, "output": 600_000}}
+PRICES = {"big-1": {"input": 150_000_000, "output": 600_000_000}, "mini-1": {"input": 150_000, "output": 600_000, "image_tokens": 3000}}
 CLAUDE = {"claude-big": {"input": 150_000_000, "output": 600_000_000, "cached_input": 15_000_000, "cache_write": 187_500_000}}
 OVERHEAD = 256
 CAP = 5_000_000  # 5.00 USD
@@ -210,8 +210,15 @@ def test_calls_the_gateway_cannot_bound_never_reach_the_vendor(ai):
         oa.chat.completions.create(model="gpt-unlisted", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
     assert e.value.response.json()["error"] == "bad_request"
     with pytest.raises(openai.BadRequestError) as e:
-        list(oa.chat.completions.create(model="mini-1", max_tokens=5, messages=[{"role": "user", "content": "hi"}], stream=True))
+        list(oa.chat.completions.create(model="mini-1", max_tokens=5, messages=[{"role": "user", "content": "hi"}], stream=True,
+                                        stream_options={"include_usage": False}))
     assert "include_usage" in e.value.response.json()["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        big_image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+        oa.chat.completions.create(model="big-1", max_tokens=5, messages=[{"role": "user", "content": [big_image]}])
+    assert "image_tokens" in e.value.response.json()["message"]
+    with pytest.raises(openai.BadRequestError):
+        oa.responses.create(model="mini-1", max_output_tokens=5, input=[{"type": "item_reference", "id": "msg_1"}])
     with pytest.raises(openai.BadRequestError):
         oa.chat.completions.create(model="mini-1", max_tokens=5, messages=[{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "https://images.example/cat.png"}}]}])
@@ -226,11 +233,15 @@ def test_calls_the_gateway_cannot_bound_never_reach_the_vendor(ai):
     assert len(ai.seen) == before, "none of them reached the vendor"
 
 
-def test_a_call_without_max_tokens_is_bounded_by_the_target(ai):
+def test_a_call_without_max_tokens_is_bounded_by_the_target_and_told_so(ai):
+    """A call that states no output limit is reserved at the target's, and the limit is written
+    into the call: the vendor would otherwise generate up to the model's own."""
     tok, jti = ai.token()
     r = ai.openai(tok).chat.completions.create(model="mini-1", messages=[{"role": "user", "content": "hi"}])
     (e,) = ai.entries(jti, 1)
     body = ai.seen[-1][3]
+    assert json.loads(body)["max_completion_tokens"] == 256, body
+    assert int(ai.seen[-1][2]["content-length"]) == len(body), "the new length"
     assert int(e["reserved"]) == math.ceil(256 * 600_000 / 1e6) + math.ceil((len(body) + OVERHEAD) * 150_000 / 1e6)
     assert int(e["cost"]) == price(PRICES["mini-1"], r.usage.prompt_tokens, r.usage.completion_tokens)
     # Anthropic's target has no default: its calls must say (the SDK always does).
@@ -238,6 +249,29 @@ def test_a_call_without_max_tokens_is_bounded_by_the_target(ai):
     raw = requests.post(f"{ai.url}/claude/v1/messages", headers={"authorization": f"Bearer {tok2}", "content-type": "application/json"},
                         data=json.dumps({"model": "claude-big", "messages": [{"role": "user", "content": "hi"}]}), timeout=10)
     assert raw.status_code == 400 and "max_tokens" in raw.json()["message"]
+
+
+def test_a_stream_is_made_to_report_its_usage_and_the_sdks_stream_helper_works(ai):
+    tok, jti = ai.token()
+    oa = ai.openai(tok)
+    chunks = list(oa.chat.completions.create(model="mini-1", max_tokens=9, messages=[{"role": "user", "content": "hi"}], stream=True))
+    assert json.loads(ai.seen[-1][3])["stream_options"] == {"include_usage": True}
+    assert chunks[-1].usage and chunks[-1].usage.completion_tokens == 9
+    with oa.chat.completions.stream(model="mini-1", max_tokens=9, messages=[{"role": "user", "content": "hi"}],
+                                    extra_headers={"x-test-output-tokens": "7"}) as s:
+        final = s.get_final_completion()
+    es = ai.entries(jti, 2)
+    assert [(e["usage"], e["tokens_out"]) for e in es] == [("read", "9"), ("read", "7")], es
+    assert final.choices[0].message.content.startswith("Hello")
+
+
+def test_an_image_costs_the_tokens_its_model_says(ai):
+    tok, jti = ai.token()
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+    ai.openai(tok).chat.completions.create(model="mini-1", max_tokens=5, messages=[{"role": "user", "content": [image, image]}])
+    (e,) = ai.entries(jti, 1)
+    body = ai.seen[-1][3]
+    assert int(e["reserved"]) == math.ceil(5 * 600_000 / 1e6) + math.ceil((len(body) + OVERHEAD + 2 * 3000) * 150_000 / 1e6)
 
 
 def test_a_body_that_lies_about_its_size_is_refused(ai):

@@ -44,6 +44,12 @@ def output_tokens(req: dict, headers) -> int:
     return max(1, min(limit, wanted))
 
 
+def finish(req: dict, out: int) -> str:
+    """`length` when the answer stopped at the call's limit, `stop` when it ended by itself."""
+    limit = req.get("max_completion_tokens") or req.get("max_output_tokens") or req.get("max_tokens") or 16
+    return "length" if out >= limit else "stop"
+
+
 def words(n: int) -> list:
     return [("Hello" if i == 0 else " there") for i in range(n)]
 
@@ -60,7 +66,8 @@ def json_answer(path: str, req: dict, inp: int, out: int, usage: bool) -> dict:
     model, text = req.get("model"), "".join(words(out))
     if path.endswith("/messages"):
         a = {"id": "msg_demo", "type": "message", "role": "assistant", "model": model,
-             "content": [{"type": "text", "text": text}], "stop_reason": "max_tokens", "stop_sequence": None,
+             "content": [{"type": "text", "text": text}], "stop_reason": "max_tokens" if finish(req, out) == "length" else "end_turn",
+             "stop_sequence": None,
              "usage": {"input_tokens": inp, "output_tokens": out, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}}
     elif path.endswith("/responses"):
         a = {"id": "resp_demo", "object": "response", "created_at": int(time.time()), "status": "completed", "model": model,
@@ -69,7 +76,7 @@ def json_answer(path: str, req: dict, inp: int, out: int, usage: bool) -> dict:
              "usage": openai_usage(inp, out, True)}
     else:
         a = {"id": "chatcmpl-demo", "object": "chat.completion", "created": int(time.time()), "model": model,
-             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}],
+             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish(req, out)}],
              "usage": openai_usage(inp, out, False)}
     if not usage:
         a.pop("usage", None)
@@ -103,7 +110,7 @@ def sse_events(path: str, req: dict, inp: int, out: int, usage: bool):
         asked = bool((req.get("stream_options") or {}).get("include_usage"))
         for w in words(out):
             yield None, dict(chunk, choices=[{"index": 0, "delta": {"content": w}, "finish_reason": None}], **({"usage": None} if asked else {}))
-        yield None, dict(chunk, choices=[{"index": 0, "delta": {}, "finish_reason": "length"}], **({"usage": None} if asked else {}))
+        yield None, dict(chunk, choices=[{"index": 0, "delta": {}, "finish_reason": finish(req, out)}], **({"usage": None} if asked else {}))
         if asked and usage:
             yield None, dict(chunk, choices=[], usage=openai_usage(inp, out, False))
         yield None, "[DONE]"

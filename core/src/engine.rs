@@ -322,7 +322,8 @@ pub fn decide(cfg: &Config, req: &mut impl Request, secrets: &mut impl Secrets, 
     if let Some(kind) = body_kind {
         let index = cfg.target(&target.name).map_or(0, |(i, _)| i);
         let path = vendor_path.to_string();
-        d.deferred = Some(Deferred { target: index, ticket, kind, priced: priced.is_some(), claims, method, vendor_path: path });
+        let copies = copies::Shared(v.copies.clone());
+        d.deferred = Some(Deferred { target: index, ticket, kind, priced: priced.is_some(), claims, method, vendor_path: path, copies });
     } else if let Some(n) = priced.and_then(|c| c.fixed()) {
         let priced = Priced::fixed(n);
         d.audit.cost = Some(n);

@@ -58,6 +58,8 @@ pub trait Host {
     fn remove_request_header(&mut self, name: &str) -> Result<(), HostError>;
     /// The first `size` bytes of the request body Envoy buffered for this stream.
     fn request_body(&mut self, size: usize) -> Result<Vec<u8>, HostError>;
+    /// Replace the first `size` bytes of the buffered request body with `body`.
+    fn set_request_body(&mut self, size: usize, body: &[u8]) -> Result<(), HostError>;
     fn response_headers(&mut self) -> Result<Headers, HostError>;
     /// The response body part Envoy hands this callback (`size` bytes: the part, when the
     /// filter lets each part go on).

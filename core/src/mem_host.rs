@@ -179,6 +179,13 @@ impl Host for MemHost {
         Ok(s.body.iter().take(size).copied().collect())
     }
 
+    fn set_request_body(&mut self, size: usize, body: &[u8]) -> Result<(), HostError> {
+        let s = self.stream()?;
+        let rest = s.body.split_off(size.min(s.body.len()));
+        s.body = body.iter().copied().chain(rest).collect();
+        Ok(())
+    }
+
     fn now_us(&self) -> u64 {
         self.clock.get() * 1000
     }

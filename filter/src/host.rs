@@ -84,6 +84,10 @@ impl Host for WasmHost {
         Ok(hostcalls::get_buffer(BufferType::HttpRequestBody, 0, size).map_err(failed)?.unwrap_or_default())
     }
 
+    fn set_request_body(&mut self, size: usize, body: &[u8]) -> Result<(), HostError> {
+        hostcalls::set_buffer(BufferType::HttpRequestBody, 0, size, body).map_err(failed)
+    }
+
     fn request_headers(&mut self) -> Result<Headers, HostError> {
         hostcalls::get_map_bytes(MapType::HttpRequestHeaders).map_err(failed)
     }

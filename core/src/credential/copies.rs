@@ -12,11 +12,22 @@
 
 use crate::wire::needles::NeedleSet;
 use crate::wire::{b64, pct};
+use std::rc::Rc;
 
 /// The shortest needle searched for: anything shorter is not a signature.
 const MIN_NEEDLE: usize = 16;
 /// How much of the signature must appear for a copy to count.
 const SIGNATURE_PART: usize = 32;
+
+/// One credential's needles, shared by the requests it makes (equal when they are the same).
+#[derive(Debug, Clone, Default)]
+pub struct Shared(pub Rc<Needles>);
+
+impl PartialEq for Shared {
+    fn eq(&self, other: &Shared) -> bool {
+        Rc::ptr_eq(&self.0, &other.0)
+    }
+}
 
 /// What to look for.
 #[derive(Debug, Default)]

@@ -27,6 +27,9 @@ pub struct Deferred {
     pub claims: Rc<Claims>,
     pub method: String,
     pub vendor_path: String,
+    /// What a copy of its credential looks like (a model call's body may not carry one: the
+    /// vendor would get it, and its model name would be logged).
+    pub copies: crate::credential::copies::Shared,
 }
 
 /// What a request decided at its body's end holds: its reservation (a spend cap), and for a model
@@ -35,6 +38,8 @@ pub struct Deferred {
 pub struct BodyDecision {
     pub reservation: Option<Reservation>,
     pub meter: Option<Meter>,
+    /// The body to forward instead of the one received.
+    pub body: Option<Vec<u8>>,
 }
 
 /// Decide a deferred request from its whole body: `Ok` with the reservation it holds, if any
@@ -90,6 +95,9 @@ fn price(cfg: &Config, d: &Deferred, body: &[u8], secrets: &mut impl Secrets, au
             return Err(Denial::new(Code::BadRequest, "a priced method override needs the body in the form this target reads its cost from").into());
         }
     }
+    if cost.metered() && d.copies.0.holds(body) {
+        return Err(Denial::new(Code::BadRequest, "the body holds a copy of the credential").into());
+    }
     let (priced, overrides) = cost.price_call(body, &d.vendor_path).map_err(unreadable)?;
     check(&overrides)?;
     audit.cost = Some(priced.cost);
@@ -101,7 +109,7 @@ fn price(cfg: &Config, d: &Deferred, body: &[u8], secrets: &mut impl Secrets, au
         Spend::Reserved(r) => Some(r),
         _ => None,
     };
-    Ok(BodyDecision { reservation, meter: priced.meter })
+    Ok(BodyDecision { reservation, meter: priced.meter, body: priced.body })
 }
 
 fn admit(secrets: &mut impl Secrets, ticket: Option<&Ticket>, priced: Option<&crate::policy::cost::Priced>, body: &[u8]) -> Result<Spend, Halt> {

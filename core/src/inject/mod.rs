@@ -104,6 +104,10 @@ pub fn plan(target: &Target, secret: &Fetched, raw_path: &str) -> Result<Vec<Op>
         // A model call is settled from the usage in its answer: the answer must come readable,
         // not compressed (no `accept-encoding` would let the vendor pick any coding).
         ops.push(Op::Set("accept-encoding".into(), Secret::text("identity")));
+        // The gateway may add to its body (an output limit, the request for usage): Envoy's
+        // buffer filter behind sets the length of the body that goes on. (Headers cannot be
+        // changed once they went on, when the body is read.)
+        ops.push(Op::Remove("content-length".into()));
     }
     Ok(ops)
 }

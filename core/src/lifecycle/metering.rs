@@ -89,7 +89,10 @@ impl Lifecycle {
             Reading::Stream(s) => s.feed(&chunk),
             Reading::Waiting | Reading::Done => {}
         }
-        if end {
+        // A stream is settled as soon as it has said all its usage: an SDK closes it after the
+        // last event, often before the vendor's end of stream arrives.
+        let said_all = matches!(&m.reading, Reading::Stream(s) if s.usage().is_some());
+        if end || said_all {
             self.settle_call(host, ctx);
         }
     }
@@ -141,7 +144,8 @@ pub(super) fn gone_unsettled(host: &mut impl Host, s: &Served) {
 
 /// The access log's and the metrics' record of a settled call.
 fn record_usage(host: &mut impl Host, target: &str, meter: &Meter, u: &Usage, cost: u64) {
-    let model = label(&meter.model);
+    // Unlisted models (priced by the default) share one label: their names are the caller's.
+    let model = if meter.unlisted { "other".to_string() } else { label(&meter.model) };
     for (kind, n) in [("input", u.input), ("cached_input", u.cached_input), ("cache_write", u.cache_write), ("output", u.output)] {
         if n > 0 {
             host.count(Family::Tokens, &[target, &model, kind], n);

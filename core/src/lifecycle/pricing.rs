@@ -96,6 +96,17 @@ impl Lifecycle {
                 return Action::Pause;
             }
         };
+        if let Some(forwarded) = decided.body.as_deref() {
+            // The gateway added to the body (an output limit, the request for usage): the buffer
+            // filter behind sets its length (the headers went on without one).
+            if host.set_request_body(body.len(), forwarded).is_err() {
+                if let Some(r) = decided.reservation.as_ref() {
+                    self.release_reservation(host, r);
+                }
+                let d = Denial::new(Code::SecretUnavailable, "the request body could not be rewritten").retry_after(5);
+                return self.refuse_priced(host, ctx, audit, Some(d), started_us);
+            }
+        }
         record_allowed(host, &audit, decided.reservation.as_ref(), started_us);
         let meter = decided.meter.map(|m| Box::new(super::metering::Metering::new(m)));
         self.streams.insert(ctx, Stream::Allowed(Served { reservation: decided.reservation, meter, ..served }));

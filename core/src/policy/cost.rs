@@ -103,11 +103,14 @@ pub struct Priced {
     pub currency: Option<String>,
     /// A model call: `cost` is its bound, settled from its usage after the answer.
     pub meter: Option<Meter>,
+    /// The body to forward instead (a model call the gateway adds an output limit to, or the
+    /// request for its usage).
+    pub body: Option<Vec<u8>>,
 }
 
 impl Priced {
     pub fn fixed(cost: u64) -> Priced {
-        Priced { cost, currency: None, meter: None }
+        Priced { cost, currency: None, meter: None, body: None }
     }
 }
 
@@ -333,7 +336,7 @@ impl Cost {
                 Some(c)
             }
         };
-        Ok((Priced { cost: amount, currency, meter: None }, overrides))
+        Ok((Priced { cost: amount, currency, meter: None, body: None }, overrides))
     }
 
     /// Read a request's cost and method overrides from its whole body: a model call's bound from
@@ -345,8 +348,8 @@ impl Cost {
             return Err(Unreadable::TooLarge);
         }
         let overrides = if self.body_method_override { body::overrides(BodyKind::Json, body)? } else { Vec::new() };
-        let meter = t.meter(body, path).map_err(Unreadable::Bad)?;
-        Ok((Priced { cost: meter.bound, currency: None, meter: Some(meter) }, overrides))
+        let (meter, forwarded) = t.meter(body, path).map_err(Unreadable::Bad)?;
+        Ok((Priced { cost: meter.bound, currency: None, meter: Some(meter), body: forwarded }, overrides))
     }
 
     /// Priced from the vendor's reported usage (a model call).

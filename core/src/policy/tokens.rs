@@ -21,8 +21,10 @@ pub struct Prices {
     pub output: u64,
     /// Input read from the vendor's prompt cache (cheaper), when the vendor reports it.
     pub cached_input: u64,
-    /// Input written to the prompt cache (Anthropic's `cache_creation_input_tokens`).
+    /// Input written to the prompt cache (Anthropic's `cache_creation_input_tokens`), and written
+    /// for an hour (its `ephemeral_1h_input_tokens`, dearer).
     pub cache_write: u64,
+    pub cache_write_1h: u64,
 }
 
 /// A decimal price (`"2.5"`, `"0.075"`, `"15"`) as millionths; `None` for anything else.
@@ -49,6 +51,7 @@ pub struct Usage {
     pub input: u64,
     pub cached_input: u64,
     pub cache_write: u64,
+    pub cache_write_1h: u64,
     pub output: u64,
 }
 
@@ -58,6 +61,7 @@ pub fn cost(prices: &Prices, u: &Usage) -> u64 {
     let sum = part(u.input, prices.input)
         .saturating_add(part(u.cached_input, prices.cached_input))
         .saturating_add(part(u.cache_write, prices.cache_write))
+        .saturating_add(part(u.cache_write_1h, prices.cache_write_1h))
         .saturating_add(part(u.output, prices.output));
     let d = PRICE_SCALE * PER;
     u64::try_from(sum.div_ceil(d)).unwrap_or(u64::MAX)
@@ -67,8 +71,8 @@ pub fn cost(prices: &Prices, u: &Usage) -> u64 {
 /// price, and every byte of its body as an input token at the dearest input price (a token is at
 /// least one byte of the text it stands for; an image's tokens are far fewer than its bytes).
 pub fn bound(prices: &Prices, max_output: u64, body_bytes: u64) -> u64 {
-    let dearest_input = prices.input.max(prices.cache_write).max(prices.cached_input);
-    let u = Usage { input: 0, cached_input: 0, cache_write: 0, output: max_output };
+    let dearest_input = prices.input.max(prices.cache_write).max(prices.cache_write_1h).max(prices.cached_input);
+    let u = Usage { output: max_output, ..Usage::default() };
     let out = cost(prices, &u);
     let inp = cost(&Prices { input: dearest_input, ..Prices::default() }, &Usage { input: body_bytes, ..Usage::default() });
     out.saturating_add(inp)
@@ -87,8 +91,8 @@ mod request;
 mod tariff;
 
 pub use answer::{answer_usage, anthropic_usage, openai_usage, StreamUsage, MAX_EVENT_LINE};
-pub use request::{asked, Asked, MAX_CHOICES};
-pub use tariff::{compile_tariff, Meter, RawPrices, Tariff, DEFAULT_OVERHEAD_TOKENS};
+pub use request::{asked, with_members, Asked, Endpoint, MAX_CHOICES};
+pub use tariff::{compile_tariff, Meter, Model, RawPrices, Tariff, DEFAULT_OVERHEAD_TOKENS};
 
 #[cfg(test)]
 mod tests;

@@ -3,10 +3,13 @@
 //! duplicate object keys are an error at every depth, nesting and size are bounded, and the value
 //! tree keeps integers exact. It allocates one tree and never panics.
 
+use std::collections::HashSet;
 use std::fmt;
 
-/// Maximum nesting of arrays and objects.
-pub const MAX_DEPTH: usize = 32;
+/// Maximum nesting of arrays and objects (a model call's tool schemas nest deeply).
+pub const MAX_DEPTH: usize = 64;
+/// Members an object's duplicate check compares one by one; past this, a set.
+const SMALL_OBJECT: usize = 16;
 
 #[derive(Clone, PartialEq)]
 pub enum Value {
@@ -140,6 +143,7 @@ impl Parser<'_> {
         }
         self.i += 1; // '{'
         let mut members: Vec<(String, Value)> = Vec::new();
+        let mut seen: Option<HashSet<String>> = None;
         self.ws();
         if self.peek() == Some(b'}') {
             self.i += 1;
@@ -152,8 +156,19 @@ impl Parser<'_> {
             }
             let key_at = self.i;
             let key = self.string()?;
-            if members.iter().any(|(k, _)| *k == key) {
+            // Linear for small objects; a set once an object is large, so that a body of many
+            // members costs linear time, not quadratic.
+            let duplicate = match seen.as_mut() {
+                Some(set) => !set.insert(key.clone()),
+                None => members.iter().any(|(k, _)| *k == key),
+            };
+            if duplicate {
                 return Err(JsonError { offset: key_at, reason: "duplicate object key" });
+            }
+            if seen.is_none() && members.len() >= SMALL_OBJECT {
+                let mut set: HashSet<String> = members.iter().map(|(k, _)| k.clone()).collect();
+                set.insert(key.clone());
+                seen = Some(set);
             }
             self.ws();
             if self.peek() != Some(b':') {
@@ -381,6 +396,18 @@ mod tests {
         assert_eq!(v.get("c").and_then(Value::as_str), Some("d"));
         assert_eq!(ok("[]"), Value::Array(vec![]));
         assert_eq!(ok("{}"), Value::Object(vec![]));
+    }
+
+    #[test]
+    fn many_members_parse_in_linear_time_and_duplicates_among_them_are_found() {
+        let big: String = format!("{{{}}}", (0..100_000).map(|i| format!("\"k{i}\":{i}")).collect::<Vec<_>>().join(","));
+        let started = std::time::Instant::now();
+        assert!(parse(big.as_bytes()).is_ok());
+        assert!(started.elapsed().as_secs() < 5, "{:?}", started.elapsed());
+        let dup = format!("{{{},\"k7\":0}}", (0..100).map(|i| format!("\"k{i}\":{i}")).collect::<Vec<_>>().join(","));
+        assert_eq!(bad(dup.as_bytes()), "duplicate object key");
+        let early = format!("{{{},\"k3\":0}}", (0..5).map(|i| format!("\"k{i}\":{i}")).collect::<Vec<_>>().join(","));
+        assert_eq!(bad(early.as_bytes()), "duplicate object key");
     }
 
     #[test]

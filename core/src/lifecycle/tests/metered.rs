@@ -51,10 +51,18 @@ fn warm(host: &mut MemHost) -> Lifecycle {
 fn call(lc: &mut Lifecycle, host: &mut MemHost, ctx: ContextId, target: &str, tok: &str, body: &str) -> Action {
     let auth = format!("Bearer {tok}");
     let path = if target == "claude" { "/v1/messages" } else { "/v1/chat/completions" };
+    let length = body.len().to_string();
     host.open(
         ctx,
         target,
-        &[(":method", "POST"), (":path", path), ("authorization", &auth), ("content-type", "application/json"), ("accept-encoding", "gzip, br")],
+        &[
+            (":method", "POST"),
+            (":path", path),
+            ("authorization", &auth),
+            ("content-type", "application/json"),
+            ("content-length", &length),
+            ("accept-encoding", "gzip, br"),
+        ],
     );
     if let Some(s) = host.streams.get_mut(&ctx) {
         s.body = body.as_bytes().to_vec();
@@ -129,7 +137,7 @@ fn a_stream_is_read_in_any_split_and_trailers_end_it() {
         let t = token_for(&host, "ai-2", r#"{"spend":100000}"#, "");
         let body = r#"{"model":"c1","max_tokens":100,"stream":true,"messages":[]}"#;
         assert_eq!(call(&mut lc, &mut host, 10, "claude", &t, body), Action::Continue);
-        assert_eq!(spent(&host, "ai-2"), body.len() as u64 * 5 / 4 + 1 + 200, "the dearest input price bounds the body (a cache write)");
+        assert_eq!(spent(&host, "ai-2"), body.len() as u64 * 2 + 200, "the dearest input price bounds the body (a write for an hour: twice the input)");
         let events = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":20,\"cache_read_input_tokens\":1000,\"cache_creation_input_tokens\":8,\"output_tokens\":1}}}\n\n\
                       event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"delta\":{\"text\":\"Hello\"}}\n\n\
                       event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":30}}\n\n\
@@ -167,6 +175,25 @@ fn an_answer_whose_usage_cannot_be_read_keeps_the_whole_reservation() {
         assert_eq!(state(&host, 10, "keyward.usage").as_deref(), Some("unread"), "{what}");
         assert_eq!(host.counts.get("keyward_usage_unread_total;target=ai"), Some(&1), "{what}");
     }
+}
+
+#[test]
+fn a_stream_is_settled_once_it_has_said_its_usage_even_if_the_client_then_leaves() {
+    let mut host = MemHost::new(ROOT);
+    let mut lc = warm(&mut host);
+    let t = token_for(&host, "ai-9", r#"{"spend":1000}"#, "");
+    let body = r#"{"model":"m1","max_tokens":40,"stream":true,"stream_options":{"include_usage":true}}"#;
+    assert_eq!(call(&mut lc, &mut host, 10, "ai", &t, body), Action::Continue);
+    let events = "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":3}}\n\n";
+    if let Some(s) = host.streams.get_mut(&10) {
+        s.response = SSE.iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())).collect();
+        s.response_body = events.as_bytes().to_vec();
+    }
+    lc.handle(&mut host, Event::Response(10));
+    lc.handle(&mut host, Event::ResponseBody { ctx: 10, size: events.len(), end: false });
+    lc.handle(&mut host, Event::StreamGone(10));
+    assert_eq!(spent(&host, "ai-9"), 5 + 6, "charged its usage; the client left before the vendor's end of stream");
+    assert_eq!(host.counts.get("keyward_usage_unread_total;target=ai"), Some(&0));
 }
 
 #[test]
@@ -211,7 +238,7 @@ fn calls_that_cannot_be_bounded_or_do_not_fit_never_go_on() {
     let cases = [
         (r#"{"model":"gpt-9","max_tokens":1}"#, 400, "bad_request"),
         (r#"{"model":"c1","messages":[]}"#, 400, "bad_request"),
-        (r#"{"model":"m1","max_tokens":1,"stream":true}"#, 400, "bad_request"),
+        (r#"{"model":"m1","max_tokens":1,"stream":true,"stream_options":{"include_usage":false}}"#, 400, "bad_request"),
         (r#"{"model":"m1","max_tokens":1,"previous_response_id":"r"}"#, 400, "bad_request"),
         (r#"{"model":"m1","max_tokens":100}"#, 429, "spend_exhausted"),
     ];
@@ -222,10 +249,15 @@ fn calls_that_cannot_be_bounded_or_do_not_fit_never_go_on() {
         assert_eq!(replies(&host.take()), vec![(ctx, *status, (*code).into())], "{body}");
     }
     assert_eq!(spent(&host, "ai-6"), 0);
-    // Without its own limit, the target's (50 tokens) bounds it.
+    // Without its own limit, the target's (50 tokens) bounds it, and is written into the call
+    // (the vendor would otherwise generate up to the model's own limit).
     let body = r#"{"model":"m1"}"#;
     assert_eq!(call(&mut lc, &mut host, 20, "ai", &t, body), Action::Continue);
-    assert_eq!(spent(&host, "ai-6"), bound(body, 50));
+    let forwarded = r#"{"max_completion_tokens":50,"model":"m1"}"#;
+    assert_eq!(spent(&host, "ai-6"), bound(forwarded, 50));
+    let s = host.streams.get(&20);
+    assert_eq!(s.map(|s| s.body.as_slice()), Some(forwarded.as_bytes()));
+    assert!(s.is_some_and(|s| !s.request.iter().any(|(k, _)| k == "content-length")), "the buffer filter sets the new length");
 }
 
 #[test]

@@ -62,11 +62,11 @@ fn every_request_not_listed_free_costs() {
 fn reads_form_amounts_and_currencies_as_the_vendor_would() {
     let c = form();
     let ok = |b: &[u8]| c.read(b);
-    assert_eq!(ok(b"amount=1000&currency=usd"), Ok(Priced { cost: 1000, currency: Some("usd".into()), meter: None }));
-    assert_eq!(ok(b"currency=EUR&description=a%26b&amount=0"), Ok(Priced { cost: 0, currency: Some("eur".into()), meter: None }));
+    assert_eq!(ok(b"amount=1000&currency=usd"), Ok(Priced { cost: 1000, currency: Some("usd".into()), meter: None, body: None }));
+    assert_eq!(ok(b"currency=EUR&description=a%26b&amount=0"), Ok(Priced { cost: 0, currency: Some("eur".into()), meter: None, body: None }));
     // Names and values are compared decoded, like the vendor decodes them.
-    assert_eq!(ok(b"am%6Funt=12&currency=usd"), Ok(Priced { cost: 12, currency: Some("usd".into()), meter: None }));
-    assert_eq!(ok(b"amount=1%32&currency=us%64"), Ok(Priced { cost: 12, currency: Some("usd".into()), meter: None }));
+    assert_eq!(ok(b"am%6Funt=12&currency=usd"), Ok(Priced { cost: 12, currency: Some("usd".into()), meter: None, body: None }));
+    assert_eq!(ok(b"amount=1%32&currency=us%64"), Ok(Priced { cost: 12, currency: Some("usd".into()), meter: None, body: None }));
     assert_eq!(ok(b"amount=007&currency=usd").map(|p| p.cost), Ok(7));
     assert_eq!(ok(b"&&amount=5&&currency=usd&").map(|p| p.cost), Ok(5));
     assert_eq!(ok(b"amount_capturable=99999&amount=5&currency=usd").map(|p| p.cost), Ok(5), "a longer name is another field");
@@ -100,7 +100,7 @@ fn reads_form_amounts_and_currencies_as_the_vendor_would() {
 #[test]
 fn reads_json_amounts() {
     let c = json_cost();
-    assert_eq!(c.read(br#"{"amount": 250, "model": "x"}"#), Ok(Priced { cost: 250, currency: None, meter: None }));
+    assert_eq!(c.read(br#"{"amount": 250, "model": "x"}"#), Ok(Priced { cost: 250, currency: None, meter: None, body: None }));
     assert_eq!(c.read(br#"{"\u0061mount": 3}"#).map(|p| p.cost), Ok(3), "escaped names are the same name");
     for (body, why) in [
         (&br#"{"amount": -1}"#[..], "the amount is negative"),

@@ -31,7 +31,7 @@ pub fn openai_usage(u: &Value) -> Result<Usage, &'static str> {
     if cached > inp {
         return Err("more cached tokens than input tokens");
     }
-    Ok(Usage { input: inp - cached, cached_input: cached, cache_write: 0, output: out })
+    Ok(Usage { input: inp - cached, cached_input: cached, output: out, ..Usage::default() })
 }
 
 /// The usage object of an Anthropic answer (`input_tokens`, `output_tokens`,
@@ -43,10 +43,15 @@ pub fn anthropic_usage(u: &Value) -> Result<Usage, &'static str> {
     if u.get("input_tokens").is_none() && u.get("output_tokens").is_none() {
         return Err("usage reports no tokens");
     }
+    // Writes for an hour are dearer: the breakdown says how many of all the writes they are (a
+    // breakdown larger than the total is charged as written for an hour).
+    let written = tokens(u.get("cache_creation_input_tokens"))?;
+    let hour = tokens(u.get("cache_creation").and_then(|c| c.get("ephemeral_1h_input_tokens")))?;
     Ok(Usage {
         input: tokens(u.get("input_tokens"))?,
         cached_input: tokens(u.get("cache_read_input_tokens"))?,
-        cache_write: tokens(u.get("cache_creation_input_tokens"))?,
+        cache_write: written.saturating_sub(hour),
+        cache_write_1h: hour,
         output: tokens(u.get("output_tokens"))?,
     })
 }
@@ -61,9 +66,9 @@ pub fn answer_usage(d: Dialect, body: &[u8]) -> Result<Usage, &'static str> {
     }
 }
 
-/// The longest server-sent-event line read (a usage event is a few hundred bytes; content chunks
-/// are passed through, only their lines are scanned).
-pub const MAX_EVENT_LINE: usize = 256 * 1024;
+/// The longest server-sent-event line read: the responses API's completed event repeats the whole
+/// answer and its instructions (content chunks are passed through, only their lines are scanned).
+pub const MAX_EVENT_LINE: usize = 4 * 1024 * 1024;
 
 /// The usage of a streamed answer (server-sent events), read as the stream passes: OpenAI's
 /// chunk with a non-null `usage` (chat/completions, asked for with

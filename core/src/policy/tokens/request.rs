@@ -1,36 +1,92 @@
-//! What a model call asks for, read from its body before it is made: the model, the most output
-//! it may generate, whether it streams, and whether everything it reads is in the body.
+//! What a model call asks for, read from its body before it is made: the endpoint (from the
+//! path), the model, the most output it may generate, how many completions, whether it streams,
+//! how many images it carries, and whether everything it reads is in the body.
 //!
 //! The bound reserved before a call rests on one fact: every input token stands for at least one
-//! byte of the body (plus a fixed allowance for the vendor's own formatting and tool prompts).
-//! Content the vendor fetches or looks up itself (a file or an image by id or URL, an earlier
-//! response or conversation, a stored prompt, a server-side tool's results) breaks that fact: a
-//! few bytes can stand for a million tokens. Such requests are refused (400), never guessed.
+//! byte of the body (plus a fixed allowance for the vendor's own formatting and tool prompts, and
+//! a configured allowance per image). Content the vendor fetches or looks up itself (a file or an
+//! image by id or URL, an earlier response, item or conversation, a stored prompt, a server-side
+//! tool's results) breaks that fact: a few bytes can stand for a million tokens. Such requests are
+//! refused (400), never guessed.
 
 use super::{Dialect, MAX_TOKENS};
 use crate::wire::json::{self, Value};
 
-/// The most completions one call may ask for (`n`, `best_of`).
+/// The most completions one call may ask for (`n`, `best_of`, prompts of a completions call).
 pub const MAX_CHOICES: u64 = 128;
+
+/// The endpoints a usage price applies to, from the vendor path's last segments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// OpenAI's `…/chat/completions`: `max_completion_tokens` (or the older `max_tokens`), `n`.
+    Chat,
+    /// OpenAI's legacy `…/completions`: `max_tokens`, `n`, `best_of`, a prompt or a list of them.
+    Completions,
+    /// OpenAI's `…/responses`: `max_output_tokens`.
+    Responses,
+    /// OpenAI's `…/embeddings`: input only.
+    Embeddings,
+    /// Anthropic's `…/messages`: `max_tokens`.
+    Messages,
+}
+
+impl Endpoint {
+    pub fn of(dialect: Dialect, path: &str) -> Option<Endpoint> {
+        let p = path.split('?').next().unwrap_or_default();
+        match dialect {
+            Dialect::OpenAi if p.ends_with("/chat/completions") => Some(Endpoint::Chat),
+            Dialect::OpenAi if p.ends_with("/completions") => Some(Endpoint::Completions),
+            Dialect::OpenAi if p.ends_with("/responses") => Some(Endpoint::Responses),
+            Dialect::OpenAi if p.ends_with("/embeddings") => Some(Endpoint::Embeddings),
+            Dialect::Anthropic if p.ends_with("/messages") => Some(Endpoint::Messages),
+            _ => None,
+        }
+    }
+
+    /// The output limits the endpoint reads (all of those given must agree), and the one the
+    /// gateway adds to a call that gives none.
+    fn limits(self) -> (&'static [&'static str], Option<&'static str>) {
+        match self {
+            Endpoint::Chat => (&["max_completion_tokens", "max_tokens"], Some("max_completion_tokens")),
+            Endpoint::Completions | Endpoint::Messages => (&["max_tokens"], Some("max_tokens")),
+            Endpoint::Responses => (&["max_output_tokens"], Some("max_output_tokens")),
+            Endpoint::Embeddings => (&[], None),
+        }
+    }
+}
 
 /// What the request says of itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Asked {
+    pub endpoint: Endpoint,
     pub model: String,
-    /// The most output tokens of one completion (`None`: it does not say).
+    /// The most output tokens of one completion (`None`: it does not say; `Some(0)` for
+    /// embeddings).
     pub max_output: Option<u64>,
-    /// How many completions the vendor generates (and bills): OpenAI's `n` or `best_of`.
+    /// The member that states the limit, for a call that states none (the gateway adds it).
+    pub limit_field: Option<&'static str>,
+    /// How many completions the vendor generates (and bills): `n`, `best_of`, times the prompts
+    /// of a completions call.
     pub choices: u64,
     pub stream: bool,
+    /// A stream that does not ask for its usage, where the endpoint needs it asked for
+    /// (`stream_options.include_usage`): the gateway adds it.
+    pub add_include_usage: bool,
+    /// Images in the input (their tokens are not bounded by their bytes).
+    pub images: u64,
 }
 
-/// Read a request body strictly: a top-level JSON object, `model` a string, the output limit a
-/// non-negative integer (`max_tokens`, and for OpenAI `max_completion_tokens` or
-/// `max_output_tokens`; two that disagree are refused), `stream` a boolean; nothing in it the
-/// vendor would fetch or look up; and for an OpenAI completions stream, the usage asked for
-/// (`stream_options.include_usage`: without it the stream never says what it cost). `path` is
-/// the vendor path, without its query.
+/// Read a request body strictly: a top-level JSON object, `model` a string, each output limit the
+/// endpoint reads a non-negative integer (those given must agree), `stream` a boolean, `n`,
+/// `best_of` and `service_tier` as the vendor bills them; nothing in it the vendor would fetch or
+/// look up. `path` is the vendor path.
 pub fn asked(dialect: Dialect, body: &[u8], path: &str) -> Result<Asked, &'static str> {
+    let endpoint = Endpoint::of(dialect, path).ok_or(match dialect {
+        Dialect::OpenAi => {
+            "this path is not priced by usage (chat/completions, completions, responses, embeddings): make it free or call it through another target"
+        }
+        Dialect::Anthropic => "this path is not priced by usage (messages): make it free or call it through another target",
+    })?;
     let v = json::parse(body).map_err(|_| "the body is not JSON")?;
     if v.as_object().is_none() {
         return Err("the body is not a JSON object");
@@ -39,12 +95,9 @@ pub fn asked(dialect: Dialect, body: &[u8], path: &str) -> Result<Asked, &'stati
         Some(Value::Str(m)) if !m.is_empty() && m.len() <= 256 && !m.chars().any(char::is_control) => m.clone(),
         _ => return Err("the body names no model"),
     };
-    let limits: &[&str] = match dialect {
-        Dialect::OpenAi => &["max_tokens", "max_completion_tokens", "max_output_tokens"],
-        Dialect::Anthropic => &["max_tokens"],
-    };
-    let mut max_output = None;
-    for k in limits {
+    let (fields, add) = endpoint.limits();
+    let mut max_output = (endpoint == Endpoint::Embeddings).then_some(0);
+    for k in fields {
         let Some(n) = count(v.get(k), MAX_TOKENS).map_err(|_| "an output limit is not a whole number of tokens")? else { continue };
         if max_output.is_some_and(|m| m != n) {
             return Err("two output limits that disagree");
@@ -56,21 +109,26 @@ pub fn asked(dialect: Dialect, body: &[u8], path: &str) -> Result<Asked, &'stati
         Some(Value::Bool(b)) => *b,
         Some(_) => return Err("stream is not a boolean"),
     };
-    let choices = match dialect {
-        Dialect::OpenAi => {
-            let n = count(v.get("n"), MAX_CHOICES).map_err(|_| "n is not a number of completions from 1 to 128")?.unwrap_or(1);
-            let best_of = count(v.get("best_of"), MAX_CHOICES).map_err(|_| "best_of is not a number of completions from 1 to 128")?.unwrap_or(1);
-            n.max(best_of).max(1)
-        }
-        Dialect::Anthropic => 1,
-    };
+    let choices = choices(endpoint, &v)?;
     if let Some(why) = outside_input(dialect, &v) {
         return Err(why);
     }
-    if dialect == Dialect::OpenAi && stream && path.trim_end_matches('/').ends_with("completions") && !include_usage(&v) {
-        return Err("a streamed call to this target must ask for its usage: \"stream_options\": {\"include_usage\": true}");
+    if dialect == Dialect::OpenAi && !matches!(v.get("service_tier"), None | Some(Value::Null)) {
+        match v.get("service_tier").and_then(Value::as_str) {
+            Some("auto" | "default" | "flex") => {}
+            _ => return Err("a service tier billed above the listed prices (priority, scale) cannot be priced here"),
+        }
     }
-    Ok(Asked { model, max_output, choices, stream })
+    let add_include_usage = match (endpoint, stream, v.get("stream_options")) {
+        (Endpoint::Chat | Endpoint::Completions, true, None | Some(Value::Null)) => true,
+        (Endpoint::Chat | Endpoint::Completions, true, Some(o)) if !matches!(o.get("include_usage"), Some(Value::Bool(true))) => {
+            return Err("a streamed call to this target must ask for its usage: \"stream_options\": {\"include_usage\": true}");
+        }
+        _ => false,
+    };
+    let mut images = 0;
+    count_images(&v, &mut images);
+    Ok(Asked { endpoint, model, limit_field: add.filter(|_| max_output.is_none()), max_output, choices, stream, add_include_usage, images })
 }
 
 /// A whole number from 0 to `max`, if given (`null` is not given).
@@ -82,12 +140,34 @@ fn count(v: Option<&Value>, max: u64) -> Result<Option<u64>, ()> {
     }
 }
 
-fn include_usage(v: &Value) -> bool {
-    matches!(v.get("stream_options").and_then(|o| o.get("include_usage")), Some(Value::Bool(true)))
+/// How many completions the vendor bills: `n` (chat, completions), `best_of` (completions), times
+/// the prompts of a completions call (a list of texts or of token lists is one prompt each).
+fn choices(endpoint: Endpoint, v: &Value) -> Result<u64, &'static str> {
+    let n = || count(v.get("n"), MAX_CHOICES).map_err(|_| "n is not a number of completions from 1 to 128");
+    Ok(match endpoint {
+        Endpoint::Chat => n()?.unwrap_or(1).max(1),
+        Endpoint::Completions => {
+            let best_of = count(v.get("best_of"), MAX_CHOICES).map_err(|_| "best_of is not a number of completions from 1 to 128")?.unwrap_or(1);
+            let prompts = match v.get("prompt") {
+                Some(Value::Array(items)) if items.iter().any(|i| matches!(i, Value::Str(_) | Value::Array(_))) => items.len() as u64,
+                _ => 1,
+            };
+            let c = n()?.unwrap_or(1).max(best_of).max(1).saturating_mul(prompts.max(1));
+            if c > MAX_CHOICES * MAX_CHOICES {
+                return Err("too many prompts and completions in one call");
+            }
+            c
+        }
+        Endpoint::Responses | Endpoint::Embeddings | Endpoint::Messages => 1,
+    })
 }
 
 /// Members that make the vendor read input that is not in the body.
 const OUTSIDE: [&str; 7] = ["file_id", "file_url", "file_data", "previous_response_id", "conversation", "container", "mcp_servers"];
+/// Content types that stand for input kept at the vendor.
+const OUTSIDE_TYPES: [&str; 3] = ["item_reference", "input_file", "file"];
+/// Content types that are images.
+const IMAGE_TYPES: [&str; 3] = ["image_url", "input_image", "image"];
 
 /// Why the body makes the vendor read input from elsewhere, if it does.
 fn outside_input(dialect: Dialect, v: &Value) -> Option<&'static str> {
@@ -115,9 +195,15 @@ fn outside_input(dialect: Dialect, v: &Value) -> Option<&'static str> {
 fn walk(v: &Value) -> Option<&'static str> {
     match v {
         Value::Object(members) => {
+            if v.get("type").and_then(Value::as_str).is_some_and(|t| OUTSIDE_TYPES.contains(&t)) {
+                return Some("input the vendor looks up (a file, a stored item) cannot be priced before the call");
+            }
             for (k, m) in members {
                 if OUTSIDE.contains(&k.as_str()) && !matches!(m, Value::Null) {
                     return Some("input the vendor looks up (a file, an earlier response or conversation, a container) cannot be priced before the call");
+                }
+                if k == "audio" && m.get("id").is_some() {
+                    return Some("an earlier answer's audio by id cannot be priced before the call");
                 }
                 if (k == "url" || k.ends_with("_url")) && matches!(m, Value::Str(s) if !s.starts_with("data:")) {
                     return Some("content by URL cannot be priced before the call; send it inline (a data: URL or base64)");
@@ -134,4 +220,44 @@ fn walk(v: &Value) -> Option<&'static str> {
         Value::Array(items) => items.iter().find_map(walk),
         _ => None,
     }
+}
+
+/// Count the images in the input: content parts typed as images, or carrying an `image_url`.
+fn count_images(v: &Value, n: &mut u64) {
+    match v {
+        Value::Object(members) => {
+            if v.get("type").and_then(Value::as_str).is_some_and(|t| IMAGE_TYPES.contains(&t)) || v.get("image_url").is_some() {
+                *n += 1;
+            }
+            for (_, m) in members {
+                count_images(m, n);
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|i| count_images(i, n)),
+        _ => {}
+    }
+}
+
+/// The body with members added after its opening brace (`members`: key and JSON value; none of
+/// them is in the body, which `asked` read as one object).
+pub fn with_members(body: &[u8], members: &[(&str, String)]) -> Option<Vec<u8>> {
+    let open = body.iter().position(|b| !b.is_ascii_whitespace()).filter(|i| body.get(*i) == Some(&b'{'))?;
+    let empty = body.get(open + 1..)?.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'}');
+    let mut added = String::new();
+    for (i, (k, v)) in members.iter().enumerate() {
+        if i > 0 {
+            added.push(',');
+        }
+        json::write_str(&mut added, k);
+        added.push(':');
+        added.push_str(v);
+    }
+    if !empty {
+        added.push(',');
+    }
+    let mut out = Vec::with_capacity(body.len() + added.len());
+    out.extend_from_slice(body.get(..=open)?);
+    out.extend_from_slice(added.as_bytes());
+    out.extend_from_slice(body.get(open + 1..)?);
+    Some(out)
 }

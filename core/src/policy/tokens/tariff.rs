@@ -1,7 +1,7 @@
 //! A target's token prices (`"cost": {"usage": ...}`), and what one call is reserved at before it
 //! is made.
 
-use super::{asked, bound, parse_price, Dialect, Prices, MAX_TOKENS};
+use super::{asked, bound, parse_price, with_members, Dialect, Prices, MAX_TOKENS};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 
@@ -19,15 +19,28 @@ pub struct RawPrices {
     cached_input: Option<serde_json::Number>,
     #[serde(default)]
     cache_write: Option<serde_json::Number>,
+    #[serde(default)]
+    cache_write_1h: Option<serde_json::Number>,
+    /// The most input tokens one image may cost (the vendor's rule for this model, at its largest
+    /// size and detail). Without it, a call with an image is refused.
+    #[serde(default)]
+    image_tokens: Option<u64>,
+}
+
+/// One model's prices, and the most tokens an image costs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Model {
+    pub prices: Prices,
+    pub image_tokens: Option<u64>,
 }
 
 /// A target's compiled token prices.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tariff {
     pub dialect: Dialect,
-    pub models: BTreeMap<String, Prices>,
+    pub models: BTreeMap<String, Model>,
     /// Prices for a model the list does not name (`None`: such a model is refused).
-    pub default: Option<Prices>,
+    pub default: Option<Model>,
     /// The output bound of a request that does not state its own (`None`: it is refused).
     pub max_tokens: Option<u64>,
     pub overhead: u64,
@@ -42,6 +55,8 @@ pub struct Meter {
     pub stream: bool,
     /// The most it may cost: what is reserved before it is made.
     pub bound: u64,
+    /// Not one of the models listed (priced by the default): its metric label is `other`.
+    pub unlisted: bool,
 }
 
 fn price(path: &str, n: &serde_json::Number) -> Result<u64, (String, String)> {
@@ -50,7 +65,7 @@ fn price(path: &str, n: &serde_json::Number) -> Result<u64, (String, String)> {
     parse_price(&text).ok_or_else(|| (path.to_string(), "must be a price from 0 with at most six decimal places".to_string()))
 }
 
-fn prices(path: &str, dialect: Dialect, raw: &RawPrices) -> Result<Prices, (String, String)> {
+fn model(path: &str, dialect: Dialect, raw: &RawPrices) -> Result<Model, (String, String)> {
     let input = price(&format!("{path}.input"), &raw.input)?;
     let output = price(&format!("{path}.output"), &raw.output)?;
     // Unset cache prices are never cheaper than the input (over-counted, never under): a cache
@@ -65,7 +80,18 @@ fn prices(path: &str, dialect: Dialect, raw: &RawPrices) -> Result<Prices, (Stri
         (Dialect::Anthropic, Some(n)) => price(&format!("{path}.cache_write"), n)?,
         (Dialect::Anthropic, None) => input.saturating_mul(2),
     };
-    Ok(Prices { input, output, cached_input, cache_write })
+    let cache_write_1h = match (dialect, &raw.cache_write_1h) {
+        (Dialect::OpenAi, Some(_)) => {
+            return Err((format!("{path}.cache_write_1h"), "OpenAI reports no cache writes: price them for an anthropic target only".into()))
+        }
+        (Dialect::OpenAi, None) => 0,
+        (Dialect::Anthropic, Some(n)) => price(&format!("{path}.cache_write_1h"), n)?,
+        (Dialect::Anthropic, None) => cache_write.max(input.saturating_mul(2)),
+    };
+    if raw.image_tokens.is_some_and(|n| n == 0 || n > MAX_TOKENS) {
+        return Err((format!("{path}.image_tokens"), "must be between 1 and 100000000".into()));
+    }
+    Ok(Model { prices: Prices { input, output, cached_input, cache_write, cache_write_1h }, image_tokens: raw.image_tokens })
 }
 
 fn valid_model(m: &str) -> bool {
@@ -92,9 +118,9 @@ pub fn compile_tariff(
         if !valid_model(m) {
             return e(".models", "a model name must be 1 to 256 characters, none of them control characters");
         }
-        compiled.insert(m.clone(), prices(&format!("{path}.models.{m}"), dialect, raw)?);
+        compiled.insert(m.clone(), model(&format!("{path}.models.{m}"), dialect, raw)?);
     }
-    let default = default.map(|d| prices(&format!("{path}.default"), dialect, d)).transpose()?;
+    let default = default.map(|d| model(&format!("{path}.default"), dialect, d)).transpose()?;
     if compiled.is_empty() && default.is_none() {
         return e(".models", "must price at least one model (or set a default)");
     }
@@ -111,19 +137,39 @@ pub fn compile_tariff(
 }
 
 impl Tariff {
-    /// Read a call from its body and bound what it may cost (`path`: the vendor path, without
-    /// its query). Refused (a message for 400) when it cannot be bounded: an unlisted model
-    /// without a default, no output limit in it or the target, input the vendor would fetch.
-    pub fn meter(&self, body: &[u8], path: &str) -> Result<Meter, &'static str> {
+    /// Read a call from its body and bound what it may cost (`path`: the vendor path). Refused (a
+    /// message for 400) when it cannot be bounded: an endpoint not priced by usage, an unlisted
+    /// model without a default, no output limit in it or the target, an image the model's price
+    /// does not bound, input the vendor would fetch. Also returns the body to forward instead
+    /// when the gateway adds to it: the target's output limit to a call that states none (the
+    /// vendor would otherwise generate up to the model's own), and `stream_options.include_usage`
+    /// to a stream that does not ask for its usage.
+    pub fn meter(&self, body: &[u8], path: &str) -> Result<(Meter, Option<Vec<u8>>), &'static str> {
         let a = asked(self.dialect, body, path)?;
-        let prices = *self.models.get(&a.model).or(self.default.as_ref()).ok_or("this target does not price the model the body names")?;
+        let listed = self.models.get(&a.model);
+        let model = listed.or(self.default.as_ref()).ok_or("this target does not price the model the body names")?;
         let max_output = a.max_output.or(self.max_tokens).ok_or("a call to this target must state its output limit (max_tokens)")?;
+        let mut added: Vec<(&str, String)> = Vec::new();
+        if let Some(field) = a.limit_field {
+            added.push((field, max_output.to_string()));
+        }
+        if a.add_include_usage {
+            added.push(("stream_options", "{\"include_usage\":true}".to_string()));
+        }
+        let forwarded = if added.is_empty() { None } else { Some(with_members(body, &added).ok_or("the body is not a JSON object")?) };
+        let images = if a.images == 0 {
+            0
+        } else {
+            let each = model.image_tokens.ok_or("images sent to this model are not priced here (set the model's image_tokens)")?;
+            a.images.saturating_mul(each)
+        };
+        let bytes = forwarded.as_ref().map_or(body.len(), Vec::len) as u64;
         let output = max_output.saturating_mul(a.choices);
-        let input = (body.len() as u64).saturating_add(self.overhead);
-        let b = bound(&prices, output, input);
+        let input = bytes.saturating_add(self.overhead).saturating_add(images);
+        let b = bound(&model.prices, output, input);
         if b > crate::policy::cost::MAX_COST {
             return Err("the most this call could cost is beyond any cap");
         }
-        Ok(Meter { dialect: self.dialect, model: a.model, prices, stream: a.stream, bound: b })
+        Ok((Meter { dialect: self.dialect, model: a.model, prices: model.prices, stream: a.stream, bound: b, unlisted: listed.is_none() }, forwarded))
     }
 }

@@ -1,7 +1,13 @@
 use super::*;
 
 fn p(input: &str, output: &str) -> Prices {
-    Prices { input: parse_price(input).unwrap_or(u64::MAX), output: parse_price(output).unwrap_or(u64::MAX), cached_input: 0, cache_write: 0 }
+    Prices {
+        input: parse_price(input).unwrap_or(u64::MAX),
+        output: parse_price(output).unwrap_or(u64::MAX),
+        cached_input: 0,
+        cache_write: 0,
+        cache_write_1h: 0,
+    }
 }
 
 #[test]
@@ -28,21 +34,21 @@ fn cost_is_exact_and_rounded_up() {
     let mini = p("0.075", "0.3");
     assert_eq!(cost(&mini, &Usage { input: 10_000_000, output: 0, ..Usage::default() }), 1, "0.75 cents, rounded up");
     // No overflow at the largest counts and prices.
-    let dear = Prices { input: u64::MAX, output: u64::MAX, cached_input: u64::MAX, cache_write: u64::MAX };
-    let most = Usage { input: MAX_TOKENS, output: MAX_TOKENS, cached_input: MAX_TOKENS, cache_write: MAX_TOKENS };
+    let dear = Prices { input: u64::MAX, output: u64::MAX, cached_input: u64::MAX, cache_write: u64::MAX, cache_write_1h: u64::MAX };
+    let most = Usage { input: MAX_TOKENS, output: MAX_TOKENS, cached_input: MAX_TOKENS, cache_write: MAX_TOKENS, cache_write_1h: MAX_TOKENS };
     assert!(cost(&dear, &most) > 0);
 }
 
 #[test]
 fn the_bound_covers_every_usage_the_call_can_report() {
-    let prices = Prices { input: 300_000_000, output: 1_500_000_000, cached_input: 30_000_000, cache_write: 375_000_000 };
+    let prices = Prices { input: 300_000_000, output: 1_500_000_000, cached_input: 30_000_000, cache_write: 375_000_000, cache_write_1h: 600_000_000 };
     let (max_output, body) = (1024u64, 20_000u64);
     let b = bound(&prices, max_output, body);
     // Any split of at most `body` input tokens over the three input prices, and any output up to
     // the limit, costs at most the bound.
     for (i, c, w, o) in [(body, 0, 0, max_output), (0, body, 0, max_output), (0, 0, body, max_output), (body / 3, body / 3, body / 3, max_output), (1, 0, 0, 0)]
     {
-        let u = Usage { input: i, cached_input: c, cache_write: w, output: o };
+        let u = Usage { input: i, cached_input: c, cache_write: w, cache_write_1h: 0, output: o };
         assert!(cost(&prices, &u) <= b, "{u:?}: {} > {b}", cost(&prices, &u));
     }
 }
@@ -56,7 +62,19 @@ fn ask(body: &[u8]) -> Result<Asked, &'static str> {
 #[test]
 fn requests_say_their_model_and_limit_strictly() {
     let a = ask(br#"{"model":"gpt-4o","max_completion_tokens":300,"messages":[]}"#).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(a, Asked { model: "gpt-4o".into(), max_output: Some(300), choices: 1, stream: false });
+    assert_eq!(
+        a,
+        Asked {
+            endpoint: Endpoint::Chat,
+            model: "gpt-4o".into(),
+            max_output: Some(300),
+            limit_field: None,
+            choices: 1,
+            stream: false,
+            add_include_usage: false,
+            images: 0
+        }
+    );
     let a = asked(Dialect::Anthropic, br#"{"model":"claude-sonnet-5","max_tokens":64,"stream":true}"#, "/v1/messages").unwrap_or_else(|e| panic!("{e}"));
     assert_eq!((a.max_output, a.stream), (Some(64), true));
     assert_eq!(ask(br#"{"model":"m","messages":[]}"#).map(|a| a.max_output), Ok(None));
@@ -85,21 +103,30 @@ fn requests_say_their_model_and_limit_strictly() {
 
 #[test]
 fn every_completion_asked_for_is_bounded() {
+    let legacy = |body: &[u8]| asked(Dialect::OpenAi, body, "/v1/completions").map(|a| a.choices);
     assert_eq!(ask(br#"{"model":"m","n":4}"#).map(|a| a.choices), Ok(4));
-    assert_eq!(ask(br#"{"model":"m","n":2,"best_of":5}"#).map(|a| a.choices), Ok(5));
     assert_eq!(ask(br#"{"model":"m","n":null}"#).map(|a| a.choices), Ok(1));
     assert_eq!(ask(br#"{"model":"m","n":0}"#).map(|a| a.choices), Ok(1));
+    assert_eq!(legacy(br#"{"model":"m","n":2,"best_of":5}"#), Ok(5));
+    // Every prompt of a list is a completion (a list of token ids is one prompt).
+    assert_eq!(legacy(br#"{"model":"m","n":2,"prompt":["a","b","c"]}"#), Ok(6));
+    assert_eq!(legacy(br#"{"model":"m","prompt":[[1,2],[3]]}"#), Ok(2));
+    assert_eq!(legacy(br#"{"model":"m","prompt":[1,2,3]}"#), Ok(1));
 }
 
 #[test]
-fn an_openai_completions_stream_must_ask_for_its_usage() {
-    assert!(ask(br#"{"model":"m","stream":true}"#).is_err());
-    assert!(ask(br#"{"model":"m","stream":true,"stream_options":{"include_usage":false}}"#).is_err());
-    assert!(ask(br#"{"model":"m","stream":true,"stream_options":{"include_usage":true}}"#).is_ok());
-    assert!(asked(Dialect::OpenAi, br#"{"model":"m","stream":true}"#, "/v1/completions").is_err());
-    // The responses API reports usage in its completed event without being asked.
-    assert!(asked(Dialect::OpenAi, br#"{"model":"m","stream":true}"#, "/v1/responses").is_ok());
-    assert!(asked(Dialect::Anthropic, br#"{"model":"m","stream":true}"#, "/v1/messages").is_ok());
+fn a_stream_that_does_not_ask_for_its_usage_is_made_to() {
+    let add = |body: &[u8], path: &str| asked(Dialect::OpenAi, body, path).map(|a| a.add_include_usage);
+    assert_eq!(add(br#"{"model":"m","stream":true}"#, CHAT), Ok(true));
+    assert_eq!(add(br#"{"model":"m","stream":true}"#, "/v1/completions"), Ok(true));
+    assert_eq!(add(br#"{"model":"m","stream":true,"stream_options":{"include_usage":true}}"#, CHAT), Ok(false));
+    assert_eq!(add(br#"{"model":"m","stream":false}"#, CHAT), Ok(false));
+    // Asked not to, or with other stream options: refused (the body cannot say two things).
+    assert!(add(br#"{"model":"m","stream":true,"stream_options":{"include_usage":false}}"#, CHAT).is_err());
+    assert!(add(br#"{"model":"m","stream":true,"stream_options":{}}"#, CHAT).is_err());
+    // The responses API and Anthropic report usage in their streams without being asked.
+    assert_eq!(add(br#"{"model":"m","stream":true}"#, "/v1/responses"), Ok(false));
+    assert!(asked(Dialect::Anthropic, br#"{"model":"m","stream":true}"#, "/v1/messages").is_ok_and(|a| !a.add_include_usage));
 }
 
 #[test]
@@ -147,24 +174,70 @@ fn tariff(max_tokens: Option<u64>, with_default: bool) -> Tariff {
 #[test]
 fn a_tariff_prices_each_model_and_refuses_the_unlisted() {
     let t = tariff(Some(1000), false);
-    assert_eq!(t.models.get("gpt-4o").map(|p| (p.input, p.output, p.cached_input, p.cache_write)), Some((2_500_000, 10_000_000, 1_250_000, 0)));
+    assert_eq!(
+        t.models.get("gpt-4o").map(|m| (m.prices.input, m.prices.output, m.prices.cached_input, m.prices.cache_write)),
+        Some((2_500_000, 10_000_000, 1_250_000, 0))
+    );
+    let meter = |t: &Tariff, body: &[u8]| t.meter(body, CHAT).map(|(m, _)| m);
     let body = br#"{"model":"gpt-4o","max_tokens":100,"messages":[]}"#;
-    let m = t.meter(body, CHAT).unwrap_or_else(|e| panic!("{e}"));
+    let (m, forwarded) = t.meter(body, CHAT).unwrap_or_else(|e| panic!("{e}"));
     let input = body.len() as u64 + DEFAULT_OVERHEAD_TOKENS;
-    assert_eq!(m.bound, bound(&t.models["gpt-4o"], 100, input));
-    assert_eq!((m.model.as_str(), m.stream), ("gpt-4o", false));
-    // Without its own limit, the target's; without either, refused.
-    let m = t.meter(br#"{"model":"gpt-4o-mini","messages":[]}"#, CHAT).unwrap_or_else(|e| panic!("{e}"));
-    assert!(m.bound >= cost(&t.models["gpt-4o-mini"], &Usage { output: 1000, ..Usage::default() }));
+    assert_eq!(m.bound, bound(&t.models["gpt-4o"].prices, 100, input));
+    assert_eq!((m.model.as_str(), m.stream, m.unlisted, forwarded), ("gpt-4o", false, false, None), "a call that states its limit goes as sent");
+    // Without its own limit, the target's, written into the call; without either, refused.
+    let (m, forwarded) = t.meter(br#"{"model":"gpt-4o-mini","messages":[]}"#, CHAT).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(forwarded.as_deref(), Some(&br#"{"max_completion_tokens":1000,"model":"gpt-4o-mini","messages":[]}"#[..]));
+    assert_eq!(m.bound, bound(&t.models["gpt-4o-mini"].prices, 1000, 63 + DEFAULT_OVERHEAD_TOKENS), "the forwarded body's bytes bound its input");
     assert!(tariff(None, false).meter(br#"{"model":"gpt-4o-mini"}"#, CHAT).is_err());
     // An unlisted model is refused, or priced by the default, never free.
-    assert!(t.meter(br#"{"model":"gpt-5","max_tokens":1}"#, CHAT).is_err());
-    let m = tariff(Some(10), true).meter(br#"{"model":"gpt-5","max_tokens":1}"#, CHAT).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(m.prices.output, 60_000_000);
+    assert!(meter(&t, br#"{"model":"gpt-5","max_tokens":1}"#).is_err());
+    let m = meter(&tariff(Some(10), true), br#"{"model":"gpt-5","max_tokens":1}"#).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((m.prices.output, m.unlisted), (60_000_000, true));
     // n completions are n times the output.
-    let one = t.meter(br#"{"model":"gpt-4o","max_tokens":100000,"n":1}"#, CHAT).map(|m| m.bound).unwrap_or(0);
-    let four = t.meter(br#"{"model":"gpt-4o","max_tokens":100000,"n":4}"#, CHAT).map(|m| m.bound).unwrap_or(0);
-    assert!(four >= one + cost(&t.models["gpt-4o"], &Usage { output: 300_000, ..Usage::default() }), "{one} {four}");
+    let one = meter(&t, br#"{"model":"gpt-4o","max_tokens":100000,"n":1}"#).map(|m| m.bound).unwrap_or(0);
+    let four = meter(&t, br#"{"model":"gpt-4o","max_tokens":100000,"n":4}"#).map(|m| m.bound).unwrap_or(0);
+    assert!(four >= one + cost(&t.models["gpt-4o"].prices, &Usage { output: 300_000, ..Usage::default() }), "{one} {four}");
+}
+
+#[test]
+fn each_endpoint_is_bounded_by_the_limit_it_reads() {
+    let t = tariff(Some(64), false);
+    let forwarded = |body: &[u8], path: &str| t.meter(body, path).map(|(m, f)| (m.bound, f.map(|f| String::from_utf8_lossy(&f).into_owned())));
+    // A limit the endpoint does not read is no limit: the endpoint's own is added.
+    let (_, f) = forwarded(br#"{"model":"gpt-4o","max_output_tokens":5}"#, CHAT).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(f.as_deref(), Some(r#"{"max_completion_tokens":64,"model":"gpt-4o","max_output_tokens":5}"#));
+    let (_, f) = forwarded(br#"{"model":"gpt-4o","max_tokens":5}"#, "/v1/responses").unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(f.as_deref(), Some(r#"{"max_output_tokens":64,"model":"gpt-4o","max_tokens":5}"#));
+    let (_, f) = forwarded(br#" { "model":"gpt-4o" } "#, "/v1/completions").unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(f.as_deref(), Some(r#" {"max_tokens":64, "model":"gpt-4o" } "#));
+    // Embeddings generate nothing: no limit needed, none added.
+    assert_eq!(forwarded(br#"{"model":"gpt-4o","input":["a","b"]}"#, "/v1/embeddings").map(|(_, f)| f), Ok(None));
+    // A stream is asked for its usage when it does not say.
+    let (_, f) = forwarded(br#"{"model":"gpt-4o","max_tokens":5,"stream":true}"#, CHAT).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(f.as_deref(), Some(r#"{"stream_options":{"include_usage":true},"model":"gpt-4o","max_tokens":5,"stream":true}"#));
+    // Other endpoints are not priced by usage.
+    for path in ["/v1/audio/speech", "/v1/images/generations", "/v1/batches", "/v1/chat/completions/x"] {
+        assert!(forwarded(br#"{"model":"gpt-4o","max_tokens":5}"#, path).is_err(), "{path}");
+    }
+    // A tier billed above the list is refused.
+    assert!(forwarded(br#"{"model":"gpt-4o","max_tokens":5,"service_tier":"priority"}"#, CHAT).is_err());
+    assert!(forwarded(br#"{"model":"gpt-4o","max_tokens":5,"service_tier":"flex"}"#, CHAT).is_ok());
+}
+
+#[test]
+fn images_cost_the_tokens_their_model_says() {
+    let raw: std::collections::BTreeMap<String, RawPrices> =
+        serde_json::from_str(r#"{"seeing": {"input": 1000000, "output": 1000000, "image_tokens": 3000}, "blind": {"input": 1000000, "output": 1000000}}"#)
+            .unwrap_or_else(|e| panic!("{e}"));
+    let t = compile_tariff("c", "openai", Some(&raw), None, Some(10), Some(0)).unwrap_or_else(|e| panic!("{e:?}"));
+    let image = r#"{"type":"image_url","image_url":{"url":"data:image/png;base64,iVBORw0KGgo="}}"#;
+    let body = format!(r#"{{"model":"seeing","max_tokens":10,"messages":[{{"role":"user","content":[{image},{image}]}}]}}"#);
+    let (m, _) = t.meter(body.as_bytes(), CHAT).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(m.bound, 10 + body.len() as u64 + 2 * 3000, "two images at 3000 tokens each");
+    assert!(t.meter(body.replace("seeing", "blind").as_bytes(), CHAT).is_err(), "a model without image_tokens refuses images");
+    let reference = br#"{"model":"seeing","max_output_tokens":5,"input":[{"type":"item_reference","id":"msg_1"}]}"#;
+    assert!(t.meter(reference, "/v1/responses").is_err(), "a stored item by id");
+    assert!(t.meter(br#"{"model":"seeing","max_tokens":5,"messages":[{"role":"assistant","audio":{"id":"audio_1"}}]}"#, CHAT).is_err());
 }
 
 #[test]
@@ -187,11 +260,13 @@ fn a_tariff_is_checked_when_configured() {
 #[test]
 fn usage_is_read_from_each_vendors_answer() {
     let chat = br#"{"id":"x","usage":{"prompt_tokens":1200,"completion_tokens":80,"total_tokens":1280,"prompt_tokens_details":{"cached_tokens":1000}}}"#;
-    assert_eq!(answer_usage(Dialect::OpenAi, chat), Ok(Usage { input: 200, cached_input: 1000, cache_write: 0, output: 80 }));
+    assert_eq!(answer_usage(Dialect::OpenAi, chat), Ok(Usage { input: 200, cached_input: 1000, cache_write: 0, cache_write_1h: 0, output: 80 }));
     let responses = br#"{"usage":{"input_tokens":50,"output_tokens":7,"input_tokens_details":{"cached_tokens":0}}}"#;
-    assert_eq!(answer_usage(Dialect::OpenAi, responses), Ok(Usage { input: 50, cached_input: 0, cache_write: 0, output: 7 }));
+    assert_eq!(answer_usage(Dialect::OpenAi, responses), Ok(Usage { input: 50, cached_input: 0, cache_write: 0, cache_write_1h: 0, output: 7 }));
+    let hour = br#"{"usage":{"input_tokens":10,"output_tokens":20,"cache_creation_input_tokens":300,"cache_creation":{"ephemeral_5m_input_tokens":100,"ephemeral_1h_input_tokens":200}}}"#;
+    assert_eq!(answer_usage(Dialect::Anthropic, hour).map(|u| (u.cache_write, u.cache_write_1h)), Ok((100, 200)), "writes for an hour are apart");
     let claude = br#"{"usage":{"input_tokens":10,"output_tokens":20,"cache_creation_input_tokens":300,"cache_read_input_tokens":400}}"#;
-    assert_eq!(answer_usage(Dialect::Anthropic, claude), Ok(Usage { input: 10, cached_input: 400, cache_write: 300, output: 20 }));
+    assert_eq!(answer_usage(Dialect::Anthropic, claude), Ok(Usage { input: 10, cached_input: 400, cache_write: 300, cache_write_1h: 0, output: 20 }));
     for bad in [
         &br#"{"id":"x"}"#[..],
         br#"{"usage":{}}"#,
@@ -223,8 +298,12 @@ fn streamed_usage_is_read_as_the_events_pass_in_any_split() {
                   event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":15}}\n\n\
                   event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
     for chunk in [1, 2, 7, 64, 10_000] {
-        assert_eq!(stream(Dialect::OpenAi, openai, chunk), Some(Usage { input: 12, cached_input: 0, cache_write: 0, output: 3 }), "{chunk}");
-        assert_eq!(stream(Dialect::Anthropic, claude, chunk), Some(Usage { input: 25, cached_input: 100, cache_write: 0, output: 15 }), "{chunk}");
+        assert_eq!(stream(Dialect::OpenAi, openai, chunk), Some(Usage { input: 12, cached_input: 0, cache_write: 0, cache_write_1h: 0, output: 3 }), "{chunk}");
+        assert_eq!(
+            stream(Dialect::Anthropic, claude, chunk),
+            Some(Usage { input: 25, cached_input: 100, cache_write: 0, cache_write_1h: 0, output: 15 }),
+            "{chunk}"
+        );
         assert_eq!(stream(Dialect::Anthropic, &claude.replace("\n", "\r\n"), chunk).map(|u| u.output), Some(15));
     }
     // Cut before the usage, a stream without it, garbage in it: no usage (the reservation stays).
@@ -242,13 +321,13 @@ fn the_responses_api_and_cumulative_deltas_are_read() {
                      event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"Hi\"}\n\n\
                      event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"usage\":{\"input_tokens\":9,\"output_tokens\":4,\"input_tokens_details\":{\"cached_tokens\":2}}}}\n\n";
     for chunk in [1, 5, 4096] {
-        assert_eq!(stream(Dialect::OpenAi, responses, chunk), Some(Usage { input: 7, cached_input: 2, cache_write: 0, output: 4 }));
+        assert_eq!(stream(Dialect::OpenAi, responses, chunk), Some(Usage { input: 7, cached_input: 2, cache_write: 0, cache_write_1h: 0, output: 4 }));
     }
     // A server tool's input shows in the delta's cumulative counts: the larger one is charged.
     let claude = "data: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":10,\"output_tokens\":1}}}\n\
                   data: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":30,\"input_tokens\":500}}\n\
                   data: {\"type\":\"message_stop\"}\n";
-    assert_eq!(stream(Dialect::Anthropic, claude, 3), Some(Usage { input: 500, cached_input: 0, cache_write: 0, output: 30 }));
+    assert_eq!(stream(Dialect::Anthropic, claude, 3), Some(Usage { input: 500, cached_input: 0, cache_write: 0, cache_write_1h: 0, output: 30 }));
     // A delta before the start, or without its output count, is not a usage.
     assert_eq!(stream(Dialect::Anthropic, "data: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":3}}\ndata: {\"type\":\"message_stop\"}\n", 2), None);
 }
