@@ -99,12 +99,22 @@ def sse_events(path: str, req: dict, inp: int, out: int, usage: bool):
         yield "message_stop", {"type": "message_stop"}
     elif path.endswith("/responses"):
         base = {"id": "resp_demo", "object": "response", "created_at": int(time.time()), "model": model, "output": [], "usage": None}
+        item = {"type": "message", "id": "msg_demo", "status": "in_progress", "role": "assistant", "content": []}
+        part = {"type": "output_text", "text": "", "annotations": []}
         yield "response.created", {"type": "response.created", "sequence_number": 0, "response": dict(base, status="in_progress")}
+        yield "response.output_item.added", {"type": "response.output_item.added", "sequence_number": 1, "output_index": 0, "item": item}
+        yield "response.content_part.added", {"type": "response.content_part.added", "sequence_number": 2, "item_id": "msg_demo",
+                                              "output_index": 0, "content_index": 0, "part": part}
         for i, w in enumerate(words(out)):
-            yield "response.output_text.delta", {"type": "response.output_text.delta", "sequence_number": i + 1, "item_id": "msg_demo",
+            yield "response.output_text.delta", {"type": "response.output_text.delta", "sequence_number": i + 3, "item_id": "msg_demo",
                                                  "output_index": 0, "content_index": 0, "delta": w}
-        done = dict(base, status="completed", usage=openai_usage(inp, out, True) if usage else None)
-        yield "response.completed", {"type": "response.completed", "sequence_number": out + 1, "response": done}
+        text = "".join(words(out))
+        yield "response.output_text.done", {"type": "response.output_text.done", "sequence_number": out + 3, "item_id": "msg_demo",
+                                            "output_index": 0, "content_index": 0, "text": text}
+        done_item = dict(item, status="completed", content=[dict(part, text=text)])
+        yield "response.output_item.done", {"type": "response.output_item.done", "sequence_number": out + 4, "output_index": 0, "item": done_item}
+        done = dict(base, status="completed", output=[done_item], usage=openai_usage(inp, out, True) if usage else None)
+        yield "response.completed", {"type": "response.completed", "sequence_number": out + 5, "response": done}
     else:
         chunk = {"id": "chatcmpl-demo", "object": "chat.completion.chunk", "created": int(time.time()), "model": model}
         asked = bool((req.get("stream_options") or {}).get("include_usage"))

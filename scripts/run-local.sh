@@ -137,7 +137,7 @@ Try it (the demo vendor echoes what it received; look at the authorization heade
   curl -s http://127.0.0.1:10000/stripe/v1/customers -H "Authorization: Bearer \$KEYWARD_TOKEN"
   curl -s -X POST http://127.0.0.1:10000/stripe/v1/payment_intents -H "Authorization: Bearer \$KEYWARD_TOKEN" -H "Idempotency-Key: order-1001" -d amount=100 -d currency=usd
   curl -s http://127.0.0.1:10000/openai/v1/chat/completions -H "Authorization: Bearer \$KEYWARD_TOKEN" -H "content-type: application/json" -d '{"model":"gpt-4o-mini","max_tokens":20,"messages":[{"role":"user","content":"hi"}]}'
-  curl -s http://127.0.0.1:10000/anthropic/v1/messages -H "Authorization: Bearer \$KEYWARD_TOKEN" -H "content-type: application/json" -d '{"model":"claude-sonnet-4-5","max_tokens":20,"messages":[{"role":"user","content":"hi"}]}'
+  curl -s http://127.0.0.1:10000/anthropic/v1/messages -H "Authorization: Bearer \$KEYWARD_TOKEN" -H "content-type: application/json" -d '{"model":"claude-sonnet-5","max_tokens":20,"messages":[{"role":"user","content":"hi"}]}'
   curl -s -X POST http://127.0.0.1:10000/twilio/2010-04-01/Accounts/AC00000000000000000000000000000001/Messages.json -H "Authorization: Basic $B64"
   curl -s "http://127.0.0.1:10000/maps/maps/api/geocode/json?address=x" -H "Authorization: Bearer \$KEYWARD_TOKEN"
 

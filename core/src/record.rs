@@ -64,7 +64,8 @@ pub enum Family {
     /// Counter: spend charged to each budget (`budget`), in its targets' cost unit.
     BudgetSpend,
     /// Counter: tokens model calls used, as their vendor reported them (`target`, `model`,
-    /// `kind`: `input`, `cached_input`, `cache_write`, `output`).
+    /// `kind`: `input`, `cached_input`, `cache_write`, `cache_write_1h`, `output`; `model` is
+    /// `other` for a model priced by a target's default).
     Tokens,
     /// Counter: what model calls cost from their reported usage, in the cap's unit (`target`,
     /// `model`).

@@ -146,13 +146,15 @@ pub(super) fn gone_unsettled(host: &mut impl Host, s: &Served) {
 fn record_usage(host: &mut impl Host, target: &str, meter: &Meter, u: &Usage, cost: u64) {
     // Unlisted models (priced by the default) share one label: their names are the caller's.
     let model = if meter.unlisted { "other".to_string() } else { label(&meter.model) };
-    for (kind, n) in [("input", u.input), ("cached_input", u.cached_input), ("cache_write", u.cache_write), ("output", u.output)] {
+    let kinds =
+        [("input", u.input), ("cached_input", u.cached_input), ("cache_write", u.cache_write), ("cache_write_1h", u.cache_write_1h), ("output", u.output)];
+    for (kind, n) in kinds {
         if n > 0 {
             host.count(Family::Tokens, &[target, &model, kind], n);
         }
     }
     host.count(Family::UsageCost, &[target, &model], cost);
-    let tokens_in = u.input.saturating_add(u.cached_input).saturating_add(u.cache_write);
+    let tokens_in = u.input.saturating_add(u.cached_input).saturating_add(u.cache_write).saturating_add(u.cache_write_1h);
     host.set_filter_state("keyward.tokens_in", &tokens_in.to_string());
     host.set_filter_state("keyward.tokens_out", &u.output.to_string());
     host.set_filter_state("keyward.cost", &cost.to_string());
