@@ -98,7 +98,7 @@ fn price(cfg: &Config, d: &Deferred, body: &[u8], secrets: &mut impl Secrets, au
     if cost.metered() && d.copies.0.holds(body) {
         return Err(Denial::new(Code::BadRequest, "the body holds a copy of the credential").into());
     }
-    let (priced, overrides) = cost.price_call(body, &d.vendor_path).map_err(unreadable)?;
+    let (priced, overrides) = cost.price_call(body, &d.vendor_path, &|s: &str| d.copies.0.holds(s.as_bytes())).map_err(unreadable)?;
     check(&overrides)?;
     audit.cost = Some(priced.cost);
     audit.model = priced.meter.as_ref().map(|m| m.model.clone());

@@ -340,15 +340,15 @@ impl Cost {
     }
 
     /// Read a request's cost and method overrides from its whole body: a model call's bound from
-    /// its usage tariff (`path`: the vendor path, without its query), anything else as
-    /// `read_all` does.
-    pub fn price_call(&self, body: &[u8], path: &str) -> Result<(Priced, Vec<String>), Unreadable> {
+    /// its usage tariff (`path`: the vendor path; `forbidden`: what no string of a model call's
+    /// body may hold), anything else as `read_all` does.
+    pub fn price_call(&self, body: &[u8], path: &str, forbidden: &dyn Fn(&str) -> bool) -> Result<(Priced, Vec<String>), Unreadable> {
         let Source::Usage(t) = &self.source else { return self.read_all(body) };
         if body.len() > self.max_body {
             return Err(Unreadable::TooLarge);
         }
         let overrides = if self.body_method_override { body::overrides(BodyKind::Json, body)? } else { Vec::new() };
-        let (meter, forwarded) = t.meter(body, path).map_err(Unreadable::Bad)?;
+        let (meter, forwarded) = t.meter(body, path, forbidden).map_err(Unreadable::Bad)?;
         Ok((Priced { cost: meter.bound, currency: None, meter: Some(meter), body: forwarded }, overrides))
     }
 

@@ -71,7 +71,7 @@ pub fn answer_usage(d: Dialect, body: &[u8]) -> Result<Usage, &'static str> {
 pub const MAX_EVENT_LINE: usize = 4 * 1024 * 1024;
 
 /// The usage of a streamed answer (server-sent events), read as the stream passes: OpenAI's
-/// chunk with a non-null `usage` (chat/completions, asked for with
+/// final chunk with a non-null `usage` and no choices (chat/completions, asked for with
 /// `stream_options.include_usage`) or the responses API's `response.completed` (or
 /// `.incomplete`, `.failed`) event; Anthropic's `message_start` (input and cache counts) and
 /// `message_delta` (cumulative counts). Known only once the stream has said all of it: OpenAI's
@@ -137,11 +137,18 @@ impl StreamUsage {
             Some("response.completed" | "response.incomplete" | "response.failed") => v.get("response").and_then(|r| r.get("usage")),
             _ => v.get("usage"),
         };
+        // The final count comes in a chunk of its own (no choices left); a running count in
+        // content chunks (vLLM's continuous usage) is not yet the whole call's.
+        let last = match v.get("choices") {
+            None | Some(Value::Null) => true,
+            Some(Value::Array(c)) => c.is_empty(),
+            Some(_) => false,
+        };
         match usage {
             None | Some(Value::Null) => Ok(()),
             Some(u) => openai_usage(u).map(|u| {
                 self.usage = u;
-                self.complete = true;
+                self.complete = last;
             }),
         }
     }

@@ -31,8 +31,9 @@ pub enum Endpoint {
 }
 
 impl Endpoint {
+    /// The endpoint of a vendor path, whatever its case (a vendor may route paths so).
     pub fn of(dialect: Dialect, path: &str) -> Option<Endpoint> {
-        let p = path.split('?').next().unwrap_or_default();
+        let p = path.split('?').next().unwrap_or_default().to_ascii_lowercase();
         match dialect {
             Dialect::OpenAi if p.ends_with("/chat/completions") => Some(Endpoint::Chat),
             Dialect::OpenAi if p.ends_with("/completions") => Some(Endpoint::Completions),
@@ -74,13 +75,20 @@ pub struct Asked {
     pub add_include_usage: bool,
     /// Images in the input (their tokens are not bounded by their bytes).
     pub images: u64,
+    /// The largest output limit given under any name (a vendor that routes the path otherwise
+    /// may read another one): it may not exceed the bound.
+    pub largest_limit: u64,
 }
 
+/// Every output limit any endpoint reads: whichever a vendor reads, none may exceed the bound.
+const ALL_LIMITS: [&str; 3] = ["max_tokens", "max_completion_tokens", "max_output_tokens"];
+
 /// Read a request body strictly: a top-level JSON object, `model` a string, each output limit the
-/// endpoint reads a non-negative integer (those given must agree), `stream` a boolean, `n`,
-/// `best_of` and `service_tier` as the vendor bills them; nothing in it the vendor would fetch or
-/// look up. `path` is the vendor path.
-pub fn asked(dialect: Dialect, body: &[u8], path: &str) -> Result<Asked, &'static str> {
+/// endpoint reads a positive integer (those given must agree; no other limit above them, none
+/// `null`), `stream` a boolean, `n`, `best_of` and `service_tier` as the vendor bills them;
+/// nothing in it the vendor would fetch or look up, and no string in it that `forbidden` finds
+/// (a copy of the caller's credential, however the JSON escapes it). `path` is the vendor path.
+pub fn asked(dialect: Dialect, body: &[u8], path: &str, forbidden: &dyn Fn(&str) -> bool) -> Result<Asked, &'static str> {
     let endpoint = Endpoint::of(dialect, path).ok_or(match dialect {
         Dialect::OpenAi => {
             "this path is not priced by usage (chat/completions, completions, responses, embeddings): make it free or call it through another target"
@@ -97,8 +105,21 @@ pub fn asked(dialect: Dialect, body: &[u8], path: &str) -> Result<Asked, &'stati
     };
     let (fields, add) = endpoint.limits();
     let mut max_output = (endpoint == Endpoint::Embeddings).then_some(0);
+    let mut largest_limit = 0;
+    for k in ALL_LIMITS {
+        // `null` reads as "the model's own limit" at the vendor; a member the gateway would add
+        // must not be there at all.
+        if matches!(v.get(k), Some(Value::Null)) {
+            return Err("an output limit is null: give a number of tokens, or leave it out");
+        }
+        let n = count(v.get(k), MAX_TOKENS).map_err(|_| "an output limit is not a whole number of tokens")?;
+        largest_limit = largest_limit.max(n.unwrap_or(0));
+    }
     for k in fields {
         let Some(n) = count(v.get(k), MAX_TOKENS).map_err(|_| "an output limit is not a whole number of tokens")? else { continue };
+        if n == 0 {
+            return Err("an output limit of 0 tokens");
+        }
         if max_output.is_some_and(|m| m != n) {
             return Err("two output limits that disagree");
         }
@@ -120,15 +141,36 @@ pub fn asked(dialect: Dialect, body: &[u8], path: &str) -> Result<Asked, &'stati
         }
     }
     let add_include_usage = match (endpoint, stream, v.get("stream_options")) {
-        (Endpoint::Chat | Endpoint::Completions, true, None | Some(Value::Null)) => true,
+        (Endpoint::Chat | Endpoint::Completions, true, None) => true,
         (Endpoint::Chat | Endpoint::Completions, true, Some(o)) if !matches!(o.get("include_usage"), Some(Value::Bool(true))) => {
             return Err("a streamed call to this target must ask for its usage: \"stream_options\": {\"include_usage\": true}");
         }
         _ => false,
     };
+    if let Some(Value::Array(m)) = v.get("modalities") {
+        if m.iter().any(|x| x.as_str() != Some("text")) {
+            return Err("audio output is billed above the text price: it cannot be priced here");
+        }
+    }
+    if !matches!(v.get("prediction"), None | Some(Value::Null)) {
+        return Err("a predicted output is billed as output where it is rejected: it cannot be priced here");
+    }
+    if strings(&v, forbidden) {
+        return Err("the body holds a copy of the credential");
+    }
     let mut images = 0;
     count_images(&v, &mut images);
-    Ok(Asked { endpoint, model, limit_field: add.filter(|_| max_output.is_none()), max_output, choices, stream, add_include_usage, images })
+    Ok(Asked { endpoint, model, limit_field: add.filter(|_| max_output.is_none()), max_output, choices, stream, add_include_usage, images, largest_limit })
+}
+
+/// Is there a key or a string in `v` that `forbidden` finds?
+fn strings(v: &Value, forbidden: &dyn Fn(&str) -> bool) -> bool {
+    match v {
+        Value::Str(s) => forbidden(s),
+        Value::Object(members) => members.iter().any(|(k, m)| forbidden(k) || strings(m, forbidden)),
+        Value::Array(items) => items.iter().any(|i| strings(i, forbidden)),
+        _ => false,
+    }
 }
 
 /// A whole number from 0 to `max`, if given (`null` is not given).
@@ -208,7 +250,7 @@ fn walk(v: &Value) -> Option<&'static str> {
                 if (k == "url" || k.ends_with("_url")) && matches!(m, Value::Str(s) if !s.starts_with("data:")) {
                     return Some("content by URL cannot be priced before the call; send it inline (a data: URL or base64)");
                 }
-                if (k == "media_type" || k == "mime_type") && matches!(m, Value::Str(s) if s.eq_ignore_ascii_case("application/pdf")) {
+                if (k == "media_type" || k == "mime_type") && matches!(m, Value::Str(s) if s.trim_start().to_ascii_lowercase().starts_with("application/pdf")) {
                     return Some("a PDF document cannot be priced before the call (its pages are read as images)");
                 }
                 if let Some(why) = walk(m) {

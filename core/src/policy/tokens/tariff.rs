@@ -144,11 +144,14 @@ impl Tariff {
     /// when the gateway adds to it: the target's output limit to a call that states none (the
     /// vendor would otherwise generate up to the model's own), and `stream_options.include_usage`
     /// to a stream that does not ask for its usage.
-    pub fn meter(&self, body: &[u8], path: &str) -> Result<(Meter, Option<Vec<u8>>), &'static str> {
-        let a = asked(self.dialect, body, path)?;
+    pub fn meter(&self, body: &[u8], path: &str, forbidden: &dyn Fn(&str) -> bool) -> Result<(Meter, Option<Vec<u8>>), &'static str> {
+        let a = asked(self.dialect, body, path, forbidden)?;
         let listed = self.models.get(&a.model);
         let model = listed.or(self.default.as_ref()).ok_or("this target does not price the model the body names")?;
         let max_output = a.max_output.or(self.max_tokens).ok_or("a call to this target must state its output limit (max_tokens)")?;
+        if a.largest_limit > max_output && a.endpoint != super::Endpoint::Embeddings {
+            return Err("two output limits that disagree");
+        }
         let mut added: Vec<(&str, String)> = Vec::new();
         if let Some(field) = a.limit_field {
             added.push((field, max_output.to_string()));

@@ -55,8 +55,14 @@ fn the_bound_covers_every_usage_the_call_can_report() {
 
 const CHAT: &str = "/v1/chat/completions";
 
+/// Nothing is forbidden in a body's strings.
+fn none(_: &str) -> bool {
+    false
+}
+const NONE: fn(&str) -> bool = none;
+
 fn ask(body: &[u8]) -> Result<Asked, &'static str> {
-    asked(Dialect::OpenAi, body, CHAT)
+    asked(Dialect::OpenAi, body, CHAT, &NONE)
 }
 
 #[test]
@@ -72,14 +78,15 @@ fn requests_say_their_model_and_limit_strictly() {
             choices: 1,
             stream: false,
             add_include_usage: false,
-            images: 0
+            images: 0,
+            largest_limit: 300
         }
     );
-    let a = asked(Dialect::Anthropic, br#"{"model":"claude-sonnet-5","max_tokens":64,"stream":true}"#, "/v1/messages").unwrap_or_else(|e| panic!("{e}"));
+    let a = asked(Dialect::Anthropic, br#"{"model":"claude-sonnet-5","max_tokens":64,"stream":true}"#, "/v1/messages", &NONE).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!((a.max_output, a.stream), (Some(64), true));
     assert_eq!(ask(br#"{"model":"m","messages":[]}"#).map(|a| a.max_output), Ok(None));
     // Anthropic reads only max_tokens: another name is not a limit there.
-    assert_eq!(asked(Dialect::Anthropic, br#"{"model":"m","max_completion_tokens":5}"#, "/v1/messages").map(|a| a.max_output), Ok(None));
+    assert_eq!(asked(Dialect::Anthropic, br#"{"model":"m","max_completion_tokens":5}"#, "/v1/messages", &NONE).map(|a| a.max_output), Ok(None));
     for bad in [
         &br#"{"messages":[]}"#[..],
         br#"{"model":5}"#,
@@ -103,7 +110,7 @@ fn requests_say_their_model_and_limit_strictly() {
 
 #[test]
 fn every_completion_asked_for_is_bounded() {
-    let legacy = |body: &[u8]| asked(Dialect::OpenAi, body, "/v1/completions").map(|a| a.choices);
+    let legacy = |body: &[u8]| asked(Dialect::OpenAi, body, "/v1/completions", &NONE).map(|a| a.choices);
     assert_eq!(ask(br#"{"model":"m","n":4}"#).map(|a| a.choices), Ok(4));
     assert_eq!(ask(br#"{"model":"m","n":null}"#).map(|a| a.choices), Ok(1));
     assert_eq!(ask(br#"{"model":"m","n":0}"#).map(|a| a.choices), Ok(1));
@@ -116,7 +123,7 @@ fn every_completion_asked_for_is_bounded() {
 
 #[test]
 fn a_stream_that_does_not_ask_for_its_usage_is_made_to() {
-    let add = |body: &[u8], path: &str| asked(Dialect::OpenAi, body, path).map(|a| a.add_include_usage);
+    let add = |body: &[u8], path: &str| asked(Dialect::OpenAi, body, path, &NONE).map(|a| a.add_include_usage);
     assert_eq!(add(br#"{"model":"m","stream":true}"#, CHAT), Ok(true));
     assert_eq!(add(br#"{"model":"m","stream":true}"#, "/v1/completions"), Ok(true));
     assert_eq!(add(br#"{"model":"m","stream":true,"stream_options":{"include_usage":true}}"#, CHAT), Ok(false));
@@ -126,7 +133,7 @@ fn a_stream_that_does_not_ask_for_its_usage_is_made_to() {
     assert!(add(br#"{"model":"m","stream":true,"stream_options":{}}"#, CHAT).is_err());
     // The responses API and Anthropic report usage in their streams without being asked.
     assert_eq!(add(br#"{"model":"m","stream":true}"#, "/v1/responses"), Ok(false));
-    assert!(asked(Dialect::Anthropic, br#"{"model":"m","stream":true}"#, "/v1/messages").is_ok_and(|a| !a.add_include_usage));
+    assert!(asked(Dialect::Anthropic, br#"{"model":"m","stream":true}"#, "/v1/messages", &NONE).is_ok_and(|a| !a.add_include_usage));
 }
 
 #[test]
@@ -150,7 +157,7 @@ fn input_the_vendor_fetches_itself_is_refused() {
         r#"{"model":"m","max_tokens":5,"tools":[{"type":"web_search_20250305","name":"web_search"}]}"#,
         r#"{"model":"m","max_tokens":5,"mcp_servers":[{"type":"url","url":"https://mcp.example"}]}"#,
     ] {
-        assert!(asked(Dialect::Anthropic, bad.as_bytes(), "/v1/messages").is_err(), "{bad}");
+        assert!(asked(Dialect::Anthropic, bad.as_bytes(), "/v1/messages", &NONE).is_err(), "{bad}");
     }
     // Inline content, the caller's own tools, and a completions prompt are in the body.
     for good in [
@@ -160,7 +167,7 @@ fn input_the_vendor_fetches_itself_is_refused() {
     ] {
         assert!(ask(good.as_bytes()).is_ok(), "{good}");
     }
-    assert!(asked(Dialect::Anthropic, br#"{"model":"m","tools":[{"name":"f","input_schema":{"type":"object"}}]}"#, "/v1/messages").is_ok());
+    assert!(asked(Dialect::Anthropic, br#"{"model":"m","tools":[{"name":"f","input_schema":{"type":"object"}}]}"#, "/v1/messages", &NONE).is_ok());
 }
 
 fn tariff(max_tokens: Option<u64>, with_default: bool) -> Tariff {
@@ -178,17 +185,17 @@ fn a_tariff_prices_each_model_and_refuses_the_unlisted() {
         t.models.get("gpt-4o").map(|m| (m.prices.input, m.prices.output, m.prices.cached_input, m.prices.cache_write)),
         Some((2_500_000, 10_000_000, 1_250_000, 0))
     );
-    let meter = |t: &Tariff, body: &[u8]| t.meter(body, CHAT).map(|(m, _)| m);
+    let meter = |t: &Tariff, body: &[u8]| t.meter(body, CHAT, &NONE).map(|(m, _)| m);
     let body = br#"{"model":"gpt-4o","max_tokens":100,"messages":[]}"#;
-    let (m, forwarded) = t.meter(body, CHAT).unwrap_or_else(|e| panic!("{e}"));
+    let (m, forwarded) = t.meter(body, CHAT, &NONE).unwrap_or_else(|e| panic!("{e}"));
     let input = body.len() as u64 + DEFAULT_OVERHEAD_TOKENS;
     assert_eq!(m.bound, bound(&t.models["gpt-4o"].prices, 100, input));
     assert_eq!((m.model.as_str(), m.stream, m.unlisted, forwarded), ("gpt-4o", false, false, None), "a call that states its limit goes as sent");
     // Without its own limit, the target's, written into the call; without either, refused.
-    let (m, forwarded) = t.meter(br#"{"model":"gpt-4o-mini","messages":[]}"#, CHAT).unwrap_or_else(|e| panic!("{e}"));
+    let (m, forwarded) = t.meter(br#"{"model":"gpt-4o-mini","messages":[]}"#, CHAT, &NONE).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(forwarded.as_deref(), Some(&br#"{"max_completion_tokens":1000,"model":"gpt-4o-mini","messages":[]}"#[..]));
     assert_eq!(m.bound, bound(&t.models["gpt-4o-mini"].prices, 1000, 63 + DEFAULT_OVERHEAD_TOKENS), "the forwarded body's bytes bound its input");
-    assert!(tariff(None, false).meter(br#"{"model":"gpt-4o-mini"}"#, CHAT).is_err());
+    assert!(tariff(None, false).meter(br#"{"model":"gpt-4o-mini"}"#, CHAT, &NONE).is_err());
     // An unlisted model is refused, or priced by the default, never free.
     assert!(meter(&t, br#"{"model":"gpt-5","max_tokens":1}"#).is_err());
     let m = meter(&tariff(Some(10), true), br#"{"model":"gpt-5","max_tokens":1}"#).unwrap_or_else(|e| panic!("{e}"));
@@ -202,7 +209,7 @@ fn a_tariff_prices_each_model_and_refuses_the_unlisted() {
 #[test]
 fn each_endpoint_is_bounded_by_the_limit_it_reads() {
     let t = tariff(Some(64), false);
-    let forwarded = |body: &[u8], path: &str| t.meter(body, path).map(|(m, f)| (m.bound, f.map(|f| String::from_utf8_lossy(&f).into_owned())));
+    let forwarded = |body: &[u8], path: &str| t.meter(body, path, &NONE).map(|(m, f)| (m.bound, f.map(|f| String::from_utf8_lossy(&f).into_owned())));
     // A limit the endpoint does not read is no limit: the endpoint's own is added.
     let (_, f) = forwarded(br#"{"model":"gpt-4o","max_output_tokens":5}"#, CHAT).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(f.as_deref(), Some(r#"{"max_completion_tokens":64,"model":"gpt-4o","max_output_tokens":5}"#));
@@ -232,12 +239,12 @@ fn images_cost_the_tokens_their_model_says() {
     let t = compile_tariff("c", "openai", Some(&raw), None, Some(10), Some(0)).unwrap_or_else(|e| panic!("{e:?}"));
     let image = r#"{"type":"image_url","image_url":{"url":"data:image/png;base64,iVBORw0KGgo="}}"#;
     let body = format!(r#"{{"model":"seeing","max_tokens":10,"messages":[{{"role":"user","content":[{image},{image}]}}]}}"#);
-    let (m, _) = t.meter(body.as_bytes(), CHAT).unwrap_or_else(|e| panic!("{e}"));
+    let (m, _) = t.meter(body.as_bytes(), CHAT, &NONE).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(m.bound, 10 + body.len() as u64 + 2 * 3000, "two images at 3000 tokens each");
-    assert!(t.meter(body.replace("seeing", "blind").as_bytes(), CHAT).is_err(), "a model without image_tokens refuses images");
+    assert!(t.meter(body.replace("seeing", "blind").as_bytes(), CHAT, &NONE).is_err(), "a model without image_tokens refuses images");
     let reference = br#"{"model":"seeing","max_output_tokens":5,"input":[{"type":"item_reference","id":"msg_1"}]}"#;
-    assert!(t.meter(reference, "/v1/responses").is_err(), "a stored item by id");
-    assert!(t.meter(br#"{"model":"seeing","max_tokens":5,"messages":[{"role":"assistant","audio":{"id":"audio_1"}}]}"#, CHAT).is_err());
+    assert!(t.meter(reference, "/v1/responses", &NONE).is_err(), "a stored item by id");
+    assert!(t.meter(br#"{"model":"seeing","max_tokens":5,"messages":[{"role":"assistant","audio":{"id":"audio_1"}}]}"#, CHAT, &NONE).is_err());
 }
 
 #[test]
@@ -330,4 +337,53 @@ fn the_responses_api_and_cumulative_deltas_are_read() {
     assert_eq!(stream(Dialect::Anthropic, claude, 3), Some(Usage { input: 500, cached_input: 0, cache_write: 0, cache_write_1h: 0, output: 30 }));
     // A delta before the start, or without its output count, is not a usage.
     assert_eq!(stream(Dialect::Anthropic, "data: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":3}}\ndata: {\"type\":\"message_stop\"}\n", 2), None);
+}
+
+#[test]
+fn limits_a_vendor_could_read_otherwise_are_refused() {
+    let t = tariff(Some(64), false);
+    let refused = |body: &str, path: &str| t.meter(body.as_bytes(), path, &NONE).is_err();
+    // `null` is the model's own limit at the vendor (and a member the gateway would add twice).
+    assert!(refused(r#"{"model":"gpt-4o","max_completion_tokens":null}"#, CHAT));
+    assert!(refused(r#"{"model":"gpt-4o","max_output_tokens":null}"#, "/v1/responses"));
+    assert!(refused(r#"{"model":"gpt-4o","max_tokens":null,"prompt":"x"}"#, "/v1/completions"));
+    assert!(refused(r#"{"model":"gpt-4o","max_tokens":0}"#, CHAT), "0 may read as the default");
+    assert!(refused(r#"{"model":"gpt-4o","stream":true,"stream_options":null,"max_tokens":5}"#, CHAT));
+    // Another name above the bound: a vendor routing the path otherwise would read it.
+    assert!(refused(r#"{"model":"gpt-4o","max_tokens":1,"max_completion_tokens":50000}"#, "/v1/completions"));
+    assert!(refused(r#"{"model":"gpt-4o","max_output_tokens":5,"max_tokens":9999}"#, "/v1/responses"));
+    assert!(refused(r#"{"model":"gpt-4o","max_output_tokens":5000}"#, CHAT), "above the 64 the gateway writes in");
+    // Output billed above the text price.
+    assert!(refused(r#"{"model":"gpt-4o","max_tokens":5,"modalities":["text","audio"]}"#, CHAT));
+    assert!(refused(r#"{"model":"gpt-4o","max_tokens":5,"prediction":{"type":"content","content":"x"}}"#, CHAT));
+    // The path's case does not change the endpoint.
+    assert_eq!(Endpoint::of(Dialect::OpenAi, "/v1/Chat/Completions"), Some(Endpoint::Chat));
+}
+
+#[test]
+fn a_copy_of_the_credential_in_any_string_is_found_however_escaped() {
+    let t = tariff(Some(64), true);
+    let forbidden = |s: &str| s.contains("SIGNATURE");
+    for body in [
+        r#"{"model":"\u0053IGNATURE","max_tokens":5}"#,
+        r#"{"model":"gpt-4o","max_tokens":5,"messages":[{"role":"user","content":"my token is \u0053IGNATURE"}]}"#,
+        r#"{"model":"gpt-4o","max_tokens":5,"metadata":{"SIGNATURE":"x"}}"#,
+    ] {
+        assert!(t.meter(body.as_bytes(), CHAT, &forbidden).is_err(), "{body}");
+    }
+    assert!(t.meter(br#"{"model":"gpt-4o","max_tokens":5}"#, CHAT, &forbidden).is_ok());
+}
+
+#[test]
+fn a_running_count_in_content_chunks_is_not_the_final_usage() {
+    // vLLM's continuous usage: every chunk carries the count so far; only the last, without
+    // choices, is the whole call's.
+    let running = "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":1}}\n\n";
+    let last = "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":40}}\n\n";
+    let mut s = StreamUsage::new(Dialect::OpenAi);
+    s.feed(running.as_bytes());
+    assert_eq!(s.usage(), None, "not settled on a running count");
+    s.feed(last.as_bytes());
+    assert_eq!(s.usage().map(|u| u.output), Some(40));
+    assert_eq!(stream(Dialect::OpenAi, running, 7), None, "cut after a running count: unread");
 }
