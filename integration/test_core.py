@@ -422,14 +422,15 @@ def test_garbage_from_the_store_gives_503_and_injects_nothing(gw, case):
 
 def test_module_exports_only_the_callbacks_it_handles():
     """Envoy enters the VM for every stream callback a module exports: dist/keyward.wasm exports the
-    Makefile's list, without the SDK's on_log, on_done and response-body callbacks it does not
-    handle; a stream's end is handled in proxy_on_delete. Request trailers are handled: they end a
-    body that is still to be decided."""
+    Makefile's list, without the SDK's on_log and on_done callbacks it does not handle; a stream's
+    end is handled in proxy_on_delete. Request trailers are handled: they end a body that is still
+    to be decided. Response bodies are handled: a model call's usage is read from them."""
     import sys
     sys.path.insert(0, str(harness.ROOT / "tools"))
     import trim_exports
     names = set(trim_exports.export_names(harness.WASM.read_bytes()))
     assert {"proxy_on_request_headers", "proxy_on_response_headers", "proxy_on_delete", "proxy_on_tick",
-            "proxy_on_http_call_response", "proxy_on_queue_ready", "proxy_on_request_body", "proxy_on_request_trailers"} <= names
-    assert not names & {"proxy_on_log", "proxy_on_done", "proxy_on_response_body",
+            "proxy_on_http_call_response", "proxy_on_queue_ready", "proxy_on_request_body", "proxy_on_request_trailers",
+            "proxy_on_response_body"} <= names
+    assert not names & {"proxy_on_log", "proxy_on_done",
                         "proxy_on_new_connection", "proxy_on_downstream_data", "proxy_on_upstream_data"}, names
