@@ -331,13 +331,16 @@ def test_the_responses_api_and_its_stream_are_priced(ai):
     assert all(e["usage"] == "read" for e in es)
 
 
+@pytest.mark.parametrize("rewritten", [False, True], ids=["as-sent", "limit-written-in"])
 @pytest.mark.parametrize("how", framing.WITH_BODY + framing.RESETS)
-def test_every_framing_is_priced_and_settled(ai, how):
+def test_every_framing_is_priced_and_settled(ai, how, rewritten):
     """HTTP/1.1 with a length, chunked, chunked with trailers; HTTP/2 with DATA and with trailers:
-    each is decided at its body's end and settled from its answer. A reset mid-body reaches
-    nothing and holds nothing."""
+    each is decided at its body's end and settled from its answer, also when the gateway writes
+    the target's output limit into it. A reset mid-body reaches nothing and holds nothing."""
     tok, jti = ai.token(spend=2_000)
     body = json.dumps({"model": "mini-1", "max_tokens": 7, "messages": [{"role": "user", "content": "hi"}]}).encode()
+    if rewritten:
+        body = json.dumps({"model": "mini-1", "messages": [{"role": "user", "content": "hi"}]}).encode()
     before = len(ai.seen)
     a = framing.send(ai.ports["hardened"], how, "POST", "/oai/v1/chat/completions",
                      {"authorization": f"Bearer {tok}", "content-type": "application/json"}, body)
@@ -348,6 +351,12 @@ def test_every_framing_is_priced_and_settled(ai, how):
         return
     assert a.status_code == 200, (a.status_code, a.body)
     (e,) = ai.entries(jti, 1)
+    if rewritten:
+        got = ai.seen[-1][3]
+        assert json.loads(got) == dict(json.loads(body), max_completion_tokens=256), got
+        assert int(ai.seen[-1][2]["content-length"]) == len(got)
+        assert e["usage"] == "read" and int(e["tokens_out"]) == 256, e
+        return
     assert (e["usage"], int(e["tokens_out"])) == ("read", 7), e
     assert ai.seen[-1][3] == body, "the vendor got the body intact"
 
