@@ -34,6 +34,11 @@ impl WasmHost {
     }
 }
 
+// The proxy-wasm ABI's buffer write (the SDK declares it too, and panics on its errors).
+extern "C" {
+    fn proxy_set_buffer_bytes(buffer_type: u32, start: usize, size: usize, buffer_data: *const u8, buffer_size: usize) -> u32;
+}
+
 fn failed(s: Status) -> HostError {
     match s {
         Status::CasMismatch => HostError::CasMismatch,
@@ -85,7 +90,15 @@ impl Host for WasmHost {
     }
 
     fn set_request_body(&mut self, size: usize, body: &[u8]) -> Result<(), HostError> {
-        hostcalls::set_buffer(BufferType::HttpRequestBody, 0, size, body).map_err(failed)
+        // The SDK's `hostcalls::set_buffer` panics on any status but Ok (a panic would cost the
+        // VM); the hostcall itself answers an error the lifecycle turns into a 503.
+        // SAFETY: the pointer and length are the slice's, valid for the call; the host copies.
+        let status = unsafe { proxy_set_buffer_bytes(BufferType::HttpRequestBody as u32, 0, size, body.as_ptr(), body.len()) };
+        if status == 0 {
+            Ok(())
+        } else {
+            Err(HostError::Failed)
+        }
     }
 
     fn request_headers(&mut self) -> Result<Headers, HostError> {

@@ -95,9 +95,8 @@ fn price(cfg: &Config, d: &Deferred, body: &[u8], secrets: &mut impl Secrets, au
             return Err(Denial::new(Code::BadRequest, "a priced method override needs the body in the form this target reads its cost from").into());
         }
     }
-    if cost.metered() && d.copies.0.holds(body) {
-        return Err(Denial::new(Code::BadRequest, "the body holds a copy of the credential").into());
-    }
+    // A model call's body is searched for a copy of its credential in every decoded string (the
+    // tariff's reading), however the JSON escapes it.
     let (priced, overrides) = cost.price_call(body, &d.vendor_path, &|s: &str| d.copies.0.holds(s.as_bytes())).map_err(unreadable)?;
     check(&overrides)?;
     audit.cost = Some(priced.cost);

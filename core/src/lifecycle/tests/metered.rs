@@ -92,6 +92,18 @@ fn respond(lc: &mut Lifecycle, host: &mut MemHost, ctx: ContextId, headers: &[(&
     }
 }
 
+/// A streamed answer that begins with `events` (not its end), then the stream goes away.
+fn stream_then_leave(lc: &mut Lifecycle, host: &mut MemHost, ctx: ContextId, events: &str) {
+    if let Some(s) = host.streams.get_mut(&ctx) {
+        s.response = SSE.iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())).collect();
+        s.response_body = events.as_bytes().to_vec();
+    }
+    host.current = ctx;
+    lc.handle(host, Event::Response(ctx));
+    lc.handle(host, Event::ResponseBody { ctx, size: events.len(), end: false });
+    lc.handle(host, Event::StreamGone(ctx));
+}
+
 const JSON: [(&str, &str); 2] = [(":status", "200"), ("content-type", "application/json")];
 const SSE: [(&str, &str); 2] = [(":status", "200"), ("content-type", "text/event-stream; charset=utf-8")];
 
@@ -184,14 +196,7 @@ fn a_stream_is_settled_once_it_has_said_its_usage_even_if_the_client_then_leaves
     let t = token_for(&host, "ai-9", r#"{"spend":1000}"#, "");
     let body = r#"{"model":"m1","max_tokens":40,"stream":true,"stream_options":{"include_usage":true}}"#;
     assert_eq!(call(&mut lc, &mut host, 10, "ai", &t, body), Action::Continue);
-    let events = "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":3}}\n\n";
-    if let Some(s) = host.streams.get_mut(&10) {
-        s.response = SSE.iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())).collect();
-        s.response_body = events.as_bytes().to_vec();
-    }
-    lc.handle(&mut host, Event::Response(10));
-    lc.handle(&mut host, Event::ResponseBody { ctx: 10, size: events.len(), end: false });
-    lc.handle(&mut host, Event::StreamGone(10));
+    stream_then_leave(&mut lc, &mut host, 10, "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":3}}\n\n");
     assert_eq!(spent(&host, "ai-9"), 5 + 6, "charged its usage; the client left before the vendor's end of stream");
     assert_eq!(host.counts.get("keyward_usage_unread_total;target=ai"), Some(&0));
 }
@@ -203,13 +208,7 @@ fn a_cut_stream_keeps_the_whole_reservation() {
     let t = token_for(&host, "ai-4", r#"{"spend":1000}"#, "");
     let body = r#"{"model":"m1","max_tokens":40,"stream":true,"stream_options":{"include_usage":true}}"#;
     assert_eq!(call(&mut lc, &mut host, 10, "ai", &t, body), Action::Continue);
-    if let Some(s) = host.streams.get_mut(&10) {
-        s.response = SSE.iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())).collect();
-        s.response_body = b"data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}],\"usage\":null}\n\n".to_vec();
-    }
-    lc.handle(&mut host, Event::Response(10));
-    lc.handle(&mut host, Event::ResponseBody { ctx: 10, size: 60, end: false });
-    lc.handle(&mut host, Event::StreamGone(10));
+    stream_then_leave(&mut lc, &mut host, 10, "data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}],\"usage\":null}\n\n");
     assert_eq!(spent(&host, "ai-4"), bound(body, 40));
     assert_eq!(host.counts.get("keyward_usage_unread_total;target=ai"), Some(&1), "counted as unread");
     // The next call on the same credential sees exactly that much gone.
