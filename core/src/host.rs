@@ -32,11 +32,10 @@ pub enum Action {
 pub type Headers = Vec<(String, Vec<u8>)>;
 
 pub trait Host {
-    /// Milliseconds since the epoch.
-    fn now_ms(&self) -> u64;
-    /// Microseconds since the epoch, from the same clock as `now_ms` (a request's decision reads
-    /// the clock once, here, and takes its milliseconds from it).
-    fn now_us(&self) -> u64;
+    /// Microseconds since the epoch, from the clock that gives each event its time. The
+    /// lifecycle decides with the event's time only; this is read to measure what the filter
+    /// itself adds within an event (the added-latency and cold-miss histograms).
+    fn clock_us(&self) -> u64;
 
     /// A shared-data entry and its CAS (`None`, `None`: the entry does not exist).
     fn shared_get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>);
@@ -49,7 +48,6 @@ pub trait Host {
     /// Ask for a root callback soon (the filter posts to its worker's shared queue). `false`:
     /// it cannot; the next tick serves instead.
     fn wake_root(&mut self) -> bool;
-    fn set_tick_period_ms(&mut self, ms: u64);
     fn set_effective_context(&mut self, ctx: ContextId) -> Result<(), HostError>;
 
     // The current stream.

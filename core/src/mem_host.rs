@@ -22,7 +22,6 @@ pub enum Effect {
         from: ContextId,
     },
     WakeRoot,
-    TickPeriod(u64),
     Resume(ContextId),
     /// A local reply: its status and the contract's error code (`error` in the body).
     Reply {
@@ -169,10 +168,19 @@ impl MemHost {
     }
 }
 
-impl Host for MemHost {
-    fn now_ms(&self) -> u64 {
+impl MemHost {
+    /// The test clock, in milliseconds.
+    pub fn now_ms(&self) -> u64 {
         self.clock.get()
     }
+
+    /// The test clock, in microseconds: the time a test gives each event.
+    pub fn now_us(&self) -> u64 {
+        self.clock.get() * 1000
+    }
+}
+
+impl Host for MemHost {
 
     fn request_body(&mut self, size: usize) -> Result<Vec<u8>, HostError> {
         let s = self.stream()?;
@@ -186,7 +194,7 @@ impl Host for MemHost {
         Ok(())
     }
 
-    fn now_us(&self) -> u64 {
+    fn clock_us(&self) -> u64 {
         self.clock.get() * 1000
     }
 
@@ -232,10 +240,6 @@ impl Host for MemHost {
         }
         self.effects.push(Effect::WakeRoot);
         true
-    }
-
-    fn set_tick_period_ms(&mut self, ms: u64) {
-        self.effects.push(Effect::TickPeriod(ms));
     }
 
     fn set_effective_context(&mut self, ctx: ContextId) -> Result<(), HostError> {

@@ -39,6 +39,11 @@ extern "C" {
     fn proxy_set_buffer_bytes(buffer_type: u32, start: usize, size: usize, buffer_data: *const u8, buffer_size: usize) -> u32;
 }
 
+/// Envoy's clock (microseconds since the epoch): each event's time, and the measuring clock.
+pub fn now_us() -> u64 {
+    hostcalls::get_current_time().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map_or(0, |d| d.as_micros() as u64)
+}
+
 fn failed(s: Status) -> HostError {
     match s {
         Status::CasMismatch => HostError::CasMismatch,
@@ -47,12 +52,8 @@ fn failed(s: Status) -> HostError {
 }
 
 impl Host for WasmHost {
-    fn now_ms(&self) -> u64 {
-        hostcalls::get_current_time().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map_or(0, |d| d.as_millis() as u64)
-    }
-
-    fn now_us(&self) -> u64 {
-        hostcalls::get_current_time().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map_or(0, |d| d.as_micros() as u64)
+    fn clock_us(&self) -> u64 {
+        now_us()
     }
 
     fn shared_get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
@@ -75,10 +76,6 @@ impl Host for WasmHost {
 
     fn wake_root(&mut self) -> bool {
         self.queue.is_some_and(|q| hostcalls::enqueue_shared_queue(q, Some(b"w")).is_ok())
-    }
-
-    fn set_tick_period_ms(&mut self, ms: u64) {
-        let _ = hostcalls::set_tick_period(Duration::from_millis(ms));
     }
 
     fn set_effective_context(&mut self, ctx: ContextId) -> Result<(), HostError> {

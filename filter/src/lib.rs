@@ -23,7 +23,7 @@ pub const GIT_HASH: &str = match option_env!("KEYWARD_GIT_HASH") {
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
     proxy_wasm::set_root_context(|root_id| -> Box<dyn RootContext> {
-        Box::new(Root { id: root_id, served: Cell::new(false), shared: Rc::new(RefCell::new(Worker { lc: Lifecycle::new(root_id), host: WasmHost::default() })) })
+        Box::new(Root { id: root_id, served: Cell::new(false), shared: Rc::new(RefCell::new(Worker { lc: Lifecycle::new(root_id), host: WasmHost::default(), tick_ms: 0 })) })
     });
 }}
 
@@ -31,11 +31,23 @@ proxy_wasm::main! {{
 struct Worker {
     lc: Lifecycle,
     host: WasmHost,
+    /// The tick period last asked of Envoy (proxy-wasm's timer is periodic).
+    tick_ms: u64,
 }
 
 impl Worker {
+    /// One event, at Envoy's time; then the tick period the lifecycle's state asks for.
     fn handle(&mut self, ev: Event) -> CoreAction {
-        self.lc.handle(&mut self.host, ev)
+        let a = self.lc.handle(host::now_us(), &mut self.host, ev);
+        self.set_tick();
+        a
+    }
+
+    fn set_tick(&mut self) {
+        let want = self.lc.tick_period_ms();
+        if want != self.tick_ms && proxy_wasm::hostcalls::set_tick_period(std::time::Duration::from_millis(want)).is_ok() {
+            self.tick_ms = want;
+        }
     }
 }
 
@@ -96,7 +108,8 @@ impl RootContext for Root {
                 log::warn!("could not register a wake-up queue; callouts wait for the tick");
             }
         }
-        w.lc.configure(&mut w.host, cfg);
+        w.lc.configure(host::now_us(), &mut w.host, cfg);
+        w.set_tick();
         w.host.metrics.report_memory();
         true
     }

@@ -162,7 +162,7 @@ fn lifecycle(n: usize) -> i32 {
         })
         .collect();
     let mut lc = Lifecycle::new(1);
-    lc.configure(&mut host, cfg);
+    lc.configure(host.now_us(), &mut host, cfg);
     let response: Vec<(String, Vec<u8>)> = [
         (":status", "200"),
         ("content-type", "application/json"),
@@ -192,25 +192,25 @@ fn lifecycle(n: usize) -> i32 {
         if let Some(s) = host.streams.get_mut(&ctx) {
             s.route = keyward_core::wire::pairs::encode(&[("target", "vendor"), ("prefix", "/v")]);
         }
-        let action = lc.handle(&mut host, Event::Request(ctx));
+        let action = lc.handle(host.now_us(), &mut host, Event::Request(ctx));
         if i == 0 {
             // The cold miss that warms the cache: the root sends the callout, the vault answers.
             host.current = 1;
-            lc.handle(&mut host, Event::Woken);
+            lc.handle(host.now_us(), &mut host, Event::Woken);
             let call = host.effects.iter().find_map(|e| if let Effect::Dispatch { call, .. } = e { Some(*call) } else { None });
             let body = br#"{"data":{"data":{"api_key":"sk_hotpath_0123456789abcdef"},"metadata":{"version":3}}}"#.to_vec();
             let Some(call) = call else { return 1 };
-            lc.handle(&mut host, Event::Answer { call, answer: Answer { status: Some(200), body: Some(body) } });
+            lc.handle(host.now_us(), &mut host, Event::Answer { call, answer: Answer { status: Some(200), body: Some(body) } });
             host.current = ctx;
         } else if action == Action::Continue {
             served += 1;
         }
-        lc.handle(&mut host, Event::RequestBody { ctx, size: 0, end: true });
+        lc.handle(host.now_us(), &mut host, Event::RequestBody { ctx, size: 0, end: true });
         if let Some(s) = host.streams.get_mut(&ctx) {
             s.response = response.clone();
         }
-        lc.handle(&mut host, Event::Response(ctx));
-        lc.handle(&mut host, Event::StreamGone(ctx));
+        lc.handle(host.now_us(), &mut host, Event::Response(ctx));
+        lc.handle(host.now_us(), &mut host, Event::StreamGone(ctx));
         host.streams.remove(&ctx);
         host.effects.clear();
     }

@@ -79,14 +79,14 @@ impl Lifecycle {
         }
         let Some(cfg) = self.cfg.clone() else { return };
         let (Some(st), Some(key)) = (cfg.store_of(slot), self.names.secrets.get(slot).cloned()) else { return };
-        let now_ms = host.now_ms();
+        let now_ms = self.now_us / 1000;
         let lease_ms = u64::from(st.timeout_ms) + LEASE_GRACE_MS;
         self.touch(slot);
         match shared::update::<SlotState>(host, &key, |s| s.take_lease(now_ms, lease_ms)) {
             Some(true) => {
                 self.set_fetch(slot, Fetch::Queued { retried: false });
                 if let Some(c) = self.slots.get_mut(slot) {
-                    c.queued_us = host.now_us();
+                    c.queued_us = self.now_us;
                 }
                 if self.in_root {
                     self.dispatch_slot(host, slot, false);
@@ -116,10 +116,10 @@ impl Lifecycle {
                 return;
             }
         };
-        let started_us = host.now_us();
+        let started_us = self.now_us;
         match self.send(host, &store::read_call(st, &spec.path, session.as_ref())) {
             Ok(call) => {
-                let sent_us = host.now_us();
+                let sent_us = self.now_us;
                 // The cold breakdown: the root's wake-up after the stream queued the fetch, then
                 // Envoy's dispatch itself (it starts the request on the vault's connection).
                 let queued_us = self.slots.get_mut(slot).map_or(0, |c| std::mem::take(&mut c.queued_us));
@@ -127,7 +127,7 @@ impl Lifecycle {
                     host.observe(Family::ColdUs, &["wake"], started_us.saturating_sub(queued_us));
                     host.observe(Family::ColdUs, &["dispatch"], sent_us.saturating_sub(started_us));
                 }
-                let deadline_ms = host.now_ms() + u64::from(st.timeout_ms) + CALL_GRACE_MS;
+                let deadline_ms = (self.now_us / 1000) + u64::from(st.timeout_ms) + CALL_GRACE_MS;
                 self.calls.insert(call, Purpose::Secret(slot));
                 self.set_fetch(slot, Fetch::InFlight { call, deadline_ms, session: generation, retried, sent_us });
             }
@@ -146,7 +146,7 @@ impl Lifecycle {
         }
         let Some(cfg) = self.cfg.clone() else { return };
         let (Some(spec), Some(st)) = (cfg.slots.get(slot), cfg.store_of(slot)) else { return };
-        let answered_us = host.now_us();
+        let answered_us = self.now_us;
         if answer.status.is_some() {
             host.observe(Family::StoreFetchUs, &[&st.name], answered_us.saturating_sub(sent_us));
         }
@@ -175,7 +175,7 @@ impl Lifecycle {
         self.set_fetch(slot, Fetch::Idle);
         let Some(cfg) = self.cfg.clone() else { return };
         let (Some(spec), Some(st), Some(key)) = (cfg.slots.get(slot), cfg.store_of(slot), self.names.secrets.get(slot).cloned()) else { return };
-        let now_ms = host.now_ms();
+        let now_ms = self.now_us / 1000;
         let outcome = match result {
             Ok(fetched) => {
                 host.metric(Metric::FetchOk);
@@ -211,12 +211,12 @@ impl Lifecycle {
         let waiting = self.parked_on(Wait::Secret(slot));
         let answered_us = self.slots.get_mut(slot).map_or(0, |c| std::mem::take(&mut c.answered_us));
         if answered_us != 0 && !waiting.is_empty() {
-            host.observe(Family::ColdUs, &["decode"], host.now_us().saturating_sub(answered_us));
+            host.observe(Family::ColdUs, &["decode"], host.clock_us().saturating_sub(answered_us));
         }
         for ctx in waiting {
-            let t0 = host.now_us();
+            let t0 = host.clock_us();
             self.resume(host, ctx);
-            host.observe(Family::ColdUs, &["resume"], host.now_us().saturating_sub(t0));
+            host.observe(Family::ColdUs, &["resume"], host.clock_us().saturating_sub(t0));
         }
     }
 

@@ -55,7 +55,4 @@ impl Lifecycle {
         self.names.secrets.get(slot).map(String::as_str)
     }
 
-    pub fn tick_period_ms(&self) -> u64 {
-        self.tick_ms
-    }
 }

@@ -46,7 +46,7 @@ impl Lifecycle {
     /// `direct_response` is the answer when the filter does not run (`keyward check-envoy`
     /// requires both).
     pub(super) fn issue_start(&mut self, host: &mut impl Host, ctx: ContextId, now_ms: u64) -> Action {
-        let started_us = host.now_us();
+        let started_us = self.now_us;
         let Some(cfg) = self.cfg.clone() else {
             return self.issue_refuse_now(host, Audit::default(), &Denial::new(Code::SecretUnavailable, "the gateway is not configured").retry_after(5));
         };
@@ -123,7 +123,7 @@ impl Lifecycle {
     fn issue_continue(&mut self, host: &mut impl Host, ctx: ContextId) -> Action {
         let (Some(cfg), Some(i)) = (self.cfg.clone(), self.issuing(ctx)) else { return Action::Pause };
         let Some(issuer) = cfg.issuer.as_ref() else { return Action::Pause };
-        let now_ms = host.now_ms();
+        let now_ms = self.now_us / 1000;
         let now_s = (now_ms / 1000) as i64;
         let scope = match i.grant.clone() {
             Some(Grant::AwsIam { proof, ask }) => {
@@ -220,7 +220,7 @@ impl Lifecycle {
         let now_s = (now_ms / 1000) as i64;
         self.issue_seq = self.issue_seq.wrapping_add(1);
         let body = self.issuing(ctx).map(|i| i.body.expose().to_vec()).unwrap_or_default();
-        let jti = grant::new_jti(&key, host.now_us(), self.root, self.issue_seq, &body);
+        let jti = grant::new_jti(&key, self.now_us, self.root, self.issue_seq, &body);
         let claims = grant::claims_json(scope, &jti, now_s, &cfg.policy.audience, cfg.policy.issuer.as_deref());
         let token = jwt::mint(&issuer.kid, &key, &claims);
         let Some(mut i) = self.take_issuing(ctx) else { return Action::Pause };
@@ -231,7 +231,7 @@ impl Lifecycle {
         i.audit.decision = "issued";
         write_audit(host, &i.audit);
         host.metric(Metric::Issued);
-        let added = host.now_us().saturating_sub(i.started_us);
+        let added = host.clock_us().saturating_sub(i.started_us);
         host.observe(Family::AddedUs, &["issued"], added);
         log::info!("issued {jti} to {} (until {})", scope.sub, scope.exp);
         let headers = [("content-type", "application/json".to_string()), ("cache-control", "no-store".to_string())];
@@ -275,7 +275,7 @@ impl Lifecycle {
             let Some(call) = self.issuing_mut(ctx).and_then(|i| i.call.take()) else { continue };
             match self.send(host, &call) {
                 Ok(id) => {
-                    let deadline_ms = host.now_ms() + u64::from(call.timeout_ms) + CALL_GRACE_MS;
+                    let deadline_ms = (self.now_us / 1000) + u64::from(call.timeout_ms) + CALL_GRACE_MS;
                     self.calls.insert(id, Purpose::Sts(ctx));
                     if let Some(i) = self.issuing_mut(ctx) {
                         i.step = IssueStep::StsInFlight { call: id, deadline_ms };

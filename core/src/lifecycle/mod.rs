@@ -86,6 +86,11 @@ pub struct Lifecycle {
     /// Credentials this worker verified, with the key that did (no HMAC or parse on a repeat).
     verified: VerifiedCache,
     tick_ms: u64,
+    /// When the last tick ran (milliseconds; the configuration's time before the first).
+    last_tick_ms: u64,
+    /// The time of the event being handled (microseconds since the epoch), given with it: every
+    /// decision of one event reads this one time.
+    now_us: u64,
     /// The event being handled is a root callback: callouts may be dispatched.
     in_root: bool,
     /// A root callback was asked for during this event.
@@ -118,6 +123,8 @@ impl Lifecycle {
             needles: HashMap::new(),
             verified: VerifiedCache::default(),
             tick_ms: 0,
+            last_tick_ms: 0,
+            now_us: 0,
             in_root: false,
             woke: false,
             current: root,
@@ -132,7 +139,8 @@ impl Lifecycle {
     /// and start the tick. Everything this worker knew of the previous configuration goes:
     /// callouts still in flight for it are ignored when they answer, and requests parked under it
     /// are answered by the next tick (they hold slots of the old configuration).
-    pub fn configure(&mut self, host: &mut impl Host, cfg: Config) {
+    pub fn configure(&mut self, now_us: u64, host: &mut impl Host, cfg: Config) {
+        self.now_us = now_us;
         let names = Names {
             secrets: cfg.slots.iter().map(|s| cfg.stores.get(s.store).map_or_else(String::new, |st| keys::secret(st, &s.path))).collect(),
             sessions: cfg.stores.iter().map(keys::session).collect(),
@@ -161,7 +169,7 @@ impl Lifecycle {
         self.generation += 1;
         self.cfg = Some(Rc::new(cfg));
         self.tick_ms = TICK_MS;
-        host.set_tick_period_ms(TICK_MS);
+        self.last_tick_ms = now_us / 1000;
         host.metric(Metric::VmConfigured);
         // Spend series exist from the start for every priced target (dashboards see a zero).
         if let Some(cfg) = self.cfg.clone() {
@@ -182,9 +190,24 @@ impl Lifecycle {
         self.cfg.is_some()
     }
 
-    /// Handle one event. The returned action matters for `Request` (continue or pause the
-    /// stream) and `Response`; root events return `Continue`.
-    pub fn handle(&mut self, host: &mut impl Host, ev: Event) -> Action {
+    /// When this lifecycle next wants a `Tick` (milliseconds since the epoch); `None` before a
+    /// configuration. A tick may come later (a host's timer is coarse) or earlier: the tick does
+    /// what is due at the time it is given.
+    pub fn next_deadline_ms(&self) -> Option<u64> {
+        self.cfg.as_ref().map(|_| self.last_tick_ms.saturating_add(self.tick_ms))
+    }
+
+    /// The tick period this state asks for (shorter while this worker waits for another worker,
+    /// a callout or the fleet ledger), for hosts whose timer is periodic.
+    pub fn tick_period_ms(&self) -> u64 {
+        self.tick_ms
+    }
+
+    /// Handle one event at `now_us` (microseconds since the epoch: the host's clock, read once for
+    /// the event). The returned action matters for `Request` (continue or pause the stream) and
+    /// `Response`; root events return `Continue`.
+    pub fn handle(&mut self, now_us: u64, host: &mut impl Host, ev: Event) -> Action {
+        self.now_us = now_us;
         self.woke = false;
         match ev {
             Event::Request(ctx) => {
@@ -294,7 +317,7 @@ impl Lifecycle {
         host.metric(Metric::Undecided);
         self.streams.insert(ctx, Stream::Answered);
         let d = crate::response::Denial::new(crate::response::Code::SecretUnavailable, "the gateway could not decide this request").retry_after(5);
-        request::finish_deny(host, &crate::record::Audit { decision: d.code.as_str(), ..Default::default() }, &d, host.now_us())
+        request::finish_deny(host, &crate::record::Audit { decision: d.code.as_str(), ..Default::default() }, &d, self.now_us)
     }
 
     /// A root event: as the root, do `work`, then send what is queued and set the tick.
@@ -379,11 +402,11 @@ impl Lifecycle {
         self.pump_issuing(host);
         self.pump_ledger(host);
         if self.issuances() > 0 {
-            let now_ms = host.now_ms();
+            let now_ms = self.now_us / 1000;
             self.tick_issuing(host, now_ms);
         }
         if self.waits_for_revocation() && self.revocations.refresh == Refresh::Idle {
-            let now_ms = host.now_ms();
+            let now_ms = self.now_us / 1000;
             self.tick_revocation(host, now_ms);
         }
     }
@@ -402,11 +425,7 @@ impl Lifecycle {
             || self.issuances() > 0
             || !self.to_resume.is_empty()
             || self.ledger_waiting();
-        let want = if waiting { FAST_TICK_MS } else { TICK_MS };
-        if want != self.tick_ms {
-            self.tick_ms = want;
-            host.set_tick_period_ms(want);
-        }
+        self.tick_ms = if waiting { FAST_TICK_MS } else { TICK_MS };
     }
 
     /// Periodic work (a root event).
@@ -414,7 +433,8 @@ impl Lifecycle {
         if self.cfg.is_none() {
             return;
         }
-        let now_ms = host.now_ms();
+        let now_ms = self.now_us / 1000;
+        self.last_tick_ms = now_ms;
         self.expire_calls(host, now_ms);
         self.tick_sessions(host, now_ms);
         self.tick_revocation(host, now_ms);

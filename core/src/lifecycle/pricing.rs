@@ -18,7 +18,7 @@ impl Lifecycle {
     /// `None`: the trailers ended it, and what is buffered is read).
     pub(super) fn price_body(&mut self, host: &mut impl Host, ctx: ContextId, size: Option<usize>, end: bool) -> Action {
         let Some(Stream::Pricing { pricing: p, .. }) = self.streams.get(&ctx) else { return Action::Continue };
-        let started_us = host.now_us().saturating_sub(p.header_us);
+        let started_us = host.clock_us().saturating_sub(p.header_us);
         let cfg = self.cfg.clone().filter(|_| p.generation == self.generation);
         let max = cfg.as_ref().and_then(|c| c.targets.get(p.deferred.target)).and_then(|t| t.cost.as_ref()).map(|c| c.max_body);
         let refusal = match (max, size) {
@@ -67,12 +67,12 @@ impl Lifecycle {
     /// Price and admit a request whose body has ended (`resumed`: it waited for the fleet ledger,
     /// and is answered by resuming it, from a root event).
     fn decide_priced(&mut self, host: &mut impl Host, ctx: ContextId, mut pricing: Box<Pricing>, served: Served, body: Vec<u8>, resumed: bool) -> Action {
-        let started_us = host.now_us().saturating_sub(pricing.header_us);
+        let started_us = host.clock_us().saturating_sub(pricing.header_us);
         let Some(cfg) = self.cfg.clone().filter(|_| pricing.generation == self.generation) else {
             self.abandon(host, ctx, &pricing.admitted);
             return self.refuse_priced(host, ctx, pricing.audit, None, started_us);
         };
-        let now_ms = host.now_ms();
+        let now_ms = self.now_us / 1000;
         let mut audit = pricing.audit.clone();
         let (priced, made) = {
             let prior = std::mem::take(&mut pricing.admitted);
@@ -148,7 +148,7 @@ impl Lifecycle {
             let Some(Stream::Pricing { pricing, .. }) = self.streams.remove(&ctx) else { continue };
             self.abandon(host, ctx, &pricing.admitted);
             if self.enter(host, ctx).is_ok() {
-                let started_us = host.now_us().saturating_sub(pricing.header_us);
+                let started_us = host.clock_us().saturating_sub(pricing.header_us);
                 let d = Denial::new(Code::SecretUnavailable, "the spend ledger did not answer in time").retry_after(5);
                 self.refuse_priced(host, ctx, pricing.audit, Some(d), started_us);
             }

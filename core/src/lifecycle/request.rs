@@ -81,12 +81,12 @@ impl Lifecycle {
         let Some(cfg) = self.cfg.clone() else {
             // No valid configuration: fail closed.
             let d = Denial::new(Code::SecretUnavailable, "the gateway is not configured").retry_after(5);
-            let started_us = parked.map_or_else(|| host.now_us(), |p| p.started_us);
+            let started_us = parked.map_or_else(|| self.now_us, |p| p.started_us);
             return self.deny(host, ctx, &Audit { decision: d.code.as_str(), ..Audit::default() }, &d, started_us);
         };
         let resumed = parked.is_some();
         // One clock read: the decision's time and, for a new request, when it started.
-        let now_us = host.now_us();
+        let now_us = self.now_us;
         let started_us = parked.as_ref().map_or(now_us, |p| p.started_us);
         let now_ms = now_us / 1000;
         let mut req = HostRequest::read(host);
@@ -105,7 +105,7 @@ impl Lifecycle {
         match decision.outcome {
             Outcome::Need(slot) => {
                 if !resumed {
-                    host.observe(Family::ColdUs, &["park"], host.now_us().saturating_sub(started_us));
+                    host.observe(Family::ColdUs, &["park"], self.now_us.saturating_sub(started_us));
                 }
                 let timeout = cfg.store_of(slot).map_or(2000, |s| u64::from(s.timeout_ms));
                 let deadline_ms = parked.map_or(now_ms + timeout + PARK_GRACE_MS, |p| p.deadline_ms);
@@ -149,7 +149,7 @@ impl Lifecycle {
                     // Its cost is in the body: decided (and recorded) at the body's end. Who asked
                     // is recorded now, so a request that never ends is in the access log too.
                     write_who(host, &audit);
-                    let header_us = host.now_us().saturating_sub(started_us);
+                    let header_us = host.clock_us().saturating_sub(started_us);
                     let pricing = Box::new(Pricing {
                         deferred,
                         audit,
@@ -289,7 +289,7 @@ impl Lifecycle {
         let cfg = served.cfg.clone();
         let (Some(spec), Some(key)) = (cfg.slots.get(served.slot), self.names.secrets.get(served.slot).cloned()) else { return };
         let t = self.timing;
-        let now_ms = host.now_ms();
+        let now_ms = self.now_us / 1000;
         if let Some(l) = self.slots.get_mut(served.slot).and_then(|s| s.local.as_mut()) {
             l.checked_ms = 0;
         }
@@ -366,7 +366,7 @@ enum Part {
 pub(super) fn record_decision(host: &mut impl Host, audit: &Audit, started_us: u64) {
     host.count(Family::TargetRequests, &[audit.target.as_deref().unwrap_or("none"), audit.decision], 1);
     let outcome = if audit.decision == "allow" { audit.cache.unwrap_or("hit") } else { "denied" };
-    let added = host.now_us().saturating_sub(started_us);
+    let added = host.clock_us().saturating_sub(started_us);
     host.observe(Family::AddedUs, &[outcome], added);
 }
 

@@ -136,7 +136,7 @@ impl Lifecycle {
         let metadata = metadata && matches!(st.kind, crate::config::StoreKind::VaultKv2 { .. });
         match self.send(host, &call) {
             Ok(call) => {
-                let deadline_ms = host.now_ms() + u64::from(st.timeout_ms) + CALL_GRACE_MS;
+                let deadline_ms = (self.now_us / 1000) + u64::from(st.timeout_ms) + CALL_GRACE_MS;
                 self.calls.insert(call, Purpose::Revocation);
                 self.revocations.refresh = Refresh::InFlight { call, deadline_ms, session: session.map(|(_, g)| g), metadata };
             }
@@ -153,7 +153,7 @@ impl Lifecycle {
         let in_force = self.revocations.list.as_ref().map_or(0, |l| l.version);
         match store::current_version(answer.status, answer.body.as_deref().unwrap_or_default()) {
             Ok(v) if v == in_force => {
-                let now_ms = host.now_ms();
+                let now_ms = self.now_us / 1000;
                 let mut record = in_force.to_le_bytes().to_vec();
                 record.extend_from_slice(&now_ms.to_le_bytes());
                 if host.shared_set(&names.checked, &record, None).is_err() {
@@ -195,7 +195,7 @@ impl Lifecycle {
         let Some(rev) = &cfg.revocation else { return };
         let (Some(st), Some(names)) = (cfg.stores.get(rev.store), self.names.revocation.clone()) else { return };
         let (list_key, lease_key) = (names.list, names.lease);
-        let now_ms = host.now_ms();
+        let now_ms = self.now_us / 1000;
         let doc = match answer.body {
             None => Err(FetchError::Garbage(format!("answer is larger than {} bytes", store::MAX_LIST_BODY))),
             Some(b) => store::read_document_up_to(st, answer.status, &b, store::MAX_LIST_BODY),
@@ -253,7 +253,7 @@ impl Lifecycle {
         host.metric(Metric::RevocationError);
         // The next attempt (by any worker) in a second: soon, without hammering a failing store.
         if let Some(names) = self.names.revocation.clone() {
-            let retry_at = host.now_ms().saturating_add(RETRY_MS);
+            let retry_at = (self.now_us / 1000).saturating_add(RETRY_MS);
             let _ = host.shared_set(&names.lease, &retry_at.to_le_bytes(), None);
         }
         let (name, path) = self

@@ -25,7 +25,7 @@ impl Lifecycle {
     pub(super) fn auth_for(&self, host: &impl Host, store: usize) -> StoreAuth {
         let Some(Some(key)) = self.names.sessions.get(store) else { return StoreAuth::Configured };
         let st: SessionState = shared::read(host, key);
-        match st.session_token(host.now_ms()) {
+        match st.session_token(self.now_us / 1000) {
             Some((t, generation)) => StoreAuth::Session(t.clone(), generation),
             None => StoreAuth::Missing,
         }
@@ -39,7 +39,7 @@ impl Lifecycle {
         }
         let Some(cfg) = self.cfg.clone() else { return };
         let (Some(st), Some(Some(key))) = (cfg.stores.get(store), self.names.sessions.get(store).cloned()) else { return };
-        let now_ms = host.now_ms();
+        let now_ms = self.now_us / 1000;
         let lease_ms = u64::from(st.timeout_ms) + LEASE_GRACE_MS;
         let mut next = Next::Nothing;
         let mut has_token = false;
@@ -66,7 +66,7 @@ impl Lifecycle {
         let Some(cfg) = self.cfg.clone() else { return };
         let (Some(st), Some(Some(key))) = (cfg.stores.get(store), self.names.sessions.get(store)) else { return };
         let current: SessionState = shared::read(host, key);
-        let token = current.session_token(host.now_ms()).map(|(t, _)| t.clone());
+        let token = current.session_token(self.now_us / 1000).map(|(t, _)| t.clone());
         let (call, renewal) = match (&token, renewal) {
             (Some(t), true) => (Some(approle::renew_call(st, t)), true),
             _ => (approle::login_call(st), false),
@@ -74,7 +74,7 @@ impl Lifecycle {
         let Some(call) = call else { return };
         match self.send(host, &call) {
             Ok(id) => {
-                let deadline_ms = host.now_ms() + u64::from(st.timeout_ms) + CALL_GRACE_MS;
+                let deadline_ms = (self.now_us / 1000) + u64::from(st.timeout_ms) + CALL_GRACE_MS;
                 self.calls.insert(id, Purpose::Session(store));
                 if let Some(s) = self.sessions.get_mut(store) {
                     *s = SessionCall::InFlight { call: id, deadline_ms, renewal };
@@ -107,7 +107,7 @@ impl Lifecycle {
         }
         let Some(cfg) = self.cfg.clone() else { return };
         let (Some(st), Some(Some(key))) = (cfg.stores.get(store), self.names.sessions.get(store).cloned()) else { return };
-        let now_ms = host.now_ms();
+        let now_ms = self.now_us / 1000;
         let what = if renewal { "token renewal" } else { "AppRole login" };
         match &result {
             Ok(g) => {

@@ -42,7 +42,7 @@ impl Lifecycle {
         if let dynamo::Answer::Failed(why) = &read {
             log::warn!("ledger {} ({op} on {}): {why}", ledger.table, account.pk);
         }
-        let now_ms = host.now_ms();
+        let now_ms = self.now_us / 1000;
         let key = keys::ledger_slice(ledger, &account.pk);
         let gateway = self.ledger.gateway.clone().unwrap_or_default();
         match j.kind {

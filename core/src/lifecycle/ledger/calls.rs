@@ -37,7 +37,7 @@ impl Lifecycle {
         };
         let queued: Vec<u64> = self.ledger.jobs.iter().filter(|(_, j)| j.call.is_none()).map(|(i, _)| *i).collect();
         for job in queued {
-            let now_ms = host.now_ms();
+            let now_ms = self.now_us / 1000;
             let Some(call) = self.job_call(host, &ledger, job, now_ms) else { continue };
             match self.send(host, &call) {
                 Ok(call_id) => {
@@ -100,7 +100,7 @@ impl Lifecycle {
                     } else {
                         // Ids grow with time (microseconds: 53 bits, an exact number wherever the
                         // item is read), so that a replayed first grant never lands again.
-                        let id = (host.now_us() & ((1 << 53) - 1)).max(s.last_id + 1);
+                        let id = (self.now_us & ((1 << 53) - 1)).max(s.last_id + 1);
                         (Lease { id, seq: 1, granted: add, expires_s }, None, add)
                     }
                 };

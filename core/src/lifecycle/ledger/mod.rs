@@ -99,7 +99,7 @@ impl Lifecycle {
         }
         // The clock and the process's hash seed (which std draws from WASI `random_get` or the
         // OS): two Envoys started in the same microsecond still get different ids.
-        let seed = host.now_us() ^ (u64::from(self.root) << 48) ^ std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), self.root);
+        let seed = self.now_us ^ (u64::from(self.root) << 48) ^ std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), self.root);
         let mut gateway = None;
         for _ in 0..16 {
             let (bytes, cas) = host.shared_get(&keys::gateway_id(ledger));
@@ -164,7 +164,7 @@ impl Lifecycle {
         if let Some((mark, until_s)) = &need.direct {
             // The value names this charge: the clock and this worker, so that no two charges of
             // the same fingerprint share one (a refund removes its own charge only).
-            let nonce = host.now_us() ^ self.ledger.worker.unwrap_or(0).rotate_left(7);
+            let nonce = self.now_us ^ self.ledger.worker.unwrap_or(0).rotate_left(7);
             let mark = crate::ledger::Mark::new(mark.clone(), *until_s, nonce);
             if let Some(done) = self.ledger.results.remove(&(ctx, id)) {
                 return done;

@@ -71,10 +71,10 @@ impl Fleet {
             for (i, w) in pair.iter_mut().enumerate() {
                 let ctx = 5 + i as ContextId;
                 if send_request(&mut w.lc, &mut w.host, ctx) == Action::Pause {
-                    w.lc.handle(&mut w.host, Event::Woken);
+                    w.lc.handle(w.host.now_us(), &mut w.host, Event::Woken);
                     let effects = w.host.take();
                     if let Some(call) = effects.iter().find_map(|e| if let Effect::Dispatch { call, .. } = e { Some(*call) } else { None }) {
-                        w.lc.handle(&mut w.host, Event::Answer { call, answer: stripe_answer() });
+                        w.lc.handle(w.host.now_us(), &mut w.host, Event::Answer { call, answer: stripe_answer() });
                     }
                 }
                 w.host.take();
@@ -100,7 +100,7 @@ impl Fleet {
                 match e {
                     Effect::WakeRoot => {
                         let w = self.w(at);
-                        w.lc.handle(&mut w.host, Event::Woken);
+                        w.lc.handle(w.host.now_us(), &mut w.host, Event::Woken);
                     }
                     Effect::Dispatch { call, cluster, .. } if cluster == "ledger" => self.in_flight.push((at.0, at.1, call)),
                     Effect::Resume(ctx) => self.decided(at, ctx, true),
@@ -150,7 +150,7 @@ impl Fleet {
             for w in 0..2 {
                 let at = (g, w);
                 let wk = self.w(at);
-                wk.lc.handle(&mut wk.host, Event::Tick);
+                wk.lc.handle(wk.host.now_us(), &mut wk.host, Event::Tick);
                 self.collect(at);
             }
         }
@@ -173,7 +173,7 @@ impl Fleet {
             _ => self.table.serve(&sent),
         };
         let wk = &mut self.gateways[g][w];
-        wk.lc.handle(&mut wk.host, Event::Answer { call, answer });
+        wk.lc.handle(wk.host.now_us(), &mut wk.host, Event::Answer { call, answer });
         self.collect((g, w));
     }
 }
@@ -209,7 +209,7 @@ fn a_fleet_never_admits_more_than_a_credentials_caps_in_any_interleaving() {
                     let wk = fleet.w(at);
                     assert_eq!(pay_headers(&mut wk.lc, &mut wk.host, ctx, &tokens[account], &body, &extra), Action::Continue);
                     wk.host.current = ctx;
-                    if wk.lc.handle(&mut wk.host, Event::RequestBody { ctx, size: body.len(), end: true }) == Action::Continue {
+                    if wk.lc.handle(wk.host.now_us(), &mut wk.host, Event::RequestBody { ctx, size: body.len(), end: true }) == Action::Continue {
                         fleet.decided(at, ctx, true);
                     }
                     fleet.collect(at);
@@ -239,7 +239,7 @@ fn a_fleet_never_admits_more_than_a_credentials_caps_in_any_interleaving() {
                     next_ctx += 1;
                     let wk = fleet.w((g, 0));
                     wk.host.open_route(ctx, &[("endpoint", "drain")], &[(":method", "POST"), (":path", "/keyward/drain")]);
-                    wk.lc.handle(&mut wk.host, Event::Request(ctx));
+                    wk.lc.handle(wk.host.now_us(), &mut wk.host, Event::Request(ctx));
                     let body = wk.host.streams[&ctx].reply_body.clone().unwrap_or_default();
                     assert!(json::parse(body.as_bytes()).is_ok_and(|v| v.get("returning").is_some()), "{body}");
                     fleet.collect((g, 0));

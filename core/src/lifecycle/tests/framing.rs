@@ -19,26 +19,26 @@ fn trailers_end_a_priced_body() {
     assert_eq!(state(&host, 10, "keyward.subject").as_deref(), Some("lambda/pay"), "who asked is recorded with the headers");
     assert_eq!(state(&host, 10, "keyward.jti").as_deref(), Some("tr-1"));
     // The last data frame does not say it is the last: the trailers do.
-    assert_eq!(lc.handle(&mut host, Event::RequestBody { ctx: 10, size: 24, end: false }), Action::Pause);
-    assert_eq!(lc.handle(&mut host, Event::RequestTrailers(10)), Action::Pause);
+    assert_eq!(lc.handle(host.now_us(), &mut host, Event::RequestBody { ctx: 10, size: 24, end: false }), Action::Pause);
+    assert_eq!(lc.handle(host.now_us(), &mut host, Event::RequestTrailers(10)), Action::Pause);
     assert_eq!(replies(&host.take()), vec![(10, 429, "spend_exhausted".into())]);
     assert_eq!(state(&host, 10, "keyward.decision").as_deref(), Some("spend_exhausted"));
     // What fits is reserved at the trailers, and goes on by a resume from the root: the body
     // held here passes before the trailers, whatever Envoy had buffered before.
     assert_eq!(pay_headers(&mut lc, &mut host, 11, &t, "amount=600&currency=usd", &[]), Action::Continue);
-    assert_eq!(lc.handle(&mut host, Event::RequestBody { ctx: 11, size: 23, end: false }), Action::Pause);
-    assert_eq!(lc.handle(&mut host, Event::RequestTrailers(11)), Action::Pause);
+    assert_eq!(lc.handle(host.now_us(), &mut host, Event::RequestBody { ctx: 11, size: 23, end: false }), Action::Pause);
+    assert_eq!(lc.handle(host.now_us(), &mut host, Event::RequestTrailers(11)), Action::Pause);
     assert_eq!(spent(&host, "tr-1"), 600);
     assert_eq!(lc.stream(11).map(Stream::name), Some("allowed"));
     assert_eq!(host.take(), vec![Effect::WakeRoot]);
-    lc.handle(&mut host, Event::Woken);
+    lc.handle(host.now_us(), &mut host, Event::Woken);
     assert!(host.take().contains(&Effect::Resume(11)));
     // A stream that went away meanwhile is not resumed.
     assert_eq!(pay_headers(&mut lc, &mut host, 12, &t, "amount=1&currency=usd", &[]), Action::Continue);
-    assert_eq!(lc.handle(&mut host, Event::RequestTrailers(12)), Action::Pause);
-    lc.handle(&mut host, Event::StreamGone(12));
+    assert_eq!(lc.handle(host.now_us(), &mut host, Event::RequestTrailers(12)), Action::Pause);
+    lc.handle(host.now_us(), &mut host, Event::StreamGone(12));
     host.close(12);
-    lc.handle(&mut host, Event::Woken);
+    lc.handle(host.now_us(), &mut host, Event::Woken);
     assert!(!host.take().contains(&Effect::Resume(12)));
 }
 
@@ -50,7 +50,7 @@ fn a_body_ended_by_trailers_is_read_up_to_the_bound() {
     let big = format!("amount=1&currency=usd&d={}", "x".repeat(300));
     assert_eq!(pay_headers(&mut lc, &mut host, 10, &t, &big, &[]), Action::Continue);
     // Envoy never said how much was buffered: the trailers arrive with all of it.
-    assert_eq!(lc.handle(&mut host, Event::RequestTrailers(10)), Action::Pause);
+    assert_eq!(lc.handle(host.now_us(), &mut host, Event::RequestTrailers(10)), Action::Pause);
     assert_eq!(replies(&host.take()), vec![(10, 413, "body_too_large".into())]);
     assert_eq!(spent(&host, "tr-2"), 0);
 }
@@ -61,18 +61,18 @@ fn a_stream_never_decided_is_refused_and_counted_never_let_through() {
     let mut lc = warm_worker(&mut host);
     // Body and trailer events for streams the lifecycle has no decision for.
     host.open(20, "stripe", &[(":method", "POST"), (":path", "/v1/x")]);
-    assert_eq!(lc.handle(&mut host, Event::RequestBody { ctx: 20, size: 10, end: true }), Action::Pause);
+    assert_eq!(lc.handle(host.now_us(), &mut host, Event::RequestBody { ctx: 20, size: 10, end: true }), Action::Pause);
     host.open(21, "stripe", &[(":method", "POST"), (":path", "/v1/x")]);
-    assert_eq!(lc.handle(&mut host, Event::RequestTrailers(21)), Action::Pause);
+    assert_eq!(lc.handle(host.now_us(), &mut host, Event::RequestTrailers(21)), Action::Pause);
     assert_eq!(replies(&host.take()), vec![(20, 503, "secret_unavailable".into()), (21, 503, "secret_unavailable".into())]);
     assert_eq!(host.count(Metric::Undecided), 2);
     // A refused request stays refused: its later parts go nowhere.
     let t = capped(&host, "tr-3", r#"{"spend":10}"#, "");
     assert_eq!(pay_headers(&mut lc, &mut host, 22, &t, "amount=abc&currency=usd", &[]), Action::Continue);
-    assert_eq!(lc.handle(&mut host, Event::RequestBody { ctx: 22, size: 23, end: true }), Action::Pause);
+    assert_eq!(lc.handle(host.now_us(), &mut host, Event::RequestBody { ctx: 22, size: 23, end: true }), Action::Pause);
     assert_eq!(replies(&host.take()), vec![(22, 400, "bad_request".into())]);
-    assert_eq!(lc.handle(&mut host, Event::RequestBody { ctx: 22, size: 30, end: true }), Action::Pause);
-    assert_eq!(lc.handle(&mut host, Event::RequestTrailers(22)), Action::Pause);
+    assert_eq!(lc.handle(host.now_us(), &mut host, Event::RequestBody { ctx: 22, size: 30, end: true }), Action::Pause);
+    assert_eq!(lc.handle(host.now_us(), &mut host, Event::RequestTrailers(22)), Action::Pause);
     assert_eq!(host.count(Metric::Undecided), 2, "answered is decided");
     assert!(host.take().is_empty());
 }
@@ -92,9 +92,9 @@ fn the_issuing_endpoint_reads_a_body_ended_by_trailers() {
     if let Some(s) = host.streams.get_mut(&10) {
         s.body = body.as_bytes().to_vec();
     }
-    assert_eq!(lc.handle(&mut host, Event::Request(10)), Action::Continue);
-    assert_eq!(lc.handle(&mut host, Event::RequestBody { ctx: 10, size: body.len(), end: false }), Action::Pause);
-    assert_eq!(lc.handle(&mut host, Event::RequestTrailers(10)), Action::Pause);
+    assert_eq!(lc.handle(host.now_us(), &mut host, Event::Request(10)), Action::Continue);
+    assert_eq!(lc.handle(host.now_us(), &mut host, Event::RequestBody { ctx: 10, size: body.len(), end: false }), Action::Pause);
+    assert_eq!(lc.handle(host.now_us(), &mut host, Event::RequestTrailers(10)), Action::Pause);
     assert_eq!(replies(&host.take()), vec![(10, 200, String::new())]);
     assert_eq!(host.count(Metric::Issued), 1);
     assert!(!host.take().contains(&Effect::WakeRoot), "answered: nothing to resume");
@@ -123,8 +123,8 @@ fn a_free_request_whose_body_names_a_priced_method_is_priced() {
         if let Some(s) = host.streams.get_mut(&ctx) {
             s.body = body.as_bytes().to_vec();
         }
-        assert_eq!(lc.handle(&mut host, Event::Request(ctx)), Action::Continue, "a free request with a body is read too");
-        let got = lc.handle(&mut host, Event::RequestBody { ctx, size: body.len(), end: true });
+        assert_eq!(lc.handle(host.now_us(), &mut host, Event::Request(ctx)), Action::Continue, "a free request with a body is read too");
+        let got = lc.handle(host.now_us(), &mut host, Event::RequestBody { ctx, size: body.len(), end: true });
         match want {
             Some(a) => assert_eq!(got, a, "{body}"),
             None => assert_eq!(replies(&host.take()), vec![(ctx, 429, "spend_exhausted".into())], "{body}"),
@@ -148,8 +148,8 @@ fn a_free_request_whose_body_names_a_priced_method_is_priced() {
     if let Some(s) = host.streams.get_mut(&13) {
         s.body = b"_method=DELETE".to_vec();
     }
-    assert_eq!(lc.handle(&mut host, Event::Request(13)), Action::Continue);
-    assert_eq!(lc.handle(&mut host, Event::RequestBody { ctx: 13, size: 14, end: true }), Action::Pause);
+    assert_eq!(lc.handle(host.now_us(), &mut host, Event::Request(13)), Action::Continue);
+    assert_eq!(lc.handle(host.now_us(), &mut host, Event::RequestBody { ctx: 13, size: 14, end: true }), Action::Pause);
     assert_eq!(replies(&host.take()), vec![(13, 403, "forbidden".into())]);
 }
 
@@ -170,9 +170,9 @@ fn a_parent_and_its_children_never_exceed_the_parents_limits_in_any_interleaving
         for (i, (lc, host)) in workers.iter_mut().zip([&mut h1, &mut h2]).enumerate() {
             let ctx = 5 + i as ContextId;
             if send_request(lc, host, ctx) == Action::Pause {
-                lc.handle(host, Event::Woken);
+                lc.handle(host.now_us(), host, Event::Woken);
                 let call = only_call(&host.take());
-                lc.handle(host, Event::Answer { call, answer: stripe_answer() });
+                lc.handle(host.now_us(), host, Event::Answer { call, answer: stripe_answer() });
             }
             host.take();
         }
@@ -206,7 +206,7 @@ fn a_parent_and_its_children_never_exceed_the_parents_limits_in_any_interleaving
             let ctx = 100 + n;
             assert_eq!(pay_headers(lc, host, ctx, &tok, &body, &[]), Action::Continue);
             host.current = ctx;
-            if lc.handle(host, Event::RequestBody { ctx, size: body.len(), end: true }) == Action::Continue {
+            if lc.handle(host.now_us(), host, Event::RequestBody { ctx, size: body.len(), end: true }) == Action::Continue {
                 allowed += 1;
                 allowed_spend += amount;
             } else {
@@ -233,9 +233,9 @@ fn a_parents_budget_outlives_the_children_that_spent_it() {
     let mut host = MemHost::new(ROOT);
     let mut lc = worker(&mut host, cfg);
     if send_request(&mut lc, &mut host, 5) == Action::Pause {
-        lc.handle(&mut host, Event::Woken);
+        lc.handle(host.now_us(), &mut host, Event::Woken);
         let call = only_call(&host.take());
-        lc.handle(&mut host, Event::Answer { call, answer: stripe_answer() });
+        lc.handle(host.now_us(), &mut host, Event::Answer { call, answer: stripe_answer() });
     }
     host.take();
     let k2 = HmacKey::new(K2).unwrap_or_else(|e| panic!("{e}"));
@@ -254,7 +254,7 @@ fn a_parents_budget_outlives_the_children_that_spent_it() {
     };
     let pay1 = |lc: &mut Lifecycle, host: &mut MemHost, ctx: ContextId, tok: &str| {
         assert_eq!(pay_headers(lc, host, ctx, tok, "amount=1000&currency=usd", &[]), Action::Continue);
-        lc.handle(host, Event::RequestBody { ctx, size: 24, end: true })
+        lc.handle(host.now_us(), host, Event::RequestBody { ctx, size: 24, end: true })
     };
     assert_eq!(pay1(&mut lc, &mut host, 10, &child(1, now_s)), Action::Continue);
     // Long after the first child (and its clock skew) ended, a new child finds the budget spent.

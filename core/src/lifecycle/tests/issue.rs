@@ -23,8 +23,8 @@ fn issue(lc: &mut Lifecycle, host: &mut MemHost, ctx: ContextId, auth: Option<&s
     if let Some(s) = host.streams.get_mut(&ctx) {
         s.body = body.as_bytes().to_vec();
     }
-    assert_eq!(lc.handle(host, Event::Request(ctx)), Action::Continue, "the headers go on to the buffer filter; the body comes to Keyward");
-    lc.handle(host, Event::RequestBody { ctx, size: body.len(), end: true })
+    assert_eq!(lc.handle(host.now_us(), host, Event::Request(ctx)), Action::Continue, "the headers go on to the buffer filter; the body comes to Keyward");
+    lc.handle(host.now_us(), host, Event::RequestBody { ctx, size: body.len(), end: true })
 }
 
 fn issued_claims(host: &MemHost, ctx: ContextId) -> jwt::Claims {
@@ -53,11 +53,11 @@ fn attenuate_issues_a_child_within_its_parent() {
     let child = host.streams[&10].reply_body.clone().unwrap_or_default();
     let child = crate::wire::json::parse(child.as_bytes()).ok().and_then(|v| v.get("token").and_then(|t| t.as_str().map(str::to_string))).unwrap_or_default();
     let call = cold_fetch(&mut lc, &mut host, 11);
-    lc.handle(&mut host, Event::Answer { call, answer: stripe_answer() });
+    lc.handle(host.now_us(), &mut host, Event::Answer { call, answer: stripe_answer() });
     host.take();
     assert_eq!(request(&mut lc, &mut host, 12, &child), Action::Continue);
     host.open(13, "stripe", &[(":method", "DELETE"), (":path", "/v1/charges"), ("authorization", &format!("Bearer {child}"))]);
-    lc.handle(&mut host, Event::Request(13));
+    lc.handle(host.now_us(), &mut host, Event::Request(13));
     assert_eq!(replies(&host.take()), vec![(13, 403, "forbidden".to_string())]);
 }
 
@@ -85,13 +85,13 @@ fn attenuate_refusals() {
     assert_eq!(host.count(Metric::IssueDenied(crate::response::Code::Forbidden)), 2);
     // Not POST, or not JSON: refused at the headers.
     host.open_route(40, &[("endpoint", "issue")], &[(":method", "GET"), (":path", "/keyward/v1/credentials")]);
-    lc.handle(&mut host, Event::Request(40));
+    lc.handle(host.now_us(), &mut host, Event::Request(40));
     assert_eq!(replies(&host.take()), vec![(40, 400, "bad_request".to_string())]);
     // A gateway without an issuer does not issue.
     let mut h2 = host.worker(ROOT + 1);
     let mut plain = worker(&mut h2, config());
     h2.open_route(41, &[("endpoint", "issue")], &[(":method", "POST"), (":path", "/x"), ("content-type", "application/json")]);
-    plain.handle(&mut h2, Event::Request(41));
+    plain.handle(h2.now_us(), &mut h2, Event::Request(41));
     assert_eq!(replies(&h2.take()), vec![(41, 403, "unknown_target".to_string())]);
 }
 
@@ -114,11 +114,11 @@ fn aws_iam_goes_to_sts_from_the_root_and_maps_the_role() {
     let mut lc = worker(&mut host, config_with(BAO, &sts_issuer()));
     assert_eq!(issue(&mut lc, &mut host, 10, None, &proof_body("kw-test")), Action::Pause);
     assert_eq!(host.take(), vec![Effect::WakeRoot], "the stream asks the root to send the proof");
-    lc.handle(&mut host, Event::Woken);
+    lc.handle(host.now_us(), &mut host, Event::Woken);
     let effects = host.take();
     assert!(effects.iter().any(|e| matches!(e, Effect::Dispatch { cluster, from: ROOT, .. } if cluster == "sts")), "{effects:?}");
     let call = only_call(&effects);
-    lc.handle(&mut host, Event::Answer { call, answer: sts_ok("arn:aws:sts::123456789012:assumed-role/checkout/i-1") });
+    lc.handle(host.now_us(), &mut host, Event::Answer { call, answer: sts_ok("arn:aws:sts::123456789012:assumed-role/checkout/i-1") });
     assert_eq!(replies(&host.take()), vec![(10, 200, String::new())]);
     let c = issued_claims(&host, 10);
     assert_eq!(c.sub, "lambda/checkout");
@@ -146,27 +146,27 @@ fn aws_iam_refusals_and_a_hanging_sts() {
     for (i, (answer, status, code)) in outcomes.into_iter().enumerate() {
         let ctx = 20 + i as u32;
         issue(&mut lc, &mut host, ctx, None, &proof_body("kw-test"));
-        lc.handle(&mut host, Event::Woken);
+        lc.handle(host.now_us(), &mut host, Event::Woken);
         let call = only_call(&host.take());
-        lc.handle(&mut host, Event::Answer { call, answer });
+        lc.handle(host.now_us(), &mut host, Event::Answer { call, answer });
         assert_eq!(replies(&host.take()), vec![(ctx, status, code.to_string())]);
     }
     // STS hangs: 503 by the deadline, and the late answer is ignored.
     issue(&mut lc, &mut host, 30, None, &proof_body("kw-test"));
-    lc.handle(&mut host, Event::Woken);
+    lc.handle(host.now_us(), &mut host, Event::Woken);
     let call = only_call(&host.take());
     host.advance(1000 + 600);
-    lc.handle(&mut host, Event::Tick);
+    lc.handle(host.now_us(), &mut host, Event::Tick);
     assert_eq!(replies(&host.take()), vec![(30, 503, "secret_unavailable".to_string())]);
-    lc.handle(&mut host, Event::Answer { call, answer: sts_ok("arn:aws:sts::123456789012:assumed-role/checkout/i-1") });
+    lc.handle(host.now_us(), &mut host, Event::Answer { call, answer: sts_ok("arn:aws:sts::123456789012:assumed-role/checkout/i-1") });
     assert!(replies(&host.take()).is_empty());
     // A client that leaves while STS works: nothing is answered, nothing stalls.
     issue(&mut lc, &mut host, 31, None, &proof_body("kw-test"));
-    lc.handle(&mut host, Event::Woken);
+    lc.handle(host.now_us(), &mut host, Event::Woken);
     let call = only_call(&host.take());
     host.close(31);
-    lc.handle(&mut host, Event::StreamGone(31));
-    lc.handle(&mut host, Event::Answer { call, answer: sts_ok("arn:aws:sts::123456789012:assumed-role/checkout/i-1") });
+    lc.handle(host.now_us(), &mut host, Event::StreamGone(31));
+    lc.handle(host.now_us(), &mut host, Event::Answer { call, answer: sts_ok("arn:aws:sts::123456789012:assumed-role/checkout/i-1") });
     assert!(replies(&host.take()).is_empty());
 }
 
@@ -183,9 +183,9 @@ fn a_store_held_issuing_key_is_fetched_then_used() {
     assert_eq!(issue(&mut lc, &mut host, 10, Some(&parent), r#"{"grant":"attenuate","ttl_s":60}"#), Action::Pause);
     let effects = host.take();
     assert!(replies(&effects).is_empty(), "{effects:?}");
-    lc.handle(&mut host, Event::Woken);
+    lc.handle(host.now_us(), &mut host, Event::Woken);
     let call = only_call(&host.take());
     let k2 = b64::std_encode(b"store-held-issuing-key-32-bytes!");
-    lc.handle(&mut host, Event::Answer { call, answer: kv(&format!(r#"{{"k2":"{k2}"}}"#), 1) });
+    lc.handle(host.now_us(), &mut host, Event::Answer { call, answer: kv(&format!(r#"{{"k2":"{k2}"}}"#), 1) });
     assert_eq!(replies(&host.take()), vec![(10, 200, String::new())]);
 }

@@ -14,15 +14,15 @@ fn two_configurations_in_one_vm_never_share_a_secret_of_another_mount() {
     let mut b = worker(&mut hb, config_with(BAO_B, ""));
     assert_ne!(a.secret_name(0), b.secret_name(0));
     let call = cold_fetch(&mut a, &mut ha, 10);
-    a.handle(&mut ha, Event::Answer { call, answer: stripe_answer() });
+    a.handle(ha.now_us(), &mut ha, Event::Answer { call, answer: stripe_answer() });
     // B must fetch its own, from its own mount, not serve A's key.
     hb.take();
     assert_eq!(send_request(&mut b, &mut hb, 20), Action::Pause);
-    b.handle(&mut hb, Event::Woken);
+    b.handle(hb.now_us(), &mut hb, Event::Woken);
     let effects = hb.take();
     assert!(effects.iter().any(|e| matches!(e, Effect::Dispatch { path, .. } if path == "/v1/tenant-b/data/stripe")), "{effects:?}");
     let call = only_call(&effects);
-    b.handle(&mut hb, Event::Answer { call, answer: kv(r#"{"api_key":"sk_test_tenant_b"}"#, 1) });
+    b.handle(hb.now_us(), &mut hb, Event::Answer { call, answer: kv(r#"{"api_key":"sk_test_tenant_b"}"#, 1) });
     assert_eq!(injected(&hb, 20).as_deref(), Some("Bearer sk_test_tenant_b"));
     assert_eq!(send_request(&mut a, &mut ha, 11), Action::Continue);
     assert_eq!(injected(&ha, 11), Some(format!("Bearer {STRIPE_KEY}")));
@@ -36,7 +36,7 @@ fn two_identical_configurations_share_one_record() {
     let mut b = worker(&mut hb, config());
     assert_eq!(a.secret_name(0), b.secret_name(0));
     let call = cold_fetch(&mut a, &mut ha, 10);
-    a.handle(&mut ha, Event::Answer { call, answer: stripe_answer() });
+    a.handle(ha.now_us(), &mut ha, Event::Answer { call, answer: stripe_answer() });
     assert_eq!(send_request(&mut b, &mut hb, 20), Action::Continue, "the very same document: one fetch serves both");
 }
 
@@ -45,14 +45,14 @@ fn a_reconfiguration_that_repoints_a_store_never_serves_the_old_value() {
     let mut host = MemHost::new(ROOT);
     let mut lc = worker(&mut host, config());
     let call = cold_fetch(&mut lc, &mut host, 10);
-    lc.handle(&mut host, Event::Answer { call, answer: stripe_answer() });
+    lc.handle(host.now_us(), &mut host, Event::Answer { call, answer: stripe_answer() });
     // A call in flight under the old configuration answers after the reload: ignored.
     send_request(&mut lc, &mut host, 11);
-    lc.configure(&mut host, config_with(BAO_B, ""));
+    lc.configure(host.now_us(), &mut host, config_with(BAO_B, ""));
     host.take();
     assert!(lc.calls().is_empty());
     assert_eq!(send_request(&mut lc, &mut host, 12), Action::Pause, "a new mount: nothing cached for it");
-    lc.handle(&mut host, Event::Woken);
+    lc.handle(host.now_us(), &mut host, Event::Woken);
     let effects = host.take();
     assert!(effects.iter().any(|e| matches!(e, Effect::Dispatch { path, .. } if path == "/v1/tenant-b/data/stripe")), "{effects:?}");
 }
@@ -83,16 +83,16 @@ fn a_rotated_out_key_is_refused_at_once_even_with_the_verified_cache_warm() {
     let old_token = token_with(OLD, "ks1", "j-old", now);
     // Cold: the key set, then the secret.
     host.open(10, "stripe", &[(":method", "GET"), (":path", "/v1/x"), ("authorization", &format!("Bearer {old_token}"))]);
-    assert_eq!(lc.handle(&mut host, Event::Request(10)), Action::Pause);
-    lc.handle(&mut host, Event::Woken);
+    assert_eq!(lc.handle(host.now_us(), &mut host, Event::Request(10)), Action::Pause);
+    lc.handle(host.now_us(), &mut host, Event::Woken);
     let call = only_call(&host.take());
-    lc.handle(&mut host, Event::Answer { call, answer: keyset("ks1", OLD, 1) });
+    lc.handle(host.now_us(), &mut host, Event::Answer { call, answer: keyset("ks1", OLD, 1) });
     let call = only_call(&host.take());
-    lc.handle(&mut host, Event::Answer { call, answer: stripe_answer() });
+    lc.handle(host.now_us(), &mut host, Event::Answer { call, answer: stripe_answer() });
     assert!(host.take().contains(&Effect::Resume(10)));
     // Warm: verified once, remembered.
     host.open(11, "stripe", &[(":method", "GET"), (":path", "/v1/x"), ("authorization", &format!("Bearer {old_token}"))]);
-    assert_eq!(lc.handle(&mut host, Event::Request(11)), Action::Continue);
+    assert_eq!(lc.handle(host.now_us(), &mut host, Event::Request(11)), Action::Continue);
     // The key set is rotated (same kid, new bytes) by another worker's fetch.
     let name = (0..4).filter_map(|i| lc.secret_name(i)).find(|n| n.ends_with("keyward/keys")).map(str::to_string).unwrap_or_default();
     let mut st: crate::secrets::slot_state::SlotState = super::super::shared::read(&host, &name);
@@ -104,12 +104,12 @@ fn a_rotated_out_key_is_refused_at_once_even_with_the_verified_cache_warm() {
     host.advance(200);
     // The very next request with the old token is refused, although it verified a moment ago.
     host.open(12, "stripe", &[(":method", "GET"), (":path", "/v1/x"), ("authorization", &format!("Bearer {old_token}"))]);
-    assert_eq!(lc.handle(&mut host, Event::Request(12)), Action::Pause);
+    assert_eq!(lc.handle(host.now_us(), &mut host, Event::Request(12)), Action::Pause);
     assert_eq!(replies(&host.take()), vec![(12, 401, "invalid_credential".into())]);
     // A token signed with the new key is accepted.
     let new_token = token_with(NEW, "ks1", "j-new", host.now_ms());
     host.open(13, "stripe", &[(":method", "GET"), (":path", "/v1/x"), ("authorization", &format!("Bearer {new_token}"))]);
-    assert_eq!(lc.handle(&mut host, Event::Request(13)), Action::Continue);
+    assert_eq!(lc.handle(host.now_us(), &mut host, Event::Request(13)), Action::Continue);
 }
 
 #[test]

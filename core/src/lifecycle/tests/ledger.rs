@@ -25,10 +25,10 @@ fn ledger_config() -> Config {
 fn warm(host: &mut MemHost) -> Lifecycle {
     let mut lc = worker(host, ledger_config());
     host.open(9, "stripe", &[(":method", "GET"), (":path", "/v1/charges"), ("authorization", &format!("Bearer {}", token(host.now_ms())))]);
-    if lc.handle(host, Event::Request(9)) == Action::Pause {
-        lc.handle(host, Event::Woken);
+    if lc.handle(host.now_us(), host, Event::Request(9)) == Action::Pause {
+        lc.handle(host.now_us(), host, Event::Woken);
         let call = only_call(&host.take());
-        lc.handle(host, Event::Answer { call, answer: stripe_answer() });
+        lc.handle(host.now_us(), host, Event::Answer { call, answer: stripe_answer() });
     }
     host.take();
     lc
@@ -37,7 +37,7 @@ fn warm(host: &mut MemHost) -> Lifecycle {
 /// A limited credential's GET on stream `ctx`.
 fn get(lc: &mut Lifecycle, host: &mut MemHost, ctx: ContextId, tok: &str) -> Action {
     host.open(ctx, "stripe", &[(":method", "GET"), (":path", "/v1/charges"), ("authorization", &format!("Bearer {tok}"))]);
-    lc.handle(host, Event::Request(ctx))
+    lc.handle(host.now_us(), host, Event::Request(ctx))
 }
 
 /// The ledger calls among the effects since the last look.
@@ -75,11 +75,11 @@ fn settle(lc: &mut Lifecycle, host: &mut MemHost, table: &mut Table) -> Vec<Effe
             return rest;
         }
         if woken {
-            lc.handle(host, Event::Woken);
+            lc.handle(host.now_us(), host, Event::Woken);
         }
         for (call, _, _) in sent {
             let answer = table.serve(&host.sent[&call]);
-            lc.handle(host, Event::Answer { call, answer });
+            lc.handle(host.now_us(), host, Event::Answer { call, answer });
         }
     }
     panic!("the ledger calls never settle");
@@ -118,13 +118,13 @@ fn a_slice_is_granted_with_one_call_serves_many_requests_and_is_topped_up_in_pla
     let pk = account_pk("l-1");
     assert_eq!(get(&mut lc, &mut host, 10, &t), Action::Pause, "no slice yet: it waits for the ledger");
     assert_eq!(host.take(), vec![Effect::WakeRoot]);
-    lc.handle(&mut host, Event::Woken);
+    lc.handle(host.now_us(), &mut host, Event::Woken);
     let sent = calls(&mut host);
     assert_eq!(sent.len(), 1, "one call");
     let (call, op, body) = sent[0].clone();
     assert_eq!((op.as_str(), item_key(&body)), ("UpdateItem", pk.clone()));
     let answer = table.serve(&host.sent[&call]);
-    lc.handle(&mut host, Event::Answer { call, answer });
+    lc.handle(host.now_us(), &mut host, Event::Answer { call, answer });
     assert!(host.take().contains(&Effect::Resume(10)), "the waiting request goes on");
     let gw = format!("l_{}", gateway(&host));
     let count = table.n(&pk, &[&gw, "n"]).unwrap_or(0);
@@ -163,11 +163,11 @@ fn a_top_up_asked_again_after_a_lost_answer_is_made_once() {
     }
     // The top-up is made, but its answer is lost (a timeout after DynamoDB wrote it).
     assert_eq!(get(&mut lc, &mut host, 100, &t), Action::Pause);
-    lc.handle(&mut host, Event::Woken);
+    lc.handle(host.now_us(), &mut host, Event::Woken);
     let (call, _, _) = calls(&mut host).pop().unwrap_or_else(|| panic!("a top-up"));
     table.serve(&host.sent[&call]);
     let held = table.n(&pk, &["n"]);
-    lc.handle(&mut host, Event::Answer { call, answer: Answer { status: None, body: None } });
+    lc.handle(host.now_us(), &mut host, Event::Answer { call, answer: Answer { status: None, body: None } });
     assert_eq!(replies(&host.take()), vec![(100, 503, "secret_unavailable".into())]);
     // Asked again a moment later: the same top-up, which the ledger already made, is found by a
     // read and taken as it is; the account holds it once.
@@ -188,16 +188,16 @@ fn another_worker_follows_the_grant_instead_of_calling_too() {
     let mut table = Table::default();
     let t = capped(&h1, "l-2", r#"{"total":50}"#, "");
     assert_eq!(get(&mut w1, &mut h1, 10, &t), Action::Pause);
-    w1.handle(&mut h1, Event::Woken);
+    w1.handle(h1.now_us(), &mut h1, Event::Woken);
     let (call, _, _) = calls(&mut h1).pop().unwrap_or_else(|| panic!("a grant"));
     // Worker 2 needs the same account meanwhile: it waits, it does not call.
     assert_eq!(get(&mut w2, &mut h2, 20, &t), Action::Pause);
-    w2.handle(&mut h2, Event::Woken);
+    w2.handle(h2.now_us(), &mut h2, Event::Woken);
     assert!(calls(&mut h2).is_empty(), "one call per gateway, not per worker");
     let answer = table.serve(&h1.sent[&call]);
-    w1.handle(&mut h1, Event::Answer { call, answer });
+    w1.handle(h1.now_us(), &mut h1, Event::Answer { call, answer });
     h2.advance(20);
-    w2.handle(&mut h2, Event::Tick);
+    w2.handle(h2.now_us(), &mut h2, Event::Tick);
     assert!(h2.take().contains(&Effect::Resume(20)), "worker 2's request goes on from the shared slice");
     assert_eq!(table.served.len(), 1);
 }
@@ -208,11 +208,11 @@ fn a_failing_ledger_refuses_fast_with_503_and_is_asked_again_after_a_moment() {
     let mut lc = warm(&mut host);
     let t = capped(&host, "l-3", r#"{"total":10}"#, "");
     assert_eq!(get(&mut lc, &mut host, 10, &t), Action::Pause);
-    lc.handle(&mut host, Event::Woken);
+    lc.handle(host.now_us(), &mut host, Event::Woken);
     let (call, _, _) = calls(&mut host).pop().unwrap_or_else(|| panic!("a grant"));
     let throttled =
         Answer { status: Some(400), body: Some(br#"{"__type":"com.amazonaws.dynamodb.v20120810#ProvisionedThroughputExceededException"}"#.to_vec()) };
-    lc.handle(&mut host, Event::Answer { call, answer: throttled });
+    lc.handle(host.now_us(), &mut host, Event::Answer { call, answer: throttled });
     assert_eq!(replies(&host.take()), vec![(10, 503, "secret_unavailable".into())]);
     assert_eq!(host.count(Metric::LedgerUnavailable), 1);
     // Right after: refused at once, no call.
@@ -221,19 +221,19 @@ fn a_failing_ledger_refuses_fast_with_503_and_is_asked_again_after_a_moment() {
     // A moment later the ledger is asked again, with the same grant (it may have been made).
     host.advance(slice::FAILING_MS);
     assert_eq!(get(&mut lc, &mut host, 12, &t), Action::Pause);
-    lc.handle(&mut host, Event::Woken);
+    lc.handle(host.now_us(), &mut host, Event::Woken);
     assert_eq!(calls(&mut host).len(), 1);
     // No answer at all: given up at the deadline, 503.
     host.advance(500 + CALL_GRACE_MS);
-    lc.handle(&mut host, Event::Tick);
+    lc.handle(host.now_us(), &mut host, Event::Tick);
     assert_eq!(replies(&host.take()), vec![(12, 503, "secret_unavailable".into())]);
     // Garbage (an attribute this ledger never writes) is a failure too, never a grant.
     host.advance(slice::FAILING_MS);
     assert_eq!(get(&mut lc, &mut host, 13, &t), Action::Pause);
-    lc.handle(&mut host, Event::Woken);
+    lc.handle(host.now_us(), &mut host, Event::Woken);
     let (call, _, body) = calls(&mut host).pop().unwrap_or_else(|| panic!("a grant"));
     let forged = format!(r#"{{"Attributes":{{"pk":{{"S":"{}"}},"n":{{"N":"1"}},"admin":{{"S":"yes"}}}}}}"#, item_key(&body));
-    lc.handle(&mut host, Event::Answer { call, answer: Answer { status: Some(200), body: Some(forged.into_bytes()) } });
+    lc.handle(host.now_us(), &mut host, Event::Answer { call, answer: Answer { status: Some(200), body: Some(forged.into_bytes()) } });
     assert_eq!(replies(&host.take()), vec![(13, 503, "secret_unavailable".into())]);
 }
 
@@ -249,7 +249,7 @@ fn no_room_left_is_429_until_another_lease_ends_and_a_smaller_grant_is_asked_whe
     let pay = |lc: &mut Lifecycle, host: &mut MemHost, ctx: ContextId, amount: u64| {
         let body = format!("amount={amount}&currency=usd");
         assert_eq!(pay_headers(lc, host, ctx, &t, &body, &[]), Action::Continue);
-        lc.handle(host, Event::RequestBody { ctx, size: body.len(), end: true })
+        lc.handle(host.now_us(), host, Event::RequestBody { ctx, size: body.len(), end: true })
     };
     assert_eq!(pay(&mut lc, &mut host, 10, 300), Action::Pause, "it waits at its body's end");
     let effects = settle(&mut lc, &mut host, &mut table);
@@ -283,7 +283,7 @@ fn a_keyed_charge_is_reserved_directly_and_its_retry_is_recognised() {
     let pay = |lc: &mut Lifecycle, host: &mut MemHost, ctx: ContextId| {
         let body = "amount=400&currency=usd";
         assert_eq!(pay_headers(lc, host, ctx, &t, body, &key), Action::Continue);
-        lc.handle(host, Event::RequestBody { ctx, size: body.len(), end: true })
+        lc.handle(host.now_us(), host, Event::RequestBody { ctx, size: body.len(), end: true })
     };
     assert_eq!(pay(&mut lc, &mut host, 10), Action::Pause);
     let effects = settle(&mut lc, &mut host, &mut table);
@@ -307,7 +307,7 @@ fn a_keyed_charge_is_reserved_directly_and_its_retry_is_recognised() {
     let other = [("idempotency-key", "order-10")];
     let body = "amount=300&currency=usd";
     assert_eq!(pay_headers(&mut lc, &mut host, 12, &t, body, &other), Action::Continue);
-    lc.handle(&mut host, Event::RequestBody { ctx: 12, size: body.len(), end: true });
+    lc.handle(host.now_us(), &mut host, Event::RequestBody { ctx: 12, size: body.len(), end: true });
     assert!(settle(&mut lc, &mut host, &mut table).contains(&Effect::Resume(12)));
     assert_eq!(table.n(&pk, &["s"]), Some(700));
     answer(&mut lc, &mut host, 12, "402", false);
@@ -332,10 +332,10 @@ fn an_idle_lease_is_given_back_by_the_tick_and_by_the_drain() {
     if let Some(s) = host.streams.get_mut(&30) {
         s.client = "10.0.0.9:4000".into();
     }
-    lc.handle(&mut host, Event::Request(30));
+    lc.handle(host.now_us(), &mut host, Event::Request(30));
     assert_eq!(replies(&host.take()), vec![(30, 403, "forbidden".into())]);
     host.open_route(31, &[("endpoint", "drain")], &[(":method", "POST"), (":path", "/keyward/drain")]);
-    lc.handle(&mut host, Event::Request(31));
+    lc.handle(host.now_us(), &mut host, Event::Request(31));
     let effects = host.take();
     assert_eq!(replies(&effects), vec![(31, 200, String::new())]);
     assert_eq!(host.streams[&31].reply_body.as_deref(), Some(r#"{"returning":1,"held":1}"#));
@@ -344,18 +344,18 @@ fn an_idle_lease_is_given_back_by_the_tick_and_by_the_drain() {
     assert_eq!(table.n(&pk, &["n"]), Some(1), "all but the one request used went back");
     assert_eq!((table.n(&pk, &[&gw, "q"]), table.n(&pk, &[&gw, "n"])), (Some(0), Some(0)), "the lease ended: its end mark holds nothing");
     host.open_route(32, &[("endpoint", "drain")], &[(":method", "POST"), (":path", "/keyward/drain")]);
-    lc.handle(&mut host, Event::Request(32));
+    lc.handle(host.now_us(), &mut host, Event::Request(32));
     assert_eq!(host.streams[&32].reply_body.as_deref(), Some(r#"{"returning":0,"held":0}"#));
     // A new lease, used twice, is given back by the tick a moment after its end.
     assert_eq!(get(&mut lc, &mut host, 40, &t), Action::Pause);
     settle(&mut lc, &mut host, &mut table);
     assert_eq!(get(&mut lc, &mut host, 41, &t), Action::Continue);
     host.advance(9_000);
-    lc.handle(&mut host, Event::Tick);
+    lc.handle(host.now_us(), &mut host, Event::Tick);
     assert!(settle(&mut lc, &mut host, &mut table).is_empty());
     assert!(table.n(&pk, &[&gw, "q"]) > Some(0), "still live");
     host.advance(3_000);
-    lc.handle(&mut host, Event::Tick);
+    lc.handle(host.now_us(), &mut host, Event::Tick);
     settle(&mut lc, &mut host, &mut table);
     assert_eq!(table.n(&pk, &["n"]), Some(3), "what was used stays counted");
     assert_eq!(table.n(&pk, &[&gw, "q"]), Some(0));
@@ -374,7 +374,7 @@ fn budgets_turn_with_the_calendar() {
     let pay = |lc: &mut Lifecycle, host: &mut MemHost, ctx: ContextId| {
         let body = "amount=100&currency=usd";
         assert_eq!(pay_headers(lc, host, ctx, &tok, body, &[]), Action::Continue);
-        lc.handle(host, Event::RequestBody { ctx, size: body.len(), end: true })
+        lc.handle(host.now_us(), host, Event::RequestBody { ctx, size: body.len(), end: true })
     };
     assert_eq!(pay(&mut lc, &mut host, 10), Action::Pause);
     assert!(settle(&mut lc, &mut host, &mut table).contains(&Effect::Resume(10)));
@@ -401,7 +401,7 @@ fn a_budget_caps_the_team_across_credentials() {
         let body = "amount=1000&currency=usd";
         let ctx = 10 + i;
         assert_eq!(pay_headers(&mut lc, &mut host, ctx, &tok, body, &[]), Action::Continue);
-        lc.handle(&mut host, Event::RequestBody { ctx, size: body.len(), end: true });
+        lc.handle(host.now_us(), &mut host, Event::RequestBody { ctx, size: body.len(), end: true });
         let effects = settle(&mut lc, &mut host, &mut table);
         if effects.contains(&Effect::Resume(ctx)) {
             paid += 1000;
@@ -424,7 +424,7 @@ fn team_pay(lc: &mut Lifecycle, host: &mut MemHost, table: &mut Table, ctx: Cont
     let body = format!("amount={amount}&currency=usd");
     let keys: Vec<(&str, &str)> = if key.is_empty() { vec![] } else { vec![("idempotency-key", key)] };
     assert_eq!(pay_headers(lc, host, ctx, tok, &body, &keys), Action::Continue);
-    lc.handle(host, Event::RequestBody { ctx, size: body.len(), end: true });
+    lc.handle(host.now_us(), host, Event::RequestBody { ctx, size: body.len(), end: true });
     settle(lc, host, table)
 }
 
@@ -476,7 +476,7 @@ fn a_charge_larger_than_the_cap_is_refused_without_asking_the_ledger() {
         let body = format!("amount={amount}&currency=usd");
         let keys: Vec<(&str, &str)> = if key.is_empty() { vec![] } else { vec![("idempotency-key", key)] };
         assert_eq!(pay_headers(&mut lc, &mut host, ctx, &t, &body, &keys), Action::Continue);
-        lc.handle(&mut host, Event::RequestBody { ctx, size: body.len(), end: true });
+        lc.handle(host.now_us(), &mut host, Event::RequestBody { ctx, size: body.len(), end: true });
         let effects = host.take();
         assert!(ledger_calls(&host, &effects).is_empty(), "{lim} {amount}: no ledger call");
         assert_eq!(replies(&effects), vec![(ctx, 429, "spend_exhausted".into())], "{lim} {amount}");
@@ -513,27 +513,27 @@ fn a_direct_charge_answered_without_its_mark_is_503_not_admitted() {
         let t = capped(&host, "hollow", r#"{"spend":10000}"#, "");
         let body = "amount=500&currency=usd";
         assert_eq!(pay_headers(&mut lc, &mut host, ctx, &t, body, &[("idempotency-key", "k")]), Action::Continue);
-        assert_eq!(lc.handle(&mut host, Event::RequestBody { ctx, size: body.len(), end: true }), Action::Pause);
+        assert_eq!(lc.handle(host.now_us(), &mut host, Event::RequestBody { ctx, size: body.len(), end: true }), Action::Pause);
         let mut effects = host.take();
         if effects.contains(&Effect::WakeRoot) {
-            lc.handle(&mut host, Event::Woken);
+            lc.handle(host.now_us(), &mut host, Event::Woken);
             effects = host.take();
         }
         let (call, op, _) = ledger_calls(&host, &effects).into_iter().next().unwrap_or_else(|| panic!("a ledger call"));
         assert_eq!(op, "UpdateItem");
-        lc.handle(&mut host, Event::Answer { call, answer: Answer { status: Some(200), body: Some(hollow.as_bytes().to_vec()) } });
+        lc.handle(host.now_us(), &mut host, Event::Answer { call, answer: Answer { status: Some(200), body: Some(hollow.as_bytes().to_vec()) } });
         let mut effects = host.take();
         if effects.contains(&Effect::WakeRoot) {
-            lc.handle(&mut host, Event::Woken);
+            lc.handle(host.now_us(), &mut host, Event::Woken);
             effects.extend(host.take());
         }
         // Not an answer it can trust: it reads the item back, finds no charge of its own there.
         let (read, op, _) = ledger_calls(&host, &effects).into_iter().next().unwrap_or_else(|| panic!("a read-back"));
         assert_eq!(op, "GetItem");
-        lc.handle(&mut host, Event::Answer { call: read, answer: Answer { status: Some(200), body: Some(b"{}".to_vec()) } });
+        lc.handle(host.now_us(), &mut host, Event::Answer { call: read, answer: Answer { status: Some(200), body: Some(b"{}".to_vec()) } });
         let mut effects = host.take();
         if effects.contains(&Effect::WakeRoot) {
-            lc.handle(&mut host, Event::Woken);
+            lc.handle(host.now_us(), &mut host, Event::Woken);
             effects.extend(host.take());
         }
         assert_eq!(replies(&effects), vec![(ctx, 503, "secret_unavailable".into())], "{hollow}");
@@ -558,7 +558,7 @@ fn two_configurations_in_one_vm_are_two_gateways() {
     assert_eq!(get(&mut a, &mut host, 40, &t), Action::Pause);
     settle(&mut a, &mut host, &mut table);
     host.open(41, "stripe", &[(":method", "GET"), (":path", "/v1/charges"), ("authorization", &format!("Bearer {t}"))]);
-    b.handle(&mut host, Event::Request(41));
+    b.handle(host.now_us(), &mut host, Event::Request(41));
     settle(&mut b, &mut host, &mut table);
     let pk = account_pk("both");
     let leases: Vec<&String> = table.items[&pk].keys().filter(|k| k.starts_with("l_")).collect();
@@ -585,7 +585,7 @@ fn retry_marks_are_pruned_and_bounded() {
     let pay = |lc: &mut Lifecycle, host: &mut MemHost, table: &mut Table, ctx: ContextId, key: &str| -> bool {
         let body = "amount=10&currency=usd";
         assert_eq!(pay_headers(lc, host, ctx, &t, body, &[("idempotency-key", key)]), Action::Continue);
-        let now = lc.handle(host, Event::RequestBody { ctx, size: body.len(), end: true });
+        let now = lc.handle(host.now_us(), host, Event::RequestBody { ctx, size: body.len(), end: true });
         now == Action::Continue || settle(lc, host, table).contains(&Effect::Resume(ctx))
     };
     let marks = |table: &Table| table.items[&pk].keys().filter(|k| k.starts_with("r_")).count();

@@ -38,10 +38,10 @@ fn warm(host: &mut MemHost) -> Lifecycle {
     let mut lc = worker(host, ai_config());
     let t = token_for(host, "warm", "{}", "");
     host.open(9, "ai", &[(":method", "GET"), (":path", "/v1/models"), ("authorization", &format!("Bearer {t}"))]);
-    if lc.handle(host, Event::Request(9)) != Action::Continue {
-        lc.handle(host, Event::Woken);
+    if lc.handle(host.now_us(), host, Event::Request(9)) != Action::Continue {
+        lc.handle(host.now_us(), host, Event::Woken);
         let call = only_call(&host.take());
-        lc.handle(host, Event::Answer { call, answer: stripe_answer() });
+        lc.handle(host.now_us(), host, Event::Answer { call, answer: stripe_answer() });
     }
     host.take();
     lc
@@ -67,9 +67,9 @@ fn call(lc: &mut Lifecycle, host: &mut MemHost, ctx: ContextId, target: &str, to
     if let Some(s) = host.streams.get_mut(&ctx) {
         s.body = body.as_bytes().to_vec();
     }
-    assert_eq!(lc.handle(host, Event::Request(ctx)), Action::Continue);
+    assert_eq!(lc.handle(host.now_us(), host, Event::Request(ctx)), Action::Continue);
     host.current = ctx;
-    lc.handle(host, Event::RequestBody { ctx, size: body.len(), end: true })
+    lc.handle(host.now_us(), host, Event::RequestBody { ctx, size: body.len(), end: true })
 }
 
 /// The vendor's answer: headers, then the body in parts of `part` bytes (`end`: the last part
@@ -79,16 +79,16 @@ fn respond(lc: &mut Lifecycle, host: &mut MemHost, ctx: ContextId, headers: &[(&
         s.response = headers.iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())).collect();
     }
     host.current = ctx;
-    lc.handle(host, Event::Response(ctx));
+    lc.handle(host.now_us(), host, Event::Response(ctx));
     let parts: Vec<&[u8]> = body.as_bytes().chunks(part.max(1)).collect();
     for (i, p) in parts.iter().enumerate() {
         if let Some(s) = host.streams.get_mut(&ctx) {
             s.response_body = p.to_vec();
         }
-        lc.handle(host, Event::ResponseBody { ctx, size: p.len(), end: end && i + 1 == parts.len() });
+        lc.handle(host.now_us(), host, Event::ResponseBody { ctx, size: p.len(), end: end && i + 1 == parts.len() });
     }
     if !end {
-        lc.handle(host, Event::ResponseTrailers(ctx));
+        lc.handle(host.now_us(), host, Event::ResponseTrailers(ctx));
     }
 }
 
@@ -99,9 +99,9 @@ fn stream_then_leave(lc: &mut Lifecycle, host: &mut MemHost, ctx: ContextId, eve
         s.response_body = events.as_bytes().to_vec();
     }
     host.current = ctx;
-    lc.handle(host, Event::Response(ctx));
-    lc.handle(host, Event::ResponseBody { ctx, size: events.len(), end: false });
-    lc.handle(host, Event::StreamGone(ctx));
+    lc.handle(host.now_us(), host, Event::Response(ctx));
+    lc.handle(host.now_us(), host, Event::ResponseBody { ctx, size: events.len(), end: false });
+    lc.handle(host.now_us(), host, Event::StreamGone(ctx));
 }
 
 const JSON: [(&str, &str); 2] = [(":status", "200"), ("content-type", "application/json")];
@@ -280,8 +280,8 @@ fn the_same_idempotency_key_is_billed_every_time() {
         if let Some(s) = host.streams.get_mut(&ctx) {
             s.body = body.as_bytes().to_vec();
         }
-        lc.handle(&mut host, Event::Request(ctx));
-        assert_eq!(lc.handle(&mut host, Event::RequestBody { ctx, size: body.len(), end: true }), Action::Continue);
+        lc.handle(host.now_us(), &mut host, Event::Request(ctx));
+        assert_eq!(lc.handle(host.now_us(), &mut host, Event::RequestBody { ctx, size: body.len(), end: true }), Action::Continue);
     }
     assert_eq!(spent(&host, "ai-7"), 2 * bound(&body, 40), "a model call is never a free retry");
 }
@@ -304,7 +304,7 @@ fn unpriced_streams_do_not_read_their_answer() {
     let mut lc = warm(&mut host);
     let t = token_for(&host, "ai-8", r#"{"spend":1000}"#, "");
     host.open(10, "ai", &[(":method", "GET"), (":path", "/v1/models"), ("authorization", &format!("Bearer {t}"))]);
-    assert_eq!(lc.handle(&mut host, Event::Request(10)), Action::Continue);
+    assert_eq!(lc.handle(host.now_us(), &mut host, Event::Request(10)), Action::Continue);
     respond(&mut lc, &mut host, 10, &JSON, r#"{"usage":{"prompt_tokens":3,"completion_tokens":2}}"#, 100, true);
     assert_eq!(state(&host, 10, "keyward.usage"), None);
     assert_eq!(spent(&host, "ai-8"), 0);

@@ -75,7 +75,7 @@ pub(super) fn token(now_ms: u64) -> String {
 /// A worker: a lifecycle configured on its host.
 pub(super) fn worker(host: &mut MemHost, cfg: Config) -> Lifecycle {
     let mut lc = Lifecycle::new(host.root);
-    lc.configure(host, cfg);
+    lc.configure(host.now_us(), host, cfg);
     host.take();
     lc
 }
@@ -83,7 +83,7 @@ pub(super) fn worker(host: &mut MemHost, cfg: Config) -> Lifecycle {
 /// A stream `ctx` calling stripe with `tok`, and the lifecycle's answer to its headers.
 pub(super) fn request(lc: &mut Lifecycle, host: &mut MemHost, ctx: ContextId, tok: &str) -> Action {
     host.open(ctx, "stripe", &[(":method", "GET"), (":path", "/v1/charges"), ("authorization", &format!("Bearer {tok}"))]);
-    lc.handle(host, Event::Request(ctx))
+    lc.handle(host.now_us(), host, Event::Request(ctx))
 }
 
 /// A stream `ctx` calling stripe with a valid credential.
@@ -126,7 +126,7 @@ pub(super) fn cold_fetch(lc: &mut Lifecycle, host: &mut MemHost, ctx: ContextId)
     assert_eq!(send_request(lc, host, ctx), Action::Pause);
     assert_eq!(lc.fetch_state(0), Some(&Fetch::Queued { retried: false }));
     assert_eq!(host.take(), vec![Effect::WakeRoot], "a stream never dispatches: it asks for the root");
-    lc.handle(host, Event::Woken);
+    lc.handle(host.now_us(), host, Event::Woken);
     let effects = host.take();
     let call = only_call(&effects);
     assert!(effects.contains(&Effect::Dispatch { call, cluster: "vault".into(), path: "/v1/secret/data/stripe".into(), from: ROOT }), "{effects:?}");

@@ -43,13 +43,13 @@ pub(super) fn spent(host: &MemHost, jti: &str) -> u64 {
 pub(super) fn warm_worker(host: &mut MemHost) -> Lifecycle {
     let mut lc = worker(host, spend_config());
     host.open(9, "stripe", &[(":method", "GET"), (":path", "/v1/charges"), ("authorization", &format!("Bearer {}", token(host.now_ms())))]);
-    if lc.handle(host, Event::Request(9)) == Action::Continue {
+    if lc.handle(host.now_us(), host, Event::Request(9)) == Action::Continue {
         host.take();
         return lc; // another worker fetched it: the shared record has it
     }
-    lc.handle(host, Event::Woken);
+    lc.handle(host.now_us(), host, Event::Woken);
     let call = only_call(&host.take());
-    lc.handle(host, Event::Answer { call, answer: stripe_answer() });
+    lc.handle(host.now_us(), host, Event::Answer { call, answer: stripe_answer() });
     host.take();
     lc
 }
@@ -64,14 +64,14 @@ pub(super) fn pay_headers(lc: &mut Lifecycle, host: &mut MemHost, ctx: ContextId
     if let Some(s) = host.streams.get_mut(&ctx) {
         s.body = body.as_bytes().to_vec();
     }
-    lc.handle(host, Event::Request(ctx))
+    lc.handle(host.now_us(), host, Event::Request(ctx))
 }
 
 /// A whole payment: headers, then the body in one piece.
 pub(super) fn pay(lc: &mut Lifecycle, host: &mut MemHost, ctx: ContextId, tok: &str, body: &str, extra: &[(&str, &str)]) -> Action {
     assert_eq!(pay_headers(lc, host, ctx, tok, body, extra), Action::Continue, "the headers go on, rewritten, to the buffer filter");
     host.current = ctx;
-    lc.handle(host, Event::RequestBody { ctx, size: body.len(), end: true })
+    lc.handle(host.now_us(), host, Event::RequestBody { ctx, size: body.len(), end: true })
 }
 
 pub(super) fn state(host: &MemHost, ctx: ContextId, key: &str) -> Option<String> {
@@ -85,7 +85,7 @@ pub(super) fn answer(lc: &mut Lifecycle, host: &mut MemHost, ctx: ContextId, sta
         s.local_response = local;
     }
     host.current = ctx;
-    lc.handle(host, Event::Response(ctx));
+    lc.handle(host.now_us(), host, Event::Response(ctx));
 }
 
 #[test]
@@ -102,9 +102,9 @@ fn a_body_cost_is_read_at_the_end_of_the_body_and_reserved_then() {
     assert_eq!(state(&host, 10, "keyward.decision"), None, "nothing recorded before the body is read");
     assert_eq!(host.count(Metric::Allowed), allowed);
     // Parts of the body are buffered.
-    assert_eq!(lc.handle(&mut host, Event::RequestBody { ctx: 10, size: 10, end: false }), Action::Pause);
+    assert_eq!(lc.handle(host.now_us(), &mut host, Event::RequestBody { ctx: 10, size: 10, end: false }), Action::Pause);
     assert_eq!(spent(&host, "c-1"), 0);
-    assert_eq!(lc.handle(&mut host, Event::RequestBody { ctx: 10, size: body.len(), end: true }), Action::Continue);
+    assert_eq!(lc.handle(host.now_us(), &mut host, Event::RequestBody { ctx: 10, size: body.len(), end: true }), Action::Continue);
     assert!(lc.pricing().is_empty());
     assert_eq!(spent(&host, "c-1"), 6000);
     assert_eq!(state(&host, 10, "keyward.decision").as_deref(), Some("allow"));
@@ -132,8 +132,8 @@ fn every_worker_reserves_against_the_same_cap() {
     // Both workers have the headers; the bodies end one after the other.
     assert_eq!(pay_headers(&mut la, &mut a, 10, &t, "amount=6000&currency=usd", &[]), Action::Continue);
     assert_eq!(pay_headers(&mut lb, &mut b, 20, &t, "amount=6000&currency=usd", &[]), Action::Continue);
-    assert_eq!(la.handle(&mut a, Event::RequestBody { ctx: 10, size: 24, end: true }), Action::Continue);
-    assert_eq!(lb.handle(&mut b, Event::RequestBody { ctx: 20, size: 24, end: true }), Action::Pause);
+    assert_eq!(la.handle(a.now_us(), &mut a, Event::RequestBody { ctx: 10, size: 24, end: true }), Action::Continue);
+    assert_eq!(lb.handle(b.now_us(), &mut b, Event::RequestBody { ctx: 20, size: 24, end: true }), Action::Pause);
     assert_eq!(replies(&b.take()), vec![(20, 429, "spend_exhausted".into())]);
     assert_eq!(spent(&a, "c-2"), 6000);
 }
@@ -165,8 +165,8 @@ fn a_body_over_the_bound_is_refused_as_it_grows() {
     let mut lc = warm_worker(&mut host);
     let t = capped(&host, "c-4", r#"{"spend":10000}"#, "");
     assert_eq!(pay_headers(&mut lc, &mut host, 10, &t, "", &[]), Action::Continue);
-    assert_eq!(lc.handle(&mut host, Event::RequestBody { ctx: 10, size: 200, end: false }), Action::Pause);
-    assert_eq!(lc.handle(&mut host, Event::RequestBody { ctx: 10, size: 257, end: false }), Action::Pause);
+    assert_eq!(lc.handle(host.now_us(), &mut host, Event::RequestBody { ctx: 10, size: 200, end: false }), Action::Pause);
+    assert_eq!(lc.handle(host.now_us(), &mut host, Event::RequestBody { ctx: 10, size: 257, end: false }), Action::Pause);
     assert_eq!(replies(&host.take()), vec![(10, 413, "body_too_large".into())]);
     assert!(lc.pricing().is_empty());
     // A declared length over the bound is refused at the headers, before anything is fetched.
@@ -184,9 +184,9 @@ fn requests_the_cost_does_not_apply_to_are_not_buffered() {
     let mut lc = warm_worker(&mut host);
     let t = capped(&host, "c-5", r#"{"spend":0}"#, "");
     host.open(10, "stripe", &[(":method", "GET"), (":path", "/v1/payment_intents"), ("authorization", &format!("Bearer {t}"))]);
-    assert_eq!(lc.handle(&mut host, Event::Request(10)), Action::Continue);
+    assert_eq!(lc.handle(host.now_us(), &mut host, Event::Request(10)), Action::Continue);
     assert!(lc.pricing().is_empty());
-    assert_eq!(lc.handle(&mut host, Event::RequestBody { ctx: 10, size: 5, end: false }), Action::Continue, "its body streams through");
+    assert_eq!(lc.handle(host.now_us(), &mut host, Event::RequestBody { ctx: 10, size: 5, end: false }), Action::Continue, "its body streams through");
     assert_eq!(state(&host, 10, "keyward.cost"), None);
 }
 
@@ -211,7 +211,7 @@ fn a_refund_on_status_from_the_vendor_releases_the_reservation() {
     let u = capped(&host, "c-6b", r#"{"spend":1000}"#, "");
     assert_eq!(pay(&mut lc, &mut host, 13, &u, "amount=300&currency=usd", &[]), Action::Continue);
     host.close(13);
-    lc.handle(&mut host, Event::StreamGone(13));
+    lc.handle(host.now_us(), &mut host, Event::StreamGone(13));
     assert_eq!(spent(&host, "c-6b"), 300);
 }
 
@@ -254,9 +254,9 @@ fn a_client_that_leaves_mid_body_holds_nothing() {
     let mut lc = warm_worker(&mut host);
     let t = capped(&host, "c-8", r#"{"spend":1000}"#, "");
     assert_eq!(pay_headers(&mut lc, &mut host, 10, &t, "amount=1000&currency=usd", &[]), Action::Continue);
-    assert_eq!(lc.handle(&mut host, Event::RequestBody { ctx: 10, size: 5, end: false }), Action::Pause);
+    assert_eq!(lc.handle(host.now_us(), &mut host, Event::RequestBody { ctx: 10, size: 5, end: false }), Action::Pause);
     host.close(10);
-    lc.handle(&mut host, Event::StreamGone(10));
+    lc.handle(host.now_us(), &mut host, Event::StreamGone(10));
     assert!(lc.pricing().is_empty());
     assert_eq!(spent(&host, "c-8"), 0);
     assert_eq!(pay(&mut lc, &mut host, 11, &t, "amount=1000&currency=usd", &[]), Action::Continue, "the whole cap is still there");
@@ -268,10 +268,10 @@ fn a_new_configuration_mid_body_refuses_the_request() {
     let mut lc = warm_worker(&mut host);
     let t = capped(&host, "c-9", r#"{"spend":1000}"#, "");
     assert_eq!(pay_headers(&mut lc, &mut host, 10, &t, "amount=10&currency=usd", &[]), Action::Continue);
-    lc.configure(&mut host, spend_config());
+    lc.configure(host.now_us(), &mut host, spend_config());
     host.take();
     host.current = 10;
-    assert_eq!(lc.handle(&mut host, Event::RequestBody { ctx: 10, size: 22, end: true }), Action::Pause);
+    assert_eq!(lc.handle(host.now_us(), &mut host, Event::RequestBody { ctx: 10, size: 22, end: true }), Action::Pause);
     assert_eq!(replies(&host.take()), vec![(10, 503, "secret_unavailable".into())]);
     assert_eq!(spent(&host, "c-9"), 0);
 }
@@ -282,13 +282,13 @@ fn a_cold_request_parks_then_reads_its_body() {
     let mut lc = worker(&mut host, spend_config());
     let t = capped(&host, "c-10", r#"{"spend":1000}"#, "");
     assert_eq!(pay_headers(&mut lc, &mut host, 10, &t, "amount=10&currency=usd", &[]), Action::Pause);
-    lc.handle(&mut host, Event::Woken);
+    lc.handle(host.now_us(), &mut host, Event::Woken);
     let call = only_call(&host.take());
-    lc.handle(&mut host, Event::Answer { call, answer: stripe_answer() });
+    lc.handle(host.now_us(), &mut host, Event::Answer { call, answer: stripe_answer() });
     assert!(host.take().contains(&Effect::Resume(10)));
     assert_eq!(spent(&host, "c-10"), 0, "nothing reserved before the body");
     host.current = 10;
-    assert_eq!(lc.handle(&mut host, Event::RequestBody { ctx: 10, size: 22, end: true }), Action::Continue);
+    assert_eq!(lc.handle(host.now_us(), &mut host, Event::RequestBody { ctx: 10, size: 22, end: true }), Action::Continue);
     assert_eq!(spent(&host, "c-10"), 10);
     assert_eq!(state(&host, 10, "keyward.cache").as_deref(), Some("miss"));
 }
@@ -300,7 +300,7 @@ fn a_fixed_cost_is_reserved_with_the_headers_and_refunded_likewise() {
     let t = capped(&host, "c-11", r#"{"spend":14}"#, "");
     for (ctx, want) in [(10, Action::Continue), (11, Action::Continue), (12, Action::Pause)] {
         host.open(ctx, "fixed", &[(":method", "GET"), (":path", "/x"), ("authorization", &format!("Bearer {t}"))]);
-        assert_eq!(lc.handle(&mut host, Event::Request(ctx)), want);
+        assert_eq!(lc.handle(host.now_us(), &mut host, Event::Request(ctx)), want);
     }
     assert_eq!(replies(&host.take()), vec![(12, 429, "spend_exhausted".into())]);
     assert_eq!(state(&host, 10, "keyward.cost").as_deref(), Some("7"));
@@ -332,11 +332,11 @@ fn a_cold_request_without_a_body_is_refused_when_it_resumes() {
     let t = capped(&host, "c-12", r#"{"spend":1000}"#, "");
     // Its headers end the stream: the filter announces the (empty) body right away, while it parks.
     assert_eq!(pay_headers(&mut lc, &mut host, 10, &t, "", &[]), Action::Pause);
-    assert_eq!(lc.handle(&mut host, Event::RequestBody { ctx: 10, size: 0, end: true }), Action::Pause);
+    assert_eq!(lc.handle(host.now_us(), &mut host, Event::RequestBody { ctx: 10, size: 0, end: true }), Action::Pause);
     assert_eq!(lc.parked().get(&10).and_then(|p| p.body_end), Some(0));
-    lc.handle(&mut host, Event::Woken);
+    lc.handle(host.now_us(), &mut host, Event::Woken);
     let call = only_call(&host.take());
-    lc.handle(&mut host, Event::Answer { call, answer: stripe_answer() });
+    lc.handle(host.now_us(), &mut host, Event::Answer { call, answer: stripe_answer() });
     let effects = host.take();
     assert_eq!(replies(&effects), vec![(10, 400, "bad_request".into())]);
     assert!(!effects.contains(&Effect::Resume(10)), "never resumed: Envoy would send it on without a body event");
