@@ -139,7 +139,7 @@ fn main() {
 
 /// The filter's warm request, event by event, on the in-memory host. Returns the exit code.
 fn lifecycle(n: usize) -> i32 {
-    use keyward_core::host::{Action, Host};
+    use keyward_core::host::Action;
     use keyward_core::lifecycle::{Answer, Event, Lifecycle};
     use keyward_core::mem_host::{Effect, MemHost};
     let cfg = match config() {
