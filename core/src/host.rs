@@ -70,8 +70,9 @@ pub trait Host {
     fn remove_response_trailer(&mut self, name: &str) -> Result<(), HostError>;
     /// The downstream client's address (`ip:port`), as Envoy saw the connection.
     fn downstream_address(&mut self) -> Option<String>;
-    /// The route's `filter_metadata.keyward`, in the proxy-wasm pairs encoding.
-    fn route_metadata(&mut self) -> Option<Vec<u8>>;
+    /// The string members of the route's `filter_metadata.keyward` (`target`, `prefix`,
+    /// `endpoint`); `None`: the route has none, or they could not be read.
+    fn route_metadata(&mut self) -> Option<Vec<(String, String)>>;
     fn set_filter_state(&mut self, key: &'static str, value: &str);
     fn reply(&mut self, status: u32, headers: &[(&str, String)], body: &str) -> Result<(), HostError>;
     fn resume(&mut self) -> Result<(), HostError>;

@@ -6,7 +6,6 @@
 use crate::host::{CallId, ContextId, Headers, Host, HostError};
 use crate::record::{Family, Metric};
 use crate::secrets::store::HttpCall;
-use crate::wire::pairs;
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
@@ -36,7 +35,7 @@ pub enum Effect {
 #[derive(Debug, Clone, Default)]
 pub struct Stream {
     pub request: Headers,
-    pub route: Vec<u8>,
+    pub route: Vec<(String, String)>,
     pub response: Headers,
     pub trailers: Headers,
     /// The request body as the client sent it (a test sets it before the body event).
@@ -119,7 +118,7 @@ impl MemHost {
     /// A new stream with these request headers, routed to `target`; it becomes current.
     pub fn open(&mut self, ctx: ContextId, target: &str, headers: &[(&str, &str)]) {
         let request = headers.iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())).collect();
-        self.streams.insert(ctx, Stream { request, route: pairs::encode(&[("target", target)]), client: "127.0.0.1:50000".into(), ..Stream::default() });
+        self.streams.insert(ctx, Stream { request, route: vec![("target".into(), target.into())], client: "127.0.0.1:50000".into(), ..Stream::default() });
         self.current = ctx;
     }
 
@@ -127,7 +126,7 @@ impl MemHost {
     pub fn open_route(&mut self, ctx: ContextId, route: &[(&str, &str)], headers: &[(&str, &str)]) {
         self.open(ctx, "", headers);
         if let Some(s) = self.streams.get_mut(&ctx) {
-            s.route = pairs::encode(route);
+            s.route = route.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         }
     }
 
@@ -297,7 +296,7 @@ impl Host for MemHost {
         self.stream().ok().map(|s| s.client.clone())
     }
 
-    fn route_metadata(&mut self) -> Option<Vec<u8>> {
+    fn route_metadata(&mut self) -> Option<Vec<(String, String)>> {
         self.stream().ok().map(|s| s.route.clone())
     }
 

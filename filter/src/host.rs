@@ -142,8 +142,10 @@ impl Host for WasmHost {
         hostcalls::get_property(vec!["source", "address"]).ok().flatten().and_then(|b| String::from_utf8(b).ok())
     }
 
-    fn route_metadata(&mut self) -> Option<Vec<u8>> {
-        hostcalls::get_property(vec!["xds", "route_metadata", "filter_metadata", "keyward"]).ok().flatten()
+    fn route_metadata(&mut self) -> Option<Vec<(String, String)>> {
+        let raw = hostcalls::get_property(vec!["xds", "route_metadata", "filter_metadata", "keyward"]).ok().flatten()?;
+        let pairs = keyward_core::wire::pairs::decode(&raw)?;
+        Some(pairs.into_iter().filter_map(|(k, v)| String::from_utf8(v).ok().map(|v| (k, v))).collect())
     }
 
     fn set_filter_state(&mut self, key: &'static str, value: &str) {

@@ -190,7 +190,7 @@ fn lifecycle(n: usize) -> i32 {
         ];
         host.open(ctx, "vendor", &headers);
         if let Some(s) = host.streams.get_mut(&ctx) {
-            s.route = keyward_core::wire::pairs::encode(&[("target", "vendor"), ("prefix", "/v")]);
+            s.route = vec![("target".into(), "vendor".into()), ("prefix".into(), "/v".into())];
         }
         let action = lc.handle(host.now_us(), &mut host, Event::Request(ctx));
         if i == 0 {

@@ -10,7 +10,6 @@ use crate::host::{Action, ContextId, Headers, Host, HostError};
 use crate::inject::{scrub, Op};
 use crate::record::{Audit, Family, Metric};
 use crate::response::{Code, Denial};
-use crate::wire::pairs;
 use std::rc::Rc;
 
 /// The request as the engine sees it, read from the host once: the header map (`Err`: it could
@@ -27,11 +26,10 @@ impl HostRequest {
     pub(super) fn read(host: &mut impl Host) -> HostRequest {
         let headers = host.request_headers().map_err(|_| ());
         // Metadata that does not decode names no target (403 `unknown_target`).
-        let meta = host.route_metadata().unwrap_or_default();
-        let Some(p) = pairs::decode(&meta) else {
+        let Some(meta) = host.route_metadata() else {
             return HostRequest { headers, target: None, prefix: None, endpoint: None };
         };
-        let get = |k: &str| pairs::get(&p, k).map(str::to_string);
+        let get = |k: &str| meta.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
         HostRequest { headers, target: get("target"), prefix: get("prefix"), endpoint: get("endpoint") }
     }
 
