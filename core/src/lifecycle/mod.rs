@@ -281,10 +281,9 @@ impl Lifecycle {
             Some(Stream::Pricing { .. }) => self.price_body(host, ctx, size, end),
             Some(Stream::Issuing(_)) => self.issue_body(host, ctx, size, end),
             Some(Stream::Parked(p)) => {
-                // Only a request whose headers ended the stream hears of its body while parked
-                // (Envoy holds a paused stream's body): remember it for the resume.
+                // Its body ended while it waits: remember how, for the decision.
                 if end {
-                    p.body_end = Some(size.unwrap_or(0));
+                    p.body_end = Some(size);
                 }
                 Action::Pause
             }

@@ -160,8 +160,8 @@ impl Lifecycle {
                     });
                     self.streams.insert(ctx, Stream::Pricing { pricing, served });
                     if let Some(size) = body_end {
-                        // Its (empty) body ended while it was parked: price it now.
-                        if self.price_body(host, ctx, Some(size), true) == Action::Pause {
+                        // Its body ended while it was parked: price it now.
+                        if self.price_body(host, ctx, size, true) == Action::Pause {
                             return Action::Pause; // answered
                         }
                     }

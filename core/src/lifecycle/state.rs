@@ -124,9 +124,11 @@ pub struct Parked {
     pub admitted: Vec<Admitted>,
     /// When its headers reached the filter (microseconds), for the added-latency histogram.
     pub started_us: u64,
-    /// Its headers ended the stream (a request without a body): the body's end was announced
-    /// while it was parked, and Envoy will not announce it again after the resume.
-    pub body_end: Option<usize>,
+    /// Its body ended while it was parked (its size; `None`: its trailers ended it, and what is
+    /// held is all of it): Envoy will not announce the end again after the resume. A wasm filter
+    /// hears of it only for a request whose headers ended the stream; a native one, whose paused
+    /// stream's body and trailers still reach it, for every framing.
+    pub body_end: Option<Option<usize>>,
 }
 
 /// What an allowed request was given (for vendor 401/403 and response scrubbing), and the cost

@@ -333,7 +333,7 @@ fn a_cold_request_without_a_body_is_refused_when_it_resumes() {
     // Its headers end the stream: the filter announces the (empty) body right away, while it parks.
     assert_eq!(pay_headers(&mut lc, &mut host, 10, &t, "", &[]), Action::Pause);
     assert_eq!(lc.handle(host.now_us(), &mut host, Event::RequestBody { ctx: 10, size: 0, end: true }), Action::Pause);
-    assert_eq!(lc.parked().get(&10).and_then(|p| p.body_end), Some(0));
+    assert_eq!(lc.parked().get(&10).and_then(|p| p.body_end), Some(Some(0)));
     lc.handle(host.now_us(), &mut host, Event::Woken);
     let call = only_call(&host.take());
     lc.handle(host.now_us(), &mut host, Event::Answer { call, answer: stripe_answer() });
@@ -341,6 +341,25 @@ fn a_cold_request_without_a_body_is_refused_when_it_resumes() {
     assert_eq!(replies(&effects), vec![(10, 400, "bad_request".into())]);
     assert!(!effects.contains(&Effect::Resume(10)), "never resumed: Envoy would send it on without a body event");
     assert!(lc.pricing().is_empty());
+}
+
+#[test]
+fn a_cold_request_whose_body_and_trailers_arrive_while_it_waits_is_priced_from_all_of_its_body() {
+    // A native executor's paused stream still hears of its body and trailers (Envoy holds them):
+    // the trailers end it, and the decision reads everything held.
+    let mut host = MemHost::new(ROOT);
+    let mut lc = worker(&mut host, spend_config());
+    let t = capped(&host, "c-13", r#"{"spend":1000}"#, "");
+    assert_eq!(pay_headers(&mut lc, &mut host, 10, &t, "amount=700&currency=usd", &[]), Action::Pause);
+    assert_eq!(lc.handle(host.now_us(), &mut host, Event::RequestBody { ctx: 10, size: 11, end: false }), Action::Pause);
+    assert_eq!(lc.handle(host.now_us(), &mut host, Event::RequestTrailers(10)), Action::Pause);
+    assert_eq!(lc.parked().get(&10).and_then(|p| p.body_end), Some(None));
+    lc.handle(host.now_us(), &mut host, Event::Woken);
+    let call = only_call(&host.take());
+    lc.handle(host.now_us(), &mut host, Event::Answer { call, answer: stripe_answer() });
+    let effects = host.take();
+    assert!(effects.contains(&Effect::Resume(10)), "{effects:?}");
+    assert_eq!(spent(&host, "c-13"), 700, "priced from the whole body, not the part announced first");
 }
 
 #[test]
