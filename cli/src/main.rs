@@ -8,6 +8,7 @@ mod envoy_lint;
 mod issue;
 mod lint_ratelimit;
 mod lint_report;
+mod native_config;
 mod report;
 mod revoke;
 mod token;
@@ -105,6 +106,13 @@ const COMMANDS: &[(&str, &str)] = &[
     credential, within it in every dimension. Prints the token (with --json: {token, jti, sub,
     expires_at, allow}).",
     ),
+    (
+        "native-config",
+        "keyward native-config FILE [--out FILE]
+    Rewrite an Envoy bootstrap or ECDS file that runs Keyward's wasm filter to run the native
+    module (libkeyward.so, Envoy's dynamic-modules filter) with the same configuration; YAML out,
+    or JSON when --out ends in .json. The module is found under ENVOY_DYNAMIC_MODULES_SEARCH_PATH.",
+    ),
     ("version", "keyward version [--json]"),
 ];
 
@@ -156,6 +164,7 @@ fn main() -> ExitCode {
         Some("revoked") => revoke::list(&rest),
         Some("report") => report::run(&rest),
         Some("token") => issue::run(&rest),
+        Some("native-config") => native_config::run(&rest),
         Some("version" | "--version") => version(&rest),
         Some("help" | "--help" | "-h") | None => match rest.first() {
             Some(c) if !COMMANDS.iter().any(|(n, _)| n == c) => Err(Fail::usage(format!("unknown command {c:?}; see `keyward help`"))),
@@ -218,12 +227,14 @@ fn check_config(args: &[String]) -> Result<(), Fail> {
 }
 
 /// The filter configuration inside an ECDS file (YAML or JSON: one resource, a Wasm filter whose
-/// `configuration.value` is the configuration), as `config-sync` writes it and the EKS
+/// `configuration.value` is the configuration, or the native module's `filter_config.value`), as `config-sync` writes it and the EKS
 /// `keyward-filter` ConfigMap holds it; `None` for anything else.
 fn ecds_configuration(bytes: &[u8]) -> Option<Vec<u8>> {
     let doc: serde_json::Value = serde_norway::from_slice(bytes).ok()?;
     let [one] = doc.get("resources")?.as_array()?.as_slice() else { return None };
-    one.pointer("/typed_config/config/configuration/value")?.as_str().map(|v| v.as_bytes().to_vec())
+    // The wasm filter's configuration, or the native module's.
+    let v = one.pointer("/typed_config/config/configuration/value").or_else(|| one.pointer("/typed_config/filter_config/value"))?;
+    v.as_str().map(|v| v.as_bytes().to_vec())
 }
 
 /// With `no_env`, every environment variable reads as a placeholder 32-byte key, so that the

@@ -1,0 +1,126 @@
+//! `keyward native-config`: an Envoy configuration that runs Keyward's wasm filter, rewritten to
+//! run the native module (`libkeyward.so`, Envoy's dynamic-modules HTTP filter) instead. The
+//! shipped configurations describe the wasm filter; the gateway image's entrypoint and `make run`
+//! rewrite them with this when `KEYWARD_EXECUTOR=native`, so both executors run from one file.
+//!
+//! Each keyward Wasm filter config (a `code` file named `keyward*.wasm`) becomes a
+//! `DynamicModuleFilter` with the same JSON configuration; the module is found as
+//! `lib<name>.so` under `ENVOY_DYNAMIC_MODULES_SEARCH_PATH`. A bootstrap also gets the runtime
+//! flag that names the module's metrics as the wasm filter's are named (`keyward_*` in Prometheus).
+
+use crate::args::{Args, Fail};
+use serde_json::{json, Map, Value};
+
+const WASM_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm";
+const MODULE_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter";
+pub const STRIP_PREFIX: &str = "envoy.reloadable_features.dynamic_modules_strip_custom_stat_prefix";
+
+pub fn run(args: &[String]) -> Result<(), Fail> {
+    let a = Args::read(args, &[], &["out"], 1)?;
+    let path = a.positional.first().ok_or_else(|| Fail::usage("a FILE is required"))?;
+    let text = std::fs::read_to_string(path).map_err(|e| Fail::unavailable(format!("cannot read {path}: {e}")))?;
+    let mut doc: Value = serde_norway::from_str(&text).map_err(|e| Fail::Failed(format!("{path}: not YAML or JSON: {e}")))?;
+    let n = rewrite(&mut doc);
+    if n == 0 {
+        return Err(Fail::Failed(format!("{path}: no keyward wasm filter to rewrite")));
+    }
+    let out = a.get("out");
+    let json_out = out.is_some_and(|o| o.ends_with(".json"));
+    let rendered = if json_out {
+        serde_json::to_string_pretty(&doc).map_err(|e| Fail::Failed(e.to_string()))?
+    } else {
+        serde_norway::to_string(&doc).map_err(|e| Fail::Failed(e.to_string()))?
+    };
+    match out {
+        Some(o) => std::fs::write(o, rendered).map_err(|e| Fail::unavailable(format!("cannot write {o}: {e}")))?,
+        None => print!("{rendered}"),
+    }
+    Ok(())
+}
+
+/// Rewrite every keyward wasm filter in `doc`; how many were rewritten.
+pub fn rewrite(doc: &mut Value) -> usize {
+    let n = walk(doc);
+    if n > 0 && doc.get("static_resources").is_some() {
+        add_runtime_flag(doc);
+    }
+    n
+}
+
+fn walk(v: &mut Value) -> usize {
+    match v {
+        Value::Object(m) => {
+            if let Some(native) = native_of(m) {
+                *v = native;
+                return 1;
+            }
+            m.values_mut().map(walk).sum()
+        }
+        Value::Array(a) => a.iter_mut().map(walk).sum(),
+        _ => 0,
+    }
+}
+
+/// The dynamic-module filter for a keyward Wasm filter config; `None` for anything else.
+fn native_of(m: &Map<String, Value>) -> Option<Value> {
+    if m.get("@type").and_then(Value::as_str) != Some(WASM_TYPE) {
+        return None;
+    }
+    let config = m.get("config")?;
+    let file = config.pointer("/vm_config/code/local/filename")?.as_str()?;
+    let base = file.rsplit('/').next().unwrap_or(file);
+    if !(base.starts_with("keyward") && base.ends_with(".wasm")) {
+        return None;
+    }
+    // keyward.wasm → libkeyward.so; keyward-panic.wasm (tests) → libkeyward_panic.so.
+    let name = base.trim_end_matches(".wasm").replace('-', "_");
+    let configuration = config.get("configuration").cloned().unwrap_or_else(|| json!({"@type": "type.googleapis.com/google.protobuf.StringValue", "value": ""}));
+    Some(json!({
+        "@type": MODULE_TYPE,
+        // do_not_close: the module's tick thread lives as long as the process.
+        "dynamic_module_config": {"name": name, "do_not_close": true},
+        "filter_name": "keyward",
+        "filter_config": configuration,
+    }))
+}
+
+fn add_runtime_flag(doc: &mut Value) {
+    let Some(root) = doc.as_object_mut() else { return };
+    let rt = root.entry("layered_runtime").or_insert_with(|| json!({"layers": []}));
+    let Some(layers) = rt.as_object_mut().map(|o| o.entry("layers").or_insert_with(|| json!([]))).and_then(Value::as_array_mut) else { return };
+    if let Some(s) = layers.iter_mut().find_map(|l| l.get_mut("static_layer").and_then(Value::as_object_mut)) {
+        s.insert(STRIP_PREFIX.into(), Value::Bool(true));
+    } else {
+        layers.insert(0, json!({"name": "keyward-native", "static_layer": {STRIP_PREFIX: true}}));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wasm(file: &str) -> Value {
+        json!({"name": "keyward", "typed_config": {"@type": WASM_TYPE, "config": {"root_id": "keyward", "vm_config": {"code": {"local": {"filename": file}}},
+            "configuration": {"@type": "type.googleapis.com/google.protobuf.StringValue", "value": "{\"a\":1}"}}}})
+    }
+
+    #[test]
+    fn rewrites_keyward_filters_only_and_adds_the_flag_to_a_bootstrap() {
+        let mut doc = json!({"static_resources": {"listeners": [{"filters": [wasm("/etc/envoy/keyward.wasm"), wasm("/x/other.wasm")]}]}});
+        assert_eq!(rewrite(&mut doc), 1);
+        let f = &doc["static_resources"]["listeners"][0]["filters"];
+        assert_eq!(f[0]["typed_config"]["@type"], MODULE_TYPE);
+        assert_eq!(f[0]["typed_config"]["dynamic_module_config"]["name"], "keyward");
+        assert_eq!(f[0]["typed_config"]["filter_config"]["value"], "{\"a\":1}");
+        assert_eq!(f[1]["typed_config"]["@type"], WASM_TYPE, "another module stays");
+        assert_eq!(doc["layered_runtime"]["layers"][0]["static_layer"][STRIP_PREFIX], true);
+    }
+
+    #[test]
+    fn an_ecds_resource_and_the_test_module() {
+        let mut doc = json!({"resources": [{"@type": "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig", "name": "keyward", "typed_config": wasm("dist/test/keyward-panic.wasm")["typed_config"]}]});
+        assert_eq!(rewrite(&mut doc), 1);
+        assert_eq!(doc["resources"][0]["typed_config"]["dynamic_module_config"]["name"], "keyward_panic");
+        assert!(doc.get("layered_runtime").is_none(), "not a bootstrap");
+    }
+}
