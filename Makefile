@@ -6,15 +6,17 @@ PYTHON ?= python3
 VENV   := .venv
 STAMP  := $(VENV)/.installed
 WASM   := dist/keyward.wasm
+NATIVE := dist/native/libkeyward.so
 CLI    := target/release/keyward
 GIT_HASH := $(shell git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
 
-.PHONY: help build wasm cli deps run test unit lint integration bench icount clean fuzz fuzz-smoke profile
+.PHONY: help build wasm native cli deps run test unit lint integration bench icount clean fuzz fuzz-smoke profile
 
 help:
 	@echo "make run    start a local gateway (OpenBao + demo vendor + Envoy with keyward on 127.0.0.1:10000)"
 	@echo "make test   unit tests, lints and integration tests against real Envoy, OpenBao and moto"
-	@echo "make build  dist/keyward.wasm and the keyward CLI ($(CLI))"
+	@echo "make build  dist/keyward.wasm, the native module $(NATIVE) and the keyward CLI ($(CLI))"
+	@echo "            (make run KEYWARD_EXECUTOR=native runs the native module instead of the wasm filter)"
 	@echo "make bench  Keyward vs bare Envoy, a no-op wasm filter and Envoy's native filters (bench/results/latest.json)"
 	@echo "make icount instructions per request of each bench arm, under callgrind (bench/results/icount.json)"
 	@echo "make fuzz   cargo-fuzz on the token, rules, config and cost parsers (FUZZ_SECS per target, default 300)"
@@ -75,6 +77,21 @@ wasm: .wasm-target
 cli:
 	cargo build --release --locked -p keyward-cli
 
+# The native executor: the same core as an Envoy dynamic module (Linux; the host's architecture).
+# Envoy finds it as lib<name>.so under ENVOY_DYNAMIC_MODULES_SEARCH_PATH (dist/native).
+native:
+	KEYWARD_GIT_HASH=$(GIT_HASH) cargo build --profile native --locked -p keyward-native
+	@mkdir -p dist/native
+	cp target/native/libkeyward.so $(NATIVE)
+	@echo "built $(NATIVE) ($$(stat -c %s $(NATIVE)) bytes, $(GIT_HASH))"
+
+# Test only: the native module with the panic-test feature, as libkeyward_panic.so (its own name,
+# so it can never be loaded as the shipped module).
+dist/native/libkeyward_panic.so: $(shell find native/src core/src -name '*.rs') native/Cargo.toml
+	cargo build --profile native --locked -p keyward-native --features panic-test --target-dir target/panic-native
+	@mkdir -p dist/native
+	cp target/panic-native/native/libkeyward.so $@
+
 # Test only: the module with the panic-test feature (a request header makes it panic), built in its
 # own target directory so it can never be mistaken for dist/keyward.wasm.
 dist/test/keyward-panic.wasm: .wasm-target $(shell find filter/src core/src -name '*.rs') filter/Cargo.toml
@@ -82,7 +99,7 @@ dist/test/keyward-panic.wasm: .wasm-target $(shell find filter/src core/src -nam
 	@mkdir -p dist/test
 	cp target/panic-test/wasm32-wasip1/release/keyward_filter.wasm $@
 
-build: wasm cli
+build: wasm native cli
 
 # --- run -------------------------------------------------------------------------------------
 run: build $(STAMP)
@@ -104,8 +121,13 @@ $(DYNALITE): tools/dynalite/package-lock.json
 	cd tools/dynalite && npm ci --silent --no-audit --no-fund
 	@touch $@
 
-integration: build dist/test/keyward-panic.wasm $(STAMP) $(PROMTOOL) $(DYNALITE)
-	$(VENV)/bin/python -m pytest integration -q -p no:cacheprovider
+# One suite, both executors: every test runs against the wasm filter, then the native module.
+EXECUTORS ?= wasm native
+integration: build dist/test/keyward-panic.wasm dist/native/libkeyward_panic.so $(STAMP) $(PROMTOOL) $(DYNALITE)
+	@rc=0; for e in $(EXECUTORS); do \
+	  echo "== integration tests, $$e executor"; \
+	  KEYWARD_EXECUTOR=$$e $(VENV)/bin/python -m pytest integration -q -p no:cacheprovider || rc=1; \
+	done; exit $$rc
 
 test: build $(STAMP) unit lint integration fuzz-smoke
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import requests
 
+import executor
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / ".venv" / "bin"
 WASM = ROOT / "dist" / "keyward.wasm"
@@ -361,6 +363,7 @@ class Envoy:
     def __init__(self, workdir: Path, bootstrap: dict, env: dict, name="envoy", concurrency=2):
         self.workdir = workdir
         self.admin = bootstrap["admin"]["address"]["socket_address"]["port_value"]
+        bootstrap, env = executor.prepare(bootstrap, env)
         self.config_path = workdir / f"{name}.json"
         self.config_path.write_text(json.dumps(bootstrap, indent=1))
         self.log_path = workdir / f"{name}.log"
@@ -398,7 +401,7 @@ class Envoy:
             k, _, v = line.partition(": ")
             if v.strip().isdigit():
                 out[k] = int(v)
-        return out
+        return executor.stat_names(out)
 
     def prometheus(self) -> str:
         flush_wait()
@@ -411,6 +414,7 @@ class Envoy:
 
 def validate(workdir: Path, bootstrap: dict, env: dict, name="validate"):
     """`envoy --mode validate`: (exit code, log text)."""
+    bootstrap, env = executor.prepare(bootstrap, env)
     p = workdir / f"{name}.json"
     p.write_text(json.dumps(bootstrap))
     full_env = dict(os.environ)
