@@ -20,6 +20,11 @@
 # its error), then checks the source every KEYWARD_CONFIG_EVERY seconds (default 30) and rewrites
 # the file Envoy watches when it changed. A bootstrap that names __AWS_REGION__ is written there
 # too, with the task's region (AWS_REGION) in its place.
+#
+# The executor (KEYWARD_EXECUTOR): `wasm` (default) runs the filter as the configurations describe
+# it (keyward.wasm in Envoy's V8); `native` runs the same configuration in the native module
+# (/usr/local/lib/keyward/libkeyward.so, Envoy's dynamic-modules filter): `keyward native-config`
+# rewrites the bootstrap (and the ECDS template config-sync fills) into KEYWARD_RUN_DIR first.
 set -u
 DRAIN_S="${DRAIN_S:-30}"
 ADMIN="${ADMIN:-127.0.0.1:9901}"
@@ -28,7 +33,18 @@ KEYWARD="${KEYWARD:-keyward}"
 LEDGER_DRAIN="${LEDGER_DRAIN-127.0.0.1:10000}"
 RUN_DIR="${KEYWARD_RUN_DIR:-/run/keyward}"
 TEMPLATE="${KEYWARD_FILTER_TEMPLATE:-/etc/envoy/keyward-filter.template.json}"
+EXECUTOR="${KEYWARD_EXECUTOR:-wasm}"
 sync_pid=""
+
+case "$EXECUTOR" in
+  wasm) ;;
+  native)
+    export ENVOY_DYNAMIC_MODULES_SEARCH_PATH="${ENVOY_DYNAMIC_MODULES_SEARCH_PATH:-/usr/local/lib/keyward}"
+    if [ ! -f "$ENVOY_DYNAMIC_MODULES_SEARCH_PATH/libkeyward.so" ]; then
+      echo "keyward-envoy: KEYWARD_EXECUTOR=native needs $ENVOY_DYNAMIC_MODULES_SEARCH_PATH/libkeyward.so" >&2; exit 78
+    fi ;;
+  *) echo "keyward-envoy: KEYWARD_EXECUTOR must be wasm or native; got '$EXECUTOR'" >&2; exit 64 ;;
+esac
 
 args=("$@")
 for i in "${!args[@]}"; do
@@ -42,8 +58,20 @@ for i in "${!args[@]}"; do
     mkdir -p "$RUN_DIR" || exit 73
     sed "s/__AWS_REGION__/$AWS_REGION/g" "$boot" > "$RUN_DIR/envoy.yaml" || exit 73
     args[$j]="$RUN_DIR/envoy.yaml"
+    boot="$RUN_DIR/envoy.yaml"
+  fi
+  if [ "$EXECUTOR" = native ] && [ -n "$boot" ]; then
+    mkdir -p "$RUN_DIR" || exit 73
+    "$KEYWARD" native-config "$boot" --out "$RUN_DIR/envoy.native.yaml" || { echo "keyward-envoy: cannot run $boot natively" >&2; exit 78; }
+    args[$j]="$RUN_DIR/envoy.native.yaml"
   fi
 done
+
+if [ "$EXECUTOR" = native ] && [ -f "$TEMPLATE" ]; then
+  mkdir -p "$RUN_DIR" || exit 73
+  "$KEYWARD" native-config "$TEMPLATE" --out "$RUN_DIR/keyward-filter.template.native.json" || exit 78
+  TEMPLATE="$RUN_DIR/keyward-filter.template.native.json"
+fi
 
 if [ -n "${KEYWARD_CONFIG_SOURCE:-}" ]; then
   EVERY="${KEYWARD_CONFIG_EVERY:-30}"

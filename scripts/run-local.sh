@@ -8,6 +8,9 @@
 #   scripts/run-local.sh --no-envoy OpenBao and the demo vendor only, plus .run/env with what
 #                                   Envoy needs; then, in another terminal, from the repository root:
 #                                     . .run/env && func-e run -c envoy/local.yaml
+# KEYWARD_EXECUTOR=native runs the native module (dist/native/libkeyward.so, Envoy's dynamic-modules
+# filter) instead of dist/keyward.wasm, from the same envoy/local.yaml (rewritten into .run/ by
+# `keyward native-config`).
 # Bash 3.2 or later (macOS's /bin/bash works): only portable flags and builtins.
 # Ctrl-C stops everything this script started.
 set -euo pipefail
@@ -24,7 +27,13 @@ VENV=.venv
 RUN=.run
 KEYWARD=target/release/keyward
 # What this script runs, made by `make deps build` (make run does both).
-for need in "$VENV/bin/bao" "$VENV/bin/python" dist/keyward.wasm "$KEYWARD"; do
+EXECUTOR="${KEYWARD_EXECUTOR:-wasm}"
+case "$EXECUTOR" in
+  wasm) MODULE=dist/keyward.wasm ;;
+  native) MODULE=dist/native/libkeyward.so ;;
+  *) echo "KEYWARD_EXECUTOR must be wasm or native; got '$EXECUTOR'" >&2; exit 2 ;;
+esac
+for need in "$VENV/bin/bao" "$VENV/bin/python" "$MODULE" "$KEYWARD"; do
   if [ ! -x "$need" ] && [ ! -f "$need" ]; then
     echo "$need is missing: run \`make deps build\` first (from the repository root)" >&2
     exit 1
@@ -99,11 +108,17 @@ pids+=($!)
 wait_http http://127.0.0.1:8081/ demo-vendor
 
 if [ "$WITH_ENVOY" = 1 ]; then
-  echo "starting Envoy $("$VENV/bin/envoy" --version 2>/dev/null | grep -o '1\.[0-9]*\.[0-9]*' | head -1) with keyward on 127.0.0.1:10000 ..."
+  echo "starting Envoy $("$VENV/bin/envoy" --version 2>/dev/null | grep -o '1\.[0-9]*\.[0-9]*' | head -1) with keyward ($EXECUTOR) on 127.0.0.1:10000 ..."
   # Envoy's own log to envoy.log; its stdout is the access log (one JSON line per request),
   # flushed every 200 ms so that `keyward report` sees requests made a moment ago.
   : > "$RUN/envoy.log" # Envoy's --log-path appends: each run starts a new log
-  "$VENV/bin/envoy" -c envoy/local.yaml --concurrency 2 --log-level warn --component-log-level wasm:info \
+  BOOT=envoy/local.yaml
+  if [ "$EXECUTOR" = native ]; then
+    BOOT="$RUN/local.native.yaml"
+    "$KEYWARD" native-config envoy/local.yaml --out "$BOOT"
+    export ENVOY_DYNAMIC_MODULES_SEARCH_PATH="$(pwd)/dist/native"
+  fi
+  "$VENV/bin/envoy" -c "$BOOT" --concurrency 2 --log-level warn --component-log-level wasm:info,dynamic_modules:info \
     --log-path "$RUN/envoy.log" --file-flush-interval-msec 200 > "$RUN/access.log" 2>> "$RUN/envoy.log" &
   pids+=($!)
   wait_http http://127.0.0.1:9901/ready Envoy
