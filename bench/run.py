@@ -8,6 +8,8 @@ Arms (identical connection manager settings and access-log format; only the HTTP
   C  Keyward, cache warm, a credential rotated per request over 100 distinct valid tokens
   D  Envoy's native stack doing comparable work: jwt_authn (HS256, local JWKS), rbac (method and
      path), credential_injector (a generic secret)
+  N  Keyward's native executor (dist/native/libkeyward.so, Envoy's dynamic-modules filter): arm C's
+     configuration and load; its CPU is the worker's plus the module's tick thread's
 
 Each arm is its own Envoy (--concurrency 1) pinned to core 0. The load generator (open loop at a
 fixed rate, bench/loadgen) and a direct-response upstream Envoy share core 1. Arms are interleaved
@@ -69,10 +71,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "integration"))
 import harness  # noqa: E402  (Bao, free_port, mint, wait_until)
+import executor  # noqa: E402  (the native module's bootstrap from the wasm one)
 
 ENVOY = ROOT / ".venv" / "bin" / "envoy"
 LOADGEN = ROOT / "target" / "release" / "keyward-loadgen"
 KEYWARD_WASM = ROOT / "dist" / "keyward.wasm"
+KEYWARD_NATIVE = ROOT / "dist" / "native" / "libkeyward.so"
 NOOP_WASM = ROOT / "dist" / "bench" / "noop.wasm"
 RESULTS = ROOT / "bench" / "results"
 
@@ -91,7 +95,7 @@ ABLATIONS = {"audit": "filter-state writes (the access-log keys)", "scrub": "rea
 ONLY = os.environ.get("BENCH_ONLY", "")
 BODY_SIZES = [int(x) for x in os.environ.get("BENCH_BODY_SIZES", "100,4096,32768").split(",")]
 TOKENS = 100
-ARMS = {"A": "bare", "B": "noop", "C": "keyward", "D": "native"}
+ARMS = {"A": "bare", "B": "noop", "C": "keyward", "D": "native", "N": "keyward_native"}
 # BENCH_BASELINE_WASM=path: a fifth arm, E, runs that build of keyward.wasm (an earlier commit) in
 # the same rounds, for before/after figures measured in one run.
 BASELINE_WASM = os.environ.get("BENCH_BASELINE_WASM")
@@ -187,6 +191,11 @@ BUFFER_FILTER = {"name": BUFFER, "disabled": True, "typed_config": {
 
 
 def bootstrap(arm, ports, workdir, ctx):
+    if arm == "N":
+        b = executor.native(bootstrap("C", ports, workdir, ctx))
+        hcm = b["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+        hcm["access_log"][0]["typed_config"]["path"] = str(workdir / "access-N.log")
+        return b
     filters = {
         "A": [],
         "B": [wasm_filter("noop", NOOP_WASM, "noop", "")],
@@ -273,7 +282,7 @@ class Proc:
         cfg = workdir / f"{name}.json"
         cfg.write_text(json.dumps(bootstrap))
         self.log = open(workdir / f"{name}.log", "wb")
-        full_env = dict(os.environ, **(env or {}))
+        full_env = dict(os.environ, **(env or {}), **executor.env())
         self.proc = subprocess.Popen(["taskset", "-c", str(core), str(ENVOY), "-c", str(cfg), "--concurrency", str(concurrency),
                                       "--log-level", "warn", "--base-id", str(harness.free_port()), "--disable-hot-restart"],
                                      stdout=self.log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
@@ -286,7 +295,12 @@ class Proc:
 
     def stat(self, name):
         time.sleep(0.25)  # the filter hands its counters to Envoy on its 200 ms tick
-        return admin_stat(self.admin, name)
+        v = admin_stat(self.admin, name)
+        if v == 0 and name.startswith("wasmcustom.keyward_"):
+            # The native module's name for it (`name.label.value`, Envoy's dynamic-module stats).
+            base = name.removeprefix("wasmcustom.")
+            v = admin_stat(self.admin, "dynamicmodulescustom." + base.replace(";", ".").replace("=", "."))
+        return v
 
     def histogram_p50s(self):
         """The median of every keyward histogram (interpolated in its bucket), by stat name."""
@@ -301,15 +315,25 @@ class Proc:
             for q in h["computed_quantiles"]:
                 v = q["values"][i]["cumulative"]
                 if v is not None:
-                    out[q["name"].removeprefix("wasmcustom.")] = round(v, 1)
+                    name = q["name"].removeprefix("wasmcustom.").removeprefix("dynamicmodulescustom.")
+                    out[executor.stat_name(name).removeprefix("wasmcustom.")] = round(v, 1)
         return out
 
     def worker_cpu_ns(self):
-        """CPU time of the Envoy worker thread (wrk:worker_0), from schedstat."""
+        """CPU time of the Envoy worker thread (wrk:worker_0), from schedstat, plus the native
+        module's tick thread (keyward-ticker) where there is one: work the module does off the worker."""
+        total, found = 0, False
         for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
-            if (task / "comm").read_text().strip().startswith("wrk:worker"):
-                return int((task / "schedstat").read_text().split()[0])
-        raise RuntimeError(f"{self.name}: no worker thread")
+            try:
+                comm = (task / "comm").read_text().strip()
+                if comm.startswith("wrk:worker") or comm.startswith("keyward-ticker"):
+                    total += int((task / "schedstat").read_text().split()[0])
+                    found = found or comm.startswith("wrk:worker")
+            except OSError:
+                continue
+        if not found:
+            raise RuntimeError(f"{self.name}: no worker thread")
+        return total
 
     def rss_kb(self):
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
@@ -378,7 +402,7 @@ def cold_miss(workdir, ctx, bao, arm="C"):
                    "metadata": {"filter_metadata": {"keyward": {"target": f"c{i}", "prefix": f"/c{i}"}}}} for i in range(n)]
     # Fine histogram buckets (µs) for the filter's own timings, flushed every second.
     b["stats_flush_interval"] = "1s"
-    b["stats_config"] = {"histogram_bucket_settings": [{"match": {"prefix": "wasmcustom.keyward_"}, "buckets": [
+    b["stats_config"] = {"histogram_bucket_settings": [{"match": {"safe_regex": {"regex": "^(wasmcustom|dynamicmodulescustom)[.]keyward_.*"}}, "buckets": [
         5, 10, 15, 20, 25, 30, 40, 50, 60, 70, 80, 90, 100, 120, 140, 160, 180, 200, 250, 300, 350, 400, 500, 600, 700,
         800, 900, 1000, 1100, 1200, 1300, 1400, 1500, 1700, 2000, 2500, 3000, 4000, 5000, 10000]}]}
     e = Proc(f"cold-{arm}", b, workdir, 0, ctx["env"])
@@ -522,7 +546,7 @@ def memory(workdir, ctx):
     of traffic. What grows with the VM count is per VM; what does not is fixed per Envoy process."""
     runs = {}
     for conc in (1, 3):
-        for arm in ("A", "B", "C"):
+        for arm in ("A", "B", "C", "N"):
             ports = {"admin": harness.free_port(), "listen": harness.free_port()}
             p = Proc(f"mem-{arm}-{conc}", bootstrap(arm, ports, workdir, ctx), workdir, 0, ctx["env"], concurrency=conc)
             try:
@@ -541,13 +565,16 @@ def memory(workdir, ctx):
     c1, b1 = runs[("C", 1)], runs[("B", 1)]
     over_noop_per_vm = per_vm("C") - per_vm("B")
     out = {
-        "runs": [{"arm": ARMS[a], "concurrency": n, "vms": n + 1, **v} for (a, n), v in runs.items()],
+        "runs": [{"arm": ARMS[a], "concurrency": n, **({"vms": n + 1} if a in ("B", "C") else {}), **v} for (a, n), v in runs.items()],
         "per_vm_rss_kb": {ARMS[a]: round(per_vm(a)) for a in ("A", "B", "C")},
         "keyward_over_noop_per_vm_kb": round(over_noop_per_vm),
         "keyward_over_noop_fixed_kb": round((c1["rss_kb"] - b1["rss_kb"]) - 2 * over_noop_per_vm),
         "keyward_over_noop_allocated_kb": c1["allocated"] - b1["allocated"],
         "keyward_over_noop_allocator_free_kb": (c1["pageheap_free"] + c1["total_thread_cache"]) - (b1["pageheap_free"] + b1["total_thread_cache"]),
         "module_bytes": KEYWARD_WASM.stat().st_size,
+        # The native executor has no VM: what it adds to an Envoy process, at each concurrency.
+        "keyward_native_over_bare_kb": {str(n): runs[("N", n)]["rss_kb"] - runs[("A", n)]["rss_kb"] for n in (1, 3)},
+        "keyward_native_over_bare_allocated_kb": {str(n): runs[("N", n)]["allocated"] - runs[("A", n)]["allocated"] for n in (1, 3)},
         "wasm_linear_memory_after_configure_kb": c1["wasm_linear_memory_after_configure_kb"],
         "wasm_linear_memory_after_traffic_kb": c1["wasm_linear_memory_after_traffic_kb"],
         "note": "RSS after 1 s of traffic; per VM = (RSS at concurrency 3 - RSS at concurrency 1) / 2. allocated, "
@@ -557,7 +584,7 @@ def memory(workdir, ctx):
     }
     print(f"memory: per VM bare {out['per_vm_rss_kb']['bare']} KiB, noop {out['per_vm_rss_kb']['noop']} KiB, keyward "
           f"{out['per_vm_rss_kb']['keyward']} KiB; keyward over noop {over_noop_per_vm:.0f} KiB/VM + {out['keyward_over_noop_fixed_kb']} KiB "
-          f"fixed", flush=True)
+          f"fixed; native module over bare {out['keyward_native_over_bare_kb']} KiB", flush=True)
     return out
 
 
@@ -597,7 +624,7 @@ def ablation(workdir, ctx, keyward):
 
 
 def main():
-    for p in (ENVOY, LOADGEN, KEYWARD_WASM, NOOP_WASM):
+    for p in (ENVOY, LOADGEN, KEYWARD_WASM, KEYWARD_NATIVE, NOOP_WASM):
         if not p.exists():
             sys.exit(f"{p} is missing: run make bench (it builds everything first)")
     if (os.cpu_count() or 1) < 2:
@@ -637,6 +664,7 @@ def main():
             return
         if ONLY == "cold":
             print(json.dumps(cold_miss(workdir, ctx, bao), indent=1))
+            print(json.dumps(cold_miss(workdir, ctx, bao, "N"), indent=1))
             if BASELINE_WASM:
                 print(json.dumps(cold_miss(workdir, ctx, bao, "E"), indent=1))
             return
@@ -672,7 +700,7 @@ def main():
             assert probe["ok"] == probe["requests"], (arm, probe)
         no_tokens = workdir / "no-tokens.txt"
         no_tokens.write_text("")
-        for arm in [a for a in ("C", "D", "E") if a in arms]:
+        for arm in [a for a in ("C", "D", "E", "N") if a in arms]:
             r = load(arms[arm].port, no_tokens, 0.5, 20)
             assert r["ok"] == 0, (arm, "a request without a credential was forwarded", r)
 
@@ -704,13 +732,15 @@ def main():
                 return [r["cpu_us_per_rq"] for r in per_round[a]]
             warm = {ARMS[a]: {"cpu_us_per_request": round(median(cpu(a)), 2), "rounds": [round(x, 2) for x in cpu(a)]} for a in ARMS}
             ratios = {f"{ARMS[x]}_over_{ARMS[y]}": round(statistics.median([u / v for u, v in zip(cpu(x), cpu(y))]), 3)
-                      for x, y in [("C", "A"), ("C", "D"), ("B", "A")] + ([("C", "E"), ("E", "A")] if BASELINE_WASM else [])}
+                      for x, y in [("C", "A"), ("C", "D"), ("B", "A"), ("N", "A"), ("N", "D"), ("N", "C")]
+                      + ([("C", "E"), ("E", "A")] if BASELINE_WASM else [])}
             print(json.dumps({"warm": warm, "ratios": ratios, "baseline": BASELINE_WASM}, indent=1))
             return
         ablation_rows = ablation(workdir, ctx, arms["C"])
         priced_rows = priced(workdir, ctx, arms["A"])
         scaling_rows = scaling(workdir, ctx, arms["A"], median([r["cpu_us_per_rq"] for r in per_round["A"]]))
         cold = cold_miss(workdir, ctx, bao)
+        cold_native = cold_miss(workdir, ctx, bao, "N")
         mem = memory(workdir, ctx)
         import fleet
         fleet_rows = fleet.run(workdir, ctx)
@@ -733,7 +763,10 @@ def main():
             "ratios": {"keyward_over_bare_cpu_per_request": ratio("C", "A"),
                        "keyward_over_native_cpu_per_request": ratio("C", "D"),
                        "noop_over_bare_cpu_per_request": ratio("B", "A"),
-                       "native_over_bare_cpu_per_request": ratio("D", "A")},
+                       "native_over_bare_cpu_per_request": ratio("D", "A"),
+                       "keyward_native_over_bare_cpu_per_request": ratio("N", "A"),
+                       "keyward_native_over_native_cpu_per_request": ratio("N", "D"),
+                       "keyward_native_over_keyward_cpu_per_request": ratio("N", "C")},
             "arms": s,
             **({"baseline": {"wasm": BASELINE_WASM, "wasm_bytes": Path(BASELINE_WASM).stat().st_size,
                              "keyward_over_baseline_cpu_per_request": ratio("C", "E"),
@@ -744,9 +777,11 @@ def main():
             "fleet_ledger": fleet_rows,
             "model_calls": model_rows,
             "cold_miss": cold,
+            "cold_miss_native": cold_native,
             **({"cold_miss_baseline": cold_baseline} if cold_baseline else {}),
             "vault_calls_per_10k_requests": round(fetches * 10000 / max(1, c_requests), 3),
             "keyward_wasm_bytes": KEYWARD_WASM.stat().st_size,
+            "keyward_native_bytes": KEYWARD_NATIVE.stat().st_size,
             "memory": {"main_run_rss_kb": rss, **mem},
             "method": {"rate_rps": RATE, "seconds_per_arm_per_round": SECONDS, "rounds": ROUNDS, "warmup_rounds": WARMUP,
                        "tokens": TOKENS, "connections": 16, "envoy": subprocess.run([str(ENVOY), "--version"], capture_output=True,
@@ -783,6 +818,8 @@ def print_table(out):
     c = out["cold_miss"]
     print(f"\nkeyward/bare {r['keyward_over_bare_cpu_per_request']}  keyward/native {r['keyward_over_native_cpu_per_request']}  "
           f"noop/bare {r['noop_over_bare_cpu_per_request']}  (medians of per-round ratios)")
+    print(f"keyward native module: /bare {r['keyward_native_over_bare_cpu_per_request']}  /Envoy's native stack "
+          f"{r['keyward_native_over_native_cpu_per_request']}  /keyward wasm {r['keyward_native_over_keyward_cpu_per_request']}")
     print(f"cold miss: {c['cold_request_p50_us']:.0f} µs, of which the vault's own read {c['vault_read_p50_us']:.0f} µs "
           f"-> {c['cold_minus_vault_p50_us']:.0f} µs added; warm {c['warm_request_p50_us']:.0f} µs; "
           f"cold - warm - vault {c['cold_minus_warm_minus_vault_p50_us']:.0f} µs")
@@ -790,6 +827,10 @@ def print_table(out):
     print("cold miss inside the filter (medians, µs): " + ", ".join(
         f"{k.split(';')[-1].split('=')[-1] if 'cold' in k else k.split(';')[0].removeprefix('keyward_')}"
         f"{'' if 'cold' in k else '(' + k.split('=')[-1] + ')'} {v:.0f}" for k, v in sorted(f.items())))
+    if "cold_miss_native" in out:
+        c = out["cold_miss_native"]
+        print(f"native cold miss: {c['cold_request_p50_us']:.0f} µs, of which the vault's own read {c['vault_read_p50_us']:.0f} µs "
+              f"-> {c['cold_minus_vault_p50_us']:.0f} µs added; warm {c['warm_request_p50_us']:.0f} µs")
     if "cold_miss_baseline" in out:
         c = out["cold_miss_baseline"]
         print(f"baseline cold miss: {c['cold_request_p50_us']:.0f} µs, of which the vault's own read {c['vault_read_p50_us']:.0f} µs "
@@ -798,7 +839,8 @@ def print_table(out):
     print(f"vault calls per 10,000 requests: {out['vault_calls_per_10k_requests']}; keyward.wasm {out['keyward_wasm_bytes']} bytes; "
           f"memory: {m['keyward_over_noop_per_vm_kb'] / 1024:.2f} MiB per VM more than a no-op module, plus "
           f"{m['keyward_over_noop_fixed_kb'] / 1024:.1f} MiB once per Envoy; linear memory after configure "
-          f"{m['wasm_linear_memory_after_configure_kb'] / 1024:.2f} MiB, after traffic {m['wasm_linear_memory_after_traffic_kb'] / 1024:.2f} MiB")
+          f"{m['wasm_linear_memory_after_configure_kb'] / 1024:.2f} MiB, after traffic {m['wasm_linear_memory_after_traffic_kb'] / 1024:.2f} MiB; "
+          f"native module over bare Envoy: {m['keyward_native_over_bare_kb']} KiB RSS (by concurrency)")
     if "priced_by_body" in out:
         print("\n| priced payment body | keyward CPU µs/request | bare, same POST | added µs |")
         print("|---:|---:|---:|---:|")
