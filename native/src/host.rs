@@ -72,6 +72,9 @@ pub struct NativeHost {
     pub woke: bool,
     /// What runs when the hook has let go of the worker.
     pub after: Vec<After>,
+    /// Streams Envoy destroyed while this worker was busy (their pointers are dangling): never
+    /// touched again, forgotten at the worker's next entry.
+    pub gone: std::rc::Rc<std::cell::RefCell<Vec<ContextId>>>,
 }
 
 /// Microseconds since the epoch.
@@ -81,7 +84,7 @@ pub fn now_us() -> u64 {
 
 impl NativeHost {
     pub fn new(root: ContextId, shared: Arc<Shared>, link: Arc<Link>) -> NativeHost {
-        NativeHost { root, current: root, hook: Hook::None, streams: HashMap::new(), shared, link, woke: false, after: Vec::new() }
+        NativeHost { root, current: root, hook: Hook::None, streams: HashMap::new(), shared, link, woke: false, after: Vec::new(), gone: Default::default() }
     }
 
     /// A hook of `ctx` runs: its stream is the current one (as a proxy-wasm stream callback's
@@ -91,7 +94,14 @@ impl NativeHost {
     }
 
     fn stream(&self) -> Result<Stream, HostError> {
+        if self.is_gone(self.current) {
+            return Err(HostError::Failed);
+        }
         self.streams.get(&self.current).map(|s| s.stream).ok_or(HostError::Failed)
+    }
+
+    fn is_gone(&self, ctx: ContextId) -> bool {
+        self.gone.try_borrow().map_or(true, |g| g.contains(&ctx))
     }
 
     /// Is the current stream the one whose own hook runs, and may it act at once?
@@ -105,6 +115,9 @@ impl NativeHost {
 
     /// Queue `d` for the current stream's scheduler event.
     fn defer(&mut self, d: Deferred) -> Result<(), HostError> {
+        if self.is_gone(self.current) {
+            return Err(HostError::Failed);
+        }
         let slot = self.streams.get_mut(&self.current).ok_or(HostError::Failed)?;
         let sched = match slot.scheduler {
             Some(s) => s,
@@ -179,7 +192,7 @@ impl Host for NativeHost {
     }
 
     fn set_effective_context(&mut self, ctx: ContextId) -> Result<(), HostError> {
-        if ctx != self.root && !self.streams.contains_key(&ctx) {
+        if ctx != self.root && (!self.streams.contains_key(&ctx) || self.is_gone(ctx)) {
             return Err(HostError::Failed);
         }
         self.current = ctx;

@@ -27,8 +27,8 @@ use keyward_core::host::{Action, ContextId};
 use keyward_core::lifecycle::Event;
 use std::cell::RefCell;
 use std::ffi::c_void;
-use std::rc::Rc;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::rc::Rc;
 use std::sync::Arc;
 use stream::Stream;
 use worker::WorkerRef;
@@ -116,13 +116,18 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_destroy(cfg:
 pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_new(cfg: *const c_void, _envoy: abi::FilterEnvoy) -> *const c_void {
     let shared = &*(cfg as *const Arc<Shared>);
     let worker = catch_unwind(AssertUnwindSafe(|| worker::for_config(shared))).ok().flatten();
-    let gone = worker.as_ref().and_then(|w| w.try_borrow().ok().map(|w| w.gone.clone()));
+    let gone = worker.as_ref().and_then(|w| w.try_borrow().ok().map(|w| w.host.gone.clone()));
     Box::into_raw(Box::new(Filter { ctx: worker::next_id(), worker, gone })) as *const c_void
 }
 
 /// Run `work` on the stream's worker inside `hook`. `None`: no worker, a busy or poisoned one, or a
 /// panic (the worker is then poisoned).
-unsafe fn on_stream<T>(envoy: abi::FilterEnvoy, fm: *const c_void, request_body: bool, work: impl FnOnce(&mut worker::Worker, ContextId, Stream) -> (T, Option<bool>)) -> Option<T> {
+unsafe fn on_stream<T>(
+    envoy: abi::FilterEnvoy,
+    fm: *const c_void,
+    request_body: bool,
+    work: impl FnOnce(&mut worker::Worker, ContextId, Stream) -> (T, Option<bool>),
+) -> Option<T> {
     let f = &*(fm as *const Filter);
     let w = f.worker.as_ref()?;
     let s = Stream(envoy);
@@ -159,7 +164,11 @@ fn paused(a: Action) -> bool {
 /// # Safety
 /// Pointers Envoy handed over for this stream.
 #[no_mangle]
-pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(envoy: abi::FilterEnvoy, fm: *const c_void, end_of_stream: bool) -> abi::HeadersStatus {
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
+    envoy: abi::FilterEnvoy,
+    fm: *const c_void,
+    end_of_stream: bool,
+) -> abi::HeadersStatus {
     let a = on_stream(envoy, fm, false, |w, ctx, _s| {
         #[cfg(feature = "panic-test")]
         #[allow(clippy::panic)]
@@ -229,7 +238,11 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_trailers(en
 /// # Safety
 /// Pointers Envoy handed over for this stream.
 #[no_mangle]
-pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(envoy: abi::FilterEnvoy, fm: *const c_void, end_of_stream: bool) -> abi::HeadersStatus {
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(
+    envoy: abi::FilterEnvoy,
+    fm: *const c_void,
+    end_of_stream: bool,
+) -> abi::HeadersStatus {
     on_stream(envoy, fm, false, |w, ctx, _| {
         let now = now_us();
         w.event(now, Event::Response(ctx));
@@ -390,7 +403,14 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_data(
 ) {
 }
 #[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_trailers(_envoy: abi::FilterEnvoy, _fm: *const c_void, _id: u64, _t: *const abi::EnvoyHeader, _len: usize) {}
+pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_trailers(
+    _envoy: abi::FilterEnvoy,
+    _fm: *const c_void,
+    _id: u64,
+    _t: *const abi::EnvoyHeader,
+    _len: usize,
+) {
+}
 #[no_mangle]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_complete(_envoy: abi::FilterEnvoy, _fm: *const c_void, _id: u64) {}
 #[no_mangle]

@@ -18,9 +18,6 @@ use std::sync::Arc;
 
 pub struct Worker {
     pub lc: Lifecycle,
-    /// Streams destroyed while the worker was busy, to forget at its next entry (each stream
-    /// holds this list, so that its destroy hook needs no borrow of the worker).
-    pub gone: Rc<RefCell<Vec<ContextId>>>,
     pub host: NativeHost,
     /// A hook panicked while this worker ran it: its state may be torn. Its requests are refused
     /// (and the next stream of this configuration on this thread gets a new worker).
@@ -80,7 +77,7 @@ fn for_config_on(shared: &Arc<Shared>, main: bool) -> Option<WorkerRef> {
         let mut lc = Lifecycle::new(root);
         lc.configure(now_us(), &mut host, cfg);
         link.due_ms.store(lc.next_deadline_ms().unwrap_or(0), Ordering::Release);
-        let worker = Rc::new(RefCell::new(Worker { lc, gone: Rc::default(), host, poisoned: false }));
+        let worker = Rc::new(RefCell::new(Worker { lc, host, poisoned: false }));
         // Workers of configurations Envoy no longer has (only this map holds them) go.
         all.retain(|_, w| w.try_borrow().is_ok_and(|w| Arc::strong_count(&w.host.shared) > 1));
         all.insert(shared.id, worker.clone());
@@ -92,7 +89,7 @@ impl Worker {
     /// A hook of stream `ctx` starts: the stream is known to the host, and what is due for the
     /// root (callout answers, the tick) runs first.
     pub fn enter(&mut self, ctx: ContextId, stream: Stream, hook: Hook) {
-        let gone = std::mem::take(&mut *self.gone.borrow_mut());
+        let gone = std::mem::take(&mut *self.host.gone.borrow_mut());
         for g in gone {
             self.gone(g);
         }
@@ -165,12 +162,12 @@ impl Worker {
     /// Stream `ctx` is gone: the lifecycle forgets it, its scheduler is deleted.
     pub fn gone(&mut self, ctx: ContextId) {
         self.host.hook = Hook::None;
-        self.lc.handle(now_us(), &mut self.host, Event::StreamGone(ctx));
+        // Out of the host first: Envoy's stream is gone, nothing may touch it.
         self.host.link.remove_waker(ctx);
-        if let Some(slot) = self.host.streams.remove(&ctx) {
-            if let Some(s) = slot.scheduler {
-                Link::delete(s, &self.host.link);
-            }
+        let slot = self.host.streams.remove(&ctx);
+        self.lc.handle(now_us(), &mut self.host, Event::StreamGone(ctx));
+        if let Some(s) = slot.and_then(|s| s.scheduler) {
+            Link::delete(s, &self.host.link);
         }
     }
 
