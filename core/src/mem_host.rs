@@ -180,7 +180,6 @@ impl MemHost {
 }
 
 impl Host for MemHost {
-
     fn request_body(&mut self, size: usize) -> Result<Vec<u8>, HostError> {
         let s = self.stream()?;
         Ok(s.body.iter().take(size).copied().collect())

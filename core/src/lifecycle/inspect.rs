@@ -54,5 +54,4 @@ impl Lifecycle {
     pub fn secret_name(&self, slot: usize) -> Option<&str> {
         self.names.secrets.get(slot).map(String::as_str)
     }
-
 }

@@ -4,8 +4,8 @@
 
 pub mod b64;
 pub mod json;
-pub mod pairs;
 pub mod needles;
+pub mod pairs;
 pub mod pct;
 
 /// FNV-1a (64-bit): a cheap hash that is the same in every worker and every process, for

@@ -97,7 +97,11 @@ fn a_refused_session_token_logs_in_again_and_fetches_once_more() {
     lc.handle(host.now_us(), &mut host, Event::Answer { call: login, answer: grant("s.session-1", 60) });
     let fetch = only_call(&host.take());
     // The token was revoked in Vault: 403 on the read.
-    lc.handle(host.now_us(), &mut host, Event::Answer { call: fetch, answer: Answer { status: Some(403), body: Some(br#"{"errors":["permission denied"]}"#.to_vec()) } });
+    lc.handle(
+        host.now_us(),
+        &mut host,
+        Event::Answer { call: fetch, answer: Answer { status: Some(403), body: Some(br#"{"errors":["permission denied"]}"#.to_vec()) } },
+    );
     let effects = host.take();
     let relogin = only_call(&effects);
     assert!(effects.iter().any(|e| matches!(e, Effect::Dispatch { path, .. } if path == "/v1/auth/approle/login")), "{effects:?}");
