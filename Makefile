@@ -79,18 +79,23 @@ cli:
 
 # The native executor: the same core as an Envoy dynamic module (Linux; the host's architecture).
 # Envoy finds it as lib<name>.so under ENVOY_DYNAMIC_MODULES_SEARCH_PATH (dist/native).
+# A running Envoy maps the library: it is replaced by a rename (a new file), never rewritten in
+# place, and only when it changed.
+define install_so
+	@mkdir -p $(dir $(2))
+	@cmp -s $(1) $(2) || { cp $(1) $(2).tmp && mv -f $(2).tmp $(2) && echo "installed $(2)"; }
+endef
+
 native:
 	KEYWARD_GIT_HASH=$(GIT_HASH) cargo build --profile native --locked -p keyward-native
-	@mkdir -p dist/native
-	cp target/native/libkeyward.so $(NATIVE)
+	$(call install_so,target/native/libkeyward.so,$(NATIVE))
 	@echo "built $(NATIVE) ($$(stat -c %s $(NATIVE)) bytes, $(GIT_HASH))"
 
 # Test only: the native module with the panic-test feature, as libkeyward_panic.so (its own name,
 # so it can never be loaded as the shipped module).
 dist/native/libkeyward_panic.so: $(shell find native/src core/src -name '*.rs') native/Cargo.toml
 	cargo build --profile native --locked -p keyward-native --features panic-test --target-dir target/panic-native
-	@mkdir -p dist/native
-	cp target/panic-native/native/libkeyward.so $@
+	$(call install_so,target/panic-native/native/libkeyward.so,$@)
 
 # Test only: the module with the panic-test feature (a request header makes it panic), built in its
 # own target directory so it can never be mistaken for dist/keyward.wasm.
