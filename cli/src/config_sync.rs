@@ -63,7 +63,8 @@ impl std::fmt::Display for Source {
     }
 }
 
-/// The ECDS file's content: the template with `config` as the Wasm filter's configuration.
+/// The ECDS file's content: the template with `config` as the Wasm filter's configuration (or the
+/// native module's, for a template `keyward native-config` rewrote).
 pub fn render(template: &str, config: &str) -> Result<String, String> {
     let mut doc: Value = serde_json::from_str(template).map_err(|e| format!("the template is not JSON: {e}"))?;
     let resources = doc.get_mut("resources").and_then(Value::as_array_mut).ok_or("the template has no resources list")?;
@@ -71,21 +72,26 @@ pub fn render(template: &str, config: &str) -> Result<String, String> {
         return Err("the template must hold exactly one resource".into());
     };
     let kind = |v: &Value, p: &str| v.pointer(p).and_then(Value::as_str).unwrap_or_default().to_string();
+    let native = kind(resource, "/typed_config/@type").ends_with("filters.http.dynamic_modules.v3.DynamicModuleFilter");
     if !kind(resource, "/@type").ends_with("envoy.config.core.v3.TypedExtensionConfig")
-        || !kind(resource, "/typed_config/@type").ends_with("filters.http.wasm.v3.Wasm")
+        || !(native || kind(resource, "/typed_config/@type").ends_with("filters.http.wasm.v3.Wasm"))
     {
-        return Err("the template's resource must be a TypedExtensionConfig holding a Wasm filter".into());
+        return Err("the template's resource must be a TypedExtensionConfig holding a Wasm filter or the native module".into());
     }
-    let slot = resource.pointer_mut("/typed_config/config/configuration").ok_or("the template has no typed_config.config.configuration")?;
+    let path = if native { "/typed_config/filter_config" } else { "/typed_config/config/configuration" };
+    let slot = resource.pointer_mut(path).ok_or("the template has no slot for the configuration")?;
     *slot = json!({ "@type": "type.googleapis.com/google.protobuf.StringValue", "value": config });
     serde_json::to_string_pretty(&doc).map(|s| s + "\n").map_err(|e| e.to_string())
 }
 
 /// The environment the template's Wasm VM gets: `host_env_keys` from this process, `key_values`
-/// as given.
+/// as given; the native module reads the whole environment.
 fn vm_environment(template: &str) -> std::collections::HashMap<String, String> {
     let mut out = std::collections::HashMap::new();
     let Ok(doc) = serde_json::from_str::<Value>(template) else { return out };
+    if doc.pointer("/resources/0/typed_config/filter_config").is_some() {
+        return std::env::vars().collect();
+    }
     let Some(env) = doc.pointer("/resources/0/typed_config/config/vm_config/environment_variables") else { return out };
     for k in env.get("host_env_keys").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str) {
         if let Ok(v) = std::env::var(k) {
@@ -229,6 +235,16 @@ mod tests {
         let v: Value = serde_json::from_str(&out).unwrap_or_default();
         assert_eq!(v.pointer("/resources/0/typed_config/config/configuration/value").and_then(Value::as_str), Some("{\"audience\": \"k\"}"));
         assert_eq!(v.pointer("/resources/0/typed_config/config/name").and_then(Value::as_str), Some("keyward"));
+    }
+
+    #[test]
+    fn the_configuration_goes_into_the_native_module_of_a_rewritten_template() {
+        // The shipped template, as the image's entrypoint rewrites it for KEYWARD_EXECUTOR=native.
+        let mut t: Value = serde_json::from_str(include_str!("../../envoy/keyward-filter.template.json")).unwrap_or_default();
+        assert_eq!(crate::native_config::rewrite(&mut t), 1);
+        let out = render(&t.to_string(), "{\"audience\": \"k\"}").unwrap_or_default();
+        let v: Value = serde_json::from_str(&out).unwrap_or_default();
+        assert_eq!(v.pointer("/resources/0/typed_config/filter_config/value").and_then(Value::as_str), Some("{\"audience\": \"k\"}"));
     }
 
     #[test]

@@ -9,6 +9,8 @@ use serde_json::json;
 use serde_json::Value;
 
 const WASM: &str = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm";
+/// The native module (`keyward native-config`): Envoy's dynamic-modules filter.
+const MODULE: &str = "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter";
 const HCM: &str = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
 const BUFFER: &str = "envoy.filters.http.buffer";
 const ROUTER: &str = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router";
@@ -292,15 +294,17 @@ struct HcmUse {
 fn lint_hcm(r: &mut Report, at: &str, hcm: &Value, no_env: bool, ecds: Option<&Value>) -> Option<HcmUse> {
     let filters = arr(hcm, "http_filters");
     let by_ecds = |f: &Value| {
-        s(f, &["name"]) == Some("keyward") && f.get("config_discovery").is_some_and(|cd| arr(cd, "type_urls").iter().any(|t| t.as_str() == Some(WASM)))
+        s(f, &["name"]) == Some("keyward")
+            && f.get("config_discovery").is_some_and(|cd| arr(cd, "type_urls").iter().any(|t| matches!(t.as_str(), Some(WASM | MODULE))))
     };
     let kw = filters.iter().find(|f| {
         by_ecds(f)
             || f.get("typed_config").is_some_and(|tc| {
-                s(tc, &["@type"]) == Some(WASM)
+                (s(tc, &["@type"]) == Some(WASM)
                     && (s(tc, &["config", "root_id"]) == Some("keyward")
                         || s(tc, &["config", "name"]) == Some("keyward")
-                        || s(tc, &["config", "vm_config", "code", "local", "filename"]).is_some_and(|p| p.ends_with("keyward.wasm")))
+                        || s(tc, &["config", "vm_config", "code", "local", "filename"]).is_some_and(|p| p.ends_with("keyward.wasm"))))
+                    || (s(tc, &["@type"]) == Some(MODULE) && s(tc, &["dynamic_module_config", "name"]).is_some_and(|n| n.starts_with("keyward")))
             })
     })?;
     r.listeners += 1;
@@ -318,8 +322,16 @@ fn lint_hcm(r: &mut Report, at: &str, hcm: &Value, no_env: bool, ecds: Option<&V
     } else {
         kw.get("typed_config").cloned().unwrap_or_default()
     };
-    let known = !tc.is_null();
-    let cfgv = tc.get("config").cloned().unwrap_or_default();
+    let native = s(&tc, &["@type"]) == Some(MODULE);
+    // The wasm filter's VM checks apply to the wasm filter only: the native module has no VM, no
+    // failure policy (a panic fails its request closed) and reads its configuration from
+    // `filter_config`.
+    let known = !tc.is_null() && !native;
+    let cfgv =
+        if native { json!({"configuration": tc.get("filter_config").cloned().unwrap_or_default()}) } else { tc.get("config").cloned().unwrap_or_default() };
+    if native && b(&tc, &["dynamic_module_config", "do_not_close"]) != Some(true) {
+        r.problems.push(format!("{at}: the native keyward module needs dynamic_module_config.do_not_close: true (its tick thread lives as long as Envoy)"));
+    }
     let vm_id = s(&cfgv, &["vm_config", "vm_id"]).unwrap_or("").to_string();
     if vm_id.is_empty() && known {
         r.problems.push(format!("{at}: give the keyward filter its own vm_config.vm_id (an empty one is shared by every module without one)"));
@@ -377,7 +389,7 @@ fn lint_hcm(r: &mut Report, at: &str, hcm: &Value, no_env: bool, ecds: Option<&V
     }
 
     let cfg: Option<Config> = match s(&cfgv, &["configuration", "value"]) {
-        None if !known => None,
+        None if !known && !native => None,
         None => {
             r.problems.push(format!("{at}: the keyward filter has no configuration (google.protobuf.StringValue)"));
             None
@@ -553,7 +565,7 @@ fn buffered(filters: &[Value], route: &Value) -> bool {
 
 /// Keyward's filter in a chain: a Wasm filter, or one named keyward (configured by ECDS).
 fn is_keyward(f: &Value) -> bool {
-    s(f, &["typed_config", "@type"]) == Some(WASM) || (s(f, &["name"]) == Some("keyward") && f.get("config_discovery").is_some())
+    matches!(s(f, &["typed_config", "@type"]), Some(WASM | MODULE)) || (s(f, &["name"]) == Some("keyward") && f.get("config_discovery").is_some())
 }
 
 /// Does the route carry an RBAC that allows only loopback peers, by their own address, in a
@@ -610,6 +622,25 @@ mod tests {
             assert!(r.problems.is_empty(), "{name}: {:?}", r.problems);
             assert!(r.notes.iter().any(|n| n.contains("debug and trace print request headers")));
         }
+    }
+
+    #[test]
+    fn shipped_configs_rewritten_for_the_native_module_pass() {
+        for (name, text) in [("local", LOCAL), ("egress", EGRESS), ("sidecar", SIDECAR), ("aws", AWS)] {
+            let mut d = doc(text);
+            assert!(crate::native_config::rewrite(&mut d) > 0, "{name}");
+            let r = lint(&d, true);
+            assert!(r.problems.is_empty(), "{name}: {:?}", r.problems);
+            assert!(r.listeners > 0, "{name}: the native filter is found");
+        }
+        // Its configuration is still checked, and do_not_close is required.
+        let mut d = doc(&EGRESS.replace("\"audience\": \"keyward\",", "\"audience\": \"keyward\", \"colour\": 1,"));
+        crate::native_config::rewrite(&mut d);
+        assert!(lint(&d, true).problems.iter().any(|p| p.contains("unknown field")));
+        let mut d = doc(EGRESS);
+        crate::native_config::rewrite(&mut d);
+        let text = serde_json::to_string(&d).unwrap_or_default().replace("\"do_not_close\":true", "\"do_not_close\":false");
+        assert!(lint(&serde_json::from_str(&text).unwrap_or_default(), true).problems.iter().any(|p| p.contains("do_not_close")));
     }
 
     #[test]

@@ -22,7 +22,7 @@ pub fn run(args: &[String]) -> Result<(), Fail> {
     let mut doc: Value = serde_norway::from_str(&text).map_err(|e| Fail::Failed(format!("{path}: not YAML or JSON: {e}")))?;
     let n = rewrite(&mut doc);
     if n == 0 {
-        return Err(Fail::Failed(format!("{path}: no keyward wasm filter to rewrite")));
+        return Err(Fail::Failed(format!("{path}: no keyward wasm filter (or ECDS subscription for one) to rewrite")));
     }
     let out = a.get("out");
     let json_out = out.is_some_and(|o| o.ends_with(".json"));
@@ -54,7 +54,8 @@ fn walk(v: &mut Value) -> usize {
                 *v = native;
                 return 1;
             }
-            m.values_mut().map(walk).sum()
+            let ecds = usize::from(subscribe_native(m));
+            ecds + m.values_mut().map(walk).sum::<usize>()
         }
         Value::Array(a) => a.iter_mut().map(walk).sum(),
         _ => 0,
@@ -74,7 +75,8 @@ fn native_of(m: &Map<String, Value>) -> Option<Value> {
     }
     // keyward.wasm → libkeyward.so; keyward-panic.wasm (tests) → libkeyward_panic.so.
     let name = base.trim_end_matches(".wasm").replace('-', "_");
-    let configuration = config.get("configuration").cloned().unwrap_or_else(|| json!({"@type": "type.googleapis.com/google.protobuf.StringValue", "value": ""}));
+    let configuration =
+        config.get("configuration").cloned().unwrap_or_else(|| json!({"@type": "type.googleapis.com/google.protobuf.StringValue", "value": ""}));
     Some(json!({
         "@type": MODULE_TYPE,
         // do_not_close: the module's tick thread lives as long as the process.
@@ -82,6 +84,21 @@ fn native_of(m: &Map<String, Value>) -> Option<Value> {
         "filter_name": "keyward",
         "filter_config": configuration,
     }))
+}
+
+/// A filter named keyward whose configuration comes by ECDS (`config_discovery`): its accepted
+/// type becomes the native module's (config-sync writes the rewritten template there).
+fn subscribe_native(m: &mut Map<String, Value>) -> bool {
+    if !m.get("name").and_then(Value::as_str).is_some_and(|n| n.contains("keyward")) {
+        return false;
+    }
+    let Some(urls) = m.get_mut("config_discovery").and_then(|c| c.get_mut("type_urls")).and_then(Value::as_array_mut) else { return false };
+    let mut changed = false;
+    for u in urls.iter_mut().filter(|u| u.as_str() == Some(WASM_TYPE)) {
+        *u = Value::String(MODULE_TYPE.into());
+        changed = true;
+    }
+    changed
 }
 
 fn add_runtime_flag(doc: &mut Value) {
@@ -113,6 +130,15 @@ mod tests {
         assert_eq!(f[0]["typed_config"]["dynamic_module_config"]["name"], "keyward");
         assert_eq!(f[0]["typed_config"]["filter_config"]["value"], "{\"a\":1}");
         assert_eq!(f[1]["typed_config"]["@type"], WASM_TYPE, "another module stays");
+        assert_eq!(doc["layered_runtime"]["layers"][0]["static_layer"][STRIP_PREFIX], true);
+    }
+
+    #[test]
+    fn an_ecds_subscription_accepts_the_native_module() {
+        let mut doc = json!({"static_resources": {"listeners": [{"http_filters": [{"name": "keyward", "config_discovery": {
+            "config_source": {"path_config_source": {"path": "/run/keyward/keyward-filter.json"}}, "type_urls": [WASM_TYPE]}}]}]}});
+        assert_eq!(rewrite(&mut doc), 1);
+        assert_eq!(doc["static_resources"]["listeners"][0]["http_filters"][0]["config_discovery"]["type_urls"][0], MODULE_TYPE);
         assert_eq!(doc["layered_runtime"]["layers"][0]["static_layer"][STRIP_PREFIX], true);
     }
 
