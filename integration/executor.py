@@ -20,6 +20,17 @@ STRIP_PREFIX = "envoy.reloadable_features.dynamic_modules_strip_custom_stat_pref
 LABELS = ("decision", "result", "outcome", "target", "code", "store", "phase", "op", "budget", "model", "kind")
 
 
+def _native_environment():
+    """What every process the suite starts needs for the native executor, in this process's
+    environment so that children inherit it: the module's directory, and for the image's
+    entrypoint (which rewrites configurations itself when KEYWARD_EXECUTOR=native) the CLI and a
+    run directory."""
+    import tempfile
+    os.environ.setdefault("ENVOY_DYNAMIC_MODULES_SEARCH_PATH", str(NATIVE_DIR))
+    os.environ.setdefault("KEYWARD", str(ROOT / "target" / "release" / "keyward"))
+    os.environ.setdefault("KEYWARD_RUN_DIR", tempfile.mkdtemp(prefix="keyward-run-"))
+
+
 def current() -> str:
     return os.environ.get("KEYWARD_EXECUTOR", "wasm")
 
@@ -114,3 +125,7 @@ def stat_names(stats: dict) -> dict:
     if not is_native():
         return stats
     return {stat_name(k): v for k, v in stats.items()}
+
+
+if is_native():
+    _native_environment()

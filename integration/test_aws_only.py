@@ -299,7 +299,10 @@ def test_a_rule_changed_in_ssm_applies_without_a_restart_and_a_bad_one_is_refuse
     before = stack.stats().get("extension_config_discovery.http_filter.keyward.update_rejected", 0)
     ecds = stack.workdir / "run" / "keyward-filter.json"
     doc = json.loads(ecds.read_text())
-    doc["resources"][0]["typed_config"]["config"]["configuration"]["value"] = '{"audience": "keyward", "targets": {}}'
+    tc = doc["resources"][0]["typed_config"]
+    # The wasm filter's configuration slot, or the native module's (KEYWARD_EXECUTOR=native).
+    slot = tc["config"]["configuration"] if "config" in tc else tc["filter_config"]
+    slot["value"] = '{"audience": "keyward", "targets": {}}'
     tmp = ecds.with_name(".hand-edit.tmp")
     tmp.write_text(json.dumps(doc))
     os.rename(tmp, ecds)

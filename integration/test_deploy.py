@@ -97,7 +97,9 @@ def test_gateway_manifest_has_the_required_kinds_and_wiring():
     assert {"Deployment", "Service", "NetworkPolicy"} <= set(docs)
     pod = docs["Deployment"]["spec"]["template"]["spec"]
     (c,) = pod["containers"]
-    assert {e["name"] for e in c["env"]} - {"DRAIN_S", "LEDGER_DRAIN"} == host_env_keys(ROOT / "envoy" / "egress-gateway.yaml")
+    assert {e["name"] for e in c["env"]} - {"DRAIN_S", "LEDGER_DRAIN", "KEYWARD_EXECUTOR"} == host_env_keys(ROOT / "envoy" / "egress-gateway.yaml")
+    # The executor is chosen in the pod spec (docs/executors.md); the shipped default is wasm.
+    assert next(e["value"] for e in c["env"] if e["name"] == "KEYWARD_EXECUTOR") in ("wasm", "native")
     assert c["securityContext"]["readOnlyRootFilesystem"] and pod["securityContext"]["runAsNonRoot"]
     assert c["args"][c["args"].index("--log-level") + 1] == "info"
     cms = {d["metadata"]["name"] for d in k8s_docs("envoy-configmap.yaml")}
@@ -294,6 +296,8 @@ def test_dockerfiles_copy_what_the_build_makes(dockerfile):
                 copied[dst] = src
     if dockerfile.name == "Dockerfile":
         assert copied["/usr/local/bin/keyward"] == "stage:/src/target/release/keyward"
+        # The native module, built in the same stage as the CLI (the image's glibc and architecture).
+        assert copied["/usr/local/lib/keyward/libkeyward.so"] == "stage:/src/target/native/libkeyward.so"
         assert copied["/usr/local/bin/keyward-envoy"] == "deploy/keyward-envoy.sh"
         assert copied["/etc/envoy/api-gateway.yaml"] == "envoy/api-gateway.yaml"
         entry = next(l for l in lines if l[0] == "ENTRYPOINT")
