@@ -150,7 +150,7 @@ bench: build $(STAMP) $(DYNALITE) dist/bench/noop.wasm $(foreach a,$(ABLATIONS),
 # (about 10 minutes; repeatable, unlike time). Writes bench/results/icount.json.
 icount: build $(STAMP) dist/bench/noop.wasm $(foreach a,$(ABLATIONS),dist/bench/ablate-$(a).wasm)
 	cargo build --release --locked -p keyward-loadgen
-	$(VENV)/bin/python bench/icount.py A B C D $(foreach a,$(ABLATIONS),$(a)=dist/bench/ablate-$(a).wasm)
+	$(VENV)/bin/python bench/icount.py A B C D N $(foreach a,$(ABLATIONS),$(a)=dist/bench/ablate-$(a).wasm)
 
 # Instruction counts of the warm request path (engine::decide with an in-memory host), per
 # function, from callgrind: repeatable on a shared machine, unlike timings.

@@ -2,7 +2,8 @@
 """Instructions per request of the Envoy worker thread, counted by callgrind: repeatable to about
 0.01 % for the same binaries and inputs, whatever else the machine is doing (unlike CPU time).
 
-Runs the arms of bench/run.py (A bare, B no-op module, C Keyward, D native filters; same
+Runs the arms of bench/run.py (A bare, B no-op module, C Keyward, D native filters, N Keyward's
+native module; same
 bootstraps, same 100 rotating credentials) one at a time, each as the real Envoy binary under
 `valgrind --tool=callgrind` with --concurrency 1. After a warm-up, the counters are zeroed, a
 fixed number of requests is sent at a low fixed rate, and the worker thread's total is divided by
@@ -62,7 +63,8 @@ def count(label, arm, wasm, workdir, ctx):
     proc = subprocess.Popen(["valgrind", "--tool=callgrind", "--smc-check=all-non-file", "--separate-threads=yes",
                              f"--callgrind-out-file={out}.%p", str(envoy_binary()), "-c", str(cfg), "--concurrency", "1",
                              "--log-level", "warn", "--base-id", str(harness.free_port()), "--disable-hot-restart"],
-                            stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, **ctx["env"]), start_new_session=True)
+                            stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, **ctx["env"], **bench.executor.env()),
+                            start_new_session=True)
     try:
         def ready():
             if proc.poll() is not None:
@@ -98,7 +100,7 @@ def count(label, arm, wasm, workdir, ctx):
 
 
 def main():
-    args = sys.argv[1:] or ["A", "B", "C", "D"]
+    args = sys.argv[1:] or ["A", "B", "C", "D", "N"]
     workdir = Path(tempfile.mkdtemp(prefix="keyward-icount-"))
     key = secrets.token_bytes(32)
     bao = harness.Bao(workdir, name="bao-icount")
@@ -114,7 +116,7 @@ def main():
         rows = []
         for a in args:
             label, _, wasm = a.partition("=")
-            arm = label if label in ("A", "B", "C", "D") and not wasm else "C"
+            arm = label if label in ("A", "B", "C", "D", "N") and not wasm else "C"
             row = count(label, arm, wasm or None, workdir, ctx)
             rows.append(row)
             print(f"{label}: {row['instructions_per_request']:,} instructions per request ({row['requests']} requests)", flush=True)

@@ -10,6 +10,7 @@ import pytest
 import requests
 
 import envoy_config
+import executor
 import harness
 from harness import SECRETS, TOKENS
 
@@ -77,6 +78,16 @@ class Gateway:
         self.rev_relay.stop()
         self.bao.stop()
         self.vendor.stop()
+
+
+def pytest_report_header(config):
+    return f"keyward executor: {executor.current()} (KEYWARD_EXECUTOR; make test runs wasm, then native)"
+
+
+@pytest.fixture(scope="session")
+def executor_name():
+    """The executor every Envoy of this run loads (`wasm` or `native`)."""
+    return executor.current()
 
 
 @pytest.fixture(scope="session")

@@ -43,6 +43,7 @@ pub fn rewrite(doc: &mut Value) -> usize {
     let n = walk(doc);
     if n > 0 && doc.get("static_resources").is_some() {
         add_runtime_flag(doc);
+        add_bucket_settings(doc);
     }
     n
 }
@@ -101,6 +102,22 @@ fn subscribe_native(m: &mut Map<String, Value>) -> bool {
     changed
 }
 
+/// Histogram buckets set for the wasm filter's stats (`wasmcustom.keyward_*`) apply to the native
+/// module's too (`dynamicmodulescustom.keyward_*`).
+fn add_bucket_settings(doc: &mut Value) {
+    let Some(list) = doc.pointer_mut("/stats_config/histogram_bucket_settings").and_then(Value::as_array_mut) else { return };
+    let native: Vec<Value> = list
+        .iter()
+        .filter_map(|e| {
+            let prefix = e.pointer("/match/prefix").and_then(Value::as_str)?.strip_prefix("wasmcustom.")?;
+            let mut copy = e.clone();
+            *copy.pointer_mut("/match/prefix")? = Value::String(format!("dynamicmodulescustom.{prefix}"));
+            Some(copy)
+        })
+        .collect();
+    list.extend(native);
+}
+
 fn add_runtime_flag(doc: &mut Value) {
     let Some(root) = doc.as_object_mut() else { return };
     let rt = root.entry("layered_runtime").or_insert_with(|| json!({"layers": []}));
@@ -131,6 +148,17 @@ mod tests {
         assert_eq!(f[0]["typed_config"]["filter_config"]["value"], "{\"a\":1}");
         assert_eq!(f[1]["typed_config"]["@type"], WASM_TYPE, "another module stays");
         assert_eq!(doc["layered_runtime"]["layers"][0]["static_layer"][STRIP_PREFIX], true);
+    }
+
+    #[test]
+    fn the_wasm_filters_histogram_buckets_apply_to_the_modules_stats() {
+        let mut doc = json!({"stats_config": {"histogram_bucket_settings": [{"match": {"prefix": "wasmcustom.keyward_"}, "buckets": [1, 2]}]},
+            "static_resources": {"listeners": [{"filters": [wasm("/etc/envoy/keyward.wasm")]}]}});
+        rewrite(&mut doc);
+        let list = doc["stats_config"]["histogram_bucket_settings"].as_array().cloned().unwrap_or_default();
+        assert_eq!(list.len(), 2);
+        assert_eq!(list[1]["match"]["prefix"], "dynamicmodulescustom.keyward_");
+        assert_eq!(list[1]["buckets"], json!([1, 2]));
     }
 
     #[test]
