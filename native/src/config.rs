@@ -44,6 +44,8 @@ pub struct Shared {
     /// Posts to the main thread; `None` once the configuration went.
     scheduler: Mutex<Option<ConfigSched>>,
     relay: Mutex<Relay>,
+    /// Every worker of this configuration, whose counters the main thread hands to Envoy.
+    links: Mutex<Vec<Weak<Link>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -104,6 +106,7 @@ impl Shared {
             metrics: Metrics::define(envoy),
             scheduler: Mutex::new(Some(ConfigSched(scheduler))),
             relay: Mutex::default(),
+            links: Mutex::default(),
         })
     }
 
@@ -119,6 +122,21 @@ impl Shared {
             }
         }
         id
+    }
+
+    pub fn add_link(&self, link: &Arc<Link>) {
+        let mut all = lock(&self.links);
+        all.retain(|l| l.strong_count() > 0);
+        all.push(Arc::downgrade(link));
+    }
+
+    /// On the main thread: every worker's counters since the last flush, to Envoy.
+    pub fn flush_counts(&self) {
+        let links: Vec<Arc<Link>> = lock(&self.links).iter().filter_map(Weak::upgrade).collect();
+        for l in links {
+            let mut counts = lock(&l.counts);
+            counts.drain(|m, n| self.metrics.add(self.envoy.0, m, n), |f, v, n| self.metrics.family(self.envoy.0, f, v, n));
+        }
     }
 
     /// Post `event` to the main thread (`false`: the configuration went).

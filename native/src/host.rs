@@ -281,10 +281,8 @@ impl Host for NativeHost {
     /// serves both executors.
     fn set_filter_state(&mut self, key: &'static str, value: &str) {
         if let Ok(s) = self.stream() {
-            let mut k = String::with_capacity(5 + key.len());
-            k.push_str("wasm.");
-            k.push_str(key);
-            if !s.set_filter_state(&k, value.as_bytes()) {
+            let named = access_log_key(key);
+            if !s.set_filter_state(&named, value.as_bytes()) {
                 log::debug!("could not set filter state {key}");
             }
         }
@@ -326,14 +324,56 @@ impl Host for NativeHost {
     }
 
     fn metric(&mut self, m: Metric) {
-        self.shared.metrics.inc(self.shared.envoy.0, m);
+        crate::link::lock(&self.link.counts).metric(m);
     }
 
     fn count(&mut self, family: Family, values: &[&str], n: u64) {
-        self.shared.metrics.family(self.shared.envoy.0, family, values, n);
+        crate::link::lock(&self.link.counts).count(family, values, n);
     }
 
     fn observe(&mut self, family: Family, values: &[&str], value: u64) {
         self.shared.metrics.family(self.shared.envoy.0, family, values, value);
+    }
+}
+
+/// A filter-state key as the access log names it: the wasm filter's `wasm.` prefix (Envoy adds it
+/// to every key a wasm module sets). The keys the lifecycle writes are known: no allocation.
+fn access_log_key(key: &'static str) -> std::borrow::Cow<'static, str> {
+    const KEYS: [&str; 18] = [
+        "wasm.keyward.subject",
+        "wasm.keyward.target",
+        "wasm.keyward.jti",
+        "wasm.keyward.run",
+        "wasm.keyward.decision",
+        "wasm.keyward.cache",
+        "wasm.keyward.secret_version",
+        "wasm.keyward.cost",
+        "wasm.keyward.spend",
+        "wasm.keyward.budgets",
+        "wasm.keyward.idempotency_key",
+        "wasm.keyward.issued",
+        "wasm.keyward.model",
+        "wasm.keyward.reserved",
+        "wasm.keyward.usage",
+        "wasm.keyward.tokens_in",
+        "wasm.keyward.tokens_out",
+        "wasm.keyward.error",
+    ];
+    match KEYS.iter().find(|k| k.len() == key.len() + 5 && k.ends_with(key)) {
+        Some(k) => std::borrow::Cow::Borrowed(k),
+        None => std::borrow::Cow::Owned(format!("wasm.{key}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::access_log_key;
+
+    #[test]
+    fn access_log_keys_carry_the_wasm_prefix() {
+        assert_eq!(access_log_key("keyward.subject"), "wasm.keyward.subject");
+        assert_eq!(access_log_key("keyward.tokens_out"), "wasm.keyward.tokens_out");
+        assert_eq!(access_log_key("keyward.new_one"), "wasm.keyward.new_one");
+        assert_eq!(access_log_key("subject"), "wasm.subject", "a suffix alone is not a known key");
     }
 }

@@ -11,6 +11,7 @@
 
 mod abi;
 mod config;
+mod counts;
 mod host;
 mod link;
 mod logger;

@@ -43,6 +43,8 @@ pub enum Waker {
 #[derive(Default)]
 pub struct Link {
     pub waker: Waker,
+    /// This worker's counters since the main thread last handed them to Envoy.
+    pub counts: Mutex<crate::counts::Counts>,
     pub inbox: Mutex<Vec<(CallId, Answer)>>,
     /// Streams of this worker that wait (paused), each with its scheduler.
     pub wakers: Mutex<BTreeMap<ContextId, Sched>>,
@@ -52,7 +54,7 @@ pub struct Link {
     posted_ms: AtomicU64,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 

@@ -96,11 +96,11 @@ impl Metrics {
         }
     }
 
-    pub fn inc(&self, cfg: ConfigEnvoy, m: Metric) {
+    pub fn add(&self, cfg: ConfigEnvoy, m: Metric, n: u64) {
         if let Some((def, value)) = self.plain.get(&m) {
             match value {
-                Some(v) => Self::record(cfg, *def, &[v.as_str()], 1),
-                None => Self::record(cfg, *def, &[], 1),
+                Some(v) => Self::record(cfg, *def, &[v.as_str()], n),
+                None => Self::record(cfg, *def, &[], n),
             }
         }
     }

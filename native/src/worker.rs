@@ -73,6 +73,7 @@ fn for_config_on(shared: &Arc<Shared>, main: bool) -> Option<WorkerRef> {
         let waker = if main { crate::link::Waker::Main(Arc::downgrade(shared)) } else { crate::link::Waker::Streams };
         let link = Arc::new(Link::new(waker));
         register_link(&link);
+        shared.add_link(&link);
         let mut host = NativeHost::new(root, shared.clone(), link.clone());
         let mut lc = Lifecycle::new(root);
         lc.configure(now_us(), &mut host, cfg);
@@ -127,10 +128,12 @@ impl Worker {
         a
     }
 
-    /// The main thread's worker was woken: its root work, and its next tick.
+    /// The main thread's worker was woken: its root work, every worker's counters to Envoy, and
+    /// its next tick.
     pub fn main_turn(&mut self) {
         self.host.hook = Hook::None;
         self.root_work(now_us());
+        self.host.shared.flush_counts();
         self.host.link.due_ms.store(self.lc.next_deadline_ms().unwrap_or(0), Ordering::Release);
     }
 
