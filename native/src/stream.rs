@@ -22,7 +22,13 @@ impl Stream {
                     .map(|h| {
                         let k = EnvoyBuffer { ptr: h.key_ptr, length: h.key_length }.bytes();
                         let v = EnvoyBuffer { ptr: h.value_ptr, length: h.value_length }.bytes();
-                        (String::from_utf8_lossy(k).to_ascii_lowercase(), v.to_vec())
+                        // Envoy's header names are lower case already (HTTP/2 requires it; HTTP/1
+                        // names are lowered by the codec).
+                        let name = match std::str::from_utf8(k) {
+                            Ok(n) => n.to_string(),
+                            Err(_) => String::from_utf8_lossy(k).into_owned(),
+                        };
+                        (name, v.to_vec())
                     })
                     .collect(),
             )
