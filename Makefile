@@ -86,10 +86,17 @@ define install_so
 	@cmp -s $(1) $(2) || { cp $(1) $(2).tmp && mv -f $(2).tmp $(2) && echo "installed $(2)"; }
 endef
 
+# Envoy's dynamic modules are Linux shared libraries: elsewhere (a Mac running func-e) the wasm
+# filter is the executor, and `make build` skips the module.
+ifeq ($(shell uname -s),Linux)
 native:
 	KEYWARD_GIT_HASH=$(GIT_HASH) cargo build --profile native --locked -p keyward-native
 	$(call install_so,target/native/libkeyward.so,$(NATIVE))
 	@echo "built $(NATIVE) ($$(stat -c %s $(NATIVE)) bytes, $(GIT_HASH))"
+else
+native:
+	@echo "the native module is built on Linux only (Envoy's dynamic modules); skipped"
+endif
 
 # Test only: the native module with the panic-test feature, as libkeyward_panic.so (its own name,
 # so it can never be loaded as the shipped module).

@@ -48,7 +48,7 @@ esac
 
 args=("$@")
 for i in "${!args[@]}"; do
-  [ "${args[$i]}" = "-c" ] || continue
+  case "${args[$i]}" in -c|--config-path) ;; *) continue ;; esac
   j=$((i + 1))
   boot="${args[$j]:-}"
   if [ -n "$boot" ] && grep -q '__AWS_REGION__' "$boot" 2>/dev/null; then
@@ -66,6 +66,14 @@ for i in "${!args[@]}"; do
     args[$j]="$RUN_DIR/envoy.native.yaml"
   fi
 done
+
+if [ "$EXECUTOR" = native ]; then
+  for a in "${args[@]}"; do
+    if [ "$a" = "--config-yaml" ]; then
+      echo "keyward-envoy: KEYWARD_EXECUTOR=native rewrites configuration files (-c); --config-yaml is not rewritten" >&2; exit 64
+    fi
+  done
+fi
 
 if [ "$EXECUTOR" = native ] && [ -f "$TEMPLATE" ]; then
   mkdir -p "$RUN_DIR" || exit 73

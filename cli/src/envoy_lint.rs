@@ -329,6 +329,13 @@ fn lint_hcm(r: &mut Report, at: &str, hcm: &Value, no_env: bool, ecds: Option<&V
     let known = !tc.is_null() && !native;
     let cfgv =
         if native { json!({"configuration": tc.get("filter_config").cloned().unwrap_or_default()}) } else { tc.get("config").cloned().unwrap_or_default() };
+    if native && s(&tc, &["dynamic_module_config", "name"]) != Some("keyward") {
+        r.problems
+            .push(format!("{at}: the native keyward module must be loaded by its name, keyward (libkeyward.so); a test build answers a header with a panic"));
+    }
+    if native && tc.pointer("/dynamic_module_config/module").is_some() {
+        r.problems.push(format!("{at}: load the native keyward module by name from ENVOY_DYNAMIC_MODULES_SEARCH_PATH, not from dynamic_module_config.module"));
+    }
     if native && b(&tc, &["dynamic_module_config", "do_not_close"]) != Some(true) {
         r.problems.push(format!("{at}: the native keyward module needs dynamic_module_config.do_not_close: true (its tick thread lives as long as Envoy)"));
     }

@@ -20,6 +20,13 @@ pub fn run(args: &[String]) -> Result<(), Fail> {
     let path = a.positional.first().ok_or_else(|| Fail::usage("a FILE is required"))?;
     let text = std::fs::read_to_string(path).map_err(|e| Fail::unavailable(format!("cannot read {path}: {e}")))?;
     let mut doc: Value = serde_norway::from_str(&text).map_err(|e| Fail::Failed(format!("{path}: not YAML or JSON: {e}")))?;
+    let fixed = fixed_environment(&doc);
+    if !fixed.is_empty() {
+        return Err(Fail::Failed(format!(
+            "{path}: the wasm filter's VM is given fixed values for {}: the native module reads Envoy's environment; set them there and remove key_values",
+            fixed.join(", ")
+        )));
+    }
     let n = rewrite(&mut doc);
     if n == 0 {
         return Err(Fail::Failed(format!("{path}: no keyward wasm filter (or ECDS subscription for one) to rewrite")));
@@ -39,6 +46,28 @@ pub fn run(args: &[String]) -> Result<(), Fail> {
 }
 
 /// Rewrite every keyward wasm filter in `doc`; how many were rewritten.
+/// Wasm filters whose VM is given fixed environment values (`key_values`): the native module reads
+/// Envoy's own environment, so such a configuration cannot be run natively as it stands.
+pub fn fixed_environment(doc: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    fn walk(v: &Value, out: &mut Vec<String>) {
+        match v {
+            Value::Object(m) => {
+                if m.get("@type").and_then(Value::as_str) == Some(WASM_TYPE) {
+                    if let Some(kv) = v.pointer("/config/vm_config/environment_variables/key_values").and_then(Value::as_object) {
+                        out.extend(kv.keys().cloned());
+                    }
+                }
+                m.values().for_each(|v| walk(v, out));
+            }
+            Value::Array(a) => a.iter().for_each(|v| walk(v, out)),
+            _ => {}
+        }
+    }
+    walk(doc, &mut out);
+    out
+}
+
 pub fn rewrite(doc: &mut Value) -> usize {
     let n = walk(doc);
     if n > 0 && doc.get("static_resources").is_some() {
@@ -159,6 +188,14 @@ mod tests {
         assert_eq!(list.len(), 2);
         assert_eq!(list[1]["match"]["prefix"], "dynamicmodulescustom.keyward_");
         assert_eq!(list[1]["buckets"], json!([1, 2]));
+    }
+
+    #[test]
+    fn fixed_environment_values_are_named() {
+        let mut w = wasm("/etc/envoy/keyward.wasm");
+        w["typed_config"]["config"]["vm_config"]["environment_variables"] = json!({"key_values": {"VAULT_TOKEN": "x"}});
+        assert_eq!(fixed_environment(&json!({"f": [w]})), vec!["VAULT_TOKEN".to_string()]);
+        assert!(fixed_environment(&json!({"f": [wasm("/etc/envoy/keyward.wasm")]})).is_empty());
     }
 
     #[test]

@@ -33,6 +33,12 @@ pub enum After {
 }
 
 impl After {
+    pub fn stream(self) -> Stream {
+        match self {
+            After::Continue(s) | After::Reset(s) => s,
+        }
+    }
+
     pub fn run(self) {
         match self {
             After::Continue(s) => s.continue_decoding(),
@@ -144,6 +150,8 @@ impl NativeHost {
                     slot.paused = false;
                     let hs: Vec<(&str, String)> = headers.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
                     slot.stream.send_response(status, &hs, body.as_bytes());
+                    // Answered: nothing else is done to it (the reply may have ended the stream).
+                    break;
                 }
                 Deferred::Resume => {
                     if std::mem::take(&mut slot.paused) {

@@ -129,22 +129,27 @@ unsafe fn on_stream<T>(
     request_body: bool,
     work: impl FnOnce(&mut worker::Worker, ContextId, Stream) -> (T, Option<bool>),
 ) -> Option<T> {
-    let f = &*(fm as *const Filter);
-    let w = f.worker.as_ref()?;
+    // Copied out first: a reply sent from this hook may end the stream, and Envoy then destroys
+    // this filter (its box) before the hook returns.
+    let (ctx, w) = {
+        let f = &*(fm as *const Filter);
+        (f.ctx, f.worker.clone()?)
+    };
+    let w = &w;
     let s = Stream(envoy);
     let ran = catch_unwind(AssertUnwindSafe(|| {
         let mut w = w.try_borrow_mut().ok()?;
         if w.poisoned {
             return None;
         }
-        w.enter(f.ctx, s, Hook::Stream { ctx: f.ctx, request_body });
-        let (out, paused) = work(&mut w, f.ctx, s);
-        w.leave(f.ctx, paused);
+        w.enter(ctx, s, Hook::Stream { ctx, request_body });
+        let (out, paused) = work(&mut w, ctx, s);
+        w.leave(ctx, paused);
         Some((out, std::mem::take(&mut w.host.after)))
     }));
     match ran {
         Ok(Some((out, after))) => {
-            after.into_iter().for_each(host::After::run);
+            run_after(after);
             Some(out)
         }
         Ok(None) => None,
@@ -154,6 +159,18 @@ unsafe fn on_stream<T>(
                 w.poison();
             }
             None
+        }
+    }
+}
+
+/// What was decided to re-enter Envoy, once per stream (continuing or resetting a stream may end
+/// it: nothing else is done to it after).
+fn run_after(after: Vec<host::After>) {
+    let mut done: Vec<Stream> = Vec::with_capacity(after.len());
+    for a in after {
+        if !done.contains(&a.stream()) {
+            done.push(a.stream());
+            a.run();
         }
     }
 }
@@ -244,7 +261,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(
     fm: *const c_void,
     end_of_stream: bool,
 ) -> abi::HeadersStatus {
-    on_stream(envoy, fm, false, |w, ctx, _| {
+    let ran = on_stream(envoy, fm, false, |w, ctx, _| {
         let now = now_us();
         w.event(now, Event::Response(ctx));
         if end_of_stream {
@@ -253,7 +270,18 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(
         }
         ((), None)
     });
-    abi::HEADERS_CONTINUE
+    match ran {
+        Some(()) => abi::HEADERS_CONTINUE,
+        None => fail_response(envoy),
+    }
+}
+
+/// An answer the module could not look at (a panic, a worker that could not run) is never passed
+/// on unscrubbed: the stream is reset.
+fn fail_response(envoy: abi::FilterEnvoy) -> u32 {
+    log::error!("keyward could not check an answer; the stream is reset");
+    Stream(envoy).reset();
+    abi::HEADERS_STOP_ITERATION
 }
 
 /// Each part of the answer goes on as it comes; a model call's usage is read as it passes.
@@ -262,23 +290,35 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(
 /// Pointers Envoy handed over for this stream.
 #[no_mangle]
 pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_response_body(envoy: abi::FilterEnvoy, fm: *const c_void, end_of_stream: bool) -> abi::BodyStatus {
-    on_stream(envoy, fm, false, |w, ctx, s| {
+    let ran = on_stream(envoy, fm, false, |w, ctx, s| {
         let size = s.body_size(abi::RECEIVED_RESPONSE_BODY);
         w.event(now_us(), Event::ResponseBody { ctx, size, end: end_of_stream });
         ((), None)
     });
-    abi::BODY_CONTINUE
+    match ran {
+        Some(()) => abi::BODY_CONTINUE,
+        None => {
+            fail_response(envoy);
+            abi::BODY_STOP_AND_BUFFER
+        }
+    }
 }
 
 /// # Safety
 /// Pointers Envoy handed over for this stream.
 #[no_mangle]
 pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_response_trailers(envoy: abi::FilterEnvoy, fm: *const c_void) -> abi::TrailersStatus {
-    on_stream(envoy, fm, false, |w, ctx, _| {
+    let ran = on_stream(envoy, fm, false, |w, ctx, _| {
         w.event(now_us(), Event::ResponseTrailers(ctx));
         ((), None)
     });
-    abi::TRAILERS_CONTINUE
+    match ran {
+        Some(()) => abi::TRAILERS_CONTINUE,
+        None => {
+            fail_response(envoy);
+            abi::TRAILERS_STOP_ITERATION
+        }
+    }
 }
 
 /// A stream's scheduler event: the root work (`ROOT_EVENT`) and what was decided for the stream
@@ -288,21 +328,26 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_response_trailers(e
 /// Pointers Envoy handed over for this stream.
 #[no_mangle]
 pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(envoy: abi::FilterEnvoy, fm: *const c_void, event: u64) {
-    let f = &*(fm as *const Filter);
-    let Some(w) = f.worker.as_ref() else { return };
+    // Copied out first: a reply sent from here may end the stream (its box is then freed).
+    let (ctx, w) = {
+        let f = &*(fm as *const Filter);
+        let Some(w) = f.worker.clone() else { return };
+        (f.ctx, w)
+    };
+    let w = &w;
     let ran = catch_unwind(AssertUnwindSafe(|| {
         let Ok(mut w) = w.try_borrow_mut() else { return Vec::new() };
-        w.host.hook = Hook::Scheduled(f.ctx);
-        w.host.focus(f.ctx);
+        w.host.hook = Hook::Scheduled(ctx);
+        w.host.focus(ctx);
         if event == link::ROOT_EVENT && !w.poisoned {
             w.root_work(now_us());
         }
-        w.host.run_deferred(f.ctx);
-        w.leave(f.ctx, None);
+        w.host.run_deferred(ctx);
+        w.leave(ctx, None);
         std::mem::take(&mut w.host.after)
     }));
     if let Ok(after) = &ran {
-        after.iter().for_each(|a| a.run());
+        run_after(after.clone());
     }
     if ran.is_err() {
         log::error!("keyward panicked in a scheduled event; the request is refused and the worker replaced");
@@ -337,7 +382,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_destroy(fm: *const 
 #[no_mangle]
 pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_scheduled(_envoy: abi::ConfigEnvoy, cfg: *const c_void, event: u64) {
     let shared = &*(cfg as *const Arc<Shared>);
-    let _ = catch_unwind(AssertUnwindSafe(|| {
+    let ran = catch_unwind(AssertUnwindSafe(|| {
         if event == link::ROOT_EVENT {
             if let Some(w) = worker::main_for_config(shared) {
                 if let Ok(mut w) = w.try_borrow_mut() {
@@ -347,6 +392,10 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_scheduled(_e
         }
         shared.make_callouts();
     }));
+    if ran.is_err() {
+        log::error!("keyward panicked on the main thread; its worker is made again");
+        let _ = catch_unwind(AssertUnwindSafe(|| worker::drop_main(shared)));
+    }
 }
 
 /// # Safety
@@ -365,7 +414,9 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_http_callout
     let shared = &*(cfg as *const Arc<Shared>);
     let hs = if headers.is_null() { &[][..] } else { std::slice::from_raw_parts(headers, headers_len) };
     let cs = if chunks.is_null() { &[][..] } else { std::slice::from_raw_parts(chunks, chunks_len) };
-    let _ = catch_unwind(AssertUnwindSafe(|| shared.answered(id, result == abi::CALLOUT_SUCCESS, hs, cs)));
+    if catch_unwind(AssertUnwindSafe(|| shared.answered(id, result == abi::CALLOUT_SUCCESS, hs, cs))).is_err() {
+        log::error!("keyward panicked taking a callout's answer; the worker that asked gives it up at its deadline");
+    }
 }
 
 // Hooks Envoy requires that this module has no use for.

@@ -30,10 +30,21 @@ thread_local! {
     static WORKERS: RefCell<HashMap<u64, WorkerRef>> = RefCell::new(HashMap::new());
 }
 
-/// Context ids, unique in the process (a worker's root and every stream).
+/// Roots (one per worker and configuration) take ids below this; streams the ids above, so that
+/// a stream's id is never a root's, even once the stream counter wraps (after 4 billion streams:
+/// a stream would then share an id only with one that has lived that long).
+const FIRST_STREAM_ID: u32 = 1 << 20;
+
+/// A root's context id, unique in the process.
+pub fn next_root_id() -> ContextId {
+    static IDS: AtomicU32 = AtomicU32::new(0);
+    2 + IDS.fetch_add(1, Ordering::Relaxed) % (FIRST_STREAM_ID - 2)
+}
+
+/// A stream's context id.
 pub fn next_id() -> ContextId {
-    static IDS: AtomicU32 = AtomicU32::new(2);
-    IDS.fetch_add(1, Ordering::Relaxed).max(2)
+    static IDS: AtomicU32 = AtomicU32::new(0);
+    FIRST_STREAM_ID + IDS.fetch_add(1, Ordering::Relaxed) % (u32::MAX - FIRST_STREAM_ID)
 }
 
 /// This thread's worker for `shared` (made and configured on first use). The main thread's
@@ -69,7 +80,7 @@ fn for_config_on(shared: &Arc<Shared>, main: bool) -> Option<WorkerRef> {
                 return None;
             }
         };
-        let root = next_id();
+        let root = next_root_id();
         let waker = if main { crate::link::Waker::Main(Arc::downgrade(shared)) } else { crate::link::Waker::Streams };
         let link = Arc::new(Link::new(waker));
         register_link(&link);
@@ -121,11 +132,22 @@ impl Worker {
     /// One event, then the root callback it asked for, if any (at once: a native executor may
     /// make callouts from any hook).
     pub fn event(&mut self, now: u64, ev: Event) -> Action {
+        self.refocus();
         let a = self.lc.handle(now, &mut self.host, ev);
         if std::mem::take(&mut self.host.woke) {
             self.lc.handle(now, &mut self.host, Event::Woken);
+            // The root work left the root current: the hook's next event is its stream's again.
+            self.refocus();
         }
         a
+    }
+
+    /// The stream whose hook runs is the current one (as a proxy-wasm stream callback's own
+    /// context is).
+    fn refocus(&mut self) {
+        if let Hook::Stream { ctx, .. } | Hook::Scheduled(ctx) = self.host.hook {
+            self.host.focus(ctx);
+        }
     }
 
     /// The main thread's worker was woken: its root work, every worker's counters to Envoy, and
@@ -140,6 +162,12 @@ impl Worker {
     /// A hook of stream `ctx` ends: a stream it paused can be woken (its scheduler made), and
     /// the next tick is set.
     pub fn leave(&mut self, ctx: ContextId, paused: Option<bool>) {
+        // Streams Envoy destroyed during this hook (a reply that ended one): forgotten now, before
+        // anything could touch their dangling pointers.
+        let gone = std::mem::take(&mut *self.host.gone.borrow_mut());
+        for g in gone {
+            self.gone(g);
+        }
         if let (Some(p), Some(slot)) = (paused, self.host.streams.get_mut(&ctx)) {
             slot.paused = p;
             if p {
@@ -164,14 +192,18 @@ impl Worker {
 
     /// Stream `ctx` is gone: the lifecycle forgets it, its scheduler is deleted.
     pub fn gone(&mut self, ctx: ContextId) {
-        self.host.hook = Hook::None;
+        let hook = std::mem::replace(&mut self.host.hook, Hook::None);
         // Out of the host first: Envoy's stream is gone, nothing may touch it.
         self.host.link.remove_waker(ctx);
         let slot = self.host.streams.remove(&ctx);
+        if let Some(stream) = slot.as_ref().map(|s| s.stream) {
+            self.host.after.retain(|a| a.stream() != stream);
+        }
         self.lc.handle(now_us(), &mut self.host, Event::StreamGone(ctx));
         if let Some(s) = slot.and_then(|s| s.scheduler) {
             Link::delete(s, &self.host.link);
         }
+        self.host.hook = if matches!(hook, Hook::Stream { ctx: c, .. } | Hook::Scheduled(c) if c == ctx) { Hook::None } else { hook };
     }
 
     /// After a panic: refuse what this worker holds (each waiting stream is answered 503 from
