@@ -431,7 +431,12 @@ def start_local(*args):
     import signal
     # As from a terminal: Ctrl-C's signal is not ignored (a shell that starts a job in the
     # background, or a CI runner, may have left SIGINT ignored, which no script can undo).
-    proc = subprocess.Popen([str(ROOT / "scripts" / "run-local.sh"), *args], cwd=ROOT, stdout=subprocess.PIPE,
+    # With Envoy, the script runs the suite's executor (make run KEYWARD_EXECUTOR=...); without
+    # (func-e runs Envoy), the wasm filter.
+    env = dict(os.environ)
+    if "--no-envoy" in args:
+        env.pop("KEYWARD_EXECUTOR", None)
+    proc = subprocess.Popen([str(ROOT / "scripts" / "run-local.sh"), *args], cwd=ROOT, stdout=subprocess.PIPE, env=env,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     out, token = [], None

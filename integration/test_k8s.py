@@ -19,6 +19,7 @@ import pytest
 import requests
 import yaml
 
+import executor
 import harness
 
 ROOT = harness.ROOT
@@ -111,7 +112,13 @@ def localise_filter(resource, vault_authority="vault.local"):
 
 def with_config(resource, cfg):
     r = json.loads(json.dumps(resource))
-    r["resources"][0]["typed_config"]["config"]["configuration"]["value"] = json.dumps(cfg)
+    if executor.is_native():
+        # The documented EKS step for the native module: the ConfigMap's file rewritten by
+        # `keyward native-config`.
+        r = executor.native(r)
+        r["resources"][0]["typed_config"]["filter_config"]["value"] = json.dumps(cfg)
+    else:
+        r["resources"][0]["typed_config"]["config"]["configuration"]["value"] = json.dumps(cfg)
     return yaml.safe_dump(r)
 
 

@@ -33,16 +33,16 @@ case "$EXECUTOR" in
   native) MODULE=dist/native/libkeyward.so ;;
   *) echo "KEYWARD_EXECUTOR must be wasm or native; got '$EXECUTOR'" >&2; exit 2 ;;
 esac
-if [ "$EXECUTOR" = native ] && [ "$WITH_ENVOY" = 0 ]; then
-  echo "KEYWARD_EXECUTOR=native runs Envoy here (make run); func-e (--no-envoy) runs the wasm filter" >&2
-  exit 2
-fi
 for need in "$VENV/bin/bao" "$VENV/bin/python" "$MODULE" "$KEYWARD"; do
   if [ ! -x "$need" ] && [ ! -f "$need" ]; then
     echo "$need is missing: run \`make deps build\` first (from the repository root)" >&2
     exit 1
   fi
 done
+if [ "$EXECUTOR" = native ] && [ "$WITH_ENVOY" = 0 ]; then
+  echo "KEYWARD_EXECUTOR=native runs Envoy here (make run); with func-e (--no-envoy) the wasm filter runs: unset KEYWARD_EXECUTOR" >&2
+  exit 2
+fi
 mkdir -p "$RUN"
 chmod 700 "$RUN"
 
