@@ -128,6 +128,22 @@ impl Family {
         }
     }
 
+    /// FNV-1a over the family's name and each label value (a 0xff byte between values: none is in a
+    /// name): how the executors key the labelled stats they keep (collisions share a bucket).
+    pub fn label_hash(self, values: &[&str]) -> u64 {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut eat = |b: u8| {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        };
+        self.name().bytes().for_each(&mut eat);
+        for v in values {
+            eat(0xff);
+            v.bytes().for_each(&mut eat);
+        }
+        h
+    }
+
     pub fn is_histogram(self) -> bool {
         matches!(self, Family::StoreFetchUs | Family::AddedUs | Family::ColdUs)
     }

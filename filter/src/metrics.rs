@@ -39,21 +39,6 @@ pub struct Metrics {
     scratch: String,
 }
 
-/// FNV-1a over the family and each value (a 0xff byte between values: none is in a name).
-fn label_hash(family: Family, values: &[&str]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut eat = |b: u8| {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    };
-    family.name().bytes().for_each(&mut eat);
-    for v in values {
-        eat(0xff);
-        v.bytes().for_each(&mut eat);
-    }
-    h
-}
-
 impl Metrics {
     pub fn define() -> Metrics {
         let mut plain = HashMap::new();
@@ -100,7 +85,7 @@ impl Metrics {
     }
 
     fn labelled(&mut self, family: Family, values: &[&str]) -> Option<&mut Stat> {
-        let bucket = self.labelled.entry(label_hash(family, values)).or_default();
+        let bucket = self.labelled.entry(family.label_hash(values)).or_default();
         let known = bucket.iter().position(|l| l.family == family && l.values.len() == values.len() && l.values.iter().zip(values).all(|(a, b)| a == b));
         let at = match known {
             Some(at) => at,

@@ -43,27 +43,13 @@ pub struct Counts {
     labelled: FnvMap<u64, Vec<Labelled>>,
 }
 
-fn label_hash(family: Family, values: &[&str]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut eat = |b: u8| {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    };
-    family.name().bytes().for_each(&mut eat);
-    for v in values {
-        eat(0xff);
-        v.bytes().for_each(&mut eat);
-    }
-    h
-}
-
 impl Counts {
     pub fn metric(&mut self, m: Metric) {
         *self.plain.entry(m).or_default() += 1;
     }
 
     pub fn count(&mut self, family: Family, values: &[&str], n: u64) {
-        let bucket = self.labelled.entry(label_hash(family, values)).or_default();
+        let bucket = self.labelled.entry(family.label_hash(values)).or_default();
         match bucket.iter_mut().find(|l| l.family == family && l.values.len() == values.len() && l.values.iter().zip(values).all(|(a, b)| a == b)) {
             Some(l) => l.n = l.n.saturating_add(n),
             None => bucket.push(Labelled { family, values: values.iter().map(|v| v.to_string()).collect(), n, fresh: true }),
