@@ -189,6 +189,14 @@ impl Slice {
         true
     }
 
+    /// `worker`'s call for this account is over: the job is free again, unless another worker
+    /// took it since (this one's call was given up at its deadline, and its outcome came late).
+    pub fn release(&mut self, worker: u64) {
+        if self.job_owner == worker {
+            self.job_until_ms = 0;
+        }
+    }
+
     /// The lease ended (given back, or found gone).
     pub fn ended(&mut self) {
         self.lease_id = 0;

@@ -262,7 +262,12 @@ impl Lifecycle {
                 self.forget_ledger(ctx);
                 Action::Continue
             }
-            Event::Answer { call, answer } => self.root_turn(host, |lc, host| lc.on_answer(host, call, answer)),
+            // Calls past their deadline are given up first: an answer seen after it (a worker
+            // that was not woken in time) is not acted on, as if it came after the tick.
+            Event::Answer { call, answer } => self.root_turn(host, |lc, host| {
+                lc.expire_calls(host, lc.now_us / 1000);
+                lc.on_answer(host, call, answer);
+            }),
             Event::Tick => self.root_turn(host, Self::tick),
             Event::Woken => self.root_turn(host, |_, _| {}),
         }

@@ -43,20 +43,24 @@ impl Lifecycle {
             log::warn!("ledger {} ({op} on {}): {why}", ledger.table, account.pk);
         }
         let now_ms = self.now_us / 1000;
+        // A call given up at its deadline failed then, however late this worker saw it (a native
+        // worker with no request to serve runs its tick when it is next woken).
+        let failed_at = if j.deadline_ms != 0 { now_ms.min(j.deadline_ms) } else { now_ms };
         let key = keys::ledger_slice(ledger, &account.pk);
         let gateway = self.ledger.gateway.clone().unwrap_or_default();
+        let worker = self.ledger.worker.unwrap_or(0);
         match j.kind {
             JobKind::Grant { want, resolved } => {
                 let Some(lease) = resolved else { return };
                 match read {
                     dynamo::Answer::Done(Some(item)) => match item.lease_of(&gateway) {
                         Some(l) if l.id == lease.id && l.seq == lease.seq => self.granted(host, ledger, j.account, &key, &item, &l.clone(), now_ms),
-                        _ => self.ledger_failed(host, j.account, &key, now_ms),
+                        _ => self.ledger_failed(host, j.account, &key, failed_at),
                     },
                     dynamo::Answer::ConditionFailed => {
                         self.queue_job(host, j.account, JobKind::Read { then: ReadFor::Grant { want, lease } });
                     }
-                    _ => self.ledger_failed(host, j.account, &key, now_ms),
+                    _ => self.ledger_failed(host, j.account, &key, failed_at),
                 }
             }
             JobKind::Read { then } => match (read, then) {
@@ -110,13 +114,13 @@ impl Lifecycle {
                             if ours.is_none_or(|(_, l)| l.id != s.lease_id) && s.lease_id != 0 && s.pending_seq == 0 {
                                 s.lost(); // the ledger holds no lease of ours by that id
                             }
-                            s.job_until_ms = 0;
+                            s.release(worker);
                             true
                         });
                         self.wake_ledger(host, j.account);
                     }
                 },
-                (_, ReadFor::Grant { .. } | ReadFor::Return { .. } | ReadFor::Settle { .. }) => self.ledger_failed(host, j.account, &key, now_ms),
+                (_, ReadFor::Grant { .. } | ReadFor::Return { .. } | ReadFor::Settle { .. }) => self.ledger_failed(host, j.account, &key, failed_at),
                 (dynamo::Answer::Done(item), ReadFor::DirectLost { ctx, amounts, mark }) => {
                     // Made after all (the item has this charge's mark): admitted, late.
                     if item.as_ref().and_then(|i| i.mark_value(&mark.name)) == Some(mark.value) {
@@ -179,6 +183,7 @@ impl Lifecycle {
     /// slice takes it, the requests waiting decide again.
     #[allow(clippy::too_many_arguments)]
     pub(in crate::lifecycle) fn granted(&mut self, host: &mut impl Host, ledger: &Ledger, id: u64, key: &str, item: &Item, lease: &Lease, now_ms: u64) {
+        let worker = self.ledger.worker.unwrap_or(0);
         let caps = self.ledger.accounts.get(&id).map(|a| a.account.caps).unwrap_or_default();
         let left = Amounts { spend: caps.spend.unwrap_or(0).saturating_sub(item.held.spend), count: caps.count.unwrap_or(0).saturating_sub(item.held.count) };
         let gateway = self.ledger.gateway.clone().unwrap_or_default();
@@ -189,7 +194,7 @@ impl Lifecycle {
         self.saw_marks(id, item, now_ms / 1000);
         let _ = shared::update::<Slice>(host, key, |s| {
             s.granted(lease, now_ms, LEASE_MARGIN_MS);
-            s.job_until_ms = 0;
+            s.release(worker);
             true
         });
         if let Some(account) = self.ledger.accounts.get(&id).map(|a| a.account.clone()) {
@@ -211,6 +216,7 @@ impl Lifecycle {
         want: Amounts,
         now_ms: u64,
     ) {
+        let worker = self.ledger.worker.unwrap_or(0);
         let Some(account) = self.ledger.accounts.get(&id).map(|a| a.account.clone()) else { return };
         let gateway = self.ledger.gateway.clone().unwrap_or_default();
         let s: Slice = shared::read(host, key);
@@ -263,7 +269,7 @@ impl Lifecycle {
         let retry_after_s = self.room_back_in(&account, Some(item), now_ms);
         let _ = shared::update::<Slice>(host, key, |s| {
             clear(s);
-            s.job_until_ms = 0;
+            s.release(worker);
             s.block(Block::NoRoom, now_ms, retry_after_s);
             true
         });
@@ -289,12 +295,13 @@ impl Lifecycle {
 
     /// The ledger no longer holds lease `old` for this gateway: given back, with `credit`.
     pub(in crate::lifecycle) fn lease_gone(&mut self, host: &mut impl Host, ledger: &Ledger, id: u64, key: &str, old: u64, credit: Amounts) {
+        let worker = self.ledger.worker.unwrap_or(0);
         let _ = shared::update::<Slice>(host, key, |s| {
             if s.lease_id == old {
                 s.ended();
                 s.gave_back(credit);
             }
-            s.job_until_ms = 0;
+            s.release(worker);
             true
         });
         if let Some(pk) = self.ledger.accounts.get(&id).map(|a| a.account.pk.clone()) {
@@ -304,9 +311,15 @@ impl Lifecycle {
     }
 
     pub(in crate::lifecycle) fn ledger_failed(&mut self, host: &mut impl Host, id: u64, key: &str, now_ms: u64) {
+        let worker = self.ledger.worker.unwrap_or(0);
         host.metric(crate::record::Metric::LedgerUnavailable);
+        // Blocked by the worker whose call it was, unless another worker has asked since: its
+        // outcome is newer than this failure.
         let _ = shared::update::<Slice>(host, key, |s| {
-            s.job_until_ms = 0;
+            if s.job_owner != worker {
+                return false;
+            }
+            s.release(worker);
             s.block(Block::Failing, now_ms, 1);
             true
         });
@@ -314,8 +327,9 @@ impl Lifecycle {
     }
 
     pub(in crate::lifecycle) fn release_job(&mut self, host: &mut impl Host, key: &str) {
+        let worker = self.ledger.worker.unwrap_or(0);
         let _ = shared::update::<Slice>(host, key, |s| {
-            s.job_until_ms = 0;
+            s.release(worker);
             true
         });
     }

@@ -146,8 +146,17 @@ impl Fleet {
     }
 
     fn tick_all(&mut self) {
+        self.tick_some(&mut |_| true);
+    }
+
+    /// Tick the workers `pick` chooses: a native executor's idle worker ticks only when it is
+    /// next woken, and may see a callout's answer before its tick gives the callout up.
+    fn tick_some(&mut self, pick: &mut impl FnMut((usize, usize)) -> bool) {
         for g in 0..self.gateways.len() {
             for w in 0..2 {
+                if !pick((g, w)) {
+                    continue;
+                }
                 let at = (g, w);
                 let wk = self.w(at);
                 wk.lc.handle(wk.host.now_us(), &mut wk.host, Event::Tick);
@@ -185,6 +194,7 @@ fn a_fleet_never_admits_more_than_a_credentials_caps_in_any_interleaving() {
     for seed in 1..=seeds {
         let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
         let faulty = seed % 3 == 0;
+        let lazy = seed % 2 == 0;
         let mut fleet = Fleet::new(2 + rng.below(2) as usize);
         let caps: Vec<(u64, u64)> = (0..2).map(|_| (100 + rng.below(2000), 3 + rng.below(30))).collect();
         let tokens: Vec<String> = caps
@@ -250,7 +260,11 @@ fn a_fleet_never_admits_more_than_a_credentials_caps_in_any_interleaving() {
                         fleet.deliver(0, 2);
                     }
                     fleet.advance(rng.below(1500));
-                    fleet.tick_all();
+                    if lazy {
+                        fleet.tick_some(&mut |_| rng.below(3) == 0);
+                    } else {
+                        fleet.tick_all();
+                    }
                 }
             }
             let team = fleet.outstanding(0).0 + fleet.outstanding(1).0;

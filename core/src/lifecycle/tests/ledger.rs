@@ -606,3 +606,47 @@ fn retry_marks_are_pruned_and_bounded() {
     assert_eq!(marks(&table), before, "no new mark");
     assert!(table.items[&pk].keys().any(|k| k.starts_with("l_")), "charged from a slice");
 }
+
+/// A worker that ticks only when it is next woken (the native executor's idle worker) sees its
+/// grant fail long after the call's deadline, while another worker, which asked again since,
+/// has a top-up in flight. That stale failure is the past: it neither frees the other worker's
+/// call nor blocks the slice, so a request that finds the slice spent waits for the top-up
+/// instead of being refused 503.
+#[test]
+fn a_failure_seen_after_another_worker_asked_again_neither_blocks_nor_frees_its_call() {
+    let mut h1 = MemHost::new(ROOT);
+    let mut w1 = warm(&mut h1);
+    let mut h2 = h1.worker(2);
+    let mut w2 = warm(&mut h2);
+    let mut table = Table::default();
+    let t = capped(&h1, "l-late", r#"{"total":1000}"#, "");
+    // Worker 1 asks for the first lease; no answer yet.
+    assert_eq!(get(&mut w1, &mut h1, 10, &t), Action::Pause);
+    w1.handle(h1.now_us(), &mut h1, Event::Woken);
+    let (stale, _, _) = calls(&mut h1).pop().unwrap_or_else(|| panic!("a grant"));
+    // Past that call's deadline, worker 2 asks again and is granted the lease.
+    h2.advance(500 + CALL_GRACE_MS + 10);
+    assert_eq!(get(&mut w2, &mut h2, 20, &t), Action::Pause);
+    let effects = settle(&mut w2, &mut h2, &mut table);
+    assert!(effects.contains(&Effect::Resume(20)), "{effects:?}");
+    // Worker 2 spends it and asks for a top-up, still in flight.
+    let mut ctx = 21;
+    while get(&mut w2, &mut h2, ctx, &t) == Action::Continue {
+        ctx += 1;
+    }
+    w2.handle(h2.now_us(), &mut h2, Event::Woken);
+    let (top_up, _, _) = calls(&mut h2).pop().unwrap_or_else(|| panic!("a top-up"));
+    // Worker 1 is woken now, and sees Envoy's timeout of its first call.
+    w1.handle(h1.now_us(), &mut h1, Event::Answer { call: stale, answer: Answer { status: None, body: None } });
+    assert!(replies(&h1.take()).is_empty(), "its request waits for worker 2's call, not refused");
+    // So does a new one.
+    assert_eq!(get(&mut w1, &mut h1, 11, &t), Action::Pause);
+    assert!(replies(&h1.take()).is_empty(), "not refused: the ledger has answered since");
+    let answer = table.serve(&h2.sent[&top_up]);
+    w2.handle(h2.now_us(), &mut h2, Event::Answer { call: top_up, answer });
+    assert!(h2.take().contains(&Effect::Resume(ctx)));
+    h1.advance(20);
+    w1.handle(h1.now_us(), &mut h1, Event::Tick);
+    let effects = h1.take();
+    assert!(effects.contains(&Effect::Resume(10)) && effects.contains(&Effect::Resume(11)), "worker 1's requests go on from the topped-up slice: {effects:?}");
+}
