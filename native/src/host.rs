@@ -8,53 +8,13 @@
 use crate::abi;
 use crate::config::Shared;
 use crate::link::{Link, Sched, EFFECTS_EVENT};
+pub use crate::slot::{After, Deferred, Slot};
 use crate::stream::Stream;
 use keyward_core::host::{CallId, ContextId, Headers, Host, HostError};
 use keyward_core::record::{Family, Metric};
 use keyward_core::secrets::store::HttpCall;
 use std::collections::HashMap;
 use std::sync::Arc;
-
-/// What is carried out for a stream from its own scheduler event.
-#[derive(Debug)]
-pub enum Deferred {
-    Reply { status: u32, headers: Vec<(String, String)>, body: String },
-    Resume,
-    Reset,
-}
-
-/// What re-enters Envoy's filter chain, run once the hook has let go of the worker: continuing a
-/// stream delivers its held body and trailers (this module's hooks for it run at once), and a
-/// reset destroys it (its destroy hook runs at once).
-#[derive(Debug, Clone, Copy)]
-pub enum After {
-    Continue(Stream),
-    Reset(Stream),
-}
-
-impl After {
-    pub fn stream(self) -> Stream {
-        match self {
-            After::Continue(s) | After::Reset(s) => s,
-        }
-    }
-
-    pub fn run(self) {
-        match self {
-            After::Continue(s) => s.continue_decoding(),
-            After::Reset(s) => s.reset(),
-        }
-    }
-}
-
-/// A stream of this worker, as the host knows it.
-pub struct Slot {
-    pub stream: Stream,
-    pub scheduler: Option<Sched>,
-    /// A request hook of this stream returned a stop (Envoy holds it until continued).
-    pub paused: bool,
-    pub deferred: Vec<Deferred>,
-}
 
 /// Which hook is running, for the stream it runs for.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -153,9 +113,11 @@ impl NativeHost {
                     // Answered: nothing else is done to it (the reply may have ended the stream).
                     break;
                 }
-                Deferred::Resume => {
-                    if std::mem::take(&mut slot.paused) {
+                Deferred::Resume { stops } => {
+                    if slot.resume_due(stops) {
                         self.after.push(After::Continue(slot.stream));
+                    } else {
+                        log::debug!("a stale resume of stream {ctx} is dropped: the stream was stopped again since");
                     }
                 }
                 Deferred::Reset => self.after.push(After::Reset(slot.stream)),
@@ -318,7 +280,8 @@ impl Host for NativeHost {
             }
             return Ok(());
         }
-        self.defer(Deferred::Resume)
+        let stops = self.streams.get(&self.current).map_or(0, |s| s.stops);
+        self.defer(Deferred::Resume { stops })
     }
 
     fn reset(&mut self) {

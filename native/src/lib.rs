@@ -18,6 +18,7 @@ mod link;
 mod logger;
 mod metrics;
 mod shared;
+mod slot;
 mod stream;
 mod unused_hooks;
 mod worker;

@@ -105,7 +105,7 @@ impl Worker {
         for g in gone {
             self.gone(g);
         }
-        self.host.streams.entry(ctx).or_insert_with(|| Slot { stream, scheduler: None, paused: false, deferred: Vec::new() });
+        self.host.streams.entry(ctx).or_insert_with(|| Slot::new(stream));
         self.host.hook = hook;
         let now = now_us();
         let due = self.host.link.due_ms.load(Ordering::Acquire);
@@ -133,7 +133,18 @@ impl Worker {
     /// make callouts from any hook).
     pub fn event(&mut self, now: u64, ev: Event) -> Action {
         self.refocus();
+        let own = match ev {
+            Event::Request(c) | Event::RequestTrailers(c) | Event::RequestBody { ctx: c, .. } => Some(c),
+            _ => None,
+        };
         let a = self.lc.handle(now, &mut self.host, ev);
+        if let (Action::Pause, Some(c)) = (a, own) {
+            // Stopped for this decision: a resume asked before it is stale; one asked from here
+            // on (the root work below) is not.
+            if let Some(slot) = self.host.streams.get_mut(&c) {
+                slot.stopped();
+            }
+        }
         if std::mem::take(&mut self.host.woke) {
             self.lc.handle(now, &mut self.host, Event::Woken);
             // The root work left the root current: the hook's next event is its stream's again.
