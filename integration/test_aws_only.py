@@ -23,7 +23,6 @@ import pytest
 import requests
 import yaml
 
-import executor
 import harness
 import ledger
 
@@ -205,8 +204,6 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(workdir):
-    if executor.is_native():
-        pytest.skip("the AWS-alone stack runs the fleet ledger, which the native module refuses (docs/executors.md)")
     s = Stack(workdir)
     yield s
     s.stop()

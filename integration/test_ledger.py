@@ -372,9 +372,6 @@ def test_sigterm_through_the_image_entrypoint_gives_every_slice_back(fleet, work
     """ECS or Kubernetes stopping a gateway: the entrypoint (deploy/keyward-envoy.sh) drains Envoy,
     then asks the filter to give its slices back before Envoy stops. The ledger then holds exactly
     what was spent: nothing of the stopped gateway stays counted."""
-    if executor.is_native():
-        pytest.skip("with the native module the entrypoint's drain call finds the listener already closed "
-                    "(the slices then return at their lease's end); open, see docs/executors.md")
     ports = dict(fleet.gw.ports, admin=harness.free_port(), hardened=harness.free_port(), raw=harness.free_port())
     bootstrap = ledger.gateway_bootstrap(ports, workdir / "access-entrypoint.log", fleet.cfg, fleet.relay.port)
     cfg = workdir / "entrypoint.json"
@@ -433,7 +430,8 @@ def test_moto_with_sigv4_checked_holds_the_cap_across_three_gateways(gw, workdir
             codes = list(ex.map(lambda i: pay(i, 500).status_code, range(30)))
         assert set(codes) <= {200, 429}, codes
         paid = 2000 + 500 * codes.count(200)
-        assert paid <= 10000, paid
+        # What the ledger holds says whose fault an overspend would be: more than the cap is the
+        # ledger's (its conditions), less than what was paid is the gateways'.
         spend, _ = ledger.held(ddb, TABLE, ledger.credential_pk(gw.k1, c["jti"]))
         assert paid <= spend <= 10000, (paid, spend)
         # A gateway whose signature moto refuses: no slice, no payment.

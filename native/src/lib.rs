@@ -67,14 +67,6 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
         let json = config.bytes().to_vec();
         let env = |name: &str| std::env::var(name).ok();
         match keyward_core::config::compile(&json, &env) {
-            // The fleet ledger is not yet proven under the native module (a concurrent run across
-            // three gateways once let 12,000 through a 10,000 cap): refused, never run unproven.
-            Ok(cfg) if cfg.ledger.is_some() => {
-                log::error!(
-                    "keyward {VERSION} ({GIT_HASH}, native): configuration rejected: ledger: the fleet ledger runs with the wasm filter only (KEYWARD_EXECUTOR=wasm)"
-                );
-                return std::ptr::null();
-            }
             Ok(cfg) => log::info!("keyward {VERSION} ({GIT_HASH}, native) configured: {}", cfg.summary()),
             Err(e) => {
                 log::error!("keyward {VERSION} ({GIT_HASH}, native): configuration rejected: {e}");

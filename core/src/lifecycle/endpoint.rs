@@ -20,12 +20,12 @@ fn host_ctx(lc: &Lifecycle) -> crate::host::ContextId {
 }
 
 impl Lifecycle {
-    pub(super) fn answer_endpoint(&mut self, host: &mut impl Host, name: &str, now_ms: u64) -> Action {
+    pub(super) fn answer_endpoint(&mut self, host: &mut impl Host, name: &str, now_ms: u64, resumed: bool) -> Action {
         if name == "issue" {
             return self.issue_start(host, host_ctx(self), now_ms);
         }
         if name == "drain" {
-            return self.answer_drain(host, now_ms);
+            return self.answer_drain(host, now_ms, resumed);
         }
         let (status, body) = match name {
             "health" => match self.revocation_lookup(host, "", "", now_ms) {
@@ -43,9 +43,12 @@ impl Lifecycle {
     }
 
     /// `POST /keyward/drain` from the gateway itself: give back every lease (the calls go out from
-    /// the root at once); the answer says how many were asked back and how many are still held,
-    /// so the entrypoint asks again until none is.
-    fn answer_drain(&mut self, host: &mut impl Host, now_ms: u64) -> Action {
+    /// the root at once). The request waits for a return under way to be answered (or given up
+    /// at its deadline): an executor whose idle worker learns of an answer only when woken (the
+    /// native module) would otherwise hold it until the next request. The answer says how many
+    /// returns this call asked for and how many leases are still held, so the entrypoint asks
+    /// again until none is.
+    fn answer_drain(&mut self, host: &mut impl Host, now_ms: u64, resumed: bool) -> Action {
         // Envoy's RBAC on the shipped drain routes admits loopback peers only (by the peer's own
         // address); this check is the second line, on the address Envoy reports.
         let local = host.downstream_address().is_some_and(|a| a.starts_with("127.") || a.starts_with("[::1]"));
@@ -58,8 +61,21 @@ impl Lifecycle {
             let d = Denial::new(Code::Forbidden, "the drain endpoint takes POST only");
             return self.reply(host, d.status(), &d.headers(), &d.body());
         }
-        let asked = self.drain_ledger(host, now_ms);
+        let asked = if resumed { 0 } else { self.drain_ledger(host, now_ms) };
         let held = self.ledger_leases_held(host);
+        if let (false, Some(id)) = (resumed || held == 0, self.ledger_returning()) {
+            let timeout = self.cfg.as_ref().and_then(|c| c.ledger.as_ref()).map_or(1000, |l| u64::from(l.timeout_ms));
+            let parked = super::state::Parked {
+                wait: super::Wait::Ledger(id),
+                deadline_ms: now_ms + timeout + super::PARK_GRACE_MS,
+                audit: crate::record::Audit::default(),
+                admitted: Vec::new(),
+                started_us: self.now_us,
+                body_end: None,
+            };
+            self.streams.insert(self.current, super::Stream::Parked(Box::new(parked)));
+            return Action::Pause;
+        }
         let body = format!(r#"{{"returning":{asked},"held":{held}}}"#);
         let headers = [("content-type", "application/json".to_string()), ("cache-control", "no-store".to_string())];
         self.reply(host, 200, &headers, &body)

@@ -89,7 +89,7 @@ impl Lifecycle {
         let now_ms = now_us / 1000;
         let mut req = HostRequest::read(host);
         if let Some(name) = req.endpoint.take() {
-            return self.answer_endpoint(host, &name, now_ms);
+            return self.answer_endpoint(host, &name, now_ms, resumed);
         }
         let prior = parked.as_ref().map_or_else(Vec::new, |p| p.admitted.clone());
         let body_end = parked.as_ref().and_then(|p| p.body_end);

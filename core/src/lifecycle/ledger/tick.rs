@@ -116,6 +116,12 @@ impl Lifecycle {
         ret
     }
 
+    /// An account this worker is giving a lease back in (a return, or the read that follows a
+    /// refused one, under way).
+    pub(in crate::lifecycle) fn ledger_returning(&self) -> Option<u64> {
+        self.ledger.jobs.values().find(|j| matches!(j.kind, JobKind::Return { .. } | JobKind::Read { then: ReadFor::Return { .. } })).map(|j| j.account)
+    }
+
     /// The leases this gateway still holds (listed for the drain).
     pub(in crate::lifecycle) fn ledger_leases_held(&self, host: &impl Host) -> usize {
         let Some(ledger) = self.cfg.as_ref().and_then(|c| c.ledger.as_ref()) else { return 0 };

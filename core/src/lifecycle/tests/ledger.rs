@@ -335,12 +335,10 @@ fn an_idle_lease_is_given_back_by_the_tick_and_by_the_drain() {
     lc.handle(host.now_us(), &mut host, Event::Request(30));
     assert_eq!(replies(&host.take()), vec![(30, 403, "forbidden".into())]);
     host.open_route(31, &[("endpoint", "drain")], &[(":method", "POST"), (":path", "/keyward/drain")]);
-    lc.handle(host.now_us(), &mut host, Event::Request(31));
-    let effects = host.take();
+    assert_eq!(lc.handle(host.now_us(), &mut host, Event::Request(31)), Action::Pause, "it waits for the return it asked for");
+    let effects = settle(&mut lc, &mut host, &mut table);
     assert_eq!(replies(&effects), vec![(31, 200, String::new())]);
-    assert_eq!(host.streams[&31].reply_body.as_deref(), Some(r#"{"returning":1,"held":1}"#));
-    host.effects = effects;
-    settle(&mut lc, &mut host, &mut table);
+    assert_eq!(host.streams[&31].reply_body.as_deref(), Some(r#"{"returning":0,"held":0}"#), "answered once given back");
     assert_eq!(table.n(&pk, &["n"]), Some(1), "all but the one request used went back");
     assert_eq!((table.n(&pk, &[&gw, "q"]), table.n(&pk, &[&gw, "n"])), (Some(0), Some(0)), "the lease ended: its end mark holds nothing");
     host.open_route(32, &[("endpoint", "drain")], &[(":method", "POST"), (":path", "/keyward/drain")]);
