@@ -9,7 +9,6 @@ use crate::policy::rules::{valid_target_name, Method, RouteRule};
 use crate::secret::Secret;
 use crate::wire::b64;
 use crate::wire::json;
-use std::collections::HashMap;
 use std::fmt;
 
 mod checks;
@@ -48,7 +47,7 @@ fn err<T>(path: impl Into<String>, message: impl Into<String>) -> Result<T, Conf
 struct Compiler<'e> {
     env: &'e dyn Fn(&str) -> Option<String>,
     slots: Vec<Slot>,
-    store_index: HashMap<String, usize>,
+    store_index: crate::Map<String, usize>,
 }
 
 impl Compiler<'_> {
@@ -144,7 +143,7 @@ pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Con
         return err("max_token_lifetime_s", "must be at least 1");
     }
 
-    let mut c = Compiler { env, slots: Vec::new(), store_index: HashMap::new() };
+    let mut c = Compiler { env, slots: Vec::new(), store_index: crate::Map::default() };
 
     let mut stores = Vec::new();
     for (name, s) in &raw.stores {
@@ -199,7 +198,7 @@ pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Con
         return err("signing_keys", "at least one signing key (or a signing_keyset) is required");
     }
     let mut keys = Vec::new();
-    let mut key_index = HashMap::new();
+    let mut key_index = crate::Map::default();
     for (kid, k) in &raw.signing_keys {
         let path = format!("signing_keys.{kid}");
         if kid.is_empty() || kid.len() > 128 || kid.chars().any(char::is_control) {
@@ -271,7 +270,7 @@ pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Con
         return err("targets", "at least one target is required");
     }
     let mut targets = Vec::new();
-    let mut target_index = HashMap::new();
+    let mut target_index = crate::Map::default();
     for (name, t) in &raw.targets {
         let path = format!("targets.{name}");
         if !valid_target_name(name) {

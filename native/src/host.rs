@@ -13,7 +13,6 @@ use crate::stream::Stream;
 use keyward_core::host::{CallId, ContextId, Headers, Host, HostError};
 use keyward_core::record::{Family, Metric};
 use keyward_core::secrets::store::HttpCall;
-use std::collections::HashMap;
 use std::sync::Arc;
 
 /// Which hook is running, for the stream it runs for.
@@ -31,7 +30,7 @@ pub struct NativeHost {
     pub root: ContextId,
     current: ContextId,
     pub hook: Hook,
-    pub streams: HashMap<ContextId, Slot>,
+    pub streams: keyward_core::Map<ContextId, Slot>,
     pub shared: Arc<Shared>,
     pub link: Arc<Link>,
     /// The lifecycle asked for a root callback during this event.
@@ -50,7 +49,17 @@ pub fn now_us() -> u64 {
 
 impl NativeHost {
     pub fn new(root: ContextId, shared: Arc<Shared>, link: Arc<Link>) -> NativeHost {
-        NativeHost { root, current: root, hook: Hook::None, streams: HashMap::new(), shared, link, woke: false, after: Vec::new(), gone: Default::default() }
+        NativeHost {
+            root,
+            current: root,
+            hook: Hook::None,
+            streams: keyward_core::Map::default(),
+            shared,
+            link,
+            woke: false,
+            after: Vec::new(),
+            gone: Default::default(),
+        }
     }
 
     /// A hook of `ctx` runs: its stream is the current one (as a proxy-wasm stream callback's

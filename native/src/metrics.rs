@@ -18,8 +18,8 @@ struct Def {
 #[derive(Default, Debug)]
 pub struct Metrics {
     /// Each counter: its definition and its one label value, if it has one.
-    plain: HashMap<Metric, (Def, Option<String>)>,
-    families: HashMap<Family, Def>,
+    plain: keyward_core::Map<Metric, (Def, Option<String>)>,
+    families: keyward_core::Map<Family, Def>,
 }
 
 /// `keyward_requests_total;decision=allow` → (`keyward_requests_total`, `decision`, `allow`).

@@ -6,7 +6,7 @@ use super::*;
 pub struct Config {
     pub policy: Policy,
     pub keys: Vec<SigningKey>,
-    pub(super) key_index: HashMap<String, usize>,
+    pub(super) key_index: crate::Map<String, usize>,
     /// The slot of `signing_keyset`: kids not in `signing_keys` are looked up there.
     pub keyset: Option<usize>,
     pub stores: Vec<Store>,
@@ -22,7 +22,7 @@ pub struct Config {
     /// The fleet ledger, when configured: without it, limits and caps hold per Envoy.
     pub ledger: Option<crate::ledger::Ledger>,
     pub targets: Vec<Target>,
-    pub(super) target_index: HashMap<String, usize>,
+    pub(super) target_index: crate::Map<String, usize>,
 }
 
 #[derive(Debug)]

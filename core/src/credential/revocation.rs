@@ -5,7 +5,6 @@
 //! confirmed missing).
 
 use crate::wire::json::Value;
-use std::collections::HashSet;
 
 const MAGIC: &[u8; 4] = b"KWR2";
 /// The compact form's fields.
@@ -18,8 +17,8 @@ pub struct RevocationList {
     pub fetched_at_ms: u64,
     /// The store's version of the list (0: none known).
     pub version: u64,
-    jtis: HashSet<String>,
-    subs: HashSet<String>,
+    jtis: crate::Set<String>,
+    subs: crate::Set<String>,
 }
 
 impl RevocationList {

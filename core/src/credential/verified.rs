@@ -11,7 +11,6 @@
 
 use crate::credential::copies::Needles;
 use crate::credential::jwt::Claims;
-use std::collections::HashMap;
 use std::rc::Rc;
 
 /// Most credentials remembered per worker.
@@ -28,7 +27,7 @@ pub struct Entry {
 
 #[derive(Default)]
 pub struct VerifiedCache {
-    map: HashMap<Box<str>, Entry>,
+    map: crate::Map<Box<str>, Entry>,
 }
 
 impl VerifiedCache {

@@ -46,7 +46,7 @@ use crate::record::Metric;
 use crate::secrets::keys;
 use crate::secrets::slot_state::Timing;
 use crate::secrets::store::HttpCall;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::rc::Rc;
 
 /// What a request callback would let go on.
@@ -80,9 +80,9 @@ pub struct Lifecycle {
     sessions: Vec<SessionCall>,
     revocations: Revocations,
     /// Every stream this worker is deciding or has decided, until it ends: one state each.
-    streams: HashMap<ContextId, Stream>,
+    streams: crate::Map<ContextId, Stream>,
     /// Response-scrubbing needles per target, tagged with the value they came from.
-    needles: HashMap<usize, state::PreparedNeedles>,
+    needles: crate::Map<usize, state::PreparedNeedles>,
     /// Credentials this worker verified, with the key that did (no HMAC or parse on a repeat).
     verified: VerifiedCache,
     tick_ms: u64,
@@ -119,8 +119,8 @@ impl Lifecycle {
             slots: Vec::new(),
             sessions: Vec::new(),
             revocations: Revocations::default(),
-            streams: HashMap::new(),
-            needles: HashMap::new(),
+            streams: crate::Map::default(),
+            needles: crate::Map::default(),
             verified: VerifiedCache::default(),
             tick_ms: 0,
             last_tick_ms: 0,

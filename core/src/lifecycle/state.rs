@@ -10,7 +10,6 @@ use crate::host::{CallId, ContextId};
 use crate::record::Audit;
 use crate::secrets::slot_state::SlotState;
 use crate::secrets::store::Fetched;
-use std::collections::HashMap;
 use std::rc::Rc;
 
 /// This worker's part in fetching one slot.
@@ -204,14 +203,14 @@ pub struct LedgerState {
     /// This worker's number (it holds a slice's job under it).
     pub(super) worker: Option<u64>,
     pub(super) accounts: std::collections::BTreeMap<u64, AccountLocal>,
-    pub(super) ids: HashMap<String, u64>,
+    pub(super) ids: crate::Map<String, u64>,
     pub(super) next_id: u64,
     pub(super) jobs: std::collections::BTreeMap<u64, Job>,
     pub(super) next_job: u64,
-    pub(super) results: HashMap<(ContextId, u64), Admitted>,
+    pub(super) results: crate::Map<(ContextId, u64), Admitted>,
     /// What streams that left while their direct charge was in flight had taken before it: kept
     /// if the charge is made (it stands, so they stand with it), given back if not.
-    pub(super) orphans: HashMap<ContextId, Vec<Admitted>>,
+    pub(super) orphans: crate::Map<ContextId, Vec<Admitted>>,
 }
 
 /// An account this worker asked for.
@@ -308,7 +307,7 @@ pub struct SlotCache {
     pub(super) local: Option<Local>,
     /// When this worker last served it (values in use are refreshed ahead of their TTL).
     pub(super) used_at_ms: Option<u64>,
-    pub(super) keys: HashMap<String, PreparedKey>,
+    pub(super) keys: crate::Map<String, PreparedKey>,
     /// When this worker queued its fetch for the root, and when the store's answer arrived
     /// (microseconds; 0: none), for the cold-miss breakdown (`Family::ColdUs`).
     pub(super) queued_us: u64,
