@@ -45,7 +45,8 @@ pub struct Link {
     pub waker: Waker,
     /// This worker's counters since the main thread last handed them to Envoy.
     pub counts: Mutex<crate::counts::Counts>,
-    pub inbox: Mutex<Vec<(CallId, Answer)>>,
+    /// Callout answers, each with when it arrived (microseconds since the epoch).
+    pub inbox: Mutex<Vec<(CallId, Answer, u64)>>,
     /// Streams of this worker that wait (paused), each with its scheduler.
     pub wakers: Mutex<BTreeMap<ContextId, Sched>>,
     /// When the lifecycle next wants its tick (milliseconds since the epoch).
@@ -64,11 +65,11 @@ impl Link {
     }
 
     pub fn deliver(&self, call: CallId, answer: Answer, now_ms: u64) {
-        lock(&self.inbox).push((call, answer));
+        lock(&self.inbox).push((call, answer, crate::host::now_us()));
         self.wake(now_ms);
     }
 
-    pub fn take_answers(&self) -> Vec<(CallId, Answer)> {
+    pub fn take_answers(&self) -> Vec<(CallId, Answer, u64)> {
         std::mem::take(&mut *lock(&self.inbox))
     }
 

@@ -118,8 +118,10 @@ impl Worker {
     /// Callout answers that arrived, then the tick if due.
     pub fn root_work(&mut self, now: u64) {
         self.host.link.woken();
-        for (call, answer) in self.host.link.take_answers() {
-            self.event(now, Event::Answer { call, answer });
+        // Each answer at the time it arrived: a worker with no waiting stream learns of it only
+        // when next woken, and an answer that came in time is not given up for that.
+        for (call, answer, arrived) in self.host.link.take_answers() {
+            self.event(arrived.min(now), Event::Answer { call, answer });
         }
         if self.lc.next_deadline_ms().is_some_and(|d| now / 1000 >= d) {
             self.event(now, Event::Tick);
