@@ -7,8 +7,9 @@
 #      HTTP/2 GOAWAY) and, after --drain-time-s, stops accepting;
 #   2. waits up to DRAIN_S seconds (default 30) for in-flight requests;
 #   3. asks the filter (POST /keyward/drain on LEDGER_DRAIN, default 127.0.0.1:10000) to give the
-#      fleet ledger back what this gateway's slices did not use, until it holds none (at most
-#      5 s; a gateway without a ledger answers at once), then stops Envoy.
+#      fleet ledger back what this gateway's slices did not use, until it holds none (each call
+#      answers once the returns it asked for are answered or timed out; at most GIVE_BACK_S
+#      seconds in all, default 10; a gateway without a ledger answers at once), then stops Envoy.
 # The orchestrator's own limit must be longer: ECS stopTimeout, Kubernetes
 # terminationGracePeriodSeconds (both 45 in the shipped manifests).
 # Arguments are Envoy's. ADMIN (default 127.0.0.1:9901) is the admin address; LEDGER_DRAIN the
@@ -138,13 +139,17 @@ drain() {
 # The fleet ledger's slices go back (`{"returning":n,"held":m}`): asked again until none is held.
 give_back() {
   [ -n "$LEDGER_DRAIN" ] || return 0
-  local host="${LEDGER_DRAIN%:*}" port="${LEDGER_DRAIN##*:}" body i
+  local host="${LEDGER_DRAIN%:*}" port="${LEDGER_DRAIN##*:}" body rc i until=$((SECONDS + ${GIVE_BACK_S:-10}))
   for i in $(seq 1 25); do
+    [ "$SECONDS" -lt "$until" ] || break
     # (`exec` with `2>/dev/null` would silence the script for good: the group scopes it.)
     { exec 5<>"/dev/tcp/$host/$port"; } 2>/dev/null || { echo "keyward-envoy: $LEDGER_DRAIN refused the drain call" >&2; return 0; }
     printf 'POST /keyward/drain HTTP/1.1\r\nHost: %s\r\nContent-Length: 0\r\nConnection: close\r\n\r\n' "$LEDGER_DRAIN" >&5
-    body="$(cat <&5)"
+    # Read to the end of the answer, within what is left of the budget.
+    body="" rc=0
+    IFS= read -r -d '' -t "$(( until - SECONDS > 1 ? until - SECONDS : 1 ))" body <&5 || rc=$?
     exec 5<&-
+    [ "$rc" -gt 128 ] && break # the budget ran out while the filter waited for the ledger
     case "$body" in
       *'"held":0'*) echo "keyward-envoy: the ledger slices are given back" >&2; return 0 ;;
       *'"held":'*) sleep 0.2 ;;

@@ -29,7 +29,7 @@ def start(gw, workdir, name, wrapped):
     log = open(workdir / f"{name}.log", "w")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=harness.ROOT)
     url = f"http://127.0.0.1:{ports['hardened']}"
-    harness.wait_until(lambda: requests.get(url + "/keyward/health", timeout=2).status_code == 200, timeout=20, what="ready")
+    harness.wait_until(lambda: requests.get(url + "/keyward/health", timeout=2).status_code == 200, timeout=40, what="ready")
     return proc, url, vendor, log
 
 

@@ -384,7 +384,7 @@ def test_sigterm_through_the_image_entrypoint_gives_every_slice_back(fleet, work
     harness.SPAWNED.append(proc)
     url = f"http://127.0.0.1:{ports['hardened']}"
     try:
-        harness.wait_until(lambda: requests.get(url + "/keyward/health", timeout=2).status_code == 200, timeout=20, what="ready")
+        harness.wait_until(lambda: requests.get(url + "/keyward/health", timeout=2).status_code == 200, timeout=40, what="ready")
         tok, jti = fleet.token(spend=100000)
         for _ in range(2):
             r = requests.post(url + "/pay/v1/payment_intents", data="amount=10&currency=usd",

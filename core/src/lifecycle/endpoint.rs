@@ -61,12 +61,14 @@ impl Lifecycle {
             let d = Denial::new(Code::Forbidden, "the drain endpoint takes POST only");
             return self.reply(host, d.status(), &d.headers(), &d.body());
         }
-        let asked = if resumed { 0 } else { self.drain_ledger(host, now_ms) };
+        // Resumed: the returns asked for are answered (or given up); what is under way is
+        // counted as returning.
+        let asked = if resumed { self.ledger_returns() } else { self.drain_ledger(host, now_ms) };
         let held = self.ledger_leases_held(host);
         if let (false, Some(id)) = (resumed || held == 0, self.ledger_returning()) {
             let timeout = self.cfg.as_ref().and_then(|c| c.ledger.as_ref()).map_or(1000, |l| u64::from(l.timeout_ms));
             let parked = super::state::Parked {
-                wait: super::Wait::Ledger(id),
+                wait: super::Wait::Drain(id),
                 deadline_ms: now_ms + timeout + super::PARK_GRACE_MS,
                 audit: crate::record::Audit::default(),
                 admitted: Vec::new(),

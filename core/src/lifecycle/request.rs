@@ -223,6 +223,11 @@ impl Lifecycle {
             self.streams.iter().filter(|(_, s)| matches!(s, Stream::Parked(p) if now_ms >= p.deadline_ms)).map(|(c, _)| *c).collect();
         late.sort_unstable();
         for ctx in late {
+            if matches!(self.streams.get(&ctx), Some(Stream::Parked(p)) if matches!(p.wait, Wait::Drain(_))) {
+                // The drain is answered with what is still held (the entrypoint asks again).
+                self.resume(host, ctx);
+                continue;
+            }
             let Some(Stream::Parked(p)) = self.streams.remove(&ctx) else { continue };
             self.abandon(host, ctx, &p.admitted);
             if self.enter(host, ctx).is_ok() {

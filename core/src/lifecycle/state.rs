@@ -110,6 +110,9 @@ pub enum Wait {
     Revocation,
     /// The fleet ledger's answer about an account (the lifecycle's number for it).
     Ledger(u64),
+    /// The drain endpoint, for a return it asked for in that account: answered with what is
+    /// still held when the return is answered, or at its deadline (never refused).
+    Drain(u64),
 }
 
 /// A request waiting.
@@ -211,6 +214,8 @@ pub struct LedgerState {
     /// What streams that left while their direct charge was in flight had taken before it: kept
     /// if the charge is made (it stands, so they stand with it), given back if not.
     pub(super) orphans: crate::Map<ContextId, Vec<Admitted>>,
+    /// When this worker last looked for other workers' ended leases.
+    pub(super) swept_ms: u64,
 }
 
 /// An account this worker asked for.

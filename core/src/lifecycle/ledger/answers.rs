@@ -359,7 +359,7 @@ impl Lifecycle {
         if let Some(a) = self.ledger.accounts.get_mut(&id) {
             a.following = false;
         }
-        for ctx in self.parked_on(super::super::Wait::Ledger(id)) {
+        for ctx in self.parked_on(super::super::Wait::Ledger(id)).into_iter().chain(self.parked_on(super::super::Wait::Drain(id))) {
             self.resume_one(host, ctx);
         }
         for ctx in self.pricing_on(id) {

@@ -54,14 +54,41 @@ impl Lifecycle {
                 && !busy
                 && !following
                 && self.parked_on(super::super::Wait::Ledger(id)).is_empty()
+                && self.parked_on(super::super::Wait::Drain(id)).is_empty()
                 && self.pricing_on(id).is_empty();
             if idle && !self.ledger.results.keys().any(|(_, a)| *a == id) {
                 self.ledger.accounts.remove(&id);
                 self.ledger.ids.remove(&account.pk);
             }
         }
+        self.return_others(host, &ledger, worker, now_ms);
         // Calls past their deadline are given up by `expire_calls`; queued jobs go out now.
         self.pump_ledger(host);
+    }
+
+    /// Leases of this gateway that ended while the worker that used them has no event to tick on
+    /// (a native worker ticks only when woken; the main thread's lifecycle ticks always): any
+    /// worker that ticks gives them back, a moment after their end, as their own worker would.
+    fn return_others(&mut self, host: &mut impl Host, ledger: &Ledger, worker: u64, now_ms: u64) {
+        if now_ms < self.ledger.swept_ms + RETURN_AFTER_MS {
+            return;
+        }
+        self.ledger.swept_ms = now_ms;
+        let listed: Leases = shared::read(host, &keys::ledger_leases(ledger));
+        for account in listed.accounts {
+            if self.ledger.ids.contains_key(&account.pk) {
+                continue; // this worker's own, above
+            }
+            let key = keys::ledger_slice(ledger, &account.pk);
+            let s: Slice = shared::read(host, &key);
+            let ended = s.lease_id != 0 && (now_ms >= s.expires_ms + RETURN_AFTER_MS || now_ms / 1000 >= account.ends_s);
+            if ended && s.job_until_ms <= now_ms {
+                if let Some(ret) = self.claim_return(host, ledger, &key, worker, now_ms, false) {
+                    let id = self.account_id(&account);
+                    self.queue_job(host, id, ret);
+                }
+            }
+        }
     }
 
     /// The drain endpoint: give back every lease this gateway holds (the entrypoint calls it on
@@ -114,6 +141,11 @@ impl Lifecycle {
             true
         });
         ret
+    }
+
+    /// Returns under way on this worker.
+    pub(in crate::lifecycle) fn ledger_returns(&self) -> usize {
+        self.ledger.jobs.values().filter(|j| matches!(j.kind, JobKind::Return { .. } | JobKind::Read { then: ReadFor::Return { .. } })).count()
     }
 
     /// An account this worker is giving a lease back in (a return, or the read that follows a

@@ -648,3 +648,54 @@ fn a_failure_seen_after_another_worker_asked_again_neither_blocks_nor_frees_its_
     let effects = h1.take();
     assert!(effects.contains(&Effect::Resume(10)) && effects.contains(&Effect::Resume(11)), "worker 1's requests go on from the topped-up slice: {effects:?}");
 }
+
+/// A worker with no event to tick on (a native worker with no request) still has its ended lease
+/// given back: by any worker that ticks, the main thread's included.
+#[test]
+fn a_lease_whose_worker_sleeps_is_given_back_by_another_worker() {
+    let mut h1 = MemHost::new(ROOT);
+    let mut w1 = warm(&mut h1);
+    let mut h2 = h1.worker(2);
+    let mut w2 = warm(&mut h2);
+    let mut table = Table::default();
+    let t = capped(&h1, "l-sleep", r#"{"total":100}"#, "");
+    let pk = account_pk("l-sleep");
+    assert_eq!(get(&mut w1, &mut h1, 10, &t), Action::Pause);
+    settle(&mut w1, &mut h1, &mut table);
+    let gw = format!("l_{}", gateway(&h1));
+    assert!(table.n(&pk, &["n"]).unwrap_or(0) > 1, "a slice of several requests");
+    // Worker 1 sleeps; worker 2, which never served this credential, ticks past the lease's end.
+    h2.advance(11_000);
+    w2.handle(h2.now_us(), &mut h2, Event::Tick);
+    settle(&mut w2, &mut h2, &mut table);
+    assert_eq!(table.n(&pk, &["n"]), Some(1), "what was not used went back");
+    assert_eq!(table.n(&pk, &[&gw, "q"]), Some(0), "the lease ended");
+}
+
+/// The drain waits for the return it asked for, but a ledger that never answers gets it a 200
+/// that says what is still held (the entrypoint asks again, within its own time), never a 503.
+#[test]
+fn a_drain_whose_return_is_never_answered_says_what_is_still_held() {
+    let mut host = MemHost::new(ROOT);
+    let mut table = Table::default();
+    let mut lc = warm(&mut host);
+    let t = capped(&host, "l-hang", r#"{"total":100}"#, "");
+    assert_eq!(get(&mut lc, &mut host, 10, &t), Action::Pause);
+    settle(&mut lc, &mut host, &mut table);
+    host.open_route(31, &[("endpoint", "drain")], &[(":method", "POST"), (":path", "/keyward/drain")]);
+    assert_eq!(lc.handle(host.now_us(), &mut host, Event::Request(31)), Action::Pause);
+    lc.handle(host.now_us(), &mut host, Event::Woken);
+    let (call, _, _) = calls(&mut host).pop().unwrap_or_else(|| panic!("a return"));
+    // Refused late (the lease is not as the return counted it): a read follows, never answered,
+    // and the drain's own time runs out first.
+    host.advance(900);
+    let refused = Answer { status: Some(400), body: Some(br#"{"__type":"com.amazonaws.dynamodb.v20120810#ConditionalCheckFailedException"}"#.to_vec()) };
+    lc.handle(host.now_us(), &mut host, Event::Answer { call, answer: refused });
+    assert_eq!(calls(&mut host).len(), 1, "the read");
+    assert!(replies(&host.take()).is_empty());
+    host.advance(700);
+    lc.handle(host.now_us(), &mut host, Event::Tick);
+    assert_eq!(replies(&host.take()), vec![(31, 200, String::new())]);
+    let body = host.streams[&31].reply_body.clone().unwrap_or_default();
+    assert!(body.ends_with(r#""held":1}"#), "{body}");
+}
