@@ -10,13 +10,14 @@ NATIVE := dist/native/libkeyward.so
 CLI    := target/release/keyward
 GIT_HASH := $(shell git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
 
-.PHONY: help build wasm native cli deps run test unit lint integration bench icount clean fuzz fuzz-smoke profile
+.PHONY: help build wasm native native-aarch64 cli deps run test unit lint integration bench icount clean fuzz fuzz-smoke profile
 
 help:
 	@echo "make run    start a local gateway (OpenBao + demo vendor + Envoy with keyward on 127.0.0.1:10000)"
 	@echo "make test   unit tests, lints and integration tests against real Envoy, OpenBao and moto"
 	@echo "make build  dist/keyward.wasm, the native module $(NATIVE) and the keyward CLI ($(CLI))"
 	@echo "            (make run KEYWARD_EXECUTOR=native runs the native module instead of the wasm filter)"
+	@echo "make native-aarch64  the native module cross-built for arm64 (dist/native/aarch64/, zig from PyPI)"
 	@echo "make bench  Keyward vs bare Envoy, a no-op wasm filter and Envoy's native filters (bench/results/latest.json)"
 	@echo "make icount instructions per request of each bench arm, under callgrind (bench/results/icount.json)"
 	@echo "make fuzz   cargo-fuzz on the token, rules, config and cost parsers (FUZZ_SECS per target, default 300)"
@@ -97,6 +98,21 @@ else
 native:
 	@echo "the native module is built on Linux only (Envoy's dynamic modules); skipped"
 endif
+
+# The module for arm64 gateways (Graviton), cross-built with zig as the linker (glibc 2.28, as
+# Envoy's own images), into dist/native/aarch64/. Checked: it exports and imports exactly the
+# Envoy symbols the host build does. The gateway image builds it natively on an arm64 builder.
+ZIGVENV := .tools/zig
+native-aarch64:
+	@test -x $(ZIGVENV)/bin/cargo-zigbuild || { python3 -m venv $(ZIGVENV) && $(ZIGVENV)/bin/pip install --quiet --disable-pip-version-check ziglang==0.17.1 cargo-zigbuild==0.24.1; }
+	rustup target add aarch64-unknown-linux-gnu
+	PATH="$(CURDIR)/$(ZIGVENV)/bin:$$PATH" KEYWARD_GIT_HASH=$(GIT_HASH) cargo zigbuild --profile native --locked -p keyward-native \
+	  --target aarch64-unknown-linux-gnu.2.28 --target-dir target/aarch64
+	$(call install_so,target/aarch64/aarch64-unknown-linux-gnu/native/libkeyward.so,dist/native/aarch64/libkeyward.so)
+	@diff <(nm -D $(NATIVE) | awk '{print $$NF}' | grep envoy_dynamic_module | sort) \
+	      <(nm -D dist/native/aarch64/libkeyward.so | awk '{print $$NF}' | grep envoy_dynamic_module | sort) \
+	  || { echo "the arm64 module's Envoy symbols differ from the host build's"; exit 1; }
+	@echo "built dist/native/aarch64/libkeyward.so (ARM aarch64, the host build's Envoy symbols)"
 
 # Test only: the native module with the panic-test feature, as libkeyward_panic.so (its own name,
 # so it can never be loaded as the shipped module).
