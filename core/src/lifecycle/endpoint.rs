@@ -63,9 +63,10 @@ impl Lifecycle {
         }
         // Resumed: the returns asked for are answered (or given up); what is under way is
         // counted as returning.
-        let asked = if resumed { self.ledger_returns() } else { self.drain_ledger(host, now_ms) };
+        let asked = if resumed { self.ledger_returns().count() } else { self.drain_ledger(host, now_ms) };
         let held = self.ledger_leases_held(host);
-        if let (false, Some(id)) = (resumed || held == 0, self.ledger_returning()) {
+        let waits_on = if resumed || held == 0 { None } else { self.ledger_returns().next().map(|j| j.account) };
+        if let Some(id) = waits_on {
             let timeout = self.cfg.as_ref().and_then(|c| c.ledger.as_ref()).map_or(1000, |l| u64::from(l.timeout_ms));
             let parked = super::state::Parked {
                 wait: super::Wait::Drain(id),

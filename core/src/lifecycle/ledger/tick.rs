@@ -143,15 +143,10 @@ impl Lifecycle {
         ret
     }
 
-    /// Returns under way on this worker.
-    pub(in crate::lifecycle) fn ledger_returns(&self) -> usize {
-        self.ledger.jobs.values().filter(|j| matches!(j.kind, JobKind::Return { .. } | JobKind::Read { then: ReadFor::Return { .. } })).count()
-    }
-
-    /// An account this worker is giving a lease back in (a return, or the read that follows a
-    /// refused one, under way).
-    pub(in crate::lifecycle) fn ledger_returning(&self) -> Option<u64> {
-        self.ledger.jobs.values().find(|j| matches!(j.kind, JobKind::Return { .. } | JobKind::Read { then: ReadFor::Return { .. } })).map(|j| j.account)
+    /// The returns under way on this worker: a return, or the read that follows a refused one
+    /// (the drain waits for them).
+    pub(in crate::lifecycle) fn ledger_returns(&self) -> impl Iterator<Item = &super::super::state::Job> {
+        self.ledger.jobs.values().filter(|j| matches!(j.kind, JobKind::Return { .. } | JobKind::Read { then: ReadFor::Return { .. } }))
     }
 
     /// The leases this gateway still holds (listed for the drain).

@@ -34,6 +34,15 @@ fn warm(host: &mut MemHost) -> Lifecycle {
     lc
 }
 
+/// Two warm workers of one gateway (their hosts share its shared data).
+fn two_workers() -> (MemHost, Lifecycle, MemHost, Lifecycle) {
+    let mut h1 = MemHost::new(ROOT);
+    let w1 = warm(&mut h1);
+    let mut h2 = h1.worker(2);
+    let w2 = warm(&mut h2);
+    (h1, w1, h2, w2)
+}
+
 /// A limited credential's GET on stream `ctx`.
 fn get(lc: &mut Lifecycle, host: &mut MemHost, ctx: ContextId, tok: &str) -> Action {
     host.open(ctx, "stripe", &[(":method", "GET"), (":path", "/v1/charges"), ("authorization", &format!("Bearer {tok}"))]);
@@ -181,10 +190,7 @@ fn a_top_up_asked_again_after_a_lost_answer_is_made_once() {
 
 #[test]
 fn another_worker_follows_the_grant_instead_of_calling_too() {
-    let mut h1 = MemHost::new(ROOT);
-    let mut w1 = warm(&mut h1);
-    let mut h2 = h1.worker(2);
-    let mut w2 = warm(&mut h2);
+    let (mut h1, mut w1, mut h2, mut w2) = two_workers();
     let mut table = Table::default();
     let t = capped(&h1, "l-2", r#"{"total":50}"#, "");
     assert_eq!(get(&mut w1, &mut h1, 10, &t), Action::Pause);
@@ -612,10 +618,7 @@ fn retry_marks_are_pruned_and_bounded() {
 /// instead of being refused 503.
 #[test]
 fn a_failure_seen_after_another_worker_asked_again_neither_blocks_nor_frees_its_call() {
-    let mut h1 = MemHost::new(ROOT);
-    let mut w1 = warm(&mut h1);
-    let mut h2 = h1.worker(2);
-    let mut w2 = warm(&mut h2);
+    let (mut h1, mut w1, mut h2, mut w2) = two_workers();
     let mut table = Table::default();
     let t = capped(&h1, "l-late", r#"{"total":1000}"#, "");
     // Worker 1 asks for the first lease; no answer yet.
@@ -653,10 +656,7 @@ fn a_failure_seen_after_another_worker_asked_again_neither_blocks_nor_frees_its_
 /// given back: by any worker that ticks, the main thread's included.
 #[test]
 fn a_lease_whose_worker_sleeps_is_given_back_by_another_worker() {
-    let mut h1 = MemHost::new(ROOT);
-    let mut w1 = warm(&mut h1);
-    let mut h2 = h1.worker(2);
-    let mut w2 = warm(&mut h2);
+    let (mut h1, mut w1, mut h2, mut w2) = two_workers();
     let mut table = Table::default();
     let t = capped(&h1, "l-sleep", r#"{"total":100}"#, "");
     let pk = account_pk("l-sleep");
