@@ -368,17 +368,16 @@ def test_the_alerts_and_the_dashboard_read_what_fleet_gateways_export(fleet):
     assert used and used <= exported, used - exported
 
 
-def test_sigterm_through_the_image_entrypoint_gives_every_slice_back(fleet, workdir):
-    """ECS or Kubernetes stopping a gateway: the entrypoint (deploy/keyward-envoy.sh) drains Envoy,
-    then asks the filter to give its slices back before Envoy stops. The ledger then holds exactly
-    what was spent: nothing of the stopped gateway stays counted."""
+def entrypoint_gateway(fleet, workdir, name, **env_extra):
+    """A gateway run by the image's entrypoint (deploy/keyward-envoy.sh), ready, with a slice of a
+    fresh credential beyond its two payments: (process, log file, jti)."""
     ports = dict(fleet.gw.ports, admin=harness.free_port(), hardened=harness.free_port(), raw=harness.free_port())
-    bootstrap = ledger.gateway_bootstrap(ports, workdir / "access-entrypoint.log", fleet.cfg, fleet.relay.port)
-    cfg = workdir / "entrypoint.json"
+    bootstrap = ledger.gateway_bootstrap(ports, workdir / f"access-{name}.log", fleet.cfg, fleet.relay.port)
+    cfg = workdir / f"{name}.json"
     cfg.write_text(json.dumps(bootstrap))
     env = dict(os.environ, **ledger.env_for(fleet.gw.env, fleet.creds), ADMIN=f"127.0.0.1:{ports['admin']}", DRAIN_S="10",
-               ENVOY=str(harness.BIN / "envoy"), LEDGER_DRAIN=f"127.0.0.1:{ports['hardened']}")
-    log = open(workdir / "entrypoint.log", "w")
+               ENVOY=str(harness.BIN / "envoy"), LEDGER_DRAIN=f"127.0.0.1:{ports['hardened']}", **env_extra)
+    log = open(workdir / f"{name}.log", "w")
     proc = subprocess.Popen([str(harness.ROOT / "deploy" / "keyward-envoy.sh"), "-c", str(cfg), "--concurrency", "2",
                              "--base-id", str(harness.free_port())], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=harness.ROOT)
     harness.SPAWNED.append(proc)
@@ -391,6 +390,23 @@ def test_sigterm_through_the_image_entrypoint_gives_every_slice_back(fleet, work
                               headers={"Authorization": f"Bearer {tok}", **FORM}, timeout=10)
             assert r.status_code == 200, r.text
         assert fleet.held(jti)[0] > 20, "a slice beyond the two payments"
+    except Exception:
+        proc.kill()
+        log.close()
+        raise
+    return proc, log, jti
+
+
+def entrypoint_said(workdir, name):
+    return [l for l in (workdir / f"{name}.log").read_text().splitlines() if l.startswith("keyward-envoy:")]
+
+
+def test_sigterm_through_the_image_entrypoint_gives_every_slice_back(fleet, workdir):
+    """ECS or Kubernetes stopping a gateway: the entrypoint (deploy/keyward-envoy.sh) drains Envoy,
+    then asks the filter to give its slices back before Envoy stops. The ledger then holds exactly
+    what was spent: nothing of the stopped gateway stays counted."""
+    proc, log, jti = entrypoint_gateway(fleet, workdir, "entrypoint")
+    try:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
     finally:
@@ -399,8 +415,30 @@ def test_sigterm_through_the_image_entrypoint_gives_every_slice_back(fleet, work
         log.close()
     assert fleet.held(jti)[0] == 20, "only what was spent stays held"
     assert ledger.live_leases(ledger.item(fleet.ddb, TABLE, ledger.credential_pk(fleet.gw.k1, jti))) == []
-    said = [l for l in (workdir / "entrypoint.log").read_text().splitlines() if l.startswith("keyward-envoy:")]
+    said = entrypoint_said(workdir, "entrypoint")
     assert "keyward-envoy: the ledger slices are given back" in said, said
+
+
+def test_a_ledger_that_hangs_at_sigterm_holds_the_stop_to_its_budget(fleet, workdir):
+    """The ledger hangs when the gateway stops: each drain call waits for its return until the
+    ledger's deadline, then says the slice is still held. The entrypoint gives back for at most
+    GIVE_BACK_S seconds in all (not 25 calls' worth), says what stays counted, and Envoy stops
+    well within the orchestrator's limit."""
+    proc, log, jti = entrypoint_gateway(fleet, workdir, "entrypoint-hang", GIVE_BACK_S="3")
+    try:
+        with fleet.relay.failing("hang"):
+            t0 = time.time()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0
+            took = time.time() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    assert took < 3 + 6, f"the stop took {took:.1f} s"
+    said = entrypoint_said(workdir, "entrypoint-hang")
+    assert "keyward-envoy: some ledger slices are still held; they stay counted as spent" in said, said
+    assert fleet.held(jti)[0] > 20, "its slice stays counted: over-counted, never under"
 
 
 def test_moto_with_sigv4_checked_holds_the_cap_across_three_gateways(gw, workdir):
