@@ -215,9 +215,15 @@ class ModelHandler(BaseHTTPRequestHandler):
         pass
 
 
+class Server(ThreadingHTTPServer):
+    # socketserver listens with a backlog of 5: several gateways opening connections at once
+    # would have SYNs dropped and retried after 1 s, Envoy's connect timeout to the vendor.
+    request_queue_size = 128
+
+
 def serve(port: int, record=None) -> ThreadingHTTPServer:
     """Start the vendor on 127.0.0.1:`port` in a daemon thread (the tests' way)."""
-    srv = ThreadingHTTPServer(("127.0.0.1", port), ModelHandler)
+    srv = Server(("127.0.0.1", port), ModelHandler)
     srv.daemon_threads = True
     srv.record = record
     threading.Thread(target=srv.serve_forever, daemon=True).start()
@@ -226,7 +232,7 @@ def serve(port: int, record=None) -> ThreadingHTTPServer:
 
 def main():
     port = int(sys.argv[1]) if len(sys.argv) > 1 else 8082
-    ThreadingHTTPServer(("127.0.0.1", port), ModelHandler).serve_forever()
+    Server(("127.0.0.1", port), ModelHandler).serve_forever()
 
 
 if __name__ == "__main__":
