@@ -1,7 +1,12 @@
 //! The per-request decision, as a pure function of the configuration, the request, the secret
-//! cache and the clock. The wasm glue implements `Request` and `Secrets` with hostcalls; tests
-//! implement them in memory. A request that needs a secret not yet cached gets `Outcome::Need`,
-//! parks, and is decided again from scratch when the secret arrives.
+//! cache and the clock. The lifecycle implements `Request`, `Secrets` and `Counter` over its
+//! host; tests implement them in memory. A request that needs a secret not yet cached gets
+//! `Outcome::Need`, parks, and is decided again from scratch when the secret arrives.
+//!
+//! Counting a request against its limits and budgets changes state, so it is not part of the
+//! decision: `decide` is given no `Counter` and ends with `Step::Count` where the request must be
+//! counted; the caller counts it (`admission::admit`) and `Count::admitted` finishes the decision
+//! from the answer. `decide_and_count` is the two steps in order.
 
 use crate::config::{Config, Target};
 use crate::credential::copies;
@@ -11,7 +16,6 @@ use crate::credential::verified::VerifiedCache;
 use crate::inject::{self, Op};
 use crate::policy::cost::body::BodyKind;
 use crate::policy::cost::{BodyHeaders, Priced, Unreadable};
-use crate::policy::limits::Charge;
 use crate::policy::rules::{sanitize, strip_prefix};
 use crate::record::Audit;
 use crate::response::{Code, Denial};
@@ -22,8 +26,8 @@ use std::rc::Rc;
 pub mod admission;
 mod body;
 mod verify;
-pub use admission::{Admitted, Entry, Halt, Holder, Reservation, Spend, Stage, Ticket};
-pub use body::{price_body, BodyDecision, Deferred};
+pub use admission::{Admitted, Counter, Entry, Halt, Holder, Reservation, Spend, Stage, Ticket};
+pub use body::{body_counted, price_and_count, price_body, BodyDecision, Deferred};
 pub use verify::verify_bearer;
 
 /// What the engine may ask of the request.
@@ -54,7 +58,7 @@ pub enum Lookup<T> {
     Failed,
 }
 
-/// What the engine may ask of the cache and the controls.
+/// What the engine may read: the secret cache, the revocation list, verified credentials.
 pub trait Secrets {
     /// The secret document behind `slot`.
     fn secret(&mut self, slot: usize) -> Lookup<Rc<Fetched>>;
@@ -65,14 +69,6 @@ pub trait Secrets {
     fn revoked(&mut self, _jti: &str, _sub: &str) -> Lookup<bool> {
         Lookup::Ready(false)
     }
-    /// Count this request in `entry` (a credential's `lim`, a parent's `plim`, or a budget),
-    /// unless this same request was already admitted there before it parked, and reserve `charge`
-    /// (its cost) against `spend` in the same step. The answer says where it counted.
-    fn admit(&mut self, _entry: &Entry, _charge: Option<&Charge>) -> Admitted {
-        Admitted::admit()
-    }
-    /// Release what `admit` took in `holder` (the request was refused after all).
-    fn release(&mut self, _holder: &Holder, _charge: &Charge) {}
     /// Where verified credentials are remembered (`credential::verified`); `None`: verify every time.
     fn verified(&mut self) -> Option<&mut VerifiedCache> {
         None
@@ -160,15 +156,15 @@ fn method_overrides(req: &mut impl Request, raw_path: &str) -> Result<Vec<String
 }
 
 /// Decide one request. `now_s` is seconds since the epoch.
-pub fn decide(cfg: &Config, req: &mut impl Request, secrets: &mut impl Secrets, now_s: i64) -> Decision {
+pub fn decide(cfg: &Config, req: &mut impl Request, secrets: &mut impl Secrets, now_s: i64) -> Step {
     let mut audit = Audit::default();
 
     // 1. Which target is this route?
     let Some(target_name) = req.route_target() else {
-        return deny(audit, Denial::new(Code::UnknownTarget, "this route is not a keyward target"));
+        return deny(audit, Denial::new(Code::UnknownTarget, "this route is not a keyward target")).into();
     };
     let Some((_, target)) = cfg.target(&target_name) else {
-        return deny(audit, Denial::new(Code::UnknownTarget, "this route names an unknown target"));
+        return deny(audit, Denial::new(Code::UnknownTarget, "this route names an unknown target")).into();
     };
     audit.target = Some(target.name.clone());
     let idempotency = idempotency_key(req);
@@ -178,20 +174,20 @@ pub fn decide(cfg: &Config, req: &mut impl Request, secrets: &mut impl Secrets, 
 
     // 2. Path sanity, before any matching.
     let (Some(method), Some(raw_path)) = (req.method(), req.path()) else {
-        return deny(audit, Denial::new(Code::BadRequest, "missing :method or :path"));
+        return deny(audit, Denial::new(Code::BadRequest, "missing :method or :path")).into();
     };
     let path = match sanitize(&raw_path) {
         Ok(p) => p,
-        Err(e) => return deny(audit, Denial::new(Code::BadRequest, e.message())),
+        Err(e) => return deny(audit, Denial::new(Code::BadRequest, e.message())).into(),
     };
     let prefix = req.route_prefix().unwrap_or_default();
     let Some(vendor_path) = strip_prefix(path, &prefix) else {
-        return deny(audit, Denial::new(Code::Forbidden, "the path is outside this route's prefix"));
+        return deny(audit, Denial::new(Code::Forbidden, "the path is outside this route's prefix")).into();
     };
     // Methods the vendor may run instead of `:method` (checked against the rules below).
     let overrides = match method_overrides(req, &raw_path) {
         Ok(m) => m,
-        Err(()) => return deny(audit, Denial::new(Code::BadRequest, "a method-override header or _method parameter is not a method")),
+        Err(()) => return deny(audit, Denial::new(Code::BadRequest, "a method-override header or _method parameter is not a method")).into(),
     };
 
     // 3. The workload credential, and no copy of it anywhere else in the request.
@@ -202,28 +198,28 @@ pub fn decide(cfg: &Config, req: &mut impl Request, secrets: &mut impl Secrets, 
         CredentialSource::Header(_) => {
             let mut all = req.header_values(src);
             if all.len() > 1 {
-                return deny(audit, Denial::new(Code::BadRequest, "the credential header is duplicated"));
+                return deny(audit, Denial::new(Code::BadRequest, "the credential header is duplicated")).into();
             }
             all.pop()
         }
     };
     let v = match verify::verify(cfg, secrets, &target.credential, value.as_deref(), &mut audit, now_s) {
         Ok(v) => v,
-        Err(Outcome::Deny(d)) => return deny(audit, d),
-        Err(outcome) => return Decision::new(outcome, audit),
+        Err(Outcome::Deny(d)) => return deny(audit, d).into(),
+        Err(outcome) => return Decision::new(outcome, audit).into(),
     };
     if let Some(d) = copied(req, &target.credential, &v.copies, &raw_path) {
-        return deny(audit, d);
+        return deny(audit, d).into();
     }
     let claims = v.claims;
 
     // 4. Rules: a token rule for this target AND the target's own ceiling, for `:method` and for
     // every method the vendor may run instead.
     if !rules_allow(&claims, target, &method, vendor_path) {
-        return deny(audit, Denial::new(Code::Forbidden, "no rule allows this method and path for this target"));
+        return deny(audit, Denial::new(Code::Forbidden, "no rule allows this method and path for this target")).into();
     }
     if !overrides.iter().all(|m| rules_allow(&claims, target, m, vendor_path)) {
-        return deny(audit, Denial::new(Code::Forbidden, "a method override names a method no rule allows for this path"));
+        return deny(audit, Denial::new(Code::Forbidden, "a method override names a method no rule allows for this path")).into();
     }
 
     // 5. The idempotency guard, then the credential's limits: both before any vault call.
@@ -232,7 +228,7 @@ pub fn decide(cfg: &Config, req: &mut impl Request, secrets: &mut impl Secrets, 
             Idempotency::Duplicate => "the Idempotency-Key header is duplicated",
             _ => "this method needs an Idempotency-Key header of 1 to 255 visible ASCII characters",
         };
-        return deny(audit, Denial::new(Code::BadRequest, msg));
+        return deny(audit, Denial::new(Code::BadRequest, msg)).into();
     }
     // Priced when any method the vendor may run (an override included) is. A request whose body
     // is read (priced from it, or free but with a body that could name another method) is counted
@@ -248,7 +244,7 @@ pub fn decide(cfg: &Config, req: &mut impl Request, secrets: &mut impl Secrets, 
             Ok(Some(k)) => Some(k),
             Ok(None) if content_type.is_none() && method == "POST" => Some(BodyKind::Form),
             Ok(None) => None,
-            Err(u) => return deny(audit, unreadable(u)),
+            Err(u) => return deny(audit, unreadable(u)).into(),
         },
         _ => None,
     };
@@ -260,15 +256,15 @@ pub fn decide(cfg: &Config, req: &mut impl Request, secrets: &mut impl Secrets, 
             query: raw_path.split_once('?').map(|(_, q)| q.to_string()),
         };
         if let Err(u) = c.check_headers(&h) {
-            return deny(audit, unreadable(u));
+            return deny(audit, unreadable(u)).into();
         }
     }
     // Whether this parent's budget can be found: its entry is named by the key that signed it.
     let par_key_id = match (claims.par.as_ref(), claims.pkid.as_deref()) {
         (Some(_), Some(pkid)) if !claims.plim.is_empty() => match verify::key_identity(cfg, secrets, pkid) {
             Ok(id) => id,
-            Err(Outcome::Deny(d)) => return deny(audit, d),
-            Err(outcome) => return Decision::new(outcome, audit),
+            Err(Outcome::Deny(d)) => return deny(audit, d).into(),
+            Err(outcome) => return Decision::new(outcome, audit).into(),
         },
         _ => v.key_id,
     };
@@ -290,17 +286,117 @@ pub fn decide(cfg: &Config, req: &mut impl Request, secrets: &mut impl Secrets, 
         let headers = admission::headers_digest(req.headers(), target.credential.header());
         Some(admission::retry_seed(key, &target.name, &method, &overrides, vendor_path, query, &headers))
     });
-    if let (None, Some(t)) = (body_kind, &ticket) {
-        if priced.is_none() {
-            match admission::admit(secrets, t, None, &[]) {
-                Ok(spend) => audit.budgets = admission::budget_names(cfg, t, &spend),
-                Err(Halt::Deny(d)) => return deny(audit, d),
-                Err(Halt::Pending(account)) => return Decision::new(Outcome::NeedLedger(account), audit),
-            }
-        }
+    let index = cfg.target(&target.name).map_or(0, |(i, _)| i);
+    if let (None, None, Some(ticket)) = (body_kind, priced, ticket.as_ref()) {
+        // Counted now, before the vault is asked (a request over its limits never costs a fetch).
+        let then = Then::Secret { raw_path };
+        return Step::Count(Box::new(Count { ticket: ticket.clone(), priced: None, audit, target: index, then }));
     }
 
     // 6. The upstream secret.
+    let (ops, mut audit) = match serve(secrets, audit, target, &raw_path) {
+        Decision { outcome: Outcome::Allow(ops), audit, .. } => (ops, audit),
+        stopped => return stopped.into(),
+    };
+    // 7. The cost: fixed, counted now; read from the body, at its end.
+    let mut deferred = None;
+    if let Some(kind) = body_kind {
+        let path = vendor_path.to_string();
+        let copies = copies::Shared(v.copies.clone());
+        deferred = Some(Deferred { target: index, ticket, kind, priced: priced.is_some(), claims, method, vendor_path: path, copies });
+    } else if let Some(n) = priced.and_then(|c| c.fixed()) {
+        audit.cost = Some(n);
+        let priced = Priced::fixed(n);
+        let Some(ticket) = ticket else {
+            audit.spend = Some(Spend::Uncapped.label());
+            return allowed(cfg, target, ops, audit, None).into();
+        };
+        return Step::Count(Box::new(Count { ticket, priced: Some(priced), audit, target: index, then: Then::Spend { ops } }));
+    }
+    let mut d = allowed(cfg, target, ops, audit, None);
+    d.deferred = deferred;
+    d.into()
+}
+
+/// What `decide` ends with.
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant, reason = "most requests end decided: boxing that would allocate on the warm path")]
+pub enum Step {
+    Decided(Decision),
+    /// The request must be counted (`admission::admit`) before it is decided: `Count::admitted`.
+    Count(Box<Count>),
+}
+
+impl From<Decision> for Step {
+    fn from(d: Decision) -> Step {
+        Step::Decided(d)
+    }
+}
+
+/// A decision waiting for its request to be counted.
+#[derive(Debug)]
+pub struct Count {
+    pub ticket: Ticket,
+    /// Its cost, reserved against spend caps as it is counted (`None`: a free request).
+    pub priced: Option<Priced>,
+    audit: Audit,
+    target: usize,
+    then: Then,
+}
+
+/// What is left of a decision once its request is counted.
+#[derive(Debug)]
+enum Then {
+    /// A free request, counted before the vault: the upstream secret and the injection.
+    Secret { raw_path: String },
+    /// A request of fixed cost, counted last: allowed with these operations.
+    Spend { ops: Vec<Op> },
+}
+
+impl Count {
+    /// Finish the decision from how counting went (`admission::admit`'s answer).
+    pub fn admitted(self, cfg: &Config, secrets: &mut impl Secrets, counted: Result<Spend, Halt>) -> Decision {
+        let Count { ticket, mut audit, target, then, .. } = self;
+        let spend = match counted {
+            Ok(spend) => spend,
+            Err(Halt::Deny(d)) => return deny(audit, d),
+            Err(Halt::Pending(account)) => return Decision::new(Outcome::NeedLedger(account), audit),
+        };
+        let Some(target) = cfg.targets.get(target) else { return deny(audit, unavailable()) };
+        audit.budgets = admission::budget_names(cfg, &ticket, &spend);
+        match then {
+            Then::Secret { raw_path } => match serve(secrets, audit, target, &raw_path) {
+                Decision { outcome: Outcome::Allow(ops), audit, .. } => allowed(cfg, target, ops, audit, None),
+                stopped => stopped,
+            },
+            Then::Spend { ops } => {
+                audit.spend = Some(spend.label());
+                let reservation = match spend {
+                    Spend::Reserved(r) => Some(r),
+                    _ => None,
+                };
+                allowed(cfg, target, ops, audit, reservation)
+            }
+        }
+    }
+}
+
+/// Decide one request, counting it where the decision asks: `decide`, then `admission::admit`,
+/// then `Count::admitted`.
+pub fn decide_and_count<S: Secrets + Counter>(cfg: &Config, req: &mut impl Request, s: &mut S, now_s: i64) -> Decision {
+    match decide(cfg, req, s, now_s) {
+        Step::Decided(d) => d,
+        Step::Count(c) => {
+            let counted = admission::admit(s, &c.ticket, c.priced.as_ref(), &[]);
+            c.admitted(cfg, s, counted)
+        }
+    }
+}
+
+/// The upstream secret, and how it is put into the request: `Allow` with the operations that put
+/// it there (the decision headers not yet added), or the decision that stops it (wait for the
+/// secret, or 503).
+fn serve(secrets: &mut impl Secrets, mut audit: Audit, target: &Target, raw_path: &str) -> Decision {
     let fetched = match secrets.secret(target.slot) {
         Lookup::Ready(f) => {
             audit.cache = Some("hit");
@@ -314,37 +410,20 @@ pub fn decide(cfg: &Config, req: &mut impl Request, secrets: &mut impl Secrets, 
         Lookup::Failed => return deny(audit, unavailable()),
     };
     audit.secret_version.clone_from(&fetched.version);
-    let mut d = allow(audit, target, &fetched, &raw_path);
-    if !matches!(d.outcome, Outcome::Allow(_)) {
-        return d;
+    match inject::plan(target, &fetched, raw_path) {
+        Ok(ops) => Decision::new(Outcome::Allow(ops), audit),
+        Err(_) => deny(audit, unavailable()),
     }
-    // 7. The cost: fixed, reserved now; read from the body, at its end.
-    if let Some(kind) = body_kind {
-        let index = cfg.target(&target.name).map_or(0, |(i, _)| i);
-        let path = vendor_path.to_string();
-        let copies = copies::Shared(v.copies.clone());
-        d.deferred = Some(Deferred { target: index, ticket, kind, priced: priced.is_some(), claims, method, vendor_path: path, copies });
-    } else if let Some(n) = priced.and_then(|c| c.fixed()) {
-        let priced = Priced::fixed(n);
-        d.audit.cost = Some(n);
-        match ticket.as_ref().map(|t| admission::admit(secrets, t, Some(&priced), &[])).transpose() {
-            Ok(spend) => {
-                let spend = spend.unwrap_or(Spend::Uncapped);
-                d.audit.spend = Some(spend.label());
-                d.audit.budgets = ticket.as_ref().and_then(|t| admission::budget_names(cfg, t, &spend));
-                if let Spend::Reserved(r) = spend {
-                    d.reservation = Some(r);
-                }
-            }
-            Err(Halt::Deny(denial)) => return deny(d.audit, denial),
-            Err(Halt::Pending(account)) => return Decision::new(Outcome::NeedLedger(account), d.audit),
-        }
-    }
-    if let (true, Outcome::Allow(ops)) = (cfg.decision_headers, &mut d.outcome) {
-        let a = &d.audit;
+}
+
+/// An allowed request: its operations, with the decision headers when the gateway adds them.
+fn allowed(cfg: &Config, target: &Target, mut ops: Vec<Op>, mut audit: Audit, reservation: Option<Reservation>) -> Decision {
+    audit.decision = "allow";
+    if cfg.decision_headers {
+        let a = &audit;
         ops.extend(inject::decision_ops(a.subject.as_deref().unwrap_or(""), a.jti.as_deref().unwrap_or(""), &target.name, a.run.as_deref()));
     }
-    d
+    Decision { outcome: Outcome::Allow(ops), audit, reservation, deferred: None }
 }
 
 /// Does a rule of the credential for this target, and one of the target's own (if it declares
@@ -389,16 +468,6 @@ fn idempotency_key(req: &mut impl Request) -> Idempotency {
         return Idempotency::Invalid;
     }
     String::from_utf8(v).map_or(Idempotency::Invalid, Idempotency::Valid)
-}
-
-fn allow(mut audit: Audit, target: &Target, fetched: &Fetched, raw_path: &str) -> Decision {
-    match inject::plan(target, fetched, raw_path) {
-        Ok(ops) => {
-            audit.decision = "allow";
-            Decision::new(Outcome::Allow(ops), audit)
-        }
-        Err(_) => deny(audit, unavailable()),
-    }
 }
 
 #[cfg(test)]

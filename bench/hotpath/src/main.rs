@@ -10,7 +10,7 @@
 use keyward_core::config::{self, Config};
 use keyward_core::credential::jwt::{self, HmacKey};
 use keyward_core::credential::verified::VerifiedCache;
-use keyward_core::engine::{self, Lookup, Outcome, Request, Secrets};
+use keyward_core::engine::{self, Lookup, Outcome, Request, Secrets, Step};
 use keyward_core::secret::Secret;
 use keyward_core::secrets::store::Fetched;
 use keyward_core::{wire::b64, wire::json};
@@ -125,8 +125,8 @@ fn main() {
     let mut allowed = 0usize;
     for i in 0..n {
         let mut req = Req::new(tokens.get(i % tokens.len()).cloned().unwrap_or_default());
-        let d = engine::decide(&cfg, &mut req, &mut cache, NOW);
-        if matches!(d.outcome, Outcome::Allow(_)) {
+        // The credential has no limits: decided in one step, never counted.
+        if let Step::Decided(engine::Decision { outcome: Outcome::Allow(_), .. }) = engine::decide(&cfg, &mut req, &mut cache, NOW) {
             allowed += 1;
         }
     }

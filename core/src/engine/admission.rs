@@ -6,21 +6,35 @@
 //! parent's entry by the key that signed the parent (the child's `pkid`), so the parent's own
 //! requests, its children's and its siblings' count in the same one. With a fleet ledger, the
 //! budgets whose match covers the request count it too. Where an entry lives (this Envoy's shared
-//! data, or the ledger through this gateway's slice) is the `Secrets` implementation's business;
+//! data, or the ledger through this gateway's slice) is the `Counter` implementation's business;
 //! it says where it counted in the `Holder` it returns.
+//!
+//! Counting is the one step of a decision with effects, so it is its own step: `engine::decide`
+//! cannot count (it is given no `Counter`); it ends with `Step::Count` where a request must be
+//! counted, the executor's side runs `admit` here, and `Count::admitted` finishes the decision.
 //!
 //! A priced request (its target has a `cost` for it) is admitted once its cost is known and
 //! nothing else can refuse it any more: after the upstream secret is ready, and for a cost read
 //! from the body, at the end of the body. Entries are asked in order; one that refuses releases
 //! what the earlier ones took, so a refused request holds nothing.
 
-use super::{Secrets, RETRY_AFTER_UNAVAILABLE_S};
+use super::RETRY_AFTER_UNAVAILABLE_S;
 use crate::credential::jwt::Claims;
 use crate::ledger::Account;
 use crate::policy::cost::Priced;
 use crate::policy::limits::{Charge, Limits, RetryKey, Verdict};
 use crate::response::{Code, Denial};
 use sha2::{Digest, Sha256};
+
+/// Where requests are counted: this Envoy's limit shards, or the fleet ledger.
+pub trait Counter {
+    /// Count this request in `entry` (a credential's `lim`, a parent's `plim`, or a budget),
+    /// unless this same request was already admitted there before it parked, and reserve `charge`
+    /// (its cost) against `spend` in the same step. The answer says where it counted.
+    fn admit(&mut self, entry: &Entry, charge: Option<&Charge>) -> Admitted;
+    /// Release what `admit` took in `holder` (the request was refused after all).
+    fn release(&mut self, holder: &Holder, charge: &Charge);
+}
 
 /// What a request is counted under.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -265,7 +279,7 @@ pub fn budget_names(cfg: &crate::config::Config, t: &Ticket, spend: &Spend) -> O
 
 /// Count the request of `ticket` (and reserve `priced`'s cost where a spend cap applies). `body`:
 /// the request's body, as read to price it (part of what names a retry).
-pub fn admit(secrets: &mut impl Secrets, t: &Ticket, priced: Option<&Priced>, body: &[u8]) -> Result<Spend, Halt> {
+pub fn admit(counter: &mut impl Counter, t: &Ticket, priced: Option<&Priced>, body: &[u8]) -> Result<Spend, Halt> {
     let charge = priced.map(|p| Charge { cost: p.cost, retry: t.retry_seed.as_ref().map(|s| retry_key(s, p, body)) });
     let mut holders: Vec<Holder> = Vec::new();
     // What the budgets took (indices into `holders`): a retry gives back their spend.
@@ -283,7 +297,7 @@ pub fn admit(secrets: &mut impl Secrets, t: &Ticket, priced: Option<&Priced>, bo
     let at = |stage: Stage| credentials.iter().map(move |&(key_id, jti, lim, keep_until_s)| Entry::Credential { key_id, jti, lim, keep_until_s, stage });
     let entries: Vec<Entry> = at(Stage::Rate).chain(t.budgets.iter().map(|b| Entry::Budget(*b))).chain(at(Stage::Count)).chain(at(Stage::Spend)).collect();
     for entry in &entries {
-        let a = secrets.admit(entry, charge.as_ref());
+        let a = counter.admit(entry, charge.as_ref());
         let budget = matches!(entry, Entry::Budget(_));
         match (&a.verdict, charge) {
             (Verdict::Admit, _) | (Verdict::Reserved, None) => {}
@@ -304,7 +318,7 @@ pub fn admit(secrets: &mut impl Secrets, t: &Ticket, priced: Option<&Priced>, bo
                 if !holders.iter().chain(a.holder.iter()).any(Holder::stands) {
                     let c = charge.unwrap_or(Charge { cost: 0, retry: None });
                     for h in &holders {
-                        secrets.release(h, &c);
+                        counter.release(h, &c);
                     }
                 }
                 return Err(Halt::Deny(denial(*refusal)));
@@ -325,7 +339,7 @@ pub fn admit(secrets: &mut impl Secrets, t: &Ticket, priced: Option<&Priced>, bo
             if let Some(Holder::Ledger { account, mark, took, lease }) = holders.get(*i).cloned() {
                 let spend_only = crate::ledger::Amounts { spend: took.spend, count: 0 };
                 if spend_only.spend > 0 {
-                    secrets.release(&Holder::Ledger { account, mark, took: spend_only, lease }, &c);
+                    counter.release(&Holder::Ledger { account, mark, took: spend_only, lease }, &c);
                 }
                 holders.remove(*i);
             }

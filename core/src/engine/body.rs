@@ -4,11 +4,12 @@
 //! headers, and the request is counted and its cost reserved. Until then its body is held, so
 //! nothing of it reaches the vendor undecided.
 
-use super::admission::{self, Halt, Spend};
-use super::{rules_allow, unreadable, Reservation, Secrets, Ticket, RETRY_AFTER_UNAVAILABLE_S};
+use super::admission::{self, Counter, Halt, Spend};
+use super::{rules_allow, unreadable, Reservation, Ticket, RETRY_AFTER_UNAVAILABLE_S};
 use crate::config::Config;
 use crate::credential::jwt::Claims;
 use crate::policy::cost::body::{self, BodyKind};
+use crate::policy::cost::Priced;
 use crate::policy::tokens::Meter;
 use crate::record::Audit;
 use crate::response::{Code, Denial};
@@ -42,39 +43,15 @@ pub struct BodyDecision {
     pub body: Option<Vec<u8>>,
 }
 
-/// Decide a deferred request from its whole body: `Ok` with the reservation it holds, if any
-/// (`audit` gets the cost and how it stands against spend caps), or why it stopped (a refusal, or
-/// the ledger to ask first).
-pub fn price_body(cfg: &Config, d: &Deferred, body: &[u8], secrets: &mut impl Secrets, audit: &mut Audit) -> Result<BodyDecision, Halt> {
-    price(cfg, d, body, secrets, audit).map_err(|e| match e {
-        Stop::Deny(d) => Halt::Deny(d),
-        Stop::Halt(h) => h,
-    })
-}
-
-enum Stop {
-    Deny(Denial),
-    Halt(Halt),
-}
-
-impl From<Denial> for Stop {
-    fn from(d: Denial) -> Stop {
-        Stop::Deny(d)
-    }
-}
-
-impl From<Halt> for Stop {
-    fn from(h: Halt) -> Stop {
-        Stop::Halt(h)
-    }
-}
-
-fn price(cfg: &Config, d: &Deferred, body: &[u8], secrets: &mut impl Secrets, audit: &mut Audit) -> Result<BodyDecision, Stop> {
+/// Price a deferred request from its whole body: `Ok(None)` when it is free after all,
+/// `Ok(Some)` with its cost (`audit` gets the cost and the model), or why it is refused. It is
+/// counted next (`admission::admit`), then finished by `body_counted`.
+pub fn price_body(cfg: &Config, d: &Deferred, body: &[u8], audit: &mut Audit) -> Result<Option<Priced>, Denial> {
     let Some((target, cost)) = cfg.targets.get(d.target).and_then(|t| t.cost.as_ref().map(|c| (t, c))) else {
-        return Err(Denial::new(Code::SecretUnavailable, "the gateway's configuration changed; try again").retry_after(RETRY_AFTER_UNAVAILABLE_S).into());
+        return Err(Denial::new(Code::SecretUnavailable, "the gateway's configuration changed; try again").retry_after(RETRY_AFTER_UNAVAILABLE_S));
     };
     if body.len() > cost.max_body {
-        return Err(unreadable(crate::policy::cost::Unreadable::TooLarge).into());
+        return Err(unreadable(crate::policy::cost::Unreadable::TooLarge));
     }
     let check = |overrides: &[String]| {
         if overrides.iter().all(|m| rules_allow(&d.claims, target, m, &d.vendor_path)) {
@@ -87,12 +64,10 @@ fn price(cfg: &Config, d: &Deferred, body: &[u8], secrets: &mut impl Secrets, au
         let overrides = body::overrides(d.kind, body).map_err(unreadable)?;
         check(&overrides)?;
         if !overrides.iter().any(|m| cost.applies(m, &d.vendor_path)) {
-            // Free, as its headers said.
-            admit(secrets, d.ticket.as_ref(), None, body)?;
-            return Ok(BodyDecision::default());
+            return Ok(None); // free, as its headers said
         }
         if cost.body_kind() != Some(d.kind) {
-            return Err(Denial::new(Code::BadRequest, "a priced method override needs the body in the form this target reads its cost from").into());
+            return Err(Denial::new(Code::BadRequest, "a priced method override needs the body in the form this target reads its cost from"));
         }
     }
     // A model call's body is searched for a copy of its credential in every decoded string (the
@@ -101,7 +76,15 @@ fn price(cfg: &Config, d: &Deferred, body: &[u8], secrets: &mut impl Secrets, au
     check(&overrides)?;
     audit.cost = Some(priced.cost);
     audit.model = priced.meter.as_ref().map(|m| m.model.clone());
-    let spend = admit(secrets, d.ticket.as_ref(), Some(&priced), body)?;
+    Ok(Some(priced))
+}
+
+/// Finish a deferred request from how counting it went: the reservation it holds, if any
+/// (`audit` gets how it stands against spend caps), or why it stopped (a refusal, or the ledger
+/// to ask first).
+pub fn body_counted(cfg: &Config, d: &Deferred, priced: Option<Priced>, counted: Result<Spend, Halt>, audit: &mut Audit) -> Result<BodyDecision, Halt> {
+    let spend = counted?;
+    let Some(priced) = priced else { return Ok(BodyDecision::default()) };
     audit.spend = Some(spend.label());
     audit.budgets = d.ticket.as_ref().and_then(|t| admission::budget_names(cfg, t, &spend));
     let reservation = match spend {
@@ -111,9 +94,13 @@ fn price(cfg: &Config, d: &Deferred, body: &[u8], secrets: &mut impl Secrets, au
     Ok(BodyDecision { reservation, meter: priced.meter, body: priced.body })
 }
 
-fn admit(secrets: &mut impl Secrets, ticket: Option<&Ticket>, priced: Option<&crate::policy::cost::Priced>, body: &[u8]) -> Result<Spend, Halt> {
-    match ticket {
-        Some(t) => admission::admit(secrets, t, priced, body),
+/// Price, count and finish a deferred request at its body's end (`price_body`, then
+/// `admission::admit`, then `body_counted`).
+pub fn price_and_count(cfg: &Config, d: &Deferred, body: &[u8], counter: &mut impl Counter, audit: &mut Audit) -> Result<BodyDecision, Halt> {
+    let priced = price_body(cfg, d, body, audit).map_err(Halt::Deny)?;
+    let counted = match d.ticket.as_ref() {
+        Some(t) => admission::admit(counter, t, priced.as_ref(), body),
         None => Ok(Spend::Uncapped),
-    }
+    };
+    body_counted(cfg, d, priced, counted, audit)
 }

@@ -1,5 +1,6 @@
 use super::*;
 use crate::config::{compile, KeySource};
+use crate::policy::limits::Charge;
 use crate::secret::Secret;
 use std::collections::HashMap;
 
@@ -107,6 +108,12 @@ impl Secrets for Mem {
         }
         Lookup::Ready(self.revoked.iter().any(|r| *r == format!("jti:{jti}") || *r == format!("sub:{sub}")))
     }
+    fn verified(&mut self) -> Option<&mut crate::credential::verified::VerifiedCache> {
+        self.cache.as_mut()
+    }
+}
+
+impl Counter for Mem {
     fn admit(&mut self, entry: &Entry, charge: Option<&Charge>) -> Admitted {
         let Entry::Credential { key_id, jti, lim, keep_until_s, stage: crate::engine::Stage::Rate } = *entry else { return Admitted::admit() };
         self.admitted += 1;
@@ -117,9 +124,6 @@ impl Secrets for Mem {
         if let Holder::Local { jti, .. } = holder {
             self.limits.refund(jti, charge);
         }
-    }
-    fn verified(&mut self) -> Option<&mut crate::credential::verified::VerifiedCache> {
-        self.cache.as_mut()
     }
 }
 
@@ -189,7 +193,7 @@ fn allows_and_injects() {
     let mut s = warm(&c);
     let t = tok("k1", K1, &["stripe POST /v1/payment_intents"], "");
     let mut r = stripe_req("POST", "/stripe/v1/payment_intents?expand=x", Some(format!("Bearer {t}")));
-    let d = decide(&c, &mut r, &mut s, NOW);
+    let d = decide_and_count(&c, &mut r, &mut s, NOW);
     assert_eq!(code(&d), "allow");
     assert_eq!(set_value(&d, "authorization").as_deref(), Some("Bearer sk_test_stripe"));
     assert_eq!(
@@ -219,7 +223,7 @@ fn token_and_ceiling_both_required() {
     // Token allows everything on stripe; the target's ceiling allows POST /v1/payment_intents and GET /v1/**.
     let t = tok("k1", K1, &["stripe * /**"], "");
     let a = Some(format!("Bearer {t}"));
-    let mut run = |m: &str, p: &str| code(&decide(&c, &mut stripe_req(m, p, a.clone()), &mut s, NOW));
+    let mut run = |m: &str, p: &str| code(&decide_and_count(&c, &mut stripe_req(m, p, a.clone()), &mut s, NOW));
     assert_eq!(run("GET", "/stripe/v1/customers/cus_1"), "allow");
     assert_eq!(run("GET", "/stripe/v1"), "allow");
     assert_eq!(run("POST", "/stripe/v1/payment_intents"), "allow");
@@ -229,14 +233,14 @@ fn token_and_ceiling_both_required() {
     // Token narrower than ceiling.
     let t = tok("k1", K1, &["stripe GET /v1/customers/*"], "");
     let a = Some(format!("Bearer {t}"));
-    let mut run = |m: &str, p: &str| code(&decide(&c, &mut stripe_req(m, p, a.clone()), &mut s, NOW));
+    let mut run = |m: &str, p: &str| code(&decide_and_count(&c, &mut stripe_req(m, p, a.clone()), &mut s, NOW));
     assert_eq!(run("GET", "/stripe/v1/customers/cus_1"), "allow");
     assert_eq!(run("GET", "/stripe/v1/customers/cus_1/"), "forbidden");
     assert_eq!(run("GET", "/stripe/v1/customers"), "forbidden");
     assert_eq!(run("HEAD", "/stripe/v1/customers/cus_1"), "forbidden");
     // A rule for another target never matches.
     let t = tok("k1", K1, &["twilio * /**"], "");
-    assert_eq!(code(&decide(&c, &mut stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {t}"))), &mut s, NOW)), "forbidden");
+    assert_eq!(code(&decide_and_count(&c, &mut stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {t}"))), &mut s, NOW)), "forbidden");
 }
 
 #[test]
@@ -245,10 +249,10 @@ fn path_sanity_runs_first() {
     let mut s = warm(&c);
     let t = tok("k1", K1, &["stripe * /**"], "");
     for p in ["/stripe/v1/../admin", "/stripe/v1//x", "/stripe/v1/%2e%2e/x", "/stripe/v1%2fx", "/stripe\\v1", "/stripe/v1/%00"] {
-        let d = decide(&c, &mut stripe_req("GET", p, Some(format!("Bearer {t}"))), &mut s, NOW);
+        let d = decide_and_count(&c, &mut stripe_req("GET", p, Some(format!("Bearer {t}"))), &mut s, NOW);
         assert_eq!(code(&d), "bad_request", "{p}");
     }
-    let d = decide(&c, &mut stripe_req("GET", "/other/v1", Some(format!("Bearer {t}"))), &mut s, NOW);
+    let d = decide_and_count(&c, &mut stripe_req("GET", "/other/v1", Some(format!("Bearer {t}"))), &mut s, NOW);
     assert_eq!(code(&d), "forbidden");
 }
 
@@ -259,9 +263,9 @@ fn targets_from_route_metadata() {
     let t = tok("k1", K1, &["stripe * /**"], "");
     let mut r = stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {t}")));
     r.target = None;
-    assert_eq!(code(&decide(&c, &mut r, &mut s, NOW)), "unknown_target");
+    assert_eq!(code(&decide_and_count(&c, &mut r, &mut s, NOW)), "unknown_target");
     r.target = Some("paypal".into());
-    assert_eq!(code(&decide(&c, &mut r, &mut s, NOW)), "unknown_target");
+    assert_eq!(code(&decide_and_count(&c, &mut r, &mut s, NOW)), "unknown_target");
 }
 
 #[test]
@@ -280,13 +284,13 @@ fn credential_errors() {
         (Some(format!("Bearer {}", wrong_aud())), "invalid_credential", true),
     ];
     for (auth, want, verified) in cases {
-        let d = decide(&c, &mut stripe_req("GET", "/stripe/v1/x", auth), &mut s, NOW);
+        let d = decide_and_count(&c, &mut stripe_req("GET", "/stripe/v1/x", auth), &mut s, NOW);
         assert_eq!(code(&d), want);
         assert_eq!(d.audit.subject.is_some(), verified, "the subject is recorded only after the MAC verifies");
         assert_eq!(d.audit.decision, want);
     }
     // Expired: the subject is known (signature verified) and recorded.
-    let d = decide(&c, &mut stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {t}"))), &mut s, NOW + 400);
+    let d = decide_and_count(&c, &mut stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {t}"))), &mut s, NOW + 400);
     assert_eq!(code(&d), "expired_credential");
     assert_eq!(d.audit.subject.as_deref(), Some("lambda/pay"));
     assert_eq!(d.audit.decision, "expired_credential");
@@ -305,7 +309,7 @@ fn other_sources() {
         target: Some("twilio".into()),
         prefix: Some("/twilio".into()),
     };
-    let d = decide(&c, &mut r, &mut s, NOW);
+    let d = decide_and_count(&c, &mut r, &mut s, NOW);
     assert_eq!(set_value(&d, "authorization").as_deref(), Some("Basic QUMxOnR3X3Rvaw=="));
 
     let mut r = Req {
@@ -315,7 +319,7 @@ fn other_sources() {
         target: Some("anthropic".into()),
         prefix: Some("/anthropic".into()),
     };
-    let d = decide(&c, &mut r, &mut s, NOW);
+    let d = decide_and_count(&c, &mut r, &mut s, NOW);
     assert_eq!(set_value(&d, "x-api-key").as_deref(), Some("sk-ant-test"));
 
     // Two x-api-key fields (Envoy keeps them separate): refused, never guessed.
@@ -326,7 +330,7 @@ fn other_sources() {
         target: Some("anthropic".into()),
         prefix: Some("/anthropic".into()),
     };
-    assert_eq!(code(&decide(&c, &mut r, &mut s, NOW)), "bad_request");
+    assert_eq!(code(&decide_and_count(&c, &mut r, &mut s, NOW)), "bad_request");
 
     let mut r = Req {
         method: "GET".into(),
@@ -335,7 +339,7 @@ fn other_sources() {
         target: Some("maps".into()),
         prefix: Some("/maps".into()),
     };
-    let d = decide(&c, &mut r, &mut s, NOW);
+    let d = decide_and_count(&c, &mut r, &mut s, NOW);
     let Outcome::Allow(ops) = &d.outcome else { panic!("{:?}", d.outcome) };
     let path = ops.iter().find_map(|o| match o {
         Op::SetPath(p) => p.expose_str().map(str::to_string),
@@ -350,17 +354,17 @@ fn cold_cache_and_failures() {
     let stripe_slot = c.target("stripe").map(|(_, t)| t.slot).unwrap_or_default();
     let t = tok("k1", K1, &["stripe * /**"], "");
     let mut s = Mem::default();
-    let d = decide(&c, &mut stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {t}"))), &mut s, NOW);
+    let d = decide_and_count(&c, &mut stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {t}"))), &mut s, NOW);
     assert!(matches!(d.outcome, Outcome::Need(x) if x == stripe_slot));
     s.failed.push(stripe_slot);
-    let d = decide(&c, &mut stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {t}"))), &mut s, NOW);
+    let d = decide_and_count(&c, &mut stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {t}"))), &mut s, NOW);
     let Outcome::Deny(den) = &d.outcome else { panic!() };
     assert_eq!(den.code, Code::SecretUnavailable);
     assert_eq!(den.retry_after_s, Some(RETRY_AFTER_UNAVAILABLE_S));
     // A cached secret lacking the field never injects anything.
     let mut s = Mem::default();
     s.slots.insert(stripe_slot, fetched(&[("other", "x")]));
-    let d = decide(&c, &mut stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {t}"))), &mut s, NOW);
+    let d = decide_and_count(&c, &mut stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {t}"))), &mut s, NOW);
     assert_eq!(code(&d), "secret_unavailable");
 }
 
@@ -371,14 +375,14 @@ fn store_held_signing_key() {
     let slot = *slot;
     let t = tok("k2", K2, &["stripe * /**"], "");
     let mut s = warm(&c);
-    let d = decide(&c, &mut stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {t}"))), &mut s, NOW);
+    let d = decide_and_count(&c, &mut stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {t}"))), &mut s, NOW);
     assert!(matches!(d.outcome, Outcome::Need(x) if x == slot));
     s.slots.insert(slot, fetched(&[("k2", &crate::wire::b64::std_encode(K2))]));
-    let d = decide(&c, &mut stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {t}"))), &mut s, NOW);
+    let d = decide_and_count(&c, &mut stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {t}"))), &mut s, NOW);
     assert_eq!(code(&d), "allow");
     // A k2 token signed with k1's key fails.
     let t = tok("k2", K1, &["stripe * /**"], "");
-    let d = decide(&c, &mut stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {t}"))), &mut s, NOW);
+    let d = decide_and_count(&c, &mut stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {t}"))), &mut s, NOW);
     assert_eq!(code(&d), "invalid_credential");
 }
 
@@ -388,7 +392,7 @@ fn revocation_hook() {
     let mut s = warm(&c);
     let t = tok("k1", K1, &["stripe * /**"], "");
     s.revoked.push("sub:lambda/pay".into());
-    let d = decide(&c, &mut stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {t}"))), &mut s, NOW);
+    let d = decide_and_count(&c, &mut stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {t}"))), &mut s, NOW);
     assert_eq!(code(&d), "revoked_credential");
     assert_eq!(d.audit.jti.as_deref(), Some("j-1"));
 }
@@ -405,7 +409,7 @@ fn total_limit_then_quota_exhausted() {
     let c = cfg();
     let mut s = warm(&c);
     let t = tok("k1", K1, &["stripe GET /v1/**"], r#","lim":{"total":2}"#);
-    let go = |s: &mut Mem, path: &str| decide(&c, &mut stripe_req("GET", path, Some(format!("Bearer {t}"))), s, NOW);
+    let go = |s: &mut Mem, path: &str| decide_and_count(&c, &mut stripe_req("GET", path, Some(format!("Bearer {t}"))), s, NOW);
     assert_eq!(code(&go(&mut s, "/stripe/v1/a")), "allow");
     // A request no rule allows is refused before it is counted.
     assert_eq!(code(&go(&mut s, "/stripe/v2/a")), "forbidden");
@@ -426,9 +430,9 @@ fn rpm_limit_then_rate_limited() {
     let c = cfg();
     let mut s = warm(&c);
     let t = tok("k1", K1, &["stripe GET /v1/**"], r#","lim":{"rpm":1}"#);
-    let d = decide(&c, &mut stripe_req("GET", "/stripe/v1/a", Some(format!("Bearer {t}"))), &mut s, NOW);
+    let d = decide_and_count(&c, &mut stripe_req("GET", "/stripe/v1/a", Some(format!("Bearer {t}"))), &mut s, NOW);
     assert_eq!(code(&d), "allow");
-    let d = decide(&c, &mut stripe_req("GET", "/stripe/v1/a", Some(format!("Bearer {t}"))), &mut s, NOW);
+    let d = decide_and_count(&c, &mut stripe_req("GET", "/stripe/v1/a", Some(format!("Bearer {t}"))), &mut s, NOW);
     assert_eq!(code(&d), "rate_limited");
     assert_eq!(retry_after(&d), Some(61));
 }
@@ -438,20 +442,53 @@ fn limits_are_checked_before_the_vault_and_only_for_limited_credentials() {
     let c = cfg();
     let mut s = Mem::default();
     let t = tok("k1", K1, &["stripe GET /v1/**"], r#","lim":{"total":1}"#);
-    let d = decide(&c, &mut stripe_req("GET", "/stripe/v1/a", Some(format!("Bearer {t}"))), &mut s, NOW);
+    let d = decide_and_count(&c, &mut stripe_req("GET", "/stripe/v1/a", Some(format!("Bearer {t}"))), &mut s, NOW);
     assert!(matches!(d.outcome, Outcome::Need(_)));
     assert_eq!(s.admitted, 1, "counted before the secret is fetched");
     // Over the limit: refused without ever asking for the secret.
-    let d = decide(&c, &mut stripe_req("GET", "/stripe/v1/a", Some(format!("Bearer {t}"))), &mut s, NOW);
+    let d = decide_and_count(&c, &mut stripe_req("GET", "/stripe/v1/a", Some(format!("Bearer {t}"))), &mut s, NOW);
     assert_eq!(code(&d), "quota_exhausted");
     // No lim: never counted. Revoked or invalid: never counted.
     let plain = tok("k1", K1, &["stripe GET /v1/**"], "");
     let mut s = warm(&c);
-    assert_eq!(code(&decide(&c, &mut stripe_req("GET", "/stripe/v1/a", Some(format!("Bearer {plain}"))), &mut s, NOW)), "allow");
+    assert_eq!(code(&decide_and_count(&c, &mut stripe_req("GET", "/stripe/v1/a", Some(format!("Bearer {plain}"))), &mut s, NOW)), "allow");
     s.revoked.push("jti:j-1".into());
-    let d = decide(&c, &mut stripe_req("GET", "/stripe/v1/a", Some(format!("Bearer {t}"))), &mut s, NOW);
+    let d = decide_and_count(&c, &mut stripe_req("GET", "/stripe/v1/a", Some(format!("Bearer {t}"))), &mut s, NOW);
     assert_eq!(code(&d), "revoked_credential");
     assert_eq!(s.admitted, 0);
+}
+
+#[test]
+fn deciding_never_counts_the_request_is_counted_in_its_own_step() {
+    let c = cfg();
+    let mut s = warm(&c);
+    let t = tok("k1", K1, &["stripe GET /v1/**"], r#","lim":{"total":1}"#);
+    // Deciding alone, however often, counts nothing: it ends asking for the request to be counted.
+    for _ in 0..3 {
+        let step = decide(&c, &mut stripe_req("GET", "/stripe/v1/a", Some(format!("Bearer {t}"))), &mut s, NOW);
+        let Step::Count(count) = step else { panic!("{step:?}") };
+        assert!(count.priced.is_none());
+        assert_eq!(count.ticket.lim.total, Some(1));
+    }
+    assert_eq!((s.admitted, s.limits.used("j-1")), (0, 0));
+    // The count step's refusal is the decision, and the vault is never asked (a cold cache
+    // would say `Need`).
+    let mut cold = Mem::default();
+    let Step::Count(count) = decide(&c, &mut stripe_req("GET", "/stripe/v1/a", Some(format!("Bearer {t}"))), &mut cold, NOW) else { panic!() };
+    let refused = Err(Halt::Deny(Denial::new(Code::QuotaExhausted, "used up")));
+    assert_eq!(code(&count.admitted(&c, &mut cold, refused)), "quota_exhausted");
+    let Step::Count(count) = decide(&c, &mut stripe_req("GET", "/stripe/v1/a", Some(format!("Bearer {t}"))), &mut cold, NOW) else { panic!() };
+    assert!(matches!(count.admitted(&c, &mut cold, Err(Halt::Pending(7))).outcome, Outcome::NeedLedger(7)));
+    // Counted and admitted: the rest of the decision (the secret, the injection) follows.
+    let Step::Count(count) = decide(&c, &mut stripe_req("GET", "/stripe/v1/a", Some(format!("Bearer {t}"))), &mut s, NOW) else { panic!() };
+    let d = count.admitted(&c, &mut s, Ok(Spend::Uncapped));
+    assert_eq!(code(&d), "allow");
+    assert!(matches!(decide_unlimited(&c, &mut s), Step::Decided(_)), "a credential without limits is decided in one step");
+}
+
+fn decide_unlimited(c: &Config, s: &mut Mem) -> Step {
+    let plain = tok("k1", K1, &["stripe GET /v1/**"], "");
+    decide(c, &mut stripe_req("GET", "/stripe/v1/a", Some(format!("Bearer {plain}"))), s, NOW)
 }
 
 fn idem_cfg() -> Config {
@@ -475,37 +512,37 @@ fn idempotency_key_required_for_listed_methods() {
         }
         r
     };
-    let d = decide(&c, &mut post(&[]), &mut s, NOW);
+    let d = decide_and_count(&c, &mut post(&[]), &mut s, NOW);
     assert_eq!(code(&d), "bad_request");
     assert_eq!(d.audit.idempotency_key, None);
     assert_eq!(s.admitted, 0, "a refused request does not spend the quota");
     let long = vec![b'a'; MAX_IDEMPOTENCY_KEY + 1];
     let max = vec![b'a'; MAX_IDEMPOTENCY_KEY];
     for bad in [&b""[..], b"has space", b"tab\t", "caf\u{e9}".as_bytes(), &long, b"eyJhbGciOi.eyJzdWIi.c2ln"] {
-        let d = decide(&c, &mut post(&[bad]), &mut s, NOW);
+        let d = decide_and_count(&c, &mut post(&[bad]), &mut s, NOW);
         assert_eq!(code(&d), "bad_request", "{:?}", String::from_utf8_lossy(bad));
         assert_eq!(d.audit.idempotency_key, None);
     }
-    let d = decide(&c, &mut post(&[b"order-1", b"order-2"]), &mut s, NOW);
+    let d = decide_and_count(&c, &mut post(&[b"order-1", b"order-2"]), &mut s, NOW);
     assert_eq!(code(&d), "bad_request");
     let Outcome::Deny(den) = &d.outcome else { panic!() };
     assert!(den.message.contains("duplicated"));
     for good in [&b"order-7f3a"[..], b"!", &max] {
-        let d = decide(&c, &mut post(&[good]), &mut s, NOW);
+        let d = decide_and_count(&c, &mut post(&[good]), &mut s, NOW);
         assert_eq!(code(&d), "allow");
         assert_eq!(d.audit.idempotency_key.as_deref().map(str::as_bytes), Some(good));
     }
     // GET is not listed; a key sent anyway is still recorded.
-    let d = decide(&c, &mut stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {t}"))), &mut s, NOW);
+    let d = decide_and_count(&c, &mut stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {t}"))), &mut s, NOW);
     assert_eq!(code(&d), "allow");
     let mut r = stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {t}")));
     r.headers.push(("idempotency-key".into(), b"get-1".to_vec()));
-    let d = decide(&c, &mut r, &mut s, NOW);
+    let d = decide_and_count(&c, &mut r, &mut s, NOW);
     assert_eq!(d.audit.idempotency_key.as_deref(), Some("get-1"));
     // Recorded on denials too, so a refused retry can be traced.
     let mut r = stripe_req("POST", "/stripe/v1/payment_intents", None);
     r.headers.push(("idempotency-key".into(), b"order-9".to_vec()));
-    let d = decide(&c, &mut r, &mut s, NOW);
+    let d = decide_and_count(&c, &mut r, &mut s, NOW);
     assert_eq!(code(&d), "missing_credential");
     assert_eq!(d.audit.idempotency_key.as_deref(), Some("order-9"));
 }
@@ -520,7 +557,7 @@ fn stale_secrets_are_served_and_audited_as_stale() {
     s.slots.insert(slot, Rc::new(f));
     s.stale.push(slot);
     let t = tok("k1", K1, &["stripe * /**"], "");
-    let d = decide(&c, &mut stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {t}"))), &mut s, NOW);
+    let d = decide_and_count(&c, &mut stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {t}"))), &mut s, NOW);
     assert_eq!(code(&d), "allow");
     assert_eq!(set_value(&d, "authorization").as_deref(), Some("Bearer sk_test_stripe"));
     assert_eq!(d.audit.cache, Some("stale"));
@@ -538,20 +575,20 @@ fn signing_keyset_from_the_store() {
     let t = tok("k3", k3, &["stripe * /**"], "");
     let mut s = warm(&c);
     // Cold set: fetch it.
-    let d = decide(&c, &mut stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {t}"))), &mut s, NOW);
+    let d = decide_and_count(&c, &mut stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {t}"))), &mut s, NOW);
     assert!(matches!(d.outcome, Outcome::Need(x) if x == slot));
     s.slots.insert(slot, fetched(&[("k3", &crate::wire::b64::std_encode(k3))]));
-    let d = decide(&c, &mut stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {t}"))), &mut s, NOW);
+    let d = decide_and_count(&c, &mut stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {t}"))), &mut s, NOW);
     assert_eq!(code(&d), "allow");
     // A kid removed from the set stops working once the set is refreshed.
     s.slots.insert(slot, fetched(&[("k4", &crate::wire::b64::std_encode(k3))]));
-    let d = decide(&c, &mut stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {t}"))), &mut s, NOW);
+    let d = decide_and_count(&c, &mut stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {t}"))), &mut s, NOW);
     assert_eq!(code(&d), "invalid_credential");
     // Static keys still win; a wrong key under a set kid fails.
     let t1 = tok("k1", K1, &["stripe * /**"], "");
-    assert_eq!(code(&decide(&c, &mut stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {t1}"))), &mut s, NOW)), "allow");
+    assert_eq!(code(&decide_and_count(&c, &mut stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {t1}"))), &mut s, NOW)), "allow");
     let forged = tok("k4", K1, &["stripe * /**"], "");
-    assert_eq!(code(&decide(&c, &mut stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {forged}"))), &mut s, NOW)), "invalid_credential");
+    assert_eq!(code(&decide_and_count(&c, &mut stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {forged}"))), &mut s, NOW)), "invalid_credential");
     // A key set may not share a vendor secret.
     let bad = EXAMPLE.replace(r#""cache": {"#, r#""signing_keyset": {"store": "bao", "path": "stripe"}, "cache": {"#);
     let e = compile(bad.as_bytes(), &env).err().map(|e| e.to_string()).unwrap_or_default();
@@ -566,18 +603,18 @@ fn cached_credentials_are_still_checked_on_every_request() {
     let t = tok("k1", K1, &["stripe * /**"], "");
     let auth = || Some(format!("Bearer {t}"));
     for _ in 0..3 {
-        assert_eq!(code(&decide(&c, &mut stripe_req("GET", "/stripe/v1/x", auth()), &mut s, NOW)), "allow");
+        assert_eq!(code(&decide_and_count(&c, &mut stripe_req("GET", "/stripe/v1/x", auth()), &mut s, NOW)), "allow");
     }
     assert_eq!(s.cache.as_ref().map(|c| c.len()), Some(1), "verified once, remembered");
     // Rules, time bounds and revocation apply to a remembered credential as to a new one.
-    assert_eq!(code(&decide(&c, &mut stripe_req("DELETE", "/stripe/v1/x", auth()), &mut s, NOW)), "forbidden");
-    assert_eq!(code(&decide(&c, &mut stripe_req("GET", "/stripe/v1/x", auth()), &mut s, NOW + 400)), "expired_credential");
+    assert_eq!(code(&decide_and_count(&c, &mut stripe_req("DELETE", "/stripe/v1/x", auth()), &mut s, NOW)), "forbidden");
+    assert_eq!(code(&decide_and_count(&c, &mut stripe_req("GET", "/stripe/v1/x", auth()), &mut s, NOW + 400)), "expired_credential");
     s.revoked.push("jti:j-1".into());
-    assert_eq!(code(&decide(&c, &mut stripe_req("GET", "/stripe/v1/x", auth()), &mut s, NOW)), "revoked_credential");
+    assert_eq!(code(&decide_and_count(&c, &mut stripe_req("GET", "/stripe/v1/x", auth()), &mut s, NOW)), "revoked_credential");
     // Only verified credentials are remembered: a forged one is refused every time and never cached.
     let forged = tok("k1", b"another-key-of-thirty-two-bytes!", &["stripe * /**"], "");
     for _ in 0..2 {
-        let d = decide(&c, &mut stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {forged}"))), &mut s, NOW);
+        let d = decide_and_count(&c, &mut stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {forged}"))), &mut s, NOW);
         assert_eq!(code(&d), "invalid_credential");
     }
     assert_eq!(s.cache.as_ref().map(|c| c.len()), Some(1));
@@ -594,15 +631,15 @@ fn a_remembered_credential_misses_when_its_store_held_key_changes() {
     s.cache = Some(Default::default());
     s.slots.insert(slot, fetched(&[("k3", &crate::wire::b64::std_encode(k3))]));
     let req = || stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {t}")));
-    assert_eq!(code(&decide(&c, &mut req(), &mut s, NOW)), "allow");
-    assert_eq!(code(&decide(&c, &mut req(), &mut s, NOW)), "allow");
+    assert_eq!(code(&decide_and_count(&c, &mut req(), &mut s, NOW)), "allow");
+    assert_eq!(code(&decide_and_count(&c, &mut req(), &mut s, NOW)), "allow");
     assert_eq!(s.cache.as_ref().map(|c| c.len()), Some(1));
     // k3 now names another key: the remembered verification no longer counts.
     s.slots.insert(slot, fetched(&[("k3", &crate::wire::b64::std_encode(b"k3-rotated-to-another-32-byte-k!"))]));
-    assert_eq!(code(&decide(&c, &mut req(), &mut s, NOW)), "invalid_credential");
+    assert_eq!(code(&decide_and_count(&c, &mut req(), &mut s, NOW)), "invalid_credential");
     // And k3 removed from the set.
     s.slots.insert(slot, fetched(&[("k4", &crate::wire::b64::std_encode(k3))]));
-    assert_eq!(code(&decide(&c, &mut req(), &mut s, NOW)), "invalid_credential");
+    assert_eq!(code(&decide_and_count(&c, &mut req(), &mut s, NOW)), "invalid_credential");
 }
 
 #[test]
@@ -611,9 +648,9 @@ fn without_a_trusted_revocation_list_a_valid_credential_waits_and_an_invalid_one
     let mut s = warm(&c);
     s.no_list = true;
     let t = tok("k1", K1, &["stripe * /**"], "");
-    let d = decide(&c, &mut stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {t}"))), &mut s, NOW);
+    let d = decide_and_count(&c, &mut stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {t}"))), &mut s, NOW);
     assert!(matches!(d.outcome, Outcome::NeedRevocation), "{:?}", d.outcome);
-    let d = decide(&c, &mut stripe_req("GET", "/stripe/v1/x", Some("Bearer nope".into())), &mut s, NOW);
+    let d = decide_and_count(&c, &mut stripe_req("GET", "/stripe/v1/x", Some("Bearer nope".into())), &mut s, NOW);
     assert_eq!(code(&d), "invalid_credential", "a bad credential is refused without waiting");
 }
 
@@ -628,18 +665,18 @@ fn method_overrides_must_name_an_allowed_method() {
         r
     };
     for h in METHOD_OVERRIDE_HEADERS {
-        let d = decide(&c, &mut with(h, "DELETE", "/stripe/v1/payment_intents"), &mut s, NOW);
+        let d = decide_and_count(&c, &mut with(h, "DELETE", "/stripe/v1/payment_intents"), &mut s, NOW);
         assert_eq!(code(&d), "forbidden", "{h}: DELETE is not allowed");
-        let d = decide(&c, &mut with(h, "post", "/stripe/v1/payment_intents"), &mut s, NOW);
+        let d = decide_and_count(&c, &mut with(h, "post", "/stripe/v1/payment_intents"), &mut s, NOW);
         assert_eq!(code(&d), "allow", "{h}: overriding to an allowed method is harmless");
-        let d = decide(&c, &mut with(h, "DE LETE", "/stripe/v1/payment_intents"), &mut s, NOW);
+        let d = decide_and_count(&c, &mut with(h, "DE LETE", "/stripe/v1/payment_intents"), &mut s, NOW);
         assert_eq!(code(&d), "bad_request", "{h}: not a method");
     }
     for q in ["_method=DELETE", "a=1&_method=delete", "_METHOD=PUT", "%5Fmethod=PATCH", "_method=%44ELETE"] {
-        let d = decide(&c, &mut stripe_req("POST", &format!("/stripe/v1/payment_intents?{q}"), Some(format!("Bearer {t}"))), &mut s, NOW);
+        let d = decide_and_count(&c, &mut stripe_req("POST", &format!("/stripe/v1/payment_intents?{q}"), Some(format!("Bearer {t}"))), &mut s, NOW);
         assert_eq!(code(&d), "forbidden", "{q}");
     }
-    let d = decide(&c, &mut stripe_req("POST", "/stripe/v1/payment_intents?method=DELETE", Some(format!("Bearer {t}"))), &mut s, NOW);
+    let d = decide_and_count(&c, &mut stripe_req("POST", "/stripe/v1/payment_intents?method=DELETE", Some(format!("Bearer {t}"))), &mut s, NOW);
     assert_eq!(code(&d), "allow", "only _method overrides");
 }
 
@@ -665,7 +702,7 @@ fn revoking_a_parent_revokes_its_derived_credentials() {
     let c = cfg();
     let mut s = warm(&c);
     let child = derived("child-1", "parent-1", "");
-    let go = |s: &mut Mem| decide(&c, &mut stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {child}"))), s, NOW);
+    let go = |s: &mut Mem| decide_and_count(&c, &mut stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {child}"))), s, NOW);
     assert_eq!(code(&go(&mut s)), "allow");
     s.revoked.push("jti:parent-1".into());
     assert_eq!(code(&go(&mut s)), "revoked_credential");
@@ -687,15 +724,15 @@ fn derived_credentials_share_their_parent_s_budget() {
     let kids: Vec<String> = (0..3).map(|i| derived(&format!("child-{i}"), "parent-9", lim)).collect();
     let mut codes = vec![];
     for k in &kids {
-        codes.push(code(&decide(&c, &mut stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {k}"))), &mut s, NOW)));
+        codes.push(code(&decide_and_count(&c, &mut stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {k}"))), &mut s, NOW)));
     }
     assert_eq!(codes, vec!["allow", "allow", "quota_exhausted"]);
     assert_eq!(s.limits.used("parent-9"), 2);
     // Each child's own cap holds too; and a parent without limits adds none.
     let k0 = &kids[0];
-    assert_eq!(code(&decide(&c, &mut stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {k0}"))), &mut s, NOW)), "quota_exhausted");
+    assert_eq!(code(&decide_and_count(&c, &mut stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {k0}"))), &mut s, NOW)), "quota_exhausted");
     let free = derived("child-free", "parent-free", r#","lim":{"total":1}"#);
-    assert_eq!(code(&decide(&c, &mut stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {free}"))), &mut s, NOW)), "allow");
+    assert_eq!(code(&decide_and_count(&c, &mut stripe_req("GET", "/stripe/v1/x", Some(format!("Bearer {free}"))), &mut s, NOW)), "allow");
     assert_eq!(s.limits.used("parent-free"), 0);
 }
 
@@ -717,20 +754,20 @@ fn a_priced_request_is_counted_at_its_body_not_at_its_headers() {
     let t = tok("k1", K1, &["stripe * /**"], r#","lim":{"spend":100,"total":5}"#);
     let mut r = stripe_req("POST", "/stripe/v1/payment_intents", Some(format!("Bearer {t}")));
     r.headers.push(("content-type".into(), b"application/x-www-form-urlencoded".to_vec()));
-    let d = decide(&c, &mut r, &mut s, NOW);
+    let d = decide_and_count(&c, &mut r, &mut s, NOW);
     assert_eq!(code(&d), "allow");
     assert_eq!(s.admitted, 0, "not counted before its cost is known");
     let deferred = d.deferred.unwrap_or_else(|| panic!("deferred"));
     assert!(deferred.ticket.as_ref().is_some_and(|t| t.lim.spend == Some(100)));
     let mut audit = d.audit;
-    let held = price_body(&c, &deferred, b"amount=60&currency=usd", &mut s, &mut audit);
+    let held = price_and_count(&c, &deferred, b"amount=60&currency=usd", &mut s, &mut audit);
     assert!(
         matches!(&held, Ok(BodyDecision { reservation: Some(r), .. }) if r.charge.cost == 60 && r.holders.iter().filter_map(|h| if let Holder::Local { jti, .. } = h { Some(jti.as_str()) } else { None }).collect::<Vec<_>>() == ["j-1"]),
         "{held:?}"
     );
     assert_eq!((audit.cost, audit.spend), (Some(60), Some("reserved")));
     assert_eq!(s.admitted, 1);
-    let again = price_body(&c, &deferred, b"amount=41&currency=usd", &mut s, &mut audit);
+    let again = price_and_count(&c, &deferred, b"amount=41&currency=usd", &mut s, &mut audit);
     assert_eq!(
         again.map_err(|h| match h {
             Halt::Deny(d) => Some(d.code),
@@ -739,7 +776,7 @@ fn a_priced_request_is_counted_at_its_body_not_at_its_headers() {
         Err(Some(Code::SpendExhausted))
     );
     // A free read is decided at once, counted then.
-    let d = decide(&c, &mut stripe_req("GET", "/stripe/v1/charges", Some(format!("Bearer {t}"))), &mut s, NOW);
+    let d = decide_and_count(&c, &mut stripe_req("GET", "/stripe/v1/charges", Some(format!("Bearer {t}"))), &mut s, NOW);
     assert!(d.deferred.is_none());
     assert_eq!(s.admitted, 3);
 }
@@ -751,10 +788,10 @@ fn a_method_override_to_a_priced_method_is_priced() {
     let t = tok("k1", K1, &["stripe * /**"], r#","lim":{"spend":100}"#);
     let mut r = stripe_req("GET", "/stripe/v1/payment_intents", Some(format!("Bearer {t}")));
     r.headers.push(("x-http-method-override".into(), b"POST".to_vec()));
-    let d = decide(&c, &mut r, &mut s, NOW);
+    let d = decide_and_count(&c, &mut r, &mut s, NOW);
     assert_eq!(code(&d), "bad_request", "priced, so it needs a form body");
     r.headers.push(("content-type".into(), b"application/x-www-form-urlencoded".to_vec()));
-    assert!(decide(&c, &mut r, &mut s, NOW).deferred.is_some());
+    assert!(decide_and_count(&c, &mut r, &mut s, NOW).deferred.is_some());
 }
 
 #[test]
@@ -769,12 +806,12 @@ fn a_priced_request_is_refused_from_its_headers_when_its_cost_cannot_be_read() {
     ] {
         let mut r = stripe_req("POST", path, Some(format!("Bearer {t}")));
         r.headers.push(("content-type".into(), ct.as_bytes().to_vec()));
-        assert_eq!(code(&decide(&c, &mut r, &mut s, NOW)), want, "{path} {ct}");
+        assert_eq!(code(&decide_and_count(&c, &mut r, &mut s, NOW)), want, "{path} {ct}");
     }
     let mut r = stripe_req("POST", "/stripe/v1/payment_intents", Some(format!("Bearer {t}")));
     r.headers.push(("content-type".into(), b"application/x-www-form-urlencoded".to_vec()));
     r.headers.push(("content-length".into(), b"70000".to_vec()));
-    assert_eq!(code(&decide(&c, &mut r, &mut s, NOW)), "body_too_large");
+    assert_eq!(code(&decide_and_count(&c, &mut r, &mut s, NOW)), "body_too_large");
     assert_eq!(s.admitted, 0);
 }
 

@@ -1,13 +1,13 @@
-//! `engine::Secrets` for one request over this worker's view of shared data: secrets from the
-//! cache (parking the request when one must be fetched), verified credentials, the revocation
-//! list, and counting the request in its entries, in this Envoy's limit shards or, with a fleet
+//! `engine::Secrets` and `engine::Counter` for one request over this worker's view of shared
+//! data: secrets from the cache (parking the request when one must be fetched), verified
+//! credentials, the revocation list, and counting the request in its entries, in this Envoy's limit shards or, with a fleet
 //! ledger, in the ledger through this gateway's slices.
 
 use super::ledger::Need;
 use super::{limits, Lifecycle};
 use crate::credential::jwt::HmacKey;
 use crate::credential::verified::VerifiedCache;
-use crate::engine::{Admitted, Entry, Holder, Lookup, Secrets, Stage};
+use crate::engine::{Admitted, Counter, Entry, Holder, Lookup, Secrets, Stage};
 use crate::host::Host;
 use crate::ledger::{Account, Amounts, Caps, Ledger};
 use crate::policy::limits::{Charge, Limits, Verdict};
@@ -133,37 +133,6 @@ impl<H: Host> Secrets for SharedSecrets<'_, H> {
         self.lc.revocation_lookup(self.host, jti, sub, self.now_ms)
     }
 
-    /// Count the request (and reserve its charge) in one entry, unless this same request was
-    /// counted there before it parked.
-    fn admit(&mut self, entry: &Entry, charge: Option<&Charge>) -> Admitted {
-        if let Some(a) = self.prior.get(self.made.len()).cloned() {
-            self.made.push(a.clone());
-            return a;
-        }
-        let a = match (self.lc.cfg.as_ref().and_then(|c| c.ledger.clone()), entry) {
-            (Some(ledger), _) => self.fleet(&ledger, entry, charge),
-            (None, Entry::Credential { key_id, jti, lim, keep_until_s, stage: Stage::Rate }) => self.local(*key_id, jti, lim, *keep_until_s, charge),
-            (None, _) => Admitted::admit(),
-        };
-        if a.ok() {
-            self.made.push(a.clone());
-        }
-        a
-    }
-
-    fn release(&mut self, holder: &Holder, charge: &Charge) {
-        match holder {
-            Holder::Local { key_id, jti } => {
-                limits::refund_entry(self.host, *key_id, jti, charge);
-            }
-            Holder::Ledger { .. } => {
-                if let Some(ledger) = self.lc.cfg.as_ref().and_then(|c| c.ledger.clone()) {
-                    self.lc.ledger_release(self.host, &ledger, holder);
-                }
-            }
-        }
-    }
-
     fn verified(&mut self) -> Option<&mut VerifiedCache> {
         Some(&mut self.lc.verified)
     }
@@ -195,6 +164,39 @@ impl<H: Host> Secrets for SharedSecrets<'_, H> {
             Lookup::Stale(key)
         } else {
             Lookup::Ready(key)
+        }
+    }
+}
+
+impl<H: Host> Counter for SharedSecrets<'_, H> {
+    /// Count the request (and reserve its charge) in one entry, unless this same request was
+    /// counted there before it parked.
+    fn admit(&mut self, entry: &Entry, charge: Option<&Charge>) -> Admitted {
+        if let Some(a) = self.prior.get(self.made.len()).cloned() {
+            self.made.push(a.clone());
+            return a;
+        }
+        let a = match (self.lc.cfg.as_ref().and_then(|c| c.ledger.clone()), entry) {
+            (Some(ledger), _) => self.fleet(&ledger, entry, charge),
+            (None, Entry::Credential { key_id, jti, lim, keep_until_s, stage: Stage::Rate }) => self.local(*key_id, jti, lim, *keep_until_s, charge),
+            (None, _) => Admitted::admit(),
+        };
+        if a.ok() {
+            self.made.push(a.clone());
+        }
+        a
+    }
+
+    fn release(&mut self, holder: &Holder, charge: &Charge) {
+        match holder {
+            Holder::Local { key_id, jti } => {
+                limits::refund_entry(self.host, *key_id, jti, charge);
+            }
+            Holder::Ledger { .. } => {
+                if let Some(ledger) = self.lc.cfg.as_ref().and_then(|c| c.ledger.clone()) {
+                    self.lc.ledger_release(self.host, &ledger, holder);
+                }
+            }
         }
     }
 }

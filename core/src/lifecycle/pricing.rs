@@ -77,7 +77,7 @@ impl Lifecycle {
         let (priced, made) = {
             let prior = std::mem::take(&mut pricing.admitted);
             let mut secrets = SharedSecrets::resumed(self, host, now_ms, prior);
-            let r = engine::price_body(&cfg, &pricing.deferred, &body, &mut secrets, &mut audit);
+            let r = engine::price_and_count(&cfg, &pricing.deferred, &body, &mut secrets, &mut audit);
             (r, secrets.made)
         };
         let decided = match priced {

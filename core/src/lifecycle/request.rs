@@ -95,7 +95,7 @@ impl Lifecycle {
         let body_end = parked.as_ref().and_then(|p| p.body_end);
         let (decision, admitted): (Decision, Vec<Admitted>) = {
             let mut secrets = SharedSecrets::resumed(self, host, now_ms, prior);
-            let d = engine::decide(&cfg, &mut req, &mut secrets, (now_ms / 1000) as i64);
+            let d = engine::decide_and_count(&cfg, &mut req, &mut secrets, (now_ms / 1000) as i64);
             (d, secrets.made)
         };
         let mut audit = decision.audit;
