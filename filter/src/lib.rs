@@ -23,7 +23,7 @@ pub const GIT_HASH: &str = match option_env!("KEYWARD_GIT_HASH") {
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
     proxy_wasm::set_root_context(|root_id| -> Box<dyn RootContext> {
-        Box::new(Root { id: root_id, served: Cell::new(false), shared: Rc::new(RefCell::new(Worker { lc: Lifecycle::new(root_id), host: WasmHost::default(), tick_ms: 0 })) })
+        Box::new(Root { id: root_id, served: Cell::new(false), shared: Rc::new(RefCell::new(Worker { lc: Lifecycle::new(root_id), host: WasmHost::default(), tick_ms: 0, now_us: 0 })) })
     });
 }}
 
@@ -33,12 +33,17 @@ struct Worker {
     host: WasmHost,
     /// The tick period last asked of Envoy (proxy-wasm's timer is periodic).
     tick_ms: u64,
+    /// Envoy's clock as last read (a hostcall: read only for the events that look at it).
+    now_us: u64,
 }
 
 impl Worker {
     /// One event, at Envoy's time; then the tick period the lifecycle's state asks for.
     fn handle(&mut self, ev: Event) -> CoreAction {
-        let a = self.lc.handle(host::now_us(), &mut self.host, ev);
+        if self.now_us == 0 || self.lc.reads_clock(&ev) {
+            self.now_us = host::now_us().max(self.now_us);
+        }
+        let a = self.lc.handle(self.now_us, &mut self.host, ev);
         self.set_tick();
         a
     }

@@ -1,5 +1,7 @@
 //! What goes into the lifecycle: the events of a root context and a callout's answer.
 
+use super::state::Stream;
+use super::Lifecycle;
 use crate::host::{CallId, ContextId};
 
 /// What happens to a root context.
@@ -42,5 +44,25 @@ pub struct Answer {
 impl Answer {
     pub fn failed() -> Answer {
         Answer { status: None, body: Some(Vec::new()) }
+    }
+}
+
+impl Lifecycle {
+    /// Whether handling `ev` now looks at the time it is given. It does not for the events that
+    /// only pass a decided stream's parts along (its body, an answer not read for usage) or
+    /// forget a stream that holds nothing waiting: an executor whose clock is costly (a hostcall
+    /// in wasm) may give those its last reading instead. Lifecycle tests hand such events a time
+    /// of zero, so any of them that used it would show.
+    pub fn reads_clock(&self, ev: &Event) -> bool {
+        let state = |ctx: &ContextId| self.streams.get(ctx);
+        match ev {
+            // Let on (allowed) or held (answered): no deadline, no record.
+            Event::RequestBody { ctx, .. } => !matches!(state(ctx), Some(Stream::Allowed(_) | Stream::Answered)),
+            // Read only for a model call's usage.
+            Event::ResponseBody { ctx, .. } => matches!(state(ctx), Some(Stream::Allowed(s)) if s.meter.is_some()),
+            // Only a stream counted while it waits gives anything back.
+            Event::StreamGone(ctx) => matches!(state(ctx), Some(Stream::Parked(_) | Stream::Pricing { .. })),
+            _ => true,
+        }
     }
 }
