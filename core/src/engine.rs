@@ -40,7 +40,7 @@ pub trait Request {
     /// only the first of those.
     fn header_values(&mut self, name: &str) -> Vec<Vec<u8>>;
     /// Every header, pseudo-headers included, as Envoy hands them over.
-    fn headers(&mut self) -> &[(String, Vec<u8>)];
+    fn headers(&mut self) -> &crate::host::Headers;
     /// `xds.route_metadata.filter_metadata.keyward.target`
     fn route_target(&mut self) -> Option<String>;
     /// `xds.route_metadata.filter_metadata.keyward.prefix`
@@ -435,7 +435,7 @@ pub(crate) fn rules_allow(claims: &jwt::Claims, target: &Target, method: &str, v
 
 /// A copy of the credential elsewhere in the request (`credential::copies`): 400, never forwarded.
 fn copied(req: &mut impl Request, source: &CredentialSource, needles: &copies::Needles, raw_path: &str) -> Option<Denial> {
-    let found = needles.find(req.headers(), source.header()).map(str::to_string);
+    let found = needles.find(req.headers(), source.header());
     let found = found.or_else(|| needles.holds(raw_path.as_bytes()).then(|| ":path".to_string()));
     found.map(|name| {
         log::info!("refused a request that carries a copy of its credential in {}", name.chars().take(64).collect::<String>());

@@ -29,7 +29,7 @@ pub enum Action {
 }
 
 /// A header map as Envoy hands it over: names in lower case, values as bytes.
-pub type Headers = Vec<(String, Vec<u8>)>;
+pub use crate::wire::headers::Headers;
 
 pub trait Host {
     /// Microseconds since the epoch, from the clock that gives each event its time. The

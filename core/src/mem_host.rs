@@ -4,6 +4,9 @@
 //! test expects. It is not a model of Envoy's timing: the integration suite runs the real one.
 
 use crate::host::{CallId, ContextId, Headers, Host, HostError};
+
+/// A header map a test builds and inspects (the host hands it over as `Headers`).
+pub type Fields = Vec<(String, Vec<u8>)>;
 use crate::record::{Family, Metric};
 use crate::secrets::store::HttpCall;
 use std::cell::{Cell, RefCell};
@@ -34,10 +37,10 @@ pub enum Effect {
 /// One stream as the host sees it.
 #[derive(Debug, Clone, Default)]
 pub struct Stream {
-    pub request: Headers,
+    pub request: Fields,
     pub route: Vec<(String, String)>,
-    pub response: Headers,
-    pub trailers: Headers,
+    pub response: Fields,
+    pub trailers: Fields,
     /// The request body as the client sent it (a test sets it before the body event).
     pub body: Vec<u8>,
     /// The response body part of the next response body event (a test sets it before).
@@ -249,7 +252,7 @@ impl Host for MemHost {
     }
 
     fn request_headers(&mut self) -> Result<Headers, HostError> {
-        Ok(self.stream()?.request.clone())
+        Ok(Headers::of(self.stream()?.request.iter().map(|(k, v)| (k, v))))
     }
 
     fn set_request_header(&mut self, name: &str, value: &[u8]) -> Result<(), HostError> {
@@ -265,7 +268,7 @@ impl Host for MemHost {
     }
 
     fn response_headers(&mut self) -> Result<Headers, HostError> {
-        Ok(self.stream()?.response.clone())
+        Ok(Headers::of(self.stream()?.response.iter().map(|(k, v)| (k, v))))
     }
 
     fn response_body(&mut self, size: usize) -> Result<Vec<u8>, HostError> {
@@ -283,7 +286,7 @@ impl Host for MemHost {
     }
 
     fn response_trailers(&mut self) -> Result<Headers, HostError> {
-        Ok(self.stream()?.trailers.clone())
+        Ok(Headers::of(self.stream()?.trailers.iter().map(|(k, v)| (k, v))))
     }
 
     fn remove_response_trailer(&mut self, name: &str) -> Result<(), HostError> {

@@ -1,5 +1,7 @@
-//! `keyward_core::host::Host` over proxy-wasm hostcalls. Every hostcall that can fail is called
-//! through `proxy_wasm::hostcalls`, and every failure is an `Err`, never a panic.
+//! `keyward_core::host::Host` over proxy-wasm hostcalls: through `proxy_wasm::hostcalls`, but for
+//! the few of every request whose SDK form panics on an error status and allocates on the way
+//! (a body write, a header-map read, a property write), declared here. Every failure is an `Err`
+//! or a log line, never a panic.
 
 use crate::metrics::Metrics;
 use keyward_core::host::{CallId, ContextId, Headers, Host, HostError};
@@ -34,9 +36,46 @@ impl WasmHost {
     }
 }
 
-// The proxy-wasm ABI's buffer write (the SDK declares it too, and panics on its errors).
+// The proxy-wasm ABI's buffer write and header-map read (the SDK declares them too, panics on
+// their errors, and copies every field of a map into its own allocations).
 extern "C" {
     fn proxy_set_buffer_bytes(buffer_type: u32, start: usize, size: usize, buffer_data: *const u8, buffer_size: usize) -> u32;
+    fn proxy_get_header_map_pairs(map_type: u32, return_map_data: *mut *mut u8, return_map_size: *mut usize) -> u32;
+    fn proxy_set_property(path_data: *const u8, path_size: usize, value_data: *const u8, value_size: usize) -> u32;
+    fn proxy_get_property(path_data: *const u8, path_size: usize, return_value_data: *mut *mut u8, return_value_size: *mut usize) -> u32;
+}
+
+/// A property's value (`path`: its parts, NUL-separated). `None`: absent or unreadable.
+fn property(path: &[u8]) -> Option<Vec<u8>> {
+    let mut data: *mut u8 = std::ptr::null_mut();
+    let mut size: usize = 0;
+    // SAFETY: the path is a slice valid for the call, then two out-parameters; on success the
+    // value is in memory this module allocated for Envoy (see `header_map`), owned from here on.
+    let status = unsafe { proxy_get_property(path.as_ptr(), path.len(), &mut data, &mut size) };
+    if status != 0 || data.is_null() {
+        return None;
+    }
+    // SAFETY: `size` bytes allocated with capacity `size` (see `header_map`).
+    Some(unsafe { Vec::from_raw_parts(data, size, size) })
+}
+
+/// A header map, read in place from the serialized form Envoy writes into the VM's memory.
+fn header_map(map: MapType) -> Result<Headers, HostError> {
+    let mut data: *mut u8 = std::ptr::null_mut();
+    let mut size: usize = 0;
+    // SAFETY: two out-parameters valid for the call. On success Envoy has written the map into
+    // memory it asked of this module's `proxy_on_memory_allocate` (the SDK's: a boxed slice of
+    // exactly `size` bytes from the global allocator), which this module then owns.
+    let status = unsafe { proxy_get_header_map_pairs(map as u32, &mut data, &mut size) };
+    if status != 0 {
+        return Err(HostError::Failed);
+    }
+    if data.is_null() {
+        return Ok(Headers::new());
+    }
+    // SAFETY: as above: `size` bytes allocated with capacity `size`, owned from here on.
+    let buf = unsafe { Vec::from_raw_parts(data, size, size) };
+    Headers::from_proxy_wasm(buf).ok_or(HostError::Failed)
 }
 
 /// Envoy's clock (microseconds since the epoch): each event's time, and the measuring clock.
@@ -99,7 +138,7 @@ impl Host for WasmHost {
     }
 
     fn request_headers(&mut self) -> Result<Headers, HostError> {
-        hostcalls::get_map_bytes(MapType::HttpRequestHeaders).map_err(failed)
+        header_map(MapType::HttpRequestHeaders)
     }
 
     fn set_request_header(&mut self, name: &str, value: &[u8]) -> Result<(), HostError> {
@@ -112,13 +151,13 @@ impl Host for WasmHost {
 
     fn response_headers(&mut self) -> Result<Headers, HostError> {
         if cfg!(feature = "ablate-scrub") {
-            return Ok(Vec::new());
+            return Ok(Headers::new());
         }
-        hostcalls::get_map_bytes(MapType::HttpResponseHeaders).map_err(failed)
+        header_map(MapType::HttpResponseHeaders)
     }
 
     fn response_from_upstream(&mut self) -> bool {
-        let details = hostcalls::get_property(vec!["response", "code_details"]).ok().flatten();
+        let details = property(b"response\0code_details");
         details.as_deref() == Some(b"via_upstream".as_slice())
     }
 
@@ -131,7 +170,7 @@ impl Host for WasmHost {
     }
 
     fn response_trailers(&mut self) -> Result<Headers, HostError> {
-        hostcalls::get_map_bytes(MapType::HttpResponseTrailers).map_err(failed)
+        header_map(MapType::HttpResponseTrailers)
     }
 
     fn remove_response_trailer(&mut self, name: &str) -> Result<(), HostError> {
@@ -139,11 +178,11 @@ impl Host for WasmHost {
     }
 
     fn downstream_address(&mut self) -> Option<String> {
-        hostcalls::get_property(vec!["source", "address"]).ok().flatten().and_then(|b| String::from_utf8(b).ok())
+        property(b"source\0address").and_then(|b| String::from_utf8(b).ok())
     }
 
     fn route_metadata(&mut self) -> Option<Vec<(String, String)>> {
-        let raw = hostcalls::get_property(vec!["xds", "route_metadata", "filter_metadata", "keyward"]).ok().flatten()?;
+        let raw = property(b"xds\0route_metadata\0filter_metadata\0keyward")?;
         let pairs = keyward_core::wire::pairs::decode(&raw)?;
         Some(pairs.into_iter().filter_map(|(k, v)| String::from_utf8(v).ok().map(|v| (k, v))).collect())
     }
@@ -160,8 +199,11 @@ impl Host for WasmHost {
             keyward_core::wire::json::write_str(&mut self.one_key, value);
             return;
         }
+        // A path of one part is that part's bytes (parts are NUL-separated).
+        // SAFETY: both pointers and lengths are of slices valid for the call; the host copies.
         #[allow(unreachable_code)]
-        if hostcalls::set_property(vec![key], Some(value.as_bytes())).is_err() {
+        let status = unsafe { proxy_set_property(key.as_ptr(), key.len(), value.as_ptr(), value.len()) };
+        if status != 0 {
             log::debug!("could not set filter state {key}");
         }
     }

@@ -17,21 +17,16 @@ impl Stream {
             if n > 0 && !abi::envoy_dynamic_module_callback_http_get_headers(self.0, kind, out.as_mut_ptr()) {
                 return None;
             }
-            Some(
-                out.iter()
-                    .map(|h| {
-                        let k = EnvoyBuffer { ptr: h.key_ptr, length: h.key_length }.bytes();
-                        let v = EnvoyBuffer { ptr: h.value_ptr, length: h.value_length }.bytes();
-                        // Envoy's header names are lower case already (HTTP/2 requires it; HTTP/1
-                        // names are lowered by the codec).
-                        let name = match std::str::from_utf8(k) {
-                            Ok(n) => n.to_string(),
-                            Err(_) => String::from_utf8_lossy(k).into_owned(),
-                        };
-                        (name, v.to_vec())
-                    })
-                    .collect(),
-            )
+            // Copied into one buffer: Envoy's header names are lower case already (HTTP/2
+            // requires it; HTTP/1 names are lowered by the codec).
+            let bytes = out.iter().map(|h| h.key_length.saturating_add(h.value_length)).sum();
+            let mut headers = Headers::with_capacity(n, bytes);
+            for h in &out {
+                let k = EnvoyBuffer { ptr: h.key_ptr, length: h.key_length }.bytes();
+                let v = EnvoyBuffer { ptr: h.value_ptr, length: h.value_length }.bytes();
+                headers.push(k, v);
+            }
+            Some(headers)
         }
     }
 

@@ -11,6 +11,7 @@ use keyward_core::config::{self, Config};
 use keyward_core::credential::jwt::{self, HmacKey};
 use keyward_core::credential::verified::VerifiedCache;
 use keyward_core::engine::{self, Lookup, Outcome, Request, Secrets, Step};
+use keyward_core::host::Headers;
 use keyward_core::secret::Secret;
 use keyward_core::secrets::store::Fetched;
 use keyward_core::{wire::b64, wire::json};
@@ -22,12 +23,12 @@ const NOW: i64 = 1_800_000_000;
 /// A request as Envoy hands it over: pseudo-headers, a few usual headers, the credential.
 struct Req {
     auth: Vec<u8>,
-    headers: Vec<(String, Vec<u8>)>,
+    headers: Headers,
 }
 
 impl Req {
     fn new(auth: Vec<u8>) -> Req {
-        let mut headers: Vec<(String, Vec<u8>)> = [
+        let mut headers = Headers::of([
             (":authority", "gateway.internal:10000"),
             (":path", "/v/v1/items"),
             (":method", "GET"),
@@ -35,11 +36,8 @@ impl Req {
             ("user-agent", "python-requests/2.32.5"),
             ("accept", "*/*"),
             ("x-request-id", "5f0c2a1e-4d7b-4c55-9a4e-0d3f1b2c6e7a"),
-        ]
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
-        .collect();
-        headers.push(("authorization".into(), auth.clone()));
+        ]);
+        headers.push(b"authorization", &auth);
         Req { auth, headers }
     }
 }
@@ -57,7 +55,7 @@ impl Request for Req {
     fn header_values(&mut self, name: &str) -> Vec<Vec<u8>> {
         self.header(name).into_iter().collect()
     }
-    fn headers(&mut self) -> &[(String, Vec<u8>)] {
+    fn headers(&mut self) -> &Headers {
         &self.headers
     }
     fn route_target(&mut self) -> Option<String> {

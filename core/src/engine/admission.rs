@@ -195,18 +195,18 @@ const NOT_THE_REQUEST: [&str; 28] = [
 ];
 
 /// A digest of the headers that are part of the request (sorted: their order does not matter).
-pub fn headers_digest(headers: &[(String, Vec<u8>)], credential_header: &str) -> [u8; 32] {
-    let volatile = |n: &str| {
-        NOT_THE_REQUEST.contains(&n)
-            || n == credential_header
-            || ["x-b3-", "x-datadog-", "x-forwarded-", "x-envoy-", "x-keyward-", "x-real-ip"].iter().any(|p| n.starts_with(p))
+pub fn headers_digest(headers: &crate::host::Headers, credential_header: &str) -> [u8; 32] {
+    let volatile = |n: &[u8]| {
+        NOT_THE_REQUEST.iter().any(|v| v.as_bytes() == n)
+            || n == credential_header.as_bytes()
+            || ["x-b3-", "x-datadog-", "x-forwarded-", "x-envoy-", "x-keyward-", "x-real-ip"].iter().any(|p| n.starts_with(p.as_bytes()))
     };
-    let mut kept: Vec<(String, &[u8])> = headers.iter().map(|(k, v)| (k.to_ascii_lowercase(), v.as_slice())).filter(|(k, _)| !volatile(k)).collect();
+    let mut kept: Vec<(Vec<u8>, &[u8])> = headers.iter().map(|(k, v)| (k.to_ascii_lowercase(), v)).filter(|(k, _)| !volatile(k)).collect();
     kept.sort();
     let mut h = Sha256::new();
     for (k, v) in kept {
         h.update((k.len() as u64).to_le_bytes());
-        h.update(k.as_bytes());
+        h.update(&k);
         h.update((v.len() as u64).to_le_bytes());
         h.update(v);
     }

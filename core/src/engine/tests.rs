@@ -29,6 +29,8 @@ struct Req {
     method: String,
     path: String,
     headers: Vec<(String, Vec<u8>)>,
+    /// `headers` as the host hands them over.
+    map: crate::host::Headers,
     target: Option<String>,
     prefix: Option<String>,
 }
@@ -46,8 +48,9 @@ impl Request for Req {
     fn header_values(&mut self, name: &str) -> Vec<Vec<u8>> {
         self.headers.iter().filter(|(k, _)| k == name).map(|(_, v)| v.clone()).collect()
     }
-    fn headers(&mut self) -> &[(String, Vec<u8>)] {
-        &self.headers
+    fn headers(&mut self) -> &crate::host::Headers {
+        self.map = crate::host::Headers::of(self.headers.iter().map(|(k, v)| (k, v)));
+        &self.map
     }
     fn route_target(&mut self) -> Option<String> {
         self.target.clone()
@@ -166,7 +169,7 @@ fn stripe_req(method: &str, path: &str, auth: Option<String>) -> Req {
     if let Some(a) = auth {
         headers.push(("authorization".to_string(), a.into_bytes()));
     }
-    Req { method: method.into(), path: path.into(), headers, target: Some("stripe".into()), prefix: Some("/stripe".into()) }
+    Req { method: method.into(), path: path.into(), headers, target: Some("stripe".into()), prefix: Some("/stripe".into()), ..Req::default() }
 }
 
 fn code(d: &Decision) -> &'static str {
@@ -308,6 +311,7 @@ fn other_sources() {
         headers: vec![("authorization".into(), basic.into_bytes())],
         target: Some("twilio".into()),
         prefix: Some("/twilio".into()),
+        ..Req::default()
     };
     let d = decide_and_count(&c, &mut r, &mut s, NOW);
     assert_eq!(set_value(&d, "authorization").as_deref(), Some("Basic QUMxOnR3X3Rvaw=="));
@@ -318,6 +322,7 @@ fn other_sources() {
         headers: vec![("x-api-key".into(), t.clone().into_bytes())],
         target: Some("anthropic".into()),
         prefix: Some("/anthropic".into()),
+        ..Req::default()
     };
     let d = decide_and_count(&c, &mut r, &mut s, NOW);
     assert_eq!(set_value(&d, "x-api-key").as_deref(), Some("sk-ant-test"));
@@ -329,6 +334,7 @@ fn other_sources() {
         headers: vec![("x-api-key".into(), t.clone().into_bytes()), ("x-api-key".into(), b"other".to_vec())],
         target: Some("anthropic".into()),
         prefix: Some("/anthropic".into()),
+        ..Req::default()
     };
     assert_eq!(code(&decide_and_count(&c, &mut r, &mut s, NOW)), "bad_request");
 
@@ -338,6 +344,7 @@ fn other_sources() {
         headers: vec![("authorization".into(), format!("Bearer {t}").into_bytes())],
         target: Some("maps".into()),
         prefix: Some("/maps".into()),
+        ..Req::default()
     };
     let d = decide_and_count(&c, &mut r, &mut s, NOW);
     let Outcome::Allow(ops) = &d.outcome else { panic!("{:?}", d.outcome) };
@@ -837,7 +844,7 @@ fn retry_seeds_name_the_key_and_everything_the_headers_ask_for() {
     }
     // Headers: another account or API version is another request; tracing and an SDK's retry
     // count are not.
-    let h = |pairs: &[(&str, &str)]| -> Vec<(String, Vec<u8>)> { pairs.iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())).collect() };
+    let h = |pairs: &[(&str, &str)]| crate::host::Headers::of(pairs.iter().copied());
     let base = admission::headers_digest(&h(&[("stripe-account", "acct_1"), ("stripe-version", "2024-06-20"), ("traceparent", "00-a-b-01")]), "authorization");
     assert_eq!(
         base,

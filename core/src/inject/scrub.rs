@@ -102,25 +102,27 @@ pub fn leaks(needles: &Needles, value: &[u8]) -> bool {
     value.contains(&b'%') && needles.exact.in_(&pct::decode(value, false))
 }
 
-/// The names (lower-case, once each) of the headers to remove from a response.
-pub fn headers_to_remove(needles: &Needles, headers: &[(String, Vec<u8>)]) -> Vec<String> {
+/// The names (lower-case, once each) of the headers to remove from a response. `None`: a header
+/// that leaks has a name that is not text, so it cannot be named to remove it (the caller resets
+/// the stream).
+pub fn headers_to_remove(needles: &Needles, headers: &crate::host::Headers) -> Option<Vec<String>> {
     let mut out: Vec<String> = Vec::new();
     if needles.is_empty() {
-        return out;
+        return Some(out);
     }
-    for (name, value) in headers {
-        if name.starts_with(':') {
+    for (name, value) in headers.iter() {
+        if name.starts_with(b":") {
             continue; // pseudo-headers (:status) cannot be removed, and never carry a secret
         }
         if !leaks(needles, value) {
             continue;
         }
-        let n = name.to_ascii_lowercase();
+        let n = std::str::from_utf8(name).ok()?.to_ascii_lowercase();
         if !out.contains(&n) {
             out.push(n);
         }
     }
-    out
+    Some(out)
 }
 
 #[cfg(test)]
@@ -161,8 +163,22 @@ mod tests {
             refund_on: vec![],
         }
     }
-    fn h(pairs: &[(&str, &str)]) -> Vec<(String, Vec<u8>)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())).collect()
+    fn h(pairs: &[(&str, &str)]) -> crate::host::Headers {
+        crate::host::Headers::of(pairs.iter().copied())
+    }
+
+    /// The names to remove, where every name is text.
+    fn headers_to_remove(n: &Needles, headers: &crate::host::Headers) -> Vec<String> {
+        super::headers_to_remove(n, headers).unwrap_or_else(|| panic!("the names are text"))
+    }
+
+    #[test]
+    fn a_leaking_header_whose_name_is_not_text_cannot_be_named_so_the_stream_is_reset() {
+        let n = needles(&target(Inject::Bearer { field: "k".into() }), &fetched(&[("k", "fake-vendor-key-abcdef123")]));
+        let odd = crate::host::Headers::of([(b"x-\xff".as_slice(), b"fake-vendor-key-abcdef123".as_slice())]);
+        assert_eq!(super::headers_to_remove(&n, &odd), None);
+        let harmless = crate::host::Headers::of([(b"x-\xff".as_slice(), b"nothing".as_slice())]);
+        assert_eq!(super::headers_to_remove(&n, &harmless), Some(vec![]));
     }
 
     #[test]

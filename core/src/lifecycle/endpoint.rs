@@ -56,7 +56,7 @@ impl Lifecycle {
             let d = Denial::new(Code::Forbidden, "the drain endpoint answers the gateway itself only");
             return self.reply(host, d.status(), &d.headers(), &d.body());
         }
-        let post = host.request_headers().is_ok_and(|h| h.iter().any(|(k, v)| k == ":method" && v.as_slice() == b"POST"));
+        let post = host.request_headers().is_ok_and(|h| h.values(":method").any(|v| v == b"POST"));
         if !post {
             let d = Denial::new(Code::Forbidden, "the drain endpoint takes POST only");
             return self.reply(host, d.status(), &d.headers(), &d.body());

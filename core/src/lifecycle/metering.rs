@@ -44,7 +44,7 @@ fn label(model: &str) -> String {
 }
 
 fn header<'a>(headers: &'a Headers, name: &str) -> Option<&'a [u8]> {
-    headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_slice())
+    headers.get(name)
 }
 
 impl Lifecycle {

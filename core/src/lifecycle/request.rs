@@ -36,7 +36,7 @@ impl HostRequest {
     /// Does the request carry this header? Unknown (the map could not be read): yes.
     fn carries(&self, name: &str) -> bool {
         match &self.headers {
-            Ok(all) => all.iter().any(|(k, _)| k.eq_ignore_ascii_case(name)),
+            Ok(all) => all.get(name).is_some(),
             Err(()) => true,
         }
     }
@@ -51,17 +51,18 @@ impl Request for HostRequest {
     }
     fn header(&mut self, name: &str) -> Option<Vec<u8>> {
         let all = self.headers.as_ref().ok()?;
-        all.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.clone())
+        all.get(name).map(<[u8]>::to_vec)
     }
     fn header_values(&mut self, name: &str) -> Vec<Vec<u8>> {
         match &self.headers {
-            Ok(all) => all.iter().filter(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.clone()).collect(),
+            Ok(all) => all.values(name).map(<[u8]>::to_vec).collect(),
             // Fail closed: an unreadable header map counts as a duplicate.
             Err(()) => vec![Vec::new(), Vec::new()],
         }
     }
-    fn headers(&mut self) -> &[(String, Vec<u8>)] {
-        self.headers.as_deref().unwrap_or(&[])
+    fn headers(&mut self) -> &Headers {
+        static NONE: Headers = Headers::new();
+        self.headers.as_ref().unwrap_or(&NONE)
     }
     fn route_target(&mut self) -> Option<String> {
         self.target.clone()
@@ -277,7 +278,7 @@ impl Lifecycle {
         if !self.scrub(host, &served, &headers, Part::Headers) {
             return;
         }
-        let status = headers.iter().find(|(k, _)| k == ":status").map(|(_, v)| v.as_slice());
+        let status = headers.get(":status");
         let refunded = served.reservation.is_some() && self.refund_if_due(host, ctx, status);
         if served.meter.is_some() {
             self.begin_reading(host, ctx, &headers, refunded);
@@ -332,15 +333,19 @@ impl Lifecycle {
                 n
             }
         };
-        let remove = scrub::headers_to_remove(&needles, headers);
-        if remove.is_empty() {
-            return true;
-        }
-        host.metric(Metric::ResponseScrubbed);
         let what = match part {
             Part::Headers => "header",
             Part::Trailers => "trailer",
         };
+        let Some(remove) = scrub::headers_to_remove(&needles, headers) else {
+            log::warn!("target {}: the vendor reflected the upstream secret in a response {what} whose name is not text; resetting the stream", t.name);
+            host.reset();
+            return false;
+        };
+        if remove.is_empty() {
+            return true;
+        }
+        host.metric(Metric::ResponseScrubbed);
         log::warn!("target {}: the vendor reflected the upstream secret in response {what}(s) {}; removed", t.name, remove.join(", "));
         for name in &remove {
             let removed = match part {

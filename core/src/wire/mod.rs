@@ -1,8 +1,9 @@
 //! Reading the little-endian binary records Keyward keeps in Envoy shared data (the secret
 //! cache, the limit shards). Every read is bounds-checked and returns `None` past the end.
-//! The formats Keyward reads and writes live beside it: `b64`, `json`, `pairs`, `pct`.
+//! The formats Keyward reads and writes live beside it: `b64`, `headers`, `json`, `pairs`, `pct`.
 
 pub mod b64;
+pub mod headers;
 pub mod json;
 pub mod needles;
 pub mod pairs;
