@@ -171,9 +171,9 @@ bench: build $(STAMP) $(DYNALITE) dist/bench/noop.wasm $(foreach a,$(ABLATIONS),
 
 # Instructions per request of the Envoy worker in each arm and ablation build, under callgrind
 # (about 10 minutes; repeatable, unlike time). Writes bench/results/icount.json.
-icount: build $(STAMP) dist/bench/noop.wasm $(foreach a,$(ABLATIONS),dist/bench/ablate-$(a).wasm)
+icount: build $(STAMP) dist/bench/noop.wasm dist/bench/native-noop/libkeyward.so $(foreach a,$(ABLATIONS),dist/bench/ablate-$(a).wasm)
 	cargo build --release --locked -p keyward-loadgen
-	$(VENV)/bin/python bench/icount.py A B C D N $(foreach a,$(ABLATIONS),$(a)=dist/bench/ablate-$(a).wasm)
+	$(VENV)/bin/python bench/icount.py A B C D N M $(foreach a,$(ABLATIONS),$(a)=dist/bench/ablate-$(a).wasm)
 
 # Instruction counts of the warm request path (engine::decide with an in-memory host), per
 # function, from callgrind: repeatable on a shared machine, unlike timings.
@@ -188,6 +188,12 @@ dist/bench/ablate-%.wasm: .wasm-target $(shell find filter/src core/src -name '*
 	cargo build --profile wasm --locked --target wasm32-wasip1 -p keyward-filter --target-dir target/ablate-$* \
 	  --features $(if $(filter all,$*),ablate-audit$(comma)ablate-scrub$(comma)ablate-metrics,ablate-$*)
 	$(call finish_wasm,target/ablate-$*/wasm32-wasip1/wasm/keyward_filter.wasm,$@)
+
+# Bench only: the native module with stream hooks that do nothing (icount's arm M), under the
+# module's own name in its own directory.
+dist/bench/native-noop/libkeyward.so: $(shell find native/src -name '*.rs') native/Cargo.toml
+	cargo build --profile native --locked -p keyward-native --features bench-noop --target-dir target/noop-native
+	$(call install_so,target/noop-native/native/libkeyward.so,$@)
 
 dist/bench/noop.wasm: .wasm-target bench/noop/src/lib.rs bench/noop/Cargo.toml
 	cargo build --release --locked --target wasm32-wasip1 -p keyward-bench-noop

@@ -3,14 +3,15 @@
 0.01 % for the same binaries and inputs, whatever else the machine is doing (unlike CPU time).
 
 Runs the arms of bench/run.py (A bare, B no-op module, C Keyward, D native filters, N Keyward's
-native module; same
-bootstraps, same 100 rotating credentials) one at a time, each as the real Envoy binary under
+native module; same bootstraps, same 100 rotating credentials), and M: arm N's configuration with
+a build of the native module whose stream hooks do nothing (dist/bench/native-noop), what any
+dynamic module costs Envoy per request, one at a time, each as the real Envoy binary under
 `valgrind --tool=callgrind` with --concurrency 1. After a warm-up, the counters are zeroed, a
 fixed number of requests is sent at a low fixed rate, and the worker thread's total is divided by
 the requests it completed. An argument LABEL=path.wasm runs arm C's configuration with that build
 (for example an ablation build: `audit=dist/bench/ablate-audit.wasm`).
 
-Usage: .venv/bin/python bench/icount.py [A B C D LABEL=path.wasm ...]   (default: A B C D)
+Usage: .venv/bin/python bench/icount.py [A B C D N M LABEL=path.wasm ...]   (default: A B C D N)
 Environment: ICOUNT_REQUESTS (1000), ICOUNT_RATE (100 per second).
 Writes bench/results/icount.json and prints a table. Takes about a minute per arm.
 """
@@ -50,6 +51,13 @@ def slow_store(config):
     return json.dumps(cfg)
 
 
+def module_path(label):
+    """Where Envoy finds the native module: the no-op build for arm M."""
+    if label == "M":
+        return {"ENVOY_DYNAMIC_MODULES_SEARCH_PATH": str(bench.ROOT / "dist" / "bench" / "native-noop")}
+    return bench.executor.env()
+
+
 def count(label, arm, wasm, workdir, ctx):
     ports = {"admin": harness.free_port(), "listen": harness.free_port()}
     b = bench.bootstrap(arm, ports, workdir, ctx)
@@ -63,7 +71,7 @@ def count(label, arm, wasm, workdir, ctx):
     proc = subprocess.Popen(["valgrind", "--tool=callgrind", "--smc-check=all-non-file", "--separate-threads=yes",
                              f"--callgrind-out-file={out}.%p", str(envoy_binary()), "-c", str(cfg), "--concurrency", "1",
                              "--log-level", "warn", "--base-id", str(harness.free_port()), "--disable-hot-restart"],
-                            stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, **ctx["env"], **bench.executor.env()),
+                            stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, **ctx["env"], **module_path(label)),
                             start_new_session=True)
     try:
         def ready():
@@ -116,7 +124,7 @@ def main():
         rows = []
         for a in args:
             label, _, wasm = a.partition("=")
-            arm = label if label in ("A", "B", "C", "D", "N") and not wasm else "C"
+            arm = label if label in ("A", "B", "C", "D", "N") and not wasm else "N" if label == "M" else "C"
             row = count(label, arm, wasm or None, workdir, ctx)
             rows.append(row)
             print(f"{label}: {row['instructions_per_request']:,} instructions per request ({row['requests']} requests)", flush=True)

@@ -9,14 +9,19 @@
 //!
 //! A panic in a hook fails its request closed (503), and the worker that panicked is replaced.
 
+#![cfg_attr(feature = "bench-noop", allow(dead_code, unused_imports))]
+
 mod abi;
 mod config;
 mod counts;
+#[cfg(not(feature = "bench-noop"))]
 mod hooks;
 mod host;
 mod link;
 mod logger;
 mod metrics;
+#[cfg(feature = "bench-noop")]
+mod noop_hooks;
 mod shared;
 mod slot;
 mod stream;
