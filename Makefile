@@ -165,7 +165,7 @@ ABLATIONS := audit scrub metrics all onekey
 
 # Keyward against bare Envoy, a no-op wasm filter and Envoy's native filters, in one run (about
 # 20 minutes; BENCH_RATE, BENCH_SECONDS, BENCH_ROUNDS tune it). Writes bench/results/latest.json.
-bench: build $(STAMP) $(DYNALITE) dist/bench/noop.wasm $(foreach a,$(ABLATIONS),dist/bench/ablate-$(a).wasm)
+bench: build $(STAMP) $(DYNALITE) dist/bench/noop.wasm dist/bench/native-noop/libkeyward.so $(foreach a,$(ABLATIONS),dist/bench/ablate-$(a).wasm)
 	cargo build --release --locked -p keyward-loadgen
 	$(VENV)/bin/python bench/run.py
 

@@ -10,6 +10,8 @@ Arms (identical connection manager settings and access-log format; only the HTTP
      path), credential_injector (a generic secret)
   N  Keyward's native executor (dist/native/libkeyward.so, Envoy's dynamic-modules filter): arm C's
      configuration and load; its CPU is the worker's plus the module's tick thread's
+  M  arm N with the native module built with stream hooks that do nothing (dist/bench/native-noop):
+     what any dynamic module costs, the floor under N
 
 Each arm is its own Envoy (--concurrency 1) pinned to core 0. The load generator (open loop at a
 fixed rate, bench/loadgen) and a direct-response upstream Envoy share core 1. Arms are interleaved
@@ -95,7 +97,9 @@ ABLATIONS = {"audit": "filter-state writes (the access-log keys)", "scrub": "rea
 ONLY = os.environ.get("BENCH_ONLY", "")
 BODY_SIZES = [int(x) for x in os.environ.get("BENCH_BODY_SIZES", "100,4096,32768").split(",")]
 TOKENS = 100
-ARMS = {"A": "bare", "B": "noop", "C": "keyward", "D": "native", "N": "keyward_native"}
+ARMS = {"A": "bare", "B": "noop", "C": "keyward", "D": "native", "N": "keyward_native", "M": "noop_native"}
+# Arm M's module: the native module's bench-noop build.
+NOOP_NATIVE_DIR = ROOT / "dist" / "bench" / "native-noop"
 # BENCH_BASELINE_WASM=path: a fifth arm, E, runs that build of keyward.wasm (an earlier commit) in
 # the same rounds, for before/after figures measured in one run.
 BASELINE_WASM = os.environ.get("BENCH_BASELINE_WASM")
@@ -191,10 +195,10 @@ BUFFER_FILTER = {"name": BUFFER, "disabled": True, "typed_config": {
 
 
 def bootstrap(arm, ports, workdir, ctx):
-    if arm == "N":
+    if arm in ("N", "M"):
         b = executor.native(bootstrap("C", ports, workdir, ctx))
         hcm = b["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-        hcm["access_log"][0]["typed_config"]["path"] = str(workdir / "access-N.log")
+        hcm["access_log"][0]["typed_config"]["path"] = str(workdir / f"access-{arm}.log")
         return b
     filters = {
         "A": [],
@@ -282,7 +286,7 @@ class Proc:
         cfg = workdir / f"{name}.json"
         cfg.write_text(json.dumps(bootstrap))
         self.log = open(workdir / f"{name}.log", "wb")
-        full_env = dict(os.environ, **(env or {}), **executor.env())
+        full_env = dict(os.environ, **executor.env(), **(env or {}))
         self.proc = subprocess.Popen(["taskset", "-c", str(core), str(ENVOY), "-c", str(cfg), "--concurrency", str(concurrency),
                                       "--log-level", "warn", "--base-id", str(harness.free_port()), "--disable-hot-restart"],
                                      stdout=self.log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
@@ -690,7 +694,8 @@ def main():
         arms = {}
         for arm in ARMS:
             ports = {"admin": harness.free_port(), "listen": harness.free_port()}
-            p = Proc(f"arm-{arm}", bootstrap(arm, ports, workdir, ctx), workdir, 0, env)
+            arm_env = dict(env, ENVOY_DYNAMIC_MODULES_SEARCH_PATH=str(NOOP_NATIVE_DIR)) if arm == "M" else env
+            p = Proc(f"arm-{arm}", bootstrap(arm, ports, workdir, ctx), workdir, 0, arm_env)
             p.port = ports["listen"]
             procs.append(p)
             arms[arm] = p
@@ -732,7 +737,7 @@ def main():
                 return [r["cpu_us_per_rq"] for r in per_round[a]]
             warm = {ARMS[a]: {"cpu_us_per_request": round(median(cpu(a)), 2), "rounds": [round(x, 2) for x in cpu(a)]} for a in ARMS}
             ratios = {f"{ARMS[x]}_over_{ARMS[y]}": round(statistics.median([u / v for u, v in zip(cpu(x), cpu(y))]), 3)
-                      for x, y in [("C", "A"), ("C", "D"), ("B", "A"), ("N", "A"), ("N", "D"), ("N", "C")]
+                      for x, y in [("C", "A"), ("C", "D"), ("B", "A"), ("N", "A"), ("N", "D"), ("N", "C"), ("M", "A"), ("N", "M")]
                       + ([("C", "E"), ("E", "A")] if BASELINE_WASM else [])}
             print(json.dumps({"warm": warm, "ratios": ratios, "baseline": BASELINE_WASM}, indent=1))
             return
@@ -766,7 +771,9 @@ def main():
                        "native_over_bare_cpu_per_request": ratio("D", "A"),
                        "keyward_native_over_bare_cpu_per_request": ratio("N", "A"),
                        "keyward_native_over_native_cpu_per_request": ratio("N", "D"),
-                       "keyward_native_over_keyward_cpu_per_request": ratio("N", "C")},
+                       "keyward_native_over_keyward_cpu_per_request": ratio("N", "C"),
+                       "noop_native_over_bare_cpu_per_request": ratio("M", "A"),
+                       "keyward_native_over_noop_native_cpu_per_request": ratio("N", "M")},
             "arms": s,
             **({"baseline": {"wasm": BASELINE_WASM, "wasm_bytes": Path(BASELINE_WASM).stat().st_size,
                              "keyward_over_baseline_cpu_per_request": ratio("C", "E"),
@@ -819,7 +826,9 @@ def print_table(out):
     print(f"\nkeyward/bare {r['keyward_over_bare_cpu_per_request']}  keyward/native {r['keyward_over_native_cpu_per_request']}  "
           f"noop/bare {r['noop_over_bare_cpu_per_request']}  (medians of per-round ratios)")
     print(f"keyward native module: /bare {r['keyward_native_over_bare_cpu_per_request']}  /Envoy's native stack "
-          f"{r['keyward_native_over_native_cpu_per_request']}  /keyward wasm {r['keyward_native_over_keyward_cpu_per_request']}")
+          f"{r['keyward_native_over_native_cpu_per_request']}  /keyward wasm {r['keyward_native_over_keyward_cpu_per_request']}  "
+          f"/no-op native module {r['keyward_native_over_noop_native_cpu_per_request']}; no-op native module /bare "
+          f"{r['noop_native_over_bare_cpu_per_request']}")
     print(f"cold miss: {c['cold_request_p50_us']:.0f} µs, of which the vault's own read {c['vault_read_p50_us']:.0f} µs "
           f"-> {c['cold_minus_vault_p50_us']:.0f} µs added; warm {c['warm_request_p50_us']:.0f} µs; "
           f"cold - warm - vault {c['cold_minus_warm_minus_vault_p50_us']:.0f} µs")
