@@ -286,7 +286,7 @@ class Proc:
         cfg = workdir / f"{name}.json"
         cfg.write_text(json.dumps(bootstrap))
         self.log = open(workdir / f"{name}.log", "wb")
-        full_env = dict(os.environ, **executor.env(), **(env or {}))
+        full_env = {**os.environ, **executor.env(), **(env or {})}
         self.proc = subprocess.Popen(["taskset", "-c", str(core), str(ENVOY), "-c", str(cfg), "--concurrency", str(concurrency),
                                       "--log-level", "warn", "--base-id", str(harness.free_port()), "--disable-hot-restart"],
                                      stdout=self.log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)

@@ -354,7 +354,8 @@ enum Then {
 }
 
 impl Count {
-    /// Finish the decision from how counting went (`admission::admit`'s answer).
+    /// Finish the decision from how counting went (`admission::admit`'s answer), with the
+    /// configuration `decide` was given (a target that is not the one decided is a 503).
     pub fn admitted(self, cfg: &Config, secrets: &mut impl Secrets, counted: Result<Spend, Halt>) -> Decision {
         let Count { ticket, mut audit, target, then, .. } = self;
         let spend = match counted {
@@ -362,7 +363,9 @@ impl Count {
             Err(Halt::Deny(d)) => return deny(audit, d),
             Err(Halt::Pending(account)) => return Decision::new(Outcome::NeedLedger(account), audit),
         };
-        let Some(target) = cfg.targets.get(target) else { return deny(audit, unavailable()) };
+        let Some(target) = cfg.targets.get(target).filter(|t| audit.target.as_deref() == Some(t.name.as_str())) else {
+            return deny(audit, unavailable());
+        };
         audit.budgets = admission::budget_names(cfg, &ticket, &spend);
         match then {
             Then::Secret { raw_path } => match serve(secrets, audit, target, &raw_path) {

@@ -41,7 +41,7 @@ impl Worker {
     /// One event, at Envoy's time; then the tick period the lifecycle's state asks for.
     fn handle(&mut self, ev: Event) -> CoreAction {
         if self.now_us == 0 || self.lc.reads_clock(&ev) {
-            self.now_us = host::now_us().max(self.now_us);
+            self.now_us = host::now_us();
         }
         let a = self.lc.handle(self.now_us, &mut self.host, ev);
         self.set_tick();

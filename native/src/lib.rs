@@ -69,6 +69,8 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
     config: abi::EnvoyBuffer,
 ) -> *const c_void {
     let made = catch_unwind(AssertUnwindSafe(|| {
+        #[cfg(feature = "bench-noop")]
+        log::error!("keyward {VERSION}: this is the bench's no-op build: every request passes unexamined, with no key; never deploy it");
         let json = config.bytes().to_vec();
         let env = |name: &str| std::env::var(name).ok();
         match keyward_core::config::compile(&json, &env) {

@@ -24,7 +24,9 @@ impl Stream {
             for h in &out {
                 let k = EnvoyBuffer { ptr: h.key_ptr, length: h.key_length }.bytes();
                 let v = EnvoyBuffer { ptr: h.value_ptr, length: h.value_length }.bytes();
-                headers.push(k, v);
+                if !headers.push(k, v) {
+                    return None;
+                }
             }
             Some(headers)
         }

@@ -37,7 +37,7 @@ impl Req {
             ("accept", "*/*"),
             ("x-request-id", "5f0c2a1e-4d7b-4c55-9a4e-0d3f1b2c6e7a"),
         ]);
-        headers.push(b"authorization", &auth);
+        let _ = headers.push(b"authorization", &auth);
         Req { auth, headers }
     }
 }

@@ -26,23 +26,26 @@ impl Headers {
         Headers { buf: Vec::with_capacity(bytes), fields: Vec::with_capacity(fields) }
     }
 
-    /// Add a field at the end. A map over 4 GiB is not a header map: the field is dropped.
-    pub fn push(&mut self, name: &[u8], value: &[u8]) {
-        let (Ok(n0), Ok(nl), Ok(vl)) = (u32::try_from(self.buf.len()), u32::try_from(name.len()), u32::try_from(value.len())) else { return };
-        let Some(v0) = n0.checked_add(nl) else { return };
+    /// Add a field at the end. `false`: it was not added (a map over 4 GiB is not a header map;
+    /// whoever reads one fails closed).
+    #[must_use]
+    pub fn push(&mut self, name: &[u8], value: &[u8]) -> bool {
+        let (Ok(n0), Ok(nl), Ok(vl)) = (u32::try_from(self.buf.len()), u32::try_from(name.len()), u32::try_from(value.len())) else { return false };
+        let Some(v0) = n0.checked_add(nl) else { return false };
         if v0.checked_add(vl).is_none() {
-            return;
+            return false;
         }
         self.buf.extend_from_slice(name);
         self.buf.extend_from_slice(value);
         self.fields.push([n0, nl, v0, vl]);
+        true
     }
 
-    /// A map of these fields, in this order.
+    /// A map of these fields, in this order (a test's, or a host's own copy: under 4 GiB).
     pub fn of<N: AsRef<[u8]>, V: AsRef<[u8]>>(pairs: impl IntoIterator<Item = (N, V)>) -> Headers {
         let mut h = Headers::default();
         for (n, v) in pairs {
-            h.push(n.as_ref(), v.as_ref());
+            let _ = h.push(n.as_ref(), v.as_ref());
         }
         h
     }
