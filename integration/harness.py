@@ -174,6 +174,8 @@ class Vendor:
                     # A careless vendor: echoes the credential it got in headers and a redirect.
                     query = self.path.split("?", 1)[1] if "?" in self.path else ""
                     cred = (self.headers.get("authorization") or self.headers.get("x-api-key") or "").encode()
+                    key = cred.decode(errors="replace").split(" ")[-1]
+                    named = [(f"x-echo-{key}", "1")] if key and key.replace("_", "").isalnum() else []
                     echo = [("x-echo-authorization", self.headers.get("authorization") or ""),
                             ("x-echo-api-key", self.headers.get("x-api-key") or ""),
                             # URL-encoded as some vendors do: every byte in lower-case hex, or every other one.
@@ -184,6 +186,8 @@ class Vendor:
                             ("x-echo-hex-upper", (cred or query.encode()).hex().upper()),
                             ("x-echo-base64", base64.b64encode(cred or query.encode()).decode()),
                             ("x-echo-query", query),
+                            # The key as a header's name (a vendor that names a debug header after it).
+                            *named,
                             ("location", f"https://vendor.test/callback?{query}"),
                             ("x-harmless", "kept")]
                     send_json(self, 302, b'{"vendor":"redirect"}', [(k, v) for k, v in echo if v])

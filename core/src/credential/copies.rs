@@ -82,10 +82,14 @@ impl Needles {
     }
 
     /// The first header (pseudo-headers such as `:path` included) other than `source` that holds
-    /// a copy of the credential.
+    /// a copy of the credential, by name; in a header's name itself, `"a header name"` (never the
+    /// name: it would put the copy in the log).
     pub fn find(&self, headers: &Headers, source: &str) -> Option<String> {
         if self.set.is_empty() {
             return None;
+        }
+        if headers.iter().any(|(name, _)| self.holds(name)) {
+            return Some("a header name".to_string());
         }
         headers
             .iter()
@@ -129,6 +133,17 @@ mod tests {
             let headers = h(&[("authorization", &bearer), (":method", "GET"), (name, &value)]);
             assert_eq!(n.find(&headers, "authorization").as_deref(), Some(name), "{name}: {value}");
         }
+    }
+
+    #[test]
+    fn a_copy_in_a_header_name_is_found_and_not_named() {
+        let n = Needles::of(TOKEN);
+        let bearer = format!("Bearer {TOKEN}");
+        for name in [TOKEN.to_string(), format!("x-{SIG}"), format!("x-{}", pct_all(SIG))] {
+            let headers = h(&[("authorization", &bearer), (name.as_str(), "1")]);
+            assert_eq!(n.find(&headers, "authorization").as_deref(), Some("a header name"), "{name}");
+        }
+        assert_eq!(n.find(&h(&[("authorization", &bearer), ("x-other", "1")]), "authorization"), None);
     }
 
     #[test]

@@ -102,9 +102,10 @@ pub fn leaks(needles: &Needles, value: &[u8]) -> bool {
     value.contains(&b'%') && needles.exact.in_(&pct::decode(value, false))
 }
 
-/// The names (lower-case, once each) of the headers to remove from a response. `None`: a header
-/// that leaks has a name that is not text, so it cannot be named to remove it (the caller resets
-/// the stream).
+/// The names (lower-case, once each) of the headers to remove from a response: those whose value
+/// or name holds the secret. `None`: a header that leaks has a name that is not text, so it cannot
+/// be named to remove it (the caller resets the stream).
+/// A name that holds the secret must never be logged: see `shown`.
 pub fn headers_to_remove(needles: &Needles, headers: &crate::host::Headers) -> Option<Vec<String>> {
     let mut out: Vec<String> = Vec::new();
     if needles.is_empty() {
@@ -114,7 +115,7 @@ pub fn headers_to_remove(needles: &Needles, headers: &crate::host::Headers) -> O
         if name.starts_with(b":") {
             continue; // pseudo-headers (:status) cannot be removed, and never carry a secret
         }
-        if !leaks(needles, value) {
+        if !leaks(needles, value) && !leaks(needles, name) {
             continue;
         }
         let n = std::str::from_utf8(name).ok()?.to_ascii_lowercase();
@@ -123,6 +124,15 @@ pub fn headers_to_remove(needles: &Needles, headers: &crate::host::Headers) -> O
         }
     }
     Some(out)
+}
+
+/// How a header to remove is named in a log line: not at all if its name holds the secret.
+pub fn shown<'a>(needles: &Needles, name: &'a str) -> &'a str {
+    if leaks(needles, name.as_bytes()) {
+        "(a name that holds the secret)"
+    } else {
+        name
+    }
 }
 
 #[cfg(test)]
@@ -192,6 +202,15 @@ mod tests {
             ("x-other", "fake-vendor-key-abcdef12"),
         ]);
         assert_eq!(headers_to_remove(&n, &headers), vec!["x-echo-authorization", "x-debug"]);
+    }
+
+    #[test]
+    fn a_header_whose_name_reflects_the_key_is_removed_and_never_named_in_a_log() {
+        let n = needles(&target(Inject::Bearer { field: "k".into() }), &fetched(&[("k", "fake-vendor-key-abcdef123")]));
+        let headers = h(&[(":status", "200"), ("x-fake-vendor-key-abcdef123", "1"), ("x-fine", "1")]);
+        assert_eq!(headers_to_remove(&n, &headers), vec!["x-fake-vendor-key-abcdef123"]);
+        assert_eq!(super::shown(&n, "x-fake-vendor-key-abcdef123"), "(a name that holds the secret)");
+        assert_eq!(super::shown(&n, "x-debug"), "x-debug");
     }
 
     #[test]

@@ -346,14 +346,15 @@ impl Lifecycle {
             return true;
         }
         host.metric(Metric::ResponseScrubbed);
-        log::warn!("target {}: the vendor reflected the upstream secret in response {what}(s) {}; removed", t.name, remove.join(", "));
+        let names: Vec<&str> = remove.iter().map(|n| scrub::shown(&needles, n)).collect();
+        log::warn!("target {}: the vendor reflected the upstream secret in response {what}(s) {}; removed", t.name, names.join(", "));
         for name in &remove {
             let removed = match part {
                 Part::Headers => host.remove_response_header(name),
                 Part::Trailers => host.remove_response_trailer(name),
             };
             if removed.is_err() {
-                log::warn!("could not remove response {what} {name}; resetting the stream");
+                log::warn!("could not remove response {what} {}; resetting the stream", scrub::shown(&needles, name));
                 host.reset();
                 return false;
             }
