@@ -88,13 +88,15 @@ impl Needles {
         if self.set.is_empty() {
             return None;
         }
-        if headers.iter().any(|(name, _)| self.holds(name)) {
-            return Some("a header name".to_string());
-        }
-        headers
-            .iter()
-            .find(|(name, value)| !name.eq_ignore_ascii_case(source.as_bytes()) && self.holds(value))
-            .map(|(name, _)| String::from_utf8_lossy(name).into_owned())
+        headers.iter().find_map(|(name, value)| {
+            if self.holds(name) {
+                Some("a header name".to_string())
+            } else if !name.eq_ignore_ascii_case(source.as_bytes()) && self.holds(value) {
+                Some(String::from_utf8_lossy(name).into_owned())
+            } else {
+                None
+            }
+        })
     }
 }
 

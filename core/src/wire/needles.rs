@@ -9,11 +9,13 @@ use crate::secret::Secret;
 pub struct NeedleSet {
     needles: Vec<Secret>,
     first: [bool; 256],
+    /// The shortest needle's length: a shorter value (most header names) holds none.
+    shortest: usize,
 }
 
 impl Default for NeedleSet {
     fn default() -> NeedleSet {
-        NeedleSet { needles: Vec::new(), first: [false; 256] }
+        NeedleSet { needles: Vec::new(), first: [false; 256], shortest: usize::MAX }
     }
 }
 
@@ -27,6 +29,7 @@ impl NeedleSet {
             *slot = true;
         }
         self.needles.push(Secret::new(needle.to_vec()));
+        self.shortest = self.shortest.min(needle.len());
     }
 
     pub fn is_empty(&self) -> bool {
@@ -35,7 +38,7 @@ impl NeedleSet {
 
     /// The length of the shortest needle (`usize::MAX` with none).
     pub fn shortest(&self) -> usize {
-        self.needles.iter().map(|n| n.expose().len()).min().unwrap_or(usize::MAX)
+        self.shortest
     }
 
     /// Does `hay` contain any needle?
