@@ -100,7 +100,7 @@ def count(label, arm, wasm, workdir, ctx):
                 totals.append(int(m.group(1)))
         if not totals:
             raise RuntimeError(f"{label}: no callgrind dump")
-        return {"label": label, "arm": bench.ARMS.get(arm, arm), "wasm": wasm, "requests": done,
+        return {"label": label, "arm": bench.ARMS.get(label if label == "M" else arm, arm), "wasm": wasm, "requests": done,
                 "instructions_per_request": round(max(totals) / max(1, done))}
     finally:
         harness.stop_process(proc, 30)

@@ -126,7 +126,11 @@ if [ "$WITH_ENVOY" = 1 ]; then
     --log-path "$RUN/envoy.log" --file-flush-interval-msec 200 > "$RUN/access.log" 2>> "$RUN/envoy.log" &
   pids+=($!)
   wait_http http://127.0.0.1:9901/ready Envoy
-  grep -m1 -o "keyward [0-9.]* ([^)]*) configured.*" "$RUN/envoy.log" || true
+  # Envoy writes its log every 200 ms: the module's configured line may come just after /ready.
+  for _ in 1 2 3 4 5 6 7 8 9 10; do
+    grep -m1 -o "keyward [0-9.]* ([^)]*) configured.*" "$RUN/envoy.log" && break
+    sleep 0.1
+  done
 else
   cat <<MSG
 
