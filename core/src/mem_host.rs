@@ -7,6 +7,10 @@ use crate::host::{CallId, ContextId, Headers, Host, HostError};
 
 /// A header map a test builds and inspects (the host hands it over as `Headers`).
 pub type Fields = Vec<(String, Vec<u8>)>;
+
+fn map(fields: &Fields) -> Headers {
+    Headers::of(fields.iter().map(|(k, v)| (k, v)))
+}
 use crate::record::{Family, Metric};
 use crate::secrets::store::HttpCall;
 use std::cell::{Cell, RefCell};
@@ -252,7 +256,7 @@ impl Host for MemHost {
     }
 
     fn request_headers(&mut self) -> Result<Headers, HostError> {
-        Ok(Headers::of(self.stream()?.request.iter().map(|(k, v)| (k, v))))
+        Ok(map(&self.stream()?.request))
     }
 
     fn set_request_header(&mut self, name: &str, value: &[u8]) -> Result<(), HostError> {
@@ -268,7 +272,7 @@ impl Host for MemHost {
     }
 
     fn response_headers(&mut self) -> Result<Headers, HostError> {
-        Ok(Headers::of(self.stream()?.response.iter().map(|(k, v)| (k, v))))
+        Ok(map(&self.stream()?.response))
     }
 
     fn response_body(&mut self, size: usize) -> Result<Vec<u8>, HostError> {
@@ -286,7 +290,7 @@ impl Host for MemHost {
     }
 
     fn response_trailers(&mut self) -> Result<Headers, HostError> {
-        Ok(Headers::of(self.stream()?.trailers.iter().map(|(k, v)| (k, v))))
+        Ok(map(&self.stream()?.trailers))
     }
 
     fn remove_response_trailer(&mut self, name: &str) -> Result<(), HostError> {

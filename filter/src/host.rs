@@ -45,37 +45,38 @@ extern "C" {
     fn proxy_get_property(path_data: *const u8, path_size: usize, return_value_data: *mut *mut u8, return_value_size: *mut usize) -> u32;
 }
 
-/// A property's value (`path`: its parts, NUL-separated). `None`: absent or unreadable.
-fn property(path: &[u8]) -> Option<Vec<u8>> {
+/// Bytes Envoy writes into memory it asks of this module's `proxy_on_memory_allocate` (the SDK's:
+/// a boxed slice of exactly `size` bytes from the global allocator), owned from here on. `call`
+/// makes the hostcall with the two out-parameters. `Err`: its status; `Ok(None)`: nothing written.
+fn returned(call: impl FnOnce(*mut *mut u8, *mut usize) -> u32) -> Result<Option<Vec<u8>>, u32> {
     let mut data: *mut u8 = std::ptr::null_mut();
     let mut size: usize = 0;
-    // SAFETY: the path is a slice valid for the call, then two out-parameters; on success the
-    // value is in memory this module allocated for Envoy (see `header_map`), owned from here on.
-    let status = unsafe { proxy_get_property(path.as_ptr(), path.len(), &mut data, &mut size) };
-    if status != 0 || data.is_null() {
-        return None;
+    let status = call(&mut data, &mut size);
+    if status != 0 {
+        return Err(status);
     }
-    // SAFETY: `size` bytes allocated with capacity `size` (see `header_map`).
-    Some(unsafe { Vec::from_raw_parts(data, size, size) })
+    if data.is_null() {
+        return Ok(None);
+    }
+    // SAFETY: on success Envoy wrote `size` bytes into an allocation of exactly `size` bytes it
+    // asked of this module, and hands it over.
+    Ok(Some(unsafe { Vec::from_raw_parts(data, size, size) }))
+}
+
+/// A property's value (`path`: its parts, NUL-separated). `None`: absent or unreadable.
+fn property(path: &[u8]) -> Option<Vec<u8>> {
+    // SAFETY: the path is a slice valid for the call; the out-parameters are `returned`'s.
+    returned(|data, size| unsafe { proxy_get_property(path.as_ptr(), path.len(), data, size) }).ok().flatten()
 }
 
 /// A header map, read in place from the serialized form Envoy writes into the VM's memory.
 fn header_map(map: MapType) -> Result<Headers, HostError> {
-    let mut data: *mut u8 = std::ptr::null_mut();
-    let mut size: usize = 0;
-    // SAFETY: two out-parameters valid for the call. On success Envoy has written the map into
-    // memory it asked of this module's `proxy_on_memory_allocate` (the SDK's: a boxed slice of
-    // exactly `size` bytes from the global allocator), which this module then owns.
-    let status = unsafe { proxy_get_header_map_pairs(map as u32, &mut data, &mut size) };
-    if status != 0 {
-        return Err(HostError::Failed);
+    // SAFETY: the out-parameters are `returned`'s.
+    match returned(|data, size| unsafe { proxy_get_header_map_pairs(map as u32, data, size) }) {
+        Err(_) => Err(HostError::Failed),
+        Ok(None) => Ok(Headers::new()),
+        Ok(Some(buf)) => Headers::from_proxy_wasm(buf).ok_or(HostError::Failed),
     }
-    if data.is_null() {
-        return Ok(Headers::new());
-    }
-    // SAFETY: as above: `size` bytes allocated with capacity `size`, owned from here on.
-    let buf = unsafe { Vec::from_raw_parts(data, size, size) };
-    Headers::from_proxy_wasm(buf).ok_or(HostError::Failed)
 }
 
 /// Envoy's clock (microseconds since the epoch): each event's time, and the measuring clock.

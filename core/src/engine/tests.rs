@@ -493,6 +493,18 @@ fn deciding_never_counts_the_request_is_counted_in_its_own_step() {
     assert!(matches!(decide_unlimited(&c, &mut s), Step::Decided(_)), "a credential without limits is decided in one step");
 }
 
+#[test]
+fn a_count_finished_with_another_configuration_is_refused_not_served_another_target() {
+    let c = cfg();
+    let mut s = warm(&c);
+    let t = tok("k1", K1, &["stripe GET /v1/**"], r#","lim":{"total":5}"#);
+    let Step::Count(count) = decide(&c, &mut stripe_req("GET", "/stripe/v1/a", Some(format!("Bearer {t}"))), &mut s, NOW) else { panic!() };
+    // The same index names another target once the targets are renamed.
+    let other = compile(EXAMPLE.replace("\"stripe\"", "\"stripe2\"").as_bytes(), &env).unwrap_or_else(|e| panic!("{e}"));
+    let d = count.admitted(&other, &mut s, Ok(Spend::Uncapped));
+    assert_eq!(code(&d), "secret_unavailable");
+}
+
 fn decide_unlimited(c: &Config, s: &mut Mem) -> Step {
     let plain = tok("k1", K1, &["stripe GET /v1/**"], "");
     decide(c, &mut stripe_req("GET", "/stripe/v1/a", Some(format!("Bearer {plain}"))), s, NOW)
